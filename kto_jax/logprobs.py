@@ -1,0 +1,139 @@
+"""Per-token and per-sequence log-probabilities of completions.
+
+Convention (the house plan): position t of the logits predicts token t+1, so
+``logits[:, :-1]`` is scored against ``labels[:, 1:]`` and only positions where
+``loss_mask[:, 1:]`` is set (the completion tokens) count. Log-softmax is always
+taken in float32, whatever the compute dtype of the model.
+
+Two paths with the same value and gradient:
+
+* :func:`token_logps` / :func:`sequence_logps` take full logits ``[B, T, V]``.
+* :func:`chunked_token_logps` / :func:`chunked_sequence_logps` take the final hidden
+  states ``[B, T, D]`` and the LM-head kernel ``[D, V]`` and never build the full
+  logits: the length axis is cut into chunks, each chunk's logits are made, reduced
+  to one log-prob per token and dropped, and rebuilt in the backward pass
+  (``jax.checkpoint``). Peak temporary memory is ``B * chunk_size * V`` floats
+  instead of ``B * T * V``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _shift(labels: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """labels[:, 1:] with masked positions set to token 0 (never read), and mask[:, 1:]."""
+    mask = loss_mask[:, 1:].astype(bool)
+    return jnp.where(mask, labels[:, 1:], 0), mask
+
+
+def _label_logps(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """log softmax(logits)[label] = logits[label] - logsumexp(logits), in float32."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def token_logps(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Per-token log-probs ``[B, T-1]``: log p(labels[t+1] | logits[t]), 0 where masked."""
+    labels, mask = _shift(labels, loss_mask)
+    return jnp.where(mask, _label_logps(logits[:, :-1], labels), 0.0)
+
+
+def _sum_and_count(per_token: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    counts = loss_mask[:, 1:].astype(jnp.int32).sum(axis=-1)
+    return per_token.sum(axis=-1), counts
+
+
+def sequence_logps(
+    logits: jax.Array, labels: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Summed completion log-prob of each sequence and its completion token count.
+
+    sum_logps[b] = sum_{t>=1} loss_mask[b, t] * log softmax(logits[b, t-1])[labels[b, t]]
+    token_counts[b] = sum_{t>=1} loss_mask[b, t]
+
+    Args:
+      logits: ``[B, T, V]`` in any float dtype.
+      labels: ``[B, T]`` int token ids (the input ids); masked positions may hold anything.
+      loss_mask: ``[B, T]`` bool/int, 1 on completion tokens.
+
+    Returns:
+      ``(sum_logps [B] float32, token_counts [B] int32)``. Length-normalised log-probs
+      are ``sum_logps / max(token_counts, 1)`` (see :func:`mean_logps`).
+    """
+    return _sum_and_count(token_logps(logits, labels, loss_mask), loss_mask)
+
+
+def mean_logps(sum_logps: jax.Array, token_counts: jax.Array) -> jax.Array:
+    """Length-normalised log-probs: sum_logps / max(token_counts, 1)."""
+    return sum_logps / jnp.maximum(token_counts, 1).astype(jnp.float32)
+
+
+def _chunk_label_logps(hidden: jax.Array, kernel: jax.Array, labels: jax.Array) -> jax.Array:
+    """Label log-probs of one length chunk: hidden ``[B, C, D]`` @ kernel ``[D, V]``."""
+    logits = jnp.einsum("bcd,dv->bcv", hidden, kernel, preferred_element_type=jnp.float32)
+    return _label_logps(logits, labels)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def chunked_token_logps(
+    hidden: jax.Array,
+    kernel: jax.Array,
+    labels: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    chunk_size: int = 256,
+) -> jax.Array:
+    """:func:`token_logps` of ``logits = hidden @ kernel`` without the full logits.
+
+    Args:
+      hidden: final hidden states ``[B, T, D]`` (after the final norm).
+      kernel: LM-head kernel ``[D, V]`` (pass ``embedding.T`` for tied embeddings).
+      labels, loss_mask: as in :func:`sequence_logps`.
+      chunk_size: tokens per chunk along the length axis; temporary memory is
+        ``B * chunk_size * V`` float32 in the forward and the backward pass.
+
+    Returns:
+      ``[B, T-1]`` float32 per-token log-probs, 0 where masked.
+    """
+    labels, mask = _shift(labels, loss_mask)
+    hidden = hidden[:, :-1]
+    batch, length, dim = hidden.shape
+    chunk = max(1, min(chunk_size, length))
+    num_chunks = -(-length // chunk)
+    pad = num_chunks * chunk - length
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    padded_labels = jnp.pad(labels, ((0, 0), (0, pad)))
+    # [num_chunks, B, C, ...]: scan over chunks, rematerialising each chunk's logits.
+    hidden = hidden.reshape(batch, num_chunks, chunk, dim).swapaxes(0, 1)
+    padded_labels = padded_labels.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+
+    step = jax.checkpoint(
+        lambda _, xs: (None, _chunk_label_logps(xs[0], kernel, xs[1])),
+        policy=jax.checkpoint_policies.nothing_saveable,
+    )
+    _, per_chunk = jax.lax.scan(step, None, (hidden, padded_labels))
+    per_token = per_chunk.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
+    return jnp.where(mask, per_token, 0.0)
+
+
+def chunked_sequence_logps(
+    hidden: jax.Array,
+    kernel: jax.Array,
+    labels: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    chunk_size: int = 256,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`sequence_logps` of ``logits = hidden @ kernel``, chunked over length.
+
+    Same value and gradient (with respect to ``hidden`` and ``kernel``) as
+    ``sequence_logps(hidden @ kernel, labels, loss_mask)``; see
+    :func:`chunked_token_logps` for the memory it saves.
+    """
+    per_token = chunked_token_logps(hidden, kernel, labels, loss_mask, chunk_size=chunk_size)
+    return _sum_and_count(per_token, loss_mask)

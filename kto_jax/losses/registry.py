@@ -1,0 +1,107 @@
+"""The loss registry: one entry per name, looked up by ``config.loss.name``.
+
+Each entry says which data the loss needs (``kind``), whether a reference model and KL
+sequences are needed, whether it wants length-normalised log-probs, and where its
+formula comes from. Hyperparameter defaults live in one place, the function signature,
+and are read from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Mapping
+
+from kto_jax.losses import paired, reference_free
+from kto_jax.losses.halo import halo_unary
+from kto_jax.losses.ppo import ppo_offline
+from kto_jax.losses.unary import kto, kto_zero
+
+# Keyword arguments that are data or run state, not hyperparameters set in a config.
+NOT_HYPERPARAMETERS = frozenset({"example_mask", "running_mean", "running_count", "chosen_token_counts"})
+KINDS = ("unary", "paired", "sft")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """How the engine feeds one loss.
+
+    kind: "unary" (one completion + desirable flag per example; KTO family, offline PPO),
+      "paired" (chosen and rejected per prompt; DPO family) or "sft".
+    needs_reference: reference log-probs are inputs (reference model or cached logps).
+    needs_kl: unary losses that also take the mismatched KL sequences' log-probs.
+    length_normalized: log-probs are divided by the completion token count first.
+    token_level: inputs are per-token ``[B, T]`` arrays (offline PPO), not per-sequence.
+    """
+
+    name: str
+    fn: Callable
+    kind: str
+    citation: str
+    needs_reference: bool = True
+    needs_kl: bool = False
+    length_normalized: bool = False
+    token_level: bool = False
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Hyperparameter defaults, read from the function's keyword-only arguments."""
+        params = inspect.signature(self.fn).parameters.values()
+        return {
+            p.name: p.default
+            for p in params
+            if p.kind is p.KEYWORD_ONLY and p.name not in NOT_HYPERPARAMETERS
+        }
+
+    def hyperparameters(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Defaults updated with ``overrides``; an unknown name is an error naming the valid ones."""
+        hparams = self.defaults
+        for key, val in (overrides or {}).items():
+            if key not in hparams:
+                raise ValueError(
+                    f"loss {self.name!r} has no hyperparameter {key!r}; "
+                    f"its hyperparameters are {sorted(hparams)} (set them as config.loss.<name>)"
+                )
+            hparams[key] = val
+        return hparams
+
+
+_ENTRIES = [
+    # Unary (binary feedback).
+    LossSpec("kto", kto, "unary", "Ethayarajh et al. 2024, arXiv 2402.01306", needs_kl=True),
+    LossSpec("kto_zero", kto_zero, "unary", "HALOs kto-zero ablation (KTO with z0 = 0)"),
+    LossSpec("apo_zero_unpaired", kto_zero, "unary", "D'Oosterlinck et al. 2024, arXiv 2408.06266 (TRL KTO loss_type)"),
+    LossSpec("halo", halo_unary, "unary", "Ethayarajh et al. 2024, def. 3.4", needs_kl=True),
+    LossSpec("ppo_offline", ppo_offline, "unary", "Schulman et al. 2017; KTO paper's offline PPO", token_level=True),
+    # Paired, with a reference model.
+    LossSpec("dpo", paired.dpo, "paired", "Rafailov et al. 2023, arXiv 2305.18290; cDPO with label_smoothing"),
+    LossSpec("ipo", paired.ipo, "paired", "Azar et al. 2023, arXiv 2310.12036", length_normalized=True),
+    LossSpec("hinge", paired.hinge, "paired", "Zhao et al. 2023, arXiv 2305.10425 (TRL loss_type)"),
+    LossSpec("robust", paired.robust, "paired", "Chowdhury et al. 2024, arXiv 2403.00409"),
+    LossSpec("exo_pair", paired.exo_pair, "paired", "Ji et al. 2024, arXiv 2402.00856"),
+    LossSpec("bco_pair", paired.bco_pair, "paired", "Jung et al. 2024, arXiv 2404.04656"),
+    LossSpec("sppo_hard", paired.sppo_hard, "paired", "Wu et al. 2024, arXiv 2405.00675"),
+    LossSpec("nca_pair", paired.nca_pair, "paired", "Chen et al. 2024, arXiv 2402.05369"),
+    LossSpec("apo_zero", paired.apo_zero, "paired", "D'Oosterlinck et al. 2024, arXiv 2408.06266"),
+    LossSpec("apo_down", paired.apo_down, "paired", "D'Oosterlinck et al. 2024, arXiv 2408.06266"),
+    LossSpec("discopop", paired.discopop, "paired", "Lu et al. 2024, arXiv 2406.08414"),
+    # Paired, reference-free.
+    LossSpec("slic", reference_free.slic, "paired", "Zhao et al. 2023, arXiv 2305.10425 (HALOs)", needs_reference=False),
+    LossSpec("simpo", reference_free.simpo, "paired", "Meng et al. 2024, arXiv 2405.14734", needs_reference=False, length_normalized=True),
+    LossSpec("orpo", reference_free.orpo, "paired", "Hong et al. 2024, arXiv 2403.07691", needs_reference=False, length_normalized=True),
+    # Supervised.
+    LossSpec("sft", reference_free.sft, "sft", "token-averaged NLL", needs_reference=False),
+    LossSpec("csft", reference_free.sft, "sft", "Korbak et al. 2023, arXiv 2302.08582 (control tokens in the data)", needs_reference=False),
+]
+
+LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _ENTRIES}
+
+
+def get_loss(name: str) -> LossSpec:
+    """The registered loss ``name``; an unknown name fails listing the known ones."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown loss {name!r} (config.loss.name); known losses: {', '.join(sorted(LOSSES))}"
+        ) from None

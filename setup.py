@@ -1,0 +1,32 @@
+"""kto-jax: KTO, DPO and the HALO family of alignment losses in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="kto_jax",
+    version="0.1.0",
+    description="Human-aware alignment losses (KTO, DPO, IPO, SLiC, offline PPO, ...) in JAX at paper scale",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kto_jax", "kto_jax.*"]),
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.7",
+        "ml_collections>=1.0",
+        "numpy>=1.26",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "absl-py>=2.1",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # torch first and pinned: on this project's machines `pip install torch==2.13.0` takes a
+        # CPU build from local disk; an unpinned torch pulls a multi-GB CUDA build.
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45"],
+        "tpu": ["libtpu"],
+    },
+)

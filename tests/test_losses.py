@@ -226,3 +226,13 @@ def test_bad_hyperparameter_values_fail_naming_the_field(name, overrides, field)
     args = as_jnp(sequence_inputs(get_loss(name), 2, np.random.default_rng(0), -5, -0.1))
     with pytest.raises(ValueError, match=field):
         call(name, args, **overrides)
+
+
+def test_discopop_gradient_at_zero_margin_is_hand_derived():
+    """d/dz [softplus(-z)(1 - sigmoid(z/tau)) + exp(-z) sigmoid(z/tau)] at z = 0
+    = -1/2 * 1/2 - 1 * 1/2 + (exp(0) - log 2) * 1/(4 tau) = -3/4 + (1 - ln 2) / (4 tau)."""
+    tau, beta = 0.05, 1.0
+    grad = jax.grad(lambda pc: losses.discopop(pc, jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), beta=beta, tau=tau)[0])(
+        jnp.zeros(1)
+    )
+    np.testing.assert_allclose(grad[0], -0.75 + (1 - math.log(2)) / (4 * tau), rtol=1e-5)

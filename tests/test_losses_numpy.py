@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import kto_jax.losses as L
-import numpy_reference as R
+from tests import numpy_reference as R
 
 RTOL = 2e-5
 ATOL = 2e-5
@@ -423,12 +423,18 @@ def test_ppo_offline_hand_example():
         zeros, zeros, zeros, np.array([True]), mask, gamma=0.5, lam=0.5, critic_coef=1.0, kl_coef=1.0
     )
     # raw advantages on valid tokens: [0.25, 1]; mean 0.625, var 0.140625; normalised [-1, 1]
-    # policy loss = mean(-A * 1) = 0; discounted future rewards (strictly after t): [0.5*1, 0] -> with
-    # zero values critic = 0.5 * mean([0.25, 0]) = 0.0625; KL = 0.
+    # policy loss = mean(-A * 1) = 0; discounted future rewards (rewards strictly after t, discounted
+    # from t+1): [1, 0] on the completion tokens -> with zero values critic = 0.5 * mean([1, 0]) = 0.25;
+    # KL = 0.
     assert_close(metrics["loss/policy"], 0.0, "policy loss", atol=1e-6)
-    assert_close(metrics["loss/critic"], 0.0625, "critic loss")
+    assert_close(metrics["loss/critic"], 0.25, "critic loss")
     assert_close(metrics["kl"], 0.0, "kl")
-    assert_close(loss, 0.0625, "loss")
+    assert_close(metrics["clipfrac"], 0.0, "clipfrac")
+    assert_close(loss, 0.25, "loss")
+    ref_loss, ref_metrics = R.ppo_offline(
+        zeros, zeros, zeros, np.array([True]), mask, gamma=0.5, lam=0.5, critic_coef=1.0, kl_coef=1.0
+    )
+    assert ref_loss == pytest.approx(0.25) and ref_metrics["loss/critic"] == pytest.approx(0.25)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -495,6 +501,17 @@ def _loss_cases():
 CASES = _loss_cases()
 
 
+# positional arguments that hold counts or per-token 0/1 masks rather than real-valued data: in masked
+# rows they get large finite garbage instead of nan (a count or a mask is never nan in practice)
+COUNT_LIKE_ARGS = {"sft": {1}, "ppo_offline": {4}}
+
+
+def _garbage_for(name, index, garbage):
+    if index in COUNT_LIKE_ARGS.get(name, ()) and np.isnan(garbage):
+        return 123456.0
+    return garbage
+
+
 def _call(name, args, hp, example_mask):
     return getattr(L, name)(*args, **hp, example_mask=example_mask)
 
@@ -556,10 +573,10 @@ def test_example_mask_ignores_garbage_rows(name, garbage):
     example_mask = np.array([True, False, True, True, False, True, False])
     clean = _call(name, args, hp, example_mask)
     dirty_args = []
-    for a in args:
+    for index, a in enumerate(args):
         a = np.array(a)
         if a.dtype.kind == "f":
-            a[~example_mask] = garbage
+            a[~example_mask] = _garbage_for(name, index, garbage)
         dirty_args.append(a)
     dirty = _call(name, dirty_args, hp, example_mask)
     ref = _reference(name, args, hp, example_mask)
@@ -570,6 +587,24 @@ def test_example_mask_ignores_garbage_rows(name, garbage):
         np.testing.assert_allclose(
             _scalar(dirty[1][key]), _scalar(clean[1][key]), rtol=1e-6, atol=1e-6, err_msg=key
         )
+
+
+@pytest.mark.parametrize("garbage", [np.nan, 1e30])
+def test_orpo_token_counts_masked_rows_ignored(garbage):
+    rng = np.random.default_rng(5)
+    batch = 6
+    pc = rng.uniform(-8.0, -0.01, batch).astype(np.float32)
+    pr = rng.uniform(-8.0, -0.01, batch).astype(np.float32)
+    counts = rng.integers(1, 50, batch).astype(np.float32)
+    example_mask = np.array([True, False, True, False, True, True])
+    ref = R.orpo(pc, pr, beta=0.2, chosen_token_counts=counts, example_mask=example_mask)
+    pc_dirty, pr_dirty, counts_dirty = pc.copy(), pr.copy(), counts.copy()
+    pc_dirty[~example_mask] = garbage
+    pr_dirty[~example_mask] = garbage
+    counts_dirty[~example_mask] = 123456.0 if np.isnan(garbage) else garbage
+    out = L.orpo(pc_dirty, pr_dirty, beta=0.2, chosen_token_counts=counts_dirty, example_mask=example_mask)
+    slack = accuracy_slack(pc, pr, example_mask)
+    assert_matches(out, ref, fraction_slack={"rewards/accuracies": slack})
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -1,0 +1,304 @@
+"""What the decoders share: the config, RoPE, masks, attention and the scanned decoder stack.
+
+Param and activation shapes carry logical axis names (see ``kto_jax.sharding``):
+``embed``, ``mlp``, ``heads``, ``kv_heads``, ``head_dim``, ``vocab``, ``norm``, and
+``layers`` for the stacked (scanned) layer axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """One decoder-only transformer; every field maps to a Hugging Face config.json field.
+
+    architecture: "llama" (Llama 1/2/3, Mistral) or "gpt_neox" (Pythia).
+    rope_type: "default", "linear" or "llama3" (with the rope_* scaling fields).
+    rotary_pct: fraction of each head's dims that get RoPE (Pythia 0.25, Llama 1.0).
+    sliding_window: Mistral's attention window (None = full causal attention).
+    dtype / param_dtype: compute and storage dtypes ("float32", "bfloat16").
+    remat_policy: a name in REMAT_POLICIES, applied to each layer.
+    attention_impl: ``jax.nn.dot_product_attention`` implementation: None (XLA's choice),
+      "xla" or "cudnn" (GPU, bf16/fp16).
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    rotary_pct: float = 1.0
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    use_parallel_residual: bool = False
+    sliding_window: int | None = None
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    attention_impl: str | None = None
+    hf_model_type: str | None = None  # "llama", "mistral" or "gpt_neox" in config.json
+
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.hf_model_type is None:
+            object.__setattr__(self, "hf_model_type", self.architecture)
+        checks = [
+            (self.architecture in ("llama", "gpt_neox"), "architecture", "'llama' or 'gpt_neox'"),
+            (self.num_heads % self.num_kv_heads == 0, "num_kv_heads", f"a divisor of num_heads={self.num_heads}"),
+            (self.rope_type in ("default", "linear", "llama3"), "rope_type", "'default', 'linear' or 'llama3'"),
+            (0 < self.rotary_pct <= 1, "rotary_pct", "in (0, 1]"),
+            (self.remat_policy in REMAT_POLICIES, "remat_policy", f"one of {sorted(REMAT_POLICIES)}"),
+            (self.attention_impl in (None, "xla", "cudnn"), "attention_impl", "None, 'xla' or 'cudnn'"),
+            (self.hidden_act in ACTIVATIONS, "hidden_act", f"one of {sorted(ACTIVATIONS)}"),
+            (self.hf_model_type in ("llama", "mistral", "gpt_neox"), "hf_model_type", "'llama', 'mistral' or 'gpt_neox'"),
+        ]
+        for ok, field, expected in checks:
+            if not ok:
+                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r} is invalid: expected {expected}")
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def init(config: ModelConfig, axes: tuple[str, ...]):
+    """Normal(initializer_range) init carrying logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes)
+
+
+def zeros(axes: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def ones(axes: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """Logical sharding constraint on an activation (a no-op outside ``sharding.activation_rules``)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+# ---------------------------------------------------------------- positions, masks, RoPE
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position of each token among the real tokens of its row: cumsum(mask) - 1, >= 0.
+
+    Left- and right-padded rows therefore give their real tokens positions 0, 1, 2, ...
+    """
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_mask_4d(attention_mask: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """``[B, 1, T, T]`` bool: query i sees key j iff j <= i, j is a real token (and i - j <
+    sliding_window). Every query also sees itself, so padded rows never softmax over nothing."""
+    length = attention_mask.shape[-1]
+    i = jnp.arange(length)[:, None]
+    j = jnp.arange(length)[None, :]
+    allowed = j <= i
+    if sliding_window is not None:
+        allowed &= (i - j) < sliding_window
+    allowed = allowed[None, None] & attention_mask.astype(bool)[:, None, None, :]
+    return allowed | (i == j)[None, None]
+
+
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies theta^(-2k/d) over the rotary dims, with linear or llama3 scaling
+    (Meta's Llama 3.1 rule: long wavelengths divided by ``factor``, a smooth ramp between)."""
+    dim = config.rotary_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if config.rope_type == "linear":
+        return inv_freq / config.rope_factor
+    if config.rope_type == "llama3":
+        factor, old_len = config.rope_factor, config.rope_original_max_position
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate the first ``2 * len(inv_freq)`` dims of each head (HF's rotate-half layout).
+
+    x: ``[B, T, H, Dh]``; positions: ``[B, T]``. x_rot * cos + rotate_half(x_rot) * sin,
+    computed in float32; the remaining dims pass through unchanged (partial rotary).
+    """
+    rot = 2 * inv_freq.shape[0]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, rot/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x_rot, x_pass = x[..., :rot].astype(jnp.float32), x[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = (x_rot * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+
+
+# ---------------------------------------------------------------- layers
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention with RoPE (biases when config.attention_bias)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        cfg = self.config
+
+        def proj(heads, axes, name):
+            return nn.DenseGeneral(
+                (heads, cfg.head_dim),
+                use_bias=cfg.attention_bias,
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.params_dtype,
+                kernel_init=init(cfg, ("embed", axes, "head_dim")),
+                bias_init=zeros((axes, "head_dim")),
+                name=name,
+            )(x)
+
+        q = proj(cfg.num_heads, "heads", "q")
+        k = proj(cfg.num_kv_heads, "kv_heads", "k")
+        v = proj(cfg.num_kv_heads, "kv_heads", "v")
+        inv_freq = rope_inv_freq(cfg)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+        k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+        out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
+        return nn.DenseGeneral(
+            cfg.hidden_size,
+            axis=(-2, -1),
+            use_bias=cfg.attention_bias,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+            kernel_init=init(cfg, ("heads", "head_dim", "embed")),
+            bias_init=zeros(("embed",)),
+            name="o",
+        )(out)
+
+
+def dense(config: ModelConfig, features: int, axes: tuple[str, str], name: str, use_bias: bool = False):
+    """A Dense layer with logical axes on kernel and bias."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=config.compute_dtype,
+        param_dtype=config.params_dtype,
+        kernel_init=init(config, axes),
+        bias_init=zeros(axes[1:]),
+        name=name,
+    )
+
+
+class Decoder(nn.Module):
+    """Embedding -> ``num_layers`` scanned blocks -> final norm -> LM head.
+
+    ``model.apply({"params": params}, input_ids, attention_mask)`` gives logits
+    ``[B, T, vocab]``; ``return_hidden=True`` gives the final (normed) hidden states
+    ``[B, T, hidden]`` for the chunked log-prob path, with :func:`lm_head_kernel`.
+    """
+
+    config: ModelConfig
+    block_cls: Any
+    norm_cls: Any
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, *, return_hidden: bool = False):
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        positions = positions_from_mask(attention_mask)
+        mask = attention_mask_4d(attention_mask, cfg.sliding_window)
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+            embedding_init=init(cfg, ("vocab", "embed")),
+            name="embed",
+        )
+        x = constrain(embed(input_ids), ("activation_batch", "activation_length", "activation_embed"))
+
+        block = self.block_cls
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        if policy is not None:
+            block = nn.remat(block, policy=policy, prevent_cse=False)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = layers(cfg, name="layers")(x, positions, mask)
+        x = self.norm_cls(cfg, name="final_norm")(x)
+        if return_hidden:
+            return x
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
+        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def lm_head_kernel(config: ModelConfig, params) -> jax.Array:
+    """The ``[hidden, vocab]`` LM-head kernel (the embedding transposed when tied)."""
+    if config.tie_word_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]

@@ -1,0 +1,441 @@
+"""Hugging Face interop: config.json <-> ModelConfig, safetensors <-> params, tokenizers.
+
+    model, params = from_hf("path/to/hf_folder", dtype="bfloat16", mesh=mesh)
+    to_hf(model, params, "out_dir")            # transformers.from_pretrained("out_dir") loads it
+    tokenizer = load_tokenizer("path/to/hf_folder")
+
+Weights are read one Hugging Face tensor at a time and placed straight onto their target
+sharding with ``jax.make_array_from_callback``, so host memory stays near the largest
+tensor, not the whole model. ``from_hf`` also takes a preset name (random init).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+from kto_jax import sharding as sharding_lib
+from kto_jax.models import abstract_params, build_model
+from kto_jax.models.common import Decoder, ModelConfig
+from kto_jax.models.presets import PRESETS, get_preset
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+
+
+# ---------------------------------------------------------------- config.json
+
+
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """A ModelConfig from a Hugging Face config.json dict (transformers 4.x and 5.x field names)."""
+    model_type = hf.get("model_type")
+    if model_type not in HF_ARCHITECTURES:
+        raise ValueError(
+            f"config.json model_type={model_type!r} is not supported; supported: {sorted(HF_ARCHITECTURES)}"
+        )
+    rope = dict(hf.get("rope_parameters") or {})
+    rope.update(hf.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if hf.get("mlp_bias"):
+        raise ValueError("config.json mlp_bias=true is not supported (no Llama/Mistral release uses it)")
+    common = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))),
+        rope_type=rope_type,
+        rope_factor=float(rope.get("factor", 1.0)),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        hidden_act=hf.get("hidden_act", "silu"),
+        initializer_range=hf.get("initializer_range", 0.02),
+        hf_model_type=model_type,
+    )
+    if model_type == "gpt_neox":
+        cfg = ModelConfig(
+            architecture="gpt_neox",
+            norm_eps=hf.get("layer_norm_eps", 1e-5),
+            rotary_pct=float(rope.get("partial_rotary_factor", hf.get("rotary_pct", 1.0))),
+            attention_bias=bool(hf.get("attention_bias", True)),
+            use_parallel_residual=bool(hf.get("use_parallel_residual", True)),
+            **common,
+        )
+    else:
+        cfg = ModelConfig(
+            architecture="llama",
+            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            **common,
+        )
+    return cfg.replace(**overrides)
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """The config.json dict transformers needs to rebuild ``config``."""
+    out = {
+        "model_type": config.hf_model_type,
+        "architectures": [HF_ARCHITECTURES[config.hf_model_type]],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "max_position_embeddings": config.max_position_embeddings,
+        "hidden_act": config.hidden_act,
+        "initializer_range": config.initializer_range,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "rope_theta": config.rope_theta,
+        "torch_dtype": config.param_dtype,
+    }
+    if config.rope_type != "default":
+        out["rope_scaling"] = {"rope_type": config.rope_type, "factor": config.rope_factor}
+        if config.rope_type == "llama3":
+            out["rope_scaling"].update(
+                low_freq_factor=config.rope_low_freq_factor,
+                high_freq_factor=config.rope_high_freq_factor,
+                original_max_position_embeddings=config.rope_original_max_position,
+            )
+    if config.architecture == "gpt_neox":
+        out.update(
+            layer_norm_eps=config.norm_eps,
+            rotary_pct=config.rotary_pct,
+            partial_rotary_factor=config.rotary_pct,
+            rotary_emb_base=config.rope_theta,
+            use_parallel_residual=config.use_parallel_residual,
+            attention_bias=config.attention_bias,
+        )
+    else:
+        out.update(
+            num_key_value_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            rms_norm_eps=config.norm_eps,
+            attention_bias=config.attention_bias,
+            mlp_bias=False,
+        )
+        if config.hf_model_type == "mistral":
+            out["sliding_window"] = config.sliding_window
+    return out
+
+
+# ---------------------------------------------------------------- tensor maps
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One Hugging Face tensor (per layer when ``per_layer``) <-> one or more of our leaves.
+
+    split(hf_array) -> [our arrays], one per path; merge([our arrays]) -> hf_array.
+    For per-layer tensors our leaves carry a leading ``layers`` axis and ``{i}`` in the
+    name is the layer index.
+    """
+
+    hf_name: str
+    paths: tuple[tuple[str, ...], ...]
+    split: Callable[[np.ndarray], list]
+    merge: Callable[[list], np.ndarray]
+    per_layer: bool = True
+
+
+def _proj_in(path, hf_name, dim, heads, head_dim):
+    """HF [heads*head_dim, dim] <-> our [dim, heads, head_dim]."""
+    return TensorMap(
+        hf_name, (path,),
+        split=lambda w: [w.T.reshape(dim, heads, head_dim)],
+        merge=lambda xs: xs[0].reshape(dim, heads * head_dim).T,
+    )
+
+
+def _proj_out(path, hf_name, dim, heads, head_dim):
+    """HF [dim, heads*head_dim] <-> our [heads, head_dim, dim]."""
+    return TensorMap(
+        hf_name, (path,),
+        split=lambda w: [w.T.reshape(heads, head_dim, dim)],
+        merge=lambda xs: xs[0].reshape(heads * head_dim, dim).T,
+    )
+
+
+def _dense(path, hf_name, per_layer=True):
+    """HF Linear [out, in] <-> our Dense kernel [in, out]."""
+    return TensorMap(hf_name, (path,), split=lambda w: [w.T], merge=lambda xs: xs[0].T, per_layer=per_layer)
+
+
+def _same(path, hf_name, per_layer=True, shape=None):
+    """Same layout (norms, biases, embeddings); ``shape`` reshapes ours (e.g. bias [H*Dh] -> [H, Dh])."""
+    return TensorMap(
+        hf_name, (path,),
+        split=lambda w: [w.reshape(shape) if shape else w],
+        merge=lambda xs: xs[0].reshape(-1) if shape else xs[0],
+        per_layer=per_layer,
+    )
+
+
+def tensor_maps(config: ModelConfig) -> list[TensorMap]:
+    """Every Hugging Face tensor of ``config``'s architecture and where it lives in our params."""
+    c = config
+    d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    att = ("layers", "attention")
+    if c.architecture == "llama":
+        p = "model.layers.{i}."
+        maps = [
+            _same(("embed", "embedding"), "model.embed_tokens.weight", per_layer=False),
+            _same(("final_norm", "scale"), "model.norm.weight", per_layer=False),
+            _same(("layers", "attention_norm", "scale"), p + "input_layernorm.weight"),
+            _same(("layers", "mlp_norm", "scale"), p + "post_attention_layernorm.weight"),
+            _proj_in(att + ("q", "kernel"), p + "self_attn.q_proj.weight", d, h, hd),
+            _proj_in(att + ("k", "kernel"), p + "self_attn.k_proj.weight", d, kv, hd),
+            _proj_in(att + ("v", "kernel"), p + "self_attn.v_proj.weight", d, kv, hd),
+            _proj_out(att + ("o", "kernel"), p + "self_attn.o_proj.weight", d, h, hd),
+            _dense(("layers", "mlp", "gate", "kernel"), p + "mlp.gate_proj.weight"),
+            _dense(("layers", "mlp", "up", "kernel"), p + "mlp.up_proj.weight"),
+            _dense(("layers", "mlp", "down", "kernel"), p + "mlp.down_proj.weight"),
+        ]
+        if c.attention_bias:
+            maps += [
+                _same(att + ("q", "bias"), p + "self_attn.q_proj.bias", shape=(h, hd)),
+                _same(att + ("k", "bias"), p + "self_attn.k_proj.bias", shape=(kv, hd)),
+                _same(att + ("v", "bias"), p + "self_attn.v_proj.bias", shape=(kv, hd)),
+                _same(att + ("o", "bias"), p + "self_attn.o_proj.bias"),
+            ]
+        if not c.tie_word_embeddings:
+            maps.append(_dense(("lm_head", "kernel"), "lm_head.weight", per_layer=False))
+        return maps
+
+    p = "gpt_neox.layers.{i}."
+    qkv = tuple(att + (n, "kernel") for n in "qkv")
+    qkv_bias = tuple(att + (n, "bias") for n in "qkv")
+    maps = [
+        _same(("embed", "embedding"), "gpt_neox.embed_in.weight", per_layer=False),
+        _same(("final_norm", "scale"), "gpt_neox.final_layer_norm.weight", per_layer=False),
+        _same(("final_norm", "bias"), "gpt_neox.final_layer_norm.bias", per_layer=False),
+        _same(("layers", "attention_norm", "scale"), p + "input_layernorm.weight"),
+        _same(("layers", "attention_norm", "bias"), p + "input_layernorm.bias"),
+        _same(("layers", "mlp_norm", "scale"), p + "post_attention_layernorm.weight"),
+        _same(("layers", "mlp_norm", "bias"), p + "post_attention_layernorm.bias"),
+        # fused [heads * (q, k, v) * head_dim, hidden], per head q then k then v
+        TensorMap(
+            p + "attention.query_key_value.weight", qkv,
+            split=lambda w: [w.reshape(h, 3, hd, d)[:, j].transpose(2, 0, 1) for j in range(3)],
+            merge=lambda xs: np.stack([x.transpose(1, 2, 0) for x in xs], axis=1).reshape(3 * h * hd, d),
+        ),
+        TensorMap(
+            p + "attention.query_key_value.bias", qkv_bias,
+            split=lambda b: [b.reshape(h, 3, hd)[:, j] for j in range(3)],
+            merge=lambda xs: np.stack(xs, axis=1).reshape(-1),
+        ),
+        _proj_out(att + ("o", "kernel"), p + "attention.dense.weight", d, h, hd),
+        _same(att + ("o", "bias"), p + "attention.dense.bias"),
+        _dense(("layers", "mlp", "up", "kernel"), p + "mlp.dense_h_to_4h.weight"),
+        _same(("layers", "mlp", "up", "bias"), p + "mlp.dense_h_to_4h.bias"),
+        _dense(("layers", "mlp", "down", "kernel"), p + "mlp.dense_4h_to_h.weight"),
+        _same(("layers", "mlp", "down", "bias"), p + "mlp.dense_4h_to_h.bias"),
+    ]
+    if not c.tie_word_embeddings:
+        maps.append(_dense(("lm_head", "kernel"), "embed_out.weight", per_layer=False))
+    return maps
+
+
+def _hf_names(tmap: TensorMap, num_layers: int) -> list[str]:
+    return [tmap.hf_name.format(i=i) for i in range(num_layers)] if tmap.per_layer else [tmap.hf_name]
+
+
+def _tree_get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _tree_set(tree: dict, path, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+# ---------------------------------------------------------------- safetensors reading
+
+
+class SafetensorsReader:
+    """Lazy reader over a single-file or sharded (index.json) safetensors checkpoint."""
+
+    def __init__(self, path: str):
+        index = os.path.join(path, INDEX_FILE)
+        single = os.path.join(path, SINGLE_FILE)
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            self.files = {name: os.path.join(path, file) for name, file in weight_map.items()}
+        elif os.path.exists(single):
+            with safe_open(single, framework="flax") as f:
+                self.files = {name: single for name in f.keys()}
+        else:
+            raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path!r}: is it a Hugging Face model folder?")
+        self.path = path
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(self._file(name), framework="flax") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor as a host numpy array (bf16 via ml_dtypes), never on an accelerator."""
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            with safe_open(self._file(name), framework="flax") as f:
+                return np.asarray(f.get_tensor(name))
+
+    def _file(self, name: str) -> str:
+        if name not in self.files:
+            raise KeyError(f"tensor {name!r} is missing from the checkpoint in {self.path!r}")
+        file = self.files[name]
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file!r} (holding tensor {name!r}) is listed in {INDEX_FILE} but missing")
+        return file
+
+
+def _expected_hf_shape(tmap: TensorMap, our_shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+    zeros = [np.zeros(s[1:] if tmap.per_layer else s, np.float32) for s in our_shapes]
+    return tuple(tmap.merge(zeros).shape)
+
+
+def load_params(config: ModelConfig, path: str, mesh=None):
+    """Read ``path``'s safetensors into our param tree, each leaf straight onto its sharding.
+
+    Every tensor is checked first (present, right shape); the error names the tensor, the
+    file and the expected shape.
+    """
+    reader = SafetensorsReader(path)
+    boxed = abstract_params(config)
+    abstract = nn.unbox(boxed)
+    if mesh is None:
+        device = jax.local_devices()[0]
+        shardings = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract)
+    else:
+        shardings = sharding_lib.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+    dtype = config.params_dtype
+    params: dict = {}
+    for tmap in tensor_maps(config):
+        our_shapes = [tuple(_tree_get(abstract, p).shape) for p in tmap.paths]
+        expected = _expected_hf_shape(tmap, our_shapes)
+        for name in _hf_names(tmap, config.num_layers):
+            got = reader.shape(name)
+            if got != expected:
+                raise ValueError(
+                    f"tensor {name!r} in {reader.files[name]!r} has shape {got}; the config "
+                    f"({config.hf_model_type}, hidden {config.hidden_size}) expects {expected}"
+                )
+        for j, (p, shape) in enumerate(zip(tmap.paths, our_shapes)):
+            params_leaf = _load_leaf(reader, tmap, j, shape, config.num_layers, dtype, _tree_get(shardings, p))
+            _tree_set(params, p, params_leaf)
+    return params
+
+
+def _load_leaf(reader, tmap, j, shape, num_layers, dtype, sharding):
+    """One of our leaves as a global array; each device's block is read layer by layer."""
+
+    def block(index):
+        if not tmap.per_layer:
+            return np.asarray(tmap.split(reader.read(tmap.hf_name))[j][index], dtype)
+        layers = range(num_layers)[index[0]]
+        rows = [tmap.split(reader.read(tmap.hf_name.format(i=i)))[j][index[1:]] for i in layers]
+        return np.stack(rows).astype(dtype)
+
+    return jax.make_array_from_callback(shape, sharding, block)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def init_params(config: ModelConfig, seed: int = 0, mesh=None):
+    """Random init (normal(initializer_range)), created directly with its sharding on ``mesh``."""
+    model = build_model(config)
+    ids = jnp.zeros((1, 1), jnp.int32)
+
+    def init():
+        return nn.unbox(model.init(jax.random.PRNGKey(seed), ids)["params"])
+
+    if mesh is None:
+        return jax.jit(init)()
+    shardings = sharding_lib.logical_to_sharding(nn.get_partition_spec(abstract_params(config)), mesh)
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def from_hf(path: str, dtype: str = "float32", compute_dtype: str | None = None, mesh=None, seed: int = 0, **overrides):
+    """``(model, params)`` from a Hugging Face folder (config.json + safetensors) or a preset name.
+
+    dtype: storage dtype of the params; compute_dtype: activations (default: ``dtype``).
+    A preset name (see ``kto_jax.models.presets``) gives random weights, for tests and AOT work.
+    ``overrides`` set other ModelConfig fields (``remat_policy``, ``attention_impl``, ...).
+    """
+    overrides = dict(param_dtype=dtype, dtype=compute_dtype or dtype, **overrides)
+    if path in PRESETS:
+        config = get_preset(path, **overrides)
+        return build_model(config), init_params(config, seed, mesh)
+    config_file = os.path.join(path, CONFIG_FILE)
+    if not os.path.exists(config_file):
+        hint = f"; or a preset name: {', '.join(PRESETS)}" if not os.path.isdir(path) else ""
+        raise FileNotFoundError(f"{config_file!r} not found: from_hf needs a Hugging Face model folder{hint}")
+    with open(config_file, encoding="utf-8") as f:
+        config = config_from_hf(json.load(f), **overrides)
+    return build_model(config), load_params(config, path, mesh)
+
+
+def to_hf(model: Decoder, params, out_dir: str, max_shard_bytes: int = 2 * 1024**3) -> list[str]:
+    """Write ``config.json`` and sharded ``model-0000i-of-0000n.safetensors`` + index to ``out_dir``.
+
+    Tensors are gathered one at a time; a shard is written as soon as it is full. Returns
+    the written weight files. ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)``
+    loads the result.
+    """
+    config = model.config
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config_to_hf(config), f, indent=2)
+
+    shards: list[dict] = [{}]
+    sizes = [0]
+    for tmap in tensor_maps(config):
+        leaves = [_tree_get(params, p) for p in tmap.paths]
+        for i, name in enumerate(_hf_names(tmap, config.num_layers)):
+            parts = [np.asarray(jax.device_get(leaf[i] if tmap.per_layer else leaf)) for leaf in leaves]
+            tensor = np.ascontiguousarray(tmap.merge(parts))
+            if sizes[-1] and sizes[-1] + tensor.nbytes > max_shard_bytes:
+                shards.append({})
+                sizes.append(0)
+            shards[-1][name] = tensor
+            sizes[-1] += tensor.nbytes
+    files, weight_map = [], {}
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        for k, shard in enumerate(shards):
+            file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({n: jnp.asarray(t) for n, t in shard.items()}, os.path.join(out_dir, file), metadata={"format": "pt"})
+            weight_map.update({n: file for n in shard})
+            files.append(os.path.join(out_dir, file))
+    with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}, f, indent=2)
+    return files
+
+
+def load_tokenizer(path: str):
+    """The ``tokenizers.Tokenizer`` of a model folder (its tokenizer.json)."""
+    from tokenizers import Tokenizer
+
+    file = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file!r} not found: load_tokenizer needs a tokenizer.json (the fast-tokenizer file)")
+    return Tokenizer.from_file(file)

@@ -1,0 +1,53 @@
+"""Named model sizes: tiny CPU models and the published configurations of the paper's suite."""
+
+from __future__ import annotations
+
+from kto_jax.models.common import ModelConfig
+
+
+def _llama(**kw) -> ModelConfig:
+    return ModelConfig(architecture="llama", hidden_act="silu", **kw)
+
+
+def _pythia(**kw) -> ModelConfig:
+    base = dict(
+        architecture="gpt_neox", hidden_act="gelu", rotary_pct=0.25, attention_bias=True,
+        use_parallel_residual=True, norm_eps=1e-5, max_position_embeddings=2048,
+    )
+    return ModelConfig(**{**base, **kw})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU-sized (tiny-25m is the bench shape of scripts/bench.py and shared/anchors).
+    "tiny-1m": _llama(vocab_size=256, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, norm_eps=1e-6),
+    "tiny-5m": _llama(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=5, num_heads=4, num_kv_heads=2, norm_eps=1e-6),
+    "tiny-25m": _llama(vocab_size=2048, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, norm_eps=1e-6),
+    "tiny-pythia-1m": _pythia(vocab_size=256, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4),
+    # Pythia (EleutherAI/pythia-*-deduped config.json).
+    "pythia-1.4b": _pythia(vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_layers=24, num_heads=16),
+    "pythia-2.8b": _pythia(vocab_size=50304, hidden_size=2560, intermediate_size=10240, num_layers=32, num_heads=32),
+    "pythia-6.9b": _pythia(vocab_size=50432, hidden_size=4096, intermediate_size=16384, num_layers=32, num_heads=32),
+    "pythia-12b": _pythia(vocab_size=50688, hidden_size=5120, intermediate_size=20480, num_layers=36, num_heads=40),
+    # LLaMA-1 (huggyllama/llama-*).
+    "llama-7b": _llama(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, norm_eps=1e-6),
+    "llama-13b": _llama(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, norm_eps=1e-6),
+    "llama-30b": _llama(vocab_size=32000, hidden_size=6656, intermediate_size=17920, num_layers=60, num_heads=52, norm_eps=1e-6),
+    # Llama 2, Mistral, Llama 3.
+    "llama2-7b": _llama(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, max_position_embeddings=4096),
+    "llama2-13b": _llama(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, max_position_embeddings=4096),
+    "mistral-7b": _llama(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+        max_position_embeddings=32768, sliding_window=4096, hf_model_type="mistral",
+    ),
+    "llama3-8b": _llama(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+        max_position_embeddings=8192, rope_theta=500000.0,
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    """The preset ``name`` with field overrides (e.g. ``dtype="bfloat16"``); unknown names list the known ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

@@ -1,0 +1,86 @@
+"""Device mesh and the one table of logical-axis rules.
+
+Params and activations carry logical axis names; ``LOGICAL_AXIS_RULES`` maps them to the
+mesh axes ``data``, ``fsdp`` and ``tensor``. No PartitionSpec is written anywhere else.
+
+    data    pure data parallelism (params replicated)
+    fsdp    data parallelism with params, grads and optimizer state sharded (ZeRO-3)
+    tensor  Megatron-style tensor parallelism over heads, MLP and vocab
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, object], ...] = (
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    # params
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh; one axis may be -1 to take the remaining devices.
+
+    ``make_mesh({"fsdp": -1})`` puts every device on fsdp. The product must equal the
+    device count; the error names the axis sizes and the count.
+    """
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    sizes = {axis: 1 for axis in MESH_AXES}
+    unknown = set(shape or {}) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh axes {sorted(unknown)} are not known; use {MESH_AXES}")
+    sizes.update(shape or {"data": -1})
+    fill = [a for a, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise ValueError(f"at most one mesh axis may be -1; got {sizes}")
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    if fill:
+        if devices.size % known:
+            raise ValueError(f"mesh {sizes}: {devices.size} devices are not divisible by {known}")
+        sizes[fill[0]] = devices.size // known
+    if int(np.prod(list(sizes.values()))) != devices.size:
+        raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices; there are {devices.size}")
+    return Mesh(
+        devices.reshape([sizes[a] for a in MESH_AXES]),
+        MESH_AXES,
+        axis_types=(AxisType.Auto,) * len(MESH_AXES),
+    )
+
+
+def logical_to_sharding(logical_axes, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """NamedShardings for a pytree of logical axis tuples (e.g. ``nn.get_partition_spec(boxed)``)."""
+    return nn.logical_to_mesh_sharding(logical_axes, mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """Context in which the models' ``nn.with_logical_constraint`` calls take effect on ``mesh``."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

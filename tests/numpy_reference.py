@@ -245,10 +245,11 @@ def ipo(pc, pr, rc, rr, *, beta=0.1, example_mask=None):
 
 
 def running_mean_update(running_mean, running_count, batch_values):
-    """TRL ``RunningMoments.update`` restricted to the mean, fed with all the batch's values."""
-    n = len(batch_values)
-    if n == 0:
+    """TRL ``RunningMoments.update`` restricted to the mean. TRL v0.28 ``bco_pair`` feeds it
+    ``torch.cat((chosen_rewards, rejected_rewards)).mean()``, a 0-d tensor, so xs.numel() == 1."""
+    if len(batch_values) == 0:
         return float(running_mean), float(running_count)
+    n = 1
     batch_mean = float(np.mean(batch_values))
     tot = running_count + n
     new_mean = running_mean + (batch_mean - running_mean) * n / tot

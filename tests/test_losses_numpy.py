@@ -232,23 +232,23 @@ def test_paired_matches_reference(name, data):
 
 
 def test_bco_pair_running_mean_examples():
-    """Hand-checkable numbers for the running-mean update (n = 2 * number of valid rows)."""
+    """Hand-checkable numbers for the running-mean update (TRL: one batch mean per update)."""
     pc = np.array([-1.0, -2.0, -3.0], np.float32)
     rc = np.array([-2.0, -2.0, -2.0], np.float32)
     pr = np.array([-4.0, -5.0, -6.0], np.float32)
     rr = np.array([-4.0, -4.0, -4.0], np.float32)
-    # rewards (beta = 1): chosen [1, 0, -1], rejected [0, -1, -2]; batch mean = -0.5, n = 6
+    # rewards (beta = 1): chosen [1, 0, -1], rejected [0, -1, -2]; batch mean = -0.5
     _, metrics = L.bco_pair(pc, pr, rc, rr, beta=1.0)
     assert_close(metrics["bco/running_mean"], -0.5, "fresh running mean")
-    assert_close(metrics["bco/running_count"], 6.0, "fresh running count")
-    _, metrics = L.bco_pair(pc, pr, rc, rr, beta=1.0, running_mean=1.0, running_count=6.0)
-    assert_close(metrics["bco/running_mean"], 0.25, "updated running mean")  # 1 + (-1.5) * 6 / 12
-    assert_close(metrics["bco/running_count"], 12.0, "updated running count")
-    # masking the last row: valid rewards [1, 0, 0, -1], mean 0, n = 4
+    assert_close(metrics["bco/running_count"], 1.0, "fresh running count")
+    _, metrics = L.bco_pair(pc, pr, rc, rr, beta=1.0, running_mean=1.0, running_count=3.0)
+    assert_close(metrics["bco/running_mean"], 0.625, "updated running mean")  # 1 + (-1.5) / 4
+    assert_close(metrics["bco/running_count"], 4.0, "updated running count")
+    # masking the last row: valid rewards [1, 0, 0, -1], mean 0
     mask = np.array([True, True, False])
-    _, metrics = L.bco_pair(pc, pr, rc, rr, beta=1.0, running_mean=2.0, running_count=4.0, example_mask=mask)
-    assert_close(metrics["bco/running_mean"], 1.0, "masked running mean")
-    assert_close(metrics["bco/running_count"], 8.0, "masked running count")
+    _, metrics = L.bco_pair(pc, pr, rc, rr, beta=1.0, running_mean=2.0, running_count=1.0, example_mask=mask)
+    assert_close(metrics["bco/running_mean"], 1.0, "masked running mean")  # 2 + (0 - 2) / 2
+    assert_close(metrics["bco/running_count"], 2.0, "masked running count")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -501,14 +501,8 @@ def _loss_cases():
 CASES = _loss_cases()
 
 
-# positional arguments that hold counts or per-token 0/1 masks rather than real-valued data: in masked
-# rows they get large finite garbage instead of nan (a count or a mask is never nan in practice)
-COUNT_LIKE_ARGS = {"sft": {1}, "ppo_offline": {4}}
-
-
 def _garbage_for(name, index, garbage):
-    if index in COUNT_LIKE_ARGS.get(name, ()) and np.isnan(garbage):
-        return 123456.0
+    """Masked rows get the same garbage (nan, +-1e30) in every argument, counts and masks included."""
     return garbage
 
 
@@ -601,7 +595,7 @@ def test_orpo_token_counts_masked_rows_ignored(garbage):
     pc_dirty, pr_dirty, counts_dirty = pc.copy(), pr.copy(), counts.copy()
     pc_dirty[~example_mask] = garbage
     pr_dirty[~example_mask] = garbage
-    counts_dirty[~example_mask] = 123456.0 if np.isnan(garbage) else garbage
+    counts_dirty[~example_mask] = garbage
     out = L.orpo(pc_dirty, pr_dirty, beta=0.2, chosen_token_counts=counts_dirty, example_mask=example_mask)
     slack = accuracy_slack(pc, pr, example_mask)
     assert_matches(out, ref, fraction_slack={"rewards/accuracies": slack})

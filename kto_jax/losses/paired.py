@@ -149,23 +149,25 @@ def bco_pair(
 ) -> tuple[jax.Array, Metrics]:
     """Pairwise Binary Classifier Optimization (Jung et al. 2024, arXiv 2404.04656).
 
-    delta = running mean of the rewards {beta*rw, beta*rl}, updated with this batch first
-            (TRL's RunningMoments): delta = m + (mean_batch - m) * n / (count + n), n = 2B
+    delta = running mean of the per-batch mean reward mean({beta*rw, beta*rl}), updated
+            with this batch first: delta = m + (mean_batch - m) / (count + 1)
+            (TRL feeds its RunningMoments the batch mean, so the count grows by 1 a step)
     loss  = mean(-log sigmoid(beta rw - delta) - log sigmoid(-(beta rl - delta)))
 
     The running statistics are state of the run: pass the previous ``bco/running_mean`` and
-    ``bco/running_count`` metrics back in at the next step (count 0 starts afresh).
+    ``bco/running_count`` metrics back in at the next step (count 0 starts afresh). A batch
+    with no valid pair leaves them unchanged.
     """
     pc, pr, rc, rr = f32(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     mask = valid_mask(example_mask, pc)
     chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
-    n = 2.0 * mask.sum()
+    n = (mask.sum() > 0).astype(jnp.float32)
     batch_mean = jax.lax.stop_gradient(
         (masked_mean(chosen_rewards, mask) + masked_mean(rejected_rewards, mask)) / 2.0
     )
     running_mean, running_count = f32(running_mean, running_count)
     total = running_count + n
-    delta = running_mean + (batch_mean - running_mean) * n / jnp.maximum(total, 1.0)
+    delta = running_mean + (batch_mean - running_mean) * n / jnp.maximum(total, 1e-24)
     losses = -log_sigmoid(chosen_rewards - delta) - log_sigmoid(-(rejected_rewards - delta))
     extra = {"bco/running_mean": delta, "bco/running_count": total}
     return _paired(losses, pc, pr, rc, rr, beta, example_mask, extra)

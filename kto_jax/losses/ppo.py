@@ -79,7 +79,7 @@ def ppo_offline(
     check(0 < cliprange < 1, f"ppo_offline: cliprange must be in (0, 1); got {cliprange}")
     policy_logps, reference_logps, values = f32(policy_logps, reference_logps, values)
     rows = valid_mask(example_mask, policy_logps[:, 0])
-    m = jnp.asarray(mask, jnp.float32) * rows[:, None]
+    m = jnp.where(rows[:, None] > 0, jnp.asarray(mask, jnp.float32), 0.0)
     scores = jnp.where(jnp.asarray(desirable, bool), 1.0, -1.0)
     rewards = last_token_rewards(scores, m)
 

@@ -19,7 +19,7 @@ def sft(policy_logps, token_counts, *, example_mask=None) -> tuple[jax.Array, Me
     """
     (policy_logps,) = f32(policy_logps)
     mask = valid_mask(example_mask, policy_logps)
-    counts = jnp.asarray(token_counts, jnp.float32) * mask
+    counts = jnp.where(mask > 0, jnp.asarray(token_counts, jnp.float32), 0.0)
     total = jnp.where(mask > 0, policy_logps, 0.0).sum()
     loss = -total / jnp.maximum(counts.sum(), 1.0)
     metrics = {
@@ -104,7 +104,7 @@ def orpo(
     if chosen_token_counts is None:
         nll = -masked_mean(pc, mask)
     else:
-        counts = jnp.asarray(chosen_token_counts, jnp.float32) * mask
+        counts = jnp.where(mask > 0, jnp.asarray(chosen_token_counts, jnp.float32), 0.0)
         nll = -jnp.where(mask > 0, pc * counts, 0.0).sum() / jnp.maximum(counts.sum(), 1.0)
     log_odds = (pc - pr) - (log1mexp(pc) - log1mexp(pr))
     ratio = jax.nn.log_sigmoid(log_odds)

@@ -16,6 +16,8 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "tensorflow-datasets>=4.9.7",
+        "importlib_resources",  # needed by tfds builders defined outside tfds, not declared by it
+        "array_record>=0.5",  # the storage format of prepared datasets (random access without TensorFlow)
         "ml_collections>=1.0",
         "numpy>=1.26",
         "tokenizers>=0.20",

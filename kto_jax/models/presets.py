@@ -18,11 +18,12 @@ def _pythia(**kw) -> ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # CPU-sized (tiny-25m is the bench shape of scripts/bench.py and shared/anchors).
-    "tiny-1m": _llama(vocab_size=256, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, norm_eps=1e-6),
+    # CPU-sized (vocab 384 covers the byte tokenizer; tiny-25m is the bench shape of
+    # scripts/bench.py and shared/anchors).
+    "tiny-1m": _llama(vocab_size=384, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, norm_eps=1e-6),
     "tiny-5m": _llama(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=5, num_heads=4, num_kv_heads=2, norm_eps=1e-6),
     "tiny-25m": _llama(vocab_size=2048, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, norm_eps=1e-6),
-    "tiny-pythia-1m": _pythia(vocab_size=256, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4),
+    "tiny-pythia-1m": _pythia(vocab_size=384, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4),
     # Pythia (EleutherAI/pythia-*-deduped config.json).
     "pythia-1.4b": _pythia(vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_layers=24, num_heads=16),
     "pythia-2.8b": _pythia(vocab_size=50304, hidden_size=2560, intermediate_size=10240, num_layers=32, num_heads=32),

@@ -1,0 +1,154 @@
+"""Feedback views: paired -> unary, one y per x, imbalance subsampling, with counts.
+
+KTO needs only binary feedback. The paper turns each preference pair into one desirable
+and one undesirable example, optionally keeps one completion per prompt ("one y per x"),
+and studies imbalance by keeping a fraction of each class (section 4). Every step here
+counts what it kept and dropped; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Sequence
+
+import numpy as np
+from absl import logging
+
+Turns = tuple[tuple[str, str], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Unary:
+    id: str
+    prompt: Turns
+    completion: str
+    desirable: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Paired:
+    id: str
+    prompt: Turns
+    chosen: str
+    rejected: str
+
+
+@dataclasses.dataclass
+class FeedbackStats:
+    """Counts of every step from source records to training examples."""
+
+    pairs: int = 0
+    unary_in: int = 0
+    dropped_one_y_per_x: int = 0
+    desirable_kept: int = 0
+    desirable_dropped: int = 0
+    undesirable_kept: int = 0
+    undesirable_dropped: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.pairs} pairs / {self.unary_in} unary examples in; one-y-per-x dropped {self.dropped_one_y_per_x}; "
+            f"desirable kept {self.desirable_kept} (dropped {self.desirable_dropped}), "
+            f"undesirable kept {self.undesirable_kept} (dropped {self.undesirable_dropped})"
+        )
+
+
+def record_turns(record: dict) -> Turns:
+    """A record's prompt conversation as ((role, content), ...)."""
+    prompt = record["prompt"]
+    return tuple(zip(prompt["role"], prompt["content"]))
+
+
+def paired_from_records(records: Iterable[dict]) -> list[Paired]:
+    return [Paired(r["id"], record_turns(r), r["chosen"], r["rejected"]) for r in records]
+
+
+def unary_from_records(records: Iterable[dict]) -> list[Unary]:
+    return [Unary(r["id"], record_turns(r), r["completion"], bool(r["desirable"])) for r in records]
+
+
+def paired_to_unary(pairs: Sequence[Paired], *, seed: int) -> list[Unary]:
+    """Each pair -> one desirable (chosen) and one undesirable (rejected) example, shuffled
+    over the whole set so the two halves of a pair rarely share a batch (as HALOs does)."""
+    examples = []
+    for p in pairs:
+        examples.append(Unary(f"{p.id}/chosen", p.prompt, p.chosen, True))
+        examples.append(Unary(f"{p.id}/rejected", p.prompt, p.rejected, False))
+    order = np.random.default_rng(seed).permutation(len(examples))
+    return [examples[i] for i in order]
+
+
+def one_y_per_x(examples: Sequence[Unary], *, seed: int) -> list[Unary]:
+    """The paper's "one y per x" variant: for every prompt keep one of its examples, at random."""
+    by_prompt: dict[Turns, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_prompt.setdefault(ex.prompt, []).append(i)
+    rng = np.random.default_rng(seed)
+    keep = sorted(int(rng.choice(idx)) for idx in by_prompt.values())
+    return [examples[i] for i in keep]
+
+
+def subsample(examples: Sequence[Unary], *, desirable_fraction: float, undesirable_fraction: float, seed: int):
+    """Keep round(fraction * n) of each class, chosen at random; returns (kept, counts by class)."""
+    for name, frac in (("desirable_fraction", desirable_fraction), ("undesirable_fraction", undesirable_fraction)):
+        if not 0 < frac <= 1:
+            raise ValueError(f"config.data.{name}={frac} must be in (0, 1]")
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(examples), bool)
+    counts = {}
+    for label, frac in ((True, desirable_fraction), (False, undesirable_fraction)):
+        idx = np.array([i for i, ex in enumerate(examples) if ex.desirable == label], int)
+        n_keep = int(round(frac * len(idx)))
+        keep[rng.choice(idx, n_keep, replace=False)] = True
+        counts[label] = (n_keep, len(idx) - n_keep)
+    return [ex for ex, k in zip(examples, keep) if k], counts
+
+
+def unary_view(
+    source: Sequence[Paired] | Sequence[Unary],
+    *,
+    seed: int,
+    one_y: bool = False,
+    desirable_fraction: float = 1.0,
+    undesirable_fraction: float = 1.0,
+) -> tuple[list[Unary], FeedbackStats]:
+    """Paired or unary source examples -> the unary training set, with counts."""
+    stats = FeedbackStats()
+    if source and isinstance(source[0], Paired):
+        stats.pairs = len(source)
+        examples = paired_to_unary(source, seed=seed)
+    else:
+        examples = list(source)
+    stats.unary_in = len(examples)
+    if one_y:
+        kept = one_y_per_x(examples, seed=seed + 1)
+        stats.dropped_one_y_per_x = len(examples) - len(kept)
+        examples = kept
+    examples, counts = subsample(
+        examples, desirable_fraction=desirable_fraction, undesirable_fraction=undesirable_fraction, seed=seed + 2
+    )
+    stats.desirable_kept, stats.desirable_dropped = counts[True]
+    stats.undesirable_kept, stats.undesirable_dropped = counts[False]
+    logging.info("feedback: %s", stats.summary())
+    return examples, stats
+
+
+def weight_warning(n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float) -> str | None:
+    """A warning when desirable_weight * n_D / (undesirable_weight * n_U) is outside [1, 4/3]
+    (the paper's recommended range), naming the weights that fix it; None when inside."""
+    if n_desirable == 0 or n_undesirable == 0:
+        missing = "desirable" if n_desirable == 0 else "undesirable"
+        return f"no {missing} examples: KTO will only see one class"
+    ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+    if 1.0 <= ratio <= 4.0 / 3.0:
+        return None
+    low = undesirable_weight * n_undesirable / n_desirable
+    high = low * 4.0 / 3.0
+    alt_low = desirable_weight * n_desirable / (4.0 / 3.0 * n_undesirable)
+    alt_high = desirable_weight * n_desirable / n_undesirable
+    return (
+        f"desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = {desirable_weight} * {n_desirable} / "
+        f"({undesirable_weight} * {n_undesirable}) = {ratio:.3f} is outside [1, 4/3] (KTO paper, section 4). "
+        f"Fix: config.loss.desirable_weight in [{low:.3f}, {high:.3f}], "
+        f"or config.loss.undesirable_weight in [{alt_low:.3f}, {alt_high:.3f}]."
+    )

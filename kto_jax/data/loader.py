@@ -1,0 +1,187 @@
+"""Deterministic, resumable, per-process batches of tokenized feedback (numpy).
+
+Batch b of epoch e is rows ``perm_e[b*G:(b+1)*G]`` of the examples, ``perm_e`` a
+permutation seeded by (seed, e), G the global batch size. Process p of P gets rows
+``[p*G/P, (p+1)*G/P)`` of it; every process computes the same global order and padded
+length, so the per-process slices assemble into one global array
+(``jax.make_array_from_process_local_data``). ``state()`` / ``restore(state)`` resume at
+the exact next batch.
+
+Arrays (right-padded to a length bucket, a multiple of ``bucket`` capped at max_length):
+  unary:  input_ids, attention_mask, loss_mask [b, L]; desirable [b]; and, when
+          ``kl_group_size`` is set, kl_input_ids, kl_attention_mask, kl_loss_mask
+  paired: chosen_input_ids, chosen_attention_mask, chosen_loss_mask, rejected_* [b, L]
+
+KL pairing (KTO): the global batch is cut into contiguous groups of ``kl_group_size``
+rows (the engine's microbatches); the KL sequence of row i is its own prompt with the
+completion of row (i + 1) mod B of its group. B = 1 is an error: the KL term would be
+the example's own reward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+from absl import logging
+
+from kto_jax.data.feedback import Paired, Unary
+from kto_jax.data.tokenize import Tokenizer, TokenizeConfig, render_prompt, truncate
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokens:
+    prompt: np.ndarray
+    completion: np.ndarray
+
+
+class FeedbackLoader:
+    """Batches of unary (KTO family, SFT) or paired (DPO family) examples for one process."""
+
+    def __init__(
+        self,
+        examples: Sequence[Unary] | Sequence[Paired],
+        tokenizer: Tokenizer,
+        tokenize: TokenizeConfig,
+        *,
+        global_batch_size: int,
+        seed: int = 0,
+        kl_group_size: int | None = None,
+        bucket: int = 64,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        control_tokens: tuple[str, str] | None = None,
+    ):
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        if global_batch_size % process_count:
+            raise ValueError(
+                f"global batch size {global_batch_size} (config.train.global_batch_size) is not divisible by "
+                f"the {process_count} processes"
+            )
+        if kl_group_size is not None:
+            if kl_group_size < 2:
+                raise ValueError(
+                    f"KL pairing needs at least 2 examples per microbatch, got {kl_group_size}: with 1 the KL "
+                    "sequence is the example itself and z0 equals its reward. Raise the microbatch size."
+                )
+            if global_batch_size % kl_group_size:
+                raise ValueError(f"global batch size {global_batch_size} is not divisible by the microbatch size {kl_group_size}")
+        self.tokenizer, self.cfg = tokenizer, tokenize
+        self.global_batch_size, self.seed, self.bucket = global_batch_size, seed, bucket
+        self.kl_group_size = kl_group_size
+        self.process_index, self.process_count = process_index, process_count
+        self.paired = bool(examples) and isinstance(examples[0], Paired)
+        self.control_ids = tuple(tokenizer.token_id(t) for t in control_tokens) if control_tokens else None
+        self._tokenize_all(examples)
+        if len(self.examples) < global_batch_size:
+            raise ValueError(
+                f"{len(self.examples)} examples after tokenization is fewer than one global batch of {global_batch_size}"
+            )
+        self.epoch, self.batch = 0, 0
+
+    # ------------------------------------------------------------ preparation
+
+    def _tokenize_all(self, examples) -> None:
+        """Encode every example once; drop (and count) those left with no completion token."""
+        self.examples, self.tokens, self.dropped = [], [], 0
+        cache: dict = {}
+        for ex in examples:
+            prompt = cache.get(ex.prompt)
+            if prompt is None:
+                prompt = cache[ex.prompt] = np.asarray(self.tokenizer.encode(render_prompt(ex.prompt, self.cfg.chat_template)), np.int32)
+            completions = (ex.chosen, ex.rejected) if self.paired else (ex.completion,)
+            encoded = [np.asarray(self.tokenizer.encode(c), np.int32) for c in completions]
+            if any(len(truncate(list(prompt), list(c), self.cfg)[1]) == 0 for c in encoded):
+                self.dropped += 1
+                continue
+            self.examples.append(ex)
+            self.tokens.append([_Tokens(prompt, c) for c in encoded])
+        self.desirable = np.array([getattr(ex, "desirable", True) for ex in self.examples])
+        logging.info("loader: %d examples, %d dropped (no completion token left after truncation)", len(self.examples), self.dropped)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.examples) // self.global_batch_size
+
+    # ------------------------------------------------------------ state
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "num_examples": len(self.examples)}
+
+    def restore(self, state: dict) -> None:
+        if state["seed"] != self.seed or state["num_examples"] != len(self.examples):
+            raise ValueError(
+                f"loader state is for seed {state['seed']} with {state['num_examples']} examples, but this loader has "
+                f"seed {self.seed} with {len(self.examples)}: the data or config.data changed since the checkpoint"
+            )
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    # ------------------------------------------------------------ batches
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.batch >= self.steps_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+        rows = self.global_rows(self.epoch, self.batch)
+        self.batch += 1
+        return self.make_batch(rows)
+
+    def global_rows(self, epoch: int, batch: int) -> np.ndarray:
+        """Example indices of global batch ``batch`` of ``epoch``."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        return perm[batch * self.global_batch_size : (batch + 1) * self.global_batch_size]
+
+    def _sequences(self, rows: np.ndarray) -> dict[str, list]:
+        """Token sequences (ids, completion mask) per field, for the global batch."""
+        seqs: dict[str, list] = {}
+        if self.paired:
+            seqs["chosen"] = [self._join(self.tokens[r][0].prompt, self.tokens[r][0].completion) for r in rows]
+            seqs["rejected"] = [self._join(self.tokens[r][1].prompt, self.tokens[r][1].completion) for r in rows]
+            return seqs
+        seqs[""] = [self._join(self._prompt(r), self.tokens[r][0].completion) for r in rows]
+        if self.kl_group_size is not None:
+            size = self.kl_group_size
+            partner = [(i // size) * size + (i % size + 1) % size for i in range(len(rows))]
+            seqs["kl"] = [self._join(self._prompt(rows[i]), self.tokens[rows[j]][0].completion) for i, j in enumerate(partner)]
+        return seqs
+
+    def _prompt(self, row: int) -> np.ndarray:
+        """The prompt tokens, followed by the CSFT control token (<|good|>/<|bad|>) when enabled."""
+        prompt = self.tokens[row][0].prompt
+        if self.control_ids is None:
+            return prompt
+        return np.append(prompt, self.control_ids[0] if self.desirable[row] else self.control_ids[1]).astype(np.int32)
+
+    def _join(self, prompt: np.ndarray, completion: np.ndarray):
+        p, c = truncate(list(prompt), list(completion), self.cfg)
+        ids = np.asarray(p + c + [self.tokenizer.eos_id], np.int32)
+        mask = np.arange(len(ids)) >= len(p)
+        return ids, mask
+
+    def make_batch(self, rows: np.ndarray) -> dict:
+        """This process's slice of the global batch ``rows``, padded to the global bucket length."""
+        seqs = self._sequences(rows)
+        longest = max(len(ids) for field in seqs.values() for ids, _ in field)
+        length = min(-(-longest // self.bucket) * self.bucket, self.cfg.max_length)
+        per_process = self.global_batch_size // self.process_count
+        local = slice(self.process_index * per_process, (self.process_index + 1) * per_process)
+        out = {}
+        for field, items in seqs.items():
+            prefix = f"{field}_" if field else ""
+            ids = np.full((per_process, length), self.tokenizer.pad_id, np.int32)
+            attention = np.zeros((per_process, length), np.int32)
+            loss = np.zeros((per_process, length), bool)
+            for k, (seq, mask) in enumerate(items[local]):
+                ids[k, : len(seq)] = seq
+                attention[k, : len(seq)] = 1
+                loss[k, : len(seq)] = mask
+            out[f"{prefix}input_ids"], out[f"{prefix}attention_mask"], out[f"{prefix}loss_mask"] = ids, attention, loss
+        if not self.paired:
+            out["desirable"] = self.desirable[rows[local]]
+        return out

@@ -26,12 +26,14 @@ def decode_masked(ids, mask):
     return TOK.decode(ids[mask.astype(bool)])
 
 
-def test_kl_sequence_is_own_prompt_with_next_completion_in_group():
-    dl = loader(kl_group_size=4)
+@pytest.mark.parametrize("num_microbatches", [1, 2, 4])
+def test_kl_sequence_is_own_prompt_with_next_completion_of_the_microbatch(num_microbatches):
+    dl = loader(kl_pairing=True, num_microbatches=num_microbatches)
     batch = next(dl)
     rows = dl.global_rows(0, 0)
     for i in range(8):
-        j = (i // 4) * 4 + (i % 4 + 1) % 4
+        j = (i + num_microbatches) % 8  # microbatch m = rows m, m + M, ...: the next row of i's microbatch
+        assert j % num_microbatches == i % num_microbatches
         prompt_i = dl.examples[rows[i]].prompt[0][1]
         completion_j = dl.examples[rows[j]].completion
         ids = batch["kl_input_ids"][i][batch["kl_attention_mask"][i].astype(bool)]
@@ -43,14 +45,14 @@ def test_kl_sequence_is_own_prompt_with_next_completion_in_group():
 
 
 def test_microbatch_of_one_is_an_error():
-    with pytest.raises(ValueError, match="at least 2 examples per microbatch"):
-        loader(kl_group_size=1)
-    with pytest.raises(ValueError, match="not divisible by the microbatch size 3"):
-        loader(kl_group_size=3)
+    with pytest.raises(ValueError, match="at least 2 examples per microbatch, got 1"):
+        loader(kl_pairing=True, num_microbatches=8)
+    with pytest.raises(ValueError, match="not divisible by num_microbatches=3"):
+        loader(num_microbatches=3)
 
 
 def test_padding_to_buckets_and_shared_length():
-    batch = next(loader(kl_group_size=8))
+    batch = next(loader(kl_pairing=True))
     lengths = {v.shape[1] for k, v in batch.items() if v.ndim == 2}
     assert lengths == {32}  # longest sequence ~24 tokens -> bucket 32
     assert (batch["input_ids"][batch["attention_mask"] == 0] == TOK.pad_id).all()
@@ -66,14 +68,14 @@ def test_same_seed_same_batches_other_seed_other_batches():
 
 
 def test_resume_at_batch_k_equals_uninterrupted_run_across_epochs():
-    full = loader(kl_group_size=4)
+    full = loader(kl_pairing=True, num_microbatches=2)
     reference = [next(full) for _ in range(12)]  # 5 steps per epoch: crosses two epoch boundaries
     for k in (0, 3, 5, 7):
-        first = loader(kl_group_size=4)
+        first = loader(kl_pairing=True, num_microbatches=2)
         for _ in range(k):
             next(first)
         state = first.state()
-        resumed = loader(kl_group_size=4)
+        resumed = loader(kl_pairing=True, num_microbatches=2)
         resumed.restore(state)
         for step in range(k, 12):
             batch = next(resumed)
@@ -88,8 +90,8 @@ def test_restore_with_other_data_is_an_error():
 
 
 def test_two_processes_get_disjoint_slices_covering_the_global_batch():
-    single = next(loader(kl_group_size=4))
-    parts = [next(loader(kl_group_size=4, process_index=p, process_count=2)) for p in range(2)]
+    single = next(loader(kl_pairing=True, num_microbatches=2))
+    parts = [next(loader(kl_pairing=True, num_microbatches=2, process_index=p, process_count=2)) for p in range(2)]
     for key in single:
         np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), single[key], err_msg=key)
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):

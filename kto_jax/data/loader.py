@@ -9,12 +9,14 @@ the exact next batch.
 
 Arrays (right-padded to a length bucket, a multiple of ``bucket`` capped at max_length):
   unary:  input_ids, attention_mask, loss_mask [b, L]; desirable [b]; and, when
-          ``kl_group_size`` is set, kl_input_ids, kl_attention_mask, kl_loss_mask
+          ``kl_pairing`` is on, kl_input_ids, kl_attention_mask, kl_loss_mask
   paired: chosen_input_ids, chosen_attention_mask, chosen_loss_mask, rejected_* [b, L]
 
-KL pairing (KTO): the global batch is cut into contiguous groups of ``kl_group_size``
-rows (the engine's microbatches); the KL sequence of row i is its own prompt with the
-completion of row (i + 1) mod B of its group. B = 1 is an error: the KL term would be
+Microbatches are strided: with M microbatches, microbatch m is rows m, m + M, m + 2M, ...
+of the global batch (the engine reshapes [G, L] -> [G/M, M, L]), so every microbatch is
+spread over all data-parallel devices. KL pairing (KTO) stays inside a microbatch: the KL
+sequence of row i is its own prompt with the completion of row (i + M) mod G, the next
+row of the same microbatch. A microbatch of B = G/M = 1 is an error: the KL term would be
 the example's own reward.
 """
 
@@ -47,7 +49,8 @@ class FeedbackLoader:
         *,
         global_batch_size: int,
         seed: int = 0,
-        kl_group_size: int | None = None,
+        kl_pairing: bool = False,
+        num_microbatches: int = 1,
         bucket: int = 64,
         process_index: int | None = None,
         process_count: int | None = None,
@@ -62,17 +65,20 @@ class FeedbackLoader:
                 f"global batch size {global_batch_size} (config.train.global_batch_size) is not divisible by "
                 f"the {process_count} processes"
             )
-        if kl_group_size is not None:
-            if kl_group_size < 2:
-                raise ValueError(
-                    f"KL pairing needs at least 2 examples per microbatch, got {kl_group_size}: with 1 the KL "
-                    "sequence is the example itself and z0 equals its reward. Raise the microbatch size."
-                )
-            if global_batch_size % kl_group_size:
-                raise ValueError(f"global batch size {global_batch_size} is not divisible by the microbatch size {kl_group_size}")
+        if global_batch_size % num_microbatches:
+            raise ValueError(
+                f"global batch size {global_batch_size} is not divisible by num_microbatches={num_microbatches} "
+                "(config.train.num_microbatches)"
+            )
+        if kl_pairing and global_batch_size // num_microbatches < 2:
+            raise ValueError(
+                f"KL pairing needs at least 2 examples per microbatch, got {global_batch_size // num_microbatches} "
+                f"(global batch {global_batch_size} / {num_microbatches} microbatches): with 1 the KL sequence is the "
+                "example itself and z0 equals its reward. Raise config.train.global_batch_size or lower num_microbatches."
+            )
         self.tokenizer, self.cfg = tokenizer, tokenize
         self.global_batch_size, self.seed, self.bucket = global_batch_size, seed, bucket
-        self.kl_group_size = kl_group_size
+        self.kl_pairing, self.num_microbatches = kl_pairing, num_microbatches
         self.process_index, self.process_count = process_index, process_count
         self.paired = bool(examples) and isinstance(examples[0], Paired)
         self.control_ids = tuple(tokenizer.token_id(t) for t in control_tokens) if control_tokens else None
@@ -145,9 +151,8 @@ class FeedbackLoader:
             seqs["rejected"] = [self._join(self.tokens[r][1].prompt, self.tokens[r][1].completion) for r in rows]
             return seqs
         seqs[""] = [self._join(self._prompt(r), self.tokens[r][0].completion) for r in rows]
-        if self.kl_group_size is not None:
-            size = self.kl_group_size
-            partner = [(i // size) * size + (i % size + 1) % size for i in range(len(rows))]
+        if self.kl_pairing:
+            partner = [(i + self.num_microbatches) % len(rows) for i in range(len(rows))]
             seqs["kl"] = [self._join(self._prompt(rows[i]), self.tokens[rows[j]][0].completion) for i, j in enumerate(partner)]
         return seqs
 

@@ -24,6 +24,7 @@ setup(
         "safetensors>=0.4",
         "absl-py>=2.1",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         # torch first and pinned: on this project's machines `pip install torch==2.13.0` takes a

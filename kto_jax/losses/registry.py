@@ -32,6 +32,8 @@ class LossSpec:
     needs_kl: unary losses that also take the mismatched KL sequences' log-probs.
     length_normalized: log-probs are divided by the completion token count first.
     token_level: inputs are per-token ``[B, T]`` arrays (offline PPO), not per-sequence.
+    state_metrics: keyword arguments that are run state, each fed the named metric of the
+      previous step (BCO's running reward mean).
     """
 
     name: str
@@ -42,6 +44,8 @@ class LossSpec:
     needs_kl: bool = False
     length_normalized: bool = False
     token_level: bool = False
+    # run state carried between steps: (keyword argument, metric holding its next value)
+    state_metrics: tuple[tuple[str, str], ...] = ()
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -79,7 +83,10 @@ _ENTRIES = [
     LossSpec("hinge", paired.hinge, "paired", "Zhao et al. 2023, arXiv 2305.10425 (TRL loss_type)"),
     LossSpec("robust", paired.robust, "paired", "Chowdhury et al. 2024, arXiv 2403.00409"),
     LossSpec("exo_pair", paired.exo_pair, "paired", "Ji et al. 2024, arXiv 2402.00856"),
-    LossSpec("bco_pair", paired.bco_pair, "paired", "Jung et al. 2024, arXiv 2404.04656"),
+    LossSpec(
+        "bco_pair", paired.bco_pair, "paired", "Jung et al. 2024, arXiv 2404.04656",
+        state_metrics=(("running_mean", "bco/running_mean"), ("running_count", "bco/running_count")),
+    ),
     LossSpec("sppo_hard", paired.sppo_hard, "paired", "Wu et al. 2024, arXiv 2405.00675"),
     LossSpec("nca_pair", paired.nca_pair, "paired", "Chen et al. 2024, arXiv 2402.05369"),
     LossSpec("apo_zero", paired.apo_zero, "paired", "D'Oosterlinck et al. 2024, arXiv 2408.06266"),

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kto_jax.models import gpt_neox, llama
-from kto_jax.models.common import Decoder, ModelConfig, lm_head_kernel
+from kto_jax.models.common import Decoder, ModelConfig, init_cache, lm_head_kernel
 
 ARCHITECTURES = {"llama": llama.build, "gpt_neox": gpt_neox.build}
 
@@ -32,4 +32,4 @@ def param_count(config: ModelConfig) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params(config))))
 
 
-__all__ = ["ARCHITECTURES", "Decoder", "ModelConfig", "abstract_params", "build_model", "lm_head_kernel", "param_count"]
+__all__ = ["ARCHITECTURES", "Decoder", "ModelConfig", "abstract_params", "build_model", "init_cache", "lm_head_kernel", "param_count"]

@@ -197,7 +197,10 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cache=None):
+        """x [B, T, D] -> [B, T, D]. With ``cache = {"k", "v", "index"}`` (k/v ``[B, S, KV, Dh]``),
+        this step's keys/values are written at slot ``index`` and attention runs over the
+        cache; returns (out, new_cache)."""
         cfg = self.config
 
         def proj(heads, axes, name):
@@ -218,6 +221,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        new_cache = None
+        if cache is not None:
+            start = (0, cache["index"], 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            new_cache = {"k": k, "v": v, "index": cache["index"]}
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
         return nn.DenseGeneral(
@@ -229,7 +238,7 @@ class Attention(nn.Module):
             kernel_init=init(cfg, ("heads", "head_dim", "embed")),
             bias_init=zeros(("embed",)),
             name="o",
-        )(out)
+        )(out), new_cache
 
 
 def dense(config: ModelConfig, features: int, axes: tuple[str, str], name: str, use_bias: bool = False):
@@ -258,12 +267,22 @@ class Decoder(nn.Module):
     norm_cls: Any
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, *, return_hidden: bool = False):
+    def __call__(self, input_ids, attention_mask=None, *, return_hidden: bool = False, cache=None, positions=None):
+        """Training/scoring: ``(input_ids, attention_mask)`` -> logits (or hidden states).
+
+        Decoding: with ``cache`` (from :func:`init_cache`) the call writes this chunk's keys and
+        values at slot ``cache["index"]``; ``attention_mask`` is then the ``[B, S]`` mask of
+        valid cache slots and ``positions`` the chunk's RoPE positions. Returns
+        ``(logits, new_cache)``.
+        """
         cfg = self.config
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        positions = positions_from_mask(attention_mask)
-        mask = attention_mask_4d(attention_mask, cfg.sliding_window)
+        if cache is None:
+            if attention_mask is None:
+                attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+            positions = positions_from_mask(attention_mask)
+            mask = attention_mask_4d(attention_mask, cfg.sliding_window)
+        else:
+            mask = cache_attention_mask(attention_mask, cache["index"], input_ids.shape[1], cfg.sliding_window)
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -282,19 +301,47 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, 0),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = layers(cfg, name="layers")(x, positions, mask)
+        layer_cache = None
+        if cache is not None:
+            index = jnp.broadcast_to(cache["index"], (cfg.num_layers,))
+            layer_cache = {"k": cache["k"], "v": cache["v"], "index": index}
+        x, new_cache = layers(cfg, name="layers")(x, positions, mask, layer_cache)
         x = self.norm_cls(cfg, name="final_norm")(x)
         if return_hidden:
-            return x
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
+            out = x
+        elif cfg.tie_word_embeddings:
+            out = embed.attend(x)
         else:
-            logits = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
-        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+            out = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
+        if not return_hidden:
+            out = constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
+        if cache is None:
+            return out
+        return out, {"k": new_cache["k"], "v": new_cache["v"], "index": cache["index"] + input_ids.shape[1]}
+
+
+def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> dict:
+    """An empty KV cache: k/v ``[layers, B, max_length, kv_heads, head_dim]`` and write index 0."""
+    shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
+    dtype = dtype or config.compute_dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+
+
+def cache_attention_mask(slot_mask: jax.Array, index, length: int, sliding_window: int | None = None) -> jax.Array:
+    """``[B, 1, T, S]``: query t (cache slot index + t) sees slot j iff j <= index + t, slot j
+    holds a real token, and (with a window) index + t - j < sliding_window; always itself."""
+    slots = slot_mask.shape[-1]
+    i = index + jnp.arange(length)[:, None]
+    j = jnp.arange(slots)[None, :]
+    allowed = j <= i
+    if sliding_window is not None:
+        allowed &= (i - j) < sliding_window
+    allowed = allowed[None, None] & slot_mask.astype(bool)[:, None, None, :]
+    return allowed | (i == j)[None, None]
 
 
 def lm_head_kernel(config: ModelConfig, params) -> jax.Array:

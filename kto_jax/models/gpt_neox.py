@@ -45,16 +45,16 @@ class GPTNeoXBlock(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cache=None):
         cfg = self.config
-        attn = Attention(cfg, name="attention")(LayerNorm(cfg, name="attention_norm")(x), positions, mask)
+        attn, cache = Attention(cfg, name="attention")(LayerNorm(cfg, name="attention_norm")(x), positions, mask, cache)
         mlp_norm, mlp = LayerNorm(cfg, name="mlp_norm"), MLP(cfg, name="mlp")
         if cfg.use_parallel_residual:
             out = x + attn + mlp(mlp_norm(x))
         else:
             h = x + attn
             out = h + mlp(mlp_norm(h))
-        return constrain(out, ("activation_batch", "activation_length", "activation_embed")), None
+        return constrain(out, ("activation_batch", "activation_length", "activation_embed")), cache
 
 
 def build(config: ModelConfig) -> Decoder:

@@ -43,11 +43,12 @@ class LlamaBlock(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cache=None):
         cfg = self.config
-        h = x + Attention(cfg, name="attention")(RMSNorm(cfg, name="attention_norm")(x), positions, mask)
+        attn, cache = Attention(cfg, name="attention")(RMSNorm(cfg, name="attention_norm")(x), positions, mask, cache)
+        h = x + attn
         out = h + MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(h))
-        return constrain(out, ("activation_batch", "activation_length", "activation_embed")), None
+        return constrain(out, ("activation_batch", "activation_length", "activation_embed")), cache
 
 
 def build(config: ModelConfig) -> Decoder:

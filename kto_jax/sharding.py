@@ -11,6 +11,7 @@ mesh axes ``data``, ``fsdp`` and ``tensor``. No PartitionSpec is written anywher
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Mapping
 
 import flax.linen as nn
@@ -75,6 +76,12 @@ def logical_to_sharding(logical_axes, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     return nn.logical_to_mesh_sharding(logical_axes, mesh, rules)
 
 
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Sharding of a batch array: the leading (example) axis over the data axes."""
+    spec = PartitionSpec("activation_batch", *([None] * (ndim - 1)))
+    return nn.logical_to_mesh_sharding(spec, mesh, LOGICAL_AXIS_RULES)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
@@ -84,3 +91,21 @@ def activation_rules(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """Context in which the models' ``nn.with_logical_constraint`` calls take effect on ``mesh``."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
+
+
+def initialize_distributed() -> None:
+    """``jax.distributed.initialize`` when this is one of several processes.
+
+    Automatic on TPU pods and under SLURM (``SLURM_NTASKS`` > 1); otherwise set
+    ``KTO_JAX_COORDINATOR`` (host:port), ``KTO_JAX_NUM_PROCESSES`` and ``KTO_JAX_PROCESS_ID``.
+    A single process does nothing.
+    """
+    env = os.environ
+    if "KTO_JAX_COORDINATOR" in env:
+        jax.distributed.initialize(
+            coordinator_address=env["KTO_JAX_COORDINATOR"],
+            num_processes=int(env["KTO_JAX_NUM_PROCESSES"]),
+            process_id=int(env["KTO_JAX_PROCESS_ID"]),
+        )
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        jax.distributed.initialize()

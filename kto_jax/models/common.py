@@ -204,15 +204,7 @@ class Attention(nn.Module):
         cfg = self.config
 
         def proj(heads, axes, name):
-            return nn.DenseGeneral(
-                (heads, cfg.head_dim),
-                use_bias=cfg.attention_bias,
-                dtype=cfg.compute_dtype,
-                param_dtype=cfg.params_dtype,
-                kernel_init=init(cfg, ("embed", axes, "head_dim")),
-                bias_init=zeros((axes, "head_dim")),
-                name=name,
-            )(x)
+            return HeadProjection(cfg, heads, axes, name=name)(x)
 
         q = proj(cfg.num_heads, "heads", "q")
         k = proj(cfg.num_kv_heads, "kv_heads", "k")
@@ -229,16 +221,46 @@ class Attention(nn.Module):
             new_cache = {"k": k, "v": v, "index": cache["index"]}
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
-        return nn.DenseGeneral(
-            cfg.hidden_size,
-            axis=(-2, -1),
-            use_bias=cfg.attention_bias,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-            kernel_init=init(cfg, ("heads", "head_dim", "embed")),
-            bias_init=zeros(("embed",)),
-            name="o",
-        )(out), new_cache
+        return OutputProjection(cfg, name="o")(out), new_cache
+
+
+class HeadProjection(nn.Module):
+    """x ``[B, T, D]`` -> ``[B, T, heads, head_dim]``: kernel ``[D, heads, head_dim]`` (+ bias).
+
+    Written out (not ``nn.DenseGeneral``) so the kernel is created in its final 3-d shape and
+    its logical axes apply directly, also under active sharding rules.
+    """
+
+    config: ModelConfig
+    heads: int
+    axis_name: str
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        shape = (x.shape[-1], self.heads, cfg.head_dim)
+        kernel = self.param("kernel", init(cfg, ("embed", self.axis_name, "head_dim")), shape, cfg.params_dtype)
+        y = jnp.einsum("btd,dhk->bthk", x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
+        if cfg.attention_bias:
+            bias = self.param("bias", zeros((self.axis_name, "head_dim")), shape[1:], cfg.params_dtype)
+            y = y + bias.astype(cfg.compute_dtype)
+        return y
+
+
+class OutputProjection(nn.Module):
+    """``[B, T, heads, head_dim]`` -> ``[B, T, D]``: kernel ``[heads, head_dim, D]`` (+ bias)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        shape = (x.shape[-2], x.shape[-1], cfg.hidden_size)
+        kernel = self.param("kernel", init(cfg, ("heads", "head_dim", "embed")), shape, cfg.params_dtype)
+        y = jnp.einsum("bthk,hkd->btd", x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
+        if cfg.attention_bias:
+            y = y + self.param("bias", zeros(("embed",)), (cfg.hidden_size,), cfg.params_dtype).astype(cfg.compute_dtype)
+        return y
 
 
 def dense(config: ModelConfig, features: int, axes: tuple[str, str], name: str, use_bias: bool = False):

@@ -175,9 +175,33 @@ def train_step(spec: StepSpec, optimizer: optax.GradientTransformation, lr_fn, s
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = _aggregate(metrics)
-    metrics.update(loss=losses.mean(), grad_norm=optax.global_norm(grads), lr=lr_fn(state.step))
+    metrics.update(loss=losses.mean(), grad_norm=optax.global_norm(grads), lr=lr_fn(state.step), tokens=training_tokens(batch))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_state=loss_state)
     return new_state, metrics
+
+
+def training_tokens(batch: dict) -> jax.Array:
+    """Tokens of the training sequences (not the KL ones), as TRL counts them."""
+    keys = ["attention_mask"] if "attention_mask" in batch else ["chosen_attention_mask", "rejected_attention_mask"]
+    return sum(batch[k].sum() for k in keys)
+
+
+def reference_logps(spec: StepSpec, reference_params, batch: dict) -> dict:
+    """The reference log-probs a batch needs, for ``reference.mode = "cached"``: ``[G]`` arrays named
+    as the step reads them from the batch, computed microbatch by microbatch."""
+    def body(_, mb):
+        if spec.loss.kind == "paired":
+            rc, rr = _reference(spec, reference_params, _group(mb, "chosen_"), _group(mb, "rejected_"))
+            return None, {"reference_chosen_logps": rc, "reference_rejected_logps": rr}
+        if spec.loss.needs_kl:
+            r, rkl = _reference(spec, reference_params, _group(mb), _group(mb, "kl_"))
+            return None, {"reference_logps": r, "reference_kl_logps": rkl}
+        return None, {"reference_logps": _reference(spec, reference_params, _group(mb))[0]}
+
+    m = spec.num_microbatches
+    _, out = jax.lax.scan(body, None, split_microbatches(batch, m))
+    # [M, G/M] -> [G] in the original row order (row i belongs to microbatch i % M)
+    return jax.tree_util.tree_map(lambda x: x.swapaxes(0, 1).reshape(-1), out)
 
 
 def eval_step(spec: StepSpec, params, batch, reference_params, loss_state):

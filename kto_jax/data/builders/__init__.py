@@ -13,10 +13,14 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kto_jax.data.builders.hh import HH
+from kto_jax.data.builders.shp import SHP
+from kto_jax.data.builders.oasst import Oasst
 from kto_jax.data.builders.synthetic import Synthetic
+from kto_jax.data.builders.ultrafeedback import Ultrafeedback
 from kto_jax.data.feedback import Paired, Unary, paired_from_records, unary_from_records
 
-BUILDERS: dict[str, type] = {"synthetic": Synthetic}
+BUILDERS: dict[str, type] = {"synthetic": Synthetic, "hh": HH, "shp": SHP, "oasst": Oasst, "ultrafeedback": Ultrafeedback}
 
 
 def register(name: str, builder_cls: type) -> None:

@@ -1,0 +1,79 @@
+"""The run config: one ``ml_collections.ConfigDict`` holding every hyperparameter.
+
+Experiments (``experiments/NAME.py:get_config(arg)``) start from :func:`base_config` and
+override fields; the CLI locks the result, so a misspelled ``--config.x.y`` is an error.
+``config.loss`` holds the loss name and exactly that loss's hyperparameters (read from
+the loss registry), so choose the loss in the experiment argument (``:loss=dpo``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from kto_jax.losses import get_loss
+
+
+def loss_config(name: str, **overrides) -> ml_collections.ConfigDict:
+    """``{"name": name, **defaults of that loss}`` with overrides checked against the registry."""
+    spec = get_loss(name)
+    return ml_collections.ConfigDict({"name": name, **spec.hyperparameters(overrides)})
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(
+        name="tiny-1m",        # a preset (kto_jax/models/presets.py) or a Hugging Face folder
+        dtype="float32",       # compute dtype (bfloat16 on accelerators)
+        param_dtype="float32",
+        remat_policy="none",
+        attention_impl="",     # "", "xla" or "cudnn"
+    ))
+    # Where the policy's weights start (the reference model starts there too):
+    # "" = the model's own (random init for a preset, the folder's weights for an HF folder),
+    # "hf:PATH" = a Hugging Face folder, "run:WORKDIR" = the final weights of an earlier run.
+    c.init = ml_collections.ConfigDict(dict(source=""))
+    c.loss = loss_config("kto")
+    c.reference = ml_collections.ConfigDict(dict(mode="model"))  # "model" or "cached"
+    c.data = ml_collections.ConfigDict(dict(
+        sources="synthetic",   # "+"-separated dataset names (kto_jax/data/builders)
+        train_split="train",
+        eval_split="test",
+        data_dir="~/tensorflow_datasets",
+        manual_dir="",
+        skip_bad_records=False,
+        tokenizer="",          # "" = the model folder's tokenizer.json, or "bytes"
+        chat_template="halos",
+        max_length=2048,
+        max_prompt_length=1024,
+        truncation_mode="keep_end",
+        bucket=64,
+        one_y_per_x=False,
+        desirable_fraction=1.0,
+        undesirable_fraction=1.0,
+        sft_examples="desirable",  # SFT/CSFT train on "desirable" examples or "all" of them
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        global_batch_size=32,
+        num_microbatches=1,
+        steps=0,               # 0 = one epoch over the training examples
+        log_every=10,
+        eval_every=0,          # 0 = evaluate at the end only
+        eval_batches=4,
+        chunk_size=256,        # tokens per chunk of the chunked log-prob path
+        optimizer=ml_collections.ConfigDict(dict(
+            name="rmsprop", lr=5e-7, warmup_steps=150, grad_clip=10.0,
+            b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+        )),
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.eval = ml_collections.ConfigDict(dict(
+        judge="",              # "" = no generation; "synthetic" = the synthetic task's exact judge
+        num_prompts=256,
+        batch_size=64,
+        max_new_tokens=16,
+        temperature=1.0,
+        top_p=1.0,
+        baseline="",           # a workdir whose samples.jsonl is the win-rate baseline
+    ))
+    return c

@@ -1,0 +1,226 @@
+"""The training loop: the only caller of ``train_step``; files, clocks and progress live here.
+
+Writes to the workdir: ``config.json``, ``data_stats.json``, ``metrics.jsonl`` (one JSON
+object per logged step), TensorBoard event files under ``tb/``, ``eval.json``,
+``samples.jsonl`` and the final weights (``params/``, orbax).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from kto_jax import checkpoint, sharding
+from kto_jax.evaluate import generate, get_judge, judged_rate, winrate
+from kto_jax.train import setup
+from kto_jax.train.state import TrainState, learning_rate, make_optimizer
+from kto_jax.train.step import StepSpec, ValueHead, eval_step, reference_logps, train_step
+
+LOGGED = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "grad_norm", "lr")
+
+
+class MetricsWriter:
+    """metrics.jsonl plus TensorBoard events (tensorboardX, no TensorFlow); process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _py(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def _py(value):
+    value = np.asarray(value)
+    return value.item() if value.ndim == 0 else value.tolist()
+
+
+def _fingerprint(config, steps: int) -> str:
+    keys = {"model": config.model.to_dict(), "init": config.init.to_dict(), "data": config.data.to_dict(),
+            "loss": config.loss.name, "seed": config.seed, "steps": steps,
+            "batch": config.train.global_batch_size, "microbatches": config.train.num_microbatches}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _local_rows(array: np.ndarray) -> np.ndarray:
+    per = array.shape[0] // jax.process_count()
+    return array[jax.process_index() * per : (jax.process_index() + 1) * per]
+
+
+def _cache_reference(step_spec, reference_params, batches, mesh) -> list[dict]:
+    """Reference log-probs of each batch, as host arrays of the global batch."""
+    fn = jax.jit(functools.partial(reference_logps, step_spec))
+    out = []
+    for batch in batches:
+        logps = fn(reference_params, setup.to_global(batch, mesh))
+        out.append({k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in logps.items()})
+    return out
+
+
+def run(config, workdir: str) -> dict:
+    """Train ``config`` in ``workdir``; returns the final eval results."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    spec, hparams = setup.loss_and_hparams(config)
+    mesh = setup.make_mesh(config)
+    model, model_params = setup.load_model(config, mesh)
+    tokenizer = setup.tokenizer_for(config, model)
+    train_data = setup.load_split(config, spec, config.data.train_split)
+    loader = setup.make_loader(config, spec, train_data, tokenizer, seed=config.seed)
+    eval_data = setup.load_split(config, spec, config.data.eval_split)
+    steps = int(config.train.steps) or loader.steps_per_epoch
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        with open(os.path.join(workdir, "data_stats.json"), "w", encoding="utf-8") as f:
+            json.dump({"train": train_data.stats, "eval": eval_data.stats, "dropped_by_tokenization": loader.dropped}, f, indent=2)
+
+    mode = config.reference.mode if spec.needs_reference else "none"
+    step_spec = StepSpec(model, spec, tuple(sorted(hparams.items())), int(config.train.num_microbatches), mode, int(config.train.chunk_size))
+    reference_params = jax.tree_util.tree_map(lambda x: x.copy(), model_params) if mode != "none" else None
+    params = {"model": model_params}
+    if spec.token_level:
+        head = ValueHead().init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 1, model.config.hidden_size)))["params"]
+        params["value_head"] = jax.device_put(head, sharding.replicated(mesh))
+    optimizer = make_optimizer(config.train.optimizer)
+    lr_fn = functools.partial(learning_rate, config.train.optimizer)
+    repl = sharding.replicated(mesh)
+    state = TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), repl),
+        params=params,
+        opt_state=jax.jit(optimizer.init)(params),
+        rng=jax.device_put(jax.random.PRNGKey(config.seed), repl),
+        loss_state={arg: jax.device_put(jnp.zeros((), jnp.float32), repl) for arg, _ in spec.state_metrics},
+    )
+    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+
+    eval_loader = setup.make_loader(config, spec, eval_data, tokenizer, seed=config.seed + 1)
+    eval_batches = [next(eval_loader) for _ in range(min(int(config.train.eval_batches), eval_loader.steps_per_epoch))]
+    train_cache = eval_cache = None
+    if mode == "cached":
+        start = time.perf_counter()
+        cache_loader = setup.make_loader(config, spec, train_data, tokenizer, seed=config.seed)
+        train_cache = _cache_reference(step_spec, reference_params, (next(cache_loader) for _ in range(steps)), mesh)
+        eval_cache = _cache_reference(step_spec, reference_params, eval_batches, mesh)
+        logging.info("cached reference log-probs for %d steps in %.1fs (fingerprint %s)", steps, time.perf_counter() - start, _fingerprint(config, steps))
+        reference_params = None  # the reference model is not needed any more
+
+    train_fn = jax.jit(
+        functools.partial(train_step, step_spec, optimizer, lr_fn),
+        in_shardings=(state_shardings, None, None),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
+    eval_fn = jax.jit(functools.partial(eval_step, step_spec))
+    writer = MetricsWriter(workdir)
+    bar = tqdm(total=steps, desc=f"{spec.name}", disable=jax.process_index() != 0, dynamic_ncols=True)
+    last_time, last_step, tokens_since = time.perf_counter(), 0, 0.0
+    with sharding.activation_rules(mesh):
+        for step in range(steps):
+            batch = next(loader)
+            if train_cache is not None:
+                batch.update({k: _local_rows(v) for k, v in train_cache[step].items()})
+            state, metrics = train_fn(state, setup.to_global(batch, mesh), reference_params)
+            done = step + 1
+            if done % int(config.train.log_every) == 0 or done == steps:
+                metrics = jax.device_get(metrics)
+                if not np.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {done}; lower the learning rate or check the data")
+                now = time.perf_counter()
+                tokens_since += float(metrics["tokens"])
+                row = {k: v for k, v in metrics.items()}
+                row.update(step_time_s=(now - last_time) / (done - last_step), tokens_per_s=tokens_since / (now - last_time))
+                writer.write(done, row)
+                bar.set_postfix({k: f"{float(row[k]):.4g}" for k in ("loss", "rewards/margins", "kl", "tokens_per_s") if k in row})
+                last_time, last_step, tokens_since = now, done, 0.0
+            else:
+                tokens_since += float(batch["attention_mask"].sum() if "attention_mask" in batch else
+                                      batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()) * jax.process_count()
+            bar.update(1)
+            if config.train.eval_every and done % int(config.train.eval_every) == 0 and done != steps:
+                writer.write(done, _held_out(eval_fn, state, eval_batches, eval_cache, reference_params, mesh))
+        bar.close()
+        results = {"step": steps, "held_out": _held_out(eval_fn, state, eval_batches, eval_cache, reference_params, mesh)}
+    writer.write(steps, results["held_out"])
+    writer.close()
+    checkpoint.save_params(checkpoint.run_params_path(workdir), state.params["model"])
+    if config.eval.judge:
+        results.update(_generation_eval(config, spec, model, state.params["model"], eval_data, tokenizer, workdir))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def _held_out(eval_fn, state, batches, cache, reference_params, mesh) -> dict:
+    rows = []
+    for i, batch in enumerate(batches):
+        if cache is not None:
+            batch = {**batch, **{k: _local_rows(v) for k, v in cache[i].items()}}
+        rows.append(jax.device_get(eval_fn(state.params, setup.to_global(batch, mesh), reference_params, state.loss_state)))
+    return {f"eval/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+
+
+def _generation_eval(config, spec, model, params, eval_data, tokenizer, workdir) -> dict:
+    """Sample completions for held-out prompts, judge them, and compare with a baseline run."""
+    from kto_jax.data.tokenize import render_prompt
+
+    judge = get_judge(config.eval.judge)
+    prompts, seen = [], set()
+    for ex in eval_data.examples:
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            prompts.append(ex.prompt)
+        if len(prompts) == int(config.eval.num_prompts):
+            break
+    texts = [render_prompt(p, config.data.chat_template) for p in prompts]
+    ids = [tokenizer.encode(t)[-int(config.data.max_prompt_length):] for t in texts]
+    if spec.name == "csft":
+        ids = [i + [tokenizer.token_id(setup.CONTROL_TOKENS[0])] for i in ids]
+    completions = generate(
+        model, params, ids, max_new_tokens=int(config.eval.max_new_tokens), eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id, temperature=float(config.eval.temperature), top_p=float(config.eval.top_p),
+        batch_size=int(config.eval.batch_size), seed=config.seed,
+    )
+    decoded = [tokenizer.decode(c) for c in completions]
+    flags = [bool(judge(p[-1][1], c)) for p, c in zip(prompts, decoded)]
+    results = {"generation": judged_rate(flags)}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "samples.jsonl"), "w", encoding="utf-8") as f:
+            for p, c, ok in zip(texts, decoded, flags):
+                f.write(json.dumps({"prompt": p, "completion": c, "desirable": ok}) + "\n")
+    if config.eval.baseline:
+        baseline = os.path.join(os.path.expanduser(config.eval.baseline), "samples.jsonl")
+        with open(baseline, encoding="utf-8") as f:
+            base = {row["prompt"]: row["desirable"] for row in map(json.loads, f)}
+        common = [(ok, base[p]) for p, ok in zip(texts, flags) if p in base]
+        results["winrate"] = winrate([a for a, _ in common], [b for _, b in common])
+    logging.info("judged desirable rate %.3f on %d held-out prompts", results["generation"]["desirable_rate"], len(flags))
+    return results

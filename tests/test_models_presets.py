@@ -1,0 +1,116 @@
+"""Presets (kto_jax/models/presets.py) and ModelConfig validation: every preset has exactly
+transformers' parameter count for the same config.json (built on the meta device, allocating
+nothing), the published totals, and config errors name the offending field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from kto_jax.models import param_count
+from kto_jax.models.common import ModelConfig
+from kto_jax.models.hf import config_from_hf, config_to_hf
+from kto_jax.models.presets import PRESETS, get_preset
+
+
+def hf_config(config: ModelConfig):
+    d = dict(config_to_hf(config))
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def hf_param_count(config: ModelConfig) -> int:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(config))
+    assert all(p.is_meta for p in model.parameters())
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_param_count_matches_transformers(name):
+    config = get_preset(name)
+    assert param_count(config) == hf_param_count(config)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_survives_transformers_config(name):
+    """config_to_hf -> transformers' config class -> its to_dict() -> config_from_hf is the identity."""
+    config = get_preset(name)
+    assert config_from_hf(hf_config(config).to_dict()) == config
+    assert config_from_hf(config_to_hf(config)) == config
+
+
+@pytest.mark.parametrize(
+    "name, total",
+    [
+        ("llama-7b", 6_738_415_616),
+        ("llama2-7b", 6_738_415_616),
+        ("llama-13b", 13_015_864_320),
+        ("mistral-7b", 7_241_732_096),
+        ("llama3-8b", 8_030_261_248),
+        ("pythia-1.4b", 1_414_647_808),
+        ("pythia-6.9b", 6_857_302_016),
+        ("pythia-12b", 11_846_072_320),
+    ],
+)
+def test_published_totals(name, total):
+    assert param_count(get_preset(name)) == total
+
+
+def test_param_count_tied_embeddings_counts_the_matrix_once():
+    untied = get_preset("tiny-1m")
+    tied = untied.replace(tie_word_embeddings=True)
+    assert param_count(untied) - param_count(tied) == untied.vocab_size * untied.hidden_size
+    assert param_count(tied) == hf_param_count(tied)
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ValueError, match=r"unknown model preset 'nope'.*tiny-1m.*llama3-8b"):
+        get_preset("nope")
+
+
+def test_get_preset_overrides():
+    cfg = get_preset("tiny-1m", dtype="bfloat16")
+    assert cfg.dtype == "bfloat16"
+    assert cfg.param_dtype == "float32"
+    assert cfg.replace(dtype="float32") == PRESETS["tiny-1m"]
+    assert PRESETS["tiny-1m"].dtype == "float32"  # the registry entry is untouched
+    with pytest.raises(ValueError, match="remat_policy"):
+        get_preset("tiny-1m", remat_policy="bogus")
+
+
+def test_preset_shapes():
+    for name, cfg in PRESETS.items():
+        assert cfg.num_heads % cfg.num_kv_heads == 0, name
+        assert cfg.head_dim * cfg.num_heads == cfg.hidden_size, name
+    assert get_preset("llama3-8b").num_kv_heads == 8 and get_preset("llama3-8b").rope_theta == 500000.0
+    assert get_preset("mistral-7b").sliding_window == 4096 and get_preset("mistral-7b").hf_model_type == "mistral"
+    assert get_preset("pythia-1.4b").rotary_dim == 32  # head_dim 128 * rotary_pct 0.25
+
+
+BASE = dict(architecture="llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_kv_heads", 3),
+        ("remat_policy", "bogus"),
+        ("architecture", "bert"),
+        ("rope_type", "yarn"),
+        ("rotary_pct", 0.0),
+        ("rotary_pct", 1.5),
+        ("attention_impl", "flash"),
+        ("hidden_act", "relu6"),
+        ("hf_model_type", "gpt2"),
+    ],
+)
+def test_invalid_field_names_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}={value!r} is invalid: expected"):
+        ModelConfig(**{**BASE, field: value})
+
+
+def test_config_defaults():
+    cfg = ModelConfig(**BASE)
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.hf_model_type, cfg.rotary_dim) == (4, 8, "llama", 8)
+    assert ModelConfig(**{**BASE, "architecture": "gpt_neox", "rotary_pct": 0.25}).rotary_dim == 2

@@ -77,3 +77,24 @@ def base_config() -> ml_collections.ConfigDict:
         baseline="",           # a workdir whose samples.jsonl is the win-rate baseline
     ))
     return c
+
+
+def tiny_config(loss: str = "kto", steps: int = 200, init: str = "", model: str = "tiny-1m") -> ml_collections.ConfigDict:
+    """A tiny run on the embedded synthetic task, sized for a 2-core CPU (experiments/tiny.py, the demo).
+
+    SFT trains from scratch on the whole mixture (desirable and undesirable completions alike),
+    so the SFT model writes both kinds about half the time; alignment losses start from it.
+    """
+    c = base_config()
+    c.model.name = model
+    c.init.source = init
+    c.loss = loss_config(loss)
+    c.data.update(dict(
+        sources="synthetic", train_split="train", eval_split="test", tokenizer="bytes",
+        chat_template="plain", max_length=32, max_prompt_length=16, bucket=16, sft_examples="all",
+    ))
+    c.train.update(dict(global_batch_size=32, steps=int(steps), log_every=20, eval_batches=4))
+    supervised = get_loss(loss).kind == "sft"
+    c.train.optimizer.update(dict(name="adamw", lr=1e-3 if supervised else 1e-4, warmup_steps=20, grad_clip=1.0))
+    c.eval.update(dict(judge="synthetic", num_prompts=512, batch_size=128, max_new_tokens=10, temperature=1.0))
+    return c

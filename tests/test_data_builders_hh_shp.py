@@ -291,5 +291,5 @@ def test_empty_split_file_fails(tmp_path, source, name):
     shutil.copytree(HH_DIR if source == "hh" else SHP_DIR, manual)
     _write_lines(str(manual / name), [])
     for skip in (False, True):  # an empty file is not a bad record to skip
-        with pytest.raises(BadRecord, match=rf"{name.replace('.', '[.]')}: no records \(empty split\)"):
+        with pytest.raises(BadRecord, match=rf"{name.replace('.', '[.]')}: no records \(empty file\)"):
             prepare(source, str(tmp_path / f"data{skip}"), str(manual), skip_bad_records=skip)

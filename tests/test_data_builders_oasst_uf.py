@@ -187,7 +187,7 @@ def test_oasst_split_without_pairs_fails(tmp_path):
 
 def test_oasst_empty_file_fails(tmp_path):
     manual = write_oasst(tmp_path, [])
-    with pytest.raises(BadRecord, match=r"trees\.jsonl\.gz: no records \(empty split\)"):
+    with pytest.raises(BadRecord, match=r"trees\.jsonl\.gz: no records \(empty file\)"):
         prepare("oasst", tmp_path, manual)
 
 
@@ -314,7 +314,7 @@ def test_ultrafeedback_split_without_records_fails(tmp_path):
 
 def test_ultrafeedback_empty_file_fails(tmp_path):
     empty = pa.Table.from_pylist([good_row()]).slice(0, 0)
-    with pytest.raises(BadRecord, match=r"train_prefs-00000-of-00001\.parquet: no records \(empty split\)"):
+    with pytest.raises(BadRecord, match=r"train_prefs-00000-of-00001\.parquet: no records \(empty file\)"):
         prepare("ultrafeedback", tmp_path, write_uf(tmp_path, empty))
 
 

@@ -3,16 +3,19 @@
 jax fixes its device count when it initialises, and this pytest process already has 1
 device, so the checks run in one child ``python -c`` started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; it prints a JSON report that the tests
-below assert on. Per mesh and model: params loaded with ``from_hf(folder, mesh=mesh)`` and
-created with ``init_params(config, mesh=mesh)`` equal the single-device ones and some are
-really split; the jitted forward inside ``activation_rules(mesh)`` equals the single-device
-forward.
+below assert on. Per mesh ({data:2, fsdp:2, tensor:2}, {fsdp:8}, {tensor:4, data:2}) and
+model (GQA Llama, GPT-NeoX): params loaded with ``from_hf(folder, mesh=mesh)`` equal the
+single-device ones and are split as the logical rules say; the jitted forward inside
+``activation_rules(mesh)`` equals the single-device forward. ``init_params(config, mesh=mesh)``
+is checked on one mesh (each init is a compile), and ``make_mesh``'s shapes and errors on 8
+devices.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -40,7 +43,6 @@ CHILD = textwrap.dedent(
     import json, sys
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
-    import flax.linen as nn
     import numpy as np
     from kto_jax import sharding
     from kto_jax.models.hf import from_hf, init_params
@@ -199,6 +201,4 @@ def test_make_mesh_shapes(report):
     ],
 )
 def test_make_mesh_errors(report, case, pattern):
-    import re
-
     assert re.search(pattern, report["make_mesh"][case]), report["make_mesh"][case]

@@ -79,12 +79,18 @@ class FeedbackBuilder(tfds.core.GeneratorBasedBuilder):
     """Base for the feedback builders: array_record output, manual_dir or download.
 
     Subclasses set ``FEATURES`` (or override ``_features``) and implement
-    ``_split_generators`` / ``_generate_examples``. ``skip_bad_records=True`` (constructor
-    argument) skips malformed records and counts them instead of failing.
+    ``_split_generators`` / ``_generate_examples``; these read each source file with
+    ``read_records`` and end each split with ``finish_split``. ``skip_bad_records=True``
+    (constructor argument) skips malformed records and counts them instead of failing.
     """
 
     VERSION = tfds.core.Version("1.0.0")
     FEATURES = None
+    # tfds only lets a builder read dl_manager.manual_dir when this is set; subclasses name their files.
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Optional: place the source's upstream files in manual_dir under their upstream names; "
+        "files not found there are downloaded."
+    )
 
     def __init__(self, *, skip_bad_records: bool = False, **kwargs):
         kwargs.setdefault("file_format", "array_record")
@@ -100,55 +106,105 @@ class FeedbackBuilder(tfds.core.GeneratorBasedBuilder):
 
     def source_file(self, dl_manager, name: str, url: str) -> str:
         """``manual_dir/name`` when present, else ``url`` downloaded by the download manager."""
-        manual_dir = dl_manager.manual_dir if dl_manager.manual_dir and os.path.exists(dl_manager.manual_dir) else None
-        if manual_dir is not None:
-            path = os.path.join(manual_dir, name)
-            if os.path.exists(path):
-                return path
-        return os.fspath(dl_manager.download(url))
+        return manual_file(dl_manager, name) or os.fspath(dl_manager.download(url))
 
-    def read_records(self, path: str, split: str, parse) -> Iterator[tuple[str, dict]]:
-        """Yield ``parse(obj, counts)`` results for each JSON line of ``path`` (``.gz`` too).
+    def source_files(self, dl_manager, urls: dict[str, str]) -> dict[str, str]:
+        """``source_file`` for each ``name: url``; the files not in manual_dir are downloaded in one call."""
+        paths = {name: path for name in urls if (path := manual_file(dl_manager, name)) is not None}
+        missing = {name: url for name, url in urls.items() if name not in paths}
+        if missing:
+            paths.update({name: os.fspath(p) for name, p in dl_manager.download(missing).items()})
+        return paths
 
-        ``parse`` returns a list of ``(key, record)`` (empty when a documented filter drops
-        the object). A malformed line or record fails naming the file, line and problem,
-        or is counted and skipped when ``skip_bad_records``.
+    def read_records(self, path: str, split: str, parse, rows=None) -> Iterator[tuple[str, dict]]:
+        """Yield ``parse(obj, counts, index)`` results for each JSON line of ``path`` (``.gz`` too).
+
+        ``index`` is the 0-based index of the object among the file's records (its non-blank
+        lines). ``rows`` (e.g. a parquet file's rows) are read instead of the JSON lines when
+        given; errors name them ``row {index}``. ``parse`` returns a list of ``(key, record)``
+        (empty when a documented filter drops the object). A malformed line or record fails
+        naming the file, line and problem, or is counted and skipped when ``skip_bad_records``.
+        A file without records fails.
         """
         counts = self.counts.setdefault(f"{self.name}/{split}", RecordCounts())
-        with _open_text(path) as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                counts.read += 1
-                try:
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise BadRecord(f"malformed JSON ({e.msg} at column {e.colno})") from None
-                    records = parse(obj, counts)
-                except BadRecord as e:
-                    if not self.skip_bad_records:
-                        raise BadRecord(f"{path}, line {line_no}: {e} (set skip_bad_records=True to skip and count such records)") from None
-                    counts.bad += 1
-                    continue
-                counts.kept += len(records)
-                yield from records
-        if counts.read == 0:
-            raise BadRecord(f"{path}: no records (empty split)")
-        counts.log(f"{self.name}/{split}")
+        items = _json_lines(path) if rows is None else ((f"row {i}", row) for i, row in enumerate(rows))
+        index = -1
+        for index, (where, item) in enumerate(items):
+            counts.read += 1
+            try:
+                records = parse(_json_object(item) if rows is None else item, counts, index)
+            except BadRecord as e:
+                if not self.skip_bad_records:
+                    raise BadRecord(f"{path}, {where}: {e} (set skip_bad_records=True to skip and count such records)") from None
+                counts.bad += 1
+                continue
+            counts.kept += len(records)
+            yield from records
+        if index < 0:
+            raise BadRecord(f"{path}: no records (empty file)")
+
+    def finish_split(self, split: str, paths, kept: str = "records", read: str = "") -> RecordCounts:
+        """Fail when ``split`` (read from ``paths``) kept no record, naming its counts (tfds would
+        fail with a bare "No examples were yielded"), else log its counts; ``kept`` / ``read``
+        name what was kept and read ("pairs", "trees")."""
+        key = f"{self.name}/{split}"
+        counts = self.counts.setdefault(key, RecordCounts())
+        if counts.kept == 0:
+            raise BadRecord(f"{', '.join(paths)}: no {split} {kept} kept (read {counts.read}{' ' + read if read else ''}, "
+                            f"filtered {counts.filtered or 'none'}, bad {counts.bad})")
+        counts.log(key)
+        return counts
+
+
+def manual_dir_or_none(dl_manager) -> str | None:
+    """The manual_dir when it was given, exists and is not empty, else None ("download
+    instead"): ``dl_manager.manual_dir`` raises AssertionError in those cases."""
+    try:
+        return os.fspath(dl_manager.manual_dir)
+    except AssertionError:
+        return None
+
+
+def manual_file(dl_manager, name: str) -> str | None:
+    """``manual_dir/name`` when the manual_dir holds it, else None."""
+    manual_dir = manual_dir_or_none(dl_manager)
+    path = os.path.join(manual_dir, name) if manual_dir is not None else None
+    return path if path is not None and os.path.exists(path) else None
+
+
+def is_kind(value, kind) -> bool:
+    """``isinstance(value, kind)``, except that a bool is no number: it is of ``kind`` only
+    when ``kind`` names ``bool``."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return isinstance(value, kinds) and (not isinstance(value, bool) or bool in kinds)
 
 
 def require(obj: dict, field: str, kind=str):
-    """``obj[field]`` if present with type ``kind``, else a BadRecord naming the field."""
+    """``obj[field]`` if present with type ``kind`` (see ``is_kind``), else a BadRecord naming the field."""
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
     if field not in obj:
         raise BadRecord(f"missing field {field!r}")
     value = obj[field]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if not is_kind(value, kind):
         names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise BadRecord(f"field {field!r} should be {names}, got {type(value).__name__}")
     return value
+
+
+def _json_lines(path: str) -> Iterator[tuple[str, str]]:
+    """``("line {n}", text)`` for each non-blank line of ``path`` (1-based line numbers)."""
+    with _open_text(path) as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                yield f"line {line_no}", line
+
+
+def _json_object(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRecord(f"malformed JSON ({e.msg} at column {e.colno})") from None
 
 
 def _open_text(path: str):

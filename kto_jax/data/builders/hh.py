@@ -29,7 +29,6 @@ makes the record bad.
 
 from __future__ import annotations
 
-import os
 import re
 
 import tensorflow_datasets as tfds
@@ -47,15 +46,6 @@ _MARKERS = re.compile(f"({re.escape(HUMAN)}|{re.escape(ASSISTANT)})")
 
 def file_name(subset: str, split: str) -> str:
     return f"{subset}/{split}.jsonl.gz"
-
-
-def manual_dir_or_none(dl_manager) -> str | None:
-    """The manual_dir when it exists and is not empty, else None (``dl_manager.manual_dir``
-    raises in those cases instead of returning something falsy)."""
-    try:
-        return os.fspath(dl_manager.manual_dir)
-    except AssertionError:
-        return None
 
 
 def _common_prefix(a: str, b: str) -> str:
@@ -120,14 +110,7 @@ class HH(FeedbackBuilder):
 
     def _split_generators(self, dl_manager):
         names = [file_name(subset, split) for subset in self._subsets() for split in SPLITS]
-        manual_dir = manual_dir_or_none(dl_manager)
-        paths = {}
-        for name in names:
-            if manual_dir is not None and os.path.exists(os.path.join(manual_dir, name)):
-                paths[name] = os.path.join(manual_dir, name)
-        missing = {name: URL.format(name=name) for name in names if name not in paths}
-        if missing:
-            paths.update({name: os.fspath(p) for name, p in dl_manager.download(missing).items()})
+        paths = self.source_files(dl_manager, {name: URL.format(name=name) for name in names})
         return {
             split: self._generate_examples(split, [(s, paths[file_name(s, split)]) for s in self._subsets()])
             for split in SPLITS
@@ -135,19 +118,13 @@ class HH(FeedbackBuilder):
 
     def _generate_examples(self, split, files):
         for subset, path in files:
-            counts = self.counts.get(f"{self.name}/{split}")
-            read_before = counts.read if counts else 0
-            yield from self.read_records(path, split, self._parser(subset, split, read_before))
-            # read_records's own empty-file check sees the split's running count, which an
-            # earlier subset's file has already raised: check this file on its own.
-            if self.counts[f"{self.name}/{split}"].read == read_before:
-                raise BadRecord(f"{path}: no records (empty split)")
+            yield from self.read_records(path, split, self._parser(subset, split))
+        self.finish_split(split, [path for _, path in files])
 
-    def _parser(self, subset: str, split: str, read_before: int):
-        def parse(obj, counts):
-            # counts.read already counts this line: its 0-based index among the file's lines
-            # (upstream files have no blank lines, so this is the line number - 1).
-            index = counts.read - read_before - 1
+    def _parser(self, subset: str, split: str):
+        def parse(obj, counts, index):
+            # index: the line's 0-based index among the file's non-blank lines (upstream files
+            # have no blank lines, so this is the line number - 1).
             chosen = require(obj, "chosen")
             rejected = require(obj, "rejected")
             split_up, reason = split_pair(chosen, rejected)

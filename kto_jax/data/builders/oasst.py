@@ -37,12 +37,11 @@ empty split), naming the file and the counts.
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from kto_jax.data.builders.base import BadRecord, FeedbackBuilder, RecordCounts, paired_features, require
+from kto_jax.data.builders.base import BadRecord, FeedbackBuilder, RecordCounts, is_kind, paired_features, require
 
 FILE_NAME = "2023-04-12_oasst_ready.trees.jsonl.gz"
 URL = f"https://huggingface.co/datasets/OpenAssistant/oasst1/resolve/main/{FILE_NAME}"
@@ -54,15 +53,6 @@ def split_of(tree_id: str) -> str:
     """``test`` for about TEST_PERCENT% of trees (by a hash of the tree id), else ``train``."""
     bucket = int.from_bytes(hashlib.sha256(tree_id.encode("utf-8")).digest()[:8], "big") % 100
     return "test" if bucket < TEST_PERCENT else "train"
-
-
-def _manual_dir(dl_manager) -> str | None:
-    # DownloadManager.manual_dir raises AssertionError when the directory was not given,
-    # does not exist or is empty; that means "download instead".
-    try:
-        return os.fspath(dl_manager.manual_dir)
-    except AssertionError:
-        return None
 
 
 def _field(msg, field: str, kind, where: str):
@@ -77,7 +67,7 @@ def _optional(msg: dict, field: str, kind, where: str):
     value = msg.get(field)
     if value is None:
         return None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if not is_kind(value, kind):
         raise BadRecord(f"{where}: field {field!r} should be {kind.__name__} or null, got {type(value).__name__}")
     return value
 
@@ -90,14 +80,11 @@ class Oasst(FeedbackBuilder):
     FEATURES = paired_features(tree_id=tfds.features.Text(), rank_chosen=np.int32, rank_rejected=np.int32)
 
     def _split_generators(self, dl_manager):
-        manual_dir = _manual_dir(dl_manager)
-        path = os.path.join(manual_dir, FILE_NAME) if manual_dir else None
-        if path is None or not os.path.exists(path):
-            path = os.fspath(dl_manager.download(URL))
+        path = self.source_file(dl_manager, FILE_NAME, URL)
         return {split: self._generate_examples(path, split) for split in ("train", "test")}
 
     def _generate_examples(self, path, split):
-        def parse(tree, counts):
+        def parse(tree, counts, _index):
             tree_id = require(tree, "message_tree_id", str)
             if split_of(tree_id) != split:
                 counts.filter("other_split")
@@ -110,10 +97,7 @@ class Oasst(FeedbackBuilder):
             return records
 
         yield from self.read_records(path, split, parse)
-        counts = self.counts[f"{self.name}/{split}"]
-        if counts.kept == 0:  # tfds fails on an empty split with a bare AssertionError
-            raise BadRecord(f"{path}: no {split} pairs kept (read {counts.read} trees, filtered "
-                            f"{counts.filtered or 'none'}, bad {counts.bad})")
+        self.finish_split(split, [path], kept="pairs", read="trees")
 
     def _visit(self, msg, loc, parent_role, path, tree_id, counts, records):
         """Depth-first: check ``msg`` (at ``loc`` in the tree), drop it (and its subtree) by

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from kto_jax.data.builders.base import BadRecord, FeedbackBuilder, paired_features, require, turns
+from kto_jax.data.builders.base import BadRecord, FeedbackBuilder, manual_dir_or_none, paired_features, require, turns
 
 DOMAINS = (
     "askacademia", "askanthropology", "askbaking", "askcarguys", "askculinary", "askdocs", "askengineers",
@@ -51,15 +51,6 @@ def file_name(domain: str, split: str) -> str:
     return f"{domain}/{split}.json"
 
 
-def manual_dir_or_none(dl_manager) -> str | None:
-    """The manual_dir when it exists and is not empty, else None (``dl_manager.manual_dir``
-    raises in those cases instead of returning something falsy)."""
-    try:
-        return os.fspath(dl_manager.manual_dir)
-    except AssertionError:
-        return None
-
-
 def cap_per_post(post_id: str, ids: list[str], limit: int = MAX_PAIRS_PER_POST) -> set[str]:
     """The ids (at most ``limit``) kept for one post: a deterministic draw seeded by post_id."""
     if len(ids) <= limit:
@@ -72,7 +63,7 @@ def cap_per_post(post_id: str, ids: list[str], limit: int = MAX_PAIRS_PER_POST) 
 
 def _score(obj: dict, field: str) -> float:
     value = require(obj, field, (int, float))
-    if isinstance(value, bool) or not value > 0:
+    if not value > 0:
         raise BadRecord(f"field {field!r} should be a positive number, got {value!r}")
     return float(value)
 
@@ -94,7 +85,7 @@ class SHP(FeedbackBuilder):
         if manual_dir is None:
             domains = DOMAINS
             names = [file_name(d, s) for d in domains for s in SPLITS]
-            paths = {n: os.fspath(p) for n, p in dl_manager.download({n: URL.format(name=n) for n in names}).items()}
+            paths = self.source_files(dl_manager, {n: URL.format(name=n) for n in names})
         else:
             domains = tuple(d for d in DOMAINS if any(os.path.exists(os.path.join(manual_dir, file_name(d, s))) for s in SPLITS))
             if not domains:
@@ -121,11 +112,7 @@ class SHP(FeedbackBuilder):
         seen: set[str] = set()
         records = []
         for domain, path in files:
-            read_before = self.counts[key].read if key in self.counts else 0
             records.extend(self.read_records(path, split, self._parser(domain, filtered, seen)))
-            # read_records's own empty-file check sees the split's running count.
-            if self.counts[key].read == read_before:
-                raise BadRecord(f"{path}: no records (empty split)")
         counts = self.counts[key]
         if filtered:
             by_post: dict[str, list[str]] = {}
@@ -138,13 +125,13 @@ class SHP(FeedbackBuilder):
                 counts.filter("more_than_5_per_post")
             counts.kept -= len(records) - len(keep)
             records = [(k, r) for k, r in records if k in keep]
-        counts.log(key)
+        self.finish_split(split, [path for _, path in files])
         for record_id, record in records:
             record.pop("_post_id")
             yield record_id, record
 
     def _parser(self, domain: str, filtered: bool, seen: set):
-        def parse(obj, counts):
+        def parse(obj, counts, _index):
             post_id = require(obj, "post_id")
             history = require(obj, "history")
             id_a, id_b = require(obj, "c_root_id_A"), require(obj, "c_root_id_B")

@@ -23,9 +23,9 @@ A bad row (a missing column, a value of the wrong type or null, a conversation t
 not end with an assistant message or has no prompt turn, chosen and rejected
 conversations that differ before their last message, an unknown role) fails naming the
 file, the row (0-based, counted over the file) and the column, or is counted and skipped
-with ``skip_bad_records=True``. A file that is not readable parquet always fails; a split
-without rows fails as empty, and so does one whose rows were all bad or filtered (tfds
-cannot write an empty split).
+with ``skip_bad_records=True``. A file that is not readable parquet always fails; a file
+without rows fails as empty, and a split whose rows were all bad or filtered fails too
+(tfds cannot write an empty split).
 """
 
 from __future__ import annotations
@@ -35,20 +35,11 @@ import os
 
 import numpy as np
 
-from kto_jax.data.builders.base import BadRecord, FeedbackBuilder, RecordCounts, paired_features, require
+from kto_jax.data.builders.base import BadRecord, FeedbackBuilder, RecordCounts, manual_dir_or_none, paired_features, require
 
 SPLITS = ("train_prefs", "test_prefs")
 URL = "https://huggingface.co/datasets/HuggingFaceH4/ultrafeedback_binarized/resolve/main/data/{split}-00000-of-00001.parquet"
 ROLES = ("user", "assistant")
-
-
-def _manual_dir(dl_manager) -> str | None:
-    # DownloadManager.manual_dir raises AssertionError when the directory was not given,
-    # does not exist or is empty; that means "download instead".
-    try:
-        return os.fspath(dl_manager.manual_dir)
-    except AssertionError:
-        return None
 
 
 def _conversation(row: dict, column: str) -> list[tuple[str, str]]:
@@ -74,10 +65,7 @@ def _conversation(row: dict, column: str) -> list[tuple[str, str]]:
 
 
 def _score(row: dict, column: str) -> np.float32:
-    value = require(row, column, (float, int))
-    if isinstance(value, bool):
-        raise BadRecord(f"field {column!r} should be float/int, got bool")
-    return np.float32(value)
+    return np.float32(require(row, column, (float, int)))
 
 
 class Ultrafeedback(FeedbackBuilder):
@@ -91,7 +79,7 @@ class Ultrafeedback(FeedbackBuilder):
     FEATURES = paired_features(score_chosen=np.float32, score_rejected=np.float32)
 
     def _split_generators(self, dl_manager):
-        manual_dir = _manual_dir(dl_manager)
+        manual_dir = manual_dir_or_none(dl_manager)
         paths = {}
         for split in SPLITS:
             found = sorted(glob.glob(os.path.join(glob.escape(manual_dir), "data", f"{split}-*.parquet"))) if manual_dir else []
@@ -99,27 +87,15 @@ class Ultrafeedback(FeedbackBuilder):
         return {split: self._generate_examples(paths[split], split) for split in SPLITS}
 
     def _generate_examples(self, paths, split):
-        counts = self.counts.setdefault(f"{self.name}/{split}", RecordCounts())
         seen: set[str] = set()
+
+        def parse(row, counts, _index):
+            record = self._parse(row, counts, seen)
+            return [] if record is None else [(record["id"], record)]
+
         for path in paths:
-            for row_no, row in _read_parquet(path):
-                counts.read += 1
-                try:
-                    record = self._parse(row, counts, seen)
-                except BadRecord as e:
-                    if not self.skip_bad_records:
-                        raise BadRecord(f"{path}, row {row_no}: {e} (set skip_bad_records=True to skip and count such records)") from None
-                    counts.bad += 1
-                    continue
-                if record is not None:
-                    counts.kept += 1
-                    yield record["id"], record
-        if counts.read == 0:
-            raise BadRecord(f"{', '.join(paths)}: no records (empty split)")
-        if counts.kept == 0:  # tfds fails on an empty split with a bare AssertionError
-            raise BadRecord(f"{', '.join(paths)}: no {split} records kept (read {counts.read}, filtered "
-                            f"{counts.filtered or 'none'}, bad {counts.bad})")
-        counts.log(f"{self.name}/{split}")
+            yield from self.read_records(path, split, parse, rows=_read_parquet(path))
+        self.finish_split(split, paths)
 
     @staticmethod
     def _parse(row: dict, counts: RecordCounts, seen: set) -> dict | None:
@@ -149,7 +125,7 @@ class Ultrafeedback(FeedbackBuilder):
 
 
 def _read_parquet(path: str):
-    """(row number, row dict) for each row of a parquet file, read in batches."""
+    """Each row of a parquet file as a dict, read in batches."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -157,8 +133,5 @@ def _read_parquet(path: str):
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise BadRecord(f"{path}: not a readable parquet file ({e})") from None
-    row_no = 0
     for batch in parquet.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            yield row_no, row
-            row_no += 1
+        yield from batch.to_pylist()

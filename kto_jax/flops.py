@@ -1,0 +1,66 @@
+"""Analytic FLOPs per train step and model FLOPs utilisation (MFU).
+
+Forward FLOPs per token follow the PaLM appendix: 2 N (N = parameters in matmuls,
+the LM head included, the embedding lookup not) plus 4 L H Dh T for attention (QK^T and
+AV over a context of T tokens, counted in full). A backward pass costs two forwards.
+A train step is a sum of forward-equivalents over the sequences it touches:
+
+  unary (KTO family)  policy fwd+bwd on completions (3) + policy fwd on KL sequences (1,
+                      when the loss estimates KL) + reference fwd on both (1 + 1, none cached)
+  paired (DPO family) policy fwd+bwd on chosen+rejected (3) + reference fwd on both (1)
+  sft                 policy fwd+bwd (3)
+"""
+
+from __future__ import annotations
+
+from kto_jax.losses import LossSpec
+from kto_jax.models import ModelConfig, param_count
+
+# Dense bf16 peak FLOP/s per chip (vendor figures).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
+}
+
+
+def device_peak_flops(device_kind: str) -> float | None:
+    """Peak bf16 FLOP/s of a device kind (``jax.devices()[0].device_kind``), None if unknown."""
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name.lower() in device_kind.lower():
+            return PEAK_FLOPS[name]
+    return None
+
+
+def matmul_params(config: ModelConfig) -> int:
+    """Parameters that take part in matmuls: all but the embedding table (unless tied, when
+    it is the LM head) and the norms."""
+    total = param_count(config)
+    embed = config.vocab_size * config.hidden_size
+    return total if config.tie_word_embeddings else total - embed
+
+
+def forward_flops_per_token(config: ModelConfig, context: int) -> float:
+    attention = 4 * config.num_layers * config.num_heads * config.head_dim * context
+    return 2 * matmul_params(config) + attention
+
+
+def step_flops(config: ModelConfig, loss: LossSpec, *, batch: int, length: int, reference_mode: str = "model") -> float:
+    """Model FLOPs of one train step: ``batch`` examples (pairs for paired losses) of ``length`` tokens."""
+    per_sequence = forward_flops_per_token(config, length) * length
+    reference = loss.needs_reference and reference_mode == "model"
+    if loss.kind == "paired":
+        sequences, passes = 2 * batch, 3 + (1 if reference else 0)
+    elif loss.kind == "unary":
+        kl = 1 if loss.needs_kl else 0
+        sequences, passes = batch, 3 + kl + ((1 + kl) if reference else 0)
+    else:
+        sequences, passes = batch, 3
+    return passes * sequences * per_sequence

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from kto_jax import checkpoint, sharding
 from kto_jax.evaluate import generate, get_judge, judged_rate, winrate
+from kto_jax.flops import device_peak_flops, step_flops
 from kto_jax.train import setup
 from kto_jax.train.state import TrainState, learning_rate, make_optimizer
 from kto_jax.train.step import StepSpec, ValueHead, eval_step, reference_logps, train_step
@@ -140,6 +141,8 @@ def run(config, workdir: str) -> dict:
     )
     eval_fn = jax.jit(functools.partial(eval_step, step_spec))
     writer = MetricsWriter(workdir)
+    peak = device_peak_flops(jax.devices()[0].device_kind)
+    peak = peak * jax.device_count() if peak else None
     bar = tqdm(total=steps, desc=f"{spec.name}", disable=jax.process_index() != 0, dynamic_ncols=True)
     last_time, last_step, tokens_since = time.perf_counter(), 0, 0.0
     with sharding.activation_rules(mesh):
@@ -156,7 +159,12 @@ def run(config, workdir: str) -> dict:
                 now = time.perf_counter()
                 tokens_since += float(metrics["tokens"])
                 row = {k: v for k, v in metrics.items()}
-                row.update(step_time_s=(now - last_time) / (done - last_step), tokens_per_s=tokens_since / (now - last_time))
+                step_time = (now - last_time) / (done - last_step)
+                row.update(step_time_s=step_time, tokens_per_s=tokens_since / (now - last_time))
+                if peak:
+                    length = next(v for k, v in batch.items() if k.endswith("input_ids")).shape[1]
+                    flops = step_flops(model.config, spec, batch=int(config.train.global_batch_size), length=length, reference_mode=mode)
+                    row["mfu"] = flops / step_time / peak
                 writer.write(done, row)
                 bar.set_postfix({k: f"{float(row[k]):.4g}" for k in ("loss", "rewards/margins", "kl", "tokens_per_s") if k in row})
                 last_time, last_step, tokens_since = now, done, 0.0

@@ -143,14 +143,7 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 def attention_mask_4d(attention_mask: jax.Array, sliding_window: int | None = None) -> jax.Array:
     """``[B, 1, T, T]`` bool: query i sees key j iff j <= i, j is a real token (and i - j <
     sliding_window). Every query also sees itself, so padded rows never softmax over nothing."""
-    length = attention_mask.shape[-1]
-    i = jnp.arange(length)[:, None]
-    j = jnp.arange(length)[None, :]
-    allowed = j <= i
-    if sliding_window is not None:
-        allowed &= (i - j) < sliding_window
-    allowed = allowed[None, None] & attention_mask.astype(bool)[:, None, None, :]
-    return allowed | (i == j)[None, None]
+    return cache_attention_mask(attention_mask, 0, attention_mask.shape[-1], sliding_window)
 
 
 def rope_inv_freq(config: ModelConfig) -> jax.Array:
@@ -355,7 +348,8 @@ def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> 
 
 def cache_attention_mask(slot_mask: jax.Array, index, length: int, sliding_window: int | None = None) -> jax.Array:
     """``[B, 1, T, S]``: query t (cache slot index + t) sees slot j iff j <= index + t, slot j
-    holds a real token, and (with a window) index + t - j < sliding_window; always itself."""
+    holds a real token, and (with a window) index + t - j < sliding_window; always itself
+    (so padded rows never softmax over nothing)."""
     slots = slot_mask.shape[-1]
     i = index + jnp.arange(length)[:, None]
     j = jnp.arange(slots)[None, :]

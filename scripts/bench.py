@@ -41,6 +41,7 @@ _LOSSES = flags.DEFINE_list("losses", ["kto", "dpo"], "Losses to bench.")
 _MODES = flags.DEFINE_list("modes", ["model", "cached"], "Reference modes.")
 _LISTED_PEAK = flags.DEFINE_bool("listed_peak", False, "Use the device's listed bf16 peak instead of a measured matmul peak.")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy.")
+_ATTENTION = flags.DEFINE_string("attention_impl", "", "'' (XLA's choice), 'xla' or 'cudnn'.")
 
 
 def measured_matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
@@ -109,7 +110,7 @@ def bench_one(name, mode, model, params, peak):
 
 def main(argv):
     del argv
-    config = get_preset(_PRESET.value, dtype=_DTYPE.value, remat_policy=_REMAT.value)
+    config = get_preset(_PRESET.value, dtype=_DTYPE.value, remat_policy=_REMAT.value, attention_impl=_ATTENTION.value or None)
     model = build_model(config)
     params = init_params(config, seed=0)
     listed = device_peak_flops(jax.devices()[0].device_kind)

@@ -1,38 +1,178 @@
-"""Orbax checkpoints of model weights.
+"""Orbax checkpoints of a run: train state, data-loader position, config and provenance.
 
-``save_params(path, params)`` writes a (sharded) param tree; ``load_params(path, like)``
-restores it onto the shardings of ``like`` (a tree of arrays or ShapeDtypeStructs), each
-process reading only its shards.
+One checkpoint (``WORKDIR/checkpoints/<step>/``) holds the train state (policy params,
+optimizer state, step, RNG, loss state), the loader state (to resume at the exact next
+batch) and ``meta``: the config and where the reference model came from (its source and a
+fingerprint; the reference weights are not saved again). Saves are asynchronous, every N
+steps and/or every M minutes, keeping the last K plus the best by a chosen eval metric.
+Orbax writes each checkpoint to a temporary folder and renames it when complete, so a
+half-written checkpoint is never picked up; a complete but unreadable newest checkpoint
+makes the run fall back to the previous one with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint import checkpoint_managers as policies
 
-PARAMS_DIR = "params"
-
-
-def save_params(path: str, params) -> None:
-    path = os.path.abspath(path)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, params, force=True)
+CHECKPOINT_DIR = "checkpoints"
 
 
-def load_params(path: str, like):
-    """Restore a param tree saved by :func:`save_params` with ``like``'s shapes and shardings."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}")
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like
+def abstract_like(tree):
+    """ShapeDtypeStructs (with shardings) of a tree of arrays: the restore target."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
     )
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(path, abstract)
 
 
-def run_params_path(workdir: str) -> str:
-    """Where a run's final weights live."""
-    return os.path.join(os.path.abspath(os.path.expanduser(workdir)), PARAMS_DIR)
+def fingerprint(params) -> str:
+    """A short hash of a param tree's structure, shapes and values (per-leaf float64 sums)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    sums = jax.device_get([jax.numpy.sum(x.astype(jax.numpy.float32)) for x in leaves])
+    text = repr(treedef) + repr([(x.shape, str(x.dtype)) for x in leaves]) + repr([float(np.float64(s)) for s in sums])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Checkpointer:
+    """Periodic, asynchronous saves and fault-tolerant restores of one run's checkpoints."""
+
+    def __init__(self, workdir: str, *, every_steps: int = 0, every_minutes: float = 0.0, keep_last: int = 2,
+                 best_metric: str = "", best_mode: str = "min"):
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"config.checkpoint.best_mode={best_mode!r}: use 'min' or 'max'")
+        save = [policies.PreemptionCheckpointingPolicy()]
+        if every_steps:
+            save.append(policies.FixedIntervalPolicy(int(every_steps)))
+        if every_minutes:
+            save.append(policies.ContinuousCheckpointingPolicy(minimum_interval_secs=int(every_minutes * 60)))
+        keep = [policies.LatestN(int(keep_last))]
+        if best_metric:
+            keep.append(policies.BestN(
+                get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False,
+            ))
+        self.best_metric = best_metric
+        self.directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_DIR)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                save_decision_policy=policies.AnySavePolicy(save),
+                preservation_policy=policies.AnyPreservationPolicy(keep),
+                enable_async_checkpointing=True,
+            ),
+        )
+
+    def save(self, step: int, state, loader_state: dict, meta: dict, metrics: dict | None = None, force: bool = False) -> bool:
+        """Save if a policy says so (or ``force``); returns whether a save started."""
+        if metrics is not None and self.best_metric and self.best_metric not in metrics:
+            metrics = None
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            loader=ocp.args.JsonSave(loader_state),
+            meta=ocp.args.JsonSave(meta),
+        )
+        return self.manager.save(step, args=args, metrics=metrics, force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore_latest(self, state_like):
+        """``(step, state, loader_state, meta)`` of the newest readable checkpoint, or None.
+
+        A checkpoint that fails to restore is skipped with a warning, and the one before it
+        is tried; a state of another shape (another model) is an error, not a fallback.
+        """
+        for step in reversed(self.steps()):
+            where = f"{self.directory}/{step}"
+            try:
+                meta = self.restore_meta(step)
+            except Exception as e:  # a corrupted or truncated checkpoint
+                self._warn_unreadable(where, e)
+                continue
+            check_compatible(meta, state_like, where)
+            try:
+                state, loader_state = self.restore_state(step, state_like)
+            except Exception as e:
+                self._warn_unreadable(where, e)
+                continue
+            return step, state, loader_state, meta
+        return None
+
+    @staticmethod
+    def _warn_unreadable(where: str, error: Exception) -> None:
+        logging.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
+                        where, type(error).__name__, str(error)[:300])
+
+    def restore_state(self, step: int, state_like):
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(state_like)),
+            loader=ocp.args.JsonRestore(),
+        ))
+        return restored["state"], restored["loader"]
+
+
+class IncompatibleCheckpoint(ValueError):
+    """A checkpoint of another model or run setup than the current config."""
+
+
+def check_compatible(meta: dict, state_like, where: str) -> None:
+    """The checkpoint's param shapes must match the current state's."""
+    saved = meta.get("param_shapes")
+    current = param_shapes(state_like.params)
+    if saved is not None and saved != current:
+        diff = [(k, saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)][:3]
+        raise IncompatibleCheckpoint(
+            f"checkpoint {where} was written for another model (config model {meta.get('model')!r}); "
+            f"param shapes differ, e.g. {diff}. Use a new --workdir, or the config the checkpoint was written with "
+            "(its config.json)."
+        )
+
+
+def param_shapes(params) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(path): list(x.shape) for path, x in flat}
+
+
+def load_params(workdir_and_step: str, params_like):
+    """Policy params from a run's checkpoint: ``WORKDIR`` (latest) or ``WORKDIR@STEP``."""
+    workdir, _, step = workdir_and_step.partition("@")
+    checkpointer = Checkpointer(workdir)
+    steps = checkpointer.steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory!r} (config.init.source=orbax:{workdir_and_step})")
+    step = int(step) if step else steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"{checkpointer.directory!r} has no step {step}; it has {steps}")
+    meta = checkpointer.restore_meta(step)
+    saved = meta.get("param_shapes", {})
+    current = {f"['model']{k}": v for k, v in param_shapes(params_like).items()}
+    model_only = {k: v for k, v in saved.items() if k.startswith("['model']")}
+    if model_only and model_only != current:
+        raise IncompatibleCheckpoint(
+            f"config.init.source=orbax:{workdir_and_step}: that run trained model {meta.get('model')!r}, whose shapes "
+            "differ from config.model; set config.model.name to the same model"
+        )
+    item = {"params": {"model": abstract_like(params_like)}}
+    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True),
+    ))
+    checkpointer.close()
+    return restored["state"]["params"]["model"], step

@@ -95,6 +95,8 @@ BASE = dict(architecture="llama", vocab_size=100, hidden_size=32, intermediate_s
     "field, value",
     [
         ("num_kv_heads", 3),
+        ("num_kv_heads", 0),
+        ("sliding_window", 4),  # a window exports only as Mistral
         ("remat_policy", "bogus"),
         ("architecture", "bert"),
         ("rope_type", "yarn"),

@@ -131,4 +131,5 @@ def test_logical_axis_names(name):
         if stacked:
             assert leaf.value.shape[0] == config.num_layers, key
     spec = nn.get_partition_spec(boxed)
-    assert spec["layers"]["attention"]["q"]["kernel"] == jax.sharding.PartitionSpec("layers", "embed", "heads", "head_dim")
+    q_spec = spec["layers"]["attention"]["q"]["kernel"]
+    assert q_spec == jax.sharding.PartitionSpec("layers", "embed", "heads", "head_dim")

@@ -76,13 +76,16 @@ class ModelConfig:
             object.__setattr__(self, "hf_model_type", self.architecture)
         checks = [
             (self.architecture in ("llama", "gpt_neox"), "architecture", "'llama' or 'gpt_neox'"),
-            (self.num_heads % self.num_kv_heads == 0, "num_kv_heads", f"a divisor of num_heads={self.num_heads}"),
+            (self.num_heads > 0, "num_heads", "positive"),
+            (self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0, "num_kv_heads", f"a positive divisor of num_heads={self.num_heads}"),
             (self.rope_type in ("default", "linear", "llama3"), "rope_type", "'default', 'linear' or 'llama3'"),
             (0 < self.rotary_pct <= 1, "rotary_pct", "in (0, 1]"),
             (self.remat_policy in REMAT_POLICIES, "remat_policy", f"one of {sorted(REMAT_POLICIES)}"),
             (self.attention_impl in (None, "xla", "cudnn"), "attention_impl", "None, 'xla' or 'cudnn'"),
             (self.hidden_act in ACTIVATIONS, "hidden_act", f"one of {sorted(ACTIVATIONS)}"),
             (self.hf_model_type in ("llama", "mistral", "gpt_neox"), "hf_model_type", "'llama', 'mistral' or 'gpt_neox'"),
+            (self.sliding_window is None or self.hf_model_type == "mistral", "sliding_window",
+             "None unless hf_model_type='mistral' (only Mistral's config.json carries a window)"),
         ]
         for ok, field, expected in checks:
             if not ok:

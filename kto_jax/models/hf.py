@@ -328,10 +328,10 @@ def load_params(config: ModelConfig, path: str, mesh=None):
     else:
         shardings = sharding_lib.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
     dtype = config.params_dtype
-    params: dict = {}
-    for tmap in tensor_maps(config):
-        our_shapes = [tuple(_tree_get(abstract, p).shape) for p in tmap.paths]
-        expected = _expected_hf_shape(tmap, our_shapes)
+    maps = tensor_maps(config)
+    shapes = {id(t): [tuple(_tree_get(abstract, p).shape) for p in t.paths] for t in maps}
+    for tmap in maps:  # check every tensor before loading any
+        expected = _expected_hf_shape(tmap, shapes[id(tmap)])
         for name in _hf_names(tmap, config.num_layers):
             got = reader.shape(name)
             if got != expected:
@@ -339,9 +339,11 @@ def load_params(config: ModelConfig, path: str, mesh=None):
                     f"tensor {name!r} in {reader.files[name]!r} has shape {got}; the config "
                     f"({config.hf_model_type}, hidden {config.hidden_size}) expects {expected}"
                 )
-        for j, (p, shape) in enumerate(zip(tmap.paths, our_shapes)):
-            params_leaf = _load_leaf(reader, tmap, j, shape, config.num_layers, dtype, _tree_get(shardings, p))
-            _tree_set(params, p, params_leaf)
+    params: dict = {}
+    for tmap in maps:
+        for j, (p, shape) in enumerate(zip(tmap.paths, shapes[id(tmap)])):
+            leaf = _load_leaf(reader, tmap, j, shape, config.num_layers, dtype, _tree_get(shardings, p))
+            _tree_set(params, p, leaf)
     return params
 
 
@@ -407,27 +409,40 @@ def to_hf(model: Decoder, params, out_dir: str, max_shard_bytes: int = 2 * 1024*
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config_to_hf(config), f, indent=2)
 
-    shards: list[dict] = [{}]
-    sizes = [0]
+    # Tensors are gathered one at a time; a shard is written as soon as the next tensor would
+    # overflow it, so host memory holds at most one shard. The shard count is known only at the
+    # end, so shards are written under temporary names and renamed model-0000k-of-0000n.
+    pending: dict = {}
+    pending_bytes, total, written = 0, 0, []
+
+    def flush():
+        nonlocal pending, pending_bytes
+        path = os.path.join(out_dir, f"shard-{len(written):05d}.tmp.safetensors")
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            save_file({n: jnp.asarray(t) for n, t in pending.items()}, path, metadata={"format": "pt"})
+        written.append((path, list(pending)))
+        pending, pending_bytes = {}, 0
+
     for tmap in tensor_maps(config):
         leaves = [_tree_get(params, p) for p in tmap.paths]
         for i, name in enumerate(_hf_names(tmap, config.num_layers)):
             parts = [np.asarray(jax.device_get(leaf[i] if tmap.per_layer else leaf)) for leaf in leaves]
             tensor = np.ascontiguousarray(tmap.merge(parts))
-            if sizes[-1] and sizes[-1] + tensor.nbytes > max_shard_bytes:
-                shards.append({})
-                sizes.append(0)
-            shards[-1][name] = tensor
-            sizes[-1] += tensor.nbytes
+            if pending and pending_bytes + tensor.nbytes > max_shard_bytes:
+                flush()
+            pending[name] = tensor
+            pending_bytes += tensor.nbytes
+            total += tensor.nbytes
+    if pending:
+        flush()
     files, weight_map = [], {}
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        for k, shard in enumerate(shards):
-            file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file({n: jnp.asarray(t) for n, t in shard.items()}, os.path.join(out_dir, file), metadata={"format": "pt"})
-            weight_map.update({n: file for n in shard})
-            files.append(os.path.join(out_dir, file))
+    for k, (tmp_path, names) in enumerate(written):
+        file = f"model-{k + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(tmp_path, os.path.join(out_dir, file))
+        weight_map.update({n: file for n in names})
+        files.append(os.path.join(out_dir, file))
     with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}, f, indent=2)
+        json.dump({"metadata": {"total_size": int(total)}, "weight_map": weight_map}, f, indent=2)
     return files
 
 

@@ -1,0 +1,266 @@
+"""The pure train step (kto_jax/train/step.py) on one device, in-process.
+
+A 2-layer tiny-1m Llama, batches of 8 synthetic examples (<= 32 tokens) from FeedbackLoader.
+The reference model is a second random init (seed 1), so log-ratios, rewards and KTO's z0 are
+not all zero and a mix-up of reference log-probs shows. Jitted with low XLA optimisation
+(tests/train_helpers.py) to keep compilation short; compiled steps are shared between tests.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from kto_jax.data.builders import load_examples
+from kto_jax.data.feedback import unary_view
+from kto_jax.data.loader import FeedbackLoader
+from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
+from kto_jax.losses import get_loss
+from kto_jax.models import build_model
+from kto_jax.models.hf import init_params
+from kto_jax.models.presets import get_preset
+from kto_jax.train.state import TrainState, learning_rate, make_optimizer
+from kto_jax.train.step import StepSpec, ValueHead, microbatch_loss, reference_logps, train_step
+from tests.train_helpers import FAST_COMPILER_OPTIONS, synthetic_data_dir
+
+MODEL_CONFIG = get_preset("tiny-1m", num_layers=2)
+MODEL = build_model(MODEL_CONFIG)
+TOKENIZE = TokenizeConfig(max_length=32, max_prompt_length=16, chat_template="plain")
+BATCH = 8
+
+OPTIMIZERS = {
+    # the tiny experiments' optimizer, at a higher rate to see the loss fall in 10 steps
+    "adamw": ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, warmup_steps=0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)),
+    # new params = params - grads: the update *is* the (accumulated) gradient
+    "sgd": ml_collections.ConfigDict(dict(name="sgd", lr=1.0, warmup_steps=0, grad_clip=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)),
+}
+
+
+def jit(fn):
+    return jax.jit(fn, compiler_options=FAST_COMPILER_OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return synthetic_data_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def examples(data_dir):
+    paired = load_examples("synthetic", "validation", data_dir)
+    return {"paired": paired, "unary": unary_view(paired, seed=0)[0]}
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return init_params(MODEL_CONFIG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return init_params(MODEL_CONFIG, seed=1)
+
+
+def loader(examples, loss: str, *, num_microbatches: int = 1, seed: int = 0) -> FeedbackLoader:
+    spec = get_loss(loss)
+    return FeedbackLoader(
+        examples["paired" if spec.kind == "paired" else "unary"], get_tokenizer("bytes"), TOKENIZE,
+        global_batch_size=BATCH, seed=seed, kl_pairing=spec.needs_kl, num_microbatches=num_microbatches,
+        bucket=16, process_index=0, process_count=1,
+    )
+
+
+def step_spec(loss: str, num_microbatches: int = 1, mode: str = "model") -> StepSpec:
+    spec = get_loss(loss)
+    mode = mode if spec.needs_reference else "none"
+    return StepSpec(MODEL, spec, tuple(sorted(spec.defaults.items())), num_microbatches, mode, 256)
+
+
+@functools.cache
+def compiled_step(loss: str, num_microbatches: int = 1, mode: str = "model", optimizer: str = "adamw"):
+    """jit(train_step) for one (loss, microbatches, reference mode, optimizer), shared between tests."""
+    cfg = OPTIMIZERS[optimizer]
+    step = functools.partial(train_step, step_spec(loss, num_microbatches, mode), make_optimizer(cfg), functools.partial(learning_rate, cfg))
+    return jit(step)
+
+
+@functools.cache
+def compiled_reference_logps(loss: str, num_microbatches: int):
+    return jit(functools.partial(reference_logps, step_spec(loss, num_microbatches)))
+
+
+def initial_state(loss: str, params, optimizer: str = "adamw") -> TrainState:
+    spec = get_loss(loss)
+    p = {"model": params}
+    if spec.token_level:
+        p["value_head"] = ValueHead().init(jax.random.PRNGKey(0), jnp.zeros((1, 1, MODEL_CONFIG.hidden_size)))["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=p,
+        opt_state=make_optimizer(OPTIMIZERS[optimizer]).init(p),
+        rng=jax.random.PRNGKey(0),
+        loss_state={arg: jnp.zeros((), jnp.float32) for arg, _ in spec.state_metrics},
+    )
+
+
+def assert_trees_close(actual, expected, atol, what=""):
+    flat_a = jax.tree_util.tree_leaves_with_path(actual)
+    flat_e = jax.tree_util.tree_leaves(expected)
+    assert len(flat_a) == len(flat_e)
+    for (path, a), e in zip(flat_a, flat_e):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=0, atol=atol, err_msg=f"{what}{jax.tree_util.keystr(path)}")
+
+
+def assert_metrics_close(actual: dict, expected: dict, atol: float):
+    assert sorted(actual) == sorted(expected)
+    for key in expected:
+        np.testing.assert_allclose(np.asarray(actual[key]), np.asarray(expected[key]), rtol=0, atol=atol, err_msg=key)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("loss, start", [("kto", 0.5), ("dpo", float(np.log(2.0)))])
+def test_loss_falls_on_a_fixed_batch(loss, start, examples, policy):
+    """Ten adamw steps on one batch, reference = initial policy: the loss starts at its
+    zero-reward value (KTO 1 - sigmoid(0), DPO log 2) and falls steadily."""
+    batch = next(loader(examples, loss))
+    state = initial_state(loss, policy)
+    step = compiled_step(loss)
+    losses = []
+    for _ in range(10):
+        state, metrics = step(state, batch, policy)
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses)), losses
+    assert losses[0] == pytest.approx(start, abs=1e-5)
+    assert int(state.step) == 10
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 8, losses
+    assert float(metrics["rewards/margins"]) > 0
+
+
+# ---------------------------------------------------------------------------- cached reference
+
+
+@pytest.mark.parametrize("loss", ["kto", "dpo", "ipo", "kto_zero"])
+def test_cached_reference_logps_give_the_model_reference_loss(loss, examples, policy, reference):
+    """microbatch_loss with reference_mode="cached" (reference_logps arrays added to the batch)
+    equals reference_mode="model" (a reference forward inside the step): loss and every metric."""
+    batch = next(loader(examples, loss))
+    model_spec, cached_spec = step_spec(loss, 1, "model"), step_spec(loss, 1, "cached")
+
+    @jit
+    def both(params, reference_params, batch):
+        cached = reference_logps(model_spec, reference_params, batch)
+        from_model = microbatch_loss(model_spec, params, reference_params, batch, {})
+        from_cache = microbatch_loss(cached_spec, params, None, {**batch, **cached}, {})
+        return cached, from_model, from_cache
+
+    cached, (loss_m, (metrics_m, _)), (loss_c, (metrics_c, _)) = both({"model": policy}, reference, batch)
+    expected_keys = {"kto": {"reference_logps", "reference_kl_logps"}, "kto_zero": {"reference_logps"}}.get(
+        loss, {"reference_chosen_logps", "reference_rejected_logps"})
+    assert set(cached) == expected_keys
+    assert all(v.shape == (BATCH,) for v in cached.values())
+    assert abs(float(metrics_m["rewards/margins"])) > 1e-3  # the reference differs from the policy
+    np.testing.assert_allclose(float(loss_c), float(loss_m), rtol=0, atol=1e-6)
+    assert_metrics_close(metrics_c, metrics_m, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["kto", "dpo"])
+def test_cached_reference_train_step_with_microbatches(loss, examples, policy, reference):
+    """train_step with 2 strided microbatches: cached reference log-probs (computed microbatch by
+    microbatch and put back in row order) give the same loss, metrics and update as the model."""
+    batch = next(loader(examples, loss, num_microbatches=2))
+    cached = compiled_reference_logps(loss, 2)(reference, batch)
+    state = initial_state(loss, policy, "sgd")
+    new_m, metrics_m = compiled_step(loss, 2, "model", "sgd")(state, batch, reference)
+    new_c, metrics_c = compiled_step(loss, 2, "cached", "sgd")(state, {**batch, **cached}, None)
+    np.testing.assert_allclose(float(metrics_c["loss"]), float(metrics_m["loss"]), rtol=0, atol=1e-6)
+    assert_metrics_close(metrics_c, metrics_m, atol=1e-6)
+    assert_trees_close(new_c.params, new_m.params, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- microbatches
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_dpo_accumulated_microbatches_equal_one_big_batch(k, examples, policy, reference):
+    """DPO's loss is a mean over pairs, so k accumulated microbatches give the loss, metrics and
+    gradient (sgd at lr 1: the param update) of the whole batch at once."""
+    batch = next(loader(examples, "dpo"))
+    state = initial_state("dpo", policy, "sgd")
+    one, metrics_one = compiled_step("dpo", 1, "model", "sgd")(state, batch, reference)
+    acc, metrics_acc = compiled_step("dpo", k, "model", "sgd")(state, batch, reference)
+    assert float(metrics_one["grad_norm"]) > 1e-3
+    np.testing.assert_allclose(float(metrics_acc["loss"]), float(metrics_one["loss"]), rtol=0, atol=1e-5)
+    assert_metrics_close(metrics_acc, metrics_one, atol=1e-5)
+    assert_trees_close(acc.params, one.params, atol=1e-5)
+
+
+@functools.cache
+def compiled_microbatch_grad(loss: str):
+    spec = step_spec(loss, 1)
+    return jit(jax.value_and_grad(lambda p, ref, mb: microbatch_loss(spec, p, ref, mb, {}), has_aux=True))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_kto_microbatches_average_their_own_losses(k, examples, policy, reference):
+    """KTO with k microbatches: each microbatch (rows m, m+k, ...) has its own z0, and the step's
+    loss, kl and gradient are the averages of the k microbatch losses computed separately."""
+    batch = next(loader(examples, "kto", num_microbatches=k))
+    state = initial_state("kto", policy, "sgd")
+    new, metrics = compiled_step("kto", k, "model", "sgd")(state, batch, reference)
+
+    grad = compiled_microbatch_grad("kto")
+    parts = [grad(state.params, reference, {key: v[m::k] for key, v in batch.items()}) for m in range(k)]
+    losses = np.array([float(loss) for (loss, _), _ in parts])
+    kls = np.array([float(m["kl"]) for (_, (m, _)), _ in parts])
+    mean_grads = jax.tree_util.tree_map(lambda *g: sum(g) / k, *[g for _, g in parts])
+
+    assert kls.max() > 0 and np.ptp(kls) > 1e-5, f"the microbatches' z0 should differ: {kls}"
+    np.testing.assert_allclose(float(metrics["loss"]), losses.mean(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["kl"]), kls.mean(), rtol=0, atol=1e-6)
+    expected = jax.tree_util.tree_map(lambda p, g: p - g, state.params, mean_grads)
+    assert_trees_close(new.params, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- loss state, PPO
+
+
+def test_bco_running_mean_is_carried_across_steps(examples, policy, reference):
+    """bco_pair's running reward mean lives in state.loss_state: after step t it equals that
+    step's bco/running_mean metric and the mean of the t batch-mean rewards so far."""
+    data = loader(examples, "bco_pair")
+    state = initial_state("bco_pair", policy)
+    assert set(state.loss_state) == {"running_mean", "running_count"}
+    step = compiled_step("bco_pair")
+    batch_means, seen = [], []
+    for t in range(1, 4):
+        state, metrics = step(state, next(data), reference)
+        batch_means.append((float(metrics["rewards/chosen"]) + float(metrics["rewards/rejected"])) / 2)
+        running = float(state.loss_state["running_mean"])
+        seen.append(running)
+        assert float(state.loss_state["running_count"]) == t
+        np.testing.assert_allclose(running, float(metrics["bco/running_mean"]), rtol=0, atol=1e-7)
+        np.testing.assert_allclose(running, np.mean(batch_means), rtol=0, atol=1e-6)
+    assert np.ptp(batch_means) > 1e-4 and len(set(seen)) == 3, (batch_means, seen)
+
+
+def test_offline_ppo_trains_one_step_with_a_value_head(examples, policy):
+    """ppo_offline: per-token log-probs and a value head (zero-initialised) on the final hidden
+    states; one step gives a finite loss and gradient and moves the value head."""
+    batch = next(loader(examples, "ppo_offline"))
+    state = initial_state("ppo_offline", policy)
+    new, metrics = compiled_step("ppo_offline")(state, batch, policy)
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in metrics.values()), metrics
+    assert float(metrics["grad_norm"]) > 0
+    head = new.params["value_head"]["value"]
+    assert float(jnp.abs(head["kernel"]).max()) > 0, "the value head did not train"
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new.params["model"], state.params["model"])
+    assert max(jax.tree_util.tree_leaves(moved)) > 0
+    assert int(new.step) == 1

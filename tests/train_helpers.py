@@ -1,0 +1,124 @@
+"""Shared pieces of the training-engine tests (tests/test_train_*.py and tests/train_worker.py).
+
+* the synthetic TFDS dataset, prepared once per pytest session into a temporary data_dir;
+* XLA options that make CPU compilation ~2x faster (the tests compile many tiny programs and
+  run them for a few steps, so backend optimisation buys nothing);
+* environments and a runner for subprocesses (simulated devices, no inherited
+  multi-process settings) with a timeout, so a hang fails a test instead of blocking CI;
+* the tiny config the engine tests run: tiny-1m with 2 layers, batches of 8, sequences of at
+  most 32 tokens, the 500-pair validation split for training and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+FAST_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+# tiny-1m (Llama, 4 heads = 4 kv heads, vocab 384, hidden 128, mlp 344) with 2 layers instead of 4;
+# registered into the presets of whichever process runs the engine (kto_jax.models.presets.PRESETS).
+TEST_PRESET = "tiny-1m-2l"
+
+_DATA_DIR: str | None = None
+
+
+def synthetic_data_dir(tmp_path_factory) -> str:
+    """A data_dir with synthetic/paired and synthetic/unary prepared (once per pytest session)."""
+    global _DATA_DIR
+    if _DATA_DIR is None:
+        from kto_jax.data.builders import prepare
+
+        path = str(tmp_path_factory.mktemp("tfds"))
+        prepare("synthetic", path)
+        prepare("synthetic/unary", path)
+        _DATA_DIR = path
+    return _DATA_DIR
+
+
+def register_test_preset() -> str:
+    from kto_jax.models.presets import PRESETS, get_preset
+
+    PRESETS.setdefault(TEST_PRESET, get_preset("tiny-1m", num_layers=2))
+    return TEST_PRESET
+
+
+def small_config(loss: str, data_dir: str, *, steps: int = 1, batch: int = 8, model: str | None = None):
+    """tiny_config(loss) made smaller: 2-layer model, global batch ``batch``, validation split, no judge."""
+    from kto_jax.config import tiny_config
+
+    config = tiny_config(loss, steps=steps, model=model or register_test_preset())
+    config.data.update(dict(data_dir=data_dir, train_split="validation", eval_split="validation"))
+    config.train.update(dict(global_batch_size=batch, eval_batches=1, log_every=1))
+    config.eval.judge = ""
+    return config
+
+
+CLI_SMALL_FLAGS = (
+    "--config.eval.judge=", "--config.train.eval_batches=1", "--config.train.log_every=1",
+    "--config.train.global_batch_size=8", "--config.data.train_split=validation", "--config.data.eval_split=validation",
+)
+
+
+def subprocess_env(devices: int = 1, **extra: str) -> dict:
+    """os.environ for a child JAX process on ``devices`` simulated CPU devices, fast compilation."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KTO_JAX_") and k not in ("XLA_FLAGS", "SLURM_NTASKS")}
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_XLA_FLAGS}",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    env.update(extra)
+    return env
+
+
+def start(args: list[str], env: dict, log_path: str) -> subprocess.Popen:
+    """Start ``python ARGS`` in the repository root, stdout+stderr going to ``log_path``."""
+    log = open(log_path, "w", encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    log.close()
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """(return code, output) of a started process; killed (and an AssertionError) past ``timeout``."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{proc.args} did not finish in {timeout}s:\n{tail(read(proc.log_path))}") from None
+    return proc.returncode, read(proc.log_path)
+
+
+def read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def tail(text: str, lines: int = 40) -> str:
+    return "\n".join(line[:400] for line in text.splitlines()[-lines:])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics_rows(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_rows(workdir: str) -> list[dict]:
+    """The per-step training rows of metrics.jsonl (not the held-out ``eval/*`` rows)."""
+    return [row for row in metrics_rows(workdir) if "loss" in row]

@@ -31,7 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     # Where the policy's weights start (the reference model starts there too):
     # "" = the model's own (random init for a preset, the folder's weights for an HF folder),
-    # "hf:PATH" = a Hugging Face folder, "run:WORKDIR" = the final weights of an earlier run.
+    # "hf:PATH" = a Hugging Face folder, "orbax:WORKDIR[@STEP]" = a checkpoint of an earlier
+    # run (its latest step by default, which is its final weights once it has finished).
     c.init = ml_collections.ConfigDict(dict(source=""))
     c.loss = loss_config("kto")
     c.reference = ml_collections.ConfigDict(dict(mode="model"))  # "model" or "cached"
@@ -57,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
         global_batch_size=32,
         num_microbatches=1,
         steps=0,               # 0 = one epoch over the training examples
+        skip_nonfinite=False,  # skip (and count) updates with a non-finite loss or gradient norm
+                               # instead of stopping the run
         log_every=10,
         eval_every=0,          # 0 = evaluate at the end only
         eval_batches=4,
@@ -65,6 +68,13 @@ def base_config() -> ml_collections.ConfigDict:
             name="rmsprop", lr=5e-7, warmup_steps=150, grad_clip=10.0,
             b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
         )),
+    ))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=0,         # save every N steps (0: only at the end and on preemption)
+        every_minutes=0.0,     # and/or every M minutes
+        keep_last=2,           # keep the last K checkpoints ...
+        best_metric="",        # ... plus the best by this eval metric (e.g. "eval/loss")
+        best_mode="min",
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.eval = ml_collections.ConfigDict(dict(

@@ -48,7 +48,7 @@ def main(argv):
 
     train("sft", _SFT_STEPS.value)
     for loss in _LOSSES.value:
-        train(loss, _ALIGN_STEPS.value, init=f"run:{sft_dir}", baseline=sft_dir)
+        train(loss, _ALIGN_STEPS.value, init=f"orbax:{sft_dir}", baseline=sft_dir)
 
     with open(os.path.join(root, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)

@@ -58,6 +58,7 @@ def sharded(args) -> None:
 
     assert jax.device_count() == 8, jax.devices()
     config = small_config(args.loss, args.data_dir, steps=args.steps)
+    config.train.optimizer.update(dict(lr=1e-3, warmup_steps=0))  # steps that move the params visibly
     spec, hparams = setup.loss_and_hparams(config)
     data = setup.load_split(config, spec, config.data.train_split)
     loader = setup.make_loader(config, spec, data, get_tokenizer("bytes"), seed=config.seed)
@@ -83,15 +84,15 @@ def sharded(args) -> None:
         shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
         fn = jax.jit(functools.partial(train_step, step_spec, optimizer, lr_fn), in_shardings=(shardings, None, None),
                      out_shardings=(shardings, None), donate_argnums=(0,))
-        losses = []
+        rows = []
         with sharding.activation_rules(mesh):
             for batch in batches:
                 state, metrics = fn(state, setup.to_global(batch, mesh), reference)
-                losses.append(float(metrics["loss"]))
+                rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
         leaves = jax.tree_util.tree_leaves_with_path(state.params["model"])
         np.savez(os.path.join(args.out, f"params_{name}.npz"), **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
         summary[name] = {
-            "losses": losses,
+            "metrics": rows,
             "devices": len(mesh.devices.flat),
             "sharded_params": sorted(jax.tree_util.keystr(p) for p, x in leaves if not x.sharding.is_fully_replicated),
             "param_specs": {jax.tree_util.keystr(p): str(x.sharding.spec) for p, x in leaves},
@@ -102,7 +103,8 @@ def sharded(args) -> None:
     workdir = os.path.join(args.out, "loop_2x2x2")
     try:
         loop.run(config, workdir)
-        summary["loop_2x2x2"] = {"losses": [row["loss"] for row in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "loss" in row]}
+        with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+            summary["loop_2x2x2"] = {"metrics": [row for row in map(json.loads, f) if "loss" in row]}
     except Exception as e:  # reported by the test
         summary["loop_2x2x2"] = {"error": f"{type(e).__name__}: {e}"[:3000], "traceback": traceback.format_exc()[-3000:]}
     with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:

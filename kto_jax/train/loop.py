@@ -2,7 +2,9 @@
 
 Writes to the workdir: ``config.json``, ``data_stats.json``, ``metrics.jsonl`` (one JSON
 object per logged step), TensorBoard event files under ``tb/``, ``eval.json``,
-``samples.jsonl`` and the final weights (``params/``, orbax).
+``samples.jsonl`` and orbax checkpoints (``checkpoints/<step>``; the last is the final weights).
+Rerunning the same command on the same workdir resumes from the latest complete checkpoint;
+SIGTERM/SIGINT finish the current step, save and exit 0.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import signal
 import time
 
 import jax
@@ -21,6 +24,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from kto_jax import checkpoint, sharding
+from kto_jax.checkpoint import Checkpointer
 from kto_jax.evaluate import generate, get_judge, judged_rate, winrate
 from kto_jax.flops import device_peak_flops, step_flops
 from kto_jax.train import setup
@@ -85,8 +89,61 @@ def _cache_reference(step_spec, reference_params, batches, mesh) -> list[dict]:
     return out
 
 
+class Preemption:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves, and exits 0."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+    """Drop metrics.jsonl rows past ``step`` (written by a run that died after its last checkpoint)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(rows)
+
+
+def _cached_reference(config, step_spec, reference_params, make_batches, eval_batches, mesh, workdir, steps):
+    """Reference log-probs of every training step and eval batch, computed once and stored in
+    ``WORKDIR/reference_cache.npz`` (reused on resume when the fingerprint matches)."""
+    key = _fingerprint(config, steps)
+    path = os.path.join(workdir, "reference_cache.npz")
+    if os.path.exists(path):
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["fingerprint"]) == key:
+                names = sorted({k.split("/", 2)[2] for k in f.files if k != "fingerprint"})
+                def read(prefix, n):
+                    return [{k: f[f"{prefix}/{i}/{k}"] for k in names} for i in range(n)]
+                return read("train", steps), read("eval", len(eval_batches))
+    start = time.perf_counter()
+    train = _cache_reference(step_spec, reference_params, make_batches(), mesh)
+    evals = _cache_reference(step_spec, reference_params, eval_batches, mesh)
+    if jax.process_index() == 0:
+        arrays = {f"{p}/{i}/{k}": v for p, rows in (("train", train), ("eval", evals)) for i, row in enumerate(rows) for k, v in row.items()}
+        np.savez(path, fingerprint=np.asarray(key), **arrays)
+    logging.info("cached reference log-probs for %d steps in %.1fs (fingerprint %s)", steps, time.perf_counter() - start, key)
+    return train, evals
+
+
 def run(config, workdir: str) -> dict:
-    """Train ``config`` in ``workdir``; returns the final eval results."""
+    """Train ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the eval results."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     spec, hparams = setup.loss_and_hparams(config)
@@ -104,8 +161,11 @@ def run(config, workdir: str) -> dict:
             json.dump({"train": train_data.stats, "eval": eval_data.stats, "dropped_by_tokenization": loader.dropped}, f, indent=2)
 
     mode = config.reference.mode if spec.needs_reference else "none"
-    step_spec = StepSpec(model, spec, tuple(sorted(hparams.items())), int(config.train.num_microbatches), mode, int(config.train.chunk_size))
+    step_spec = StepSpec(model, spec, tuple(sorted(hparams.items())), int(config.train.num_microbatches), mode,
+                         int(config.train.chunk_size), bool(config.train.skip_nonfinite))
     reference_params = jax.tree_util.tree_map(lambda x: x.copy(), model_params) if mode != "none" else None
+    reference_meta = {"source": config.init.source or config.model.name,
+                      "fingerprint": checkpoint.fingerprint(model_params) if mode != "none" else None}
     params = {"model": model_params}
     if spec.token_level:
         head = ValueHead().init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 1, model.config.hidden_size)))["params"]
@@ -121,16 +181,32 @@ def run(config, workdir: str) -> dict:
         loss_state={arg: jax.device_put(jnp.zeros((), jnp.float32), repl) for arg, _ in spec.state_metrics},
     )
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    ckpt = config.checkpoint
+    checkpointer = Checkpointer(workdir, every_steps=ckpt.every_steps, every_minutes=ckpt.every_minutes,
+                                keep_last=ckpt.keep_last, best_metric=ckpt.best_metric, best_mode=ckpt.best_mode)
+    meta = {"model": config.model.name, "loss": spec.name, "reference": reference_meta,
+            "param_shapes": checkpoint.param_shapes(state.params), "config": json.loads(config.to_json_best_effort())}
+    first = 0
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        first, state, loader_state, saved_meta = restored
+        if saved_meta.get("reference", {}).get("fingerprint") != reference_meta["fingerprint"]:
+            raise checkpoint.IncompatibleCheckpoint(
+                f"the reference model ({reference_meta['source']}) differs from the one {checkpointer.directory}/{first} "
+                "was trained against (fingerprints differ): the init source changed. Use a new --workdir."
+            )
+        loader.restore(loader_state)
+        _truncate_metrics(workdir, first)
+        logging.info("resumed from %s/%d", checkpointer.directory, first)
 
     eval_loader = setup.make_loader(config, spec, eval_data, tokenizer, seed=config.seed + 1)
     eval_batches = [next(eval_loader) for _ in range(min(int(config.train.eval_batches), eval_loader.steps_per_epoch))]
     train_cache = eval_cache = None
     if mode == "cached":
-        start = time.perf_counter()
-        cache_loader = setup.make_loader(config, spec, train_data, tokenizer, seed=config.seed)
-        train_cache = _cache_reference(step_spec, reference_params, (next(cache_loader) for _ in range(steps)), mesh)
-        eval_cache = _cache_reference(step_spec, reference_params, eval_batches, mesh)
-        logging.info("cached reference log-probs for %d steps in %.1fs (fingerprint %s)", steps, time.perf_counter() - start, _fingerprint(config, steps))
+        def cache_batches():
+            cache_loader = setup.make_loader(config, spec, train_data, tokenizer, seed=config.seed)
+            return (next(cache_loader) for _ in range(steps))
+        train_cache, eval_cache = _cached_reference(config, step_spec, reference_params, cache_batches, eval_batches, mesh, workdir, steps)
         reference_params = None  # the reference model is not needed any more
 
     train_fn = jax.jit(
@@ -143,24 +219,32 @@ def run(config, workdir: str) -> dict:
     writer = MetricsWriter(workdir)
     peak = device_peak_flops(jax.devices()[0].device_kind)
     peak = peak * jax.device_count() if peak else None
-    bar = tqdm(total=steps, desc=f"{spec.name}", disable=jax.process_index() != 0, dynamic_ncols=True)
-    last_time, last_step, tokens_since = time.perf_counter(), 0, 0.0
-    with sharding.activation_rules(mesh):
-        for step in range(steps):
+    bar = tqdm(total=steps, initial=first, desc=f"{spec.name}", disable=jax.process_index() != 0, dynamic_ncols=True)
+    last_time, last_step, tokens_since, skipped = time.perf_counter(), first, 0.0, 0
+    with sharding.activation_rules(mesh), Preemption() as preemption:
+        for step in range(first, steps):
             batch = next(loader)
             if train_cache is not None:
                 batch.update({k: _local_rows(v) for k, v in train_cache[step].items()})
             state, metrics = train_fn(state, setup.to_global(batch, mesh), reference_params)
             done = step + 1
+            finite = bool(jax.device_get(metrics["finite"]))
+            if not finite:
+                if not config.train.skip_nonfinite:
+                    checkpointer.close()
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient norm at step {done} (loss {float(metrics['loss'])}, grad_norm "
+                        f"{float(metrics['grad_norm'])}); the last good checkpoint is kept in {checkpointer.directory}. "
+                        "Lower config.train.optimizer.lr, check the data, or set config.train.skip_nonfinite=True."
+                    )
+                skipped += 1
             if done % int(config.train.log_every) == 0 or done == steps:
                 metrics = jax.device_get(metrics)
-                if not np.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {done}; lower the learning rate or check the data")
                 now = time.perf_counter()
                 tokens_since += float(metrics["tokens"])
-                row = {k: v for k, v in metrics.items()}
+                row = {k: v for k, v in metrics.items() if k != "finite"}
                 step_time = (now - last_time) / (done - last_step)
-                row.update(step_time_s=step_time, tokens_per_s=tokens_since / (now - last_time))
+                row.update(step_time_s=step_time, tokens_per_s=tokens_since / (now - last_time), nonfinite_skipped=skipped)
                 if peak:
                     length = next(v for k, v in batch.items() if k.endswith("input_ids")).shape[1]
                     flops = step_flops(model.config, spec, batch=int(config.train.global_batch_size), length=length, reference_mode=mode)
@@ -172,13 +256,25 @@ def run(config, workdir: str) -> dict:
                 tokens_since += float(batch["attention_mask"].sum() if "attention_mask" in batch else
                                       batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()) * jax.process_count()
             bar.update(1)
+            eval_metrics = None
             if config.train.eval_every and done % int(config.train.eval_every) == 0 and done != steps:
-                writer.write(done, _held_out(eval_fn, state, eval_batches, eval_cache, reference_params, mesh))
+                eval_metrics = _held_out(eval_fn, state, eval_batches, eval_cache, reference_params, mesh)
+                writer.write(done, eval_metrics)
+            stop = preemption.signal is not None or checkpointer.reached_preemption(done)
+            checkpointer.save(done, state, loader.state(), meta, metrics=eval_metrics, force=stop or done == steps)
+            if stop and done != steps:
+                checkpointer.close()
+                writer.close()
+                bar.close()
+                message = f"preempted ({preemption.signal or 'preemption notice'}) at step {done}: checkpoint saved in {checkpointer.directory}; rerun the same command to resume"
+                logging.warning("%s", message)
+                print(message, flush=True)
+                return {"step": done, "preempted": True}
         bar.close()
         results = {"step": steps, "held_out": _held_out(eval_fn, state, eval_batches, eval_cache, reference_params, mesh)}
+    checkpointer.close()
     writer.write(steps, results["held_out"])
     writer.close()
-    checkpoint.save_params(checkpoint.run_params_path(workdir), state.params["model"])
     if config.eval.judge:
         results.update(_generation_eval(config, spec, model, state.params["model"], eval_data, tokenizer, workdir))
     if jax.process_index() == 0:

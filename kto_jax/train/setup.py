@@ -80,26 +80,12 @@ def load_model(config, mesh) -> tuple[Decoder, dict]:
     if name not in PRESETS and not os.path.isdir(os.path.expanduser(name)):
         raise ValueError(f"config.model.name={name!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
     model, params = from_hf(os.path.expanduser(name) if name not in PRESETS else name, mesh=mesh, seed=config.seed, **model_overrides(config))
-    if source.startswith("run:"):
-        run_dir = os.path.expanduser(source[4:])
-        _check_same_model(run_dir, config)
-        params = checkpoint.load_params(checkpoint.run_params_path(run_dir), params)
-        logging.info("initialised from the final weights of %s", run_dir)
+    if source.startswith("orbax:"):
+        params, step = checkpoint.load_params(os.path.expanduser(source[6:]), params)
+        logging.info("initialised from %s (step %d)", source, step)
     elif source:
-        raise ValueError(f"config.init.source={source!r}: use '', 'hf:PATH' or 'run:WORKDIR'")
+        raise ValueError(f"config.init.source={source!r}: use '', 'hf:PATH' or 'orbax:WORKDIR[@STEP]'")
     return model, params
-
-
-def _check_same_model(run_dir: str, config) -> None:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config.init.source: {run_dir!r} has no config.json (is it a kto_jax workdir?)")
-    if not os.path.isdir(checkpoint.run_params_path(run_dir)):
-        raise FileNotFoundError(f"config.init.source: {run_dir!r} has no final weights (did that run finish?)")
-    with open(path, encoding="utf-8") as f:
-        other = json.load(f)["model"]["name"]
-    if other != config.model.name:
-        raise ValueError(f"config.init.source: {run_dir!r} trained model {other!r}, but config.model.name={config.model.name!r}")
 
 
 @dataclasses.dataclass

@@ -55,6 +55,7 @@ class StepSpec:
     num_microbatches: int = 1
     reference_mode: str = "model"  # "model", "cached" or "none"
     chunk_size: int = 256
+    skip_nonfinite: bool = False  # keep the old params when the loss or gradient norm is not finite
 
     @property
     def kwargs(self) -> dict:
@@ -175,7 +176,12 @@ def train_step(spec: StepSpec, optimizer: optax.GradientTransformation, lr_fn, s
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = _aggregate(metrics)
-    metrics.update(loss=losses.mean(), grad_norm=optax.global_norm(grads), lr=lr_fn(state.step), tokens=training_tokens(batch))
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(losses.mean()) & jnp.isfinite(grad_norm)
+    metrics.update(loss=losses.mean(), grad_norm=grad_norm, lr=lr_fn(state.step), tokens=training_tokens(batch), finite=finite)
+    if spec.skip_nonfinite:  # the step still counts; the update is dropped
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        params, opt_state, loss_state = keep(params, state.params), keep(opt_state, state.opt_state), keep(loss_state, state.loss_state)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_state=loss_state)
     return new_state, metrics
 

@@ -1,0 +1,91 @@
+"""Export a run's weights as a Hugging Face folder that transformers loads.
+
+    python scripts/export_hf.py --workdir runs/kto [--step N] --out exported/kto
+
+Writes config.json, sharded model-*.safetensors with their index, and the tokenizer files:
+copied from the model folder when the run used one, or, for the built-in byte tokenizer, an
+equivalent tokenizer.json (byte-level, same ids, same special tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import ml_collections
+from absl import app, flags
+
+from kto_jax import checkpoint
+from kto_jax.data.tokenize import ByteTokenizer
+from kto_jax.models import build_model
+from kto_jax.models.hf import from_hf, to_hf
+from kto_jax.models.presets import PRESETS
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A kto_jax run directory (with config.json and checkpoints/).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest, i.e. the final weights).")
+_OUT = flags.DEFINE_string("out", None, "Output folder.")
+flags.mark_flags_as_required(["workdir", "out"])
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def byte_tokenizer_json():
+    """A ``tokenizers`` byte-level BPE with no merges whose ids equal ByteTokenizer's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins, in GPT-2's byte order
+    byte_to_char = _bytes_to_unicode()
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    assert set(vocab) == set(alphabet)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(ByteTokenizer.SPECIALS))
+    return tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (used by ByteLevel)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+def main(argv):
+    del argv
+    workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+    config_file = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_file):
+        raise app.UsageError(f"{config_file} not found: --workdir must be a kto_jax run directory")
+    with open(config_file, encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    name = config.model.name
+    model, params_like = from_hf(os.path.expanduser(name) if name not in PRESETS else name,
+                                 dtype=config.model.param_dtype, compute_dtype=config.model.dtype)
+    source = workdir if _STEP.value is None else f"{workdir}@{_STEP.value}"
+    params, step = checkpoint.load_params(source, params_like)
+    out = os.path.abspath(os.path.expanduser(_OUT.value))
+    files = to_hf(build_model(model.config), params, out)
+    tokenizer = config.data.tokenizer or (name if name not in PRESETS else "")
+    if tokenizer == "bytes":
+        byte_tokenizer_json().save(os.path.join(out, "tokenizer.json"))
+        with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>"}, f, indent=2)
+    elif tokenizer:
+        for file in TOKENIZER_FILES:
+            path = os.path.join(os.path.expanduser(tokenizer), file)
+            if os.path.exists(path):
+                shutil.copy(path, out)
+    print(f"exported step {step} of {workdir} to {out} ({len(files)} weight files)")
+
+
+if __name__ == "__main__":
+    app.run(main)

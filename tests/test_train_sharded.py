@@ -1,0 +1,94 @@
+"""The train step on meshes of 8 simulated CPU devices gives the single-device results.
+
+pytest's JAX already runs on one device, so ``tests/train_worker.py sharded`` runs in a
+subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (one per loss, both at
+once): three adamw steps (lr 1e-3, fp32) of a 2-layer tiny-1m Llama (4 heads, 4 kv heads, so
+tensor=2 divides them, vocab 384 and mlp 344) on a global batch of 8, on meshes
+(data, fsdp, tensor) = (1,1,1) on one device, (8,1,1), (2,2,2) and (1,4,2); then
+``kto_jax.train.loop.run`` itself on the (2,2,2) mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.train_helpers import finish, start, subprocess_env, synthetic_data_dir, tail
+
+LOSSES = ("kto", "dpo")
+MESHES = ("8x1x1", "2x2x2", "1x4x2")
+TIMEOUT = 420
+
+
+@pytest.fixture(scope="module")
+def summaries(tmp_path_factory):
+    data_dir = synthetic_data_dir(tmp_path_factory)
+    procs = {}
+    for loss in LOSSES:
+        out = str(tmp_path_factory.mktemp(f"sharded_{loss}"))
+        args = ["-m", "tests.train_worker", "sharded", "--loss", loss, "--data_dir", data_dir, "--out", out]
+        procs[loss] = (out, start(args, subprocess_env(devices=8), os.path.join(out, "log.txt")))
+    results = {}
+    for loss, (out, proc) in procs.items():
+        rc, log = finish(proc, TIMEOUT)
+        assert rc == 0, f"sharded worker for {loss} failed:\n{tail(log)}"
+        with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
+            results[loss] = (out, json.load(f))
+    return results
+
+
+def assert_rows_close(rows, expected_rows, atol):
+    assert len(rows) == len(expected_rows) == 3
+    for step, (row, expected) in enumerate(zip(rows, expected_rows), 1):
+        for key, value in expected.items():
+            if key in ("step_time_s", "tokens_per_s"):
+                continue
+            np.testing.assert_allclose(row[key], value, rtol=0, atol=atol, err_msg=f"step {step} {key}")
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_sharded_steps_match_one_device(loss, mesh, summaries):
+    """Loss and every metric of each step, and the params after 3 steps, match (1,1,1) to 1e-5."""
+    out, summary = summaries[loss]
+    single, sharded = summary["1x1x1"], summary[mesh]
+    assert sharded["devices"] == 8
+    losses = [row["loss"] for row in single["metrics"]]
+    assert losses[-1] < losses[0] - 1e-3, f"the steps should train: {losses}"
+    assert_rows_close(sharded["metrics"], single["metrics"], atol=1e-5)
+    expected = np.load(os.path.join(out, "params_1x1x1.npz"))
+    actual = np.load(os.path.join(out, f"params_{mesh}.npz"))
+    assert sorted(actual.files) == sorted(expected.files)
+    for name in expected.files:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_params_are_really_sharded_on_2x2x2(summaries):
+    """On (2,2,2) the weights are split (fsdp over embed, tensor over heads/mlp/vocab), not replicated."""
+    _, summary = summaries["kto"]
+    assert summary["1x1x1"]["sharded_params"] == []
+    assert summary["8x1x1"]["sharded_params"] == []  # pure data parallelism replicates the weights
+    specs = summary["2x2x2"]["param_specs"]
+    assert specs["['embed']['embedding']"] == "P('tensor', 'fsdp')"
+    assert specs["['layers']['attention']['q']['kernel']"] == "P(None, 'fsdp', 'tensor', None)"
+    assert specs["['layers']['mlp']['down']['kernel']"] == "P(None, 'tensor', 'fsdp')"
+    assert specs["['lm_head']['kernel']"] == "P('fsdp', 'tensor')"
+    sharded = summary["2x2x2"]["sharded_params"]
+    assert len(sharded) == 9 and not any("norm" in name for name in sharded), sharded  # every kernel, no norm scale
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "kto_jax/train/loop.py:115 creates opt_state with jax.jit(optimizer.init)(params): optax's zero moments "
+    "and count do not depend on the params' values, so they all land on device 0 (SingleDeviceSharding), and "
+    "the jitted step (in_shardings from those arrays, inside the mesh context) fails with 'Received "
+    "incompatible devices for jitted computation. Got argument state.opt_state[1][0].count ... device ids [0] "
+    "... context mesh with device ids [0..7]' on any mesh of more than one device"))
+@pytest.mark.parametrize("loss", LOSSES)
+def test_loop_run_on_a_2x2x2_mesh_matches_one_device(loss, summaries):
+    _, summary = summaries[loss]
+    run = summary["loop_2x2x2"]
+    assert "error" not in run, run.get("error")
+    assert_rows_close([{k: v for k, v in row.items() if k != "step"} for row in run["metrics"]], summary["1x1x1"]["metrics"], atol=1e-5)

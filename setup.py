@@ -25,6 +25,7 @@ setup(
         "absl-py>=2.1",
         "tqdm>=4.66",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "matplotlib>=3.7",  # scale-curve plots
     ],
     extras_require={
         # torch first and pinned: on this project's machines `pip install torch==2.13.0` takes a

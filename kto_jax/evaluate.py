@@ -64,14 +64,24 @@ def judged_rate(flags: Sequence[bool], level: float = 0.9) -> dict:
 
 
 def winrate(policy: Sequence[bool], baseline: Sequence[bool], level: float = 0.9) -> dict:
-    """Per-prompt win rate of the policy over a baseline under a unary judge: a win when only the
-    policy's completion is desirable, half a win when both or neither are (a tie)."""
+    """Per-prompt comparison of the policy with a baseline under a unary judge: a win when only
+    the policy's completion is desirable, a loss when only the baseline's is, a tie otherwise.
+
+    ``winrate`` counts a tie as half a win; ``win_fraction`` = wins / n is the paper's
+    convention (GPT-4's pairwise verdicts, ties counted as non-wins). Intervals are 90% Wilson.
+    """
     policy, baseline = np.asarray(policy, bool), np.asarray(baseline, bool)
     if policy.shape != baseline.shape:
         raise ValueError(f"winrate needs one policy and one baseline judgment per prompt; got {policy.shape} and {baseline.shape}")
-    score = (policy & ~baseline) + 0.5 * (policy == baseline)
-    lo, hi = wilson_interval(float(score.sum()), len(score), level)
-    return {"winrate": float(score.mean()) if len(score) else 0.0, "ci90": [lo, hi], "n": int(len(score))}
+    n = len(policy)
+    wins, losses = int((policy & ~baseline).sum()), int((~policy & baseline).sum())
+    ties = n - wins - losses
+    score = wins + 0.5 * ties
+    return {
+        "winrate": score / n if n else 0.0, "ci90": list(wilson_interval(score, n, level)),
+        "win_fraction": wins / n if n else 0.0, "win_fraction_ci90": list(wilson_interval(wins, n, level)),
+        "wins": wins, "ties": ties, "losses": losses, "n": n,
+    }
 
 
 # ---------------------------------------------------------------- generation

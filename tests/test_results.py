@@ -1,0 +1,79 @@
+"""Scale-curve tooling reproduces the KTO paper's numbers from the authors' judgment log."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kto_jax.results import imbalance_table, markdown_table, read_judgments, read_runs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JUDGMENTS = os.path.join(ROOT, "tests", "fixtures", "reference", "archangel_gpt4_judgments.jsonl")
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return {(r.method, r.model): r for r in read_judgments(JUDGMENTS)}
+
+
+@pytest.mark.parametrize(
+    "method, model, winrate",
+    [("kto", "llama30b", 0.664), ("sft+dpo", "llama13b", 0.498), ("unaligned", "pythia1-4b", 0.027),
+     ("sft+kto", "llama30b", 0.652), ("dpo", "llama30b", 0.535), ("sft", "pythia12-0b", 0.189)],
+)
+def test_paper_win_rates(paper, method, model, winrate):
+    assert round(paper[(method, model)].winrate, 3) == winrate
+
+
+def test_every_scale_cell_is_present_and_sized(paper):
+    methods = ["unaligned", "sft", "dpo", "kto", "ppo", "slic", "csft", "sft+dpo", "sft+kto", "sft+ppo", "sft+slic", "sft+csft"]
+    models = ["pythia1-4b", "pythia2-8b", "pythia6-9b", "pythia12-0b", "llama7b", "llama13b", "llama30b"]
+    for method in methods:
+        for model in models:
+            r = paper[(method, model)]
+            assert r.total == 512 and r.params > 1e9
+    assert paper[("kto", "llama30b")].params == 32_528_943_616
+    assert paper[("kto", "llama30b")].sft_first is False and paper[("sft+kto", "llama30b")].base_method == "kto"
+    lo, hi = paper[("kto", "llama30b")].ci90
+    assert lo < 0.664 < hi and hi - lo < 0.08
+
+
+def test_imbalance_table_matches_the_paper():
+    table = imbalance_table(read_judgments(JUDGMENTS))
+    rows = [line for line in table.splitlines()[2:]]
+    assert len(rows) == 11
+    assert "| llama7b | 0.1 | 1.0 | 13.33 | 1.0 | 0.328" in table  # 90% of desirable data dropped
+    assert "| llama7b | 1.0 | 0.01 | 1.0 | 75.18 | 0.262" in table
+
+
+def test_markdown_table_orders_models_by_size(paper):
+    table = markdown_table([paper[("kto", m)] for m in ("llama30b", "pythia1-4b", "llama7b")])
+    header = table.splitlines()[0]
+    assert header.index("pythia1-4b") < header.index("llama7b") < header.index("llama30b")
+    assert "0.664 [" in table
+
+
+def test_read_runs_marks_sft_first_and_needs_a_baseline(tmp_path):
+    sft, kto = tmp_path / "sft", tmp_path / "kto"
+    for d, loss, init in ((sft, "sft", ""), (kto, "kto", f"orbax:{sft}")):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"loss": {"name": loss}, "model": {"name": "tiny-1m"}, "init": {"source": init}}))
+    (sft / "eval.json").write_text(json.dumps({"generation": {}}))
+    (kto / "eval.json").write_text(json.dumps({"winrate": {"wins": 300, "ties": 100, "losses": 112, "n": 512}}))
+    (row,) = read_runs([str(kto)])
+    assert row.method == "sft+kto" and row.winrate == pytest.approx(350 / 512)
+    with pytest.raises(ValueError, match="no win rate"):
+        read_runs([str(sft)])
+
+
+def test_plot_scale_script_writes_png_and_table(tmp_path):
+    out, table = tmp_path / "curves.png", tmp_path / "table.md"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "plot_scale.py"), f"--reference={JUDGMENTS}", f"--out={out}", f"--table={table}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "0.664" in table.read_text() and "Data imbalance" in proc.stdout

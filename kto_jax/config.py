@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
         best_mode="min",
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.target = ml_collections.ConfigDict(dict(topology=""))  # the slice this config is sized for (aot_check)
     c.eval = ml_collections.ConfigDict(dict(
         judge="",              # "" = no generation; "synthetic" = the synthetic task's exact judge
         num_prompts=256,

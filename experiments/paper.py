@@ -1,0 +1,79 @@
+"""The KTO paper's suite (Ethayarajh et al. 2024, section 4 and Figure 3).
+
+    --config experiments/paper.py:model=llama-30b,loss=kto,data=shp+hh+oasst,sft=false
+
+Pythia-{1.4B, 2.8B, 6.9B, 12B} and LLaMA-{7B, 13B, 30B} times SFT, CSFT, SLiC, DPO, offline
+PPO and KTO, each from the base model or after SFT (``sft=true`` starts from the SFT run of
+the same model, ``{runs}/sft_{model}``), with the paper code's hyperparameters: RMSprop
+lr 5e-7, 150 warmup steps, global batch 32, beta 0.1, max_length 2048, max_prompt_length
+1024, bf16 compute, one epoch, the "\\n<|user|>\\n" chat template.
+
+Arguments: model (preset), loss, data (``+``-separated sources), sft (true/false),
+weights (a Hugging Face folder with the model's weights and tokenizer; defaults to the
+preset name, which gives random weights: fine for AOT checks, not for training), runs
+(where the sweep's workdirs live, default runs/paper). Each model size carries a default
+mesh, microbatching and remat policy for its target slice (``TARGETS``), which
+``scripts/aot_check.py`` compiles for.
+"""
+
+from kto_jax.config import base_config, loss_config
+
+METHODS = ("sft", "csft", "slic", "dpo", "ppo_offline", "kto")
+MODELS = ("pythia-1.4b", "pythia-2.8b", "pythia-6.9b", "pythia-12b", "llama-7b", "llama-13b", "llama-30b")
+ALIASES = {"ppo": "ppo_offline"}
+ARGS = ("model", "loss", "data", "sft", "weights", "runs")
+
+# target slice, mesh and memory policy per size (global batch 32, 2048 tokens)
+TARGETS = {
+    "pythia-1.4b": dict(topology="v5p-8", mesh=dict(data=1, fsdp=-1, tensor=1), remat="dots_no_batch"),
+    "pythia-2.8b": dict(topology="v5p-8", mesh=dict(data=1, fsdp=-1, tensor=1), remat="dots_no_batch"),
+    "pythia-6.9b": dict(topology="v5p-16", mesh=dict(data=1, fsdp=-1, tensor=1), remat="full"),
+    "pythia-12b": dict(topology="v5p-32", mesh=dict(data=1, fsdp=-1, tensor=1), remat="full"),
+    "llama-7b": dict(topology="v5p-16", mesh=dict(data=1, fsdp=-1, tensor=1), remat="full"),
+    "llama-13b": dict(topology="v5p-32", mesh=dict(data=1, fsdp=-1, tensor=1), remat="full"),
+    "llama-30b": dict(topology="v5p-64", mesh=dict(data=1, fsdp=-1, tensor=2), remat="full"),
+}
+
+
+def parse_arg(arg: str) -> dict:
+    out = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"config argument {item!r} is not key=value (e.g. experiments/paper.py:model=llama-7b,loss=kto)")
+        out[key.strip()] = value.strip()
+    unknown = set(out) - set(ARGS)
+    if unknown:
+        raise ValueError(f"experiments/paper.py: unknown arguments {sorted(unknown)}; use {', '.join(ARGS)}")
+    return out
+
+
+def get_config(arg: str = ""):
+    args = parse_arg(arg)
+    model = args.get("model", "llama-7b")
+    if model not in TARGETS:
+        raise ValueError(f"experiments/paper.py: model={model!r} is not in the paper's suite {MODELS}")
+    loss = ALIASES.get(args.get("loss", "kto"), args.get("loss", "kto"))
+    sft = args.get("sft", "false").lower()
+    if sft not in ("true", "false"):
+        raise ValueError(f"experiments/paper.py: sft={sft!r}: use true or false")
+    runs = args.get("runs", "runs/paper")
+    target = TARGETS[model]
+
+    c = base_config()
+    weights = args.get("weights", "")
+    c.model.name = weights or model
+    c.model.update(dict(dtype="bfloat16", param_dtype="float32", remat_policy=target["remat"]))
+    c.init.source = f"orbax:{runs}/sft_{model}" if sft == "true" and loss not in ("sft", "csft") else ""
+    c.loss = loss_config(loss, **({"beta": 0.1} if "beta" in loss_config(loss) else {}))
+    c.data.update(dict(
+        sources=args.get("data", "shp+hh+oasst"), chat_template="halos", max_length=2048, max_prompt_length=1024,
+        tokenizer=weights, sft_examples="all" if loss == "csft" else "desirable",
+    ))
+    c.train.update(dict(global_batch_size=32, steps=0, log_every=10, eval_every=0))
+    c.train.optimizer.update(dict(name="rmsprop", lr=5e-7, warmup_steps=150, grad_clip=10.0))
+    c.mesh.update(target["mesh"])
+    c.target.topology = target["topology"]
+    c.checkpoint.update(dict(every_minutes=30.0, keep_last=2))
+    c.eval.update(dict(judge="", num_prompts=512, max_new_tokens=512, temperature=0.7, top_p=0.95))
+    return c

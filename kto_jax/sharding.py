@@ -42,13 +42,12 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, object], ...] = (
 )
 
 
-def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh; one axis may be -1 to take the remaining devices.
+def mesh_shape(shape: Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
+    """Axis sizes of a ``(data, fsdp, tensor)`` mesh over ``num_devices``; one axis may be -1 (the rest).
 
-    ``make_mesh({"fsdp": -1})`` puts every device on fsdp. The product must equal the
-    device count; the error names the axis sizes and the count.
+    ``mesh_shape({"fsdp": -1}, 8)`` is ``{"data": 1, "fsdp": 8, "tensor": 1}``. Errors name the
+    sizes and the device count.
     """
-    devices = np.asarray(jax.devices() if devices is None else devices)
     sizes = {axis: 1 for axis in MESH_AXES}
     unknown = set(shape or {}) - set(MESH_AXES)
     if unknown:
@@ -59,11 +58,18 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
         raise ValueError(f"at most one mesh axis may be -1; got {sizes}")
     known = int(np.prod([s for s in sizes.values() if s != -1]))
     if fill:
-        if devices.size % known:
-            raise ValueError(f"mesh {sizes}: {devices.size} devices are not divisible by {known}")
-        sizes[fill[0]] = devices.size // known
-    if int(np.prod(list(sizes.values()))) != devices.size:
-        raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices; there are {devices.size}")
+        if num_devices % known:
+            raise ValueError(f"mesh {sizes}: {num_devices} devices are not divisible by {known}")
+        sizes[fill[0]] = num_devices // known
+    if int(np.prod(list(sizes.values()))) != num_devices:
+        raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices; there are {num_devices}")
+    return sizes
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all) with :func:`mesh_shape`'s sizes."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(shape, devices.size)
     return Mesh(
         devices.reshape([sizes[a] for a in MESH_AXES]),
         MESH_AXES,

@@ -146,6 +146,7 @@ def run(config, workdir: str) -> dict:
     """Train ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the eval results."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
+    setup.validate(config, jax.device_count())  # bad config fails here, before any loading or compiling
     spec, hparams = setup.loss_and_hparams(config)
     mesh = setup.make_mesh(config)
     model, model_params = setup.load_model(config, mesh)

@@ -45,6 +45,43 @@ def loss_and_hparams(config) -> tuple[LossSpec, dict]:
     return spec, spec.hyperparameters(given)
 
 
+def validate(config, num_devices: int) -> None:
+    """Every check that needs neither data, weights nor devices: the loss and its hyperparameters,
+    the model, the data sources and tokenization settings, the init source, and how the global
+    batch splits over microbatches and ``num_devices`` devices. Fails naming the field."""
+    from kto_jax.data.builders import BUILDERS
+
+    spec, _ = loss_and_hparams(config)
+    name = config.model.name
+    if name not in PRESETS and not os.path.isdir(os.path.expanduser(name)):
+        raise ValueError(f"config.model.name={name!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
+    if name in PRESETS:
+        PRESETS[name].replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                              remat_policy=config.model.remat_policy, attention_impl=config.model.attention_impl or None)
+    for source in config.data.sources.split("+"):
+        if source.strip().partition("/")[0] not in BUILDERS:
+            raise ValueError(f"config.data.sources: unknown dataset {source!r}; known: {', '.join(sorted(BUILDERS))}")
+    TokenizeConfig(max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
+                   chat_template=config.data.chat_template, truncation_mode=config.data.truncation_mode)
+    source = config.init.source
+    if source and not source.startswith(("hf:", "orbax:")):
+        raise ValueError(f"config.init.source={source!r}: use '', 'hf:PATH' or 'orbax:WORKDIR[@STEP]'")
+    try:
+        sizes = sharding.mesh_shape({k: int(v) for k, v in config.mesh.items()}, num_devices)
+    except ValueError as e:
+        raise ValueError(f"config.mesh: {e}") from None
+    data_ways = sizes["data"] * sizes["fsdp"]
+    batch, micro = int(config.train.global_batch_size), int(config.train.num_microbatches)
+    if batch % micro or (batch // micro) % data_ways:
+        raise ValueError(
+            f"config.train.global_batch_size={batch} with num_microbatches={micro} must split evenly over the "
+            f"{data_ways} data-parallel devices: use a multiple of {data_ways * micro}"
+        )
+    if spec.needs_kl and batch // micro < 2:
+        raise ValueError(f"loss {spec.name!r} estimates KL within each microbatch and needs at least 2 examples per "
+                         f"microbatch; got {batch // micro}. Raise config.train.global_batch_size or lower num_microbatches.")
+
+
 def make_mesh(config):
     mesh_shape = {k: int(v) for k, v in config.mesh.items()}
     try:

@@ -65,7 +65,7 @@ def get_config(arg: str = ""):
     c.model.name = weights or model
     c.model.update(dict(dtype="bfloat16", param_dtype="float32", remat_policy=target["remat"]))
     c.init.source = f"orbax:{runs}/sft_{model}" if sft == "true" and loss not in ("sft", "csft") else ""
-    c.loss = loss_config(loss, **({"beta": 0.1} if "beta" in loss_config(loss) else {}))
+    c.loss = loss_config(loss)  # the registry defaults are the paper code's (beta 0.1; SLiC beta 1, lambda 0.1)
     c.data.update(dict(
         sources=args.get("data", "shp+hh+oasst"), chat_template="halos", max_length=2048, max_prompt_length=1024,
         tokenizer=weights, sft_examples="all" if loss == "csft" else "desirable",

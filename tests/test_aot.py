@@ -1,0 +1,46 @@
+"""AOT fit check: a 1B-class paper config compiled for a small TPU slice on this CPU host (libtpu)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _libtpu() -> bool:
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_pythia_1_4b_kto_compiles_and_fits_on_v5p_8():
+    if not _libtpu():
+        if os.environ.get("CI"):
+            pytest.fail("CI installs libtpu ('.[tpu]') for this test")
+        pytest.skip("libtpu not installed (pip install -e '.[tpu]')")
+    proc = subprocess.run(
+        [sys.executable, "scripts/aot_check.py", "--config=experiments/paper.py:model=pythia-1.4b,loss=kto",
+         "--topology=v5p-8", "--config.data.max_length=1024", "--config.data.max_prompt_length=512"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout[: proc.stdout.index("\n}") + 2])
+    assert report["devices"] == 4 and report["device_kind"].startswith("TPU v5")
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    # params + RMSprop state + frozen reference, fp32, sharded over 4 chips: 3 * 1.41e9 * 4 B / 4
+    assert 3.5 < report["arguments_gib"] < 4.5
+    assert report["fits"] and report["total_gib"] < report["hbm_gib"] == 95.0
+    assert report["analytic_flops_per_chip"] > 0 and report["xla_flops_per_chip"] > 0
+    assert "| pythia-1.4b | kto | v5p-8 |" in proc.stdout
+
+
+def test_unknown_topology_is_a_clear_error():
+    from kto_jax.aot import topology_devices
+
+    with pytest.raises(ValueError, match="unknown TPU topology 'v9-8'.*v5p-8"):
+        topology_devices("v9-8")

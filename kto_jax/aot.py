@@ -9,6 +9,8 @@ per-chip memory and FLOPs. Use it to know that a config fits before booking the 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 
 import flax.linen as nn
 import jax
@@ -40,13 +42,15 @@ def topology_devices(name: str):
     """The devices of a Cloud TPU slice (e.g. ``v5p-128``) as seen by a compiler on this host."""
     if name not in TOPOLOGIES:
         raise ValueError(f"unknown TPU topology {name!r}; known: {', '.join(TOPOLOGIES)}")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only use: no chips to guard
     from jax.experimental import topologies
 
     family, shape = TOPOLOGIES[name]
     try:
         return topologies.get_topology_desc(topology_name=f"{family}:{shape}", platform="tpu").devices
-    except Exception as e:  # libtpu missing or too old
-        raise RuntimeError(f"cannot describe {name} ({family}:{shape}): {e}. Install libtpu: pip install -e '.[tpu]'") from None
+    except Exception as e:
+        hint = " Install libtpu: pip install -e '.[tpu]'." if importlib.util.find_spec("libtpu") is None else ""
+        raise RuntimeError(f"cannot describe {name} ({family}:{shape}): {e}.{hint}") from None
 
 
 def hbm_bytes(device) -> int | None:

@@ -108,7 +108,8 @@ def compile_train_step(config, devices) -> dict:
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)  # noqa: E731
     state = TrainState(step=scalar(jnp.int32), params=policy, opt_state=opt_state,
                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
-                       loss_state={arg: scalar(jnp.float32) for arg, _ in spec.state_metrics})
+                       loss_state={arg: scalar(jnp.float32) for arg, _ in spec.state_metrics},
+                       nonfinite_skipped=scalar(jnp.int32))
     mode = config.reference.mode if spec.needs_reference else "none"
     reference = params if mode == "model" else None
     step_spec = StepSpec(model, spec, tuple(sorted(hparams.items())), int(config.train.num_microbatches), mode,

@@ -43,7 +43,7 @@ class Checkpointer:
     """Periodic, asynchronous saves and fault-tolerant restores of one run's checkpoints."""
 
     def __init__(self, workdir: str, *, every_steps: int = 0, every_minutes: float = 0.0, keep_last: int = 2,
-                 best_metric: str = "", best_mode: str = "min"):
+                 best_metric: str = "", best_mode: str = "min", read_only: bool = False):
         if best_mode not in ("min", "max"):
             raise ValueError(f"config.checkpoint.best_mode={best_mode!r}: use 'min' or 'max'")
         save = [policies.PreemptionCheckpointingPolicy()]
@@ -64,6 +64,8 @@ class Checkpointer:
                 save_decision_policy=policies.AnySavePolicy(save),
                 preservation_policy=policies.AnyPreservationPolicy(keep),
                 enable_async_checkpointing=True,
+                create=not read_only,
+                read_only=read_only,
             ),
         )
 
@@ -95,31 +97,49 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore_latest(self, state_like):
-        """``(step, state, loader_state, meta)`` of the newest readable checkpoint, or None.
+        """``(step, state, loader_state, meta)`` of the newest readable checkpoint, or None if there is none.
 
-        A checkpoint that fails to restore is skipped with a warning, and the one before it
-        is tried; a state of another shape (another model) is an error, not a fallback.
+        An unreadable (corrupted, truncated) newer checkpoint is moved aside to
+        ``<step>.unreadable`` with a warning and the previous one is used. If checkpoints exist
+        but none is readable, nothing is moved and the error names them and the fix. A state of
+        another shape (another model) is an error, not a fallback.
         """
+        unreadable = []
         for step in reversed(self.steps()):
             where = f"{self.directory}/{step}"
             try:
                 meta = self.restore_meta(step)
             except Exception as e:  # a corrupted or truncated checkpoint
-                self._warn_unreadable(where, e)
+                unreadable.append((step, e))
                 continue
             check_compatible(meta, state_like, where)
             try:
                 state, loader_state = self.restore_state(step, state_like)
             except Exception as e:
-                self._warn_unreadable(where, e)
+                unreadable.append((step, e))
                 continue
+            for bad, error in unreadable:
+                self._set_aside(bad, error)
             return step, state, loader_state, meta
+        if unreadable:
+            details = "; ".join(f"{self.directory}/{step}: {type(e).__name__}: {str(e)[:200]}" for step, e in unreadable)
+            raise UnreadableCheckpoint(
+                f"no readable checkpoint in {self.directory} ({details}). Delete the unreadable checkpoints (or move them "
+                "away) to start this run afresh, or use a new --workdir."
+            )
         return None
 
-    @staticmethod
-    def _warn_unreadable(where: str, error: Exception) -> None:
-        logging.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
-                        where, type(error).__name__, str(error)[:300])
+    def _set_aside(self, step: int, error: Exception) -> None:
+        where = os.path.join(self.directory, str(step))
+        aside = f"{where}.unreadable"
+        n = 1
+        while os.path.exists(aside):
+            aside, n = f"{where}.unreadable{n}", n + 1
+        if jax.process_index() == 0:
+            os.replace(where, aside)
+        logging.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one (the unreadable one "
+                        "is kept as %s)", where, type(error).__name__, str(error)[:300], aside)
+        self.manager.reload()
 
     def restore_state(self, step: int, state_like):
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -131,6 +151,10 @@ class Checkpointer:
 
 class IncompatibleCheckpoint(ValueError):
     """A checkpoint of another model or run setup than the current config."""
+
+
+class UnreadableCheckpoint(RuntimeError):
+    """Checkpoints exist but none can be restored."""
 
 
 def check_compatible(meta: dict, state_like, where: str) -> None:
@@ -154,7 +178,11 @@ def param_shapes(params) -> dict:
 def load_params(workdir_and_step: str, params_like):
     """Policy params from a run's checkpoint: ``WORKDIR`` (latest) or ``WORKDIR@STEP``."""
     workdir, _, step = workdir_and_step.partition("@")
-    checkpointer = Checkpointer(workdir)
+    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint in {directory!r} (config.init.source=orbax:{workdir_and_step}): "
+                                "is it the workdir of a finished kto_jax run?")
+    checkpointer = Checkpointer(workdir, read_only=True)
     steps = checkpointer.steps()
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {checkpointer.directory!r} (config.init.source=orbax:{workdir_and_step})")

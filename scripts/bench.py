@@ -87,7 +87,7 @@ def bench_one(name, mode, model, params, peak):
         batch.update(jax.jit(functools.partial(reference_logps, dataclasses.replace(spec, reference_mode="model")))(reference, batch))
         reference = None
     policy = {"model": jax.tree_util.tree_map(lambda x: x.copy(), params)}  # donated by the step
-    state = TrainState(jnp.zeros((), jnp.int32), policy, optimizer.init(policy), jax.random.PRNGKey(0), {})
+    state = TrainState(jnp.zeros((), jnp.int32), policy, optimizer.init(policy), jax.random.PRNGKey(0), {}, jnp.zeros((), jnp.int32))
     step = jax.jit(functools.partial(train_step, spec, optimizer, lambda s: 1e-5), donate_argnums=(0,))
     times = []
     for i in range(_STEPS.value + 2):

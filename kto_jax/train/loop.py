@@ -155,11 +155,6 @@ def run(config, workdir: str) -> dict:
     loader = setup.make_loader(config, spec, train_data, tokenizer, seed=config.seed)
     eval_data = setup.load_split(config, spec, config.data.eval_split)
     steps = int(config.train.steps) or loader.steps_per_epoch
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        with open(os.path.join(workdir, "data_stats.json"), "w", encoding="utf-8") as f:
-            json.dump({"train": train_data.stats, "eval": eval_data.stats, "dropped_by_tokenization": loader.dropped}, f, indent=2)
 
     mode = config.reference.mode if spec.needs_reference else "none"
     step_spec = StepSpec(model, spec, tuple(sorted(hparams.items())), int(config.train.num_microbatches), mode,
@@ -180,6 +175,7 @@ def run(config, workdir: str) -> dict:
         opt_state=jax.jit(optimizer.init)(params),
         rng=jax.device_put(jax.random.PRNGKey(config.seed), repl),
         loss_state={arg: jax.device_put(jnp.zeros((), jnp.float32), repl) for arg, _ in spec.state_metrics},
+        nonfinite_skipped=jax.device_put(jnp.zeros((), jnp.int32), repl),
     )
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     ckpt = config.checkpoint
@@ -197,8 +193,13 @@ def run(config, workdir: str) -> dict:
                 "was trained against (fingerprints differ): the init source changed. Use a new --workdir."
             )
         loader.restore(loader_state)
-        _truncate_metrics(workdir, first)
         logging.info("resumed from %s/%d", checkpointer.directory, first)
+    _truncate_metrics(workdir, first)  # rows past the restored step (or all, on a fresh start)
+    if jax.process_index() == 0:  # written only once the checkpoint (if any) is known to fit this config
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        with open(os.path.join(workdir, "data_stats.json"), "w", encoding="utf-8") as f:
+            json.dump({"train": train_data.stats, "eval": eval_data.stats, "dropped_by_tokenization": loader.dropped}, f, indent=2)
 
     eval_loader = setup.make_loader(config, spec, eval_data, tokenizer, seed=config.seed + 1)
     eval_batches = [next(eval_loader) for _ in range(min(int(config.train.eval_batches), eval_loader.steps_per_epoch))]
@@ -221,7 +222,7 @@ def run(config, workdir: str) -> dict:
     peak = device_peak_flops(jax.devices()[0].device_kind)
     peak = peak * jax.device_count() if peak else None
     bar = tqdm(total=steps, initial=first, desc=f"{spec.name}", disable=jax.process_index() != 0, dynamic_ncols=True)
-    last_time, last_step, tokens_since, skipped = time.perf_counter(), first, 0.0, 0
+    last_time, last_step, tokens_since = time.perf_counter(), first, 0.0
     with sharding.activation_rules(mesh), Preemption() as preemption:
         for step in range(first, steps):
             batch = next(loader)
@@ -238,14 +239,14 @@ def run(config, workdir: str) -> dict:
                         f"{float(metrics['grad_norm'])}); the last good checkpoint is kept in {checkpointer.directory}. "
                         "Lower config.train.optimizer.lr, check the data, or set config.train.skip_nonfinite=True."
                     )
-                skipped += 1
             if done % int(config.train.log_every) == 0 or done == steps:
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()
                 tokens_since += float(metrics["tokens"])
                 row = {k: v for k, v in metrics.items() if k != "finite"}
+                row["nonfinite_skipped"] = int(jax.device_get(state.nonfinite_skipped))
                 step_time = (now - last_time) / (done - last_step)
-                row.update(step_time_s=step_time, tokens_per_s=tokens_since / (now - last_time), nonfinite_skipped=skipped)
+                row.update(step_time_s=step_time, tokens_per_s=tokens_since / (now - last_time))
                 if peak:
                     length = next(v for k, v in batch.items() if k.endswith("input_ids")).shape[1]
                     flops = step_flops(model.config, spec, batch=int(config.train.global_batch_size), length=length, reference_mode=mode)

@@ -114,6 +114,8 @@ def load_model(config, mesh) -> tuple[Decoder, dict]:
     name = config.model.name
     if source.startswith("hf:"):
         name, source = source[3:], ""
+        if not os.path.isdir(os.path.expanduser(name)):
+            raise FileNotFoundError(f"config.init.source=hf:{name}: {name!r} is not a folder (a Hugging Face model folder with config.json and safetensors)")
     if name not in PRESETS and not os.path.isdir(os.path.expanduser(name)):
         raise ValueError(f"config.model.name={name!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
     model, params = from_hf(os.path.expanduser(name) if name not in PRESETS else name, mesh=mesh, seed=config.seed, **model_overrides(config))
@@ -176,7 +178,9 @@ def tokenizer_for(config, model: Decoder):
     tokenizer = get_tokenizer(os.path.expanduser(name) if name != "bytes" else name)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
-            f"tokenizer {name!r} has {tokenizer.vocab_size} tokens but model {config.model.name!r} only {model.config.vocab_size}"
+            f"config.data.tokenizer={name!r} has {tokenizer.vocab_size} tokens but model {config.model.name!r} embeds only "
+            f"{model.config.vocab_size}: use the model's own tokenizer (config.data.tokenizer='' for a model folder) or a "
+            f"model with vocab_size >= {tokenizer.vocab_size} (config.model.name)"
         )
     return tokenizer
 

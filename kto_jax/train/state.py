@@ -1,7 +1,8 @@
 """The train state and the optimizer, both plain pytrees built from the config.
 
 ``TrainState`` holds what changes during training: the policy params, the optimizer
-state, the step, the RNG and small loss state (BCO's running reward mean). The frozen
+state, the step, the RNG, small loss state (BCO's running reward mean) and the count of
+skipped non-finite updates. The frozen
 reference params travel beside it as a separate argument of the step (never donated,
 never saved twice); with ``config.reference.mode = "cached"`` there are none at all.
 """
@@ -25,6 +26,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     loss_state: dict
+    nonfinite_skipped: jax.Array  # updates skipped for a non-finite loss or gradient norm
 
 
 def warmup_schedule(lr: float, warmup_steps: int):

@@ -182,7 +182,9 @@ def train_step(spec: StepSpec, optimizer: optax.GradientTransformation, lr_fn, s
     if spec.skip_nonfinite:  # the step still counts; the update is dropped
         keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         params, opt_state, loss_state = keep(params, state.params), keep(opt_state, state.opt_state), keep(loss_state, state.loss_state)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_state=loss_state)
+    skipped = state.nonfinite_skipped + (~finite).astype(jnp.int32) if spec.skip_nonfinite else state.nonfinite_skipped
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_state=loss_state,
+                              nonfinite_skipped=skipped)
     return new_state, metrics
 
 

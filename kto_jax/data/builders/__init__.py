@@ -32,6 +32,10 @@ def get_builder(name: str, data_dir: str, *, skip_bad_records: bool = False):
     source, _, config = name.partition("/")
     if source not in BUILDERS:
         raise ValueError(f"unknown dataset {source!r} (config.data.sources); known: {', '.join(sorted(BUILDERS))}")
+    configs = [c.name for c in getattr(BUILDERS[source], "BUILDER_CONFIGS", [])]
+    if config and config not in configs:
+        known = ", ".join(configs) if configs else "none (use the bare name)"
+        raise ValueError(f"dataset {source!r} has no config {config!r} (config.data.sources={name!r}); its configs: {known}")
     kwargs = {"config": config} if config else {}
     return BUILDERS[source](data_dir=os.path.expanduser(data_dir), skip_bad_records=skip_bad_records, **kwargs)
 

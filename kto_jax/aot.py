@@ -23,7 +23,7 @@ from kto_jax.flops import step_flops
 from kto_jax.models import abstract_params, build_model
 from kto_jax.models.presets import get_preset
 from kto_jax.train import setup
-from kto_jax.train.state import TrainState, learning_rate, make_optimizer
+from kto_jax.train.state import TrainState, learning_rate, make_optimizer, opt_state_shardings
 from kto_jax.train.step import StepSpec, ValueHead, train_step
 
 GiB = 1024**3
@@ -101,10 +101,7 @@ def compile_train_step(config, devices) -> dict:
         policy["value_head"] = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), head)
     optimizer = make_optimizer(config.train.optimizer)
     boxed_policy = {"model": boxed, **({"value_head": policy["value_head"]} if "value_head" in policy else {})}
-    opt_boxed = jax.eval_shape(optimizer.init, boxed_policy)
-    opt_specs = nn.get_partition_spec(opt_boxed)
-    opt_shardings = sharding.logical_to_sharding(opt_specs, mesh)
-    opt_state = _abstract(nn.unbox(opt_boxed), opt_shardings)
+    opt_state = _abstract(nn.unbox(jax.eval_shape(optimizer.init, boxed_policy)), opt_state_shardings(optimizer, boxed_policy, mesh))
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)  # noqa: E731
     state = TrainState(step=scalar(jnp.int32), params=policy, opt_state=opt_state,
                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),

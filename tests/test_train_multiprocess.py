@@ -18,15 +18,15 @@ import os
 import numpy as np
 import pytest
 
-from tests.train_helpers import CLI_SMALL_FLAGS, finish, free_port, start, subprocess_env, synthetic_data_dir, tail, train_rows
+from tests.train_helpers import CLI_SMALL_FLAGS, finish, free_port, start, subprocess_env, tail, train_rows
 
 TIMEOUT = 300
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    data_dir = synthetic_data_dir(tmp_path_factory)
+def runs(tmp_path_factory, synthetic_data_dir):
+    data_dir = synthetic_data_dir
     root = str(tmp_path_factory.mktemp("multiprocess"))
 
     def cli(workdir):
@@ -82,11 +82,6 @@ def test_two_processes_match_one_process(runs):
     assert all(row["tokens"] == ref["tokens"] for row, ref in zip(multi, single)), "each process feeds its slice of the same global batch"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kto_jax/train/loop.py:115 (opt_state=jax.jit(optimizer.init)(params)) puts the optimizer state on each "
-    "process's first device, and the first step fails with 'ValueError: Received incompatible devices for jitted "
-    "computation. Got argument state.opt_state[1][0].count ... device ids [0] ... context mesh with device ids "
-    "[0, 1, 2048, 2049]' (process 1: device ids [2048]); the same error stops any single-process run on >1 device"))
 def test_cli_as_is_two_processes_match_one_process(runs):
     """python -m kto_jax.train unchanged, two processes: the same trajectory as one process."""
     assert_same_trajectory(check_run(runs["cli"]), check_run(runs["single"]))

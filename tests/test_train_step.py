@@ -26,7 +26,7 @@ from kto_jax.models.hf import init_params
 from kto_jax.models.presets import get_preset
 from kto_jax.train.state import TrainState, learning_rate, make_optimizer
 from kto_jax.train.step import StepSpec, ValueHead, microbatch_loss, reference_logps, train_step
-from tests.train_helpers import FAST_COMPILER_OPTIONS, synthetic_data_dir
+from tests.train_helpers import FAST_COMPILER_OPTIONS
 
 MODEL_CONFIG = get_preset("tiny-1m", num_layers=2)
 MODEL = build_model(MODEL_CONFIG)
@@ -46,13 +46,8 @@ def jit(fn):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return synthetic_data_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def examples(data_dir):
-    paired = load_examples("synthetic", "validation", data_dir)
+def examples(synthetic_data_dir):
+    paired = load_examples("synthetic", "validation", synthetic_data_dir)
     return {"paired": paired, "unary": unary_view(paired, seed=0)[0]}
 
 
@@ -105,6 +100,7 @@ def initial_state(loss: str, params, optimizer: str = "adamw") -> TrainState:
         opt_state=make_optimizer(OPTIMIZERS[optimizer]).init(p),
         rng=jax.random.PRNGKey(0),
         loss_state={arg: jnp.zeros((), jnp.float32) for arg, _ in spec.state_metrics},
+        nonfinite_skipped=jnp.zeros((), jnp.int32),
     )
 
 
@@ -119,7 +115,8 @@ def assert_trees_close(actual, expected, atol, what=""):
 def assert_metrics_close(actual: dict, expected: dict, atol: float):
     assert sorted(actual) == sorted(expected)
     for key in expected:
-        np.testing.assert_allclose(np.asarray(actual[key]), np.asarray(expected[key]), rtol=0, atol=atol, err_msg=key)
+        a, e = np.asarray(actual[key], np.float64), np.asarray(expected[key], np.float64)
+        np.testing.assert_allclose(a, e, rtol=0, atol=atol, err_msg=key)
 
 
 # ---------------------------------------------------------------------------- training
@@ -150,7 +147,8 @@ def test_loss_falls_on_a_fixed_batch(loss, start, examples, policy):
 @pytest.mark.parametrize("loss", ["kto", "dpo", "ipo", "kto_zero"])
 def test_cached_reference_logps_give_the_model_reference_loss(loss, examples, policy, reference):
     """microbatch_loss with reference_mode="cached" (reference_logps arrays added to the batch)
-    equals reference_mode="model" (a reference forward inside the step): loss and every metric."""
+    equals reference_mode="model" (a reference forward inside the step): loss and every metric.
+    (IPO's log-probs are length-normalised; kto_zero takes no KL sequences.)"""
     batch = next(loader(examples, loss))
     model_spec, cached_spec = step_spec(loss, 1, "model"), step_spec(loss, 1, "cached")
 
@@ -208,7 +206,7 @@ def compiled_microbatch_grad(loss: str):
     return jit(jax.value_and_grad(lambda p, ref, mb: microbatch_loss(spec, p, ref, mb, {}), has_aux=True))
 
 
-@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("k", [2])
 def test_kto_microbatches_average_their_own_losses(k, examples, policy, reference):
     """KTO with k microbatches: each microbatch (rows m, m+k, ...) has its own z0, and the step's
     loss, kl and gradient are the averages of the k microbatch losses computed separately."""

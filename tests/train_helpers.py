@@ -1,12 +1,13 @@
 """Shared pieces of the training-engine tests (tests/test_train_*.py and tests/train_worker.py).
 
-* the synthetic TFDS dataset, prepared once per pytest session into a temporary data_dir;
 * XLA options that make CPU compilation ~2x faster (the tests compile many tiny programs and
   run them for a few steps, so backend optimisation buys nothing);
 * environments and a runner for subprocesses (simulated devices, no inherited
   multi-process settings) with a timeout, so a hang fails a test instead of blocking CI;
 * the tiny config the engine tests run: tiny-1m with 2 layers, batches of 8, sequences of at
   most 32 tokens, the 500-pair validation split for training and evaluation.
+
+The synthetic dataset comes from conftest.py's session fixture ``synthetic_data_dir``.
 """
 
 from __future__ import annotations
@@ -25,21 +26,6 @@ FAST_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_
 # tiny-1m (Llama, 4 heads = 4 kv heads, vocab 384, hidden 128, mlp 344) with 2 layers instead of 4;
 # registered into the presets of whichever process runs the engine (kto_jax.models.presets.PRESETS).
 TEST_PRESET = "tiny-1m-2l"
-
-_DATA_DIR: str | None = None
-
-
-def synthetic_data_dir(tmp_path_factory) -> str:
-    """A data_dir with synthetic/paired and synthetic/unary prepared (once per pytest session)."""
-    global _DATA_DIR
-    if _DATA_DIR is None:
-        from kto_jax.data.builders import prepare
-
-        path = str(tmp_path_factory.mktemp("tfds"))
-        prepare("synthetic", path)
-        prepare("synthetic/unary", path)
-        _DATA_DIR = path
-    return _DATA_DIR
 
 
 def register_test_preset() -> str:

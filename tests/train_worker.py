@@ -6,7 +6,7 @@ or in several processes happen here; results come back as JSON/npz files.
 
     sharded   --loss L --data_dir D --out DIR [--steps N]
         the train step on meshes (data, fsdp, tensor) = (1,1,1) on one device, (8,1,1), (2,2,2),
-        (1,4,2); state and jit as in kto_jax.train.loop.run, with the optimizer state placed on
+        (1,4,2) (sgd, lr 0.1); state and jit as in kto_jax.train.loop.run, with the optimizer state placed on
         the params' shardings. Then kto_jax.train.loop.run itself on the (2,2,2) mesh.
     losses    --data_dir D --out DIR L1 L2 ...
         kto_jax.train.loop.run(small config, DIR/L) for each loss, one step each.
@@ -58,7 +58,9 @@ def sharded(args) -> None:
 
     assert jax.device_count() == 8, jax.devices()
     config = small_config(args.loss, args.data_dir, steps=args.steps)
-    config.train.optimizer.update(dict(lr=1e-3, warmup_steps=0))  # steps that move the params visibly
+    # sgd: the param updates are the (clipped) gradients, so small reduction-order differences stay
+    # small (adam's first steps, g / (|g| + eps), would blow them up for near-zero gradients)
+    config.train.optimizer.update(dict(name="sgd", lr=0.1, warmup_steps=0))
     spec, hparams = setup.loss_and_hparams(config)
     data = setup.load_split(config, spec, config.data.train_split)
     loader = setup.make_loader(config, spec, data, get_tokenizer("bytes"), seed=config.seed)
@@ -80,6 +82,7 @@ def sharded(args) -> None:
             opt_state=jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, mesh))(params),
             rng=jax.device_put(jax.random.PRNGKey(config.seed), repl),
             loss_state={},
+            nonfinite_skipped=jax.device_put(jnp.zeros((), jnp.int32), repl),
         )
         shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
         fn = jax.jit(functools.partial(train_step, step_spec, optimizer, lr_fn), in_shardings=(shardings, None, None),
@@ -117,6 +120,7 @@ def losses(args) -> None:
     for name in args.names:
         config = small_config(name, args.data_dir, steps=1)
         workdir = os.path.join(args.out, name)
+        os.makedirs(workdir, exist_ok=True)
         try:
             loop.run(config, workdir)
         except Exception:

@@ -28,7 +28,8 @@ from kto_jax.checkpoint import Checkpointer
 from kto_jax.evaluate import generate, get_judge, judged_rate, winrate
 from kto_jax.flops import device_peak_flops, step_flops
 from kto_jax.train import setup
-from kto_jax.train.state import TrainState, learning_rate, make_optimizer
+from kto_jax.models import abstract_params
+from kto_jax.train.state import TrainState, learning_rate, make_optimizer, opt_state_shardings
 from kto_jax.train.step import StepSpec, ValueHead, eval_step, reference_logps, train_step
 
 LOGGED = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "grad_norm", "lr")
@@ -169,10 +170,11 @@ def run(config, workdir: str) -> dict:
     optimizer = make_optimizer(config.train.optimizer)
     lr_fn = functools.partial(learning_rate, config.train.optimizer)
     repl = sharding.replicated(mesh)
+    boxed_policy = {"model": abstract_params(model.config), **({"value_head": params["value_head"]} if "value_head" in params else {})}
     state = TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), repl),
         params=params,
-        opt_state=jax.jit(optimizer.init)(params),
+        opt_state=jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, boxed_policy, mesh))(params),
         rng=jax.device_put(jax.random.PRNGKey(config.seed), repl),
         loss_state={arg: jax.device_put(jnp.zeros((), jnp.float32), repl) for arg, _ in spec.state_metrics},
         nonfinite_skipped=jax.device_put(jnp.zeros((), jnp.int32), repl),

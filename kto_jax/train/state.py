@@ -58,3 +58,16 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
 
 def learning_rate(cfg, step) -> jax.Array:
     return warmup_schedule(cfg.lr, cfg.warmup_steps)(step)
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, boxed_policy, mesh):
+    """NamedShardings of the optimizer state: moments sharded like the params they track,
+    scalars (step counts) replicated. ``boxed_policy`` is the policy param tree with its
+    logical-axis boxes (``kto_jax.models.abstract_params``); optax keeps the boxes on the
+    moments, so their logical axes come through ``eval_shape``."""
+    import flax.linen as nn
+
+    from kto_jax import sharding
+
+    specs = nn.get_partition_spec(jax.eval_shape(optimizer.init, boxed_policy))
+    return sharding.logical_to_sharding(specs, mesh)

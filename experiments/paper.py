@@ -16,7 +16,7 @@ mesh, microbatching and remat policy for its target slice (``TARGETS``), which
 ``scripts/aot_check.py`` compiles for.
 """
 
-from kto_jax.config import base_config, loss_config
+from kto_jax.config import base_config, loss_config, parse_arg
 
 METHODS = ("sft", "csft", "slic", "dpo", "ppo_offline", "kto")
 MODELS = ("pythia-1.4b", "pythia-2.8b", "pythia-6.9b", "pythia-12b", "llama-7b", "llama-13b", "llama-30b")
@@ -35,21 +35,8 @@ TARGETS = {
 }
 
 
-def parse_arg(arg: str) -> dict:
-    out = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"config argument {item!r} is not key=value (e.g. experiments/paper.py:model=llama-7b,loss=kto)")
-        out[key.strip()] = value.strip()
-    unknown = set(out) - set(ARGS)
-    if unknown:
-        raise ValueError(f"experiments/paper.py: unknown arguments {sorted(unknown)}; use {', '.join(ARGS)}")
-    return out
-
-
 def get_config(arg: str = ""):
-    args = parse_arg(arg)
+    args = parse_arg(arg, ARGS, "experiments/paper.py")
     model = args.get("model", "llama-7b")
     if model not in TARGETS:
         raise ValueError(f"experiments/paper.py: model={model!r} is not in the paper's suite {MODELS}")

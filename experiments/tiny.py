@@ -7,23 +7,10 @@ Arguments (comma-separated key=value): loss (any registered name), model (a pres
 steps, init (an init source such as orbax:runs/sft).
 """
 
-from kto_jax.config import tiny_config
+from kto_jax.config import parse_arg, tiny_config
 
 ARGS = ("loss", "model", "steps", "init")
 
 
-def parse_arg(arg: str) -> dict:
-    out = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"config argument {item!r} is not key=value (e.g. experiments/tiny.py:loss=kto)")
-        out[key.strip()] = value.strip()
-    unknown = set(out) - set(ARGS)
-    if unknown:
-        raise ValueError(f"experiments/tiny.py: unknown arguments {sorted(unknown)}; use {', '.join(ARGS)}")
-    return out
-
-
 def get_config(arg: str = ""):
-    return tiny_config(**parse_arg(arg))
+    return tiny_config(**parse_arg(arg, ARGS, "experiments/tiny.py"))

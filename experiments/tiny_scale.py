@@ -7,17 +7,14 @@ win rate against it; sft=false aligns the randomly initialised model directly (a
 SFT run as baseline too). The sweep is experiments/sweeps/tiny_scale.py.
 """
 
-from kto_jax.config import tiny_config
+from kto_jax.config import parse_arg, tiny_config
 
 MODELS = ("tiny-1m", "tiny-5m", "tiny-25m")
 ARGS = ("model", "loss", "sft", "runs", "steps")
 
 
 def get_config(arg: str = ""):
-    args = dict(item.split("=", 1) for item in filter(None, (arg or "").split(",")))
-    unknown = set(args) - set(ARGS)
-    if unknown:
-        raise ValueError(f"experiments/tiny_scale.py: unknown arguments {sorted(unknown)}; use {', '.join(ARGS)}")
+    args = parse_arg(arg, ARGS, "experiments/tiny_scale.py")
     model, loss = args.get("model", "tiny-1m"), args.get("loss", "kto")
     runs = args.get("runs", "runs/tiny_scale")
     sft_dir = f"{runs}/sft_{model}"

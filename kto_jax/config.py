@@ -13,6 +13,20 @@ import ml_collections
 from kto_jax.losses import get_loss
 
 
+def parse_arg(arg: str, allowed: tuple[str, ...], where: str) -> dict:
+    """An experiment's config argument ``a=1,b=2`` -> {"a": "1", "b": "2"}; keys outside ``allowed`` fail."""
+    out = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"config argument {item!r} is not key=value (e.g. {where}:loss=kto)")
+        out[key.strip()] = value.strip()
+    unknown = set(out) - set(allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown arguments {sorted(unknown)}; use {', '.join(allowed)}")
+    return out
+
+
 def loss_config(name: str, **overrides) -> ml_collections.ConfigDict:
     """``{"name": name, **defaults of that loss}`` with overrides checked against the registry."""
     spec = get_loss(name)

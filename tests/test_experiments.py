@@ -99,3 +99,26 @@ def test_paper_sweep_covers_the_suite():
             validate(load_config(run["config"]), 64 if "30b" in run["name"] else 32)
     finally:
         os.chdir(cwd)
+
+
+def test_imbalance_configs_reweight_as_the_paper():
+    imbalance = _module("imbalance")
+    config = imbalance.get_config("desirable_fraction=0.1")
+    assert config.data.desirable_fraction == 0.1 and round(config.loss.desirable_weight, 2) == 13.33
+    assert config.loss.undesirable_weight == 1.0 and config.init.source.startswith("orbax:")
+    config = imbalance.get_config("undesirable_fraction=0.1")
+    assert round(config.loss.undesirable_weight, 2) == 7.5
+    validate(config, chips(config.target.topology))
+    with pytest.raises(ValueError, match="one class at a time"):
+        imbalance.get_config("desirable_fraction=0.5,undesirable_fraction=0.5")
+
+
+def test_zephyr_configs():
+    zephyr = _module("zephyr")
+    for arg in ("loss=sft", "loss=dpo", "loss=kto", "loss=kto,one_y=true"):
+        config = zephyr.get_config(arg)
+        validate(config, chips(config.target.topology))
+        assert config.data.sources == "ultrafeedback" and config.model.name == "mistral-7b"
+    assert zephyr.get_config("loss=kto,one_y=true").data.one_y_per_x
+    with pytest.raises(ValueError, match="one_y=true is a KTO variant"):
+        zephyr.get_config("loss=dpo,one_y=true")

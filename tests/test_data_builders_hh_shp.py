@@ -86,7 +86,7 @@ def test_hh_subset_configs(tmp_path):
     online = load_records("hh/helpful-online", "train", str(tmp_path), HH_DIR)
     assert [r["id"] for r in online] == ["hh/helpful-online/train/1"]  # line 0 has an empty completion
     assert len(load_records("hh/helpful-rejection-sampled", "test", str(tmp_path), HH_DIR)) == 1
-    with pytest.raises(ValueError, match="BuilderConfig helpful_base not found"):
+    with pytest.raises(ValueError, match="dataset 'hh' has no config 'helpful_base'.*helpful-base"):
         load_records("hh/helpful_base", "train", str(tmp_path), HH_DIR)
 
 

@@ -1,0 +1,150 @@
+"""Shared pieces of the numpy-reference loss tests: tolerances, hypothesis settings and input strategies."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+
+RTOL = 2e-5
+ATOL = 2e-5
+
+SETTINGS = settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=False,
+)
+SMALL_SETTINGS = settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# comparison helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _scalar(x) -> float:
+    x = np.asarray(x)
+    assert x.shape == (), f"expected a scalar, got shape {x.shape}"
+    return float(x)
+
+
+def assert_close(actual, expected, what, rtol=RTOL, atol=ATOL):
+    actual = _scalar(actual)
+    assert np.isfinite(actual), f"{what}: got non-finite {actual} (expected {expected})"
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+
+
+def assert_matches(out, ref, *, rtol=RTOL, atol=ATOL, fraction_slack=None, context=""):
+    """Compare ``(loss, metrics)`` from the library with ``(loss, metrics)`` from the reference.
+
+    ``fraction_slack`` maps metric names that are fractions of a discontinuous predicate (accuracies,
+    clipfrac) to how far they may differ because of near-ties decided differently in float32.
+    """
+    loss, metrics = out
+    ref_loss, ref_metrics = ref
+    fraction_slack = fraction_slack or {}
+    assert_close(loss, ref_loss, f"loss {context}", rtol, atol)
+    for name, expected in ref_metrics.items():
+        if name.startswith("_"):
+            continue
+        assert name in metrics, f"metric {name!r} missing; got {sorted(metrics)} {context}"
+        if name in fraction_slack:
+            actual = _scalar(metrics[name])
+            assert abs(actual - expected) <= fraction_slack[name] + 1e-6, (
+                f"metric {name}: {actual} vs {expected} (slack {fraction_slack[name]}) {context}"
+            )
+        else:
+            assert_close(metrics[name], expected, f"metric {name} {context}", rtol, atol)
+
+
+def accuracy_slack(chosen_rewards, rejected_rewards, valid):
+    """Fraction of valid rows whose chosen/rejected rewards are so close that float32 may order them
+    differently from float64."""
+    chosen_rewards = np.asarray(chosen_rewards, np.float64)[valid]
+    rejected_rewards = np.asarray(rejected_rewards, np.float64)[valid]
+    if chosen_rewards.size == 0:
+        return 0.0
+    near = np.abs(chosen_rewards - rejected_rewards) <= 1e-4 * (
+        1 + np.abs(chosen_rewards) + np.abs(rejected_rewards)
+    )
+    return float(np.mean(near))
+
+
+def _valid(batch, example_mask):
+    return np.ones(batch, bool) if example_mask is None else np.asarray(example_mask, bool)
+
+
+# ----------------------------------------------------------------------------------------------------
+# strategies
+# ----------------------------------------------------------------------------------------------------
+
+batch_sizes = st.integers(1, 9)
+
+
+def f32_arrays(batch, low, high):
+    low, high = float(np.float32(low)), float(np.float32(high))
+    return hnp.arrays(
+        np.float32,
+        (batch,),
+        elements=st.floats(low, high, width=32, allow_nan=False, allow_infinity=False),
+    )
+
+
+def example_masks(batch):
+    return st.one_of(st.none(), hnp.arrays(np.bool_, (batch,)))
+
+
+@st.composite
+def paired_inputs(draw, low=-60.0, high=0.0, with_reference=True):
+    batch = draw(batch_sizes)
+    n = 4 if with_reference else 2
+    arrays = [draw(f32_arrays(batch, low, high)) for _ in range(n)]
+    mask = draw(example_masks(batch))
+    return batch, arrays, mask
+
+
+@st.composite
+def unary_inputs(draw, with_kl=True):
+    batch = draw(batch_sizes)
+    reference = draw(f32_arrays(batch, -60.0, 0.0))
+    logratio = draw(f32_arrays(batch, -20.0, 20.0))
+    policy = (reference + logratio).astype(np.float32)
+    arrays = [policy, reference]
+    if with_kl:
+        reference_kl = draw(f32_arrays(batch, -60.0, 0.0))
+        kl_logratio = draw(f32_arrays(batch, -20.0, 20.0))
+        arrays += [(reference_kl + kl_logratio).astype(np.float32), reference_kl]
+    desirable = draw(hnp.arrays(np.bool_, (batch,)))
+    mask = draw(example_masks(batch))
+    return batch, arrays, desirable, mask
+
+
+betas = st.floats(0.01, 1.0)
+weights = st.floats(0.1, 3.0)
+
+
+# hyperparameter strategies of the paired losses (TRL v0.28 dpo_loss family)
+PAIRED = {
+    "dpo": dict(beta=st.floats(0.01, 1.0), label_smoothing=st.floats(0.0, 0.49)),
+    "ipo": dict(beta=st.floats(0.01, 1.0)),
+    "hinge": dict(beta=st.floats(0.01, 1.0)),
+    "robust": dict(beta=st.floats(0.01, 1.0), label_smoothing=st.floats(0.0, 0.45)),
+    "exo_pair": dict(beta=st.floats(0.01, 1.0), label_smoothing=st.floats(1e-4, 0.45)),
+    "bco_pair": dict(
+        beta=st.floats(0.01, 1.0),
+        running_mean=st.floats(-5.0, 5.0),
+        running_count=st.one_of(st.just(0.0), st.floats(1.0, 1000.0)),
+    ),
+    "sppo_hard": dict(beta=st.floats(0.01, 1.0)),
+    "nca_pair": dict(beta=st.floats(0.01, 1.0)),
+    "apo_zero": dict(beta=st.floats(0.01, 1.0)),
+    "apo_down": dict(beta=st.floats(0.01, 1.0)),
+    "discopop": dict(beta=st.floats(0.01, 0.5), tau=st.floats(0.05, 1.0)),
+}

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import kto_jax.losses as L
 from tests import numpy_reference as R
+from tests import numpy_reference_ppo as P
 from tests.numpy_checks import ATOL, PAIRED, RTOL, SMALL_SETTINGS, _scalar, _valid, accuracy_slack, assert_close, assert_matches, batch_sizes
 
 
@@ -49,16 +50,16 @@ def ppo_tolerance(ref_metrics):
 
 
 def _ppo_reference(policy, reference, values, desirable, mask, example_mask, **hp):
-    loss, metrics = R.ppo_offline(
+    loss, metrics = P.ppo_offline(
         policy, reference, values, desirable, mask, example_mask=example_mask, return_details=True, **hp
     )
     valid = _valid(policy.shape[0], example_mask)
     masks = mask[valid].astype(np.float64)
-    rewards = R.ppo_rewards(desirable[valid], masks)
-    raw, _, _, _ = R.compute_advantages(
+    rewards = P.ppo_rewards(desirable[valid], masks)
+    raw, _, _, _ = P.compute_advantages(
         values[valid].astype(np.float64), rewards, masks, gamma=hp["gamma"], lam=hp["lam"]
     )
-    std = np.sqrt(R.masked_var(raw, masks) + 1e-8)
+    std = np.sqrt(P.masked_var(raw, masks) + 1e-8)
     metrics["_amplification"] = float(np.max(np.abs(raw), initial=1.0)) / std * 1e-2
     n = metrics["_num_tokens"]
     metrics["_clip_slack"] = float(np.sum(metrics["_clip_gap"] < 1e-3)) / n if n else 0.0
@@ -105,9 +106,9 @@ def test_gae_matches_halos_loop(seed, batch, gamma, lam):
     """``gae`` returns (advantages, discounted future rewards) as HALOs ``compute_advantages`` (before
     normalisation)."""
     _, _, _, values, desirable, mask = ppo_inputs(seed, batch, 12)
-    rewards = R.ppo_rewards(desirable, mask.astype(np.float64)).astype(np.float32)
+    rewards = P.ppo_rewards(desirable, mask.astype(np.float64)).astype(np.float32)
     advantages, future = L.gae(values, rewards, mask, gamma=gamma, lam=lam)
-    ref_adv, _, _, ref_future = R.compute_advantages(
+    ref_adv, _, _, ref_future = P.compute_advantages(
         values.astype(np.float64), rewards.astype(np.float64), mask.astype(np.float64), gamma=gamma, lam=lam
     )
     np.testing.assert_allclose(np.asarray(advantages), ref_adv, rtol=RTOL, atol=1e-5)
@@ -130,7 +131,7 @@ def test_ppo_offline_hand_example():
     assert_close(metrics["kl"], 0.0, "kl")
     assert_close(metrics["clipfrac"], 0.0, "clipfrac")
     assert_close(loss, 0.25, "loss")
-    ref_loss, ref_metrics = R.ppo_offline(
+    ref_loss, ref_metrics = P.ppo_offline(
         zeros, zeros, zeros, np.array([True]), mask, gamma=0.5, lam=0.5, critic_coef=1.0, kl_coef=1.0
     )
     assert ref_loss == pytest.approx(0.25) and ref_metrics["loss/critic"] == pytest.approx(0.25)

@@ -4,7 +4,8 @@
     python scripts/aot_check.py --sweep experiments/sweeps/paper_fit.py --out fit   # fit.md + fit.json
 
 Prints per-chip memory (arguments, outputs, temporaries, total against the chip's HBM),
-whether it fits, and XLA's FLOPs beside the analytic count. Needs libtpu
+whether it fits, and XLA's FLOPs (loops counted in full: kto_jax.aot.xla_step_flops) beside the
+analytic count of kto_jax/flops.py. Needs libtpu
 (``pip install -e '.[tpu]'``); nothing is allocated and no TPU is needed.
 """
 
@@ -27,7 +28,7 @@ _SWEEP = flags.DEFINE_string("sweep", "", "A sweep file: compile every config of
 _OUT = flags.DEFINE_string("out", "", "With --sweep: write OUT.md and OUT.json.")
 
 COLUMNS = ("model", "loss", "topology", "mesh", "remat", "arguments_gib", "temporaries_gib", "total_gib", "hbm_gib",
-           "fits", "headroom_gib", "xla_tflops_per_chip", "analytic_tflops_per_chip")
+           "fits", "headroom_gib", "xla_tflops_per_chip", "analytic_tflops_per_chip", "xla_over_analytic")
 
 
 def check(config, topology: str) -> dict:
@@ -35,6 +36,7 @@ def check(config, topology: str) -> dict:
     report["topology"] = topology
     report["xla_tflops_per_chip"] = (report["xla_flops_per_chip"] or 0) / 1e12
     report["analytic_tflops_per_chip"] = report["analytic_flops_per_chip"] / 1e12
+    report["xla_over_analytic"] = (report["xla_flops_per_chip"] or 0) / report["analytic_flops_per_chip"]
     return report
 
 
@@ -42,7 +44,7 @@ def row(report: dict) -> str:
     cells = []
     for c in COLUMNS:
         v = report.get(c)
-        cells.append(f"{v:.1f}" if isinstance(v, float) else ("x".join(f"{k}{n}" for k, n in v.items()) if isinstance(v, dict) else str(v)))
+        cells.append(f"{v:.2f}" if c == "xla_over_analytic" else f"{v:.1f}" if isinstance(v, float) else ("x".join(f"{k}{n}" for k, n in v.items()) if isinstance(v, dict) else str(v)))
     return "| " + " | ".join(cells) + " |"
 
 

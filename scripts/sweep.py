@@ -1,10 +1,11 @@
 """Launch a sweep of runs: locally one after another, as a SLURM array, or on a TPU VM slice.
 
     python scripts/sweep.py experiments/sweeps/tiny_scale.py --launcher local
-    python scripts/sweep.py experiments/sweeps/paper.py --launcher slurm --nodes 2 --gpus_per_node 8 --dry_run
-    python scripts/sweep.py experiments/sweeps/paper.py --launcher tpu --tpu_name my-v5p-64 --zone us-east5-a --dry_run
+    python scripts/sweep.py experiments/sweeps/paper.py --launcher slurm --nodes 2 --gpus-per-node 8 --dry-run
+    python scripts/sweep.py experiments/sweeps/paper.py --launcher tpu --tpu_name my-v5p-64 --zone us-east5-a --dry-run
 
-Rerunning skips finished runs (those with eval.json) and resumes unfinished ones.
+Rerunning skips finished runs (those with eval.json) and resumes unfinished ones. Flags take
+dashes or underscores (``--dry-run`` = ``--dry_run``).
 """
 
 from __future__ import annotations
@@ -33,9 +34,17 @@ _PROJECT = flags.DEFINE_string("project", "", "GCP project.")
 _REPO = flags.DEFINE_string("repo_dir", "~/kto-jax", "TPU: the repository's path on the TPU VM hosts.")
 
 
+def dashes_to_underscores(arg: str) -> str:
+    """``--dry-run`` -> ``--dry_run``, ``--gpus-per-node=8`` -> ``--gpus_per_node=8`` (absl's spelling)."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg.partition("=")
+    return name[:2] + name[2:].replace("-", "_") + eq + value
+
+
 def main(argv):
     if len(argv) != 2:
-        raise app.UsageError("usage: scripts/sweep.py SWEEP_FILE --launcher local|slurm|tpu [--dry_run]")
+        raise app.UsageError("usage: scripts/sweep.py SWEEP_FILE --launcher local|slurm|tpu [--dry-run]")
     runs = expand(load_sweep(argv[1]), _ROOT.value)
     print(f"{len(runs)} runs in {argv[1]}: {', '.join(r['name'] for r in runs)}")
     if _LAUNCHER.value == "local":
@@ -53,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, argv=[dashes_to_underscores(a) for a in sys.argv])

@@ -35,7 +35,9 @@ def test_pythia_1_4b_kto_compiles_and_fits_on_v5p_8():
     # params + RMSprop state + frozen reference, fp32, sharded over 4 chips: 3 * 1.41e9 * 4 B / 4
     assert 3.5 < report["arguments_gib"] < 4.5
     assert report["fits"] and report["total_gib"] < report["hbm_gib"] == 95.0
-    assert report["analytic_flops_per_chip"] > 0 and report["xla_flops_per_chip"] > 0
+    # XLA's count (every loop iteration, remat recompute included) agrees with the analytic
+    # model FLOPs to within what dots_no_batch recomputes and the softmax/norm/optimizer extras.
+    assert 0.95 < report["xla_flops_per_chip"] / report["analytic_flops_per_chip"] < 1.25
     assert "| pythia-1.4b | kto | v5p-8 |" in proc.stdout
 
 

@@ -40,13 +40,14 @@ def test_tpu_commands(tmp_path):
     assert cmds[0][-1].startswith("--command=cd ~/kto-jax && ") and "kto_jax.train" in cmds[0][-1]
 
 
-def test_sweep_script_dry_run_local_skips_finished_runs(tmp_path):
+@pytest.mark.parametrize("flag", ["--dry-run", "--dry_run"])
+def test_sweep_script_dry_run_local_skips_finished_runs(tmp_path, flag):
     sweep = tmp_path / "sweep.py"
     sweep.write_text("from kto_jax.sweeps import product\n"
                      "def get_sweep():\n    return product('experiments/tiny.py', loss=['kto', 'dpo'], steps=['3'])\n")
     (tmp_path / "runs" / "kto_3").mkdir(parents=True)
     (tmp_path / "runs" / "kto_3" / "eval.json").write_text("{}")
-    proc = subprocess.run([sys.executable, "scripts/sweep.py", str(sweep), "--launcher=local", "--dry_run", f"--root={tmp_path}/runs"],
+    proc = subprocess.run([sys.executable, "scripts/sweep.py", str(sweep), "--launcher=local", flag, f"--root={tmp_path}/runs"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skip (finished): kto_3" in proc.stdout

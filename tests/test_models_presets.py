@@ -105,6 +105,8 @@ BASE = dict(architecture="llama", vocab_size=100, hidden_size=32, intermediate_s
         ("attention_impl", "flash"),
         ("hidden_act", "relu6"),
         ("hf_model_type", "gpt2"),
+        ("scan_unroll", 0),
+        ("scan_unroll", 3),  # more than num_layers=2
     ],
 )
 def test_invalid_field_names_the_field(field, value):

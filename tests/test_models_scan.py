@@ -64,6 +64,18 @@ def test_layers_are_scanned(arch):
     assert "stablehlo.while" in sixteen
 
 
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_unrolled_scan_is_straight_line_code_with_the_same_logits(arch):
+    """scan_unroll=num_layers (what the AOT FLOP count compiles) changes the program, not the model."""
+    config = CONFIGS[arch]
+    unrolled = config.replace(scan_unroll=config.num_layers)
+    assert "stablehlo.while" in hlo_text(config) and "stablehlo.while" not in hlo_text(unrolled)
+    params = random_params(config, seed=4)
+    ids, mask = batch()
+    np.testing.assert_allclose(build_model(unrolled).apply({"params": params}, ids, mask),
+                               build_model(config).apply({"params": params}, ids, mask), atol=1e-5)
+
+
 def token_loss(model, params, ids, mask):
     logits = model.apply({"params": params}, ids, mask)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))

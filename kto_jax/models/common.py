@@ -35,6 +35,8 @@ class ModelConfig:
     remat_policy: a name in REMAT_POLICIES, applied to each layer.
     attention_impl: ``jax.nn.dot_product_attention`` implementation: None (XLA's choice),
       "xla" or "cudnn" (GPU, bf16/fp16).
+    scan_unroll: layers per iteration of the scanned layer loop (1: a loop over layers;
+      ``num_layers``: straight-line code, as the AOT FLOP count needs).
     """
 
     architecture: str
@@ -64,6 +66,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     attention_impl: str | None = None
+    scan_unroll: int = 1
     hf_model_type: str | None = None  # "llama", "mistral" or "gpt_neox" in config.json
 
 
@@ -82,6 +85,7 @@ class ModelConfig:
             (0 < self.rotary_pct <= 1, "rotary_pct", "in (0, 1]"),
             (self.remat_policy in REMAT_POLICIES, "remat_policy", f"one of {sorted(REMAT_POLICIES)}"),
             (self.attention_impl in (None, "xla", "cudnn"), "attention_impl", "None, 'xla' or 'cudnn'"),
+            (1 <= self.scan_unroll <= self.num_layers, "scan_unroll", f"in [1, num_layers={self.num_layers}]"),
             (self.hidden_act in ACTIVATIONS, "hidden_act", f"one of {sorted(ACTIVATIONS)}"),
             (self.hf_model_type in ("llama", "mistral", "gpt_neox"), "hf_model_type", "'llama', 'mistral' or 'gpt_neox'"),
             (self.sliding_window is None or self.hf_model_type == "mistral", "sliding_window",
@@ -321,6 +325,7 @@ class Decoder(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, 0),
             length=cfg.num_layers,
+            unroll=cfg.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         layer_cache = None

@@ -5,7 +5,7 @@
 RUNS are workdirs whose eval.json has a win rate against a baseline. ``--reference`` reads
 the judgment log the KTO authors published (shared/reference/archangel_gpt4_judgments.jsonl);
 ``--overlay-paper`` draws those curves beside the runs. Two panels: without and with SFT
-first; 90% binomial intervals as error bars. Prints a markdown table (and the paper's
+first (a panel only where there are runs); 90% binomial intervals as error bars. Prints a markdown table (and the paper's
 imbalance table when the reference has one); ``--table`` writes it to a file too.
 """
 
@@ -36,11 +36,15 @@ def family(model: str) -> str:
 
 
 def plot(rows, out: str, title: str = "") -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    """One panel per setting that has rows: alignment from the base model, and SFT first."""
+    panels = [(sft_first, [r for r in rows if r.sft_first == sft_first or (sft_first and r.method == "sft")])
+              for sft_first in (False, True)]
+    panels = [(sft_first, panel) for sft_first, panel in panels if any(r.method != "sft" for r in panel)] or panels[:1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 0.5, 4.2), sharey=True, squeeze=False)
+    axes = axes[0]
     methods = sorted({r.base_method for r in rows})
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    for ax, sft_first in zip(axes, (False, True)):
-        panel = [r for r in rows if r.sft_first == sft_first or (sft_first and r.method == "sft")]
+    for ax, (sft_first, panel) in zip(axes, panels):
         labelled = set()
         for source, method, fam in sorted({(r.source.split(":")[0], r.base_method, family(r.model)) for r in panel}):
             series = sorted((r for r in panel if r.base_method == method and family(r.model) == fam

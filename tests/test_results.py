@@ -77,3 +77,23 @@ def test_plot_scale_script_writes_png_and_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "0.664" in table.read_text() and "Data imbalance" in proc.stdout
+
+
+def test_plot_scale_draws_only_the_panels_it_has_runs_for(tmp_path):
+    """The tiny_scale sweep aligns after SFT only: one panel (width 6 in x 120 dpi), not an empty second."""
+    sft = tmp_path / "sft_tiny-1m"
+    sft.mkdir()
+    (sft / "config.json").write_text(json.dumps({"loss": {"name": "sft"}, "model": {"name": "tiny-1m"}, "init": {"source": ""}}))
+    runs = []
+    for model in ("tiny-1m", "tiny-5m"):
+        d = tmp_path / f"{model}_kto"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"loss": {"name": "kto"}, "model": {"name": model}, "init": {"source": f"orbax:{sft}"}}))
+        (d / "eval.json").write_text(json.dumps({"winrate": {"wins": 400, "ties": 0, "losses": 112, "n": 512}}))
+        runs.append(str(d))
+    out = tmp_path / "tiny.png"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_scale.py"), *runs, f"--out={out}"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int.from_bytes(out.read_bytes()[16:20], "big") == 720  # PNG IHDR width
+    assert "| sft+kto | 0.781 [" in proc.stdout

@@ -296,18 +296,20 @@ def _held_out(eval_fn, state, batches, cache, reference_params, mesh) -> dict:
     return {f"eval/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
 
+def eval_prompts(prompts, n: int) -> list:
+    """The ``n`` held-out prompts every run of a split is judged on: the distinct prompts in
+    order of their SHA-1, so the choice does not depend on the data view (unary, paired,
+    shuffled) and runs of different losses are compared on the same prompts."""
+    by_hash = {hashlib.sha1(json.dumps(p).encode("utf-8")).hexdigest(): p for p in prompts}
+    return [by_hash[h] for h in sorted(by_hash)[:n]]
+
+
 def _generation_eval(config, spec, model, params, eval_data, tokenizer, workdir) -> dict:
     """Sample completions for held-out prompts, judge them, and compare with a baseline run."""
     from kto_jax.data.tokenize import render_prompt
 
     judge = get_judge(config.eval.judge)
-    prompts, seen = [], set()
-    for ex in eval_data.examples:
-        if ex.prompt not in seen:
-            seen.add(ex.prompt)
-            prompts.append(ex.prompt)
-        if len(prompts) == int(config.eval.num_prompts):
-            break
+    prompts = eval_prompts([ex.prompt for ex in eval_data.examples], int(config.eval.num_prompts))
     texts = [render_prompt(p, config.data.chat_template) for p in prompts]
     ids = [tokenizer.encode(t)[-int(config.data.max_prompt_length):] for t in texts]
     if spec.name == "csft":

@@ -85,8 +85,9 @@ def abstract_batch(config, spec, mesh) -> dict:
     return batch
 
 
-def _compile(config, devices, model_config, num_microbatches: int, chunk_size: int):
-    """Lower and compile ``config``'s train step for ``devices`` with abstract, sharded inputs."""
+def _compile(config, devices, model_config, num_microbatches: int, chunk_size: int, *, lower_only: bool = False):
+    """Lower and compile ``config``'s train step for ``devices`` with abstract, sharded inputs
+    (``lower_only``: the lowered, not yet partitioned or optimised, program)."""
     spec, hparams = setup.loss_and_hparams(config)
     model = build_model(model_config)
     mesh = sharding.make_mesh({k: int(v) for k, v in config.mesh.items()}, devices=np.asarray(devices))
@@ -113,29 +114,33 @@ def _compile(config, devices, model_config, num_microbatches: int, chunk_size: i
     fn = jax.jit(functools.partial(train_step, step_spec, optimizer, functools.partial(learning_rate, config.train.optimizer)),
                  donate_argnums=(0,))
     with sharding.activation_rules(mesh):
-        return fn.lower(state, abstract_batch(config, spec, mesh), reference).compile(), spec, mode, mesh
+        lowered = fn.lower(state, abstract_batch(config, spec, mesh), reference)
+    return (lowered if lower_only else lowered.compile()), spec, mode, mesh
 
 
-def _xla_flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0)) if cost else 0.0
-
-
-def xla_step_flops(config, devices) -> float:
-    """XLA's FLOP count of the whole step, per chip, loops included.
+def xla_step_flops(config) -> float:
+    """XLA's FLOP count of the whole step (all chips together), every loop iteration counted.
 
     XLA's cost analysis counts a loop body once, and the step has three loops (microbatches,
-    scanned layers, log-prob chunks). So the step is compiled twice more with no loop left
-    to undercount: one microbatch, one log-prob chunk, and 1 or 2 layers (the 2-layer scan
-    unrolled). With f1, f2 their counts, the L-layer step costs ``f1 + (L - 1) (f2 - f1)``.
+    scanned layers, log-prob chunks); the TPU compiler adds loops of its own when it
+    partitions (collective matmuls). So the count is taken from the program as lowered,
+    before partitioning and optimisation (on this host's CPU backend, one device), twice,
+    with no loop left: one microbatch, one log-prob chunk, and 1 or 2 layers (the 2-layer
+    scan unrolled). With f1, f2 their counts, the L-layer step costs ``f1 + (L - 1) (f2 - f1)``.
     The count includes what the remat policy recomputes (hardware FLOPs, not model FLOPs).
     """
+    config = config.copy_and_resolve_references()
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
     counts = []
     for layers in (1, 2):
         model_config = get_preset(config.model.name, **_model_fields(config), num_layers=layers, scan_unroll=layers)
-        compiled, *_ = _compile(config, devices, model_config, num_microbatches=1, chunk_size=int(config.data.max_length))
-        counts.append(_xla_flops(compiled))
+        lowered, *_ = _compile(config, jax.devices("cpu")[:1], model_config, num_microbatches=1,
+                               chunk_size=int(config.data.max_length), lower_only=True)
+        cost = lowered.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        if not cost or "flops" not in cost:
+            raise RuntimeError("XLA's cost analysis of the lowered step gave no FLOP count")
+        counts.append(float(cost["flops"]))
     num_layers = get_preset(config.model.name).num_layers
     return counts[0] + (num_layers - 1) * (counts[1] - counts[0])
 
@@ -143,7 +148,7 @@ def xla_step_flops(config, devices) -> float:
 def compile_train_step(config, devices, *, xla_flops: bool = True) -> dict:
     """Compile ``config``'s train step for ``devices``; returns the per-chip memory/FLOPs report.
 
-    ``xla_flops=False`` skips the two extra compiles of :func:`xla_step_flops`.
+    ``xla_flops=False`` skips the two extra lowerings of :func:`xla_step_flops`.
     """
     model_config = get_preset(config.model.name, **_model_fields(config))
     compiled, spec, mode, mesh = _compile(config, devices, model_config, int(config.train.num_microbatches),
@@ -161,7 +166,7 @@ def compile_train_step(config, devices, *, xla_flops: bool = True) -> dict:
         "aliased_gib": memory.alias_size_in_bytes / GiB, "temporaries_gib": memory.temp_size_in_bytes / GiB,
         "total_gib": total / GiB, "hbm_gib": hbm / GiB if hbm else None,
         "fits": bool(hbm and total <= hbm), "headroom_gib": (hbm - total) / GiB if hbm else None,
-        "xla_flops_per_chip": xla_step_flops(config, devices) if xla_flops else None,
+        "xla_flops_per_chip": xla_step_flops(config) / len(devices) if xla_flops else None,
         "analytic_flops_per_chip": analytic / len(devices),
     }
 

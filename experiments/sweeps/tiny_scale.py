@@ -1,4 +1,4 @@
-"""tiny_scale: SFT, then KTO and DPO after SFT, for three tiny sizes (CPU, about 20 minutes)."""
+"""tiny_scale: SFT, then KTO and DPO after SFT, for three tiny sizes (CPU, about an hour on 2 cores)."""
 
 from kto_jax.sweeps import product
 

@@ -22,12 +22,17 @@ MISTRAL = LLAMA.replace(hf_model_type="mistral", sliding_window=5)
 EOS = 3
 
 
-def greedy_by_recompute(model, params, prompt, max_new_tokens):
-    """Reference decoding: the whole unpadded sequence through the model for every new token."""
+def greedy_by_recompute(model, params, prompt, max_new_tokens, width=24):
+    """Reference decoding: the whole sequence through the model for every new token (right-padded
+    to one width, so one compile; causal attention keeps the padding out of the last real logit)."""
+    apply = jax.jit(model.apply)
     seq, new = list(prompt), []
     for _ in range(max_new_tokens):
-        logits = model.apply({"params": params}, jnp.asarray([seq], jnp.int32))
-        token = int(jnp.argmax(logits[0, -1]))
+        ids = np.zeros((1, width), np.int32)
+        ids[0, : len(seq)] = seq
+        mask = (np.arange(width) < len(seq)).astype(np.int32)[None]
+        logits = apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+        token = int(jnp.argmax(logits[0, len(seq) - 1]))
         if token == EOS:
             break
         new.append(token)

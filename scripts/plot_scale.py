@@ -2,7 +2,8 @@
 
     python scripts/plot_scale.py runs/tiny_scale/* --out curves.png [--reference JUDGMENTS.jsonl] [--overlay-paper]
 
-RUNS are workdirs whose eval.json has a win rate against a baseline. ``--reference`` reads
+RUNS are workdirs whose eval.json has a win rate against a baseline (others, such as the
+SFT baselines themselves, are listed as skipped). ``--reference`` reads
 the judgment log the KTO authors published (shared/reference/archangel_gpt4_judgments.jsonl);
 ``--overlay-paper`` draws those curves beside the runs. Two panels: without and with SFT
 first (a panel only where there are runs); 90% binomial intervals as error bars. Prints a markdown table (and the paper's
@@ -11,6 +12,7 @@ imbalance table when the reference has one); ``--table`` writes it to a file too
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -69,8 +71,21 @@ def plot(rows, out: str, title: str = "") -> None:
     fig.savefig(out, dpi=120)
 
 
+def has_winrate(workdir: str) -> bool:
+    try:
+        with open(os.path.join(workdir, "eval.json"), encoding="utf-8") as f:
+            return "winrate" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv):
-    runs = argv[1:]
+    runs = [r for r in argv[1:] if has_winrate(r)]
+    skipped = sorted(set(argv[1:]) - set(runs))
+    if skipped:  # SFT baselines, unfinished or unjudged runs: counted, named, not plotted
+        print(f"skipped {len(skipped)} run(s) with no win rate in eval.json: {', '.join(skipped)}", file=sys.stderr)
+    if argv[1:] and not runs:
+        raise app.UsageError("no run has a win rate: judge runs with config.eval.judge and config.eval.baseline set")
     rows = read_runs(runs) if runs else []
     reference = read_judgments(_REFERENCE.value) if _REFERENCE.value else []
     scale = [r for r in reference if r.source.startswith("paper:archangel_")]

@@ -92,8 +92,9 @@ def test_plot_scale_draws_only_the_panels_it_has_runs_for(tmp_path):
         (d / "eval.json").write_text(json.dumps({"winrate": {"wins": 400, "ties": 0, "losses": 112, "n": 512}}))
         runs.append(str(d))
     out = tmp_path / "tiny.png"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_scale.py"), *runs, f"--out={out}"],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_scale.py"), str(sft), *runs, f"--out={out}"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int.from_bytes(out.read_bytes()[16:20], "big") == 720  # PNG IHDR width
     assert "| sft+kto | 0.781 [" in proc.stdout
+    assert f"skipped 1 run(s) with no win rate in eval.json: {sft}" in proc.stderr

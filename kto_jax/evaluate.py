@@ -10,6 +10,8 @@ The synthetic task's judge is exact; other judges plug into ``JUDGES`` by name.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 from typing import Callable, Sequence
 
@@ -82,6 +84,14 @@ def winrate(policy: Sequence[bool], baseline: Sequence[bool], level: float = 0.9
         "win_fraction": wins / n if n else 0.0, "win_fraction_ci90": list(wilson_interval(wins, n, level)),
         "wins": wins, "ties": ties, "losses": losses, "n": n,
     }
+
+
+def eval_prompts(prompts, n: int) -> list:
+    """The ``n`` held-out prompts every run of a split is judged on: the distinct prompts in
+    order of their SHA-1, so the choice does not depend on the data view (unary, paired,
+    shuffled) and runs of different losses are compared on the same prompts."""
+    by_hash = {hashlib.sha1(json.dumps(p).encode("utf-8")).hexdigest(): p for p in prompts}
+    return [by_hash[h] for h in sorted(by_hash)[:n]]
 
 
 # ---------------------------------------------------------------- generation

@@ -13,9 +13,8 @@ import pytest
 
 from kto_jax.data import synthetic
 from kto_jax.data.feedback import Paired, paired_to_unary
-from kto_jax.evaluate import _normal_quantile, generate, judged_rate, sample_token, wilson_interval, winrate
+from kto_jax.evaluate import _normal_quantile, eval_prompts, generate, judged_rate, sample_token, wilson_interval, winrate
 from kto_jax.models import build_model
-from kto_jax.train.loop import eval_prompts
 from tests.test_models_scan import LLAMA, NEOX, random_params
 
 MISTRAL = LLAMA.replace(hf_model_type="mistral", sliding_window=5)

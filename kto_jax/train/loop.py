@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from kto_jax import checkpoint, sharding
 from kto_jax.checkpoint import Checkpointer
-from kto_jax.evaluate import generate, get_judge, judged_rate, winrate
+from kto_jax.evaluate import eval_prompts, generate, get_judge, judged_rate, winrate
 from kto_jax.flops import device_peak_flops, step_flops
 from kto_jax.train import setup
 from kto_jax.models import abstract_params
@@ -294,14 +294,6 @@ def _held_out(eval_fn, state, batches, cache, reference_params, mesh) -> dict:
             batch = {**batch, **{k: _local_rows(v) for k, v in cache[i].items()}}
         rows.append(jax.device_get(eval_fn(state.params, setup.to_global(batch, mesh), reference_params, state.loss_state)))
     return {f"eval/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
-
-
-def eval_prompts(prompts, n: int) -> list:
-    """The ``n`` held-out prompts every run of a split is judged on: the distinct prompts in
-    order of their SHA-1, so the choice does not depend on the data view (unary, paired,
-    shuffled) and runs of different losses are compared on the same prompts."""
-    by_hash = {hashlib.sha1(json.dumps(p).encode("utf-8")).hexdigest(): p for p in prompts}
-    return [by_hash[h] for h in sorted(by_hash)[:n]]
 
 
 def _generation_eval(config, spec, model, params, eval_data, tokenizer, workdir) -> dict:

@@ -85,9 +85,9 @@ def abstract_batch(config, spec, mesh) -> dict:
     return batch
 
 
-def _compile(config, devices, model_config, num_microbatches: int, chunk_size: int, *, lower_only: bool = False):
-    """Lower and compile ``config``'s train step for ``devices`` with abstract, sharded inputs
-    (``lower_only``: the lowered, not yet partitioned or optimised, program)."""
+def lower_train_step(config, devices, model_config, num_microbatches: int, chunk_size: int):
+    """``config``'s train step for ``devices``, lowered with abstract, sharded inputs (nothing is
+    allocated); returns ``(lowered, loss spec, reference mode, mesh)``."""
     spec, hparams = setup.loss_and_hparams(config)
     model = build_model(model_config)
     mesh = sharding.make_mesh({k: int(v) for k, v in config.mesh.items()}, devices=np.asarray(devices))
@@ -115,7 +115,7 @@ def _compile(config, devices, model_config, num_microbatches: int, chunk_size: i
                  donate_argnums=(0,))
     with sharding.activation_rules(mesh):
         lowered = fn.lower(state, abstract_batch(config, spec, mesh), reference)
-    return (lowered if lower_only else lowered.compile()), spec, mode, mesh
+    return lowered, spec, mode, mesh
 
 
 def xla_step_flops(config) -> float:
@@ -134,8 +134,8 @@ def xla_step_flops(config) -> float:
     counts = []
     for layers in (1, 2):
         model_config = get_preset(config.model.name, **_model_fields(config), num_layers=layers, scan_unroll=layers)
-        lowered, *_ = _compile(config, jax.devices("cpu")[:1], model_config, num_microbatches=1,
-                               chunk_size=int(config.data.max_length), lower_only=True)
+        lowered, *_ = lower_train_step(config, jax.devices("cpu")[:1], model_config, num_microbatches=1,
+                                       chunk_size=int(config.data.max_length))
         cost = lowered.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         if not cost or "flops" not in cost:
@@ -145,14 +145,12 @@ def xla_step_flops(config) -> float:
     return counts[0] + (num_layers - 1) * (counts[1] - counts[0])
 
 
-def compile_train_step(config, devices, *, xla_flops: bool = True) -> dict:
-    """Compile ``config``'s train step for ``devices``; returns the per-chip memory/FLOPs report.
-
-    ``xla_flops=False`` skips the two extra lowerings of :func:`xla_step_flops`.
-    """
+def compile_train_step(config, devices) -> dict:
+    """Compile ``config``'s train step for ``devices``; returns the per-chip memory/FLOPs report."""
     model_config = get_preset(config.model.name, **_model_fields(config))
-    compiled, spec, mode, mesh = _compile(config, devices, model_config, int(config.train.num_microbatches),
-                                          int(config.train.chunk_size))
+    lowered, spec, mode, mesh = lower_train_step(config, devices, model_config, int(config.train.num_microbatches),
+                                                 int(config.train.chunk_size))
+    compiled = lowered.compile()
     memory = compiled.memory_analysis()
     total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
     hbm = hbm_bytes(devices[0])
@@ -166,7 +164,7 @@ def compile_train_step(config, devices, *, xla_flops: bool = True) -> dict:
         "aliased_gib": memory.alias_size_in_bytes / GiB, "temporaries_gib": memory.temp_size_in_bytes / GiB,
         "total_gib": total / GiB, "hbm_gib": hbm / GiB if hbm else None,
         "fits": bool(hbm and total <= hbm), "headroom_gib": (hbm - total) / GiB if hbm else None,
-        "xla_flops_per_chip": xla_step_flops(config) / len(devices) if xla_flops else None,
+        "xla_flops_per_chip": xla_step_flops(config) / len(devices),
         "analytic_flops_per_chip": analytic / len(devices),
     }
 

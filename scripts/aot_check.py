@@ -34,9 +34,9 @@ COLUMNS = ("model", "loss", "topology", "mesh", "remat", "arguments_gib", "tempo
 def check(config, topology: str) -> dict:
     report = compile_train_step(config, topology_devices(topology))
     report["topology"] = topology
-    report["xla_tflops_per_chip"] = (report["xla_flops_per_chip"] or 0) / 1e12
+    report["xla_tflops_per_chip"] = report["xla_flops_per_chip"] / 1e12
     report["analytic_tflops_per_chip"] = report["analytic_flops_per_chip"] / 1e12
-    report["xla_over_analytic"] = (report["xla_flops_per_chip"] or 0) / report["analytic_flops_per_chip"]
+    report["xla_over_analytic"] = report["xla_flops_per_chip"] / report["analytic_flops_per_chip"]
     return report
 
 

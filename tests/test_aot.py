@@ -48,7 +48,7 @@ def test_xla_flop_count_sees_every_layer_and_the_remat_recompute(remat, low, hig
     reference = 6 forward-equivalents; +1 recompute ~ 7/6, less what XLA counts beyond matmuls)."""
     import jax
 
-    from kto_jax.aot import _compile, _model_fields, xla_step_flops
+    from kto_jax.aot import _model_fields, lower_train_step, xla_step_flops
     from kto_jax.flops import step_flops
     from kto_jax.models.presets import get_preset
     from kto_jax.sweeps import load_config
@@ -57,7 +57,7 @@ def test_xla_flop_count_sees_every_layer_and_the_remat_recompute(remat, low, hig
     config.model.update(name="tiny-5m", remat_policy=remat)
     config.data.update(max_length=128, max_prompt_length=64)
     unrolled = get_preset("tiny-5m", **_model_fields(config), scan_unroll=5)
-    lowered, spec, mode, _ = _compile(config, jax.devices("cpu")[:1], unrolled, 1, 128, lower_only=True)
+    lowered, spec, mode, _ = lower_train_step(config, jax.devices("cpu")[:1], unrolled, 1, 128)
     assert xla_step_flops(config) == pytest.approx(lowered.cost_analysis()["flops"], rel=1e-5)
     analytic = step_flops(get_preset("tiny-5m"), spec, batch=32, length=128, reference_mode=mode)
     assert low < xla_step_flops(config) / analytic < high

@@ -50,7 +50,7 @@ def get_config(arg: str = ""):
     c = base_config()
     weights = args.get("weights", "")
     c.model.name = weights or model
-    c.model.update(dict(dtype="bfloat16", param_dtype="float32", remat_policy=target["remat"]))
+    c.model.update(dict(compute_dtype="bfloat16", param_dtype="float32", remat_policy=target["remat"]))
     c.init.source = f"orbax:{runs}/sft_{model}" if sft == "true" and loss not in ("sft", "csft") else ""
     c.loss = loss_config(loss)  # the registry defaults are the paper code's (beta 0.1; SLiC beta 1, lambda 0.1)
     c.data.update(dict(

@@ -25,7 +25,7 @@ def get_config(arg: str = ""):
     runs, weights = args.get("runs", "runs/zephyr"), args.get("weights", "")
     c = base_config()
     c.model.name = weights or "mistral-7b"
-    c.model.update(dict(dtype="bfloat16", param_dtype="float32", remat_policy="full"))
+    c.model.update(dict(compute_dtype="bfloat16", param_dtype="float32", remat_policy="full"))
     c.init.source = "" if loss == "sft" else f"orbax:{runs}/zephyr_sft"
     c.loss = loss_config(loss)
     c.data.update(dict(sources="ultrafeedback", train_split="train_prefs", eval_split="test_prefs", tokenizer=weights,

@@ -38,8 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(
         name="tiny-1m",        # a preset (kto_jax/models/presets.py) or a Hugging Face folder
-        dtype="float32",       # compute dtype (bfloat16 on accelerators)
-        param_dtype="float32",
+        compute_dtype="float32",  # activations (bfloat16 on accelerators)
+        param_dtype="float32",    # params and optimizer state
         remat_policy="none",
         attention_impl="",     # "", "xla" or "cudnn"
     ))
@@ -93,7 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.target = ml_collections.ConfigDict(dict(topology=""))  # the slice this config is sized for (aot_check)
     c.eval = ml_collections.ConfigDict(dict(
-        judge="",              # "" = no generation; "synthetic" = the synthetic task's exact judge
+        evaluators="held_out,judged",  # run at the end, by name (kto_jax/train/evaluators.py); held_out also every eval_every
+        judge="",              # for "judged": "" = no generation; "synthetic" = the synthetic task's exact judge
         num_prompts=256,
         batch_size=64,
         max_new_tokens=16,

@@ -3,15 +3,18 @@
 Forward FLOPs per token follow the PaLM appendix: 2 N (N = parameters in matmuls,
 the LM head included, the embedding lookup not) plus 4 L H Dh T for attention (QK^T and
 AV over a context of T tokens, counted in full). A backward pass costs two forwards.
-A train step is a sum of forward-equivalents over the sequences it touches:
+A train step is a sum of forward-equivalents over the sequences it touches, counted by the
+loss's feed (``kto_jax.train.feeds``, ``forward_equivalents``) from the inputs it takes:
 
   unary (KTO family)  policy fwd+bwd on completions (3) + policy fwd on KL sequences (1,
-                      when the loss estimates KL) + reference fwd on both (1 + 1, none cached)
-  paired (DPO family) policy fwd+bwd on chosen+rejected (3) + reference fwd on both (1)
+                      when the loss takes KL log-probs) + reference fwd on both (1 + 1, none cached)
+  paired (DPO family) policy fwd+bwd on chosen and rejected (3 + 3) + reference fwd on both (1 + 1)
   sft                 policy fwd+bwd (3)
 """
 
 from __future__ import annotations
+
+import functools
 
 from kto_jax.losses import LossSpec
 from kto_jax.models import ModelConfig, param_count
@@ -39,6 +42,7 @@ def device_peak_flops(device_kind: str) -> float | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
 def matmul_params(config: ModelConfig) -> int:
     """Parameters that take part in matmuls: all but the embedding table (unless tied, when
     it is the LM head) and the norms."""
@@ -52,15 +56,12 @@ def forward_flops_per_token(config: ModelConfig, context: int) -> float:
     return 2 * matmul_params(config) + attention
 
 
-def step_flops(config: ModelConfig, loss: LossSpec, *, batch: int, length: int, reference_mode: str = "model") -> float:
-    """Model FLOPs of one train step: ``batch`` examples (pairs for paired losses) of ``length`` tokens."""
+def step_flops(config: ModelConfig, loss: LossSpec, *, batch: int, length: int, reference_mode: str = "model",
+               hparams: dict | None = None) -> float:
+    """Model FLOPs of one train step: ``batch`` examples (pairs for paired losses) of ``length`` tokens,
+    for ``loss`` with ``hparams`` (its defaults if None)."""
+    from kto_jax.train.feeds import get_feed
+
     per_sequence = forward_flops_per_token(config, length) * length
-    reference = loss.needs_reference and reference_mode == "model"
-    if loss.kind == "paired":
-        sequences, passes = 2 * batch, 3 + (1 if reference else 0)
-    elif loss.kind == "unary":
-        kl = 1 if loss.needs_kl else 0
-        sequences, passes = batch, 3 + kl + ((1 + kl) if reference else 0)
-    else:
-        sequences, passes = batch, 3
-    return passes * sequences * per_sequence
+    mode = reference_mode if loss.needs_reference_with(hparams) else "none"
+    return get_feed(loss.feed).forward_equivalents(loss.inputs(hparams), mode) * batch * per_sequence

@@ -11,7 +11,6 @@ matmul peak measured in the same run (or the device's listed peak with --listed_
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import statistics
@@ -22,14 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from kto_jax import sharding
 from kto_jax.config import base_config
 from kto_jax.flops import device_peak_flops, step_flops
 from kto_jax.losses import get_loss
 from kto_jax.models import build_model
 from kto_jax.models.hf import init_params
 from kto_jax.models.presets import get_preset
-from kto_jax.train.state import TrainState, make_optimizer
-from kto_jax.train.step import StepSpec, reference_logps, train_step
+from kto_jax.train.engine import build_engine
+from kto_jax.train.step import StepSpec
 
 _PRESET = flags.DEFINE_string("preset", "tiny-25m", "Model preset.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype (params stay float32).")
@@ -57,20 +57,21 @@ def measured_matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / best
 
 
-def make_batch(loss, rng, batch, prompt, completion, vocab):
+def make_batch(schema, rng, batch, prompt, completion, vocab) -> dict:
+    """A batch of the step's layout: random token ids, no padding, the completion after ``prompt`` tokens."""
     length = prompt + completion
-    mask = np.zeros((batch, length), bool)
-    mask[:, prompt:] = True
-    ones = np.ones((batch, length), np.int32)
-
-    def ids():
-        return rng.integers(0, vocab, (batch, length)).astype(np.int32)
-
-    if loss.kind == "paired":
-        return {f"{s}_{k}": v for s in ("chosen", "rejected") for k, v in (("input_ids", ids()), ("attention_mask", ones), ("loss_mask", mask))}
-    out = {"input_ids": ids(), "attention_mask": ones, "loss_mask": mask, "desirable": rng.random(batch) < 0.5}
-    if loss.needs_kl:
-        out.update(kl_input_ids=ids(), kl_attention_mask=ones, kl_loss_mask=mask)
+    out = {}
+    for name, (shape, dtype) in schema.shapes(batch, length).items():
+        if name.endswith("input_ids"):
+            out[name] = rng.integers(0, vocab, shape).astype(dtype)
+        elif name.endswith("attention_mask"):
+            out[name] = np.ones(shape, dtype)
+        elif name.endswith("loss_mask"):
+            out[name] = np.broadcast_to(np.arange(length) >= prompt, shape).copy()
+        elif name == "desirable":
+            out[name] = rng.random(batch) < 0.5
+        else:
+            raise ValueError(f"bench: no generator for batch field {name!r}")
     return out
 
 
@@ -78,31 +79,29 @@ def bench_one(name, mode, model, params, peak):
     loss = get_loss(name)
     optimizer_cfg = base_config().train.optimizer
     optimizer_cfg.update(dict(name="adamw", lr=1e-5, warmup_steps=0))
-    optimizer = make_optimizer(optimizer_cfg)
-    spec = StepSpec(model, loss, tuple(sorted(loss.defaults.items())), 1, mode, 256)
+    spec = StepSpec(model, loss, tuple(sorted(loss.defaults.items())), 1, mode if loss.needs_reference else "none", 256)
+    engine = build_engine(spec, optimizer_cfg, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
     rng = np.random.default_rng(0)
-    batch = {k: jnp.asarray(v) for k, v in make_batch(loss, rng, _BATCH.value, _PROMPT.value, _COMPLETION.value, model.config.vocab_size).items()}
-    reference = jax.tree_util.tree_map(lambda x: x.copy(), params)
-    if mode == "cached":
-        batch.update(jax.jit(functools.partial(reference_logps, dataclasses.replace(spec, reference_mode="model")))(reference, batch))
+    schema = spec.feed.schema(spec.inputs, "none")  # what the loader fills
+    batch = {k: jnp.asarray(v) for k, v in make_batch(schema, rng, _BATCH.value, _PROMPT.value, _COMPLETION.value, model.config.vocab_size).items()}
+    reference = params
+    if spec.reference_mode == "cached":
+        batch.update(engine.reference_fn(reference, batch))
         reference = None
-    policy = {"model": jax.tree_util.tree_map(lambda x: x.copy(), params)}  # donated by the step
-    state = TrainState(jnp.zeros((), jnp.int32), policy, optimizer.init(policy), jax.random.PRNGKey(0), {}, jnp.zeros((), jnp.int32))
-    step = jax.jit(functools.partial(train_step, spec, optimizer, lambda s: 1e-5), donate_argnums=(0,))
+    state = engine.create_state(params)  # the state the loop builds (params copied; donated by the step)
     times = []
     for i in range(_STEPS.value + 2):
         start = time.perf_counter()
-        state, metrics = step(state, batch, reference)
+        state, metrics = engine.train_fn(state, batch, reference)
         jax.block_until_ready(metrics["loss"])
         if i >= 2:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
     length = _PROMPT.value + _COMPLETION.value
-    sequences = _BATCH.value * (2 if loss.kind == "paired" else 1)
     flops = step_flops(model.config, loss, batch=_BATCH.value, length=length, reference_mode=mode)
     return {
         "loss": name, "reference_mode": mode, "median_step_s": round(median, 4),
-        "tokens_per_s": round(sequences * length / median, 1), "mfu": round(flops / median / peak, 4),
+        "tokens_per_s": round(float(schema.training_tokens(batch)) / median, 1), "mfu": round(flops / median / peak, 4),
         "model_tflops_per_step": round(flops / 1e12, 4), "device": jax.devices()[0].device_kind,
         "preset": _PRESET.value, "dtype": _DTYPE.value,
     }
@@ -110,7 +109,7 @@ def bench_one(name, mode, model, params, peak):
 
 def main(argv):
     del argv
-    config = get_preset(_PRESET.value, dtype=_DTYPE.value, remat_policy=_REMAT.value, attention_impl=_ATTENTION.value or None)
+    config = get_preset(_PRESET.value, compute_dtype=_DTYPE.value, remat_policy=_REMAT.value, attention_impl=_ATTENTION.value or None)
     model = build_model(config)
     params = init_params(config, seed=0)
     listed = device_peak_flops(jax.devices()[0].device_kind)

@@ -69,7 +69,8 @@ def main(argv):
         config = ml_collections.ConfigDict(json.load(f))
     name = config.model.name
     model, params_like = from_hf(os.path.expanduser(name) if name not in PRESETS else name,
-                                 dtype=config.model.param_dtype, compute_dtype=config.model.dtype)
+                                 param_dtype=config.model.param_dtype,
+                                 compute_dtype=config.model.get("compute_dtype") or config.model.get("dtype", "float32"))
     source = workdir if _STEP.value is None else f"{workdir}@{_STEP.value}"
     params, step = checkpoint.load_params(source, params_like)
     out = os.path.abspath(os.path.expanduser(_OUT.value))

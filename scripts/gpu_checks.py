@@ -28,7 +28,7 @@ def report(**kw):
 
 
 def attention_check():
-    base = get_preset("tiny-25m", dtype="bfloat16", num_kv_heads=4)
+    base = get_preset("tiny-25m", compute_dtype="bfloat16", num_kv_heads=4)
     params = init_params(base, seed=0)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, base.vocab_size, (4, 256)))

@@ -263,9 +263,14 @@ def random_init(name: str, **kwargs):
 
 
 def reuse_random_init(monkeypatch) -> None:
-    """Make ``kto_jax.train.setup.load_model`` reuse :func:`random_init` for presets."""
-    from kto_jax.models.presets import PRESETS
+    """Make ``kto_jax.train.setup.load_model`` reuse a memoised random init for presets."""
+    from kto_jax.models.hf import init_params
     from kto_jax.train import setup
 
-    real = setup.from_hf
-    monkeypatch.setattr(setup, "from_hf", lambda name, **kw: random_init(name, **kw) if name in PRESETS else real(name, **kw))
+    def memoised(config, seed=0, mesh=None):
+        key = (config, seed, None if mesh is None else (tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat)))
+        if key not in _INITS:
+            _INITS[key] = init_params(config, seed, mesh)
+        return _INITS[key]
+
+    monkeypatch.setattr(setup, "init_params", memoised)

@@ -51,6 +51,9 @@ HF_CONFIGS = {
     "pythia_sequential": lambda: GPTNeoXConfig(
         **{**SMALL, "hidden_size": 64}, num_attention_heads=4, rotary_pct=0.25, use_parallel_residual=False
     ),
+    "pythia_unbiased": lambda: GPTNeoXConfig(
+        **{**SMALL, "hidden_size": 64}, num_attention_heads=4, rotary_pct=0.25, attention_bias=False
+    ),
 }
 
 

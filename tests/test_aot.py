@@ -48,19 +48,89 @@ def test_xla_flop_count_sees_every_layer_and_the_remat_recompute(remat, low, hig
     reference = 6 forward-equivalents; +1 recompute ~ 7/6, less what XLA counts beyond matmuls)."""
     import jax
 
-    from kto_jax.aot import _model_fields, lower_train_step, xla_step_flops
+    from kto_jax.aot import lower_train_step, xla_step_flops
     from kto_jax.flops import step_flops
     from kto_jax.models.presets import get_preset
     from kto_jax.sweeps import load_config
+    from kto_jax.train.plan import make_plan
 
     config = load_config("experiments/paper.py:model=pythia-1.4b,loss=kto")
     config.model.update(name="tiny-5m", remat_policy=remat)
     config.data.update(max_length=128, max_prompt_length=64)
-    unrolled = get_preset("tiny-5m", **_model_fields(config), scan_unroll=5)
-    lowered, spec, mode, _ = lower_train_step(config, jax.devices("cpu")[:1], unrolled, 1, 128)
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+    plan = make_plan(config, 1)
+    unrolled = plan.replace(model_config=plan.model_config.replace(scan_unroll=5), num_microbatches=1, chunk_size=128)
+    lowered, _ = lower_train_step(unrolled, config.train.optimizer, jax.devices("cpu")[:1])
     assert xla_step_flops(config) == pytest.approx(lowered.cost_analysis()["flops"], rel=1e-5)
-    analytic = step_flops(get_preset("tiny-5m"), spec, batch=32, length=128, reference_mode=mode)
+    analytic = step_flops(get_preset("tiny-5m"), plan.loss, batch=32, length=128, reference_mode=plan.reference_mode)
     assert low < xla_step_flops(config) / analytic < high
+
+
+def _small_config(data_dir, loss="kto"):
+    from tests.train_helpers import small_config
+
+    config = small_config(loss, data_dir, steps=1)
+    config.data.bucket = config.data.max_length  # the loader pads every batch to max_length, as the AOT batch is
+    return config
+
+
+@pytest.mark.parametrize("loss, mode", [("kto", "model"), ("dpo", "cached")])
+def test_aot_lowers_exactly_the_program_the_loop_runs(loss, mode, synthetic_data_dir, tmp_path, monkeypatch):
+    """The loop's first train_fn call (real state, batch and reference arrays) and the AOT check's
+    abstract lowering give the same StableHLO: same function, in/out shardings, donation and
+    argument layouts."""
+    import dataclasses
+
+    import jax
+
+    from kto_jax.aot import lower_train_step
+    from kto_jax.train import loop
+    from kto_jax.train.plan import make_plan
+
+    config = _small_config(synthetic_data_dir, loss)
+    config.reference.mode = mode
+    seen = []
+    real_build = loop.build_engine
+
+    def recording_build(*args, **kwargs):
+        engine = real_build(*args, **kwargs)
+
+        def train_fn(state, batch, reference):
+            if not seen:
+                seen.append(engine.train_fn.lower(state, batch, reference).as_text())
+            return engine.train_fn(state, batch, reference)
+
+        return dataclasses.replace(engine, train_fn=train_fn)
+
+    monkeypatch.setattr(loop, "build_engine", recording_build)
+    loop.run(config, str(tmp_path / "run"))
+    lowered, _ = lower_train_step(make_plan(config, 1), config.train.optimizer, jax.devices()[:1])
+    assert len(seen) == 1
+    assert lowered.as_text() == seen[0]
+    assert "tf.aliasing_output" in seen[0]  # the state is donated
+
+
+def test_aot_of_an_hf_folder_needs_only_its_config_json(tmp_path, synthetic_data_dir):
+    """config.model.name = a folder holding config.json and no weights: the step lowers (nothing
+    is read but config.json) to the same program as the preset that config.json describes."""
+    import json
+
+    import jax
+
+    from kto_jax.aot import lower_train_step
+    from kto_jax.models.hf_config import config_to_hf
+    from kto_jax.train.plan import make_plan
+
+    config = _small_config(synthetic_data_dir)
+    preset = make_plan(config, 1)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config_to_hf(preset.model_config)))
+    config.model.name = str(folder)
+    from_folder = make_plan(config, 1)
+    assert from_folder.model_config == preset.model_config and from_folder.model_path == str(folder)
+    texts = [lower_train_step(p, config.train.optimizer, jax.devices()[:1])[0].as_text() for p in (preset, from_folder)]
+    assert texts[0] == texts[1]
 
 
 def test_unknown_topology_is_a_clear_error():

@@ -148,17 +148,18 @@ def _assert_trees_equal(a, b, what: str) -> None:
 def test_init_from_orbax_workdir_and_step(scenarios, monkeypatch):
     from kto_jax import checkpoint
     from kto_jax.train import setup
+    from kto_jax.train.plan import make_plan
 
     H.reuse_random_init(monkeypatch)
     ref = scenarios.reference
     steps = ckpt_steps(ref["workdir"])
-    mesh = setup.make_mesh(H.config_for(ref["data_dir"]))
+    mesh = setup.make_mesh(make_plan(H.config_for(ref["data_dir"]), 1))
     random_init = H.random_init("tiny-1m")[1]
     loaded = {}
     for suffix, step in (("", steps[-1]), (f"@{steps[0]}", steps[0])):
         config = H.config_for(ref["data_dir"], lock=False)
         config.init.source = f"orbax:{ref['workdir']}{suffix}"
-        _, params = setup.load_model(config, mesh)
+        _, params = setup.load_model(make_plan(config, 1), mesh)
         _assert_trees_equal(params, _raw_state_params(ref["workdir"], step), f"init.source={config.init.source}")
         _assert_trees_equal(params, checkpoint.load_params(f"{ref['workdir']}{suffix}", random_init)[0], "load_params")
         loaded[step] = checkpoint.fingerprint(params)
@@ -182,13 +183,15 @@ def test_cli_init_from_orbax_step_trains_from_those_weights(scenarios):
 
 def test_init_from_a_missing_step_is_a_clear_error(scenarios, monkeypatch):
     from kto_jax.train import setup
+    from kto_jax.train.plan import make_plan
 
     H.reuse_random_init(monkeypatch)
     ref = scenarios.reference
     config = H.config_for(ref["data_dir"], lock=False)
     config.init.source = f"orbax:{ref['workdir']}@8"
     with pytest.raises(FileNotFoundError, match=rf"{re.escape(ckpt_dir(ref['workdir']))}' has no step 8; it has {ckpt_steps(ref['workdir'])}".replace("[", r"\[").replace("]", r"\]")):
-        setup.load_model(config, setup.make_mesh(config))
+        plan = make_plan(config, 1)
+        setup.load_model(plan, setup.make_mesh(plan))
 
 
 # ---------------------------------------------------------------- 5. non-finite loss

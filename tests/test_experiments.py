@@ -7,7 +7,7 @@ import pytest
 
 from kto_jax.aot import TOPOLOGIES
 from kto_jax.sweeps import expand, load_config, load_sweep, product, run_name, zipped
-from kto_jax.train.setup import validate
+from kto_jax.train.plan import make_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,11 +35,11 @@ def test_every_paper_config_builds_and_validates(model):
     for loss in PAPER.METHODS:
         for sft in ("false", "true"):
             config = PAPER.get_config(f"model={model},loss={loss},sft={sft}")
-            validate(config, chips(config.target.topology))
+            make_plan(config, chips(config.target.topology))
             assert config.train.optimizer.name == "rmsprop" and config.train.optimizer.lr == 5e-7
             assert config.train.optimizer.warmup_steps == 150 and config.train.global_batch_size == 32
             assert config.data.max_length == 2048 and config.data.max_prompt_length == 1024
-            assert config.model.dtype == "bfloat16"
+            assert config.model.compute_dtype == "bfloat16"
             if "beta" in config.loss:
                 assert config.loss.beta == (1.0 if loss == "slic" else 0.1)
             assert config.init.source == (f"orbax:runs/paper/sft_{model}" if sft == "true" and loss not in ("sft", "csft") else "")
@@ -54,13 +54,13 @@ def test_paper_config_errors_name_the_argument():
         PAPER.get_config("model=llama-7b,loss=ktoo")
 
 
-def test_validate_rejects_a_batch_that_does_not_split_over_devices():
+def test_make_plan_rejects_a_batch_that_does_not_split_over_devices():
     config = PAPER.get_config("model=llama-7b,loss=kto")
     with pytest.raises(ValueError, match="global_batch_size=32 .* must split evenly over the 64"):
-        validate(config, 64)
+        make_plan(config, 64)
     config.train.num_microbatches = 32
     with pytest.raises(ValueError, match="at least 2 examples per microbatch"):
-        validate(config, 1)
+        make_plan(config, 1)
 
 
 def test_tiny_configs():
@@ -69,7 +69,7 @@ def test_tiny_configs():
     scale = _module("tiny_scale")
     config = scale.get_config("model=tiny-5m,loss=kto")
     assert config.init.source == "orbax:runs/tiny_scale/sft_tiny-5m" and config.eval.baseline == "runs/tiny_scale/sft_tiny-5m"
-    validate(config, 1)
+    make_plan(config, 1)
     with pytest.raises(ValueError, match="unknown arguments"):
         tiny.get_config("los=kto")
 
@@ -96,7 +96,7 @@ def test_paper_sweep_covers_the_suite():
     os.chdir(ROOT)
     try:
         for run in runs[::13]:
-            validate(load_config(run["config"]), 64 if "30b" in run["name"] else 32)
+            make_plan(load_config(run["config"]), 64 if "30b" in run["name"] else 32)
     finally:
         os.chdir(cwd)
 
@@ -108,7 +108,7 @@ def test_imbalance_configs_reweight_as_the_paper():
     assert config.loss.undesirable_weight == 1.0 and config.init.source.startswith("orbax:")
     config = imbalance.get_config("undesirable_fraction=0.1")
     assert round(config.loss.undesirable_weight, 2) == 7.5
-    validate(config, chips(config.target.topology))
+    make_plan(config, chips(config.target.topology))
     with pytest.raises(ValueError, match="one class at a time"):
         imbalance.get_config("desirable_fraction=0.5,undesirable_fraction=0.5")
 
@@ -117,7 +117,7 @@ def test_zephyr_configs():
     zephyr = _module("zephyr")
     for arg in ("loss=sft", "loss=dpo", "loss=kto", "loss=kto,one_y=true"):
         config = zephyr.get_config(arg)
-        validate(config, chips(config.target.topology))
+        make_plan(config, chips(config.target.topology))
         assert config.data.sources == "ultrafeedback" and config.model.name == "mistral-7b"
     assert zephyr.get_config("loss=kto,one_y=true").data.one_y_per_x
     with pytest.raises(ValueError, match="one_y=true is a KTO variant"):

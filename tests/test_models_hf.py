@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
 from kto_jax.models import abstract_params, lm_head_kernel
-from kto_jax.models.hf import from_hf, to_hf
+from kto_jax.models.hf import config_to_hf, from_hf, to_hf
 from kto_jax.models.presets import get_preset
 from tests.hf_checkpoints import (  # noqa: F401 (checkpoints, loaded: fixtures)
     BATCH, HF_CONFIGS, LENGTH, TOL, VOCAB, checkpoints, forward, hf_logits, loaded, max_diff, random_ids,
@@ -173,7 +173,7 @@ def assert_same_tree(a, b):
 
 @pytest.mark.parametrize(
     "name", ["llama_gqa", "llama3_rope", "llama_linear_rope", "llama_tied", "llama3_rope_bias",
-             "mistral_head_dim", "pythia_parallel", "pythia_sequential"]
+             "mistral_head_dim", "pythia_parallel", "pythia_sequential", "pythia_unbiased"]
 )
 def test_to_hf_round_trip(loaded, tmp_path, name):
     _, _, model, params = loaded(name)
@@ -233,21 +233,36 @@ def test_to_hf_writes_each_shard_as_soon_as_it_is_full(loaded, tmp_path, monkeyp
 
 def test_to_hf_bfloat16_params(loaded, tmp_path):
     folder, _, _, _ = loaded("llama_gqa")
-    model, params = from_hf(folder, dtype="bfloat16")
+    model, params = from_hf(folder, param_dtype="bfloat16")
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(params))
     out = str(tmp_path / "export")
     to_hf(model, params, out)
     assert all(t.dtype == torch.bfloat16 for t in AutoModelForCausalLM.from_pretrained(out).state_dict().values())
-    _, params2 = from_hf(out, dtype="bfloat16")
+    _, params2 = from_hf(out, param_dtype="bfloat16")
     assert_same_tree(params, params2)
+
+
+def test_from_hf_takes_jnp_dtypes_and_stores_their_names(checkpoints):
+    folder, _ = checkpoints("llama_gqa")
+    model, params = from_hf(folder, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16)
+    assert (model.config.param_dtype, model.config.compute_dtype) == ("float32", "bfloat16")
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+    assert json.loads(json.dumps(config_to_hf(model.config)))["torch_dtype"] == "float32"
+    assert from_hf(folder, param_dtype=jnp.bfloat16)[0].config.compute_dtype == "bfloat16"  # follows param_dtype
+
+
+def test_from_hf_rejects_the_ambiguous_dtype_keyword(checkpoints):
+    folder, _ = checkpoints("llama_gqa")
+    with pytest.raises(TypeError, match=r"param_dtype= \(storage\) and compute_dtype= \(activations\)"):
+        from_hf(folder, dtype="float32")
 
 
 # ---------------------------------------------------------------- presets through from_hf
 
 
 def test_from_hf_preset_is_random_init_with_abstract_shapes():
-    model, params = from_hf("tiny-1m", dtype="bfloat16", compute_dtype="float32", remat_policy="full", seed=3)
-    assert model.config == get_preset("tiny-1m", param_dtype="bfloat16", dtype="float32", remat_policy="full")
+    model, params = from_hf("tiny-1m", param_dtype="bfloat16", compute_dtype="float32", remat_policy="full", seed=3)
+    assert model.config == get_preset("tiny-1m", param_dtype="bfloat16", compute_dtype="float32", remat_policy="full")
     abstract = nn.unbox(abstract_params(model.config))
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(abstract)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(abstract)):

@@ -9,9 +9,12 @@ import re
 
 import numpy as np
 import pytest
+import transformers
 from safetensors.numpy import load_file, save_file
 
+from kto_jax.models import ARCHITECTURES, FAMILIES, get_family
 from kto_jax.models.hf import config_from_hf, config_to_hf, from_hf, load_tokenizer, to_hf
+from kto_jax.models.hf_config import HF_ARCHITECTURES
 from kto_jax.models.presets import get_preset
 from tests.hf_checkpoints import HF_CONFIGS, checkpoints, loaded  # noqa: F401 (checkpoints, loaded: fixtures)
 
@@ -61,7 +64,7 @@ def test_config_from_hf_known_configs():
     assert config_from_hf(PYTHIA_V5) == get_preset("pythia-1.4b")
     linear = config_from_hf(LINEAR_V4)
     assert (linear.rope_type, linear.rope_factor, linear.rope_theta) == ("linear", 2.0, 20000.0)
-    assert config_from_hf(LINEAR_V4, dtype="bfloat16", remat_policy="dots").dtype == "bfloat16"
+    assert config_from_hf(LINEAR_V4, compute_dtype="bfloat16", remat_policy="dots").compute_dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
@@ -135,6 +138,20 @@ def test_unknown_architecture(llama_copy):
         json.dump(cfg, f)
     with pytest.raises(ValueError, match=r"model_type='bert' is not supported.*gpt_neox.*llama.*mistral"):
         from_hf(folder)
+
+
+def test_family_registry():
+    """Every family is registered once; config.json model_types and architecture names resolve through it."""
+    assert list(FAMILIES) == ["llama", "gpt_neox"]
+    assert all(get_family(name).name == name for name in FAMILIES)
+    assert ARCHITECTURES == {name: family.build for name, family in FAMILIES.items()}
+    assert HF_ARCHITECTURES == {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                "gpt_neox": "GPTNeoXForCausalLM"}
+    assert all(hasattr(transformers, cls) for cls in HF_ARCHITECTURES.values())
+    with pytest.raises(ValueError, match=r"model_type='qwen2' is not supported.*gpt_neox.*llama.*mistral"):
+        config_from_hf({**LINEAR_V4, "model_type": "qwen2"})
+    with pytest.raises(ValueError, match=r"unknown architecture 'qwen2'.*llama, gpt_neox"):
+        get_family("qwen2")
 
 
 def test_unsupported_rope_type_names_field():

@@ -4,6 +4,10 @@ nothing), the published totals, and config errors name the offending field."""
 
 from __future__ import annotations
 
+import re
+
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -70,11 +74,11 @@ def test_unknown_preset_lists_known_ones():
 
 
 def test_get_preset_overrides():
-    cfg = get_preset("tiny-1m", dtype="bfloat16")
-    assert cfg.dtype == "bfloat16"
+    cfg = get_preset("tiny-1m", compute_dtype="bfloat16")
+    assert cfg.compute_dtype == "bfloat16"
     assert cfg.param_dtype == "float32"
-    assert cfg.replace(dtype="float32") == PRESETS["tiny-1m"]
-    assert PRESETS["tiny-1m"].dtype == "float32"  # the registry entry is untouched
+    assert cfg.replace(compute_dtype="float32") == PRESETS["tiny-1m"]
+    assert PRESETS["tiny-1m"].compute_dtype == "float32"  # the registry entry is untouched
     with pytest.raises(ValueError, match="remat_policy"):
         get_preset("tiny-1m", remat_policy="bogus")
 
@@ -107,11 +111,32 @@ BASE = dict(architecture="llama", vocab_size=100, hidden_size=32, intermediate_s
         ("hf_model_type", "gpt2"),
         ("scan_unroll", 0),
         ("scan_unroll", 3),  # more than num_layers=2
+        ("compute_dtype", "float33"),
+        ("compute_dtype", None),
+        ("param_dtype", "int32"),
     ],
 )
 def test_invalid_field_names_the_field(field, value):
     with pytest.raises(ValueError, match=rf"ModelConfig\.{field}={value!r} is invalid: expected"):
         ModelConfig(**{**BASE, field: value})
+
+
+def test_gpt_neox_rejects_what_its_config_json_cannot_hold():
+    neox = {**BASE, "architecture": "gpt_neox"}
+    for field, value in [("num_kv_heads", 2), ("head_dim", 16), ("sliding_window", 4), ("hf_model_type", "llama")]:
+        with pytest.raises(ValueError, match=rf"ModelConfig\.{field}={value!r} is invalid: expected"):
+            ModelConfig(**{**neox, field: value})
+
+
+def test_dtype_fields_hold_canonical_names():
+    for value in (jnp.float32, np.float32, jnp.dtype("float32"), "float32"):
+        assert ModelConfig(**BASE, param_dtype=value).param_dtype == "float32"
+    for value in (jnp.bfloat16, jnp.dtype("bfloat16"), "bfloat16"):
+        assert ModelConfig(**BASE, compute_dtype=value).compute_dtype == "bfloat16"
+    assert get_preset("tiny-1m", compute_dtype=jnp.bfloat16) == get_preset("tiny-1m", compute_dtype="bfloat16")
+    expected = "ModelConfig.compute_dtype='fp8' is invalid: expected a dtype name such as 'float32' or 'bfloat16'"
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        ModelConfig(**BASE, compute_dtype="fp8")
 
 
 def test_config_defaults():

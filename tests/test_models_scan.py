@@ -115,7 +115,7 @@ def test_bfloat16_compute_tracks_float32(arch):
     params = random_params(config, seed=2)
     ids, mask = batch(seed=1)
     fp32 = jax.jit(build_model(config).apply)({"params": params}, ids, mask)
-    bf16_model = build_model(config.replace(dtype="bfloat16"))
+    bf16_model = build_model(config.replace(compute_dtype="bfloat16"))
     bf16 = jax.jit(bf16_model.apply)({"params": params}, ids, mask)
     assert bf16.dtype == jnp.bfloat16
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))

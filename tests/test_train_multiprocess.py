@@ -6,9 +6,8 @@ KTO_JAX_NUM_PROCESSES, KTO_JAX_PROCESS_ID); CPU collectives across processes are
 default gloo implementation (jax_cpu_collectives_implementation="gloo"), nothing to set.
 Both processes share one workdir: process 0 writes config.json, metrics.jsonl and eval.json,
 every process writes its shards of the final weights. The reference run is one process with
-4 devices. All five processes (the CLI as is; and the CLI with the optimizer state placed on
-the params' shardings, see the xfail below) start at once; each has a timeout, so a hang in a
-collective fails the test instead of blocking CI.
+4 devices. All three processes run the CLI as shipped (``python -m kto_jax.train``) and start
+at once; each has a timeout, so a hang in a collective fails the test instead of blocking CI.
 """
 
 from __future__ import annotations
@@ -33,20 +32,18 @@ def runs(tmp_path_factory, synthetic_data_dir):
         return ["--config", f"experiments/tiny.py:loss=kto,steps={STEPS}", "--workdir", workdir,
                 f"--config.data.data_dir={data_dir}", *CLI_SMALL_FLAGS]
 
-    plain = ["-m", "kto_jax.train"]
-    placed = ["-m", "tests.train_worker", "train", "--fix_opt_state_placement", "--"]
+    cli_module = ["-m", "kto_jax.train"]
     procs = {}
-    for name, command in (("cli", plain), ("placed", placed)):
-        workdir = os.path.join(root, f"{name}_2x2")
-        port = free_port()
-        procs[name] = (workdir, [
-            start([*command, *cli(workdir)], subprocess_env(
-                devices=2, KTO_JAX_COORDINATOR=f"127.0.0.1:{port}", KTO_JAX_NUM_PROCESSES="2", KTO_JAX_PROCESS_ID=str(i),
-            ), os.path.join(root, f"{name}_{i}.log"))
-            for i in range(2)
-        ])
-    workdir = os.path.join(root, "placed_1x4")
-    procs["single"] = (workdir, [start([*placed, *cli(workdir)], subprocess_env(devices=4), os.path.join(root, "single.log"))])
+    workdir = os.path.join(root, "cli_2x2")
+    port = free_port()
+    procs["cli"] = (workdir, [
+        start([*cli_module, *cli(workdir)], subprocess_env(
+            devices=2, KTO_JAX_COORDINATOR=f"127.0.0.1:{port}", KTO_JAX_NUM_PROCESSES="2", KTO_JAX_PROCESS_ID=str(i),
+        ), os.path.join(root, f"cli_{i}.log"))
+        for i in range(2)
+    ])
+    workdir = os.path.join(root, "single_1x4")
+    procs["single"] = (workdir, [start([*cli_module, *cli(workdir)], subprocess_env(devices=4), os.path.join(root, "single.log"))])
     results = {}
     for name, (workdir, started) in procs.items():
         results[name] = (workdir, [finish(p, TIMEOUT) for p in started])
@@ -74,14 +71,9 @@ def assert_same_trajectory(rows, expected):
 
 
 def test_two_processes_match_one_process(runs):
-    """With the optimizer state placed on the params' shardings, 2 processes x 2 devices give the
-    loss trajectory (and every logged metric) of 1 process x 4 devices."""
+    """python -m kto_jax.train as shipped: 2 processes x 2 devices give the loss trajectory (and
+    every logged metric) of 1 process x 4 devices, each process feeding its slice of the batch."""
     single = check_run(runs["single"])
-    multi = check_run(runs["placed"])
+    multi = check_run(runs["cli"])
     assert_same_trajectory(multi, single)
     assert all(row["tokens"] == ref["tokens"] for row, ref in zip(multi, single)), "each process feeds its slice of the same global batch"
-
-
-def test_cli_as_is_two_processes_match_one_process(runs):
-    """python -m kto_jax.train unchanged, two processes: the same trajectory as one process."""
-    assert_same_trajectory(check_run(runs["cli"]), check_run(runs["single"]))

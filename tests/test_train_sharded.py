@@ -86,3 +86,14 @@ def test_loop_run_on_a_2x2x2_mesh_matches_one_device(loss, summaries):
     run = summary["loop_2x2x2"]
     assert "error" not in run, run.get("error")
     assert_rows_close([{k: v for k, v in row.items() if k != "step"} for row in run["metrics"]], summary["1x1x1"]["metrics"], atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_aot_lowers_the_program_the_loop_runs_on_a_2x2x2_mesh(loss, summaries):
+    """kto_jax.aot.lower_train_step for the 2x2x2 config gives the StableHLO of the loop's own
+    first step on that mesh (same shardings of state, batch and reference, same donation)."""
+    _, summary = summaries[loss]
+    run = summary["loop_2x2x2"]
+    assert "error" not in run, run.get("error")
+    assert run["loop_program_is_sharded"], "the recorded program should carry the mesh's shardings"
+    assert run["aot_equals_loop"]

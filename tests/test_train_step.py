@@ -24,8 +24,8 @@ from kto_jax.losses import get_loss
 from kto_jax.models import build_model
 from kto_jax.models.hf import init_params
 from kto_jax.models.presets import get_preset
-from kto_jax.train.state import TrainState, learning_rate, make_optimizer
-from kto_jax.train.step import StepSpec, ValueHead, microbatch_loss, reference_logps, train_step
+from kto_jax.train.state import TrainState, init_state, learning_rate, make_optimizer
+from kto_jax.train.step import StepSpec, microbatch_loss, reference_logps, train_step
 from tests.train_helpers import FAST_COMPILER_OPTIONS
 
 MODEL_CONFIG = get_preset("tiny-1m", num_layers=2)
@@ -90,18 +90,8 @@ def compiled_reference_logps(loss: str, num_microbatches: int):
 
 
 def initial_state(loss: str, params, optimizer: str = "adamw") -> TrainState:
-    spec = get_loss(loss)
-    p = {"model": params}
-    if spec.token_level:
-        p["value_head"] = ValueHead().init(jax.random.PRNGKey(0), jnp.zeros((1, 1, MODEL_CONFIG.hidden_size)))["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=p,
-        opt_state=make_optimizer(OPTIMIZERS[optimizer]).init(p),
-        rng=jax.random.PRNGKey(0),
-        loss_state={arg: jnp.zeros((), jnp.float32) for arg, _ in spec.state_metrics},
-        nonfinite_skipped=jnp.zeros((), jnp.int32),
-    )
+    """The shipped state builder (kto_jax.train.state.init_state), on one device."""
+    return init_state(step_spec(loss), make_optimizer(OPTIMIZERS[optimizer]), params, seed=0)
 
 
 def assert_trees_close(actual, expected, atol, what=""):

@@ -7,7 +7,8 @@ length, so the per-process slices assemble into one global array
 (``jax.make_array_from_process_local_data``). ``state()`` / ``restore(state)`` resume at
 the exact next batch.
 
-Arrays (right-padded to a length bucket, a multiple of ``bucket`` capped at max_length):
+Arrays: those of ``self.schema`` (``kto_jax.data.batch.feedback_schema``), right-padded to a
+length bucket (a multiple of ``bucket`` capped at max_length):
   unary:  input_ids, attention_mask, loss_mask [b, L]; desirable [b]; and, when
           ``kl_pairing`` is on, kl_input_ids, kl_attention_mask, kl_loss_mask
   paired: chosen_input_ids, chosen_attention_mask, chosen_loss_mask, rejected_* [b, L]
@@ -28,6 +29,7 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
+from kto_jax.data.batch import feedback_schema, prefix
 from kto_jax.data.feedback import Paired, Unary
 from kto_jax.data.tokenize import Tokenizer, TokenizeConfig, render_prompt, truncate
 
@@ -81,6 +83,7 @@ class FeedbackLoader:
         self.kl_pairing, self.num_microbatches = kl_pairing, num_microbatches
         self.process_index, self.process_count = process_index, process_count
         self.paired = bool(examples) and isinstance(examples[0], Paired)
+        self.schema = feedback_schema(self.paired, kl_pairing)
         self.control_ids = tuple(tokenizer.token_id(t) for t in control_tokens) if control_tokens else None
         self._tokenize_all(examples)
         if len(self.examples) < global_batch_size:
@@ -177,16 +180,16 @@ class FeedbackLoader:
         per_process = self.global_batch_size // self.process_count
         local = slice(self.process_index * per_process, (self.process_index + 1) * per_process)
         out = {}
-        for field, items in seqs.items():
-            prefix = f"{field}_" if field else ""
+        for group in self.schema.sequences:
             ids = np.full((per_process, length), self.tokenizer.pad_id, np.int32)
             attention = np.zeros((per_process, length), np.int32)
             loss = np.zeros((per_process, length), bool)
-            for k, (seq, mask) in enumerate(items[local]):
+            for k, (seq, mask) in enumerate(seqs[group][local]):
                 ids[k, : len(seq)] = seq
                 attention[k, : len(seq)] = 1
                 loss[k, : len(seq)] = mask
-            out[f"{prefix}input_ids"], out[f"{prefix}attention_mask"], out[f"{prefix}loss_mask"] = ids, attention, loss
-        if not self.paired:
+            p = prefix(group)
+            out[f"{p}input_ids"], out[f"{p}attention_mask"], out[f"{p}loss_mask"] = ids, attention, loss
+        if "desirable" in dict(self.schema.per_example):
             out["desirable"] = self.desirable[rows[local]]
         return out

@@ -17,8 +17,11 @@ from kto_jax.losses.halo import halo_unary
 from kto_jax.losses.ppo import ppo_offline
 from kto_jax.losses.unary import kto, kto_zero
 
+# Keyword-only arguments that are data a feed computes when the loss asks for them
+# (``kto_jax.train.feeds``), not hyperparameters.
+OPTIONAL_INPUTS = frozenset({"chosen_token_counts"})
 # Keyword arguments that are data or run state, not hyperparameters set in a config.
-NOT_HYPERPARAMETERS = frozenset({"example_mask", "running_mean", "running_count", "chosen_token_counts"})
+NOT_HYPERPARAMETERS = frozenset({"example_mask", "running_mean", "running_count"}) | OPTIONAL_INPUTS
 KINDS = ("unary", "paired", "sft")
 
 
@@ -26,26 +29,36 @@ KINDS = ("unary", "paired", "sft")
 class LossSpec:
     """How the engine feeds one loss.
 
-    kind: "unary" (one completion + desirable flag per example; KTO family, offline PPO),
-      "paired" (chosen and rejected per prompt; DPO family) or "sft".
-    needs_reference: reference log-probs are inputs (reference model or cached logps).
-    needs_kl: unary losses that also take the mismatched KL sequences' log-probs.
+    kind: the data it trains on: "unary" (one completion + desirable flag per example; KTO
+      family, offline PPO), "paired" (chosen and rejected per prompt; DPO family) or "sft".
+    feed: the feed that computes its inputs (``kto_jax.train.feeds.FEEDS``); ``kind`` unless
+      set ("token" for offline PPO's per-token inputs and value head).
     length_normalized: log-probs are divided by the completion token count first.
-    token_level: inputs are per-token ``[B, T]`` arrays (offline PPO), not per-sequence.
+    unused_inputs: hyperparameters -> inputs the loss ignores with them (passed as None, not
+      computed): ``halo`` with ``reference_point="zero"`` needs no KL forward.
+    control_tokens: tokens the data is conditioned on (CSFT's ``<|good|>``/``<|bad|>``).
     state_metrics: keyword arguments that are run state, each fed the named metric of the
       previous step (BCO's running reward mean).
+
+    A loss receives its inputs by name: its positional parameters (``policy_logps``,
+    ``reference_chosen_logps``, ...) and the keyword-only ones in ``OPTIONAL_INPUTS``. So
+    whether it needs a reference model or KL sequences is read from its signature.
     """
 
     name: str
     fn: Callable
     kind: str
     citation: str
-    needs_reference: bool = True
-    needs_kl: bool = False
+    feed: str = ""
     length_normalized: bool = False
-    token_level: bool = False
+    unused_inputs: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
+    control_tokens: tuple[str, ...] = ()
     # run state carried between steps: (keyword argument, metric holding its next value)
     state_metrics: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if not self.feed:
+            object.__setattr__(self, "feed", self.kind)
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -56,6 +69,38 @@ class LossSpec:
             for p in params
             if p.kind is p.KEYWORD_ONLY and p.name not in NOT_HYPERPARAMETERS
         }
+
+    def inputs(self, hparams: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+        """The data the loss takes with ``hparams`` (defaults if None), by name, in signature order."""
+        params = inspect.signature(self.fn).parameters.values()
+        names = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD or p.name in OPTIONAL_INPUTS]
+        unused = self.unused(hparams)
+        return tuple(n for n in names if n not in unused)
+
+    def unused(self, hparams: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+        """Inputs of the signature the loss ignores with ``hparams`` (passed as None)."""
+        return tuple(self.unused_inputs(self.hyperparameters(hparams))) if self.unused_inputs else ()
+
+    def needs_reference_with(self, hparams=None) -> bool:
+        """Reference log-probs are among the inputs (a reference model or cached log-probs)."""
+        return any(n.startswith("reference_") for n in self.inputs(hparams))
+
+    def needs_kl_with(self, hparams=None) -> bool:
+        """KTO's mismatched KL sequences are among the inputs."""
+        return "policy_kl_logps" in self.inputs(hparams)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.needs_reference_with()
+
+    @property
+    def needs_kl(self) -> bool:
+        return self.needs_kl_with()
+
+    @property
+    def token_level(self) -> bool:
+        """Inputs are per-token ``[B, T]`` arrays (offline PPO), not per-sequence."""
+        return self.feed == "token"
 
     def hyperparameters(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Defaults updated with ``overrides``; an unknown name is an error naming the valid ones."""
@@ -70,13 +115,18 @@ class LossSpec:
         return hparams
 
 
+def _halo_unused(hparams) -> tuple[str, ...]:
+    """``halo`` around z = 0 takes no KL log-probs."""
+    return ("policy_kl_logps", "reference_kl_logps") if hparams["reference_point"] == "zero" else ()
+
+
 _ENTRIES = [
     # Unary (binary feedback).
-    LossSpec("kto", kto, "unary", "Ethayarajh et al. 2024, arXiv 2402.01306", needs_kl=True),
+    LossSpec("kto", kto, "unary", "Ethayarajh et al. 2024, arXiv 2402.01306"),
     LossSpec("kto_zero", kto_zero, "unary", "HALOs kto-zero ablation (KTO with z0 = 0)"),
     LossSpec("apo_zero_unpaired", kto_zero, "unary", "D'Oosterlinck et al. 2024, arXiv 2408.06266 (TRL KTO loss_type)"),
-    LossSpec("halo", halo_unary, "unary", "Ethayarajh et al. 2024, def. 3.4", needs_kl=True),
-    LossSpec("ppo_offline", ppo_offline, "unary", "Schulman et al. 2017; KTO paper's offline PPO", token_level=True),
+    LossSpec("halo", halo_unary, "unary", "Ethayarajh et al. 2024, def. 3.4", unused_inputs=_halo_unused),
+    LossSpec("ppo_offline", ppo_offline, "unary", "Schulman et al. 2017; KTO paper's offline PPO", feed="token"),
     # Paired, with a reference model.
     LossSpec("dpo", paired.dpo, "paired", "Rafailov et al. 2023, arXiv 2305.18290; cDPO with label_smoothing"),
     LossSpec("ipo", paired.ipo, "paired", "Azar et al. 2023, arXiv 2310.12036", length_normalized=True),
@@ -93,12 +143,13 @@ _ENTRIES = [
     LossSpec("apo_down", paired.apo_down, "paired", "D'Oosterlinck et al. 2024, arXiv 2408.06266"),
     LossSpec("discopop", paired.discopop, "paired", "Lu et al. 2024, arXiv 2406.08414"),
     # Paired, reference-free.
-    LossSpec("slic", reference_free.slic, "paired", "Zhao et al. 2023, arXiv 2305.10425 (HALOs)", needs_reference=False),
-    LossSpec("simpo", reference_free.simpo, "paired", "Meng et al. 2024, arXiv 2405.14734", needs_reference=False, length_normalized=True),
-    LossSpec("orpo", reference_free.orpo, "paired", "Hong et al. 2024, arXiv 2403.07691", needs_reference=False, length_normalized=True),
+    LossSpec("slic", reference_free.slic, "paired", "Zhao et al. 2023, arXiv 2305.10425 (HALOs)"),
+    LossSpec("simpo", reference_free.simpo, "paired", "Meng et al. 2024, arXiv 2405.14734", length_normalized=True),
+    LossSpec("orpo", reference_free.orpo, "paired", "Hong et al. 2024, arXiv 2403.07691", length_normalized=True),
     # Supervised.
-    LossSpec("sft", reference_free.sft, "sft", "token-averaged NLL", needs_reference=False),
-    LossSpec("csft", reference_free.sft, "sft", "Korbak et al. 2023, arXiv 2302.08582 (control tokens in the data)", needs_reference=False),
+    LossSpec("sft", reference_free.sft, "sft", "token-averaged NLL"),
+    LossSpec("csft", reference_free.sft, "sft", "Korbak et al. 2023, arXiv 2302.08582 (control tokens in the data)",
+             control_tokens=("<|good|>", "<|bad|>")),
 ]
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _ENTRIES}

@@ -9,15 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kto_jax.models import gpt_neox, llama
 from kto_jax.models.common import Decoder, ModelConfig, init_cache, lm_head_kernel
+from kto_jax.models.families import FAMILIES, Family, get_family
 
-ARCHITECTURES = {"llama": llama.build, "gpt_neox": gpt_neox.build}
+ARCHITECTURES = {name: family.build for name, family in FAMILIES.items()}  # architecture -> build
 
 
 def build_model(config: ModelConfig) -> Decoder:
-    """The Flax module for ``config.architecture`` (a registry lookup)."""
-    return ARCHITECTURES[config.architecture](config)
+    """The Flax module for ``config.architecture`` (its family's ``build``)."""
+    return get_family(config.architecture).build(config)
 
 
 def abstract_params(config: ModelConfig):
@@ -32,4 +32,7 @@ def param_count(config: ModelConfig) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params(config))))
 
 
-__all__ = ["ARCHITECTURES", "Decoder", "ModelConfig", "abstract_params", "build_model", "init_cache", "lm_head_kernel", "param_count"]
+__all__ = [
+    "ARCHITECTURES", "FAMILIES", "Decoder", "Family", "ModelConfig", "abstract_params", "build_model", "get_family",
+    "init_cache", "lm_head_kernel", "param_count",
+]

@@ -27,11 +27,14 @@ REMAT_POLICIES = {
 class ModelConfig:
     """One decoder-only transformer; every field maps to a Hugging Face config.json field.
 
-    architecture: "llama" (Llama 1/2/3, Mistral) or "gpt_neox" (Pythia).
+    architecture: a family in ``kto_jax.models.families.FAMILIES``: "llama" (Llama 1/2/3,
+      Mistral) or "gpt_neox" (Pythia).
     rope_type: "default", "linear" or "llama3" (with the rope_* scaling fields).
     rotary_pct: fraction of each head's dims that get RoPE (Pythia 0.25, Llama 1.0).
     sliding_window: Mistral's attention window (None = full causal attention).
-    dtype / param_dtype: compute and storage dtypes ("float32", "bfloat16").
+    param_dtype / compute_dtype: storage dtype of the params and dtype of the activations,
+      each held as its canonical name ("float32", "bfloat16"); any spelling ``jnp.dtype``
+      reads (``jnp.bfloat16``, ``np.float32``, ``jnp.dtype("float16")``) is accepted.
     remat_policy: a name in REMAT_POLICIES, applied to each layer.
     attention_impl: ``jax.nn.dot_product_attention`` implementation: None (XLA's choice),
       "xla" or "cudnn" (GPU, bf16/fp16).
@@ -62,46 +65,41 @@ class ModelConfig:
     sliding_window: int | None = None
     hidden_act: str = "silu"
     initializer_range: float = 0.02
-    dtype: str = "float32"
     param_dtype: str = "float32"
+    compute_dtype: str = "float32"
     remat_policy: str = "none"
     attention_impl: str | None = None
     scan_unroll: int = 1
-    hf_model_type: str | None = None  # "llama", "mistral" or "gpt_neox" in config.json
-
+    hf_model_type: str | None = None  # config.json model_type (default: the family's first)
 
     def __post_init__(self):
+        from kto_jax.models.families import FAMILIES  # imported here: the families import this module
+
+        _validate(self, [(self.architecture in FAMILIES, "architecture", f"one of {sorted(FAMILIES)}")])
+        family = FAMILIES[self.architecture]
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.hf_model_type is None:
-            object.__setattr__(self, "hf_model_type", self.architecture)
-        checks = [
-            (self.architecture in ("llama", "gpt_neox"), "architecture", "'llama' or 'gpt_neox'"),
+            object.__setattr__(self, "hf_model_type", next(iter(family.hf_model_types)))
+        dtypes = {field: _dtype_name(getattr(self, field)) for field in ("param_dtype", "compute_dtype")}
+        _validate(self, [
+            *((name is not None, field, "a dtype name such as 'float32' or 'bfloat16'") for field, name in dtypes.items()),
             (self.num_heads > 0, "num_heads", "positive"),
-            (self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0, "num_kv_heads", f"a positive divisor of num_heads={self.num_heads}"),
+            (self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+             f"a positive divisor of num_heads={self.num_heads}"),
             (self.rope_type in ("default", "linear", "llama3"), "rope_type", "'default', 'linear' or 'llama3'"),
             (0 < self.rotary_pct <= 1, "rotary_pct", "in (0, 1]"),
             (self.remat_policy in REMAT_POLICIES, "remat_policy", f"one of {sorted(REMAT_POLICIES)}"),
             (self.attention_impl in (None, "xla", "cudnn"), "attention_impl", "None, 'xla' or 'cudnn'"),
             (1 <= self.scan_unroll <= self.num_layers, "scan_unroll", f"in [1, num_layers={self.num_layers}]"),
             (self.hidden_act in ACTIVATIONS, "hidden_act", f"one of {sorted(ACTIVATIONS)}"),
-            (self.hf_model_type in ("llama", "mistral", "gpt_neox"), "hf_model_type", "'llama', 'mistral' or 'gpt_neox'"),
-            (self.sliding_window is None or self.hf_model_type == "mistral", "sliding_window",
-             "None unless hf_model_type='mistral' (only Mistral's config.json carries a window)"),
-        ]
-        for ok, field, expected in checks:
-            if not ok:
-                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r} is invalid: expected {expected}")
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def params_dtype(self):
-        return jnp.dtype(self.param_dtype)
+            (self.hf_model_type in family.hf_model_types, "hf_model_type", f"one of {sorted(family.hf_model_types)}"),
+            *family.checks(self),
+        ])
+        for field, name in dtypes.items():
+            object.__setattr__(self, field, name)
 
     @property
     def rotary_dim(self) -> int:
@@ -109,6 +107,23 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _validate(config: ModelConfig, checks) -> None:
+    """Raise for the first ``(ok, field, expected)`` that is not ok, naming the field and its value."""
+    for ok, field, expected in checks:
+        if not ok:
+            raise ValueError(f"ModelConfig.{field}={getattr(config, field)!r} is invalid: expected {expected}")
+
+
+def _dtype_name(value) -> str | None:
+    """The canonical name of a floating dtype in any spelling ``jnp.dtype`` reads ("bfloat16",
+    ``jnp.bfloat16``, ``np.float32``, ``jnp.dtype("float16")``); None for anything else."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        return None
+    return dtype.name if value is not None and jnp.issubdtype(dtype, jnp.floating) else None
 
 
 ACTIVATIONS = {
@@ -239,10 +254,10 @@ class HeadProjection(nn.Module):
     def __call__(self, x):
         cfg = self.config
         shape = (x.shape[-1], self.heads, cfg.head_dim)
-        kernel = self.param("kernel", init(cfg, ("embed", self.axis_name, "head_dim")), shape, cfg.params_dtype)
+        kernel = self.param("kernel", init(cfg, ("embed", self.axis_name, "head_dim")), shape, cfg.param_dtype)
         y = jnp.einsum("btd,dhk->bthk", x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
         if cfg.attention_bias:
-            bias = self.param("bias", zeros((self.axis_name, "head_dim")), shape[1:], cfg.params_dtype)
+            bias = self.param("bias", zeros((self.axis_name, "head_dim")), shape[1:], cfg.param_dtype)
             y = y + bias.astype(cfg.compute_dtype)
         return y
 
@@ -256,10 +271,10 @@ class OutputProjection(nn.Module):
     def __call__(self, x):
         cfg = self.config
         shape = (x.shape[-2], x.shape[-1], cfg.hidden_size)
-        kernel = self.param("kernel", init(cfg, ("heads", "head_dim", "embed")), shape, cfg.params_dtype)
+        kernel = self.param("kernel", init(cfg, ("heads", "head_dim", "embed")), shape, cfg.param_dtype)
         y = jnp.einsum("bthk,hkd->btd", x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
         if cfg.attention_bias:
-            y = y + self.param("bias", zeros(("embed",)), (cfg.hidden_size,), cfg.params_dtype).astype(cfg.compute_dtype)
+            y = y + self.param("bias", zeros(("embed",)), (cfg.hidden_size,), cfg.param_dtype).astype(cfg.compute_dtype)
         return y
 
 
@@ -269,7 +284,7 @@ def dense(config: ModelConfig, features: int, axes: tuple[str, str], name: str, 
         features,
         use_bias=use_bias,
         dtype=config.compute_dtype,
-        param_dtype=config.params_dtype,
+        param_dtype=config.param_dtype,
         kernel_init=init(config, axes),
         bias_init=zeros(axes[1:]),
         name=name,
@@ -309,7 +324,7 @@ class Decoder(nn.Module):
             cfg.vocab_size,
             cfg.hidden_size,
             dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
+            param_dtype=cfg.param_dtype,
             embedding_init=init(cfg, ("vocab", "embed")),
             name="embed",
         )

@@ -1,11 +1,20 @@
-"""GPT-NeoX (Pythia): LayerNorm with bias, GELU MLP, partial rotary, parallel or sequential residual."""
+"""GPT-NeoX (Pythia): LayerNorm with bias, GELU MLP, partial rotary, parallel or sequential residual.
+
+The family's pieces: :func:`build` (the Flax decoder), :func:`tensor_maps` (its Hugging Face
+tensors), :func:`from_hf_config` / :func:`to_hf_config` (its config.json fields) and
+:func:`checks` (its ModelConfig constraints); registered in ``kto_jax.models.families``.
+"""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from kto_jax.models.common import ACTIVATIONS, Attention, Decoder, ModelConfig, constrain, dense, ones, zeros
+from kto_jax.models.tensor_map import TensorMap, linear, proj_out, same
+
+HF_MODEL_TYPES = {"gpt_neox": "GPTNeoXForCausalLM"}
 
 
 class LayerNorm(nn.Module):
@@ -16,8 +25,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        scale = self.param("scale", ones(("norm",)), (x.shape[-1],), cfg.params_dtype)
-        bias = self.param("bias", zeros(("norm",)), (x.shape[-1],), cfg.params_dtype)
+        scale = self.param("scale", ones(("norm",)), (x.shape[-1],), cfg.param_dtype)
+        bias = self.param("bias", zeros(("norm",)), (x.shape[-1],), cfg.param_dtype)
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
@@ -60,3 +69,83 @@ class GPTNeoXBlock(nn.Module):
 def build(config: ModelConfig) -> Decoder:
     """The GPT-NeoX decoder for ``config``."""
     return Decoder(config, block_cls=GPTNeoXBlock, norm_cls=LayerNorm)
+
+
+def tensor_maps(config: ModelConfig) -> list[TensorMap]:
+    """Every ``GPTNeoXForCausalLM`` tensor and where it lives in our params (the fused
+    query_key_value weight, and bias when attention_bias, split into our q, k and v)."""
+    c = config
+    d, h, hd = c.hidden_size, c.num_heads, c.head_dim
+    att, p = ("layers", "attention"), "gpt_neox.layers.{i}."
+    qkv = tuple(att + (n, "kernel") for n in "qkv")
+    maps = [
+        same(("embed", "embedding"), "gpt_neox.embed_in.weight", per_layer=False),
+        same(("final_norm", "scale"), "gpt_neox.final_layer_norm.weight", per_layer=False),
+        same(("final_norm", "bias"), "gpt_neox.final_layer_norm.bias", per_layer=False),
+        same(("layers", "attention_norm", "scale"), p + "input_layernorm.weight"),
+        same(("layers", "attention_norm", "bias"), p + "input_layernorm.bias"),
+        same(("layers", "mlp_norm", "scale"), p + "post_attention_layernorm.weight"),
+        same(("layers", "mlp_norm", "bias"), p + "post_attention_layernorm.bias"),
+        # fused [heads * (q, k, v) * head_dim, hidden], per head q then k then v
+        TensorMap(
+            p + "attention.query_key_value.weight", qkv,
+            split=lambda w: [w.reshape(h, 3, hd, d)[:, j].transpose(2, 0, 1) for j in range(3)],
+            merge=lambda xs: np.stack([x.transpose(1, 2, 0) for x in xs], axis=1).reshape(3 * h * hd, d),
+        ),
+        proj_out(att + ("o", "kernel"), p + "attention.dense.weight", d, h, hd),
+        linear(("layers", "mlp", "up", "kernel"), p + "mlp.dense_h_to_4h.weight"),
+        same(("layers", "mlp", "up", "bias"), p + "mlp.dense_h_to_4h.bias"),
+        linear(("layers", "mlp", "down", "kernel"), p + "mlp.dense_4h_to_h.weight"),
+        same(("layers", "mlp", "down", "bias"), p + "mlp.dense_4h_to_h.bias"),
+    ]
+    if c.attention_bias:
+        maps += [
+            TensorMap(
+                p + "attention.query_key_value.bias", tuple(att + (n, "bias") for n in "qkv"),
+                split=lambda b: [b.reshape(h, 3, hd)[:, j] for j in range(3)],
+                merge=lambda xs: np.stack(xs, axis=1).reshape(-1),
+            ),
+            same(att + ("o", "bias"), p + "attention.dense.bias"),
+        ]
+    if not c.tie_word_embeddings:
+        maps.append(linear(("lm_head", "kernel"), "embed_out.weight", per_layer=False))
+    return maps
+
+
+def from_hf_config(hf: dict, rope: dict) -> dict:
+    """config.json -> the GPT-NeoX ModelConfig fields: layer_norm_eps -> norm_eps,
+    partial_rotary_factor (5.x, in ``rope``) or rotary_pct (4.x) -> rotary_pct, rope_theta or
+    rotary_emb_base (4.x) -> rope_theta, attention_bias and use_parallel_residual (both default true)."""
+    return dict(
+        norm_eps=hf.get("layer_norm_eps", 1e-5),
+        rotary_pct=float(rope.get("partial_rotary_factor", hf.get("rotary_pct", 1.0))),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))),
+        attention_bias=bool(hf.get("attention_bias", True)),
+        use_parallel_residual=bool(hf.get("use_parallel_residual", True)),
+    )
+
+
+def to_hf_config(config: ModelConfig) -> dict:
+    """The GPT-NeoX config.json fields, in both spellings where 4.x and 5.x differ: norm_eps ->
+    layer_norm_eps, rotary_pct -> rotary_pct and partial_rotary_factor, rope_theta ->
+    rotary_emb_base, use_parallel_residual, attention_bias."""
+    return dict(
+        layer_norm_eps=config.norm_eps,
+        rotary_pct=config.rotary_pct,
+        partial_rotary_factor=config.rotary_pct,
+        rotary_emb_base=config.rope_theta,
+        use_parallel_residual=config.use_parallel_residual,
+        attention_bias=config.attention_bias,
+    )
+
+
+def checks(config: ModelConfig) -> list[tuple[bool, str, str]]:
+    """(ok, field, expected) for what a GPT-NeoX config.json cannot express: grouped-query
+    heads, a head_dim other than hidden_size / num_heads, or a window."""
+    return [
+        (config.num_kv_heads == config.num_heads, "num_kv_heads",
+         f"num_heads={config.num_heads} (GPT-NeoX has no grouped-query attention)"),
+        (config.head_dim * config.num_heads == config.hidden_size, "head_dim",
+         f"hidden_size / num_heads = {config.hidden_size}/{config.num_heads} (GPT-NeoX has no head_dim field)"),
+        (config.sliding_window is None, "sliding_window", "None (GPT-NeoX has no attention window)"),
+    ]

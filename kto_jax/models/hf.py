@@ -1,6 +1,6 @@
 """Hugging Face interop: config.json <-> ModelConfig, safetensors <-> params, tokenizers.
 
-    model, params = from_hf("path/to/hf_folder", dtype="bfloat16", mesh=mesh)
+    model, params = from_hf("path/to/hf_folder", param_dtype="bfloat16", mesh=mesh)
     to_hf(model, params, "out_dir")            # transformers.from_pretrained("out_dir") loads it
     tokenizer = load_tokenizer("path/to/hf_folder")
 
@@ -11,10 +11,9 @@ tensor, not the whole model. ``from_hf`` also takes a preset name (random init).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from typing import Callable, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -26,8 +25,10 @@ from safetensors.flax import save_file
 from kto_jax import sharding as sharding_lib
 from kto_jax.models import abstract_params, build_model
 from kto_jax.models.common import Decoder, ModelConfig
+from kto_jax.models.families import get_family
 from kto_jax.models.hf_config import config_from_hf, config_to_hf
 from kto_jax.models.presets import PRESETS, get_preset
+from kto_jax.models.tensor_map import TensorMap
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -37,118 +38,10 @@ INDEX_FILE = "model.safetensors.index.json"
 # ---------------------------------------------------------------- tensor maps
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-    """One Hugging Face tensor (per layer when ``per_layer``) <-> one or more of our leaves.
-
-    split(hf_array) -> [our arrays], one per path; merge([our arrays]) -> hf_array.
-    For per-layer tensors our leaves carry a leading ``layers`` axis and ``{i}`` in the
-    name is the layer index.
-    """
-
-    hf_name: str
-    paths: tuple[tuple[str, ...], ...]
-    split: Callable[[np.ndarray], list]
-    merge: Callable[[list], np.ndarray]
-    per_layer: bool = True
-
-
-def _proj_in(path, hf_name, dim, heads, head_dim):
-    """HF [heads*head_dim, dim] <-> our [dim, heads, head_dim]."""
-    return TensorMap(
-        hf_name, (path,),
-        split=lambda w: [w.T.reshape(dim, heads, head_dim)],
-        merge=lambda xs: xs[0].reshape(dim, heads * head_dim).T,
-    )
-
-
-def _proj_out(path, hf_name, dim, heads, head_dim):
-    """HF [dim, heads*head_dim] <-> our [heads, head_dim, dim]."""
-    return TensorMap(
-        hf_name, (path,),
-        split=lambda w: [w.T.reshape(heads, head_dim, dim)],
-        merge=lambda xs: xs[0].reshape(heads * head_dim, dim).T,
-    )
-
-
-def _dense(path, hf_name, per_layer=True):
-    """HF Linear [out, in] <-> our Dense kernel [in, out]."""
-    return TensorMap(hf_name, (path,), split=lambda w: [w.T], merge=lambda xs: xs[0].T, per_layer=per_layer)
-
-
-def _same(path, hf_name, per_layer=True, shape=None):
-    """Same layout (norms, biases, embeddings); ``shape`` reshapes ours (e.g. bias [H*Dh] -> [H, Dh])."""
-    return TensorMap(
-        hf_name, (path,),
-        split=lambda w: [w.reshape(shape) if shape else w],
-        merge=lambda xs: xs[0].reshape(-1) if shape else xs[0],
-        per_layer=per_layer,
-    )
-
-
 def tensor_maps(config: ModelConfig) -> list[TensorMap]:
-    """Every Hugging Face tensor of ``config``'s architecture and where it lives in our params."""
-    c = config
-    d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    att = ("layers", "attention")
-    if c.architecture == "llama":
-        p = "model.layers.{i}."
-        maps = [
-            _same(("embed", "embedding"), "model.embed_tokens.weight", per_layer=False),
-            _same(("final_norm", "scale"), "model.norm.weight", per_layer=False),
-            _same(("layers", "attention_norm", "scale"), p + "input_layernorm.weight"),
-            _same(("layers", "mlp_norm", "scale"), p + "post_attention_layernorm.weight"),
-            _proj_in(att + ("q", "kernel"), p + "self_attn.q_proj.weight", d, h, hd),
-            _proj_in(att + ("k", "kernel"), p + "self_attn.k_proj.weight", d, kv, hd),
-            _proj_in(att + ("v", "kernel"), p + "self_attn.v_proj.weight", d, kv, hd),
-            _proj_out(att + ("o", "kernel"), p + "self_attn.o_proj.weight", d, h, hd),
-            _dense(("layers", "mlp", "gate", "kernel"), p + "mlp.gate_proj.weight"),
-            _dense(("layers", "mlp", "up", "kernel"), p + "mlp.up_proj.weight"),
-            _dense(("layers", "mlp", "down", "kernel"), p + "mlp.down_proj.weight"),
-        ]
-        if c.attention_bias:
-            maps += [
-                _same(att + ("q", "bias"), p + "self_attn.q_proj.bias", shape=(h, hd)),
-                _same(att + ("k", "bias"), p + "self_attn.k_proj.bias", shape=(kv, hd)),
-                _same(att + ("v", "bias"), p + "self_attn.v_proj.bias", shape=(kv, hd)),
-                _same(att + ("o", "bias"), p + "self_attn.o_proj.bias"),
-            ]
-        if not c.tie_word_embeddings:
-            maps.append(_dense(("lm_head", "kernel"), "lm_head.weight", per_layer=False))
-        return maps
-
-    p = "gpt_neox.layers.{i}."
-    qkv = tuple(att + (n, "kernel") for n in "qkv")
-    qkv_bias = tuple(att + (n, "bias") for n in "qkv")
-    maps = [
-        _same(("embed", "embedding"), "gpt_neox.embed_in.weight", per_layer=False),
-        _same(("final_norm", "scale"), "gpt_neox.final_layer_norm.weight", per_layer=False),
-        _same(("final_norm", "bias"), "gpt_neox.final_layer_norm.bias", per_layer=False),
-        _same(("layers", "attention_norm", "scale"), p + "input_layernorm.weight"),
-        _same(("layers", "attention_norm", "bias"), p + "input_layernorm.bias"),
-        _same(("layers", "mlp_norm", "scale"), p + "post_attention_layernorm.weight"),
-        _same(("layers", "mlp_norm", "bias"), p + "post_attention_layernorm.bias"),
-        # fused [heads * (q, k, v) * head_dim, hidden], per head q then k then v
-        TensorMap(
-            p + "attention.query_key_value.weight", qkv,
-            split=lambda w: [w.reshape(h, 3, hd, d)[:, j].transpose(2, 0, 1) for j in range(3)],
-            merge=lambda xs: np.stack([x.transpose(1, 2, 0) for x in xs], axis=1).reshape(3 * h * hd, d),
-        ),
-        TensorMap(
-            p + "attention.query_key_value.bias", qkv_bias,
-            split=lambda b: [b.reshape(h, 3, hd)[:, j] for j in range(3)],
-            merge=lambda xs: np.stack(xs, axis=1).reshape(-1),
-        ),
-        _proj_out(att + ("o", "kernel"), p + "attention.dense.weight", d, h, hd),
-        _same(att + ("o", "bias"), p + "attention.dense.bias"),
-        _dense(("layers", "mlp", "up", "kernel"), p + "mlp.dense_h_to_4h.weight"),
-        _same(("layers", "mlp", "up", "bias"), p + "mlp.dense_h_to_4h.bias"),
-        _dense(("layers", "mlp", "down", "kernel"), p + "mlp.dense_4h_to_h.weight"),
-        _same(("layers", "mlp", "down", "bias"), p + "mlp.dense_4h_to_h.bias"),
-    ]
-    if not c.tie_word_embeddings:
-        maps.append(_dense(("lm_head", "kernel"), "embed_out.weight", per_layer=False))
-    return maps
+    """Every Hugging Face tensor of ``config``'s architecture and where it lives in our params
+    (its family's ``tensor_maps``)."""
+    return get_family(config.architecture).tensor_maps(config)
 
 
 def _hf_names(tmap: TensorMap, num_layers: int) -> list[str]:
@@ -225,7 +118,7 @@ def load_params(config: ModelConfig, path: str, mesh=None):
         shardings = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract)
     else:
         shardings = sharding_lib.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
-    dtype = config.params_dtype
+    dtype = jnp.dtype(config.param_dtype)
     maps = tensor_maps(config)
     shapes = {id(t): [tuple(_tree_get(abstract, p).shape) for p in t.paths] for t in maps}
     for tmap in maps:  # check every tensor before loading any
@@ -275,14 +168,18 @@ def init_params(config: ModelConfig, seed: int = 0, mesh=None):
     return jax.jit(init, out_shardings=shardings)()
 
 
-def from_hf(path: str, dtype: str = "float32", compute_dtype: str | None = None, mesh=None, seed: int = 0, **overrides):
+def from_hf(path: str, param_dtype="float32", compute_dtype=None, mesh=None, seed: int = 0, **overrides):
     """``(model, params)`` from a Hugging Face folder (config.json + safetensors) or a preset name.
 
-    dtype: storage dtype of the params; compute_dtype: activations (default: ``dtype``).
+    param_dtype: storage dtype of the params; compute_dtype: dtype of the activations (default:
+    ``param_dtype``); each a dtype name or any dtype ``jnp.dtype`` reads (``jnp.bfloat16``).
     A preset name (see ``kto_jax.models.presets``) gives random weights, for tests and AOT work.
     ``overrides`` set other ModelConfig fields (``remat_policy``, ``attention_impl``, ...).
     """
-    overrides = dict(param_dtype=dtype, dtype=compute_dtype or dtype, **overrides)
+    if "dtype" in overrides:
+        raise TypeError("from_hf(dtype=...) is ambiguous: pass param_dtype= (storage) and compute_dtype= (activations)")
+    compute_dtype = param_dtype if compute_dtype is None else compute_dtype
+    overrides = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, **overrides)
     if path in PRESETS:
         config = get_preset(path, **overrides)
         return build_model(config), init_params(config, seed, mesh)

@@ -1,33 +1,39 @@
-"""Hugging Face config.json <-> ModelConfig (transformers 4.x and 5.x field names)."""
+"""Hugging Face config.json <-> ModelConfig (transformers 4.x and 5.x field names).
+
+The fields every family shares (sizes, RoPE, embeddings, activation) are read and written
+here; each family (``kto_jax.models.families``) adds its own over them.
+"""
 
 from __future__ import annotations
 
 from kto_jax.models.common import ModelConfig
+from kto_jax.models.families import FAMILIES, family_of_model_type, get_family
 
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+# config.json model_type -> HF architectures class name, over all families
+HF_ARCHITECTURES = {t: a for family in FAMILIES.values() for t, a in family.hf_model_types.items()}
 
 
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
-    """A ModelConfig from a Hugging Face config.json dict (transformers 4.x and 5.x field names)."""
+    """A ModelConfig from a Hugging Face config.json dict (transformers 4.x and 5.x field names).
+
+    Shared fields: vocab_size, hidden_size, intermediate_size, num_hidden_layers -> num_layers,
+    num_attention_heads -> num_heads, max_position_embeddings, hidden_act, initializer_range,
+    tie_word_embeddings, and RoPE from rope_parameters (5.x) or rope_theta + rope_scaling (4.x);
+    then the family of ``model_type`` adds its own; ``overrides`` set any field last.
+    """
     model_type = hf.get("model_type")
-    if model_type not in HF_ARCHITECTURES:
-        raise ValueError(
-            f"config.json model_type={model_type!r} is not supported; supported: {sorted(HF_ARCHITECTURES)}"
-        )
+    family = family_of_model_type(model_type)
     rope = dict(hf.get("rope_parameters") or {})
     rope.update(hf.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if hf.get("mlp_bias"):
-        raise ValueError("config.json mlp_bias=true is not supported (no Llama/Mistral release uses it)")
-    common = dict(
+    shared = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"],
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))),
-        rope_type=rope_type,
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_type=rope.get("rope_type", rope.get("type", "default")),
         rope_factor=float(rope.get("factor", 1.0)),
         rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
         rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
@@ -37,33 +43,17 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         initializer_range=hf.get("initializer_range", 0.02),
         hf_model_type=model_type,
     )
-    if model_type == "gpt_neox":
-        cfg = ModelConfig(
-            architecture="gpt_neox",
-            norm_eps=hf.get("layer_norm_eps", 1e-5),
-            rotary_pct=float(rope.get("partial_rotary_factor", hf.get("rotary_pct", 1.0))),
-            attention_bias=bool(hf.get("attention_bias", True)),
-            use_parallel_residual=bool(hf.get("use_parallel_residual", True)),
-            **common,
-        )
-    else:
-        cfg = ModelConfig(
-            architecture="llama",
-            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
-            **common,
-        )
-    return cfg.replace(**overrides)
+    fields = {**shared, **family.from_hf_config(hf, rope)}
+    return ModelConfig(architecture=family.name, **fields).replace(**overrides)
 
 
 def config_to_hf(config: ModelConfig) -> dict:
-    """The config.json dict transformers needs to rebuild ``config``."""
+    """The config.json dict transformers needs to rebuild ``config``: the shared fields (4.x
+    names; ``torch_dtype`` is param_dtype's canonical name), then the family's own."""
+    family = get_family(config.architecture)
     out = {
         "model_type": config.hf_model_type,
-        "architectures": [HF_ARCHITECTURES[config.hf_model_type]],
+        "architectures": [family.hf_model_types[config.hf_model_type]],
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -84,23 +74,4 @@ def config_to_hf(config: ModelConfig) -> dict:
                 high_freq_factor=config.rope_high_freq_factor,
                 original_max_position_embeddings=config.rope_original_max_position,
             )
-    if config.architecture == "gpt_neox":
-        out.update(
-            layer_norm_eps=config.norm_eps,
-            rotary_pct=config.rotary_pct,
-            partial_rotary_factor=config.rotary_pct,
-            rotary_emb_base=config.rope_theta,
-            use_parallel_residual=config.use_parallel_residual,
-            attention_bias=config.attention_bias,
-        )
-    else:
-        out.update(
-            num_key_value_heads=config.num_kv_heads,
-            head_dim=config.head_dim,
-            rms_norm_eps=config.norm_eps,
-            attention_bias=config.attention_bias,
-            mlp_bias=False,
-        )
-        if config.hf_model_type == "mistral":
-            out["sliding_window"] = config.sliding_window
-    return out
+    return {**out, **family.to_hf_config(config)}

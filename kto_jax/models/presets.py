@@ -48,7 +48,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:
-    """The preset ``name`` with field overrides (e.g. ``dtype="bfloat16"``); unknown names list the known ones."""
+    """The preset ``name`` with field overrides (e.g. ``compute_dtype="bfloat16"``); unknown names list the known ones."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides)

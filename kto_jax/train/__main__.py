@@ -1,4 +1,9 @@
-"""CLI: python -m kto_jax.train --config experiments/NAME.py[:ARGS] --workdir DIR [--config.key=value ...]"""
+"""CLI: python -m kto_jax.train --config experiments/NAME.py[:ARGS] --workdir DIR [--config.key=value ...]
+
+The console shows the progress bar, the run's events (resume, caches, judged rates) and
+warnings; ``--verbosity=0`` (absl's flag) brings back every library's INFO log (orbax's
+per-checkpoint lines among them).
+"""
 
 from __future__ import annotations
 
@@ -50,10 +55,16 @@ def check_overrides(argv: list[str]) -> str | None:
     return None
 
 
+def quiet_by_default() -> None:
+    """Library INFO logs (orbax writes ~30 lines per checkpoint) stay hidden unless --verbosity is given."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
+    quiet_by_default()
     sharding.initialize_distributed()
     run(_CONFIG.value, _WORKDIR.value)
 

@@ -60,14 +60,57 @@ def learning_rate(cfg, step) -> jax.Array:
     return warmup_schedule(cfg.lr, cfg.warmup_steps)(step)
 
 
-def opt_state_shardings(optimizer: optax.GradientTransformation, boxed_policy, mesh):
-    """NamedShardings of the optimizer state: moments sharded like the params they track,
-    scalars (step counts) replicated. ``boxed_policy`` is the policy param tree with its
-    logical-axis boxes (``kto_jax.models.abstract_params``); optax keeps the boxes on the
-    moments, so their logical axes come through ``eval_shape``."""
+def init_state(spec, optimizer: optax.GradientTransformation, model_params, seed: int) -> TrainState:
+    """The state at step 0 (a pure function of the model params): the policy params (the
+    model's, plus any of the feed's own, e.g. offline PPO's value head), the optimizer's
+    initial state, RNG ``PRNGKey(seed)``, zero loss state and skip count.
+
+    Run under ``jax.eval_shape`` on the logically boxed param shapes it gives the abstract
+    state and, through the boxes optax keeps on the moments, every leaf's logical axes
+    (:func:`state_shardings`); jitted on real params with those shardings it gives the state
+    on the mesh (:func:`create_state`). The loop, the AOT check, the benchmark and the tests
+    all build their state here.
+    """
+    params = {"model": model_params, **spec.feed.init_params(spec.model.config, seed)}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.PRNGKey(seed),
+        loss_state={arg: jnp.zeros((), jnp.float32) for arg, _ in spec.loss.state_metrics},
+        nonfinite_skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def _boxed_state(spec, optimizer):
+    from kto_jax.models import abstract_params
+
+    return jax.eval_shape(lambda p: init_state(spec, optimizer, p, 0), abstract_params(spec.model.config))
+
+
+def state_shardings(spec, optimizer: optax.GradientTransformation, mesh) -> TrainState:
+    """NamedShardings of every leaf of the state on ``mesh``, from the logical axes of the
+    params (moments follow the params they track; scalars, RNG and the value head are replicated)."""
     import flax.linen as nn
 
     from kto_jax import sharding
 
-    specs = nn.get_partition_spec(jax.eval_shape(optimizer.init, boxed_policy))
-    return sharding.logical_to_sharding(specs, mesh)
+    return sharding.logical_to_sharding(nn.get_partition_spec(_boxed_state(spec, optimizer)), mesh)
+
+
+def abstract_state(spec, optimizer: optax.GradientTransformation, mesh) -> TrainState:
+    """The state as ``jax.ShapeDtypeStruct`` leaves carrying their shardings (nothing allocated)."""
+    import flax.linen as nn
+
+    shapes = nn.unbox(_boxed_state(spec, optimizer))
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                                  state_shardings(spec, optimizer, mesh))
+
+
+def create_state(spec, optimizer: optax.GradientTransformation, model_params, seed: int, mesh) -> TrainState:
+    """:func:`init_state` on real params, each leaf created on its sharding. The state owns new
+    buffers, so ``model_params`` stay valid (they serve as the frozen reference)."""
+    import functools
+
+    init = functools.partial(init_state, spec, optimizer, seed=seed)
+    return jax.jit(init, out_shardings=state_shardings(spec, optimizer, mesh))(model_params)

@@ -1,0 +1,70 @@
+"""The registry of model families: ``ModelConfig.architecture`` -> its :class:`Family`.
+
+Adding a family is one module (its Flax blocks plus the five functions below, see
+``llama.py``), its presets, and one line in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from kto_jax.models import gpt_neox, llama
+from kto_jax.models.common import Decoder, ModelConfig
+from kto_jax.models.tensor_map import TensorMap
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family and how its Hugging Face checkpoints map onto it.
+
+    name: the ``ModelConfig.architecture`` that selects it.
+    build: ModelConfig -> the Flax ``Decoder``.
+    tensor_maps: ModelConfig -> [TensorMap], every HF tensor and where it lives in our params.
+    from_hf_config: (config.json dict, its merged rope dict) -> this family's ModelConfig
+      fields, over the shared ones that ``hf_config`` reads.
+    to_hf_config: ModelConfig -> this family's config.json fields, over the shared ones.
+    hf_model_types: config.json ``model_type`` -> its HF ``architectures`` class name; the
+      first is the default ``ModelConfig.hf_model_type``.
+    checks: ModelConfig -> [(ok, field, expected)], the constraints the family adds to
+      ``ModelConfig.__post_init__``.
+    """
+
+    name: str
+    build: Callable[[ModelConfig], Decoder]
+    tensor_maps: Callable[[ModelConfig], list[TensorMap]]
+    from_hf_config: Callable[[dict, dict], dict]
+    to_hf_config: Callable[[ModelConfig], dict]
+    hf_model_types: dict[str, str]
+    checks: Callable[[ModelConfig], list[tuple[bool, str, str]]]
+
+
+def _family(name: str, module) -> Family:
+    """The Family defined by a module's build, tensor_maps, from_hf_config, to_hf_config,
+    HF_MODEL_TYPES and checks."""
+    return Family(
+        name, module.build, module.tensor_maps, module.from_hf_config, module.to_hf_config,
+        module.HF_MODEL_TYPES, module.checks,
+    )
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": _family("llama", llama),  # Llama 1/2/3, Mistral
+    "gpt_neox": _family("gpt_neox", gpt_neox),  # Pythia
+}
+
+
+def get_family(architecture: str) -> Family:
+    """The family named ``architecture``; an unknown name lists the known ones."""
+    if architecture not in FAMILIES:
+        raise ValueError(f"unknown architecture {architecture!r}; known architectures: {', '.join(FAMILIES)}")
+    return FAMILIES[architecture]
+
+
+def family_of_model_type(model_type: str) -> Family:
+    """The family whose checkpoints carry config.json ``model_type``; an unknown one lists the supported ones."""
+    for family in FAMILIES.values():
+        if model_type in family.hf_model_types:
+            return family
+    supported = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
+    raise ValueError(f"config.json model_type={model_type!r} is not supported; supported: {supported}")

@@ -1,0 +1,72 @@
+"""The engine of a run: its step spec, optimizer, state shardings and the compiled steps, built once.
+
+    engine = build_engine(plan, config.train.optimizer, mesh)
+    state = engine.create_state(model_params)           # the loop, the benchmark, the tests
+    abstract = engine.abstract_state()                   # the AOT check: shapes + shardings only
+    state, metrics = engine.train_fn(state, batch, reference_params)
+
+The loop runs ``train_fn`` on real arrays and the AOT check lowers the same ``train_fn`` on
+abstract ones carrying the same shardings, so the fit report describes the program the loop
+runs (tests/test_aot.py compares the two lowered programs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from kto_jax import sharding
+from kto_jax.train.state import TrainState, abstract_state, create_state, learning_rate, make_optimizer, state_shardings
+from kto_jax.train.step import StepSpec, eval_step, jit_train_step, reference_logps
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    spec: StepSpec
+    optimizer: optax.GradientTransformation
+    lr_fn: Callable
+    mesh: Mesh
+    seed: int
+    state_shardings: Any
+    train_fn: Callable  # (state, batch, reference_params) -> (state, metrics); the state is donated
+    eval_fn: Callable  # (params, batch, reference_params, loss_state) -> metrics
+    reference_fn: Callable  # (reference_params, batch) -> cached reference log-probs
+
+    def create_state(self, model_params) -> TrainState:
+        return create_state(self.spec, self.optimizer, model_params, self.seed, self.mesh)
+
+    def abstract_state(self) -> TrainState:
+        return abstract_state(self.spec, self.optimizer, self.mesh)
+
+    def abstract_batch(self, batch_size: int, length: int) -> dict:
+        """A global batch of the step's schema, abstract, sharded over the data axes."""
+        return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(self.mesh, len(shape)))
+                for name, (shape, dtype) in self.spec.schema.shapes(batch_size, length).items()}
+
+    def lower(self, batch_size: int, length: int):
+        """The train step lowered on abstract arguments (nothing is allocated): the state and, in
+        reference mode "model", the frozen reference params (sharded like the policy's)."""
+        state = self.abstract_state()
+        reference = state.params["model"] if self.spec.reference_mode == "model" else None
+        batch = self.abstract_batch(batch_size, length)
+        with sharding.activation_rules(self.mesh):
+            return self.train_fn.lower(state, batch, reference)
+
+
+def build_engine(spec: StepSpec, optimizer_config, mesh: Mesh, seed: int = 0) -> Engine:
+    """Everything compiled about a run, from its step spec and ``config.train.optimizer``."""
+    optimizer = make_optimizer(optimizer_config)
+    lr_fn = functools.partial(learning_rate, optimizer_config)
+    shardings = state_shardings(spec, optimizer, mesh)
+    return Engine(
+        spec=spec, optimizer=optimizer, lr_fn=lr_fn, mesh=mesh, seed=seed, state_shardings=shardings,
+        train_fn=jit_train_step(spec, optimizer, lr_fn, shardings),
+        eval_fn=jax.jit(functools.partial(eval_step, spec)),
+        reference_fn=jax.jit(functools.partial(reference_logps, spec)),
+    )
+

@@ -1,0 +1,193 @@
+"""Feeds: one per data kind, each turning a microbatch into the inputs its losses take by name.
+
+A loss names its inputs in its signature (``kto(policy_logps, reference_logps,
+policy_kl_logps, reference_kl_logps, desirable, ...)``, ``dpo(policy_chosen_logps, ...)``;
+``LossSpec.inputs``). A feed owns
+
+  * the batch layout (``schema``: the one ``BatchSchema`` the loader fills and the AOT
+    check, the benchmark and the FLOP count read), including the cached-reference fields;
+  * how each input is computed from params and the microbatch (``loss_inputs``), computing
+    only what the loss asks for: KTO's KL forward runs only when ``policy_kl_logps`` is an
+    input, the reference forward only when a ``reference_*`` input is;
+  * the reference log-probs to cache for ``reference.mode = "cached"`` (``reference_logps``);
+  * its forward-pass count (``forward_equivalents``, for FLOPs and MFU);
+  * params of its own beside the model's (``init_params``: offline PPO's value head).
+
+    sequence feeds ("sft", "unary", "paired"): per-sequence log-probs of sequence groups.
+        Inputs with gradient are one policy forward over their groups concatenated; inputs
+        without (KTO's KL sequences) a separate stop-gradient forward, so no backward pass is
+        spent on them; reference inputs one forward over their groups, no gradient.
+    "token": offline PPO's per-token log-probs and a value head on the final hidden states.
+
+A new loss that takes a quantity a feed already computes touches its loss file and the
+registry only; a new data kind is a new feed here (and the loader's layout in
+``kto_jax.data``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kto_jax.data.batch import BatchSchema, prefix
+from kto_jax.logprobs import chunked_sequence_logps, chunked_token_logps, mean_logps
+from kto_jax.models import lm_head_kernel
+
+if TYPE_CHECKING:
+    from kto_jax.train.step import StepSpec
+
+
+def hidden_states(spec: "StepSpec", model_params, ids, attention_mask):
+    return spec.model.apply({"params": model_params}, ids, attention_mask, return_hidden=True)
+
+
+def sequence_logps(spec: "StepSpec", model_params, ids, attention_mask, loss_mask):
+    """Per-sequence completion log-probs (length-normalised if the loss wants it) and token counts."""
+    hidden = hidden_states(spec, model_params, ids, attention_mask)
+    kernel = lm_head_kernel(spec.model.config, model_params)
+    sums, counts = chunked_sequence_logps(hidden, kernel, ids, loss_mask, chunk_size=spec.chunk_size)
+    return (mean_logps(sums, counts) if spec.loss.length_normalized else sums), counts
+
+
+def _arrays(mb: dict, group: str):
+    p = prefix(group)
+    return mb[f"{p}input_ids"], mb[f"{p}attention_mask"], mb[f"{p}loss_mask"]
+
+
+def _forward(spec, model_params, mb, groups):
+    """Log-probs and counts of several sequence groups in one forward: {group: (logps, counts)}."""
+    parts = [_arrays(mb, g) for g in groups]
+    logps, counts = sequence_logps(spec, model_params, *(jnp.concatenate(xs) for xs in zip(*parts)))
+    return dict(zip(groups, zip(jnp.split(logps, len(groups)), jnp.split(counts, len(groups)))))
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceFeed:
+    """Per-sequence log-probs of sequence groups: ``(input name, group)`` pairs per kind of pass."""
+
+    name: str
+    policy: tuple[tuple[str, str], ...]  # with gradient, one forward
+    policy_no_grad: tuple[tuple[str, str], ...] = ()  # stop-gradient, a separate forward
+    reference: tuple[tuple[str, str], ...] = ()  # frozen reference, one forward
+    counts: tuple[tuple[str, str], ...] = ()  # completion token counts of policy groups
+    per_example: tuple[tuple[str, str], ...] = ()  # (name, dtype) read from the batch as is
+    supports_cached: bool = True
+
+    def _wanted(self, table, inputs):
+        return tuple((n, g) for n, g in table if n in inputs)
+
+    def groups(self, inputs) -> tuple[str, ...]:
+        wanted = self.policy + self._wanted(self.policy_no_grad + self.reference, inputs)
+        return tuple(dict.fromkeys(g for _, g in wanted))
+
+    def schema(self, inputs, reference_mode: str) -> BatchSchema:
+        """The batch layout for a loss taking ``inputs`` (cached reference fields in "cached" mode)."""
+        extra = self.per_example
+        if reference_mode == "cached":
+            extra += tuple((n, "float32") for n, _ in self._wanted(self.reference, inputs))
+        return BatchSchema(self.groups(inputs), extra)
+
+    def loss_inputs(self, spec: "StepSpec", params, reference_params, mb: dict) -> dict:
+        """{input name: [B] array} for every input the loss takes (``spec.inputs``)."""
+        inputs = spec.inputs
+        model_params = params["model"]
+        out = {}
+        policy = _forward(spec, model_params, mb, [g for _, g in self.policy])
+        out.update({n: policy[g][0] for n, g in self.policy})
+        out.update({n: policy[g][1] for n, g in self.counts if n in inputs})
+        no_grad = self._wanted(self.policy_no_grad, inputs)
+        if no_grad:
+            logps = _forward(spec, model_params, mb, [g for _, g in no_grad])
+            out.update({n: jax.lax.stop_gradient(logps[g][0]) for n, g in no_grad})
+        if self._wanted(self.reference, inputs):
+            if spec.reference_mode == "cached":
+                out.update({n: mb[n] for n, _ in self._wanted(self.reference, inputs)})
+            else:
+                out.update(self.reference_logps(spec, reference_params, mb))
+        out.update({n: mb[n] for n, _ in self.per_example if n in inputs})
+        return {n: out[n] for n in inputs}
+
+    def reference_logps(self, spec: "StepSpec", reference_params, mb: dict) -> dict:
+        """{reference input name: [B] log-probs} of the frozen reference, one forward, no gradient."""
+        wanted = self._wanted(self.reference, spec.inputs)
+        logps = _forward(spec, jax.lax.stop_gradient(reference_params), mb, [g for _, g in wanted])
+        return {n: jax.lax.stop_gradient(logps[g][0]) for n, g in wanted}
+
+    def forward_equivalents(self, inputs, reference_mode: str) -> int:
+        """Forward passes per example, a backward counting two: 3 per policy group (forward +
+        backward), 1 per stop-gradient group, 1 per reference group unless cached."""
+        reference = len(self._wanted(self.reference, inputs)) if reference_mode == "model" else 0
+        return 3 * len(self.policy) + len(self._wanted(self.policy_no_grad, inputs)) + reference
+
+    def init_params(self, model_config, seed: int) -> dict:
+        return {}
+
+
+class ValueHead(nn.Module):
+    """Offline PPO's critic: a scalar per token from the final hidden states."""
+
+    @nn.compact
+    def __call__(self, hidden):
+        return nn.Dense(1, kernel_init=nn.initializers.zeros_init(), name="value")(hidden.astype(jnp.float32))[..., 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenFeed:
+    """Per-token inputs of offline PPO: policy/reference log-probs ``[B, T-1]``, the value head's
+    estimates on the policy's final hidden states, the completion mask, the desirable flag."""
+
+    name: str = "token"
+    supports_cached: bool = False
+
+    def schema(self, inputs, reference_mode: str) -> BatchSchema:
+        return BatchSchema(("",), (("desirable", "bool"),))
+
+    def loss_inputs(self, spec: "StepSpec", params, reference_params, mb: dict) -> dict:
+        ids, attention, loss_mask = _arrays(mb, "")
+        config = spec.model.config
+        hidden = hidden_states(spec, params["model"], ids, attention)
+        policy = chunked_token_logps(hidden, lm_head_kernel(config, params["model"]), ids, loss_mask, chunk_size=spec.chunk_size)
+        values = ValueHead().apply({"params": params["value_head"]}, hidden)[:, :-1]
+        ref_params = jax.lax.stop_gradient(reference_params)
+        ref_hidden = hidden_states(spec, ref_params, ids, attention)
+        reference = chunked_token_logps(ref_hidden, lm_head_kernel(config, ref_params), ids, loss_mask, chunk_size=spec.chunk_size)
+        return {"policy_logps": policy, "reference_logps": jax.lax.stop_gradient(reference), "values": values,
+                "desirable": mb["desirable"], "mask": loss_mask[:, 1:]}
+
+    def forward_equivalents(self, inputs, reference_mode: str) -> int:
+        return 3 + 1  # policy forward + backward, reference forward (the value head is negligible)
+
+    def init_params(self, model_config, seed: int) -> dict:
+        head = ValueHead().init(jax.random.PRNGKey(seed), jnp.zeros((1, 1, model_config.hidden_size)))["params"]
+        return {"value_head": head}
+
+
+FEEDS = {
+    "sft": SequenceFeed("sft", policy=(("policy_logps", ""),), counts=(("token_counts", ""),),
+                        per_example=(("desirable", "bool"),)),
+    "unary": SequenceFeed(
+        "unary",
+        policy=(("policy_logps", ""),),
+        policy_no_grad=(("policy_kl_logps", "kl"),),
+        reference=(("reference_logps", ""), ("reference_kl_logps", "kl")),
+        counts=(("token_counts", ""),),
+        per_example=(("desirable", "bool"),),
+    ),
+    "paired": SequenceFeed(
+        "paired",
+        policy=(("policy_chosen_logps", "chosen"), ("policy_rejected_logps", "rejected")),
+        reference=(("reference_chosen_logps", "chosen"), ("reference_rejected_logps", "rejected")),
+        counts=(("chosen_token_counts", "chosen"), ("rejected_token_counts", "rejected")),
+    ),
+    "token": TokenFeed(),
+}
+
+
+def get_feed(name: str):
+    if name not in FEEDS:
+        raise ValueError(f"unknown feed {name!r}; known: {sorted(FEEDS)}")
+    return FEEDS[name]

@@ -1,0 +1,179 @@
+"""What happens around each train step, as hooks the loop calls in order after every step.
+
+    hook(run, step, state, batch, metrics)      # step = steps done, state after the update
+
+  FiniteCheck   stops the run at a non-finite loss or gradient norm (unless skip_nonfinite)
+  LogMetrics    every log_every steps: metrics.jsonl, TensorBoard, progress bar, tokens/s, MFU
+  PeriodicEval  every eval_every steps: the held-out evaluator
+  Checkpoint    saves by the checkpoint policy; on SIGTERM/SIGINT or a preemption notice saves
+                and asks the loop to stop (``run.stop``)
+
+A new hook is a callable with that signature added to :func:`default_hooks` (levanter's
+``Trainer.add_hook``); evaluators by name live in ``kto_jax.train.evaluators``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from kto_jax.flops import device_peak_flops, step_flops
+
+
+def note(message: str) -> None:
+    """A line for the person running the job (process 0's stderr, above the progress bar), also logged."""
+    logging.info("%s", message)
+    if jax.process_index() == 0:
+        tqdm.write(message, file=sys.stderr)
+
+
+class MetricsWriter:
+    """metrics.jsonl plus TensorBoard events (tensorboardX, no TensorFlow); process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _py(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def _py(value):
+    value = np.asarray(value)
+    return value.item() if value.ndim == 0 else value.tolist()
+
+
+class Preemption:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves, and exits 0."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def finite_check(run, step, state, batch, metrics) -> None:
+    """A non-finite loss or gradient norm stops the run naming the step, keeping the last good checkpoint."""
+    if run.plan.skip_nonfinite or bool(jax.device_get(metrics["finite"])):
+        return
+    run.checkpointer.close()
+    raise FloatingPointError(
+        f"non-finite loss or gradient norm at step {step} (loss {float(metrics['loss'])}, grad_norm "
+        f"{float(metrics['grad_norm'])}); the last good checkpoint is kept in {run.checkpointer.directory}. "
+        "Lower config.train.optimizer.lr, check the data, or set config.train.skip_nonfinite=True."
+    )
+
+
+class LogMetrics:
+    """Every ``log_every`` steps (and the last): one metrics.jsonl row with the step's metrics,
+    step time and tokens/s since the last row, and MFU on devices with a known peak. The
+    analytic FLOPs per step depend only on the padded length (one count per length)."""
+
+    def __init__(self, run, first_step: int):
+        self.every = int(run.config.train.log_every)
+        peak = device_peak_flops(jax.devices()[0].device_kind)
+        self.peak = peak * jax.device_count() if peak else None
+        self.flops: dict[int, float] = {}
+        self.bar = tqdm(total=run.steps, initial=first_step, desc=run.plan.loss.name, disable=jax.process_index() != 0,
+                        dynamic_ncols=True)
+        self.last_time, self.last_step, self.tokens = time.perf_counter(), first_step, 0.0
+
+    def step_flops(self, run, length: int) -> float:
+        if length not in self.flops:
+            plan = run.plan
+            self.flops[length] = step_flops(plan.model_config, plan.loss, batch=plan.global_batch_size, length=length,
+                                            reference_mode=plan.reference_mode, hparams=dict(plan.hparams))
+        return self.flops[length]
+
+    def __call__(self, run, step, state, batch, metrics) -> None:
+        self.bar.update(1)
+        if step % self.every and step != run.steps:
+            self.tokens += float(run.engine.spec.schema.training_tokens(batch)) * jax.process_count()
+            return
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        self.tokens += float(metrics["tokens"])
+        row = {k: v for k, v in metrics.items() if k != "finite"}
+        row["nonfinite_skipped"] = int(jax.device_get(state.nonfinite_skipped))
+        step_time = (now - self.last_time) / (step - self.last_step)
+        row.update(step_time_s=step_time, tokens_per_s=self.tokens / (now - self.last_time))
+        if self.peak:
+            length = batch[run.engine.spec.schema.length_key].shape[1]
+            row["mfu"] = self.step_flops(run, length) / step_time / self.peak
+        run.writer.write(step, row)
+        self.bar.set_postfix({k: f"{float(row[k]):.4g}" for k in ("loss", "rewards/margins", "kl", "tokens_per_s") if k in row})
+        self.last_time, self.last_step, self.tokens = now, step, 0.0
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class PeriodicEval:
+    """The held-out evaluator every ``eval_every`` steps (not at the last step: the end evaluates)."""
+
+    def __init__(self, run):
+        self.every = int(run.config.train.eval_every)
+        self.last = None  # the latest eval metrics, for the checkpoint's best-metric policy
+
+    def __call__(self, run, step, state, batch, metrics) -> None:
+        from kto_jax.train.evaluators import held_out
+
+        self.last = None
+        if self.every and step % self.every == 0 and step != run.steps:
+            self.last = held_out(run, state)["held_out"]
+            run.writer.write(step, self.last)
+
+
+class Checkpoint:
+    """Saves by the checkpoint policy (the final step always); a preemption saves and stops the loop."""
+
+    def __init__(self, preemption: Preemption, evals: PeriodicEval):
+        self.preemption, self.evals = preemption, evals
+
+    def __call__(self, run, step, state, batch, metrics) -> None:
+        stop = self.preemption.signal is not None or run.checkpointer.reached_preemption(step)
+        run.checkpointer.save(step, state, run.loader.state(), run.meta, metrics=self.evals.last, force=stop or step == run.steps)
+        if stop and step != run.steps:
+            run.stop = f"preempted ({self.preemption.signal or 'preemption notice'}) at step {step}: checkpoint saved in " \
+                       f"{run.checkpointer.directory}; rerun the same command to resume"
+
+
+def default_hooks(run, first_step: int, preemption: Preemption) -> list:
+    evals = PeriodicEval(run)
+    return [finite_check, LogMetrics(run, first_step), evals, Checkpoint(preemption, evals)]

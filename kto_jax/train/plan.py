@@ -1,0 +1,228 @@
+"""A run's config validated once into a frozen plan, before any data, weights or devices are touched.
+
+    plan = make_plan(config, num_devices=jax.device_count())
+
+Every check that can fail on bad config input runs here, with a message that names the
+field and the fix: the loss and its hyperparameters, the reference mode, the model (a preset
+or a Hugging Face folder, whose config.json alone gives the ModelConfig: no weights are
+read), its dtypes, the init source, the data sources and tokenization, the mesh and how the
+global batch splits over it, the optimizer, the evaluators and the judge. The mesh, model
+loading, the loader, the step and the AOT check all take the plan, so none of them checks
+again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from kto_jax import sharding
+from kto_jax.data.batch import BatchSchema
+from kto_jax.losses import LossSpec, get_loss
+from kto_jax.models import ModelConfig, build_model
+from kto_jax.models.hf_config import config_from_hf
+from kto_jax.models.presets import PRESETS, get_preset
+from kto_jax.train.feeds import get_feed
+from kto_jax.train.step import StepSpec
+
+REFERENCE_MODES = ("model", "cached")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run is, validated: the engine's static description (hashable, no arrays).
+
+    model_path: a preset name (random init) or a Hugging Face folder (its weights).
+    init_checkpoint: ``WORKDIR[@STEP]`` of an earlier run whose weights start this one, or "".
+    reference_mode: "model" (frozen reference in the step), "cached" (reference log-probs
+      computed once, read from the batch) or "none" (the loss takes no reference).
+    steps: configured steps; 0 = one epoch (resolved with the loader, :meth:`resolve_steps`).
+    """
+
+    loss: LossSpec
+    hparams: tuple[tuple[str, Any], ...]
+    reference_mode: str
+    model_config: ModelConfig
+    model_path: str
+    init_checkpoint: str
+    mesh_shape: tuple[tuple[str, int], ...]
+    global_batch_size: int
+    num_microbatches: int
+    steps: int
+    chunk_size: int
+    skip_nonfinite: bool
+    max_length: int
+    seed: int
+    evaluators: tuple[str, ...]
+
+    @property
+    def mesh(self) -> dict[str, int]:
+        return dict(self.mesh_shape)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.loss.inputs(dict(self.hparams))
+
+    @property
+    def needs_kl(self) -> bool:
+        """KTO's mismatched KL sequences are computed (hyperparameters may turn them off: halo around 0)."""
+        return self.loss.needs_kl_with(dict(self.hparams))
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.reference_mode != "none"
+
+    @property
+    def loader_schema(self) -> BatchSchema:
+        """The batch layout the loader fills (the step's, less cached reference log-probs)."""
+        return get_feed(self.loss.feed).schema(self.inputs, "none")
+
+    def step_spec(self, model=None) -> StepSpec:
+        """The step's static spec (``model`` defaults to the plan's ModelConfig built)."""
+        return StepSpec(model or build_model(self.model_config), self.loss, self.hparams, self.num_microbatches,
+                        self.reference_mode, self.chunk_size, self.skip_nonfinite)
+
+    def resolve_steps(self, steps_per_epoch: int) -> int:
+        return self.steps or steps_per_epoch
+
+    def replace(self, **changes) -> "Plan":
+        return dataclasses.replace(self, **changes)
+
+
+def _loss(config) -> tuple[LossSpec, dict]:
+    spec = get_loss(config.loss.name)
+    given = {k: v for k, v in config.loss.items() if k != "name"}
+    extra = set(given) - set(spec.defaults)
+    if extra:
+        raise ValueError(
+            f"config.loss has {sorted(extra)}, which loss {spec.name!r} does not take (its hyperparameters: "
+            f"{sorted(spec.defaults)}). Choose the loss in the experiment argument (e.g. experiments/tiny.py:loss="
+            f"{spec.name}) so config.loss holds its hyperparameters."
+        )
+    return spec, spec.hyperparameters(given)
+
+
+def _reference_mode(config, spec: LossSpec, hparams: dict) -> str:
+    mode = config.reference.mode
+    if mode not in REFERENCE_MODES:
+        raise ValueError(f"config.reference.mode={mode!r}: use 'model' or 'cached'")
+    if not spec.needs_reference_with(hparams):
+        return "none"
+    if mode == "cached" and not get_feed(spec.feed).supports_cached:
+        raise ValueError(f"loss {spec.name!r} needs per-token reference log-probs: set config.reference.mode='model'")
+    return mode
+
+
+def model_fields(config) -> dict:
+    """The ModelConfig fields a run's config sets (``config.model``)."""
+    m = config.model
+    return dict(compute_dtype=m.compute_dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
+                attention_impl=m.attention_impl or None)
+
+
+def model_source(config) -> str:
+    """Where the weights come from: ``init.source=hf:PATH``, else ``config.model.name`` (preset or folder)."""
+    source = config.init.source
+    if source and not source.startswith(("hf:", "orbax:")):
+        raise ValueError(f"config.init.source={source!r}: use '', 'hf:PATH' or 'orbax:WORKDIR[@STEP]'")
+    if source.startswith("hf:"):
+        path = os.path.expanduser(source[3:])
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"config.init.source={source}: {source[3:]!r} is not a folder (a Hugging Face model folder with config.json and safetensors)")
+        return path
+    name = config.model.name
+    if name in PRESETS:
+        return name
+    if not os.path.isdir(os.path.expanduser(name)):
+        raise ValueError(f"config.model.name={name!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
+    return os.path.expanduser(name)
+
+
+def model_config(path: str, fields: dict) -> ModelConfig:
+    """The ModelConfig of a preset or of a Hugging Face folder's config.json (no weights read)."""
+    try:
+        if path in PRESETS:
+            return get_preset(path, **fields)
+        file = os.path.join(path, "config.json")
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file!r} not found: a Hugging Face model folder needs config.json")
+        with open(file, encoding="utf-8") as f:
+            return config_from_hf(json.load(f), **fields)
+    except ValueError as e:
+        raise ValueError(f"config.model: {e}") from None
+
+
+def _data(config, spec: LossSpec) -> None:
+    from kto_jax.data.builders import BUILDERS
+    from kto_jax.data.tokenize import TokenizeConfig
+
+    d = config.data
+    for source in d.sources.split("+"):
+        if source.strip().partition("/")[0] not in BUILDERS:
+            raise ValueError(f"config.data.sources: unknown dataset {source!r}; known: {', '.join(sorted(BUILDERS))}")
+    TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length, chat_template=d.chat_template,
+                   truncation_mode=d.truncation_mode)
+    if d.sft_examples not in ("desirable", "all"):
+        raise ValueError(f"config.data.sft_examples={d.sft_examples!r}: use 'desirable' or 'all'")
+    if spec.control_tokens and spec.kind == "sft" and d.sft_examples != "all":
+        raise ValueError(f"loss {spec.name!r} conditions on {'/'.join(spec.control_tokens)} and needs both kinds: "
+                         "set config.data.sft_examples='all'")
+
+
+def _batch(config, spec: LossSpec, needs_kl: bool, mesh: dict) -> None:
+    data_ways = mesh["data"] * mesh["fsdp"]
+    batch, micro = int(config.train.global_batch_size), int(config.train.num_microbatches)
+    if micro < 1 or batch < 1:
+        raise ValueError(f"config.train.global_batch_size={batch} and num_microbatches={micro} must be positive")
+    if batch % micro or (batch // micro) % data_ways:
+        raise ValueError(
+            f"config.train.global_batch_size={batch} with num_microbatches={micro} must split evenly over the "
+            f"{data_ways} data-parallel devices (mesh data x fsdp = {mesh['data']} x {mesh['fsdp']}): use a "
+            f"multiple of {data_ways * micro}"
+        )
+    if needs_kl and batch // micro < 2:
+        raise ValueError(f"loss {spec.name!r} estimates KL within each microbatch and needs at least 2 examples per "
+                         f"microbatch; got {batch // micro}. Raise config.train.global_batch_size or lower num_microbatches.")
+
+
+def _evaluators(config) -> tuple[str, ...]:
+    from kto_jax.evaluate import JUDGES
+    from kto_jax.train.evaluators import EVALUATORS
+
+    names = tuple(n.strip() for n in config.eval.evaluators.split(",") if n.strip())
+    for name in names:
+        if name not in EVALUATORS:
+            raise ValueError(f"config.eval.evaluators: unknown evaluator {name!r}; known: {', '.join(sorted(EVALUATORS))}")
+    if config.eval.judge and config.eval.judge not in JUDGES:
+        raise ValueError(f"unknown judge {config.eval.judge!r} (config.eval.judge); known: {sorted(JUDGES)}")
+    return names
+
+
+def make_plan(config, num_devices: int) -> Plan:
+    """Validate ``config`` for ``num_devices`` devices into a :class:`Plan`; fails naming the field."""
+    from kto_jax.train.state import OPTIMIZERS
+
+    spec, hparams = _loss(config)
+    mode = _reference_mode(config, spec, hparams)
+    path = model_source(config)
+    model = model_config(path, model_fields(config))
+    init = config.init.source
+    _data(config, spec)
+    try:
+        mesh = sharding.mesh_shape({k: int(v) for k, v in config.mesh.items()}, num_devices)
+    except ValueError as e:
+        raise ValueError(f"config.mesh: {e}") from None
+    needs_kl = spec.needs_kl_with(hparams)
+    _batch(config, spec, needs_kl, mesh)
+    if config.train.optimizer.name not in OPTIMIZERS:
+        raise ValueError(f"config.train.optimizer.name={config.train.optimizer.name!r} is not known; use one of {OPTIMIZERS}")
+    return Plan(
+        loss=spec, hparams=tuple(sorted(hparams.items())), reference_mode=mode, model_config=model, model_path=path,
+        init_checkpoint=os.path.expanduser(init[6:]) if init.startswith("orbax:") else "",
+        mesh_shape=tuple(mesh.items()), global_batch_size=int(config.train.global_batch_size),
+        num_microbatches=int(config.train.num_microbatches), steps=int(config.train.steps),
+        chunk_size=int(config.train.chunk_size), skip_nonfinite=bool(config.train.skip_nonfinite),
+        max_length=int(config.data.max_length), seed=int(config.seed), evaluators=_evaluators(config),
+    )

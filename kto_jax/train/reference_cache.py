@@ -1,0 +1,58 @@
+"""Cached reference log-probs (``config.reference.mode = "cached"``): computed once before
+training, for every training step's batch and every held-out batch, stored in
+``WORKDIR/reference_cache.npz`` and reused on resume when the run's fingerprint matches.
+The reference model is then freed: the step reads the log-probs from the batch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from kto_jax.train import setup
+from kto_jax.train.hooks import note
+
+
+def fingerprint(config, steps: int) -> str:
+    """What the cached log-probs depend on: model, init, data, loss, seed, steps, batch layout."""
+    keys = {"model": config.model.to_dict(), "init": config.init.to_dict(), "data": config.data.to_dict(),
+            "loss": config.loss.name, "seed": config.seed, "steps": steps,
+            "batch": config.train.global_batch_size, "microbatches": config.train.num_microbatches}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _compute(engine, reference_params, batches, mesh) -> list[dict]:
+    """Reference log-probs of each batch, as host arrays of the global batch."""
+    out = []
+    for batch in batches:
+        logps = engine.reference_fn(reference_params, setup.to_global(batch, mesh))
+        out.append({k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in logps.items()})
+    return out
+
+
+def cached_reference(config, engine, reference_params, make_batches, eval_batches, mesh, workdir, steps):
+    """``(train, eval)``: per-step and per-eval-batch dicts of ``[G]`` reference log-probs."""
+    key = fingerprint(config, steps)
+    path = os.path.join(workdir, "reference_cache.npz")
+    if os.path.exists(path):
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["fingerprint"]) == key:
+                names = sorted({k.split("/", 2)[2] for k in f.files if k != "fingerprint"})
+
+                def read(prefix, n):
+                    return [{k: f[f"{prefix}/{i}/{k}"] for k in names} for i in range(n)]
+
+                return read("train", steps), read("eval", len(eval_batches))
+    start = time.perf_counter()
+    train = _compute(engine, reference_params, make_batches(), mesh)
+    evals = _compute(engine, reference_params, eval_batches, mesh)
+    if jax.process_index() == 0:
+        arrays = {f"{p}/{i}/{k}": v for p, rows in (("train", train), ("eval", evals)) for i, row in enumerate(rows) for k, v in row.items()}
+        np.savez(path, fingerprint=np.asarray(key), **arrays)
+    note(f"cached reference log-probs for {steps} steps in {time.perf_counter() - start:.1f}s (fingerprint {key})")
+    return train, evals

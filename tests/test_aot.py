@@ -79,30 +79,16 @@ def test_aot_lowers_exactly_the_program_the_loop_runs(loss, mode, synthetic_data
     """The loop's first train_fn call (real state, batch and reference arrays) and the AOT check's
     abstract lowering give the same StableHLO: same function, in/out shardings, donation and
     argument layouts."""
-    import dataclasses
-
     import jax
 
     from kto_jax.aot import lower_train_step
     from kto_jax.train import loop
     from kto_jax.train.plan import make_plan
+    from tests.train_helpers import record_loop_lowering
 
     config = _small_config(synthetic_data_dir, loss)
     config.reference.mode = mode
-    seen = []
-    real_build = loop.build_engine
-
-    def recording_build(*args, **kwargs):
-        engine = real_build(*args, **kwargs)
-
-        def train_fn(state, batch, reference):
-            if not seen:
-                seen.append(engine.train_fn.lower(state, batch, reference).as_text())
-            return engine.train_fn(state, batch, reference)
-
-        return dataclasses.replace(engine, train_fn=train_fn)
-
-    monkeypatch.setattr(loop, "build_engine", recording_build)
+    seen = record_loop_lowering(loop, monkeypatch.setattr)
     loop.run(config, str(tmp_path / "run"))
     lowered, _ = lower_train_step(make_plan(config, 1), config.train.optimizer, jax.devices()[:1])
     assert len(seen) == 1

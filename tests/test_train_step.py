@@ -252,3 +252,26 @@ def test_offline_ppo_trains_one_step_with_a_value_head(examples, policy):
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new.params["model"], state.params["model"])
     assert max(jax.tree_util.tree_leaves(moved)) > 0
     assert int(new.step) == 1
+
+
+# ---------------------------------------------------------------------------- feeds
+
+
+def test_halo_around_zero_skips_the_kl_forward_and_equals_kto_zero(examples, policy, reference):
+    """halo with reference_point="zero" takes no KL log-probs, so its feed asks the loader for no
+    KL sequences and runs one policy forward fewer (4 forward-equivalents per example, not 6);
+    on the same batch its loss and gradient are kto_zero's."""
+    from kto_jax.flops import step_flops
+
+    spec_kl = get_loss("halo")
+    hparams = {**spec_kl.defaults, "reference_point": "zero"}
+    zero = StepSpec(MODEL, spec_kl, tuple(sorted(hparams.items())), 1, "model", 256)
+    assert zero.schema.sequences == ("",) and step_spec("halo").schema.sequences == ("", "kl")
+    assert step_flops(MODEL_CONFIG, spec_kl, batch=8, length=32, hparams=hparams) / step_flops(
+        MODEL_CONFIG, spec_kl, batch=8, length=32) == pytest.approx(4 / 6)
+    batch = next(loader(examples, "kto_zero"))
+    assert "kl_input_ids" not in batch
+    value_halo, grad_halo = jax.value_and_grad(lambda p: microbatch_loss(zero, p, reference, batch, {})[0])({"model": policy})
+    value_kto, grad_kto = jax.value_and_grad(lambda p: microbatch_loss(step_spec("kto_zero"), p, reference, batch, {})[0])({"model": policy})
+    np.testing.assert_allclose(float(value_halo), float(value_kto), rtol=0, atol=1e-6)
+    assert_trees_close(grad_halo, grad_kto, atol=1e-6)

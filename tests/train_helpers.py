@@ -46,6 +46,28 @@ def small_config(loss: str, data_dir: str, *, steps: int = 1, batch: int = 8, mo
     return config
 
 
+def record_loop_lowering(loop, set_attribute=setattr) -> list:
+    """Make ``loop.run`` record the StableHLO of its first ``train_fn`` call (on the real state, batch
+    and reference arrays) in the returned list; ``set_attribute`` may be ``monkeypatch.setattr``."""
+    import dataclasses
+
+    seen: list = []
+    real_build = loop.build_engine
+
+    def recording_build(*args, **kwargs):
+        engine = real_build(*args, **kwargs)
+
+        def train_fn(state, batch, reference):
+            if not seen:
+                seen.append(engine.train_fn.lower(state, batch, reference).as_text())
+            return engine.train_fn(state, batch, reference)
+
+        return dataclasses.replace(engine, train_fn=train_fn)
+
+    set_attribute(loop, "build_engine", recording_build)
+    return seen
+
+
 CLI_SMALL_FLAGS = (
     "--config.eval.judge=", "--config.train.eval_batches=1", "--config.train.log_every=1",
     "--config.train.global_batch_size=8", "--config.data.train_split=validation", "--config.data.eval_split=validation",

@@ -19,8 +19,9 @@ from absl import app, flags
 from kto_jax import checkpoint
 from kto_jax.data.tokenize import ByteTokenizer
 from kto_jax.models import build_model
-from kto_jax.models.hf import from_hf, to_hf
+from kto_jax.models.hf import init_params, to_hf
 from kto_jax.models.presets import PRESETS
+from kto_jax.train import plan
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A kto_jax run directory (with config.json and checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest, i.e. the final weights).")
@@ -68,13 +69,13 @@ def main(argv):
     with open(config_file, encoding="utf-8") as f:
         config = ml_collections.ConfigDict(json.load(f))
     name = config.model.name
-    model, params_like = from_hf(os.path.expanduser(name) if name not in PRESETS else name,
-                                 param_dtype=config.model.param_dtype,
-                                 compute_dtype=config.model.get("compute_dtype") or config.model.get("dtype", "float32"))
+    if "compute_dtype" not in config.model:  # a run from before config.model.dtype was named compute_dtype
+        config.model.compute_dtype = config.model.dtype
+    model_config = plan.model_config(plan.model_source(config), plan.model_fields(config))  # the run's own mapping
     source = workdir if _STEP.value is None else f"{workdir}@{_STEP.value}"
-    params, step = checkpoint.load_params(source, params_like)
+    params, step = checkpoint.load_params(source, init_params(model_config))
     out = os.path.abspath(os.path.expanduser(_OUT.value))
-    files = to_hf(build_model(model.config), params, out)
+    files = to_hf(build_model(model_config), params, out)
     tokenizer = config.data.tokenizer or (name if name not in PRESETS else "")
     if tokenizer == "bytes":
         byte_tokenizer_json().save(os.path.join(out, "tokenizer.json"))

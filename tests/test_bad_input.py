@@ -94,7 +94,6 @@ class Case:
     error: tuple  # regexes that must all match the message (stderr + stdout for "cli")
     exc: type = Exception
     prepare: Callable | None = None  # Ctx -> None: changes the workdir before the snapshot
-    xfail: str = ""
 
 
 def cli(arg="loss=kto", *flags):
@@ -172,10 +171,6 @@ def _edit(**fields):
 
 NEWEST = H.STEPS  # the reference run keeps checkpoints 28 and 30
 N = jax.device_count()
-WRITES_CONFIG_FIRST = (
-    "kto_jax/train/loop.py run(): the `with open(os.path.join(workdir, 'config.json'), 'w')` and data_stats.json "
-    "writes (lines 159-162) come before {check}, so this failed start has already replaced the run's config.json "
-    "(scripts/export_hf.py reads it to rebuild the model) with the bad config; the message itself is right")
 CASES = {
     # ------------------------------------------------ CLI
     "cli_unknown_loss": Case("cli", cli("loss=nope"), (r"unknown loss 'nope'", r"config\.loss\.name", r"known losses: .*\bkto\b")),
@@ -236,7 +231,7 @@ CASES = {
     "init_source_unknown_scheme": Case(
         "run", run(edit=_edit(init__source="s3://bucket/run")),
         (r"config\.init\.source='s3://bucket/run'", r"use '', 'hf:PATH' or 'orbax:WORKDIR\[@STEP\]'")),
-    # a folder under tmp, not /nonexistent: run as root, orbax would create /nonexistent/checkpoints (see the xfail below)
+    # a folder under tmp, not /nonexistent: run as root, orbax would create /nonexistent/checkpoints
     "init_orbax_nonexistent": Case(
         "run", run(edit=_edit(init__source="orbax:{tmp}/nonexistent")),
         (r"no checkpoint in '.*/nonexistent/checkpoints'", r"config\.init\.source=orbax:.*/nonexistent"), exc=FileNotFoundError),
@@ -259,10 +254,6 @@ CASES = {
 
 CLI = sorted(name for name, case in CASES.items() if case.kind == "cli")
 RUN = sorted(name for name, case in CASES.items() if case.kind == "run")
-
-
-def params(names):
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=CASES[n].xfail)) if CASES[n].xfail else n for n in names]
 
 
 def new_ctx(root: str, name: str, reference: dict) -> Ctx:
@@ -303,7 +294,7 @@ def assert_unchanged(before: dict, after: dict) -> None:
     assert diff == {"removed": [], "added": [], "changed": []}, f"the failed start changed the run's files: {diff}"
 
 
-@pytest.mark.parametrize("name", params(RUN))
+@pytest.mark.parametrize("name", RUN)
 def test_bad_input_in_process(name, reference, cli_results, tmp_path, monkeypatch):
     from kto_jax.train import loop
 
@@ -319,7 +310,7 @@ def test_bad_input_in_process(name, reference, cli_results, tmp_path, monkeypatc
     assert_unchanged(before, H.snapshot(ctx.workdir))
 
 
-@pytest.mark.parametrize("name", params(CLI))
+@pytest.mark.parametrize("name", CLI)
 def test_bad_input_cli(name, cli_results):
     case, result = CASES[name], cli_results[name].result()
     output = result["stderr"] + result["stdout"]

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from kto_jax.data.batch import feedback_schema, prefix
+from kto_jax.data.batch import BatchSchema, feedback_schema, prefix
 from kto_jax.data.feedback import Paired, Unary
 from kto_jax.data.tokenize import Tokenizer, TokenizeConfig, render_prompt, truncate
 
@@ -57,11 +57,21 @@ class FeedbackLoader:
         process_index: int | None = None,
         process_count: int | None = None,
         control_tokens: tuple[str, str] | None = None,
+        schema: BatchSchema | None = None,
     ):
         if process_index is None or process_count is None:
             import jax
 
             process_index, process_count = jax.process_index(), jax.process_count()
+        self.paired = bool(examples) and isinstance(examples[0], Paired)
+        # the layout to fill: the feed's (kto_jax.train.feeds, via the plan), or the default one of the data
+        self.schema = schema or feedback_schema(self.paired, kl_pairing)
+        fillable = feedback_schema(self.paired, kl_pairing=True)
+        missing = set(self.schema.fields()) - set(fillable.fields())
+        if missing:
+            raise ValueError(f"the batch layout asks for {sorted(missing)}, which {'paired' if self.paired else 'unary'} "
+                             f"examples do not have (they give {sorted(fillable.fields())})")
+        kl_pairing = "kl" in self.schema.sequences
         if global_batch_size % process_count:
             raise ValueError(
                 f"global batch size {global_batch_size} (config.train.global_batch_size) is not divisible by "
@@ -82,8 +92,6 @@ class FeedbackLoader:
         self.global_batch_size, self.seed, self.bucket = global_batch_size, seed, bucket
         self.kl_pairing, self.num_microbatches = kl_pairing, num_microbatches
         self.process_index, self.process_count = process_index, process_count
-        self.paired = bool(examples) and isinstance(examples[0], Paired)
-        self.schema = feedback_schema(self.paired, kl_pairing)
         self.control_ids = tuple(tokenizer.token_id(t) for t in control_tokens) if control_tokens else None
         self._tokenize_all(examples)
         if len(self.examples) < global_batch_size:

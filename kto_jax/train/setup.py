@@ -111,7 +111,7 @@ def make_loader(config, plan: Plan, data: Data, tokenizer, *, seed: int) -> Feed
         tokenize_config(config),
         global_batch_size=plan.global_batch_size,
         seed=seed,
-        kl_pairing="kl" in plan.loader_schema.sequences,
+        schema=plan.loader_schema,
         num_microbatches=plan.num_microbatches,
         bucket=config.data.bucket,
         process_index=jax.process_index(),

@@ -123,3 +123,35 @@ def test_every_loss_trains_one_step(name, runs):
     with open(os.path.join(workdir, "eval.json"), encoding="utf-8") as f:
         results = json.load(f)
     assert results["step"] == 1 and "eval/loss" in results["held_out"], results
+
+
+# ---------------------------------------------------------------------------- console
+
+
+def test_cli_console_is_quiet_by_default(runs):
+    """The CLI shows its progress bar and warnings, not the libraries' INFO logs (orbax writes ~30
+    absl INFO lines per checkpoint; --verbosity=0 brings them back)."""
+    import re
+
+    workdir, rc, log = runs["kto"]()
+    assert rc == 0, tail(log)
+    assert re.search(r"^kto: 100%", log.replace("\r", "\n"), re.M), tail(log)
+    info = re.findall(r"^I\d{4} \d\d:\d\d:\d\d.*$", log, re.M)
+    assert not info, f"{len(info)} INFO lines, e.g. {info[:3]}"
+
+
+def test_libtpu_on_a_host_without_tpus_is_left_out_quietly():
+    """With the [tpu] extra (libtpu, for AOT checks) installed and no TPU chips, importing kto_jax
+    keeps JAX's TPU plugin out of backend discovery: no TPU_WORKER_HOSTNAMES error, CPU devices."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs libtpu ('.[tpu]')")
+        pytest.skip("libtpu not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    proc = subprocess.run([sys.executable, "-c", "import kto_jax, jax; print(jax.devices()[0].platform)"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "cpu"
+    assert "TPU_WORKER_HOSTNAMES" not in proc.stderr and "libtpu" not in proc.stderr, proc.stderr[-2000:]

@@ -5,7 +5,7 @@ import pytest
 
 from kto_jax.data.feedback import Paired, Unary
 from kto_jax.data.loader import FeedbackLoader
-from kto_jax.data.tokenize import ByteTokenizer, TokenizeConfig
+from kto_jax.data.tokenize import ByteTokenizer, TokenizeConfig, render_prompt
 
 TOK = ByteTokenizer()
 CFG = TokenizeConfig(max_length=48, max_prompt_length=24, chat_template="plain")
@@ -123,3 +123,55 @@ def test_csft_control_tokens_follow_the_prompt():
         first = int(np.argmax(batch["loss_mask"][i]))
         expected = TOK.token_id("<|good|>" if dl.examples[rows[i]].desirable else "<|bad|>")
         assert batch["input_ids"][i][first - 1] == expected
+
+
+# ---------------------------------------------------------------- a SentencePiece tokenizer (LLaMA-style)
+
+
+def sentencepiece_loader(tmp_path, examples, add_bos_token=True, **kw):
+    from tests.test_data_tokenize_real import LLAMA_CONFIG, sentencepiece_folder
+
+    tok = sentencepiece_folder(tmp_path, config={**LLAMA_CONFIG, "add_bos_token": add_bos_token})
+    cfg = TokenizeConfig(max_length=64, max_prompt_length=24, chat_template="halos")
+    return tok, FeedbackLoader(examples, tok, cfg, global_batch_size=4, bucket=16, process_index=0, process_count=1, **kw)
+
+
+def sp_unary(n=8):
+    return [Unary(f"u{i}", (("user", "Hello" + "!" * i),), "Hello world" + "!" * (i % 3), i % 2 == 0) for i in range(n)]
+
+
+def rows_of(batch, group, i):
+    p = f"{group}_" if group else ""
+    keep = batch[f"{p}attention_mask"][i].astype(bool)
+    return batch[f"{p}input_ids"][i][keep].tolist(), batch[f"{p}loss_mask"][i][keep]
+
+
+def test_sentencepiece_completion_tokens_are_those_of_the_joint_text(tmp_path):
+    tok, dl = sentencepiece_loader(tmp_path, sp_unary(), add_bos_token=False, kl_pairing=True)
+    batch, rows = next(dl), dl.global_rows(0, 0)
+    for i, r in enumerate(rows):
+        text, completion = render_prompt(dl.examples[r].prompt, "halos"), dl.examples[r].completion
+        ids, mask = rows_of(batch, "", i)
+        assert ids == tok.encode(text + completion) + [tok.eos_id]  # separately, "Hello" would be "▁Hello"
+        assert np.asarray(ids)[mask].tolist() == tok.encode(text + completion)[len(tok.encode(text)) :] + [tok.eos_id]
+        partner = dl.examples[rows[(i + 1) % 4]]  # KL: own prompt, the partner's completion tokens
+        kl_ids, kl_mask = rows_of(batch, "kl", i)
+        assert kl_ids == tok.encode(text) + tok.encode(render_prompt(partner.prompt, "halos") + partner.completion)[
+            len(tok.encode(render_prompt(partner.prompt, "halos"))) :] + [tok.eos_id]
+        assert kl_mask.sum() == len(kl_ids) - len(tok.encode(text))
+
+
+def test_sentencepiece_bos_once_first_in_every_sequence_and_kept_by_truncation(tmp_path):
+    long = [Unary("long", (("user", "Hello world " * 24),), "Hello", True)]
+    tok, dl = sentencepiece_loader(tmp_path / "u", sp_unary(7) + long, kl_pairing=True)
+    assert tok.bos_id == tok.token_id("<s>")
+    seqs = [rows_of(batch, group, i) for batch in (next(dl), next(dl)) for group in ("", "kl") for i in range(4)]
+    pairs = [Paired(f"p{i}", (("user", "Hello" + "!" * i),), "Hello world", "world") for i in range(4)]
+    _, paired = sentencepiece_loader(tmp_path / "p", pairs)
+    batch = next(paired)
+    seqs += [rows_of(batch, group, i) for group in ("chosen", "rejected") for i in range(4)]
+    for ids, mask in seqs:
+        assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1 and not mask[0]
+    index = [ex.id for ex in dl.examples].index("long")
+    ids, mask = dl._join(dl.tokens[index][0].prompt, dl.tokens[index][0].completion)
+    assert int((~mask).sum()) == 24 and ids[0] == tok.bos_id  # the prompt cut to max_prompt_length, BOS first

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from kto_jax.data import tokenize as T
 from kto_jax.data.tokenize import ByteTokenizer, HFTokenizer, TokenizeConfig, render_prompt, tokenize_example, truncate
 
 TOK = ByteTokenizer()
@@ -33,6 +34,22 @@ def test_prompt_cut_from_left_then_completion_from_right():
     assert c == [100, 101, 102, 103, 104]  # 4 + 5 + EOS = 10
     p, c = truncate(list(range(8)), list(range(100, 108)), TokenizeConfig(max_length=10, max_prompt_length=4, truncation_mode="keep_start"))
     assert p == [0, 1, 2, 3]
+
+
+def test_left_truncation_keeps_a_leading_bos_first():
+    cfg, bos = TokenizeConfig(max_length=10, max_prompt_length=4), 999
+    p, c = truncate([bos] + list(range(8)), list(range(100, 108)), cfg, bos_id=bos)
+    assert p == [bos, 5, 6, 7] and c == [100, 101, 102, 103, 104]  # BOS + the prompt's last 3 tokens
+    keep_start = TokenizeConfig(max_length=10, max_prompt_length=4, truncation_mode="keep_start")
+    assert truncate([bos] + list(range(8)), list(range(100, 108)), keep_start, bos_id=bos)[0] == [bos, 0, 1, 2]
+    assert T.cut_prompt([bos, 1, 2], 4, bos_id=bos) == [bos, 1, 2] and T.cut_prompt([bos, 1, 2], 1, bos_id=bos) == [bos]
+    assert T.cut_prompt([7, 1, 2, 3], 2, bos_id=bos) == [2, 3]  # no BOS in front: a plain cut
+
+
+def test_byte_tokenizer_adds_no_bos_and_encodes_pairs_as_separate_bytes():
+    assert TOK.bos_id is None
+    assert T.encode_prompt(TOK, "ab") == [97, 98]
+    assert T.encode_pair(TOK, "héllo\n", "wörld") == (TOK.encode("héllo\n"), TOK.encode("wörld"))
 
 
 def test_short_enough_example_is_not_truncated_even_with_long_prompt():
@@ -76,7 +93,9 @@ def test_hf_tokenizer_from_folder(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "world"}}))
     hf = HFTokenizer(str(tmp_path))
     assert hf.eos_id == 3
-    ids, mask = tokenize_example(hf, "hello", "hello", TokenizeConfig(max_length=8, max_prompt_length=4))
+    assert hf.bos_id is None  # no post-processor, no add_bos_token
+    # the completion is encoded in the joint text: "hello hello", not "hello" + "hello" ("hellohello" is one unknown word)
+    ids, mask = tokenize_example(hf, "hello", " hello", TokenizeConfig(max_length=8, max_prompt_length=4))
     np.testing.assert_array_equal(ids, [2, 2, 3])
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         HFTokenizer(str(tmp_path / "missing"))

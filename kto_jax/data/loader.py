@@ -17,8 +17,12 @@ Microbatches are strided: with M microbatches, microbatch m is rows m, m + M, m 
 of the global batch (the engine reshapes [G, L] -> [G/M, M, L]), so every microbatch is
 spread over all data-parallel devices. KL pairing (KTO) stays inside a microbatch: the KL
 sequence of row i is its own prompt with the completion of row (i + M) mod G, the next
-row of the same microbatch. A microbatch of B = G/M = 1 is an error: the KL term would be
-the example's own reward.
+row of the same microbatch (as TRL, the tokens of each part come from its own example's
+joint encoding, ``kto_jax.data.tokenize.encode_pair``). A microbatch of B = G/M = 1 is an
+error: the KL term would be the example's own reward.
+
+Every sequence is ``[BOS] + prompt + completion + [EOS]`` (BOS when the tokenizer adds one,
+``Tokenizer.bos_id``), with the loss mask on the completion and EOS.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from absl import logging
 
 from kto_jax.data.batch import BatchSchema, feedback_schema, prefix
 from kto_jax.data.feedback import Paired, Unary
-from kto_jax.data.tokenize import Tokenizer, TokenizeConfig, render_prompt, truncate
+from kto_jax.data.tokenize import Tokenizer, TokenizeConfig, encode_pair, render_prompt, truncate
 
 
 @dataclasses.dataclass(frozen=True)
 class _Tokens:
+    """One completion's ``encode_pair``: [BOS] + prompt tokens, and the completion's tokens in the joint text."""
+
     prompt: np.ndarray
     completion: np.ndarray
 
@@ -103,20 +109,26 @@ class FeedbackLoader:
     # ------------------------------------------------------------ preparation
 
     def _tokenize_all(self, examples) -> None:
-        """Encode every example once; drop (and count) those left with no completion token."""
+        """Encode every example once; drop (and count) those left with no completion token.
+
+        Each completion is encoded together with its prompt (``encode_pair``: the joint
+        text's tokens split at the prompt's own length, BOS first); the prompt's own encoding
+        is cached, as prompts repeat across examples.
+        """
         self.examples, self.tokens, self.dropped = [], [], 0
         cache: dict = {}
         for ex in examples:
-            prompt = cache.get(ex.prompt)
-            if prompt is None:
-                prompt = cache[ex.prompt] = np.asarray(self.tokenizer.encode(render_prompt(ex.prompt, self.cfg.chat_template)), np.int32)
+            if ex.prompt not in cache:
+                text = render_prompt(ex.prompt, self.cfg.chat_template)
+                cache[ex.prompt] = text, self.tokenizer.encode(text)
+            text, own = cache[ex.prompt]
             completions = (ex.chosen, ex.rejected) if self.paired else (ex.completion,)
-            encoded = [np.asarray(self.tokenizer.encode(c), np.int32) for c in completions]
-            if any(len(truncate(list(prompt), list(c), self.cfg)[1]) == 0 for c in encoded):
+            encoded = [encode_pair(self.tokenizer, text, c, own) for c in completions]
+            if any(len(truncate(p, c, self.cfg, self.tokenizer.bos_id)[1]) == 0 for p, c in encoded):
                 self.dropped += 1
                 continue
             self.examples.append(ex)
-            self.tokens.append([_Tokens(prompt, c) for c in encoded])
+            self.tokens.append([_Tokens(np.asarray(p, np.int32), np.asarray(c, np.int32)) for p, c in encoded])
         self.desirable = np.array([getattr(ex, "desirable", True) for ex in self.examples])
         logging.info("loader: %d examples, %d dropped (no completion token left after truncation)", len(self.examples), self.dropped)
 
@@ -175,7 +187,7 @@ class FeedbackLoader:
         return np.append(prompt, self.control_ids[0] if self.desirable[row] else self.control_ids[1]).astype(np.int32)
 
     def _join(self, prompt: np.ndarray, completion: np.ndarray):
-        p, c = truncate(list(prompt), list(completion), self.cfg)
+        p, c = truncate(list(prompt), list(completion), self.cfg, self.tokenizer.bos_id)
         ids = np.asarray(p + c + [self.tokenizer.eos_id], np.int32)
         mask = np.arange(len(ids)) >= len(p)
         return ids, mask

@@ -18,9 +18,14 @@ from kto_jax.train import setup
 from kto_jax.train.hooks import note
 
 
+# Bumped when the same config gives other token ids (2: BOS and prompt+completion encoded together),
+# so a cache written by older code is recomputed rather than reused.
+TOKENIZATION_VERSION = 2
+
+
 def fingerprint(config, steps: int) -> str:
-    """What the cached log-probs depend on: model, init, data, loss, seed, steps, batch layout."""
-    keys = {"model": config.model.to_dict(), "init": config.init.to_dict(), "data": config.data.to_dict(),
+    """What the cached log-probs depend on: model, init, data, loss, seed, steps, batch layout, tokenization."""
+    keys = {"tokenization": TOKENIZATION_VERSION, "model": config.model.to_dict(), "init": config.init.to_dict(), "data": config.data.to_dict(),
             "loss": config.loss.name, "seed": config.seed, "steps": steps,
             "batch": config.train.global_batch_size, "microbatches": config.train.num_microbatches}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]

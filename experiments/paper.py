@@ -11,9 +11,15 @@ lr 5e-7, 150 warmup steps, global batch 32, beta 0.1, max_length 2048, max_promp
 Arguments: model (preset), loss, data (``+``-separated sources), sft (true/false),
 weights (a Hugging Face folder with the model's weights and tokenizer; defaults to the
 preset name, which gives random weights: fine for AOT checks, not for training), runs
-(where the sweep's workdirs live, default runs/paper). Each model size carries a default
-mesh, microbatching and remat policy for its target slice (``TARGETS``), which
-``scripts/aot_check.py`` compiles for.
+(where the sweep's workdirs live, default runs/paper), params (``fp32``: float32 master
+weights and optimizer state with bf16 compute, the default; ``bf16``: params and optimizer
+state in bfloat16 as HALOs' ``policy_dtype: bfloat16`` trained, which at lr 5e-7 rounds many
+updates to zero). Each model size carries a default mesh and remat policy for its target
+slice (``TARGETS``), which ``scripts/aot_check.py`` compiles for.
+
+As the published runs (``shared/reference/archangel_gpt4_judgments.jsonl``): seed 1; global
+batch 32, in 2 accumulated microbatches of 16 for LLaMA-30B's CSFT, SLiC, DPO and KTO runs (so
+their KL estimate spans 16 examples; its SFT and PPO runs used one batch of 32).
 """
 
 from kto_jax.config import base_config, loss_config, parse_arg
@@ -21,7 +27,11 @@ from kto_jax.config import base_config, loss_config, parse_arg
 METHODS = ("sft", "csft", "slic", "dpo", "ppo_offline", "kto")
 MODELS = ("pythia-1.4b", "pythia-2.8b", "pythia-6.9b", "pythia-12b", "llama-7b", "llama-13b", "llama-30b")
 ALIASES = {"ppo": "ppo_offline"}
-ARGS = ("model", "loss", "data", "sft", "weights", "runs")
+ARGS = ("model", "loss", "data", "sft", "weights", "runs", "params")
+SEED = 1  # HALOs legacy config/config.yaml, and every published run
+# (model, loss) -> accumulated microbatches of the published run (HALOs' model.gradient_accumulation_steps)
+MICROBATCHES = {("llama-30b", loss): 2 for loss in ("csft", "slic", "dpo", "kto")}
+PARAM_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 # target slice, mesh and memory policy per size (global batch 32, 2048 tokens)
 TARGETS = {
@@ -47,17 +57,23 @@ def get_config(arg: str = ""):
     runs = args.get("runs", "runs/paper")
     target = TARGETS[model]
 
+    params = args.get("params", "fp32")
+    if params not in PARAM_DTYPES:
+        raise ValueError(f"experiments/paper.py: params={params!r}: use fp32 (float32 master weights) or bf16 (HALOs' pure bf16)")
+
     c = base_config()
+    c.seed = SEED
     weights = args.get("weights", "")
     c.model.name = weights or model
-    c.model.update(dict(compute_dtype="bfloat16", param_dtype="float32", remat_policy=target["remat"]))
-    c.init.source = f"orbax:{runs}/sft_{model}" if sft == "true" and loss not in ("sft", "csft") else ""
+    c.model.update(dict(compute_dtype="bfloat16", param_dtype=PARAM_DTYPES[params], remat_policy=target["remat"]))
+    c.init.source = f"orbax:{runs}/sft_{model}" if sft == "true" and loss != "sft" else ""
     c.loss = loss_config(loss)  # the registry defaults are the paper code's (beta 0.1; SLiC beta 1, lambda 0.1)
     c.data.update(dict(
         sources=args.get("data", "shp+hh+oasst"), chat_template="halos", max_length=2048, max_prompt_length=1024,
         tokenizer=weights, sft_examples="all" if loss == "csft" else "desirable",
     ))
-    c.train.update(dict(global_batch_size=32, steps=0, log_every=10, eval_every=0))
+    c.train.update(dict(global_batch_size=32, num_microbatches=MICROBATCHES.get((model, loss), 1), steps=0,
+                        log_every=10, eval_every=0))
     c.train.optimizer.update(dict(name="rmsprop", lr=5e-7, warmup_steps=150, grad_clip=10.0))
     c.mesh.update(target["mesh"])
     c.target.topology = target["topology"]

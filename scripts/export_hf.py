@@ -3,8 +3,9 @@
     python scripts/export_hf.py --workdir runs/kto [--step N] --out exported/kto
 
 Writes config.json, sharded model-*.safetensors with their index, and the tokenizer files:
-copied from the model folder when the run used one, or, for the built-in byte tokenizer, an
-equivalent tokenizer.json (byte-level, same ids, same special tokens).
+copied from the model folder when the run used one (for a CSFT run, its tokenizer.json with
+the control tokens the run added, beside the grown vocabulary), or, for the built-in byte
+tokenizer, an equivalent tokenizer.json (byte-level, same ids, same special tokens).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import ml_collections
 from absl import app, flags
 
 from kto_jax import checkpoint
-from kto_jax.data.tokenize import ByteTokenizer
+from kto_jax.data.tokenize import ByteTokenizer, get_tokenizer
+from kto_jax.losses import get_loss
 from kto_jax.models import build_model
 from kto_jax.models.hf import init_params, to_hf
 from kto_jax.models.presets import PRESETS
@@ -72,20 +74,26 @@ def main(argv):
     if "compute_dtype" not in config.model:  # a run from before config.model.dtype was named compute_dtype
         config.model.compute_dtype = config.model.dtype
     model_config = plan.model_config(plan.model_source(config), plan.model_fields(config))  # the run's own mapping
+    tokenizer_name = config.data.tokenizer or (name if name not in PRESETS else "")
+    tokenizer = get_tokenizer(os.path.expanduser(tokenizer_name) if tokenizer_name not in ("", "bytes") else "bytes")
+    # a CSFT run added its control tokens to the tokenizer and grew the vocabulary (kto_jax.train.setup)
+    added = tokenizer.add_tokens(get_loss(config.loss.name).control_tokens)
+    model_config = model_config.replace(vocab_size=max(model_config.vocab_size, tokenizer.vocab_size))
     source = workdir if _STEP.value is None else f"{workdir}@{_STEP.value}"
     params, step = checkpoint.load_params(source, init_params(model_config))
     out = os.path.abspath(os.path.expanduser(_OUT.value))
     files = to_hf(build_model(model_config), params, out)
-    tokenizer = config.data.tokenizer or (name if name not in PRESETS else "")
-    if tokenizer == "bytes":
+    if tokenizer_name == "bytes":
         byte_tokenizer_json().save(os.path.join(out, "tokenizer.json"))
         with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>"}, f, indent=2)
-    elif tokenizer:
+    elif tokenizer_name:
         for file in TOKENIZER_FILES:
-            path = os.path.join(os.path.expanduser(tokenizer), file)
+            path = os.path.join(os.path.expanduser(tokenizer_name), file)
             if os.path.exists(path):
                 shutil.copy(path, out)
+        if added:  # the tokenizer the run trained with: the model folder's plus the added tokens
+            tokenizer.tokenizer.save(os.path.join(out, "tokenizer.json"))
     print(f"exported step {step} of {workdir} to {out} ({len(files)} weight files)")
 
 

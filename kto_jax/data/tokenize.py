@@ -40,6 +40,8 @@ class Tokenizer(Protocol):
 
     def token_id(self, token: str) -> int: ...
 
+    def add_tokens(self, tokens: Sequence[str]) -> tuple[str, ...]: ...  # adds the missing ones; returns them
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0-255, then special tokens: <pad>, <eos>, <|good|>, <|bad|>.
@@ -67,6 +69,12 @@ class ByteTokenizer:
         if token not in self.special_ids:
             raise KeyError(f"{token!r} is not a special token of the byte tokenizer; it has {list(self.special_ids)}")
         return self.special_ids[token]
+
+    def add_tokens(self, tokens: Sequence[str]) -> tuple[str, ...]:
+        """The byte tokenizer's vocabulary is fixed: every token asked for must be one of its specials."""
+        for token in tokens:
+            self.token_id(token)
+        return ()
 
 
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<eos>")
@@ -135,6 +143,15 @@ class HFTokenizer:
         if token_id is None:
             raise KeyError(f"token {token!r} is not in the tokenizer's vocabulary")
         return token_id
+
+    def add_tokens(self, tokens: Sequence[str]) -> tuple[str, ...]:
+        """Add the tokens the vocabulary lacks as special tokens (never split, ids after the
+        current ones, in order), as HALOs adds CSFT's control tokens; returns those added."""
+        missing = tuple(t for t in tokens if self.tokenizer.token_to_id(t) is None)
+        if missing:
+            self.tokenizer.add_special_tokens(list(missing))
+            self.vocab_size = self.tokenizer.get_vocab_size()
+        return missing
 
 
 def _token_str(value) -> str | None:

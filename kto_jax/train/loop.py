@@ -90,6 +90,7 @@ def run(config, workdir: str) -> dict:
     mesh = setup.make_mesh(plan)
     model, model_params = setup.load_model(plan, mesh)
     tokenizer = setup.tokenizer_for(config, model)
+    model, model_params = setup.add_control_tokens(plan, model, model_params, tokenizer, mesh)
     train_data = setup.load_split(config, plan, config.data.train_split)
     loader = setup.make_loader(config, plan, train_data, tokenizer, seed=config.seed)
     eval_data = setup.load_split(config, plan, config.data.eval_split)

@@ -21,6 +21,7 @@ from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
 from kto_jax.models import Decoder, build_model
 from kto_jax.models.hf import init_params, load_params
 from kto_jax.models.presets import PRESETS
+from kto_jax.models.vocab import grow_vocab
 from kto_jax.train.hooks import note
 from kto_jax.train.plan import Plan
 
@@ -95,6 +96,21 @@ def tokenizer_for(config, model: Decoder):
             f"model with vocab_size >= {tokenizer.vocab_size} (config.model.name)"
         )
     return tokenizer
+
+
+def add_control_tokens(plan: Plan, model: Decoder, params, tokenizer, mesh):
+    """CSFT's control tokens (``LossSpec.control_tokens``) added to the tokenizer where it lacks
+    them, and the model's vocabulary grown to hold them (``kto_jax.models.vocab.grow_vocab``), as
+    HALOs adds them and resizes the embeddings. Returns ``(model, params)``; a model whose
+    vocabulary already has room (Pythia's is padded past its tokenizer) is left as it is."""
+    if not plan.loss.control_tokens:
+        return model, params
+    added = tokenizer.add_tokens(plan.loss.control_tokens)
+    if tokenizer.vocab_size <= model.config.vocab_size:
+        return model, params
+    config, params = grow_vocab(model.config, params, tokenizer.vocab_size, mesh)
+    note(f"added {', '.join(added)} to the tokenizer; vocabulary grown from {model.config.vocab_size} to {config.vocab_size}")
+    return build_model(config), params
 
 
 def tokenize_config(config) -> TokenizeConfig:

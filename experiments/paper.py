@@ -31,6 +31,8 @@ ARGS = ("model", "loss", "data", "sft", "weights", "runs", "params")
 SEED = 1  # HALOs legacy config/config.yaml, and every published run
 # (model, loss) -> accumulated microbatches of the published run (HALOs' model.gradient_accumulation_steps)
 MICROBATCHES = {("llama-30b", loss): 2 for loss in ("csft", "slic", "dpo", "kto")}
+# losses trained by HALOs legacy's SFTTrainer (config/loss/sft.yaml, csft.yaml: trainer SFTTrainer)
+SEQUENCE_NLL = ("sft", "csft")
 PARAM_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 # target slice, mesh and memory policy per size (global batch 32, 2048 tokens)
@@ -67,10 +69,14 @@ def get_config(arg: str = ""):
     c.model.name = weights or model
     c.model.update(dict(compute_dtype="bfloat16", param_dtype=PARAM_DTYPES[params], remat_policy=target["remat"]))
     c.init.source = f"orbax:{runs}/sft_{model}" if sft == "true" and loss != "sft" else ""
-    c.loss = loss_config(loss)  # the registry defaults are the paper code's (beta 0.1; SLiC beta 1, lambda 0.1)
+    # the registry defaults are the paper code's (beta 0.1; SLiC beta 1, lambda 0.1); SFT and CSFT
+    # as HALOs' SFTTrainer: summed NLL per sequence averaged over sequences (trainers.py:540-549)
+    c.loss = loss_config(loss, **({"reduction": "sequence"} if loss in SEQUENCE_NLL else {}))
     c.data.update(dict(
         sources=args.get("data", "shp+hh+oasst"), chat_template="halos", max_length=2048, max_prompt_length=1024,
         tokenizer=weights, sft_examples="all" if loss == "csft" else "desirable",
+        # SFT: one target per unique prompt (HALOs' SFTDataLoader); CSFT: every pair's two replies
+        sft_targets="per_prompt" if loss == "sft" else "all",
     ))
     c.train.update(dict(global_batch_size=32, num_microbatches=MICROBATCHES.get((model, loss), 1), steps=0,
                         log_every=10, eval_every=0))
@@ -78,5 +84,7 @@ def get_config(arg: str = ""):
     c.mesh.update(target["mesh"])
     c.target.topology = target["topology"]
     c.checkpoint.update(dict(every_minutes=30.0, keep_last=2))
-    c.eval.update(dict(judge="", num_prompts=512, max_new_tokens=512, temperature=0.7, top_p=0.95))
+    # HALOs legacy samples with policy.generate(do_sample=True, top_p=0.95) and transformers 4.35's
+    # defaults otherwise: temperature 1.0, top_k 50 (trainers.py, config/config.yaml)
+    c.eval.update(dict(judge="", num_prompts=512, max_new_tokens=512, temperature=1.0, top_k=50, top_p=0.95))
     return c

@@ -60,7 +60,9 @@ def lower_train_step(plan: Plan, optimizer_config, devices):
     allocated): the engine the loop builds (``kto_jax.train.engine``), the same jitted function,
     shardings and donation. Returns ``(lowered, engine)``."""
     mesh = sharding.make_mesh(plan.mesh, devices=np.asarray(devices))
-    engine = build_engine(plan.step_spec(), optimizer_config, mesh, seed=plan.seed)
+    # a run of one epoch (steps=0) learns its step count from the data; the count only sets
+    # constants of the schedule, not the program's shape, so a nominal one serves here
+    engine = build_engine(plan.step_spec(), optimizer_config, mesh, seed=plan.seed, total_steps=plan.steps or 1000)
     return engine.lower(plan.global_batch_size, plan.max_length), engine
 
 

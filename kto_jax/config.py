@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
         desirable_fraction=1.0,
         undesirable_fraction=1.0,
         sft_examples="desirable",  # SFT/CSFT train on "desirable" examples or "all" of them
+        # SFT's targets: "all" completions (after sft_examples) or "per_prompt", one per unique prompt
+        # as HALOs legacy's SFTDataLoader (kto_jax/data/feedback.py:sft_targets_per_prompt); not for CSFT
+        sft_targets="all",
     ))
     c.train = ml_collections.ConfigDict(dict(
         global_batch_size=32,
@@ -81,6 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
         optimizer=ml_collections.ConfigDict(dict(
             name="rmsprop", lr=5e-7, warmup_steps=150, grad_clip=10.0,
             b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+            # the learning rate schedule (kto_jax/train/state.py:lr_schedule): after warmup "constant",
+            # "cosine" or "linear" decay to 0 at the run's last step
+            schedule="constant",
+            warmup_ratio=0.0,         # > 0: warmup = this fraction of the run's steps instead of warmup_steps
+            warmup_start_factor=0.0,  # warmup from lr * this (HALOs main 0.1); 0 = HALOs legacy's lr * (s+1)/(W+1)
+            value_head_grad_clip=0.1,  # offline PPO's value head, clipped apart from the model (HALOs' v_head_max_grad_norm)
         )),
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(
@@ -100,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
         max_new_tokens=16,
         temperature=1.0,
         top_p=1.0,
+        top_k=0,               # 0 = off; HALOs samples at top_p 0.95 with HF generate's defaults temperature 1, top_k 50
         baseline="",           # a workdir whose samples.jsonl is the win-rate baseline
     ))
     return c

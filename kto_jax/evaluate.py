@@ -1,6 +1,7 @@
 """Evaluation: batched KV-cache generation, judges, judged rates and win rates with 90% intervals.
 
-    completions = generate(model, params, prompt_ids, max_new_tokens=16, eos_id=..., pad_id=...)
+    completions = generate(model, params, prompt_ids, max_new_tokens=16, eos_id=..., pad_id=...,
+                           temperature=1.0, top_k=50, top_p=0.95)   # HALOs' sampling
     rate = judged_rate(flags)                # {"desirable_rate", "ci90", "n"}
     wr = winrate(policy_flags, baseline_flags)
 
@@ -12,12 +13,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
 
 from kto_jax.data import synthetic
 from kto_jax.models import Decoder, init_cache
@@ -34,34 +35,31 @@ def get_judge(name: str) -> Callable[[str, str], bool]:
 # ---------------------------------------------------------------- statistics
 
 
-def wilson_interval(successes: float, n: int, level: float = 0.9) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (90% by default, as the KTO paper reports)."""
+def clopper_pearson_interval(successes: float, n: int, level: float = 0.9) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval for a binomial proportion, 90% by default: the interval the
+    KTO paper's plots draw (HALOs visualize.py, ``scipy.stats.binomtest(k, n).proportion_ci(0.9)``,
+    whose default method is "exact").
+
+    lower = Beta(a/2; k, n - k + 1) quantile (0 when k = 0), upper = Beta(1 - a/2; k + 1, n - k)
+    quantile (1 when k = n), a = 1 - level. A fractional ``successes`` (ties counted as half a win)
+    takes the same beta quantiles, which interpolate between the integer counts' bounds.
+    """
     if n == 0:
         return (0.0, 1.0)
-    z = _normal_quantile(0.5 + level / 2)
-    p = successes / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
-
-
-def _normal_quantile(q: float) -> float:
-    """Inverse standard normal CDF by bisection on erf (no scipy needed)."""
-    lo, hi = -10.0, 10.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < q:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+    if not 0 <= successes <= n:
+        raise ValueError(f"clopper_pearson_interval needs 0 <= successes <= n; got successes={successes}, n={n}")
+    if not 0 < level < 1:
+        raise ValueError(f"clopper_pearson_interval needs 0 < level < 1; got {level}")
+    alpha = 1.0 - level
+    lo = 0.0 if successes == 0 else float(stats.beta.ppf(alpha / 2, successes, n - successes + 1))
+    hi = 1.0 if successes == n else float(stats.beta.ppf(1 - alpha / 2, successes + 1, n - successes))
+    return (lo, hi)
 
 
 def judged_rate(flags: Sequence[bool], level: float = 0.9) -> dict:
-    """Fraction judged desirable with its binomial interval."""
+    """Fraction judged desirable with its exact (Clopper-Pearson) binomial interval."""
     flags = np.asarray(flags, bool)
-    lo, hi = wilson_interval(float(flags.sum()), len(flags), level)
+    lo, hi = clopper_pearson_interval(float(flags.sum()), len(flags), level)
     return {"desirable_rate": float(flags.mean()) if len(flags) else 0.0, "ci90": [lo, hi], "n": int(len(flags))}
 
 
@@ -70,7 +68,8 @@ def winrate(policy: Sequence[bool], baseline: Sequence[bool], level: float = 0.9
     the policy's completion is desirable, a loss when only the baseline's is, a tie otherwise.
 
     ``winrate`` counts a tie as half a win; ``win_fraction`` = wins / n is the paper's
-    convention (GPT-4's pairwise verdicts, ties counted as non-wins). Intervals are 90% Wilson.
+    convention (GPT-4's pairwise verdicts, ties counted as non-wins). Intervals are 90%
+    Clopper-Pearson, as the paper's plots (for ``winrate`` on its half-integer score).
     """
     policy, baseline = np.asarray(policy, bool), np.asarray(baseline, bool)
     if policy.shape != baseline.shape:
@@ -80,8 +79,8 @@ def winrate(policy: Sequence[bool], baseline: Sequence[bool], level: float = 0.9
     ties = n - wins - losses
     score = wins + 0.5 * ties
     return {
-        "winrate": score / n if n else 0.0, "ci90": list(wilson_interval(score, n, level)),
-        "win_fraction": wins / n if n else 0.0, "win_fraction_ci90": list(wilson_interval(wins, n, level)),
+        "winrate": score / n if n else 0.0, "ci90": list(clopper_pearson_interval(score, n, level)),
+        "win_fraction": wins / n if n else 0.0, "win_fraction_ci90": list(clopper_pearson_interval(wins, n, level)),
         "wins": wins, "ties": ties, "losses": losses, "n": n,
     }
 
@@ -97,12 +96,22 @@ def eval_prompts(prompts, n: int) -> list:
 # ---------------------------------------------------------------- generation
 
 
-def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
-    """Greedy at temperature 0, else nucleus sampling: keep the smallest set of tokens whose
-    probability mass reaches ``top_p``, renormalise, sample at ``temperature``."""
+def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float = 1.0, top_k: int = 0) -> jax.Array:
+    """Greedy at temperature 0, else sampling at ``temperature`` from the logits left after top-k
+    and then nucleus truncation, in the order of Hugging Face's warpers (Temperature, TopK, TopP;
+    ``GenerationMixin._get_logits_warper`` in transformers 4.35), which HALOs'
+    ``policy.generate(do_sample=True)`` uses.
+
+    top_k > 0: keep the ``top_k`` largest logits (with ties at the k-th value, as ``TopKLogitsWarper``);
+    0 is off. top_p < 1: of what remains, keep the smallest set of tokens, most probable first, whose
+    renormalised probability mass reaches ``top_p``.
+    """
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1)
     logits = logits.astype(jnp.float32) / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
@@ -112,8 +121,11 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: f
     return jax.random.categorical(rng, logits, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_p", "eos_id", "pad_id"))
-def generate_batch(model: Decoder, params, ids, mask, rng, *, max_new_tokens: int, temperature: float, top_p: float, eos_id: int, pad_id: int):
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_p", "top_k", "eos_id", "pad_id"))
+def generate_batch(
+    model: Decoder, params, ids, mask, rng, *, max_new_tokens: int, temperature: float, top_p: float, eos_id: int, pad_id: int,
+    top_k: int = 0,
+):
     """Left-padded prompts ``[B, P]`` -> new tokens ``[B, max_new_tokens]`` (pad after EOS)."""
     batch, prompt_len = ids.shape
     slots = jnp.concatenate([mask, jnp.ones((batch, max_new_tokens), mask.dtype)], axis=1)
@@ -124,7 +136,7 @@ def generate_batch(model: Decoder, params, ids, mask, rng, *, max_new_tokens: in
 
     def step(carry, key):
         cache, logits, position, done = carry
-        token = sample_token(logits, key, temperature, top_p)
+        token = sample_token(logits, key, temperature, top_p, top_k)
         token = jnp.where(done, pad_id, token)
         done = done | (token == eos_id)
         logits, cache = model.apply({"params": params}, token[:, None], slots, cache=cache, positions=position)
@@ -146,15 +158,19 @@ def generate(
     pad_id: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     batch_size: int = 64,
     seed: int = 0,
     bucket: int = 16,
 ) -> list[list[int]]:
     """Completions (token ids up to, not including, EOS) for tokenized prompts, in batches.
 
-    Prompts are left-padded to a multiple of ``bucket`` so few shapes are compiled; the last
-    batch is padded with copies of the first prompt (results dropped).
+    Sampling: :func:`sample_token` (``top_k`` 0 = no top-k truncation; HALOs samples at
+    temperature 1, top_k 50, top_p 0.95). Prompts are left-padded to a multiple of ``bucket`` so
+    few shapes are compiled; the last batch is padded with copies of the first prompt (results dropped).
     """
+    if int(top_k) < 0:
+        raise ValueError(f"generate: top_k must be >= 0 (0 = off); got top_k={top_k}")
     out: list[list[int]] = []
     rng = jax.random.PRNGKey(seed)
     for start in range(0, len(prompts), batch_size):
@@ -170,7 +186,7 @@ def generate(
         rng, key = jax.random.split(rng)
         tokens = np.asarray(generate_batch(
             model, params, jnp.asarray(ids), jnp.asarray(mask), key, max_new_tokens=max_new_tokens,
-            temperature=float(temperature), top_p=float(top_p), eos_id=int(eos_id), pad_id=int(pad_id),
+            temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), eos_id=int(eos_id), pad_id=int(pad_id),
         ))
         for row in tokens[:real]:
             row = row.tolist()

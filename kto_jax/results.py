@@ -15,7 +15,7 @@ import json
 import os
 from typing import Iterable
 
-from kto_jax.evaluate import wilson_interval
+from kto_jax.evaluate import clopper_pearson_interval
 from kto_jax.models import param_count
 from kto_jax.models.presets import PRESETS
 
@@ -42,7 +42,7 @@ class Result:
 
     @property
     def ci90(self) -> tuple[float, float]:
-        return wilson_interval(self.wins, self.total, 0.9)
+        return clopper_pearson_interval(self.wins, self.total, 0.9)
 
     @property
     def sft_first(self) -> bool:

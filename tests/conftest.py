@@ -11,9 +11,18 @@ from hypothesis import settings  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
-settings.register_profile("dev", deadline=None)
-settings.load_profile("ci" if os.environ.get("CI") else "dev")
+# CI (env CI set, and not "0"/"false"): derandomized, so every run draws the same examples and a
+# failure replays exactly (derandomize implies no example database). Locally: random examples, and
+# hypothesis' default database (.hypothesis/, git-ignored) keeps each failure to replay it first.
+# Test modules take derandomize/database from here: their settings objects set neither.
+# Both profiles derive from hypothesis' "default" profile, not from whichever is loaded now: hypothesis
+# itself loads its own "ci" profile (derandomized) at import when any CI-like variable is set, CI=false
+# included, and "dev" would otherwise inherit that.
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+_BASE = settings.get_profile("default")
+settings.register_profile("ci", _BASE, derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", _BASE, deadline=None, print_blob=True)
+settings.load_profile("ci" if IN_CI else "dev")
 
 
 import pytest  # noqa: E402

@@ -7,21 +7,71 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from tests import numpy_reference as R
+from tests import numpy_reference_ppo as P
+
 
 RTOL = 2e-5
 ATOL = 2e-5
 
+# Neither sets derandomize or database: both come from the profile conftest.py loads (CI=true:
+# derandomized, no database, so a failure replays exactly; locally: random examples, failures kept in
+# hypothesis' default database under .hypothesis/ and replayed first on the next run).
 SETTINGS = settings(
     max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    derandomize=False,
 )
 SMALL_SETTINGS = settings(
     max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+# ----------------------------------------------------------------------------------------------------
+# the numpy reference of every registered loss
+# ----------------------------------------------------------------------------------------------------
+
+# registry name -> numpy reference, called with the same positional inputs and hyperparameters
+REFERENCES = {
+    "kto": R.kto,
+    "kto_zero": R.kto_zero,
+    "apo_zero_unpaired": R.apo_zero_unpaired,
+    "halo": R.halo_unary,
+    "ppo_offline": P.ppo_offline,
+    "cdpo": R.dpo,  # dpo with label smoothing (0.2 by default)
+    **{name: getattr(R, name) for name in (
+        "dpo", "ipo", "hinge", "robust", "exo_pair", "bco_pair", "sppo_hard", "nca_pair", "apo_zero",
+        "apo_down", "discopop", "slic", "simpo", "orpo", "sft",
+    )},
+    "csft": R.sft,  # SFT on completions with control tokens: the same loss
+}
+
+
+def pair_rewards(name, args, hp):
+    """Per-pair (chosen, rejected) rewards in float64 as ``rewards/accuracies`` compares them, for the
+    near-tie slack of :func:`accuracy_slack`; None for losses without that metric."""
+    f64 = [np.asarray(a, np.float64) for a in args]
+    if name == "slic":
+        return f64[0], f64[1]
+    if name in ("simpo", "orpo"):
+        return hp["beta"] * f64[0], hp["beta"] * f64[1]
+    if name in PAIRED or name == "cdpo":
+        pc, pr, rc, rr = f64
+        return hp["beta"] * (pc - rc), hp["beta"] * (pr - rr)
+    return None
+
+
+def assert_matches_reference(name, out, args, hp, example_mask=None, **tolerance):
+    """``out`` (the library's (loss, metrics) for registry loss ``name`` on positional ``args``) equals
+    the numpy reference on the same inputs, up to float32 rounding and near-tie accuracies."""
+    ref = REFERENCES[name](*args, **hp, example_mask=example_mask)
+    slack = {}
+    rewards = pair_rewards(name, args, hp)
+    if rewards is not None:
+        slack["rewards/accuracies"] = accuracy_slack(*rewards, _valid(len(args[0]), example_mask))
+    assert_matches(out, ref, fraction_slack=slack, context=f"{name} {hp}", **tolerance)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ Written from the upstream formulas only (TRL v0.28.0 ``DPOTrainer.dpo_loss``, ``
 ``KTOTrainer``, ``KTOZeroTrainer``, ``SLiCTrainer``, ``PPOTrainer.compute_advantages`` / ``loss`` and
 ``utils.masked_mean`` / ``masked_var``), not from the JAX code under test.
 
+``halo_unary`` is written from the paper's definition 3.4 (Ethayarajh et al. 2024).
+
 Every function takes per-example arrays (shape [B], or [B, T] for PPO) plus an optional boolean
 ``example_mask`` and returns ``(loss: float, metrics: dict[str, float])``.  Rows with
 ``example_mask == False`` are dropped *before* anything is computed, so garbage in them cannot leak into
@@ -168,6 +170,59 @@ def apo_zero_unpaired(
     losses = np.concatenate([desirable_weight * chosen_losses, undesirable_weight * rejected_losses])
     metrics = {"kl": 0.0}
     metrics.update(_unary_metrics(beta, policy, reference, desirable))
+    return mean_or_zero(losses), metrics
+
+
+# value functions v of a HALO and the constant c of a desirable example (sup v where finite, else 0)
+HALO_VALUES = {
+    "sigmoid": (sigmoid, 1.0),
+    "log_sigmoid": (log_sigmoid, 0.0),
+    "linear": (lambda z: np.asarray(z, dtype=np.float64), 0.0),
+}
+
+
+def halo_unary(
+    policy_logps,
+    reference_logps,
+    policy_kl_logps,
+    reference_kl_logps,
+    desirable,
+    *,
+    beta=0.1,
+    value="sigmoid",
+    reference_point="kl",
+    desirable_weight=1.0,
+    undesirable_weight=1.0,
+    example_mask=None,
+):
+    """A HALO on unary feedback (Ethayarajh et al. 2024, def. 3.4), per valid example:
+
+        l_i = w_i * (c_i - a_i * v(beta * (r_i - z)))
+        desirable:   a = +1, c = sup v (1 for sigmoid, 0 for log sigmoid and linear), w = desirable_weight
+        undesirable: a = -1, c = 0,                                                   w = undesirable_weight
+        z = KTO's max(0, mean(policy_kl - reference_kl)) ("kl") or 0 ("zero")
+    """
+    policy, reference, desirable = _select(example_mask, policy_logps, reference_logps, desirable)
+    policy, reference = _f64(policy), _f64(reference)
+    desirable = desirable.astype(bool)
+    z = 0.0
+    if reference_point == "kl":
+        policy_kl, reference_kl = _select(example_mask, policy_kl_logps, reference_kl_logps)
+        z = max(0.0, mean_or_zero(_f64(policy_kl) - _f64(reference_kl)))
+    v, sup = HALO_VALUES[value]
+    losses = []
+    for i in range(policy.shape[0]):
+        scaled = beta * (policy[i] - reference[i] - z)
+        if desirable[i]:
+            losses.append(desirable_weight * (sup - float(v(scaled))))
+        else:
+            losses.append(undesirable_weight * (0.0 + float(v(scaled))))
+    metrics = {
+        "rewards/mean": mean_or_zero(beta * (policy - reference)),
+        "reference_point": z if policy.shape[0] else 0.0,
+        "num_desirable": float(np.sum(desirable)),
+        "num_undesirable": float(np.sum(~desirable)),
+    }
     return mean_or_zero(losses), metrics
 
 
@@ -371,9 +426,15 @@ def orpo(pc, pr, *, beta=0.1, chosen_token_counts=None, example_mask=None):
     return loss, metrics
 
 
-def sft(policy_logps, token_counts, *, example_mask=None):
+def sft(policy_logps, token_counts, *, reduction="token", example_mask=None):
+    """"token": NLL averaged over all tokens of the batch (TRL, CrossEntropyLoss over the flattened batch);
+    "sequence": the mean over sequences of each one's summed NLL (HALOs legacy ``SFTTrainer``:
+    ``-policy_chosen_logps`` with ``average_log_prob=False``, then ``.mean()``)."""
     policy, counts = _select(example_mask, policy_logps, token_counts)
     policy, counts = _f64(policy), _f64(counts)
     total = float(np.sum(counts))
-    loss = -float(np.sum(policy)) / total if total > 0 else 0.0
+    if reduction == "sequence":
+        loss = -mean_or_zero(policy)
+    else:
+        loss = -float(np.sum(policy)) / total if total > 0 else 0.0
     return loss, {"logps/mean": mean_or_zero(policy), "tokens": total}

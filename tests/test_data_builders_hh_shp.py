@@ -51,6 +51,7 @@ def test_hh_records_and_counts(tmp_path):
         "chosen": "Duolingo is free and good for daily practice.",
         "rejected": "I don't know any apps.",
         "subset": "helpful-base",
+        "sft_target": "Duolingo is free and good for daily practice.",  # the prompt's only pair's chosen
     }
     # the common prefix runs into the completions; the cut is still at the last shared marker
     long_prefix = train["hh/helpful-base/train/1"]
@@ -125,6 +126,7 @@ def test_shp_records_filters_and_counts(tmp_path):
         "domain": "askculinary",
         "score_chosen": 30.0,
         "score_rejected": 12.0,
+        "sft_target": "Your dough is too dry; add water.",  # human_ref_A of the post's first pair (d1/d2)
     }
     law = train["shp/r3law/e1/e2"]
     assert law["prompt"] == user("My landlord kept my whole deposit (€800) — what can I do?")

@@ -62,12 +62,12 @@ def prepare(name, tmp_path, manual_dir, **kwargs):
 # ---------------------------------------------------------------- oasst
 
 
-def oasst_pair(chosen, rejected, prompt, chosen_text, rejected_text, tree, ranks):
+def oasst_pair(chosen, rejected, prompt, chosen_text, rejected_text, tree, ranks, sft_target):
     return {
         "id": f"oasst/{mid(chosen)}/{mid(rejected)}",
         "prompt": {"role": [r for r, _ in prompt], "content": [c for _, c in prompt]},
         "chosen": chosen_text, "rejected": rejected_text, "tree_id": mid(tree),
-        "rank_chosen": ranks[0], "rank_rejected": ranks[1],
+        "rank_chosen": ranks[0], "rank_rejected": ranks[1], "sft_target": sft_target,
     }
 
 
@@ -81,13 +81,14 @@ def test_oasst_records(tmp_path):
     records, counts = prepare("oasst", tmp_path, OASST_DIR)
     france = [("user", "What is the capital of France?")]
     italy = france + [("assistant", "Paris."), ("user", "And of Italy? 🇮🇹")]
+    # sft_target: HALOs' generations[-1], the last reply (in reply order) that is the rejected one of a pair
     expected_train = [
-        oasst_pair("0a", "0b", france, "Paris.", "Lyon.", 0, (0, 1)),
-        oasst_pair("0ap1", "0ap2", italy, "Rome 🍕", "Milan", 0, (0, 1)),
-        oasst_pair("0ap2", "0ap3", italy, "Milan", "Naples", 0, (1, 2)),
+        oasst_pair("0a", "0b", france, "Paris.", "Lyon.", 0, (0, 1), "Lyon."),
+        oasst_pair("0ap1", "0ap2", italy, "Rome 🍕", "Milan", 0, (0, 1), "Naples"),
+        oasst_pair("0ap2", "0ap3", italy, "Milan", "Naples", 0, (1, 2), "Naples"),
     ]
     # rank 1 is Spanish: no 0-1 or 1-2 pair, only 2-3
-    expected_test = [oasst_pair("22c", "22d", [("user", "Tell me a joke 😀")], "Knock knock.", "No.", 22, (2, 3))]
+    expected_test = [oasst_pair("22c", "22d", [("user", "Tell me a joke 😀")], "Knock knock.", "No.", 22, (2, 3), "No.")]
     assert records == {"train": sorted(expected_train, key=lambda r: r["id"]), "test": expected_test}
 
     train, test = counts["oasst/train"], counts["oasst/test"]
@@ -97,7 +98,7 @@ def test_oasst_records(tmp_path):
     assert test.filtered == {"other_split": 2, "non_english": 1}
 
     examples = builders.load_examples("oasst", "test", os.fspath(tmp_path / "data"))
-    assert examples == [Paired(expected_test[0]["id"], (("user", "Tell me a joke 😀"),), "Knock knock.", "No.")]
+    assert examples == [Paired(expected_test[0]["id"], (("user", "Tell me a joke 😀"),), "Knock knock.", "No.", "No.")]
 
 
 def test_oasst_downloads_without_manual_dir(tmp_path, monkeypatch):

@@ -121,6 +121,12 @@ def test_zephyr_configs():
         config = zephyr.get_config(arg)
         make_plan(config, chips(config.target.topology))
         assert config.data.sources == "ultrafeedback" and config.model.name == "mistral-7b"
+        # HALOs main (experiments/zephyr.py cites the lines): AdamW, 10% warmup from 0.1 lr, cosine for SFT only
+        opt = config.train.optimizer
+        assert (opt.name, opt.lr, opt.b1, opt.b2, opt.eps, opt.weight_decay, opt.grad_clip) == ("adamw", 5e-6, 0.9, 0.999, 1e-8, 0.01, 1.0)
+        assert (opt.warmup_ratio, opt.warmup_start_factor) == (0.1, 0.1)
+        assert opt.schedule == ("cosine" if arg == "loss=sft" else "constant")
+        assert (config.data.max_length, config.data.max_prompt_length, config.train.global_batch_size) == (1250, 625, 32)
     assert zephyr.get_config("loss=kto,one_y=true").data.one_y_per_x
     with pytest.raises(ValueError, match="one_y=true is a KTO variant"):
         zephyr.get_config("loss=dpo,one_y=true")

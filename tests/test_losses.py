@@ -1,7 +1,9 @@
 """Properties every loss must have: hand-derived values, no gradient through z0, jit/vmap,
-finite at extreme log-ratios, odd batch sizes, bf16 inputs, registry behaviour."""
+finite (and equal to the numpy reference) at extreme log-ratios and odd batch sizes, bf16 inputs,
+registry behaviour. Gradients against the numpy references: tests/test_losses_grad.py."""
 
 import functools
+import inspect
 import math
 
 import jax
@@ -11,7 +13,9 @@ import pytest
 
 from kto_jax import losses
 from kto_jax.losses import LOSSES, get_loss
+from tests import numpy_reference_ppo as P
 from tests.loss_inputs import as_jnp, float_arg_indices, sequence_inputs, token_inputs
+from tests.numpy_checks import assert_matches, assert_matches_reference
 
 LN3 = math.log(3.0)
 SEQUENCE_LOSSES = sorted(name for name, spec in LOSSES.items() if not spec.token_level)
@@ -108,6 +112,8 @@ def test_jit_matches_eager(name):
     jit_loss, jit_metrics = jax.jit(functools.partial(call, name))(args)
     np.testing.assert_allclose(jit_loss, eager_loss, rtol=1e-6)
     assert eager_metrics.keys() == jit_metrics.keys()
+    for key, value in eager_metrics.items():
+        np.testing.assert_allclose(jit_metrics[key], value, rtol=1e-6, atol=1e-6, err_msg=f"{name}: {key}")
 
 
 @pytest.mark.parametrize("name", SEQUENCE_LOSSES)
@@ -120,28 +126,55 @@ def test_vmap_over_batches_matches_loop(name):
     np.testing.assert_allclose(vmapped, looped, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", SEQUENCE_LOSSES)
-def test_finite_loss_and_gradients_at_log_ratios_of_1e4(name):
-    spec = get_loss(name)
+def extreme_inputs(spec, scale):
+    """Positional args with log-probs in {-scale, 0, -1e-6}, placed so every log-ratio is +-scale:
+    r = policy - reference = +-scale, rw = -rl = +-scale (d = +-2 scale), pc - pr = +-scale, and KTO's
+    KL log-ratios all ~scale (z0 ~ scale)."""
+    x = np.array([-scale, 0.0, -scale, -1e-6], np.float32)
+    by_name = {
+        "policy_logps": x, "reference_logps": x[::-1],
+        "policy_kl_logps": np.array([0.0, -1e-6, 0.0, 0.0], np.float32),
+        "reference_kl_logps": np.full(4, -scale, np.float32),
+        "policy_chosen_logps": x, "policy_rejected_logps": x[::-1],
+        "reference_chosen_logps": x[::-1], "reference_rejected_logps": x,
+    }
     args = list(sequence_inputs(spec, 4, np.random.default_rng(3)))
-    extreme = np.array([-1e4, 0.0, -1e4, -1e-6], np.float32)  # log-probs; ratios reach +-1e4
-    for i in float_arg_indices(args):
-        args[i] = extreme if i % 2 == 0 else extreme[::-1].copy()
-    args = as_jnp(args)
+    names = [p.name for p in inspect.signature(spec.fn).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    return [by_name[n].copy() if n in by_name else a for n, a in zip(names, args)]
+
+
+@pytest.mark.parametrize("name", SEQUENCE_LOSSES)
+def test_loss_and_gradients_at_log_ratios_of_1e4(name):
+    """Finite loss, gradients and metrics at log-ratios of +-1e4, equal to the numpy reference there."""
+    spec = get_loss(name)
+    args = as_jnp(extreme_inputs(spec, 1e4))
     idx = float_arg_indices(args)
     loss, metrics = call(name, args)
     grads = jax.grad(lambda *a: call(name, a)[0], argnums=idx)(*args)
     assert np.isfinite(loss), loss
     assert all(np.all(np.isfinite(g)) for g in grads), grads
     assert all(np.all(np.isfinite(v)) for v in metrics.values()), metrics
+    args = extreme_inputs(spec, 1e4)
+    if name == "discopop":
+        # The reference computes exp(-beta d) * sigmoid(beta d / tau) as written, which is inf * 0 = nan
+        # once beta |d| > ~709 (here beta d = +-2e3): compare at the largest scale it handles,
+        # 3e3 (beta d = +-600).
+        args = extreme_inputs(spec, 3e3)
+    if name == "orpo":
+        # The reference's log(1 - exp(p)) is -inf at a log-prob of exactly 0, which the library clips
+        # to -1e-6 (reference_free.log1mexp): compare with the 0 entries at -1e-6.
+        args = [np.minimum(a, np.float32(-1e-6)) for a in args]
+    assert_matches_reference(name, call(name, as_jnp(args)), args, spec.hyperparameters())
 
 
 @pytest.mark.parametrize("name", SEQUENCE_LOSSES)
 @pytest.mark.parametrize("batch", [1, 3, 7])
 def test_odd_batch_sizes(name, batch):
-    args = as_jnp(sequence_inputs(get_loss(name), batch, np.random.default_rng(batch), -8, -0.01))
-    loss, _ = call(name, args)
+    """A scalar loss equal to the numpy reference's for batches of 1, 3 and 7."""
+    args = sequence_inputs(get_loss(name), batch, np.random.default_rng(batch), -8, -0.01)
+    loss, metrics = call(name, as_jnp(args))
     assert loss.shape == () and np.isfinite(loss)
+    assert_matches_reference(name, (loss, metrics), args, get_loss(name).hyperparameters())
 
 
 @pytest.mark.parametrize("name", SEQUENCE_LOSSES)
@@ -184,10 +217,16 @@ def test_ppo_offline_jit_vmap_and_extremes():
     np.testing.assert_allclose(vm, [losses.ppo_offline(*(x[k] for x in stacked))[0] for k in range(2)], rtol=1e-5)
     # per-token log-ratios of +-1e4 stay finite
     policy, reference, values, desirable, mask = token_inputs(3, 9, rng)
-    reference = policy + np.where(rng.random(policy.shape) < 0.5, 1e4, -1e4).astype(np.float32)
+    signs = np.where(rng.random(policy.shape) < 0.5, 1.0, -1.0)
+    reference = (policy + 1e4 * signs).astype(np.float32)
     grads = jax.grad(lambda p, v: losses.ppo_offline(p, reference, v, desirable, mask)[0], (0, 1))(policy, values)
     assert np.isfinite(losses.ppo_offline(policy, reference, values, desirable, mask)[0])
     assert all(np.all(np.isfinite(g)) for g in grads)
+    # The numpy reference takes exp(+-1e4) = inf / 0 unclipped, while the library clips log-ratios
+    # to +-50 (ppo.MAX_LOG_RATIO) first: below that clip they agree, so compare at +-40.
+    reference = (policy + 40.0 * signs).astype(np.float32)
+    out = losses.ppo_offline(policy, reference, values, desirable, mask)
+    assert_matches(out, P.ppo_offline(policy, reference, values, desirable, mask), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- registry
@@ -204,13 +243,62 @@ def test_unknown_hyperparameter_names_the_valid_ones():
     assert get_loss("kto").hyperparameters({"beta": 0.2})["beta"] == 0.2
 
 
+# Every loss's hyperparameters and defaults as the README's loss table states them (ppo_offline's
+# critic_coef 0.01 and kl_coef 0.1 are the coefficients in its formula there), written out by hand.
+DOCUMENTED_DEFAULTS = {
+    "kto": dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0),
+    "kto_zero": dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0),
+    "apo_zero_unpaired": dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0),
+    "halo": dict(beta=0.1, value="sigmoid", reference_point="kl", desirable_weight=1.0, undesirable_weight=1.0),
+    "ppo_offline": dict(gamma=0.99, lam=0.95, cliprange=0.5, critic_coef=0.01, kl_coef=0.1),
+    "dpo": dict(beta=0.1, label_smoothing=0.0),
+    "cdpo": dict(beta=0.1, label_smoothing=0.2),
+    "ipo": dict(beta=0.1),
+    "hinge": dict(beta=0.1),
+    "robust": dict(beta=0.1, label_smoothing=0.0),
+    "exo_pair": dict(beta=0.1, label_smoothing=1e-3),
+    "bco_pair": dict(beta=0.1),  # running_mean / running_count are run state, not hyperparameters
+    "sppo_hard": dict(beta=0.1),
+    "nca_pair": dict(beta=0.1),
+    "apo_zero": dict(beta=0.1),
+    "apo_down": dict(beta=0.1),
+    "discopop": dict(beta=0.1, tau=0.05),
+    "slic": dict(beta=1.0, lambda_coef=0.1),
+    "simpo": dict(beta=2.0, gamma=0.5, label_smoothing=0.0),
+    "orpo": dict(beta=0.1),  # chosen_token_counts is data the feed computes
+    "sft": dict(reduction="token"),  # token-averaged NLL; "sequence" is HALOs legacy's SFTTrainer
+    "csft": dict(reduction="token"),
+}
+
+
+def test_hyperparameter_defaults_are_the_documented_ones():
+    assert set(LOSSES) == set(DOCUMENTED_DEFAULTS)
+    for name, spec in LOSSES.items():
+        assert spec.hyperparameters() == DOCUMENTED_DEFAULTS[name], name
+
+
+def test_hyperparameter_overrides_replace_one_value_and_reach_the_loss():
+    """hyperparameters({k: v}) is the defaults with k = v (the defaults themselves unchanged), and the
+    loss computed with it is the one with that value: a beta override changes the DPO loss as the
+    hand-derived formula says."""
+    def another(value):  # a different valid value of the same kind
+        return {"sigmoid": "linear", "kl": "zero", "token": "sequence"}[value] if isinstance(value, str) else value + 0.25
+
+    for name, spec in LOSSES.items():
+        for key, default in DOCUMENTED_DEFAULTS[name].items():
+            new = another(default)
+            assert spec.hyperparameters({key: new}) == {**DOCUMENTED_DEFAULTS[name], key: new}, (name, key)
+        assert spec.hyperparameters() == DOCUMENTED_DEFAULTS[name], name
+    # d = ln 3, beta = 2: -log sigmoid(2 ln 3) = log(10/9)
+    args = (jnp.array([LN3]), jnp.zeros(1), jnp.zeros(1), jnp.zeros(1))
+    np.testing.assert_allclose(call("dpo", args, beta=2.0)[0], math.log(10 / 9), rtol=1e-6)
+
+
 def test_registry_entries_are_consistent():
     assert {"kto", "dpo", "ipo", "slic", "sft", "ppo_offline", "halo", "simpo", "orpo"} <= set(LOSSES)
     for name, spec in LOSSES.items():
         assert spec.name == name and spec.kind in ("unary", "paired", "sft")
         assert spec.citation
-        assert spec.defaults == spec.hyperparameters()
-    assert get_loss("kto").defaults == {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}
     assert get_loss("ipo").length_normalized and get_loss("simpo").length_normalized
     assert not get_loss("slic").needs_reference and get_loss("dpo").needs_reference
     assert get_loss("kto").needs_kl and not get_loss("kto_zero").needs_kl

@@ -12,18 +12,30 @@ Functions are called un-jitted (hyperparameters are Python floats that the libra
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import kto_jax.losses as L
 from tests import numpy_reference as R
 from tests.numpy_checks import (
-    PAIRED, SETTINGS, _valid, accuracy_slack, assert_close, assert_matches, batch_sizes, betas, example_masks,
+    PAIRED, SETTINGS, SMALL_SETTINGS, _valid, accuracy_slack, assert_close, assert_matches, batch_sizes, betas, example_masks,
     f32_arrays, paired_inputs, unary_inputs, weights,
 )
+
+
+def test_property_tests_replay_exactly_in_ci():
+    """The property tests' settings take derandomize and database from the loaded profile (conftest.py):
+    under CI=true every run draws the same examples (derandomize) and keeps no database, so a failure
+    replays exactly; locally they draw random examples and hypothesis' default database keeps failures."""
+    in_ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    for s in (SETTINGS, SMALL_SETTINGS):
+        assert s.derandomize == settings.default.derandomize == in_ci
+        assert (s.database is None) == in_ci
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ logical axis names (stacked layer params lead with "layers")."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 
 import flax.linen as nn
@@ -11,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from jax.ad_checkpoint import print_saved_residuals
 
 from kto_jax.models import abstract_params, build_model, param_count
 from kto_jax.models.common import REMAT_POLICIES, ModelConfig
@@ -85,11 +89,13 @@ def token_loss(model, params, ids, mask):
 
 
 def test_remat_policies_give_the_same_gradient():
+    """Every policy in REMAT_POLICIES: the same loss and gradient as "none", and a remat in the jaxpr."""
     config = LLAMA
     params = random_params(config, seed=1)
     ids, mask = batch()
     results = {}
-    for policy in ["none", "full", "dots"]:
+    assert "none" in REMAT_POLICIES and REMAT_POLICIES["none"] is None
+    for policy in sorted(REMAT_POLICIES):
         model = build_model(config.replace(remat_policy=policy))
         traced = jax.jit(jax.value_and_grad(lambda p: token_loss(model, p, ids, mask))).trace(params)
         assert bool(re.search(r"remat|checkpoint", str(traced.jaxpr))) == (policy != "none"), policy
@@ -97,16 +103,35 @@ def test_remat_policies_give_the_same_gradient():
     ref_loss, ref_grad = results["none"]
     assert np.isfinite(ref_loss) and ref_loss > 1.0
     assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(ref_grad)) > 1e-3
-    for policy in ["full", "dots"]:
+    for policy in sorted(set(REMAT_POLICIES) - {"none"}):
         loss, grad = results[policy]
         np.testing.assert_allclose(loss, ref_loss, atol=1e-6)
         for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grad), jax.tree_util.tree_leaves(ref_grad)):
             np.testing.assert_allclose(g, r, atol=1e-5, err_msg=f"{policy}: {jax.tree_util.keystr(path)}")
 
 
-def test_remat_policy_table():
-    assert set(REMAT_POLICIES) == {"none", "full", "dots", "dots_no_batch"}
-    assert REMAT_POLICIES["none"] is None
+def saved_residuals(policy: str) -> list[str]:
+    """What the backward pass keeps from the forward for ``token_loss`` under ``policy``: one line per
+    residual, "dtype[shape] ..." (jax.ad_checkpoint.print_saved_residuals)."""
+    model = build_model(LLAMA.replace(remat_policy=policy))
+    ids, mask = batch()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(lambda p: token_loss(model, p, ids, mask), random_params(LLAMA, seed=1))
+    return out.getvalue().splitlines()
+
+
+def residual_elements(lines: list[str]) -> int:
+    sizes = [re.match(r"\w+\[([\d,]*)\]", line) for line in lines]
+    return sum(int(np.prod([int(d) for d in m.group(1).split(",") if d])) for m in sizes if m)
+
+
+def test_remat_policies_change_what_is_saved():
+    """Each policy changes what the backward pass keeps: none saves every layer activation, dots the
+    matmul outputs, dots_no_batch only those without batch dimensions (not attention's q.k and p.v),
+    full only each layer's input, so strictly fewer residual elements in that order."""
+    size = {policy: residual_elements(saved_residuals(policy)) for policy in REMAT_POLICIES}
+    assert size["none"] > size["dots"] > size["dots_no_batch"] > size["full"], size
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from kto_jax.data.builders import load_examples
@@ -240,18 +241,98 @@ def test_bco_running_mean_is_carried_across_steps(examples, policy, reference):
 
 
 def test_offline_ppo_trains_one_step_with_a_value_head(examples, policy):
-    """ppo_offline: per-token log-probs and a value head (zero-initialised) on the final hidden
-    states; one step gives a finite loss and gradient and moves the value head."""
+    """ppo_offline: per-token log-probs and a value head (HALOs' 3-layer MLP) on the final hidden
+    states; one step gives a finite loss and gradient and moves every layer of the value head."""
     batch = next(loader(examples, "ppo_offline"))
     state = initial_state("ppo_offline", policy)
     new, metrics = compiled_step("ppo_offline")(state, batch, policy)
     assert all(np.all(np.isfinite(np.asarray(v))) for v in metrics.values()), metrics
     assert float(metrics["grad_norm"]) > 0
-    head = new.params["value_head"]["value"]
-    assert float(jnp.abs(head["kernel"]).max()) > 0, "the value head did not train"
+    head = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new.params["value_head"], state.params["value_head"])
+    assert min(jax.tree_util.tree_leaves(head)) > 0, f"the value head did not train: {head}"
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new.params["model"], state.params["model"])
     assert max(jax.tree_util.tree_leaves(moved)) > 0
     assert int(new.step) == 1
+
+
+def ppo_spec(critic_coef: float) -> StepSpec:
+    spec = get_loss("ppo_offline")
+    return StepSpec(MODEL, spec, tuple(sorted({**spec.defaults, "critic_coef": critic_coef}.items())), 1, "model", 256)
+
+
+@pytest.fixture(scope="module")
+def ppo_grads(examples, policy, reference):
+    """(params, {critic_coef: gradient of one offline-PPO microbatch loss}) at critic_coef 0.01 and 10.
+    The head's params are shifted off their init (+0.05), so a head that let gradients through
+    would pass the critic's gradient to the LM whatever its init (e.g. a zero last layer)."""
+    batch = next(loader(examples, "ppo_offline"))
+    params = initial_state("ppo_offline", policy).params
+    params = {**params, "value_head": jax.tree_util.tree_map(lambda x: x + 0.05, params["value_head"])}
+    grads = {}
+    for coef in (0.01, 10.0):
+        spec = ppo_spec(coef)
+        grads[coef] = jit(jax.grad(lambda p, ref, mb, spec=spec: microbatch_loss(spec, p, ref, mb, {})[0]))(params, reference, batch)
+    return params, grads
+
+
+def test_offline_ppo_critic_does_not_train_the_language_model(ppo_grads):
+    """The value head reads stop_gradient(hidden states) (HALOs: "detach so that loss isn't
+    backproped through LM"): the LM's gradient is the same at critic_coef 0.01 and 10, and the
+    head's gradient, which comes from the critic loss alone, scales with critic_coef (x1000)."""
+    _, grads = ppo_grads
+    low, high = grads[0.01], grads[10.0]
+    assert_trees_close(high["model"], low["model"], atol=1e-6, what="model")
+    assert float(optax.tree.norm(low["value_head"])) > 1e-6
+    for (path, h), l in zip(jax.tree_util.tree_leaves_with_path(high["value_head"]), jax.tree_util.tree_leaves(low["value_head"])):
+        h, l = np.asarray(h, np.float64), np.asarray(l, np.float64)  # float32 sums: compare to the leaf's scale
+        assert np.linalg.norm(h - 1000.0 * l) <= 1e-5 * np.linalg.norm(h), jax.tree_util.keystr(path)
+
+
+def test_value_head_is_halos_three_layer_mlp():
+    """HALOs' ValueHead (legacy models.py): Linear(H, H), ReLU, Linear(H, H), ReLU, Linear(H, 1) in
+    float32, torch.nn.Linear's init U(-1/sqrt(H), 1/sqrt(H)) for kernels and biases; values of
+    bfloat16 hidden states are float32 and equal the numpy MLP."""
+    from kto_jax.train.feeds import TokenFeed, ValueHead
+
+    H = MODEL_CONFIG.hidden_size
+    head = TokenFeed().init_params(MODEL_CONFIG, seed=0)["value_head"]
+    shapes = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), head)
+    assert shapes == {name: {"kernel": ((H, out), "float32"), "bias": ((out,), "float32")}
+                      for name, out in (("hidden_0", H), ("hidden_1", H), ("value", 1))}
+    bound = H ** -0.5
+    for leaf in jax.tree_util.tree_leaves(head):
+        assert float(jnp.abs(leaf).max()) <= bound
+    assert float(jnp.abs(head["hidden_0"]["kernel"]).max()) > 0.95 * bound  # uniform over the whole range
+    hidden = jax.random.normal(jax.random.PRNGKey(3), (2, 5, H)).astype(jnp.bfloat16)
+    values = ValueHead().apply({"params": head}, hidden)
+    assert values.shape == (2, 5) and values.dtype == jnp.float32
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), head)
+    x = np.asarray(hidden.astype(jnp.float32), np.float64)
+    for name in ("hidden_0", "hidden_1"):
+        x = np.maximum(x @ p[name]["kernel"] + p[name]["bias"], 0.0)
+    expected = (x @ p["value"]["kernel"] + p["value"]["bias"])[..., 0]
+    np.testing.assert_allclose(np.asarray(values), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_value_head_gradient_is_clipped_apart_from_the_model(ppo_grads):
+    """HALOs' PPOTrainer.clip_gradient clips the value head's gradient to global norm 0.1 and the LM's
+    to max_grad_norm, separately; the update rule is the same. With sgd at lr 1 (update = -clipped
+    gradient), critic_coef 10 (the head's gradient norm far above 0.1) and the model's clip at half
+    the model's gradient norm: the head's update has norm 0.1 along its gradient, and the model's
+    is half its gradient, the same as at critic_coef 0.01 (one global clip would shrink it by the
+    head's norm)."""
+    params, grads = ppo_grads
+    high, low = grads[10.0], grads[0.01]
+    head_norm, model_norm = float(optax.tree.norm(high["value_head"])), float(optax.tree.norm(high["model"]))
+    assert head_norm > 1.0 and model_norm > 1e-3
+    cfg = ml_collections.ConfigDict(dict(OPTIMIZERS["sgd"].to_dict(), grad_clip=model_norm / 2, value_head_grad_clip=0.1))
+    optimizer = make_optimizer(cfg)
+    updates, _ = optimizer.update(high, optimizer.init(params), params)
+    updates_low, _ = optimizer.update(low, optimizer.init(params), params)
+    np.testing.assert_allclose(float(optax.tree.norm(updates["value_head"])), 0.1, rtol=1e-5)
+    assert_trees_close(updates["value_head"], jax.tree_util.tree_map(lambda g: -g * 0.1 / head_norm, high["value_head"]), atol=1e-7)
+    assert_trees_close(updates["model"], jax.tree_util.tree_map(lambda g: -g / 2, high["model"]), atol=1e-7)
+    assert_trees_close(updates["model"], updates_low["model"], atol=1e-7)
 
 
 # ---------------------------------------------------------------------------- feeds

@@ -23,6 +23,7 @@ class Unary:
     prompt: Turns
     completion: str
     desirable: bool
+    sft_target: str | None = None  # the prompt's SFT target as HALOs picks it (builders' ``sft_target``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Paired:
     prompt: Turns
     chosen: str
     rejected: str
+    sft_target: str | None = None  # the prompt's SFT target as HALOs picks it (builders' ``sft_target``)
 
 
 @dataclasses.dataclass
@@ -60,11 +62,11 @@ def record_turns(record: dict) -> Turns:
 
 
 def paired_from_records(records: Iterable[dict]) -> list[Paired]:
-    return [Paired(r["id"], record_turns(r), r["chosen"], r["rejected"]) for r in records]
+    return [Paired(r["id"], record_turns(r), r["chosen"], r["rejected"], r.get("sft_target")) for r in records]
 
 
 def unary_from_records(records: Iterable[dict]) -> list[Unary]:
-    return [Unary(r["id"], record_turns(r), r["completion"], bool(r["desirable"])) for r in records]
+    return [Unary(r["id"], record_turns(r), r["completion"], bool(r["desirable"]), r.get("sft_target")) for r in records]
 
 
 def paired_to_unary(pairs: Sequence[Paired], *, seed: int) -> list[Unary]:
@@ -86,6 +88,57 @@ def one_y_per_x(examples: Sequence[Unary], *, seed: int) -> list[Unary]:
     rng = np.random.default_rng(seed)
     keep = sorted(int(rng.choice(idx)) for idx in by_prompt.values())
     return [examples[i] for i in keep]
+
+
+SFT_TARGETS = ("all", "per_prompt")
+
+
+def sft_targets_per_prompt(source: Sequence[Paired] | Sequence[Unary]) -> tuple[list[Unary], dict]:
+    """One SFT target per unique prompt, as HALOs legacy's SFTDataLoader trains (and samples
+    the judged test prompts with, its targets being the judging baseline): returns
+    (examples, stats), one desirable ``Unary`` per prompt, in the order prompts first appear.
+
+    HALOs keeps one ``Example`` per prompt string and trains ``generations[sft_index]`` once
+    per prompt (ContextualAI/HALOs, branch legacy @61b9ee6: dataloader.py:567-593
+    SFTDataLoader, :593 ``example.generations[example.sft_index]``). Which generation that is
+    depends on the source, so the builders store it per prompt in each record's
+    ``sft_target`` (kto_jax/data/builders/{hh,shp,oasst}.py: HH the chosen reply of the
+    prompt's first pair, SHP the first comment (``human_ref_A``) of its first pair, OASST
+    ``generations[-1]``, the reply ranked lower in its last pair). A prompt in several
+    sources takes the last source's target (dataloader.py:432 ``full_data.update`` per
+    dataset in order). Sources whose records carry no ``sft_target`` (the synthetic task,
+    ultrafeedback) use the desirable completion of the prompt's first example by id
+    (paired: its chosen); a unary prompt with no desirable completion has no target and is
+    dropped, counted.
+
+    stats: ``sft_target_prompts`` (examples kept, one per prompt), ``sft_target_dropped``
+    (completions of the unary view, two per pair, not trained), ``sft_target_no_target``
+    (prompts dropped without a target) and ``sft_target_from_source`` (targets read from
+    the records' ``sft_target``, the rest by the fallback rule).
+    """
+    by_prompt: dict[Turns, list] = {}
+    for ex in source:
+        by_prompt.setdefault(ex.prompt, []).append(ex)
+    completions = sum(2 if isinstance(ex, Paired) else 1 for ex in source)
+    out, no_target, from_source = [], 0, 0
+    for prompt, group in by_prompt.items():
+        given = [ex for ex in group if ex.sft_target is not None]
+        first = min(group, key=lambda ex: ex.id)
+        if given:
+            target, from_source = given[-1].sft_target, from_source + 1
+        elif isinstance(first, Paired):
+            target = first.chosen
+        else:
+            desirable = sorted((ex for ex in group if ex.desirable), key=lambda ex: ex.id)
+            if not desirable:
+                no_target += 1
+                continue
+            first, target = desirable[0], desirable[0].completion
+        out.append(Unary(f"{first.id}/sft", prompt, target, True, target))
+    stats = {"sft_target_prompts": len(out), "sft_target_dropped": completions - len(out),
+             "sft_target_no_target": no_target, "sft_target_from_source": from_source}
+    logging.info("sft targets per prompt: %s", stats)
+    return out, stats
 
 
 def subsample(examples: Sequence[Unary], *, desirable_fraction: float, undesirable_fraction: float, seed: int):

@@ -9,6 +9,7 @@ from kto_jax.losses.paired import (
     apo_down,
     apo_zero,
     bco_pair,
+    cdpo,
     discopop,
     dpo,
     exo_pair,
@@ -28,6 +29,6 @@ apo_zero_unpaired = kto_zero
 __all__ = [
     "LOSSES", "LossSpec", "get_loss", "VALUE_FUNCTIONS", "halo", "halo_unary",
     "kto", "kto_zero", "apo_zero_unpaired", "kto_reference_point", "ppo_offline", "gae",
-    "dpo", "ipo", "hinge", "robust", "exo_pair", "bco_pair", "sppo_hard", "nca_pair",
+    "dpo", "cdpo", "ipo", "hinge", "robust", "exo_pair", "bco_pair", "sppo_hard", "nca_pair",
     "apo_zero", "apo_down", "discopop", "slic", "simpo", "orpo", "sft",
 ]

@@ -52,6 +52,26 @@ def dpo(
     return _paired(losses, pc, pr, rc, rr, beta, example_mask)
 
 
+def cdpo(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.2,
+    example_mask=None,
+) -> tuple[jax.Array, Metrics]:
+    """Conservative DPO (Mitchell 2023): :func:`dpo` with ``label_smoothing`` (the assumed
+    probability of a flipped label), 0.2 by default as HALOs' ``cdpo`` (config/loss/cdpo.yaml
+    ``epsilon: 0.2``, ``CDPOTrainer``: ``(1 - eps) * forward + eps * reverse``, the same loss).
+    """
+    return dpo(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+        beta=beta, label_smoothing=label_smoothing, example_mask=example_mask,
+    )
+
+
 def ipo(
     policy_chosen_logps,
     policy_rejected_logps,

@@ -5,23 +5,35 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kto_jax.losses._common import Metrics, f32, masked_mean, paired_metrics, valid_mask
+from kto_jax.losses._common import Metrics, check, f32, masked_mean, paired_metrics, valid_mask
 
 
-def sft(policy_logps, token_counts, *, example_mask=None) -> tuple[jax.Array, Metrics]:
-    """Supervised fine-tuning: token-averaged negative log-likelihood of the completions.
+def sft(policy_logps, token_counts, *, reduction: str = "token", example_mask=None) -> tuple[jax.Array, Metrics]:
+    """Supervised fine-tuning: negative log-likelihood of the completions.
 
-    loss = -sum_i policy_logps_i / sum_i token_counts_i   (valid examples only)
+    reduction="token" (default): loss = -sum_i policy_logps_i / sum_i token_counts_i
+    reduction="sequence":        loss = -mean_i policy_logps_i
+    (valid examples only; ``policy_logps`` are summed per sequence).
 
-    ``policy_logps`` are summed per sequence; averaging over all tokens of the batch (not
-    per sequence) matches ``CrossEntropyLoss`` over the flattened batch, as in HALOs and TRL.
-    CSFT (Korbak et al. 2023) is this loss on completions prefixed with control tokens.
+    "token" averages over all tokens of the batch, as ``CrossEntropyLoss`` over the
+    flattened batch (TRL). "sequence" is HALOs legacy's SFTTrainer, which the KTO paper's
+    SFT and CSFT runs used (config/loss/sft.yaml:4 and csft.yaml:5 ``trainer: SFTTrainer``):
+    trainers.py:540 ``get_batch_logps(..., average_log_prob=False)`` sums each sequence's
+    token log-probs (utils.py:88), trainers.py:541 ``losses = -policy_chosen_logps``,
+    trainers.py:549 ``losses.mean()`` over the sequences (ContextualAI/HALOs, branch
+    ``legacy`` at 61b9ee6). CSFT (Korbak et al. 2023) is this loss on completions prefixed
+    with control tokens.
     """
+    reductions = ("token", "sequence")
+    check(reduction in reductions, f"sft: reduction must be one of {reductions}; got {reduction!r}")
     (policy_logps,) = f32(policy_logps)
     mask = valid_mask(example_mask, policy_logps)
     counts = jnp.where(mask > 0, jnp.asarray(token_counts, jnp.float32), 0.0)
-    total = jnp.where(mask > 0, policy_logps, 0.0).sum()
-    loss = -total / jnp.maximum(counts.sum(), 1.0)
+    if reduction == "sequence":
+        loss = -masked_mean(policy_logps, mask)
+    else:
+        total = jnp.where(mask > 0, policy_logps, 0.0).sum()
+        loss = -total / jnp.maximum(counts.sum(), 1.0)
     metrics = {
         "logps/mean": masked_mean(jax.lax.stop_gradient(policy_logps), mask),
         "tokens": counts.sum(),

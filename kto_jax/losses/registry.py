@@ -129,6 +129,7 @@ _ENTRIES = [
     LossSpec("ppo_offline", ppo_offline, "unary", "Schulman et al. 2017; KTO paper's offline PPO", feed="token"),
     # Paired, with a reference model.
     LossSpec("dpo", paired.dpo, "paired", "Rafailov et al. 2023, arXiv 2305.18290; cDPO with label_smoothing"),
+    LossSpec("cdpo", paired.cdpo, "paired", "Mitchell 2023, cDPO; HALOs cdpo (dpo with label_smoothing 0.2)"),
     LossSpec("ipo", paired.ipo, "paired", "Azar et al. 2023, arXiv 2310.12036", length_normalized=True),
     LossSpec("hinge", paired.hinge, "paired", "Zhao et al. 2023, arXiv 2305.10425 (TRL loss_type)"),
     LossSpec("robust", paired.robust, "paired", "Chowdhury et al. 2024, arXiv 2403.00409"),

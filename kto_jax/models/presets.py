@@ -24,7 +24,9 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-5m": _llama(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=5, num_heads=4, num_kv_heads=2, norm_eps=1e-6),
     "tiny-25m": _llama(vocab_size=2048, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, norm_eps=1e-6),
     "tiny-pythia-1m": _pythia(vocab_size=384, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4),
-    # Pythia (EleutherAI/pythia-*-deduped config.json).
+    # Pythia (EleutherAI/pythia-* config.json): the paper's non-deduped checkpoints (HALOs legacy
+    # config/model/pythia*.yaml name_or_path EleutherAI/pythia-1.4b, -2.8b, -6.9b, -12b); the -deduped
+    # models have the same configurations (they differ only in training data, the deduplicated Pile).
     "pythia-1.4b": _pythia(vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_layers=24, num_heads=16),
     "pythia-2.8b": _pythia(vocab_size=50304, hidden_size=2560, intermediate_size=10240, num_layers=32, num_heads=32),
     "pythia-6.9b": _pythia(vocab_size=50432, hidden_size=4096, intermediate_size=16384, num_layers=32, num_heads=32),

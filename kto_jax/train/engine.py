@@ -58,10 +58,11 @@ class Engine:
             return self.train_fn.lower(state, batch, reference)
 
 
-def build_engine(spec: StepSpec, optimizer_config, mesh: Mesh, seed: int = 0) -> Engine:
-    """Everything compiled about a run, from its step spec and ``config.train.optimizer``."""
-    optimizer = make_optimizer(optimizer_config)
-    lr_fn = functools.partial(learning_rate, optimizer_config)
+def build_engine(spec: StepSpec, optimizer_config, mesh: Mesh, seed: int = 0, total_steps: int = 0) -> Engine:
+    """Everything compiled about a run, from its step spec and ``config.train.optimizer``;
+    ``total_steps`` (the run's resolved steps) sizes decaying schedules and ``warmup_ratio``."""
+    optimizer = make_optimizer(optimizer_config, total_steps)
+    lr_fn = functools.partial(learning_rate, optimizer_config, total_steps=total_steps)
     shardings = state_shardings(spec, optimizer, mesh)
     return Engine(
         spec=spec, optimizer=optimizer, lr_fn=lr_fn, mesh=mesh, seed=seed, state_shardings=shardings,

@@ -52,7 +52,7 @@ def judged(run, state) -> dict:
         ids = [i + [tokenizer.token_id(run.plan.loss.control_tokens[0])] for i in ids]
     completions = generate(
         run.model, state.params["model"], ids, max_new_tokens=int(config.eval.max_new_tokens), eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id, temperature=float(config.eval.temperature), top_p=float(config.eval.top_p),
+        pad_id=tokenizer.pad_id, temperature=float(config.eval.temperature), top_p=float(config.eval.top_p), top_k=int(config.eval.top_k),
         batch_size=int(config.eval.batch_size), seed=config.seed,
     )
     decoded = [tokenizer.decode(c) for c in completions]

@@ -127,18 +127,38 @@ class SequenceFeed:
         return {}
 
 
+def _torch_linear_init(fan_in: int):
+    """torch.nn.Linear's default init (the HALOs value head's): kernel and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = fan_in ** -0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class ValueHead(nn.Module):
-    """Offline PPO's critic: a scalar per token from the final hidden states."""
+    """Offline PPO's critic: a scalar per token from the final hidden states h, HALOs' ``ValueHead``
+    (legacy models.py:218-253): in float32, on stop_gradient(h), so the critic loss does not train
+    the language model ("detach so that loss isn't backproped through LM", models.py:249),
+
+        V = W3 relu(W2 relu(W1 h + b1) + b2) + b3,   W1, W2: [H, H], W3: [H, 1]
+
+    with torch.nn.Linear's default init. HALOs also puts Dropout(0.1) after each hidden layer
+    (``summary_dropout_prob``, models.py:227, active in train mode); this head has none.
+    """
 
     @nn.compact
     def __call__(self, hidden):
-        return nn.Dense(1, kernel_init=nn.initializers.zeros_init(), name="value")(hidden.astype(jnp.float32))[..., 0]
+        h = jax.lax.stop_gradient(hidden).astype(jnp.float32)
+        size = h.shape[-1]
+        init = _torch_linear_init(size)  # every layer's fan-in is H
+        h = nn.relu(nn.Dense(size, kernel_init=init, bias_init=init, name="hidden_0")(h))
+        h = nn.relu(nn.Dense(size, kernel_init=init, bias_init=init, name="hidden_1")(h))
+        return nn.Dense(1, kernel_init=init, bias_init=init, name="value")(h)[..., 0]
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenFeed:
     """Per-token inputs of offline PPO: policy/reference log-probs ``[B, T-1]``, the value head's
-    estimates on the policy's final hidden states, the completion mask, the desirable flag."""
+    estimates on the policy's final hidden states (stop-gradient: the critic loss trains only the
+    head, ``params["value_head"]``, replicated), the completion mask, the desirable flag."""
 
     name: str = "token"
     supports_cached: bool = False
@@ -159,7 +179,7 @@ class TokenFeed:
                 "desirable": mb["desirable"], "mask": loss_mask[:, 1:]}
 
     def forward_equivalents(self, inputs, reference_mode: str) -> int:
-        return 3 + 1  # policy forward + backward, reference forward (the value head is negligible)
+        return 3 + 1  # policy forward + backward, reference forward (the value head, ~2H^2 params, is left out)
 
     def init_params(self, model_config, seed: int) -> dict:
         head = ValueHead().init(jax.random.PRNGKey(seed), jnp.zeros((1, 1, model_config.hidden_size)))["params"]

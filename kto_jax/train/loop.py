@@ -96,7 +96,7 @@ def run(config, workdir: str) -> dict:
     eval_data = setup.load_split(config, plan, config.data.eval_split)
     steps = plan.resolve_steps(loader.steps_per_epoch)
 
-    engine = build_engine(plan.step_spec(model), config.train.optimizer, mesh, seed=plan.seed)
+    engine = build_engine(plan.step_spec(model), config.train.optimizer, mesh, seed=plan.seed, total_steps=steps)
     state = engine.create_state(model_params)  # new buffers: model_params stay as the frozen reference
     reference_params = model_params if plan.needs_reference else None
     del model_params

@@ -169,6 +169,14 @@ def _data(config, spec: LossSpec) -> None:
     if spec.control_tokens and spec.kind == "sft" and d.sft_examples != "all":
         raise ValueError(f"loss {spec.name!r} conditions on {'/'.join(spec.control_tokens)} and needs both kinds: "
                          "set config.data.sft_examples='all'")
+    if d.sft_targets not in ("all", "per_prompt"):
+        raise ValueError(f"config.data.sft_targets={d.sft_targets!r}: use 'all' (every completion) or 'per_prompt' "
+                         "(one target per unique prompt, as HALOs' SFT)")
+    if spec.control_tokens and spec.kind == "sft" and d.sft_targets != "all":
+        # HALOs' CSFT (config/loss/csft.yaml: dataloader ConditionalSFTDataLoader, dataloader.py:615-648)
+        # trains every pair's chosen and rejected reply with its control token, not one target per prompt
+        raise ValueError(f"loss {spec.name!r} trains every desirable and undesirable completion (HALOs' "
+                         "ConditionalSFTDataLoader), not one target per prompt: set config.data.sft_targets='all'")
 
 
 def _batch(config, spec: LossSpec, needs_kl: bool, mesh: dict) -> None:
@@ -202,7 +210,7 @@ def _evaluators(config) -> tuple[str, ...]:
 
 def make_plan(config, num_devices: int) -> Plan:
     """Validate ``config`` for ``num_devices`` devices into a :class:`Plan`; fails naming the field."""
-    from kto_jax.train.state import OPTIMIZERS
+    from kto_jax.train.state import OPTIMIZERS, SCHEDULES
 
     spec, hparams = _loss(config)
     mode = _reference_mode(config, spec, hparams)
@@ -216,8 +224,13 @@ def make_plan(config, num_devices: int) -> Plan:
         raise ValueError(f"config.mesh: {e}") from None
     needs_kl = spec.needs_kl_with(hparams)
     _batch(config, spec, needs_kl, mesh)
-    if config.train.optimizer.name not in OPTIMIZERS:
-        raise ValueError(f"config.train.optimizer.name={config.train.optimizer.name!r} is not known; use one of {OPTIMIZERS}")
+    opt = config.train.optimizer
+    if opt.name not in OPTIMIZERS:
+        raise ValueError(f"config.train.optimizer.name={opt.name!r} is not known; use one of {OPTIMIZERS}")
+    if opt.schedule not in SCHEDULES:
+        raise ValueError(f"config.train.optimizer.schedule={opt.schedule!r} is not known; use one of {SCHEDULES}")
+    if not 0.0 <= float(opt.warmup_ratio) < 1.0:
+        raise ValueError(f"config.train.optimizer.warmup_ratio={opt.warmup_ratio}: use a fraction in [0, 1) (0: warmup_steps)")
     return Plan(
         loss=spec, hparams=tuple(sorted(hparams.items())), reference_mode=mode, model_config=model, model_path=path,
         init_checkpoint=os.path.expanduser(init[6:]) if init.startswith("orbax:") else "",

@@ -15,7 +15,7 @@ from absl import logging
 
 from kto_jax import checkpoint, sharding
 from kto_jax.data.builders import load_examples
-from kto_jax.data.feedback import Paired, unary_view, weight_warning
+from kto_jax.data.feedback import Paired, sft_targets_per_prompt, unary_view, weight_warning
 from kto_jax.data.loader import FeedbackLoader
 from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
 from kto_jax.models import Decoder, build_model
@@ -66,6 +66,15 @@ def load_split(config, plan: Plan, split: str) -> Data:
                 f"{d.sources!r} is unary: use a unary loss (kto, kto_zero, ...) or a paired source"
             )
         return Data(examples, stats)
+    if spec.kind == "sft":
+        stats["sft_targets"] = d.sft_targets
+    if spec.kind == "sft" and d.sft_targets == "per_prompt":
+        # one target per unique prompt (HALOs' SFTDataLoader), all desirable: sft_examples drops none
+        examples, target_stats = sft_targets_per_prompt(examples)
+        stats.update(target_stats)
+        if not examples:
+            raise ValueError(f"config.data.sources={d.sources!r} split {split!r} has no prompt with an SFT target "
+                             "(config.data.sft_targets='per_prompt')")
     examples, feedback_stats = unary_view(
         examples, seed=config.seed, one_y=d.one_y_per_x,
         desirable_fraction=d.desirable_fraction, undesirable_fraction=d.undesirable_fraction,

@@ -9,6 +9,7 @@ never saved twice); with ``config.reference.mode = "cached"`` there are none at 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax
@@ -29,21 +30,78 @@ class TrainState:
     nonfinite_skipped: jax.Array  # updates skipped for a non-finite loss or gradient norm
 
 
+SCHEDULES = ("constant", "cosine", "linear")
+
+
 def warmup_schedule(lr: float, warmup_steps: int):
-    """HALOs' schedule: lr * min(1, (step + 1) / (warmup_steps + 1)), then constant."""
+    """HALOs legacy's schedule: lr * min(1, (step + 1) / (warmup_steps + 1)), then constant."""
     return lambda count: lr * jnp.minimum(1.0, (count + 1.0) / (warmup_steps + 1.0))
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-    """Optax optimizer from ``config.train.optimizer``: global-norm clipping, then the update rule.
+def resolved_warmup_steps(cfg, total_steps: int = 0) -> int:
+    """W: ``warmup_steps``, or ceil(warmup_ratio * total_steps) when ``warmup_ratio`` > 0 (HALOs main's
+    ``num_training_steps * warmup``, launch.py:272; a fractional milestone switches at the next step)."""
+    ratio = float(cfg.get("warmup_ratio", 0.0))
+    if not ratio:
+        return int(cfg.warmup_steps)
+    if not (0 < ratio < 1 and total_steps > 0):
+        raise ValueError(f"config.train.optimizer.warmup_ratio={ratio} needs 0 < ratio < 1 and the run's total steps "
+                         f"(make_optimizer(..., total_steps=...); got {total_steps})")
+    return math.ceil(round(ratio * total_steps, 6))
 
+
+def lr_schedule(cfg, total_steps: int = 0) -> optax.Schedule:
+    """The learning rate at optimizer step s = 0, 1, ... from ``config.train.optimizer`` (W warmup steps,
+    T = ``total_steps``), the one schedule the optimizer follows and the ``lr`` metric reports.
+
+    warmup, s < W:    lr (s + 1) / (W + 1)         warmup_start_factor = 0 (HALOs legacy, trainers.py:342)
+                      lr (f + (1 - f) s / W)       warmup_start_factor = f > 0 (HALOs main: torch LinearLR
+                                                   with start_factor 0.1, launch.py:273)
+    then, k = s - W, D = T - W:
+      "constant"  lr                               (the default; with f = 0 today's schedule exactly)
+      "cosine"    lr (1 + cos(pi min(k, D) / D)) / 2   (torch CosineAnnealingLR, eta_min 0, launch.py:276)
+      "linear"    lr (1 - min(k, D) / D)
+    """
+    name, lr = cfg.get("schedule", "constant"), float(cfg.lr)
+    if name not in SCHEDULES:
+        raise ValueError(f"config.train.optimizer.schedule={name!r} is not known; use one of {SCHEDULES}")
+    warmup = resolved_warmup_steps(cfg, total_steps)
+    start = float(cfg.get("warmup_start_factor", 0.0))
+    if start and warmup:
+        warm = optax.linear_schedule(start * lr, lr, warmup)
+    else:
+        warm = warmup_schedule(lr, warmup)
+    if name == "constant":
+        after = optax.constant_schedule(lr)
+    else:
+        decay = total_steps - warmup
+        if decay <= 0:
+            raise ValueError(f"config.train.optimizer.schedule={name!r} decays over the run's total steps after "
+                             f"warmup: pass make_optimizer(..., total_steps=T) with T > {warmup} (got {total_steps})")
+        after = optax.cosine_decay_schedule(lr, decay) if name == "cosine" else optax.linear_schedule(lr, 0.0, decay)
+    return optax.join_schedules([warm, after], [warmup])
+
+
+def _param_groups(params) -> dict:
+    """Top-level param groups: offline PPO's "value_head", and "model" for the rest."""
+    return {k: "value_head" if k == "value_head" else "model" for k in params}
+
+
+def make_optimizer(cfg, total_steps: int = 0) -> optax.GradientTransformation:
+    """Optax optimizer from ``config.train.optimizer``: gradient clipping, then the update rule with the
+    learning rate of :func:`lr_schedule` (``total_steps``: the run's steps, for warmup_ratio and decay).
+
+    Clipping is by global norm per group, as HALOs' PPOTrainer.clip_gradient (trainers.py:1355-1359):
+    ``params["value_head"]`` (offline PPO's critic) to ``value_head_grad_clip`` (HALOs'
+    v_head_max_grad_norm 0.1), everything else to ``grad_clip``; 0 = no clipping. The update rule is
+    the same for both groups (HALOs: one torch optimizer over policy.parameters(), trainers.py:1211).
     rmsprop matches torch.optim.RMSprop (the paper's: decay 0.99, eps 1e-8 outside the
     square root); adamw uses (b1, b2, eps, weight_decay) from the config.
     """
     name = cfg.name
     if name not in OPTIMIZERS:
         raise ValueError(f"config.train.optimizer.name={name!r} is not known; use one of {OPTIMIZERS}")
-    schedule = warmup_schedule(cfg.lr, cfg.warmup_steps)
+    schedule = lr_schedule(cfg, total_steps)
     if name == "rmsprop":
         rule = optax.rmsprop(schedule, decay=0.99, eps=1e-8, eps_in_sqrt=False)
     elif name == "adamw":
@@ -52,12 +110,18 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
         rule = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     else:
         rule = optax.sgd(schedule)
-    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
-    return optax.chain(clip, rule)
+
+    def clip(norm):
+        return optax.clip_by_global_norm(norm) if norm else optax.identity()
+
+    clips = optax.multi_transform({"model": clip(cfg.grad_clip), "value_head": clip(cfg.get("value_head_grad_clip", 0.1))},
+                                  _param_groups)
+    return optax.chain(clips, rule)
 
 
-def learning_rate(cfg, step) -> jax.Array:
-    return warmup_schedule(cfg.lr, cfg.warmup_steps)(step)
+def learning_rate(cfg, step, total_steps: int = 0) -> jax.Array:
+    """The learning rate of optimizer step ``step``: :func:`lr_schedule`, the optimizer's own."""
+    return lr_schedule(cfg, total_steps)(step)
 
 
 def init_state(spec, optimizer: optax.GradientTransformation, model_params, seed: int) -> TrainState:

@@ -4,7 +4,9 @@ A paired record is ``{"id", "prompt", "chosen", "rejected"}`` plus the source's 
 (scores, domains); a unary record is ``{"id", "prompt", "completion", "desirable"}``. The
 prompt is a conversation, a sequence of ``{"role": "user"|"assistant", "content"}`` turns
 (the chat template is applied later, by ``kto_jax.data.tokenize``); completions are the
-final assistant turn's text.
+final assistant turn's text. The hh, shp and oasst records also carry ``sft_target``: the
+completion HALOs legacy's SFT trains for the record's prompt (the same for every record of
+a prompt; ``kto_jax.data.feedback.sft_targets_per_prompt``, ``config.data.sft_targets``).
 
 Each builder prepares from ``manual_dir`` when the source's files are there under their
 upstream names, and downloads them from the public location otherwise. Records are written
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -44,6 +47,11 @@ def unary_features(**extra) -> tfds.features.FeaturesDict:
         {"id": tfds.features.Text(), "prompt": prompt_feature(), "completion": tfds.features.Text(),
          "desirable": np.bool_, **extra}
     )
+
+
+def prompt_key(prompt: dict) -> bytes:
+    """A short key of a record's prompt conversation (the builders' per-prompt ``sft_target``)."""
+    return hashlib.sha256(json.dumps([prompt["role"], prompt["content"]], ensure_ascii=False).encode("utf-8")).digest()
 
 
 def turns(*pairs: tuple[str, str]) -> dict:

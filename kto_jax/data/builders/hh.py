@@ -21,6 +21,15 @@ gives such pairs a rejected text that is the wrong dialogue's tail. Pairs with a
 completions are equal as ``identical``. Text is otherwise kept as is (HALOs also collapses
 runs of spaces; this builder does not).
 
+``sft_target`` (``config.data.sft_targets="per_prompt"``): the chosen completion of the
+prompt's first kept pair, reading the subsets in sorted order (harmless-base first) and each
+file in line order, the order of HALOs' ``load_dataset("Anthropic/hh-rlhf", split=...)``
+(the hub resolves the data files sorted by path). HALOs legacy (ContextualAI/HALOs,
+legacy @61b9ee6) dataloader.py:246-248 appends each pair's (chosen, rejected) to its
+prompt's ``generations`` and sets ``sft_index = 0``: the first pair's chosen reply. Pairs
+this builder drops (above) are not candidates, and prompts are compared as turns (HALOs
+compares its formatted prompt string).
+
 The prompt becomes turns by splitting on the ``"\\n\\nHuman:"`` / ``"\\n\\nAssistant:"``
 markers, each turn's text stripped of surrounding whitespace; the final (empty) assistant
 marker is not a turn. Text before the first marker, or no turn before the final marker,
@@ -33,7 +42,7 @@ import re
 
 import tensorflow_datasets as tfds
 
-from kto_jax.data.builders.base import BadRecord, FeedbackBuilder, paired_features, require
+from kto_jax.data.builders.base import BadRecord, FeedbackBuilder, paired_features, prompt_key, require
 
 SUBSETS = ("helpful-base", "helpful-online", "helpful-rejection-sampled", "harmless-base")
 SPLITS = ("train", "test")
@@ -102,8 +111,11 @@ class HH(FeedbackBuilder):
         *(tfds.core.BuilderConfig(name=s, description=f"the {s} subset only") for s in SUBSETS),
     ]
 
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "sft_target: the chosen reply of the prompt's first pair (HALOs' sft_index 0)"}
+
     def _features(self):
-        return paired_features(subset=tfds.features.Text())
+        return paired_features(subset=tfds.features.Text(), sft_target=tfds.features.Text())
 
     def _subsets(self) -> tuple[str, ...]:
         return SUBSETS if self.builder_config.name == "all" else (self.builder_config.name,)
@@ -117,11 +129,12 @@ class HH(FeedbackBuilder):
         }
 
     def _generate_examples(self, split, files):
-        for subset, path in files:
-            yield from self.read_records(path, split, self._parser(subset, split))
+        targets: dict[bytes, str] = {}  # prompt -> its first kept pair's chosen reply
+        for subset, path in sorted(files):  # HF's file order (sft_target)
+            yield from self.read_records(path, split, self._parser(subset, split, targets))
         self.finish_split(split, [path for _, path in files])
 
-    def _parser(self, subset: str, split: str):
+    def _parser(self, subset: str, split: str, targets: dict):
         def parse(obj, counts, index):
             # index: the line's 0-based index among the file's non-blank lines (upstream files
             # have no blank lines, so this is the line number - 1).
@@ -133,7 +146,9 @@ class HH(FeedbackBuilder):
                 return []
             prompt, chosen_text, rejected_text = split_up
             record_id = f"hh/{subset}/{split}/{index}"
-            return [(record_id, {"id": record_id, "prompt": dialogue_turns(prompt), "chosen": chosen_text,
-                                 "rejected": rejected_text, "subset": subset})]
+            prompt_turns = dialogue_turns(prompt)
+            sft_target = targets.setdefault(prompt_key(prompt_turns), chosen_text)
+            return [(record_id, {"id": record_id, "prompt": prompt_turns, "chosen": chosen_text,
+                                 "rejected": rejected_text, "subset": subset, "sft_target": sft_target})]
 
         return parse

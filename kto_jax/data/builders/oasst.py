@@ -24,6 +24,14 @@ Rules (every dropped item is counted under ``counts[f"oasst/{split}"].filtered``
   be exactly adjacent: when the rank-1 reply was dropped, ranks 0 and 2 make no pair.
 * Prompt: the conversation from the root to that prompter message, ``prompter`` turns as
   ``user`` and ``assistant`` turns as ``assistant``; texts are kept as they are.
+* ``sft_target`` (``config.data.sft_targets="per_prompt"``): HALOs legacy's get_oasst never
+  sets ``sft_index`` (ContextualAI/HALOs, legacy @61b9ee6, dataloader.py:272-341), so its
+  SFT trains the default ``sft_index = -1`` (dataloader.py:43), ``generations[-1]``: each
+  row ranked r >= 1 that has a sibling ranked r - 1 appends (sibling, row) (dataloader.py:
+  318-335), so the last generation is the lower-ranked reply of the prompt's last pair, in
+  row order. Here: the last reply, in the file's order of trees and replies, that is the
+  rejected one of a pair; a prompt in several trees takes its last tree's (HALOs keys by
+  the prompt text). The hub's message order is assumed to be the trees' order.
 * ``review_result`` and ``tree_state`` are not filtered on (as the KTO authors' loader).
 
 A message missing ``message_id``/``text``/``role``, or a field of the wrong type, or roles
@@ -41,7 +49,9 @@ import hashlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from kto_jax.data.builders.base import BadRecord, FeedbackBuilder, RecordCounts, is_kind, paired_features, require
+from kto_jax.data.builders.base import (
+    BadRecord, FeedbackBuilder, RecordCounts, is_kind, paired_features, prompt_key, require,
+)
 
 FILE_NAME = "2023-04-12_oasst_ready.trees.jsonl.gz"
 URL = f"https://huggingface.co/datasets/OpenAssistant/oasst1/resolve/main/{FILE_NAME}"
@@ -77,7 +87,10 @@ class Oasst(FeedbackBuilder):
 
     HOMEPAGE = "https://huggingface.co/datasets/OpenAssistant/oasst1"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Optional: place {FILE_NAME} (from {URL}) in manual_dir; it is downloaded otherwise."
-    FEATURES = paired_features(tree_id=tfds.features.Text(), rank_chosen=np.int32, rank_rejected=np.int32)
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "sft_target: HALOs' generations[-1], the rejected reply of the prompt's last pair"}
+    FEATURES = paired_features(tree_id=tfds.features.Text(), rank_chosen=np.int32, rank_rejected=np.int32,
+                               sft_target=tfds.features.Text())
 
     def _split_generators(self, dl_manager):
         path = self.source_file(dl_manager, FILE_NAME, URL)
@@ -96,8 +109,14 @@ class Oasst(FeedbackBuilder):
                 counts.filtered[reason] = counts.filtered.get(reason, 0) + n
             return records
 
-        yield from self.read_records(path, split, parse)
+        records = list(self.read_records(path, split, parse))
         self.finish_split(split, [path], kept="pairs", read="trees")
+        targets: dict[bytes, str] = {}  # prompt -> its last tree's target (HALOs keys by prompt text)
+        for _, record in records:
+            targets[prompt_key(record["prompt"])] = record["sft_target"]
+        for key, record in records:
+            record["sft_target"] = targets[prompt_key(record["prompt"])]
+            yield key, record
 
     def _visit(self, msg, loc, parent_role, path, tree_id, counts, records):
         """Depth-first: check ``msg`` (at ``loc`` in the tree), drop it (and its subtree) by
@@ -134,6 +153,10 @@ class Oasst(FeedbackBuilder):
             if child is not None and role == "prompter" and child[2] is not None:
                 kept.append(child)
         prompt = {"role": [r for r, _ in path], "content": [c for _, c in path]}
+        ranks = {c[2] for c in kept}
+        # HALOs' generations[-1]: the last reply (in reply order) that is the rejected one of a pair
+        in_pairs = [text for _, text, rank in kept if rank - 1 in ranks]
+        sft_target = in_pairs[-1] if in_pairs else None
         for rejected_id, rejected, rank_rejected in sorted(kept, key=lambda c: c[2]):
             for chosen_id, chosen, rank_chosen in kept:
                 if rank_chosen == rank_rejected - 1:
@@ -141,5 +164,6 @@ class Oasst(FeedbackBuilder):
                     records.append((key, {
                         "id": key, "prompt": prompt, "chosen": chosen, "rejected": rejected, "tree_id": tree_id,
                         "rank_chosen": np.int32(rank_chosen), "rank_rejected": np.int32(rank_rejected),
+                        "sft_target": sft_target,
                     }))
         return message_id, text, rank

@@ -19,6 +19,14 @@ the choice does not depend on file order, process or Python hash seed. Validatio
 are the full upstream splits, unfiltered, as in HALOs (evaluations stay comparable with
 other work on SHP). A repeated pair id within a split is dropped as ``duplicate_id``.
 
+``sft_target`` (``config.data.sft_targets="per_prompt"``): the first comment (``human_ref_A``,
+preferred or not) of the prompt's first pair in file order (domains sorted, as the hub
+resolves HALOs' ``load_dataset("stanfordnlp/SHP", split=...)``; lines in order) among the
+pairs the score-ratio filter keeps, before the per-post cap, as HALOs legacy
+(ContextualAI/HALOs, legacy @61b9ee6) dataloader.py:165 filters, :170 appends
+(human_ref_A, human_ref_B), :174 ``sft_index = 0`` ("absolute best response cannot be
+inferred, so just pick the first") and only then, :179-181, samples 5 pairs per prompt.
+
 With a manual_dir holding ``{manual_dir}/{domain}/{split}.json`` files, only the domains
 found there are used (each with all three split files); a manual_dir holding none fails.
 Without a manual_dir, all 18 domains are downloaded.
@@ -33,7 +41,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from kto_jax.data.builders.base import BadRecord, FeedbackBuilder, manual_dir_or_none, paired_features, require, turns
+from kto_jax.data.builders.base import (
+    BadRecord, FeedbackBuilder, manual_dir_or_none, paired_features, prompt_key, require, turns,
+)
 
 DOMAINS = (
     "askacademia", "askanthropology", "askbaking", "askcarguys", "askculinary", "askdocs", "askengineers",
@@ -77,8 +87,12 @@ class SHP(FeedbackBuilder):
         f"{', '.join(SPLITS)}); only the domains present are used. Domains: {', '.join(DOMAINS)}."
     )
 
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "sft_target: the first comment of the prompt's first kept pair (HALOs' sft_index 0)"}
+
     def _features(self):
-        return paired_features(domain=tfds.features.Text(), score_chosen=np.float32, score_rejected=np.float32)
+        return paired_features(domain=tfds.features.Text(), score_chosen=np.float32, score_rejected=np.float32,
+                               sft_target=tfds.features.Text())
 
     def _split_generators(self, dl_manager):
         manual_dir = manual_dir_or_none(dl_manager)
@@ -110,9 +124,10 @@ class SHP(FeedbackBuilder):
         filtered = split in FILTERED_SPLITS
         key = f"{self.name}/{split}"
         seen: set[str] = set()
+        targets: dict[bytes, str] = {}  # prompt -> human_ref_A of its first pair past the ratio filter
         records = []
-        for domain, path in files:
-            records.extend(self.read_records(path, split, self._parser(domain, filtered, seen)))
+        for domain, path in sorted(files):  # HF's file order (sft_target)
+            records.extend(self.read_records(path, split, self._parser(domain, filtered, seen, targets)))
         counts = self.counts[key]
         if filtered:
             by_post: dict[str, list[str]] = {}
@@ -128,9 +143,10 @@ class SHP(FeedbackBuilder):
         self.finish_split(split, [path for _, path in files])
         for record_id, record in records:
             record.pop("_post_id")
+            record["sft_target"] = targets[prompt_key(record["prompt"])]
             yield record_id, record
 
-    def _parser(self, domain: str, filtered: bool, seen: set):
+    def _parser(self, domain: str, filtered: bool, seen: set, targets: dict):
         def parse(obj, counts, _index):
             post_id = require(obj, "post_id")
             history = require(obj, "history")
@@ -143,6 +159,7 @@ class SHP(FeedbackBuilder):
             if filtered and max(score_a / score_b, score_b / score_a) < MIN_SCORE_RATIO:
                 counts.filter("score_ratio<2")
                 return []
+            targets.setdefault(prompt_key(turns(("user", history))), ref_a)
             record_id = f"shp/{post_id}/{id_a}/{id_b}"
             if record_id in seen:
                 counts.filter("duplicate_id")

@@ -41,11 +41,16 @@ def test_pythia_1_4b_kto_compiles_and_fits_on_v5p_8():
     assert "| pythia-1.4b | kto | v5p-8 |" in proc.stdout
 
 
-@pytest.mark.parametrize("remat, low, high", [("none", 1.0, 1.03), ("full", 1.12, 1.16)])
+# Regression pins, not derived bands: XLA's count over the analytic model FLOPs measured at
+# tiny-5m, KTO, 32 x 128 tokens: 1.026 without remat (softmax, norms and the optimizer beyond the
+# matmuls) and 1.141 with full remat. A derivation from the recompute count (the policy's layer
+# stack recomputed once: ratio_none + phi / 6, phi = 0.883 its share of a forward, 6 the step's
+# forward-equivalents) predicts 1.173 for full remat, 0.03 above what XLA counts; where XLA
+# saves that work is not visible in its cost analysis, so the pins hold the measured figures.
+@pytest.mark.parametrize("remat, low, high", [("none", 1.020, 1.032), ("full", 1.135, 1.147)])
 def test_xla_flop_count_sees_every_layer_and_the_remat_recompute(remat, low, high):
-    """The loop-free 1- and 2-layer counts extrapolate to the fully unrolled program's count;
-    full remat adds one policy forward of the three policy passes (KTO: 3 + 1 KL + 2
-    reference = 6 forward-equivalents; +1 recompute ~ 7/6, less what XLA counts beyond matmuls)."""
+    """The loop-free 1- and 2-layer counts extrapolate to the fully unrolled program's count,
+    and the count over the analytic FLOPs stays at its measured value (the pins above)."""
     import jax
 
     from kto_jax.aot import lower_train_step, xla_step_flops

@@ -21,49 +21,17 @@ import math
 
 import numpy as np
 
-
-# ----------------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------------
-
-
-def log_sigmoid(x):
-    """log(sigmoid(x)) computed stably."""
-    return -np.logaddexp(0.0, -np.asarray(x, dtype=np.float64))
-
-
-def sigmoid(x):
-    return np.exp(log_sigmoid(x))
-
-
-def log1mexp(x):
-    """log(1 - exp(x)) for x < 0, as TRL's ``log1mexp`` (branch at -ln 2)."""
-    x = np.asarray(x, dtype=np.float64)
-    return np.where(x < -math.log(2.0), np.log1p(-np.exp(x)), np.log(-np.expm1(x)))
-
-
-def mean_or_zero(x) -> float:
-    x = np.asarray(x, dtype=np.float64)
-    if x.size == 0:
-        return 0.0
-    return float(np.mean(x))
-
-
-def _f64(x):
-    return np.asarray(x, dtype=np.float64)
-
-
-def _valid(batch_size: int, example_mask) -> np.ndarray:
-    if example_mask is None:
-        return np.ones(batch_size, dtype=bool)
-    return np.asarray(example_mask, dtype=bool).reshape(batch_size)
-
-
-def _select(example_mask, *arrays):
-    """Cast to float64 and keep only the valid rows of every array."""
-    batch_size = np.asarray(arrays[0]).shape[0]
-    valid = _valid(batch_size, example_mask)
-    return [np.asarray(a)[valid] for a in arrays]
+from tests.numpy_base import (  # noqa: F401 (re-exported: tests/numpy_reference_ppo.py imports them from here)
+    _f64,
+    _paired_metrics,
+    _select,
+    _valid,
+    log1mexp,
+    log_sigmoid,
+    mean_or_zero,
+    sigmoid,
+)
+from tests.numpy_reference_free import orpo, sft, simpo, slic  # noqa: F401 (part of this module's set)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,17 +199,6 @@ def halo_unary(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _paired_metrics(chosen_rewards, rejected_rewards, pc, pr):
-    return {
-        "rewards/chosen": mean_or_zero(chosen_rewards),
-        "rewards/rejected": mean_or_zero(rejected_rewards),
-        "rewards/margins": mean_or_zero(chosen_rewards - rejected_rewards),
-        "rewards/accuracies": mean_or_zero((chosen_rewards > rejected_rewards).astype(np.float64)),
-        "logps/chosen": mean_or_zero(pc),
-        "logps/rejected": mean_or_zero(pr),
-    }
-
-
 def _paired_inputs(example_mask, pc, pr, rc, rr):
     pc, pr, rc, rr = _select(example_mask, pc, pr, rc, rr)
     return _f64(pc), _f64(pr), _f64(rc), _f64(rr)
@@ -370,71 +327,3 @@ def discopop(pc, pr, rc, rr, *, beta=0.1, tau=0.05, example_mask=None):
     exp_component = np.exp(-logits)
     losses = logistic_component * (1 - modulation) + exp_component * modulation
     return _paired(losses, beta, pc, pr, rc, rr)
-
-
-# ----------------------------------------------------------------------------------------------------
-# reference-free
-# ----------------------------------------------------------------------------------------------------
-
-
-def slic(pc, pr, *, beta=1.0, lambda_coef=0.1, example_mask=None):
-    """HALOs ``SLiCTrainer.loss``; the logged rewards are the log-probs themselves."""
-    pc, pr = _select(example_mask, pc, pr)
-    pc, pr = _f64(pc), _f64(pr)
-    cal_loss = np.maximum(beta - pc + pr, 0.0)
-    reg_loss = -pc
-    losses = cal_loss + lambda_coef * reg_loss
-    return mean_or_zero(losses), _paired_metrics(pc, pr, pc, pr)
-
-
-def simpo(pc, pr, *, beta=2.0, gamma=0.5, label_smoothing=0.0, example_mask=None):
-    """TRL ``CPOTrainer.cpo_loss`` with loss_type="simpo" (alpha = 0)."""
-    pc, pr = _select(example_mask, pc, pr)
-    pc, pr = _f64(pc), _f64(pr)
-    logits = (pc - pr) - gamma / beta
-    losses = (
-        -log_sigmoid(beta * logits) * (1 - label_smoothing)
-        - log_sigmoid(-beta * logits) * label_smoothing
-    )
-    return mean_or_zero(losses), _paired_metrics(beta * pc, beta * pr, pc, pr)
-
-
-def orpo(pc, pr, *, beta=0.1, chosen_token_counts=None, example_mask=None):
-    """TRL ``ORPOTrainer``: loss = nll - mean(beta * log sigmoid(log_odds))."""
-    batch_size = np.asarray(pc).shape[0]
-    counts = np.ones(batch_size) if chosen_token_counts is None else chosen_token_counts
-    pc, pr, counts = _select(example_mask, pc, pr, counts)
-    pc, pr, counts = _f64(pc), _f64(pr), _f64(counts)
-    if pc.size == 0:
-        nll = 0.0
-    elif chosen_token_counts is None:
-        nll = -float(np.mean(pc))
-    else:
-        nll = -float(np.sum(pc * counts) / np.sum(counts))
-    log_odds = (pc - pr) - (log1mexp(pc) - log1mexp(pr))
-    ratio = log_sigmoid(log_odds)
-    losses = beta * ratio
-    loss = nll - mean_or_zero(losses)
-    metrics = _paired_metrics(beta * pc, beta * pr, pc, pr)
-    metrics.update(
-        {
-            "nll_loss": nll,
-            "log_odds_ratio": mean_or_zero(ratio),
-            "log_odds_chosen": mean_or_zero(log_odds),
-        }
-    )
-    return loss, metrics
-
-
-def sft(policy_logps, token_counts, *, reduction="token", example_mask=None):
-    """"token": NLL averaged over all tokens of the batch (TRL, CrossEntropyLoss over the flattened batch);
-    "sequence": the mean over sequences of each one's summed NLL (HALOs legacy ``SFTTrainer``:
-    ``-policy_chosen_logps`` with ``average_log_prob=False``, then ``.mean()``)."""
-    policy, counts = _select(example_mask, policy_logps, token_counts)
-    policy, counts = _f64(policy), _f64(counts)
-    total = float(np.sum(counts))
-    if reduction == "sequence":
-        loss = -mean_or_zero(policy)
-    else:
-        loss = -float(np.sum(policy)) / total if total > 0 else 0.0
-    return loss, {"logps/mean": mean_or_zero(policy), "tokens": total}

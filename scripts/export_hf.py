@@ -75,7 +75,7 @@ def main(argv):
         config.model.compute_dtype = config.model.dtype
     model_config = plan.model_config(plan.model_source(config), plan.model_fields(config))  # the run's own mapping
     tokenizer_name = config.data.tokenizer or (name if name not in PRESETS else "")
-    tokenizer = get_tokenizer(os.path.expanduser(tokenizer_name) if tokenizer_name not in ("", "bytes") else "bytes")
+    tokenizer = get_tokenizer(tokenizer_name if tokenizer_name == "bytes" else os.path.expanduser(tokenizer_name))
     # a CSFT run added its control tokens to the tokenizer and grew the vocabulary (kto_jax.train.setup)
     added = tokenizer.add_tokens(get_loss(config.loss.name).control_tokens)
     model_config = model_config.replace(vocab_size=max(model_config.vocab_size, tokenizer.vocab_size))

@@ -66,11 +66,6 @@ class Plan:
         return self.loss.inputs(dict(self.hparams))
 
     @property
-    def needs_kl(self) -> bool:
-        """KTO's mismatched KL sequences are computed (hyperparameters may turn them off: halo around 0)."""
-        return self.loss.needs_kl_with(dict(self.hparams))
-
-    @property
     def needs_reference(self) -> bool:
         return self.reference_mode != "none"
 

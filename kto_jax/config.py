@@ -51,14 +51,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = loss_config("kto")
     c.reference = ml_collections.ConfigDict(dict(mode="model"))  # "model" or "cached"
     c.data = ml_collections.ConfigDict(dict(
-        sources="synthetic",   # "+"-separated dataset names (kto_jax/data/builders)
+        # "+"-separated sources, each a dataset name (kto_jax/data/builders) or "files:PATTERN" (your own
+        # JSONL/JSON/Parquet/CSV/save_to_disk files), optionally ":WEIGHT" (mixture proportions)
+        sources="synthetic",
+        # the "files:" sources' options: eval split from these files, or a fraction of the prompts held
+        # out by hash; the schema ("auto" = detected from the columns) and a column map "prompt=question,..."
+        eval_files="",
+        holdout_fraction=0.0,
+        file_schema="auto",
+        columns="",
         train_split="train",
         eval_split="test",
         data_dir="~/tensorflow_datasets",
         manual_dir="",
         skip_bad_records=False,
         tokenizer="",          # "" = the model folder's tokenizer.json, or "bytes"
-        chat_template="halos",
+        chat_template="halos",  # "halos", "hh", "plain", or "tokenizer" (the model folder's Jinja template)
         max_length=2048,
         max_prompt_length=1024,
         truncation_mode="keep_end",

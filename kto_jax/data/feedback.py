@@ -1,4 +1,4 @@
-"""Feedback views: paired -> unary, one y per x, imbalance subsampling, with counts.
+"""Feedback views: paired -> unary, unary -> paired, one y per x, imbalance subsampling, with counts.
 
 KTO needs only binary feedback. The paper turns each preference pair into one desirable
 and one undesirable example, optionally keeps one completion per prompt ("one y per x"),
@@ -88,6 +88,33 @@ def one_y_per_x(examples: Sequence[Unary], *, seed: int) -> list[Unary]:
     rng = np.random.default_rng(seed)
     keep = sorted(int(rng.choice(idx)) for idx in by_prompt.values())
     return [examples[i] for i in keep]
+
+
+def paired_from_unary(examples: Sequence[Unary]) -> tuple[list[Paired], dict]:
+    """Pairs for the DPO family from unary feedback that shares prompts: returns (pairs, stats).
+
+    For each prompt (in the order prompts first appear) with desirable completions
+    ``d_1, d_2, ...`` and undesirable ``u_1, u_2, ...`` (each in example order), the pairs
+    are ``(d_k, u_k)`` for ``k <= min(#d, #u)``: every completion is used at most once, so no
+    pair repeats a reply. A prompt without both kinds gives no pair.
+
+    stats: ``unary_pairs`` (pairs made), ``unary_prompts_paired``, ``unary_prompts_unpaired``
+    (prompts with only one kind, dropped) and ``unary_completions_unpaired`` (completions not in
+    any pair: those of unpaired prompts and the surplus of the larger kind).
+    """
+    by_prompt: dict[Turns, tuple[list, list]] = {}
+    for ex in examples:
+        by_prompt.setdefault(ex.prompt, ([], []))[0 if ex.desirable else 1].append(ex)
+    pairs, unpaired_prompts = [], 0
+    for prompt, (good, bad) in by_prompt.items():
+        if not good or not bad:
+            unpaired_prompts += 1
+            continue
+        pairs.extend(Paired(f"{d.id}+{u.id}", prompt, d.completion, u.completion, d.sft_target) for d, u in zip(good, bad))
+    stats = {"unary_pairs": len(pairs), "unary_prompts_paired": len(by_prompt) - unpaired_prompts,
+             "unary_prompts_unpaired": unpaired_prompts, "unary_completions_unpaired": len(examples) - 2 * len(pairs)}
+    logging.info("paired from unary feedback: %s", stats)
+    return pairs, stats
 
 
 SFT_TARGETS = ("all", "per_prompt")

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import tensorflow_datasets as tfds
 
-from kto_jax.data.builders import load_examples, load_records, prepare
+from kto_jax.data.builders import base, load_examples, load_records, prepare
 from kto_jax.data.builders.base import BadRecord
 from kto_jax.data.builders.hh import SUBSETS, dialogue_turns, split_pair
 from kto_jax.data.builders.shp import DOMAINS, cap_per_post
@@ -204,6 +204,7 @@ def test_without_manual_dir_every_upstream_file_is_downloaded(tmp_path, monkeypa
         return out
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download", fake_download)
+    monkeypatch.setattr(base, "reachable", lambda host: True)
     assert len(load_records("hh", "train", str(tmp_path / "data"))) == 7
     hh_url = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/{}/{}.jsonl.gz"
     assert sorted(requested) == sorted(hh_url.format(s, p) for s in SUBSETS for p in ("train", "test"))

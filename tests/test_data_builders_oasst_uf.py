@@ -29,7 +29,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from kto_jax.data import builders
-from kto_jax.data.builders import oasst
+from kto_jax.data.builders import base, oasst
 from kto_jax.data.builders.base import BadRecord
 from kto_jax.data.feedback import Paired
 
@@ -104,11 +104,12 @@ def test_oasst_records(tmp_path):
 def test_oasst_downloads_without_manual_dir(tmp_path, monkeypatch):
     urls = []
 
-    def download(self, url):
-        urls.append(url)
-        return os.path.join(OASST_DIR, OASST_FILE)
+    def download(self, wanted):
+        urls.extend(wanted.values())
+        return {name: os.path.join(OASST_DIR, OASST_FILE) for name in wanted}
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download", download)
+    monkeypatch.setattr(base, "reachable", lambda host: True)
     records, _ = prepare("oasst", tmp_path, None)
     assert urls == [oasst.URL]
     assert urls[0].endswith("/OpenAssistant/oasst1/resolve/main/2023-04-12_oasst_ready.trees.jsonl.gz")
@@ -223,15 +224,16 @@ def test_ultrafeedback_records(tmp_path):
 def test_ultrafeedback_downloads_without_manual_dir(tmp_path, monkeypatch):
     urls = []
 
-    def download(self, url):
-        urls.append(url)
-        split = url.rsplit("/", 1)[1].split("-")[0]
-        return os.path.join(UF_DIR, "data", f"{split}-00000-of-00001.parquet")
+    def download(self, wanted):
+        urls.extend(wanted.values())
+        return {name: os.path.join(UF_DIR, "data", f"{url.rsplit('/', 1)[1].split('-')[0]}-00000-of-00001.parquet")
+                for name, url in wanted.items()}
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download", download)
+    monkeypatch.setattr(base, "reachable", lambda host: True)
     records, _ = prepare("ultrafeedback", tmp_path, None)
-    base = "https://huggingface.co/datasets/HuggingFaceH4/ultrafeedback_binarized/resolve/main/data/"
-    assert urls == [base + "train_prefs-00000-of-00001.parquet", base + "test_prefs-00000-of-00001.parquet"]
+    root = "https://huggingface.co/datasets/HuggingFaceH4/ultrafeedback_binarized/resolve/main/data/"
+    assert urls == [root + "train_prefs-00000-of-00001.parquet", root + "test_prefs-00000-of-00001.parquet"]
     assert (len(records["train_prefs"]), len(records["test_prefs"])) == (3, 2)
 
 

@@ -59,6 +59,9 @@ def quiet_by_default() -> None:
     """Library INFO logs (orbax writes ~30 lines per checkpoint) stay hidden unless --verbosity is given."""
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()  # dataset preparation's per-split bars; data_stats.json has the counts
 
 
 def main(argv):

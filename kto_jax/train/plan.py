@@ -150,13 +150,22 @@ def model_config(path: str, fields: dict) -> ModelConfig:
 
 
 def _data(config, spec: LossSpec) -> None:
-    from kto_jax.data.builders import BUILDERS
+    from kto_jax.data.builders import FILES, parse_sources
+    from kto_jax.data.schemas import SCHEMAS, parse_columns
     from kto_jax.data.tokenize import TokenizeConfig
 
     d = config.data
-    for source in d.sources.split("+"):
-        if source.strip().partition("/")[0] not in BUILDERS:
-            raise ValueError(f"config.data.sources: unknown dataset {source!r}; known: {', '.join(sorted(BUILDERS))}")
+    sources = parse_sources(d.sources)
+    if any(s.name == FILES for s in sources):
+        if not 0 <= float(d.holdout_fraction) < 1:
+            raise ValueError(f"config.data.holdout_fraction={d.holdout_fraction}: use a fraction in [0, 1) of the prompts "
+                             "to hold out for evaluation (0 = none)")
+        if d.eval_files and float(d.holdout_fraction) > 0:
+            raise ValueError("config.data.eval_files and config.data.holdout_fraction both set: the eval split comes "
+                             "from one of them; clear the other")
+        if d.file_schema not in ("auto", *SCHEMAS):
+            raise ValueError(f"config.data.file_schema={d.file_schema!r}: use 'auto' or one of {', '.join(SCHEMAS)}")
+        parse_columns(d.columns)
     TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length, chat_template=d.chat_template,
                    truncation_mode=d.truncation_mode)
     if d.sft_examples not in ("desirable", "all"):

@@ -14,8 +14,8 @@ import numpy as np
 from absl import logging
 
 from kto_jax import checkpoint, sharding
-from kto_jax.data.builders import load_examples
-from kto_jax.data.feedback import Paired, sft_targets_per_prompt, unary_view, weight_warning
+from kto_jax.data.builders import load_mixture
+from kto_jax.data.feedback import Paired, paired_from_unary, sft_targets_per_prompt, unary_view, weight_warning
 from kto_jax.data.loader import FeedbackLoader
 from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
 from kto_jax.models import Decoder, build_model
@@ -45,6 +45,12 @@ def load_model(plan: Plan, mesh) -> tuple[Decoder, dict]:
     return build_model(config), params
 
 
+def files_options(config) -> dict:
+    """The options of every ``files:`` source (``kto_jax.data.builders.files.FilesOptions``) from config.data."""
+    d = config.data
+    return {"test": d.eval_files, "holdout_fraction": float(d.holdout_fraction), "schema": d.file_schema, "columns": d.columns}
+
+
 @dataclasses.dataclass
 class Data:
     examples: list
@@ -54,17 +60,26 @@ class Data:
 def load_split(config, plan: Plan, split: str) -> Data:
     """Training examples of ``split`` in the view the loss needs (paired, unary, SFT), with counts."""
     d, spec = config.data, plan.loss
-    examples = load_examples(d.sources, split, d.data_dir, d.manual_dir or None, skip_bad_records=d.skip_bad_records)
+    examples, mixture = load_mixture(d.sources, split, d.data_dir, d.manual_dir or None, skip_bad_records=d.skip_bad_records,
+                                     seed=config.seed, files=files_options(config))
     if not examples:
         raise ValueError(f"config.data.sources={d.sources!r} split {split!r} has no examples")
     paired = isinstance(examples[0], Paired)
-    stats: dict = {"source_examples": len(examples)}
+    stats: dict = {"source_examples": len(examples), **mixture}
     if spec.kind == "paired":
-        if not paired:
-            raise ValueError(
-                f"loss {spec.name!r} needs paired data (chosen and rejected per prompt), but config.data.sources="
-                f"{d.sources!r} is unary: use a unary loss (kto, kto_zero, ...) or a paired source"
-            )
+        if not paired:  # unary feedback: a desirable and an undesirable reply of one prompt make a pair
+            examples, pair_stats = paired_from_unary(examples)
+            stats.update(pair_stats)
+            if not examples:
+                raise ValueError(
+                    f"loss {spec.name!r} needs paired data, but config.data.sources={d.sources!r} is unary and no prompt "
+                    f"of split {split!r} has both a desirable and an undesirable completion to pair "
+                    f"({pair_stats['unary_prompts_unpaired']} prompts with one kind only): use a unary loss (kto, "
+                    "kto_zero, ...) or a paired source"
+                )
+            note(f"{split}: {pair_stats['unary_pairs']} (desirable, undesirable) pairs from {pair_stats['unary_prompts_paired']} "
+                 f"prompts for {spec.name}; {pair_stats['unary_completions_unpaired']} completions unpaired "
+                 f"({pair_stats['unary_prompts_unpaired']} prompts with one kind only)")
         return Data(examples, stats)
     if spec.kind == "sft":
         stats["sft_targets"] = d.sft_targets

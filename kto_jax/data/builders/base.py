@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-ROLES = ("user", "assistant")
+ROLES = ("system", "user", "assistant")
 
 
 def prompt_feature() -> tfds.features.Sequence:
@@ -64,6 +64,30 @@ def turns(*pairs: tuple[str, str]) -> dict:
 
 class BadRecord(ValueError):
     """A source record that does not have the expected structure."""
+
+
+class SourceUnavailable(FileNotFoundError):
+    """An upstream file that is neither in manual_dir nor downloadable (no network)."""
+
+
+OFFLINE_VARIABLES = ("KTO_JAX_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(url).hostname or url
+
+
+def reachable(host: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to ``host``:443 opens within ``timeout`` seconds."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 @dataclasses.dataclass
@@ -114,15 +138,33 @@ class FeedbackBuilder(tfds.core.GeneratorBasedBuilder):
 
     def source_file(self, dl_manager, name: str, url: str) -> str:
         """``manual_dir/name`` when present, else ``url`` downloaded by the download manager."""
-        return manual_file(dl_manager, name) or os.fspath(dl_manager.download(url))
+        return manual_file(dl_manager, name) or self.download(dl_manager, {name: url})[name]
 
     def source_files(self, dl_manager, urls: dict[str, str]) -> dict[str, str]:
         """``source_file`` for each ``name: url``; the files not in manual_dir are downloaded in one call."""
         paths = {name: path for name in urls if (path := manual_file(dl_manager, name)) is not None}
         missing = {name: url for name, url in urls.items() if name not in paths}
         if missing:
-            paths.update({name: os.fspath(p) for name, p in dl_manager.download(missing).items()})
+            paths.update(self.download(dl_manager, missing))
         return paths
+
+    def download(self, dl_manager, urls: dict[str, str]) -> dict[str, str]:
+        """``{name: local path}`` of the upstream files ``{name: url}``, downloaded; without network
+        (an offline variable set, or a host that does not answer) a ``SourceUnavailable`` at once,
+        naming each file, where to put it and where to fetch it, instead of tfds' minutes of retries."""
+        offline = [v for v in OFFLINE_VARIABLES if os.environ.get(v, "").strip().lower() in ("1", "true", "yes")]
+        reason = f"{offline[0]}=1" if offline else None
+        if reason is None:
+            down = sorted({host for host in map(_host, urls.values()) if not reachable(host)})
+            reason = f"{', '.join(down)} cannot be reached" if down else None
+        if reason is not None:
+            folder = manual_dir_or_none(dl_manager) or f"config.data.manual_dir (e.g. ~/data/{self.name})"
+            wanted = "; ".join(f"{os.path.join(folder, name)} from {url}" for name, url in sorted(urls.items()))
+            raise SourceUnavailable(
+                f"{self.name}: {len(urls)} upstream file(s) are not in manual_dir and cannot be downloaded ({reason}). "
+                f"Fetch them on a machine with internet and put them at: {wanted} (with several sources, each "
+                f"reads manual_dir/{self.name}/ when that folder exists)")
+        return {name: os.fspath(p) for name, p in dl_manager.download(urls).items()}
 
     def read_records(self, path: str, split: str, parse, rows=None) -> Iterator[tuple[str, dict]]:
         """Yield ``parse(obj, counts, index)`` results for each JSON line of ``path`` (``.gz`` too).

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 
 import tensorflow_datasets as tfds
@@ -59,6 +60,16 @@ from kto_jax.data.builders.base import (
     prompt_key,
     unary_features,
 )
+
+class _CustomConfigNotice(logging.Filter):
+    """Drops tfds' "Using custom data configuration" warning: every Files config is custom (its
+    name is the files' content key), so the warning would print on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Using custom data configuration")
+
+
+logging.getLogger("absl").addFilter(_CustomConfigNotice())
 
 KEY_VERSION = 1  # bump when a change to this builder or to formats changes what the same files prepare to
 

@@ -77,13 +77,16 @@ class Ultrafeedback(FeedbackBuilder):
         "(from the dataset repository's data/ folder) in manual_dir; they are downloaded otherwise."
     )
     FEATURES = paired_features(score_chosen=np.float32, score_rejected=np.float32)
+    # the common split names, so "hh+ultrafeedback" mixes with config.data.train_split="train"
+    SPLIT_ALIASES = {"train": "train_prefs", "test": "test_prefs"}
 
     def _split_generators(self, dl_manager):
         manual_dir = manual_dir_or_none(dl_manager)
         paths = {}
         for split in SPLITS:
             found = sorted(glob.glob(os.path.join(glob.escape(manual_dir), "data", f"{split}-*.parquet"))) if manual_dir else []
-            paths[split] = found or [os.fspath(dl_manager.download(URL.format(split=split)))]
+            paths[split] = found or [self.download(dl_manager, {f"data/{split}-00000-of-00001.parquet": URL.format(split=split)})[
+                f"data/{split}-00000-of-00001.parquet"]]
         return {split: self._generate_examples(paths[split], split) for split in SPLITS}
 
     def _generate_examples(self, paths, split):

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
+from kto_jax.data.chat import render_prompt
 from kto_jax.data.feedback import Paired, Unary
 from kto_jax.data.loader import FeedbackLoader
-from kto_jax.data.tokenize import ByteTokenizer, TokenizeConfig, render_prompt
+from kto_jax.data.tokenize import ByteTokenizer, TokenizeConfig
 
 TOK = ByteTokenizer()
 CFG = TokenizeConfig(max_length=48, max_prompt_length=24, chat_template="plain")

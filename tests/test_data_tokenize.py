@@ -7,7 +7,14 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from kto_jax.data import tokenize as T
-from kto_jax.data.tokenize import ByteTokenizer, HFTokenizer, TokenizeConfig, render_prompt, tokenize_example, truncate
+from kto_jax.data.chat import render_prompt
+from kto_jax.data.tokenize import (
+    ByteTokenizer,
+    HFTokenizer,
+    TokenizeConfig,
+    tokenize_example,
+    truncate,
+)
 
 TOK = ByteTokenizer()
 

@@ -8,7 +8,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from kto_jax.data import tokenize as T
-from kto_jax.data.tokenize import HFTokenizer, TokenizeConfig, render_prompt, tokenize_example
+from kto_jax.data.chat import render_prompt
+from kto_jax.data.tokenize import HFTokenizer, TokenizeConfig, tokenize_example
 
 PIECES = ["<unk>", "<s>", "</s>", "▁", "▁Q", ":", "\n", "▁Hello", "Hello", "▁world", "world", "!", "<", "|", ">",
           "▁a", "a", "Q", "H", "e", "l", "o", "w", "r", "d", "s", "i", "t", "n", "u", "m", "y"]

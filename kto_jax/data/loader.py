@@ -34,8 +34,9 @@ import numpy as np
 from absl import logging
 
 from kto_jax.data.batch import BatchSchema, feedback_schema, prefix
+from kto_jax.data.chat import get_chat_template
 from kto_jax.data.feedback import Paired, Unary
-from kto_jax.data.tokenize import Tokenizer, TokenizeConfig, encode_pair, render_prompt, truncate
+from kto_jax.data.tokenize import TokenizeConfig, Tokenizer, encode_pair, truncate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,13 +117,17 @@ class FeedbackLoader:
         is cached, as prompts repeat across examples.
         """
         self.examples, self.tokens, self.dropped = [], [], 0
+        template = self.cfg.chat_template
+        template = get_chat_template(template) if isinstance(template, str) else template
         cache: dict = {}
         for ex in examples:
             if ex.prompt not in cache:
-                text = render_prompt(ex.prompt, self.cfg.chat_template)
+                text = template.prompt(ex.prompt)
                 cache[ex.prompt] = text, self.tokenizer.encode(text)
             text, own = cache[ex.prompt]
             completions = (ex.chosen, ex.rejected) if self.paired else (ex.completion,)
+            # the text the template puts after the prompt for this reply (the reply itself for the built-ins)
+            completions = [template.completion(ex.prompt, c, text) for c in completions]
             encoded = [encode_pair(self.tokenizer, text, c, own) for c in completions]
             if any(len(truncate(p, c, self.cfg, self.tokenizer.bos_id)[1]) == 0 for p, c in encoded):
                 self.dropped += 1

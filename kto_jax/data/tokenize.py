@@ -167,35 +167,6 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
     return HFTokenizer(name_or_path)
 
 
-# ---------------------------------------------------------------- chat templates
-
-
-def _halos(turns) -> str:
-    """The KTO paper's template: "\\n<|user|>\\n{content}" / "\\n<|assistant|>\\n{content}", then the
-    assistant marker that the completion follows."""
-    return "".join(f"\n<|{role}|>\n{content}" for role, content in turns) + "\n<|assistant|>\n"
-
-
-def _hh(turns) -> str:
-    """Anthropic HH's own format: "\\n\\nHuman: ..." / "\\n\\nAssistant: ...", ending "\\n\\nAssistant:"."""
-    names = {"user": "Human", "assistant": "Assistant"}
-    return "".join(f"\n\n{names[role]}: {content}" for role, content in turns) + "\n\nAssistant:"
-
-
-def _plain(turns) -> str:
-    """The turns' contents joined by newlines, nothing added (the synthetic task)."""
-    return "\n".join(content for _, content in turns)
-
-
-CHAT_TEMPLATES = {"halos": _halos, "hh": _hh, "plain": _plain}
-
-
-def render_prompt(turns: Sequence[tuple[str, str]], template: str) -> str:
-    if template not in CHAT_TEMPLATES:
-        raise ValueError(f"unknown chat template {template!r} (config.data.chat_template); known: {sorted(CHAT_TEMPLATES)}")
-    return CHAT_TEMPLATES[template](turns)
-
-
 # ---------------------------------------------------------------- tokenization
 
 
@@ -203,7 +174,7 @@ def render_prompt(turns: Sequence[tuple[str, str]], template: str) -> str:
 class TokenizeConfig:
     max_length: int = 2048
     max_prompt_length: int = 1024
-    chat_template: str = "halos"
+    chat_template: object = "halos"  # a built-in's name or a kto_jax.data.chat.ChatTemplate
     truncation_mode: str = "keep_end"
 
     def __post_init__(self):

@@ -38,7 +38,8 @@ def held_out(run, state) -> dict:
 
 def judged(run, state) -> dict:
     """Sample completions for held-out prompts, judge them, and compare with a baseline run."""
-    from kto_jax.data.tokenize import cut_prompt, encode_prompt, render_prompt
+    from kto_jax.data.chat import render_prompt
+    from kto_jax.data.tokenize import cut_prompt, encode_prompt
     from kto_jax.evaluate import eval_prompts, generate, get_judge, judged_rate, winrate
 
     config, tokenizer = run.config, run.tokenizer
@@ -46,7 +47,7 @@ def judged(run, state) -> dict:
         return {}
     judge = get_judge(config.eval.judge)
     prompts = eval_prompts([ex.prompt for ex in run.eval_data.examples], int(config.eval.num_prompts))
-    texts = [render_prompt(p, config.data.chat_template) for p in prompts]
+    texts = [render_prompt(p, run.loader.cfg.chat_template) for p in prompts]  # the whole dialogue, as trained
     ids = [cut_prompt(encode_prompt(tokenizer, t), int(config.data.max_prompt_length), bos_id=tokenizer.bos_id) for t in texts]
     if run.plan.loss.control_tokens:  # CSFT samples conditioned on the "good" token
         ids = [i + [tokenizer.token_id(run.plan.loss.control_tokens[0])] for i in ids]

@@ -151,6 +151,7 @@ def model_config(path: str, fields: dict) -> ModelConfig:
 
 def _data(config, spec: LossSpec) -> None:
     from kto_jax.data.builders import FILES, parse_sources
+    from kto_jax.data.chat import CHAT_TEMPLATE_NAMES, get_chat_template
     from kto_jax.data.schemas import SCHEMAS, parse_columns
     from kto_jax.data.tokenize import TokenizeConfig
 
@@ -168,6 +169,17 @@ def _data(config, spec: LossSpec) -> None:
         parse_columns(d.columns)
     TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length, chat_template=d.chat_template,
                    truncation_mode=d.truncation_mode)
+    if d.chat_template not in CHAT_TEMPLATE_NAMES:
+        raise ValueError(f"unknown chat template {d.chat_template!r} (config.data.chat_template); known: {', '.join(CHAT_TEMPLATE_NAMES)}")
+    if d.chat_template == "tokenizer":  # the folder's template loads and compiles now, not after the model has
+        from kto_jax.models.presets import PRESETS
+
+        folder = d.tokenizer or (config.model.name if config.model.name not in PRESETS else "")
+        if not folder or folder == "bytes":
+            raise ValueError(f"config.data.chat_template='tokenizer' renders the tokenizer folder's own template, but the "
+                             f"tokenizer is {folder or 'a preset'!r}: set config.data.tokenizer (or config.model.name) to a "
+                             "Hugging Face folder with a chat template, or use a built-in template ('halos', 'hh', 'plain')")
+        get_chat_template("tokenizer", os.path.expanduser(folder))
     if d.sft_examples not in ("desirable", "all"):
         raise ValueError(f"config.data.sft_examples={d.sft_examples!r}: use 'desirable' or 'all'")
     if spec.control_tokens and spec.kind == "sft" and d.sft_examples != "all":

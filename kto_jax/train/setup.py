@@ -15,6 +15,7 @@ from absl import logging
 
 from kto_jax import checkpoint, sharding
 from kto_jax.data.builders import load_mixture
+from kto_jax.data.chat import bos_id_for, get_chat_template
 from kto_jax.data.feedback import Paired, paired_from_unary, sft_targets_per_prompt, unary_view, weight_warning
 from kto_jax.data.loader import FeedbackLoader
 from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
@@ -108,7 +109,19 @@ def load_split(config, plan: Plan, split: str) -> Data:
     return Data(examples, stats)
 
 
+def tokenizer_folder(config) -> str | None:
+    """The folder the tokenizer (and a ``chat_template="tokenizer"`` template) comes from; None for ``bytes``."""
+    name = config.data.tokenizer or (config.model.name if config.model.name not in PRESETS else "")
+    return os.path.expanduser(name) if name and name != "bytes" else None
+
+
+def chat_template(config):
+    """``config.data.chat_template`` as a ``kto_jax.data.chat.ChatTemplate`` (a built-in, or the tokenizer folder's own)."""
+    return get_chat_template(config.data.chat_template, tokenizer_folder(config))
+
+
 def tokenizer_for(config, model: Decoder):
+    """The run's tokenizer; its BOS is the one the chat template writes (``chat.bos_id_for``)."""
     name = config.data.tokenizer or (config.model.name if config.model.name not in PRESETS else "")
     if not name:
         raise ValueError(f"config.data.tokenizer is empty and model {config.model.name!r} is a preset with no tokenizer: set config.data.tokenizer='bytes' or a model folder")
@@ -119,6 +132,7 @@ def tokenizer_for(config, model: Decoder):
             f"{model.config.vocab_size}: use the model's own tokenizer (config.data.tokenizer='' for a model folder) or a "
             f"model with vocab_size >= {tokenizer.vocab_size} (config.model.name)"
         )
+    tokenizer.bos_id = bos_id_for(chat_template(config), tokenizer)
     return tokenizer
 
 
@@ -139,7 +153,7 @@ def add_control_tokens(plan: Plan, model: Decoder, params, tokenizer, mesh):
 
 def tokenize_config(config) -> TokenizeConfig:
     d = config.data
-    return TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length, chat_template=d.chat_template,
+    return TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length, chat_template=chat_template(config),
                           truncation_mode=d.truncation_mode)
 
 

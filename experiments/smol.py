@@ -1,0 +1,41 @@
+"""SmolLM2-135M-Instruct aligned on your own feedback file, in its own chat template, on CPU.
+
+    python scripts/convert_smollm2.py --out ~/.cache/kto_jax/smollm2-135m-instruct   # once (about 45 s)
+    python scripts/make_feedback.py --kind binary --malformed 3 --out data/feedback.jsonl
+    python -m kto_jax.train --config experiments/smol.py:loss=kto,data=data/feedback.jsonl --workdir runs/smol-kto \
+        --config.data.skip_bad_records=True
+    python scripts/make_feedback.py --kind preference --out data/prefs.jsonl
+    python -m kto_jax.train --config experiments/smol.py:loss=dpo,data=data/prefs.jsonl --workdir runs/smol-dpo
+
+Arguments (comma-separated key=value): loss (any registered name), data (a ``files:`` pattern:
+JSONL, JSON, Parquet, CSV or a save_to_disk folder, in any of the formats of the README's Data
+section), model (the HF folder; default the converted SmolLM2), steps (0 = one epoch).
+
+The model's own Jinja chat template renders every prompt (``chat_template="tokenizer"``), 10% of
+the prompts are held out by hash for evaluation, and the optimizer is HALOs main's AdamW
+(lr 5e-6, warmup 10% from 0.1 lr). A preference file trains KTO through its unary view; a
+binary-feedback file trains DPO on the prompts that have both a desirable and an undesirable
+reply (counted in data_stats.json).
+"""
+
+from kto_jax.config import base_config, loss_config, parse_arg
+
+ARGS = ("loss", "data", "model", "steps")
+SMOLLM2 = "~/.cache/kto_jax/smollm2-135m-instruct"
+
+
+def get_config(arg: str = ""):
+    args = parse_arg(arg, ARGS, "experiments/smol.py")
+    c = base_config()
+    c.model.name = args.get("model", SMOLLM2)
+    c.loss = loss_config(args.get("loss", "kto"))
+    c.data.update(dict(
+        sources="files:" + args.get("data", "data/feedback.jsonl"), holdout_fraction=0.1,
+        train_split="train", eval_split="test", tokenizer="", chat_template="tokenizer",
+        max_length=160, max_prompt_length=128, bucket=32,
+    ))
+    c.train.update(dict(global_batch_size=8, steps=int(args.get("steps", 0)), log_every=5, eval_batches=2))
+    c.train.optimizer.update(dict(name="adamw", lr=5e-6, warmup_steps=0, warmup_ratio=0.1, warmup_start_factor=0.1,
+                                  grad_clip=1.0, weight_decay=0.01))
+    c.eval.update(dict(evaluators="held_out", judge=""))
+    return c

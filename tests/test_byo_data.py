@@ -22,7 +22,7 @@ from tests.smollm2 import smollm2_dir
 from tests.train_helpers import REPO, finish, metrics_rows, read, start, subprocess_env, tail
 
 TIMEOUT = 900
-SMOL_FLAGS = ("--config.train.log_every=1", "--config.train.eval_batches=1")
+SMOL_FLAGS = ("--config.train.log_every=1", "--config.train.eval_batches=1", "--config.eval.evaluators=held_out")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,12 @@ import time
 import pytest
 
 from kto_jax.data import builders
-from kto_jax.data.builders import SourceSpec, load_mixture, mixture_counts, parse_sources
+from kto_jax.data.builders import (
+    SourceSpec,
+    load_mixture,
+    mixture_counts,
+    parse_sources,
+)
 from kto_jax.data.builders.base import SourceUnavailable
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -47,14 +52,19 @@ def test_mixture_counts_are_the_largest_mix_without_repeats():
     assert mixture_counts([100, 30], [3.0, 1.0]) == [90, 30]
     assert mixture_counts([100, 30], [1.0, 3.0]) == [10, 30]
     assert mixture_counts([100, 30], [None, None]) == [100, 30]
+    # three sources at 1:2:1 of 10 each: the 2-share is exhausted first -> 5 + 10 + 5
+    assert mixture_counts([10, 10, 10], [1.0, 2.0, 1.0]) == [5, 10, 5]
+    # proportions, not counts: 0.25/0.75 is 1:3; shares round to the nearest example
+    assert mixture_counts([7, 9], [0.25, 0.75]) == [3, 9]
+    assert mixture_counts([50, 1000, 7], [1.0, 1.0, 1.0]) == [7, 7, 7]
 
 
 def test_weighted_mixture_keeps_each_share_without_repeats_and_counts_it(synthetic_data_dir):
     full, _ = load_mixture("synthetic", "validation", synthetic_data_dir)
     examples, stats = load_mixture("synthetic:1+synthetic:3", "validation", synthetic_data_dir, seed=3)
     n = len(full)
-    assert {k: (e["available"], e["kept"]) for k, e in stats["sources"].items()} == {
-        "synthetic": (n, round(n / 3)), "synthetic#1": (n, n)}
+    assert {k: (e["available"], e["kept"], e["dropped"], e["weight"]) for k, e in stats["sources"].items()} == {
+        "synthetic": (n, round(n / 3), n - round(n / 3), 1.0), "synthetic#1": (n, n, 0, 3.0)}
     ids = [ex.id for ex in examples]
     assert len(ids) == round(n / 3) + n and len(set(ids)) == n  # the 1-share is a subset, no id twice within it
     again, _ = load_mixture("synthetic:1+synthetic:3", "validation", synthetic_data_dir, seed=3)
@@ -66,6 +76,13 @@ def test_weighted_mixture_keeps_each_share_without_repeats_and_counts_it(synthet
 def test_mixing_paired_and_unary_sources_names_each_kind(synthetic_data_dir):
     with pytest.raises(ValueError, match=r"synthetic is paired, synthetic/unary is unary"):
         load_mixture("synthetic+synthetic/unary", "validation", synthetic_data_dir)
+
+
+def test_weighted_mixture_with_an_empty_source_fails_naming_it(synthetic_data_dir, monkeypatch):
+    monkeypatch.setattr(builders, "paired_from_records", lambda records: [])
+    with pytest.raises(ValueError, match=r"config\.data\.sources=.*synthetic, synthetic#1 has no validation examples"):
+        load_mixture("synthetic:1+synthetic:1", "validation", synthetic_data_dir)
+    assert load_mixture("synthetic+synthetic", "validation", synthetic_data_dir)[0] == []
 
 
 def _feedback_file(path, n=12):
@@ -104,8 +121,35 @@ def test_split_aliases_let_ultrafeedback_mix_with_train_and_test(tmp_path):
     # one manual_dir, a subfolder per source: hh reads manual/hh, ultrafeedback manual/ultrafeedback
     mixed, stats = load_mixture("hh+ultrafeedback", "test", data_dir, str(manual))
     assert set(stats["sources"]) == {"hh", "ultrafeedback"} and all(e["kept"] > 0 for e in stats["sources"].values())
+    assert len(mixed) == sum(e["kept"] for e in stats["sources"].values())
     with pytest.raises(ValueError, match=r"no split 'dev'.*train_prefs.*aliases"):
         load_mixture("ultrafeedback", "dev", data_dir, str(manual))
+
+
+def _ids(examples, prefix):
+    return sorted(ex.id for ex in examples if ex.id.startswith(prefix))
+
+
+def test_each_source_reads_its_own_manual_dir_subfolder_else_manual_dir_itself(tmp_path):
+    hh_only, _ = load_mixture("hh", "train", str(tmp_path / "d0"), os.path.join(FIXTURES, "hh"))
+    shp_only, _ = load_mixture("shp", "train", str(tmp_path / "d1"), os.path.join(FIXTURES, "shp"))
+    # manual/hh/<subset>/..., manual/shp/<domain>/...
+    manual = tmp_path / "manual"
+    shutil.copytree(os.path.join(FIXTURES, "hh"), manual / "hh")
+    shutil.copytree(os.path.join(FIXTURES, "shp"), manual / "shp")
+    assert builders.source_manual_dir(str(manual), "hh") == str(manual / "hh")
+    examples, stats = load_mixture("hh+shp", "train", str(tmp_path / "d2"), str(manual))
+    assert _ids(examples, "hh/") == _ids(hh_only, "hh/") and _ids(examples, "shp/") == _ids(shp_only, "shp/")
+    assert {k: e["kept"] for k, e in stats["sources"].items()} == {"hh": len(hh_only), "shp": len(shp_only)}
+    # a source without its subfolder reads manual_dir itself: manual/hh/... and manual/legaladvice/...
+    mixed = tmp_path / "mixed"
+    shutil.copytree(os.path.join(FIXTURES, "hh"), mixed / "hh")
+    shutil.copytree(os.path.join(FIXTURES, "shp", "legaladvice"), mixed / "legaladvice")
+    assert builders.source_manual_dir(str(mixed), "shp") == str(mixed)
+    examples, stats = load_mixture("hh/helpful-base+shp", "train", str(tmp_path / "d3"), str(mixed))
+    assert _ids(examples, "hh/") == [i for i in _ids(hh_only, "hh/") if i.startswith("hh/helpful-base/")]
+    assert 0 < stats["sources"]["shp"]["kept"] < len(shp_only)  # legaladvice only
+    assert builders.source_manual_dir(None, "hh") is None
 
 
 def test_missing_upstream_file_offline_fails_at_once_naming_where_to_put_it(tmp_path, monkeypatch):
@@ -129,3 +173,26 @@ def test_unreachable_host_fails_at_once_without_an_offline_variable(tmp_path, mo
     with pytest.raises(SourceUnavailable, match=r"huggingface\.co cannot be reached.*config\.data\.manual_dir"):
         load_mixture("ultrafeedback", "train", str(tmp_path / "data"))
     assert probed == ["huggingface.co"]
+
+
+def test_failing_tcp_probe_fails_at_once_naming_the_file(tmp_path, monkeypatch):
+    for variable in builders.base.OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    calls = []
+
+    def refuse(address, timeout=None):
+        calls.append((address, timeout))
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr("socket.create_connection", refuse)
+    manual = tmp_path / "manual"
+    shutil.copytree(os.path.join(FIXTURES, "hh"), manual)  # the one-source layout
+    os.remove(manual / "helpful-online" / "train.jsonl.gz")
+    start = time.monotonic()
+    with pytest.raises(SourceUnavailable, match=r"huggingface\.co cannot be reached") as e:
+        load_mixture("hh", "train", str(tmp_path / "data"), str(manual))
+    assert time.monotonic() - start < 10
+    assert calls == [(("huggingface.co", 443), 5.0)]
+    assert os.path.join(str(manual), "helpful-online/train.jsonl.gz") in str(e.value)
+    assert "hh-rlhf/resolve/main/helpful-online/train.jsonl.gz" in str(e.value)
+    assert "manual_dir/hh/" in str(e.value)  # the per-source subfolder rule

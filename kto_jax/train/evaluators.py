@@ -57,7 +57,7 @@ def judged(run, state) -> dict:
         batch_size=int(config.eval.batch_size), seed=config.seed,
     )
     decoded = [tokenizer.decode(c) for c in completions]
-    flags = [bool(judge(p[-1][1], c)) for p, c in zip(prompts, decoded)]
+    flags = [bool(judge(p, c)) for p, c in zip(prompts, decoded)]  # the whole conversation
     results = {"generation": judged_rate(flags)}
     if jax.process_index() == 0:
         with open(os.path.join(run.workdir, "samples.jsonl"), "w", encoding="utf-8") as f:

@@ -34,8 +34,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from kto_jax.data.builders.hh import HH
-from kto_jax.data.builders.shp import SHP
 from kto_jax.data.builders.oasst import Oasst
+from kto_jax.data.builders.shp import SHP
 from kto_jax.data.builders.synthetic import Synthetic
 from kto_jax.data.builders.ultrafeedback import Ultrafeedback
 from kto_jax.data.feedback import Paired, Unary, paired_from_records, unary_from_records
@@ -180,14 +180,14 @@ def mixture_counts(sizes: list[int], weights: list[float | None]) -> list[int]:
         return list(sizes)
     total = sum(weights)
     n = min(size * total / w for size, w in zip(sizes, weights))
-    return [min(size, int(round(n * w / total))) for size, w in zip(sizes, weights)]
+    return [min(size, round(n * w / total)) for size, w in zip(sizes, weights)]
 
 
 def load_mixture(spec: str, split: str, data_dir: str, manual_dir: str | None = None, *, skip_bad_records: bool = False,
                  seed: int = 0, files: dict | None = None) -> tuple[list[Paired] | list[Unary], dict]:
     """Examples of the mixture ``spec`` (all paired or all unary) and its stats: per source the
-    examples available and kept (the weighting's share), its kind, and a files source's metadata
-    (schema, files and digests, record counts)."""
+    examples available, kept (the weighting's share) and dropped by the weighting, its kind, and
+    a files source's metadata (schema, files and digests, record counts)."""
     sources = parse_sources(spec)
     per_source, stats = [], {"sources": {}}
     for i, s in enumerate(sources):
@@ -207,13 +207,17 @@ def load_mixture(spec: str, split: str, data_dir: str, manual_dir: str | None = 
     if len(kinds) > 1:
         named = ", ".join(f"{label} is {e['kind']}" for label, e in stats["sources"].items())
         raise ValueError(f"data sources {spec!r} mix paired and unary datasets ({named}); mix sources of one kind")
+    empty = [label for label, e in stats["sources"].items() if e["available"] == 0]
+    if empty and sources[0].weight is not None:
+        raise ValueError(f"config.data.sources={spec!r}: {', '.join(empty)} has no {split} examples, so a weighted "
+                         "mixture would be empty; drop that source or its weights")
     counts = mixture_counts([len(x) for x in per_source], [s.weight for s in sources])
     out: list = []
     for i, (entry, examples, k) in enumerate(zip(stats["sources"].values(), per_source, counts)):
         if k < len(examples):
             keep = np.sort(np.random.default_rng([seed, i]).choice(len(examples), k, replace=False))
             examples = [examples[j] for j in keep]
-        entry["kept"] = len(examples)
+        entry["kept"], entry["dropped"] = len(examples), entry["available"] - len(examples)
         out.extend(examples)
     return out, stats
 

@@ -21,10 +21,9 @@ import hashlib
 import io
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
-
 import tensorflow_datasets as tfds
 from absl import logging
 

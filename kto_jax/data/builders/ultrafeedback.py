@@ -2,7 +2,8 @@
 
 Source: the preference splits' parquet files, ``data/{split}-00000-of-00001.parquet`` for
 ``split`` in ``train_prefs`` / ``test_prefs`` (tfds accepts these names, so they are kept;
-the KTO authors' loader maps its ``train``/``test`` to them). In ``manual_dir`` every
+``train`` / ``test`` are aliases of them, ``SPLIT_ALIASES``, as in the KTO authors' loader, so
+``hh+ultrafeedback`` mixes with ``config.data.train_split="train"``). In ``manual_dir`` every
 ``data/{split}-*.parquet`` is read (sorted by name), so re-sharded copies work too.
 Columns used: ``prompt`` (str), ``prompt_id`` (str), ``chosen`` / ``rejected`` (lists of
 ``{"content", "role"}`` messages ending with the assistant reply), ``score_chosen`` /
@@ -32,10 +33,18 @@ from __future__ import annotations
 
 import glob
 import os
+from typing import ClassVar
 
 import numpy as np
 
-from kto_jax.data.builders.base import BadRecord, FeedbackBuilder, RecordCounts, manual_dir_or_none, paired_features, require
+from kto_jax.data.builders.base import (
+    BadRecord,
+    FeedbackBuilder,
+    RecordCounts,
+    manual_dir_or_none,
+    paired_features,
+    require,
+)
 
 SPLITS = ("train_prefs", "test_prefs")
 URL = "https://huggingface.co/datasets/HuggingFaceH4/ultrafeedback_binarized/resolve/main/data/{split}-00000-of-00001.parquet"
@@ -78,7 +87,7 @@ class Ultrafeedback(FeedbackBuilder):
     )
     FEATURES = paired_features(score_chosen=np.float32, score_rejected=np.float32)
     # the common split names, so "hh+ultrafeedback" mixes with config.data.train_split="train"
-    SPLIT_ALIASES = {"train": "train_prefs", "test": "test_prefs"}
+    SPLIT_ALIASES: ClassVar[dict[str, str]] = {"train": "train_prefs", "test": "test_prefs"}
 
     def _split_generators(self, dl_manager):
         manual_dir = manual_dir_or_none(dl_manager)

@@ -156,3 +156,19 @@ def test_bad_feedback_file_fails_naming_file_and_field_before_training(case, tmp
     for pattern_text in expected:
         assert re.search(pattern_text, proc.stderr), f"{pattern_text!r} not in stderr:\n{tail(proc.stderr)}"
     assert not os.path.exists(workdir / "metrics.jsonl"), "nothing should have trained"
+
+
+def test_judged_evaluator_gives_the_judge_the_whole_conversation(tmp_path, synthetic_data_dir):
+    """The judged evaluator end to end on the tiny run: samples.jsonl and the judged rate (the
+    synthetic judge reads the conversation's last user turn)."""
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "kto_jax.train", "--config", "experiments/tiny.py:loss=kto,steps=1", "--workdir", str(workdir),
+               f"--config.data.data_dir={synthetic_data_dir}", "--config.train.global_batch_size=8",
+               "--config.data.train_split=validation", "--config.data.eval_split=validation", "--config.train.eval_batches=1",
+               "--config.eval.num_prompts=16", "--config.eval.batch_size=16", "--config.eval.max_new_tokens=4"]
+    proc = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, tail(proc.stderr)
+    samples = [json.loads(line) for line in read(os.path.join(workdir, "samples.jsonl")).splitlines()]
+    assert len(samples) == 16 and all(s["prompt"].startswith("Shout ") for s in samples)
+    generation = json.loads(read(os.path.join(workdir, "eval.json")))["generation"]
+    assert generation["n"] == 16 and generation["desirable_rate"] == sum(s["desirable"] for s in samples) / 16

@@ -47,7 +47,10 @@ def judged(run, state) -> dict:
         return {}
     judge = get_judge(config.eval.judge)
     prompts = eval_prompts([ex.prompt for ex in run.eval_data.examples], int(config.eval.num_prompts))
-    texts = [render_prompt(p, run.loader.cfg.chat_template) for p in prompts]  # the whole dialogue, as trained
+    template = run.loader.cfg.chat_template
+    texts = [render_prompt(p, template) for p in prompts]  # the whole dialogue, as trained
+    # as samples.jsonl shows them (and baselines match them): with the BOS a Jinja template writes first
+    shown = [template.bos_token + t if getattr(template, "renders_bos", False) else t for t in texts]
     ids = [cut_prompt(encode_prompt(tokenizer, t), int(config.data.max_prompt_length), bos_id=tokenizer.bos_id) for t in texts]
     if run.plan.loss.control_tokens:  # CSFT samples conditioned on the "good" token
         ids = [i + [tokenizer.token_id(run.plan.loss.control_tokens[0])] for i in ids]
@@ -61,13 +64,13 @@ def judged(run, state) -> dict:
     results = {"generation": judged_rate(flags)}
     if jax.process_index() == 0:
         with open(os.path.join(run.workdir, "samples.jsonl"), "w", encoding="utf-8") as f:
-            for p, c, ok in zip(texts, decoded, flags):
+            for p, c, ok in zip(shown, decoded, flags):
                 f.write(json.dumps({"prompt": p, "completion": c, "desirable": ok}) + "\n")
     if config.eval.baseline:
         baseline = os.path.join(os.path.expanduser(config.eval.baseline), "samples.jsonl")
         with open(baseline, encoding="utf-8") as f:
             base = {row["prompt"]: row["desirable"] for row in map(json.loads, f)}
-        common = [(ok, base[p]) for p, ok in zip(texts, flags) if p in base]
+        common = [(ok, base[p]) for p, ok in zip(shown, flags) if p in base]
         results["winrate"] = winrate([a for a, _ in common], [b for _, b in common])
     note(f"judged desirable rate {results['generation']['desirable_rate']:.3f} on {len(flags)} held-out prompts")
     return results

@@ -29,6 +29,7 @@ setup(
         "matplotlib>=3.7",  # scale-curve plots
         "jinja2>=3.1",  # tokenizers' own chat templates (kto_jax/data/chat.py), sandboxed as transformers renders them
         "pyarrow>=14",  # Parquet, CSV and datasets save_to_disk folders (the files source)
+        "requests>=2.28",  # the OpenAI-compatible API judge (kto_jax/judges/api.py)
     ],
     extras_require={
         # torch first and pinned: on this project's machines `pip install torch==2.13.0` takes a

@@ -118,7 +118,22 @@ def base_config() -> ml_collections.ConfigDict:
         temperature=1.0,
         top_p=1.0,
         top_k=0,               # 0 = off; HALOs samples at top_p 0.95 with HF generate's defaults temperature 1, top_k 50
-        baseline="",           # a workdir whose samples.jsonl is the win-rate baseline
+        baseline="",           # a workdir whose samples.jsonl is the unary win-rate baseline ("judged")
+        # "pairwise" (the paper's protocol, kto_jax/judges/protocol.py): each sample against this
+        # baseline, the two answers in a random order per prompt: "sft_target" (the dataset's SFT
+        # target, the paper) or a workdir whose samples.jsonl has the same prompts
+        against="sft_target",
+        order_seed=0,          # the per-prompt order of the two answers (recorded in judgments.jsonl)
+        # judge="api": any OpenAI-compatible /v1/chat/completions server (vLLM, SGLang, llama.cpp,
+        # scripts/serve.py, hosted APIs); the key is read from the environment variable api_key_env
+        api=ml_collections.ConfigDict(dict(
+            base_url="http://127.0.0.1:8000/v1", model="", api_key_env="OPENAI_API_KEY",
+            template="paper",  # HALOs' compare.py prompt; or a path to a text file with {history}, {first}, {second}
+            concurrency=8, timeout_s=60.0, retries=4, backoff_s=1.0,
+            max_tokens=10, temperature=0.0, seed=0,  # compare.py: temperature 0, max_tokens 10, seed 0
+        )),
+        # judge="reward_model": an HF *ForSequenceClassification folder (Llama or GPT-NeoX), scored in JAX
+        reward_model=ml_collections.ConfigDict(dict(path="", batch_size=16, max_length=512, chat_template="tokenizer")),
     ))
     return c
 

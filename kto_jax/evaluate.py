@@ -5,8 +5,8 @@
     rate = judged_rate(flags)                # {"desirable_rate", "ci90", "n"}
     wr = winrate(policy_flags, baseline_flags)
 
-The synthetic task's judge and the example feedback file's are exact; other judges plug into
-``JUDGES`` by name and see the whole conversation.
+Judges (exact, API, reward model) are in kto_jax/judges/; the paper's pairwise protocol is
+kto_jax/judges/protocol.py.
 """
 
 from __future__ import annotations
@@ -14,41 +14,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from kto_jax.data import synthetic
 from kto_jax.models import Decoder, init_cache
-
-Turns = Sequence[tuple[str, str]]
-
-
-def synthetic_judge(turns: Turns, completion: str) -> bool:
-    """The synthetic task's exact judge on the last user turn ("Shout WORD!" -> " WORD")."""
-    return synthetic.judge(turns[-1][1], completion)
-
-
-def feedback_judge(turns: Turns, completion: str) -> bool:
-    """The exact judge of kto_jax/data/example_feedback.py's tasks (sums, words backwards, capitals)."""
-    from kto_jax.data.example_feedback import judge
-
-    return judge(turns, completion)
-
-
-# A judge sees the whole conversation (``((role, content), ...)``, system and earlier turns
-# included) and one completion; it returns whether the completion is desirable.
-JUDGES: dict[str, Callable[[Turns, str], bool]] = {"synthetic": synthetic_judge, "feedback": feedback_judge}
-
-
-def get_judge(name: str) -> Callable[[str, str], bool]:
-    if name not in JUDGES:
-        raise ValueError(f"unknown judge {name!r} (config.eval.judge); known: {sorted(JUDGES)}")
-    return JUDGES[name]
-
 
 # ---------------------------------------------------------------- statistics
 

@@ -4,9 +4,12 @@ Each is ``evaluator(run, state) -> dict`` whose entries go into ``eval.json``:
 
   held_out  loss and reward metrics of the held-out batches (``eval/loss``, ...), also
             every ``config.train.eval_every`` steps
-  judged    when ``config.eval.judge`` names a judge: samples completions for held-out
-            prompts (``samples.jsonl``), the judged desirable rate with its 90% interval,
-            and the win rate against ``config.eval.baseline``'s samples
+  judged    when ``config.eval.judge`` names a unary judge: samples completions for
+            held-out prompts (``samples.jsonl``), the judged desirable rate with its 90%
+            interval, and the win rate against ``config.eval.baseline``'s samples
+  pairwise  the paper's protocol: each sample against ``config.eval.against`` (the dataset's
+            SFT target, or another run's sample), judged pairwise in a random order per
+            prompt; wins / total with its exact 90% interval; verdicts in ``judgments.jsonl``
 
 A new evaluator is one function registered in ``EVALUATORS`` and named in the config.
 """
@@ -36,20 +39,23 @@ def held_out(run, state) -> dict:
     return {"held_out": {f"eval/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}}
 
 
-def judged(run, state) -> dict:
-    """Sample completions for held-out prompts, judge them, and compare with a baseline run."""
+def samples(run, state) -> list[dict]:
+    """Completions for the held-out prompts (``config.eval.num_prompts``), sampled once per run and
+    written to ``samples.jsonl``: per prompt its conversation (``turns``), the rendered ``prompt``
+    (with the BOS a Jinja template writes first), the ``completion`` and the dataset's
+    ``sft_target`` (HALOs' per-prompt target, the paper's judging baseline; null when none)."""
+    if run.sample_rows is not None:
+        return run.sample_rows
     from kto_jax.data.chat import render_prompt
+    from kto_jax.data.feedback import sft_targets_per_prompt
     from kto_jax.data.tokenize import cut_prompt, encode_prompt
-    from kto_jax.evaluate import eval_prompts, generate, get_judge, judged_rate, winrate
+    from kto_jax.evaluate import eval_prompts, generate
 
     config, tokenizer = run.config, run.tokenizer
-    if not config.eval.judge:
-        return {}
-    judge = get_judge(config.eval.judge)
     prompts = eval_prompts([ex.prompt for ex in run.eval_data.examples], int(config.eval.num_prompts))
+    targets = {ex.prompt: ex.completion for ex in sft_targets_per_prompt(run.eval_data.examples)[0]}
     template = run.loader.cfg.chat_template
     texts = [render_prompt(p, template) for p in prompts]  # the whole dialogue, as trained
-    # as samples.jsonl shows them (and baselines match them): with the BOS a Jinja template writes first
     shown = [template.bos_token + t if getattr(template, "renders_bos", False) else t for t in texts]
     ids = [cut_prompt(encode_prompt(tokenizer, t), int(config.data.max_prompt_length), bos_id=tokenizer.bos_id) for t in texts]
     if run.plan.loss.control_tokens:  # CSFT samples conditioned on the "good" token
@@ -59,21 +65,93 @@ def judged(run, state) -> dict:
         pad_id=tokenizer.pad_id, temperature=float(config.eval.temperature), top_p=float(config.eval.top_p), top_k=int(config.eval.top_k),
         batch_size=int(config.eval.batch_size), seed=config.seed,
     )
-    decoded = [tokenizer.decode(c) for c in completions]
-    flags = [bool(judge(p, c)) for p, c in zip(prompts, decoded)]  # the whole conversation
-    results = {"generation": judged_rate(flags)}
+    run.sample_rows = [{"turns": [list(t) for t in p], "prompt": s, "completion": tokenizer.decode(c), "sft_target": targets.get(p)}
+                    for p, s, c in zip(prompts, shown, completions)]
+    _write_samples(run)
+    return run.sample_rows
+
+
+def _write_samples(run) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(run.workdir, "samples.jsonl"), "w", encoding="utf-8") as f:
-            for p, c, ok in zip(shown, decoded, flags):
-                f.write(json.dumps({"prompt": p, "completion": c, "desirable": ok}) + "\n")
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in run.sample_rows)
+
+
+def _judge(run):
+    from kto_jax.judges import make_judge
+
+    if run.judge is None:
+        run.judge = make_judge(run.config)
+    return run.judge
+
+
+def judged(run, state) -> dict:
+    """The unary view: the judged desirable rate of the samples and, with ``config.eval.baseline``, the
+    per-prompt win rate against that run's samples (a tie counts half)."""
+    from kto_jax.evaluate import judged_rate, winrate
+
+    config = run.config
+    if not config.eval.judge:
+        return {}
+    rows, judge = samples(run, state), _judge(run)
+    if not judge.unary:
+        note(f"judge {config.eval.judge!r} gives pairwise verdicts only: no unary judged rate (the pairwise evaluator reports its win rate)")
+        return {}
+    flags = judge.desirable([(tuple(map(tuple, r["turns"])), r["completion"]) for r in rows])  # the whole conversation
+    for r, ok in zip(rows, flags):
+        r["desirable"] = bool(ok)
+    _write_samples(run)
+    results = {"generation": judged_rate(flags)}
     if config.eval.baseline:
-        baseline = os.path.join(os.path.expanduser(config.eval.baseline), "samples.jsonl")
-        with open(baseline, encoding="utf-8") as f:
-            base = {row["prompt"]: row["desirable"] for row in map(json.loads, f)}
-        common = [(ok, base[p]) for p, ok in zip(shown, flags) if p in base]
+        base = {row["prompt"]: row["desirable"] for row in read_samples(config.eval.baseline)}
+        common = [(r["desirable"], base[r["prompt"]]) for r in rows if r["prompt"] in base]
         results["winrate"] = winrate([a for a, _ in common], [b for _, b in common])
     note(f"judged desirable rate {results['generation']['desirable_rate']:.3f} on {len(flags)} held-out prompts")
     return results
 
 
-EVALUATORS = {"held_out": held_out, "judged": judged}
+def read_samples(workdir: str) -> list[dict]:
+    """A run's ``samples.jsonl``."""
+    path = os.path.join(os.path.expanduser(workdir), "samples.jsonl")
+    if not os.path.exists(path):
+        raise ValueError(f"{path} not found: the baseline must be a finished run judged with the same held-out prompts")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pairwise(run, state) -> dict:
+    """The paper's protocol (kto_jax/judges/protocol.py) on the samples, verdicts in ``judgments.jsonl``."""
+    if not run.config.eval.judge:
+        return {}
+    results = pairwise_from_samples(run.config, samples(run, state), run.workdir, judge=_judge(run))
+    p = results["pairwise"]
+    note(f"pairwise win rate {p['winrate']:.3f} [{p['ci90'][0]:.3f}, {p['ci90'][1]:.3f}] against {p['against']} "
+         f"on {p['n']} prompts ({p['ties']} ties, {p['unparseable']} unparseable)")
+    return results
+
+
+def pairwise_from_samples(config, rows: list[dict], workdir: str, judge=None, progress: bool = True) -> dict:
+    """``{"pairwise": ...}`` for sample rows judged against ``config.eval.against``: "sft_target" (each
+    row's target; rows without one are counted in ``no_baseline``) or a workdir's samples (same prompts)."""
+    from kto_jax.judges import make_judge
+    from kto_jax.judges.protocol import pairwise_winrate
+    from kto_jax.judges.store import JudgmentStore
+
+    against = config.eval.against
+    if against == "sft_target":
+        baseline = {r["prompt"]: r.get("sft_target") for r in rows}
+    else:
+        baseline = {r["prompt"]: r["completion"] for r in read_samples(against)}
+    items = [(tuple(map(tuple, r["turns"])), r["completion"], baseline[r["prompt"]]) for r in rows if baseline.get(r["prompt"]) is not None]
+    if not items:
+        raise ValueError(f"config.eval.against={against!r}: none of the {len(rows)} samples has a baseline answer "
+                         "(no SFT target in the data, or a run judged on other prompts)")
+    store = JudgmentStore(os.path.join(workdir, "judgments.jsonl"))
+    result = pairwise_winrate(judge or make_judge(config), items, store, seed=int(config.eval.order_seed), against=against,
+                              progress=progress)
+    result["no_baseline"] = len(rows) - len(items)
+    result["torn_lines_dropped"] = store.torn
+    return {"pairwise": result}
+
+
+EVALUATORS = {"held_out": held_out, "judged": judged, "pairwise": pairwise}

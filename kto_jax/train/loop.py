@@ -53,6 +53,8 @@ class Run:
     reference_params: Any = None
     eval_cache: list | None = None
     stop: str | None = None  # set by a hook: the loop saves nothing more and returns
+    sample_rows: list | None = None  # the evaluators' held-out samples, generated once (evaluators.samples)
+    judge: Any = None                # config.eval.judge, built once
 
 
 def _truncate_metrics(workdir: str, step: int) -> None:

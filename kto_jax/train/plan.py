@@ -212,7 +212,7 @@ def _batch(config, spec: LossSpec, needs_kl: bool, mesh: dict) -> None:
 
 
 def _evaluators(config) -> tuple[str, ...]:
-    from kto_jax.evaluate import JUDGES
+    from kto_jax.judges import JUDGES
     from kto_jax.train.evaluators import EVALUATORS
 
     names = tuple(n.strip() for n in config.eval.evaluators.split(",") if n.strip())
@@ -221,6 +221,16 @@ def _evaluators(config) -> tuple[str, ...]:
             raise ValueError(f"config.eval.evaluators: unknown evaluator {name!r}; known: {', '.join(sorted(EVALUATORS))}")
     if config.eval.judge and config.eval.judge not in JUDGES:
         raise ValueError(f"unknown judge {config.eval.judge!r} (config.eval.judge); known: {sorted(JUDGES)}")
+    if config.eval.judge == "api":  # its settings, before anything runs (the server is asked only at the end)
+        from kto_jax.judges.api import ApiJudge
+
+        ApiJudge.from_config(config.eval.api)
+    if config.eval.judge == "reward_model" and not os.path.isfile(os.path.join(os.path.expanduser(config.eval.reward_model.path), "config.json")):
+        raise ValueError(f"config.eval.reward_model.path={config.eval.reward_model.path!r} is not an HF model folder "
+                         "(no config.json): give a *ForSequenceClassification folder")
+    against = config.eval.against
+    if "pairwise" in names and against != "sft_target" and not os.path.isfile(os.path.join(os.path.expanduser(against), "samples.jsonl")):
+        raise ValueError(f"config.eval.against={against!r}: use 'sft_target' (the paper) or a finished run's workdir with samples.jsonl")
     return names
 
 

@@ -101,7 +101,9 @@ class ApiJudge:
                 raise ValueError(f"config.eval.api.template={template!r} lacks {', '.join(missing)}")
             template_id = "sha256:" + hashlib.sha256(self.template.encode("utf-8")).hexdigest()[:16]
         s = self.sampling
-        self.key = f"api:{model}@{base_url.rstrip('/')}:{template_id}:t={s['temperature']}:max_tokens={s['max_tokens']}:seed={s['seed']}"
+        # the verdicts' identity: the model, prompt and sampling, not where it is served (a restarted
+        # server on another port or host answers the same)
+        self.key = f"api:{model}:{template_id}:t={s['temperature']}:max_tokens={s['max_tokens']}:seed={s['seed']}"
 
     @classmethod
     def from_config(cls, cfg):

@@ -97,7 +97,7 @@ def fingerprint(path: str) -> str:
         file = os.path.join(path, name)
         size = os.path.getsize(file)
         with open(file, "rb") as f:
-            header = f.read(8 + int.from_bytes(f.read(8), "little")) if size >= 8 else b""
+            header = f.read(min(int.from_bytes(f.read(8), "little"), size))  # the JSON header after its length
             head = f.read(SAMPLE_BYTES)
             f.seek(max(size - SAMPLE_BYTES, f.tell()))
             tail = f.read()

@@ -35,6 +35,15 @@ class Result:
     total: int
     source: str
     extra: tuple = ()
+    # how the win rate was judged: "paper" (pairwise against the dataset's SFT target, wins / total:
+    # the authors' logs and kto-jax's pairwise evaluator), "pairwise-run" (pairwise against another
+    # run's samples), "unary-run" (a unary judge on both runs' samples, ties counted half)
+    protocol: str = "paper"
+
+    @property
+    def label(self) -> str:
+        """The method, with the protocol when it is not the paper's (such rows are not on its scale)."""
+        return self.method if self.protocol == "paper" else f"{self.method} [{self.protocol}]"
 
     @property
     def winrate(self) -> float:
@@ -87,8 +96,22 @@ def read_judgments(path: str) -> list[Result]:
     return out
 
 
+def run_winrate(results: dict, workdir: str = "") -> tuple[float, int, str]:
+    """(wins, total, protocol) of a run's eval.json: the pairwise protocol's wins / total when it was
+    judged pairwise (against the SFT target: the paper's quantity), else the unary win rate against
+    its baseline run (wins + half the ties)."""
+    if "pairwise" in results:
+        p = results["pairwise"]
+        return float(p["wins"]), int(p["n"]), "paper" if p.get("against") == "sft_target" else "pairwise-run"
+    if "winrate" in results:
+        wr = results["winrate"]
+        return wr["wins"] + 0.5 * wr["ties"], int(wr["n"]), "unary-run"
+    raise ValueError(f"{workdir}/eval.json has no win rate: judge the run pairwise (config.eval.evaluators with "
+                     "'pairwise', or scripts/judge.py) or set config.eval.baseline")
+
+
 def read_runs(workdirs: Iterable[str]) -> list[Result]:
-    """This project's runs: ``eval.json``'s win rate against its baseline, ``config.json``'s model
+    """This project's runs: ``eval.json``'s win rate (:func:`run_winrate`), ``config.json``'s model
     and loss; a run that started from another run's weights counts as SFT first when that run
     was an SFT run (its config.json says so)."""
     out = []
@@ -97,15 +120,13 @@ def read_runs(workdirs: Iterable[str]) -> list[Result]:
             results = json.load(f)
         with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
-        if "winrate" not in results:
-            raise ValueError(f"{workdir}/eval.json has no win rate: run it with config.eval.baseline set")
+        wins, total, protocol = run_winrate(results, workdir)
         method = config["loss"]["name"]
         init = config.get("init", {}).get("source", "")
         if init.startswith("orbax:") and method not in ("sft", "csft") and _is_sft_run(init[6:].split("@")[0]):
             method = "sft+" + method
-        wr = results["winrate"]
         model = config["model"]["name"]
-        out.append(Result(method, model, _params(model), wr["wins"] + 0.5 * wr["ties"], wr["n"], "run:" + workdir))
+        out.append(Result(method, model, _params(model), wins, total, "run:" + workdir, protocol=protocol))
     return out
 
 
@@ -120,8 +141,8 @@ def _is_sft_run(workdir: str) -> bool:
 def markdown_table(rows: list[Result]) -> str:
     """Methods as rows, models (by size) as columns, win rate [90% interval] in the cells."""
     models = sorted({(r.params, r.model) for r in rows})
-    methods = sorted({r.method for r in rows}, key=lambda m: (m.startswith("sft+"), m))
-    cell = {(r.method, r.model): r for r in rows}
+    methods = sorted({r.label for r in rows}, key=lambda m: (m.startswith("sft+"), m))
+    cell = {(r.label, r.model): r for r in rows}
     lines = ["| method | " + " | ".join(m for _, m in models) + " |", "|---|" + "---|" * len(models)]
     for method in methods:
         cells = []

@@ -2,8 +2,10 @@
 
     python scripts/plot_scale.py runs/tiny_scale/* --out curves.png [--reference JUDGMENTS.jsonl] [--overlay-paper]
 
-RUNS are workdirs whose eval.json has a win rate against a baseline (others, such as the
-SFT baselines themselves, are listed as skipped). ``--reference`` reads
+RUNS are workdirs whose eval.json has a win rate (others, such as the SFT baselines
+themselves, are listed as skipped): the paper's quantity, wins / total of pairwise verdicts
+against the dataset's SFT target (the ``pairwise`` evaluator or scripts/judge.py), or, drawn
+dotted and labelled as not on the paper's scale, a pairwise or unary win rate against another run. ``--reference`` reads
 the judgment log the KTO authors published (shared/reference/archangel_gpt4_judgments.jsonl);
 ``--overlay-paper`` draws those curves beside the runs. Two panels: without and with SFT
 first (a panel only where there are runs); 90% binomial intervals as error bars. Prints a markdown table (and the paper's
@@ -48,14 +50,16 @@ def plot(rows, out: str, title: str = "") -> None:
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     for ax, (sft_first, panel) in zip(axes, panels):
         labelled = set()
-        for source, method, fam in sorted({(r.source.split(":")[0], r.base_method, family(r.model)) for r in panel}):
-            series = sorted((r for r in panel if r.base_method == method and family(r.model) == fam
+        keys = sorted({(r.source.split(":")[0], r.protocol, r.base_method, family(r.model)) for r in panel})
+        for source, protocol, method, fam in keys:
+            series = sorted((r for r in panel if r.base_method == method and family(r.model) == fam and r.protocol == protocol
                              and r.source.startswith(source)), key=lambda r: r.params)
             x = [max(r.params, 1) for r in series]
             y = [r.winrate - 0.5 for r in series]
             err = [[r.winrate - r.ci90[0] for r in series], [r.ci90[1] - r.winrate for r in series]]
-            label = f"{method} (paper)" if source == "paper" else method
-            ax.errorbar(x, y, yerr=err, fmt="o" + ("--" if source == "paper" else "-"), capsize=3, color=colors[method],
+            label = f"{method} (paper)" if source == "paper" else method if protocol == "paper" else f"{method} [{protocol}]"
+            style = "--" if source == "paper" else "-" if protocol == "paper" else ":"  # dotted: not the paper's scale
+            ax.errorbar(x, y, yerr=err, fmt="o" + style, capsize=3, color=colors[method],
                         alpha=0.55 if source == "paper" and len({r.source.split(':')[0] for r in rows}) > 1 else 1.0,
                         label=None if label in labelled else label)
             labelled.add(label)
@@ -74,7 +78,8 @@ def plot(rows, out: str, title: str = "") -> None:
 def has_winrate(workdir: str) -> bool:
     try:
         with open(os.path.join(workdir, "eval.json"), encoding="utf-8") as f:
-            return "winrate" in json.load(f)
+            results = json.load(f)
+        return "pairwise" in results or "winrate" in results
     except (OSError, ValueError):
         return False
 
@@ -85,8 +90,13 @@ def main(argv):
     if skipped:  # SFT baselines, unfinished or unjudged runs: counted, named, not plotted
         print(f"skipped {len(skipped)} run(s) with no win rate in eval.json: {', '.join(skipped)}", file=sys.stderr)
     if argv[1:] and not runs:
-        raise app.UsageError("no run has a win rate: judge runs with config.eval.judge and config.eval.baseline set")
+        raise app.UsageError("no run has a win rate: judge runs pairwise (evaluator 'pairwise' or scripts/judge.py), "
+                             "or with config.eval.baseline set")
     rows = read_runs(runs) if runs else []
+    off_scale = [r for r in rows if r.protocol != "paper"]
+    if off_scale:  # drawn dotted and labelled: the paper's numbers are pairwise against the SFT target
+        print(f"{len(off_scale)} run(s) not judged by the paper's protocol (pairwise against the SFT target), not on its "
+              f"scale: {', '.join(sorted({r.source[4:] + ' [' + r.protocol + ']' for r in off_scale}))}", file=sys.stderr)
     reference = read_judgments(_REFERENCE.value) if _REFERENCE.value else []
     scale = [r for r in reference if r.source.startswith("paper:archangel_")]
     if not rows and not scale:

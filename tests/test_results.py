@@ -96,5 +96,24 @@ def test_plot_scale_draws_only_the_panels_it_has_runs_for(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int.from_bytes(out.read_bytes()[16:20], "big") == 720  # PNG IHDR width
-    assert "| sft+kto | 0.781 [" in proc.stdout
+    assert "| sft+kto [unary-run] | 0.781 [" in proc.stdout  # a unary win rate against a run: labelled, dotted
+    assert "2 run(s) not judged by the paper's protocol" in proc.stderr
     assert f"skipped 1 run(s) with no win rate in eval.json: {sft}" in proc.stderr
+
+
+def test_a_run_judged_pairwise_against_the_sft_target_is_on_the_paper_s_scale(paper, tmp_path):
+    """The same wins of the same total give the paper's number and interval, in the same table cell."""
+    ref = paper[("kto", "llama30b")]
+    runs = {}
+    for name, against in (("paper", "sft_target"), ("vs_run", str(tmp_path / "other"))):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"loss": {"name": "kto"}, "model": {"name": "llama-30b"}, "init": {"source": ""}}))
+        (d / "eval.json").write_text(json.dumps({
+            "winrate": {"wins": 1, "ties": 0, "losses": 0, "n": 1},  # the unary view does not replace the pairwise one
+            "pairwise": {"wins": int(ref.wins), "baseline_wins": 150, "ties": 2, "unparseable": 20, "n": ref.total, "against": against}}))
+        (runs[name],) = read_runs([str(d)])
+    assert (runs["paper"].protocol, runs["vs_run"].protocol) == ("paper", "pairwise-run")
+    assert runs["paper"].winrate == ref.winrate and runs["paper"].ci90 == ref.ci90 and round(ref.winrate, 3) == 0.664
+    table = markdown_table([runs["paper"], runs["vs_run"]])
+    assert "| kto | 0.664 [" in table and "| kto [pairwise-run] | 0.664 [" in table

@@ -139,7 +139,7 @@ def test_a_server_that_goes_down_keeps_the_verdicts_and_the_rerun_resumes(tmp_pa
     judge = ApiJudge(server.url, "m", concurrency=4, retries=1, backoff_s=0.01, timeout_s=2)
     pairwise_winrate(judge, items(8), store, progress=False)
     server.close()  # down: nothing listens on the port any more
-    with pytest.raises(JudgeUnavailable, match=r"failed 2 times.*verdicts so far are kept.*rerun to resume"):
+    with pytest.raises(JudgeUnavailable, match=r"gave no answer in 2 tries.*verdicts so far are kept.*rerun to resume"):
         pairwise_winrate(judge, items(20), store, progress=False)
     assert len(JudgmentStore(str(tmp_path / "judgments.jsonl"))) == 8
     server = Server(answer=longer_wins)

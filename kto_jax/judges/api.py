@@ -141,7 +141,7 @@ class ApiJudge:
                 return response.json()["choices"][0]["message"]["content"] or ""
             except (ValueError, KeyError, IndexError, TypeError):
                 raise RuntimeError(f"judge server {self.url} sent no chat completion: {response.text[:300]}") from None
-        raise JudgeUnavailable(f"judge server {self.url} failed {self.retries + 1} times ({last}); the verdicts so far are "
+        raise JudgeUnavailable(f"judge server {self.url} gave no answer in {self.retries + 1} tries ({last}); the verdicts so far are "
                                "kept in the judgments file: start the server (or fix config.eval.api.base_url) and rerun to resume")
 
     def compare(self, items) -> list[Verdict]:

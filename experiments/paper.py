@@ -86,5 +86,7 @@ def get_config(arg: str = ""):
     c.checkpoint.update(dict(every_minutes=30.0, keep_last=2))
     # HALOs legacy samples with policy.generate(do_sample=True, top_p=0.95) and transformers 4.35's
     # defaults otherwise: temperature 1.0, top_k 50 (trainers.py, config/config.yaml)
-    c.eval.update(dict(judge="", num_prompts=512, max_new_tokens=512, temperature=1.0, top_k=50, top_p=0.95))
+    # samples.jsonl of 512 held-out prompts with their SFT targets; judged afterwards by
+    # scripts/judge.py (or set config.eval.judge and add "pairwise" to judge in the run)
+    c.eval.update(dict(evaluators="held_out,samples", judge="", num_prompts=512, max_new_tokens=512, temperature=1.0, top_k=50, top_p=0.95))
     return c

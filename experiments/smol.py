@@ -7,9 +7,19 @@
     python scripts/make_feedback.py --kind preference --out data/prefs.jsonl
     python -m kto_jax.train --config experiments/smol.py:loss=dpo,data=data/prefs.jsonl --workdir runs/smol-dpo
 
+Before and after (the README's table; about N minutes on 2 CPU cores):
+
+    python -m kto_jax.train --config experiments/smol.py:data=data/feedback.jsonl --workdir runs/smol-base \
+        --config.eval.only=True                     # the starting model's samples, judged; nothing trained
+    python -m kto_jax.train --config experiments/smol.py:loss=kto,data=data/feedback.jsonl,before=runs/smol-base ...
+    python scripts/runs_table.py runs/smol-base runs/smol-kto runs/smol-dpo
+
 Arguments (comma-separated key=value): loss (any registered name), data (a ``files:`` pattern:
 JSONL, JSON, Parquet, CSV or a save_to_disk folder, in any of the formats of the README's Data
-section), model (the HF folder; default the converted SmolLM2), steps (0 = one epoch).
+section), model (the HF folder; default the converted SmolLM2), steps (0 = one epoch), lr
+(default HALOs main's 5e-6), before (a workdir of the starting model's samples: adds the pairwise
+evaluator against them, the paper's protocol with the exact judge: a win is a right answer where
+the starting model's was wrong; ties and unparseable verdicts are not wins).
 
 The model's own Jinja chat template renders every prompt (``chat_template="tokenizer"``), 10% of
 the prompts are held out by hash for evaluation, and the optimizer is HALOs main's AdamW
@@ -21,7 +31,7 @@ reply (counted in data_stats.json).
 
 from kto_jax.config import base_config, loss_config, parse_arg
 
-ARGS = ("loss", "data", "model", "steps")
+ARGS = ("loss", "data", "model", "steps", "lr", "before")
 SMOLLM2 = "~/.cache/kto_jax/smollm2-135m-instruct"
 
 
@@ -36,10 +46,12 @@ def get_config(arg: str = ""):
         max_length=160, max_prompt_length=128, bucket=32,
     ))
     c.train.update(dict(global_batch_size=8, steps=int(args.get("steps", 0)), log_every=5, eval_batches=2))
-    c.train.optimizer.update(dict(name="adamw", lr=5e-6, warmup_steps=0, warmup_ratio=0.1, warmup_start_factor=0.1,
+    c.train.optimizer.update(dict(name="adamw", lr=float(args.get("lr", 5e-6)), warmup_steps=0, warmup_ratio=0.1, warmup_start_factor=0.1,
                                   grad_clip=1.0, weight_decay=0.01))
     # the example file's tasks have exact answers (kto_jax/data/example_feedback.py:judge); another
     # file needs another judge (config.eval.judge) or config.eval.evaluators="held_out"
     c.eval.update(dict(evaluators="held_out,judged", judge="feedback", num_prompts=64, batch_size=16, max_new_tokens=24,
                        temperature=1.0, top_k=50, top_p=0.95))
+    if args.get("before"):  # the paper's pairwise protocol against the starting model's samples (a run with eval.only)
+        c.eval.update(dict(evaluators="held_out,judged,pairwise", against=args["before"]))
     return c

@@ -110,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.target = ml_collections.ConfigDict(dict(topology=""))  # the slice this config is sized for (aot_check)
     c.eval = ml_collections.ConfigDict(dict(
+        only=False,            # True: evaluate the starting weights (init.source or the model), train nothing
         evaluators="held_out,judged",  # run at the end, by name (kto_jax/train/evaluators.py); held_out also every eval_every
         judge="",              # for "judged": "" = no generation; "synthetic" = the synthetic task's exact judge
         num_prompts=256,

@@ -162,3 +162,24 @@ def imbalance_table(rows: list[Result]) -> str:
         lines.append(f"| {r.model} | {e['desirable_fraction']} | {e['undesirable_fraction']} | {e['desirable_weight']} | "
                      f"{e['undesirable_weight']} | {r.winrate:.3f} [{r.ci90[0]:.3f}, {r.ci90[1]:.3f}] |")
     return "\n".join(lines)
+
+
+def runs_table(workdirs: Iterable[str]) -> str:
+    """One row per run (a before/after table): loss, steps trained, the judged desirable rate (unary
+    view) and the pairwise win rate (wins / total, ties and unparseable as non-wins) with the counts
+    and what it was judged against."""
+    lines = ["| run | loss | steps | judged desirable [90%] | pairwise against | wins / ties / losses / unparseable | win rate [90%] |",
+             "|---|---|---|---|---|---|---|"]
+    for workdir in workdirs:
+        with open(os.path.join(workdir, "eval.json"), encoding="utf-8") as f:
+            results = json.load(f)
+        with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        g, p = results.get("generation"), results.get("pairwise")
+        unary = f"{g['desirable_rate']:.3f} [{g['ci90'][0]:.3f}, {g['ci90'][1]:.3f}] (n={g['n']})" if g else ""
+        against = (p["against"] if p["against"] == "sft_target" else os.path.basename(os.path.normpath(p["against"]))) if p else ""
+        counts = f"{p['wins']} / {p['ties']} / {p['baseline_wins']} / {p['unparseable']}" if p else ""
+        rate = f"{p['winrate']:.3f} [{p['ci90'][0]:.3f}, {p['ci90'][1]:.3f}]" if p else ""
+        loss = "(none: the starting model)" if config.get("eval", {}).get("only") else config["loss"]["name"]
+        lines.append(f"| {os.path.basename(os.path.normpath(workdir))} | {loss} | {results.get('step', '')} | {unary} | {against} | {counts} | {rate} |")
+    return "\n".join(lines)

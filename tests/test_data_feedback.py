@@ -18,6 +18,12 @@ def test_each_pair_gives_one_desirable_and_one_undesirable_example():
     assert {ex.completion for ex in out if not ex.desirable} == {f"bad{i}" for i in range(50)}
 
 
+def test_the_unary_view_keeps_each_prompt_s_sft_target():
+    """KTO's judged samples are compared with the prompt's SFT target (SHP's first comment, not the chosen reply)."""
+    target = [Paired("p0", (("user", "q"),), "chosen", "rejected", "the first comment")]
+    assert {ex.sft_target for ex in paired_to_unary(target, seed=0)} == {"the first comment"}
+
+
 def test_halves_of_a_pair_rarely_share_a_batch():
     out = paired_to_unary(pairs(1000), seed=1)
     batch = 32

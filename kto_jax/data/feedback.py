@@ -74,8 +74,8 @@ def paired_to_unary(pairs: Sequence[Paired], *, seed: int) -> list[Unary]:
     over the whole set so the two halves of a pair rarely share a batch (as HALOs does)."""
     examples = []
     for p in pairs:
-        examples.append(Unary(f"{p.id}/chosen", p.prompt, p.chosen, True))
-        examples.append(Unary(f"{p.id}/rejected", p.prompt, p.rejected, False))
+        examples.append(Unary(f"{p.id}/chosen", p.prompt, p.chosen, True, p.sft_target))
+        examples.append(Unary(f"{p.id}/rejected", p.prompt, p.rejected, False, p.sft_target))
     order = np.random.default_rng(seed).permutation(len(examples))
     return [examples[i] for i in order]
 

@@ -4,6 +4,9 @@ Each is ``evaluator(run, state) -> dict`` whose entries go into ``eval.json``:
 
   held_out  loss and reward metrics of the held-out batches (``eval/loss``, ...), also
             every ``config.train.eval_every`` steps
+  samples   only samples completions for the held-out prompts (``samples.jsonl``: the
+            conversation, the completion and the prompt's SFT target), to judge later with
+            scripts/judge.py where the judge is reachable
   judged    when ``config.eval.judge`` names a unary judge: samples completions for
             held-out prompts (``samples.jsonl``), the judged desirable rate with its 90%
             interval, and the win rate against ``config.eval.baseline``'s samples
@@ -69,6 +72,12 @@ def samples(run, state) -> list[dict]:
                     for p, s, c in zip(prompts, shown, completions)]
     _write_samples(run)
     return run.sample_rows
+
+
+def write_samples(run, state) -> dict:
+    """Only sample the held-out prompts (``samples.jsonl``), for judging later (scripts/judge.py)."""
+    note(f"sampled {len(samples(run, state))} held-out prompts into samples.jsonl")
+    return {}
 
 
 def _write_samples(run) -> None:
@@ -154,4 +163,4 @@ def pairwise_from_samples(config, rows: list[dict], workdir: str, judge=None, pr
     return {"pairwise": result}
 
 
-EVALUATORS = {"held_out": held_out, "judged": judged, "pairwise": pairwise}
+EVALUATORS = {"held_out": held_out, "samples": write_samples, "judged": judged, "pairwise": pairwise}

@@ -96,9 +96,9 @@ def run(config, workdir: str) -> dict:
     train_data = setup.load_split(config, plan, config.data.train_split)
     loader = setup.make_loader(config, plan, train_data, tokenizer, seed=config.seed)
     eval_data = setup.load_split(config, plan, config.data.eval_split)
-    steps = plan.resolve_steps(loader.steps_per_epoch)
+    steps = 0 if config.eval.only else plan.resolve_steps(loader.steps_per_epoch)  # eval.only: the "before" of a table
 
-    engine = build_engine(plan.step_spec(model), config.train.optimizer, mesh, seed=plan.seed, total_steps=steps)
+    engine = build_engine(plan.step_spec(model), config.train.optimizer, mesh, seed=plan.seed, total_steps=max(steps, 1))
     state = engine.create_state(model_params)  # new buffers: model_params stay as the frozen reference
     reference_params = model_params if plan.needs_reference else None
     del model_params

@@ -1,0 +1,322 @@
+"""An OpenAI-compatible HTTP server over kto-jax's KV-cache generation (``scripts/serve.py``).
+
+    served = load_served_model("~/.cache/kto_jax/smollm2-135m-instruct")   # or "tiny-1m", "orbax:RUN@STEP"
+    server = make_server(served, host="127.0.0.1", port=8000)
+    server.serve_forever()
+
+Endpoints: POST /v1/chat/completions (messages rendered by the chat template with the
+generation prompt), POST /v1/completions (raw text or token ids, no template), GET
+/v1/models, GET /health (unauthenticated; batching counters). Requests of all handler
+threads go to one ``kto_jax.serve_batching.Batcher``.
+
+Request fields: ``max_tokens`` (chat also ``max_completion_tokens``; default
+``default_max_tokens``, lowered to what the context leaves), ``temperature`` (default 1),
+``top_p``, ``top_k`` (an extension, as vLLM's; 0 or -1 = off), ``n``, ``seed``, ``stop``.
+Any ``model`` name is accepted; answers carry the served name. A prompt whose tokens plus
+``max_tokens`` exceed the model's context (``max_position_embeddings``) is refused with
+HTTP 400 (code ``context_length_exceeded``): prompts are never cut. Bad input is a 400
+``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``; with an API
+key set, a missing or wrong ``Authorization: Bearer KEY`` is a 401.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import os
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from absl import logging
+
+from kto_jax.serve_batching import Batcher, Job, Sampling
+from kto_jax.serve_requests import (
+    RequestError,
+    chat_turns,
+    completion_prompts,
+    parse_options,
+    resolve_max_tokens,
+)
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+# ---------------------------------------------------------------- the served model
+
+
+@dataclasses.dataclass
+class ServedModel:
+    """What the server needs of a model: weights, tokenizer, chat template and limits.
+
+    ``chat_bos_id`` starts a chat prompt (the BOS the template writes, ``bos_id_for``);
+    ``raw_bos_id`` starts a raw completion prompt (the tokenizer's own). ``stop_token_ids`` end a
+    completion besides ``tokenizer.eos_id`` (generation_config.json's other EOS ids).
+    """
+
+    name: str
+    model: Any
+    params: Any
+    tokenizer: Any
+    template: Any
+    context_length: int
+    chat_bos_id: int | None = None
+    raw_bos_id: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def encode(self, text: str, bos_id: int | None) -> list[int]:
+        """``text``'s token ids after ``bos_id`` (when not None)."""
+        return ([] if bos_id is None else [bos_id]) + self.tokenizer.encode(text)
+
+    def chat_ids(self, turns) -> list[int]:
+        """The token ids of ``turns`` rendered with the generation prompt."""
+        return self.encode(self.template.prompt(turns), self.chat_bos_id)
+
+    def generate(self, rows, *, max_new_tokens, sampling: Sampling, seed, batch_size, bucket) -> list[list[int]]:
+        """``kto_jax.evaluate.generate`` on this model (the ``Batcher``'s ``generate_fn``)."""
+        from kto_jax.evaluate import generate
+
+        return generate(self.model, self.params, rows, max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id,
+                        pad_id=self.tokenizer.pad_id, temperature=sampling.temperature, top_p=sampling.top_p,
+                        top_k=sampling.top_k, batch_size=batch_size, seed=seed, bucket=bucket)
+
+
+def load_served_model(source: str, *, chat_template: str = "auto", tokenizer: str = "", dtype: str = "",
+                      name: str = "", seed: int = 0, context_length: int = 0) -> ServedModel:
+    """A preset name (random init, seed ``seed``; byte tokenizer unless ``tokenizer``), a Hugging Face
+    folder, or ``orbax:WORKDIR[@STEP]`` (a kto_jax run's weights, latest step by default).
+
+    chat_template: a built-in (halos, hh, plain), "tokenizer" (the folder's Jinja template), or
+    "auto": the run's own template for orbax, else the folder's when it has one, else halos.
+    dtype: params and activations ("float32", "bfloat16"); "" = float32 (an orbax run: its own).
+    context_length: 0 = the model's max_position_embeddings.
+    """
+    from kto_jax.data.chat import bos_id_for, get_chat_template
+    from kto_jax.data.tokenize import get_tokenizer
+    from kto_jax.models.hf import from_hf
+    from kto_jax.models.presets import PRESETS
+
+    template = None
+    if source.startswith("orbax:"):
+        model, params, tok, template, folder = _load_orbax(source[len("orbax:") :], dtype)
+    else:
+        path = source if source in PRESETS else os.path.abspath(os.path.expanduser(source))
+        model, params = from_hf(path, param_dtype=dtype or "float32", seed=seed)
+        folder = os.path.expanduser(tokenizer) if tokenizer and tokenizer != "bytes" else (None if path in PRESETS else path)
+        tok = get_tokenizer(folder or "bytes")
+    if chat_template != "auto" or template is None:
+        template = _template(chat_template, folder, get_chat_template)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer of {source!r} has {tok.vocab_size} tokens but the model embeds only "
+                         f"{model.config.vocab_size}: pass the model's own tokenizer")
+    raw_bos = tok.bos_id
+    limit = int(context_length) or int(model.config.max_position_embeddings)
+    return ServedModel(name=name or _default_name(source), model=model, params=params, tokenizer=tok, template=template,
+                       context_length=limit, chat_bos_id=bos_id_for(template, tok), raw_bos_id=raw_bos,
+                       stop_token_ids=_extra_eos_ids(folder, tok.eos_id))
+
+
+def _template(name: str, folder: str | None, get_chat_template):
+    """``name``'s template; "auto": the folder's own when it has one, else halos."""
+    if name != "auto":
+        return get_chat_template(name, folder)
+    if folder:
+        try:
+            return get_chat_template("tokenizer", folder)
+        except ValueError:
+            logging.warning("%s has no chat template; chat requests use the halos template", folder)
+    return get_chat_template("halos")
+
+
+def _load_orbax(workdir_and_step: str, dtype: str):
+    """``(model, params, tokenizer, template, tokenizer folder)`` of a kto_jax run, as scripts/export_hf.py reads it:
+    the run's config.json gives the model config, tokenizer (with CSFT's control tokens) and template."""
+    import flax.linen as nn
+    import jax
+    import ml_collections
+
+    from kto_jax import checkpoint
+    from kto_jax.data.tokenize import get_tokenizer
+    from kto_jax.losses import get_loss
+    from kto_jax.models import abstract_params, build_model
+    from kto_jax.train import plan, setup
+
+    workdir = os.path.abspath(os.path.expanduser(workdir_and_step.partition("@")[0]))
+    config_file = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_file):
+        raise FileNotFoundError(f"{config_file} not found: orbax:WORKDIR[@STEP] needs a kto_jax run directory")
+    with open(config_file, encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if "compute_dtype" not in config.model:  # a run from before config.model.dtype was named compute_dtype
+        config.model.compute_dtype = config.model.dtype
+    fields = plan.model_fields(config)
+    if dtype:
+        fields.update(param_dtype=dtype, compute_dtype=dtype)
+    model_config = plan.model_config(plan.model_source(config), fields)
+    folder = setup.tokenizer_folder(config)
+    tokenizer = get_tokenizer(folder or "bytes")
+    tokenizer.add_tokens(get_loss(config.loss.name).control_tokens)  # as the run did (kto_jax.train.setup)
+    model_config = model_config.replace(vocab_size=max(model_config.vocab_size, tokenizer.vocab_size))
+    step_source = workdir + (f"@{workdir_and_step.partition('@')[2]}" if "@" in workdir_and_step else "")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # the restore target, allocating nothing
+    like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                  nn.unbox(abstract_params(model_config)))
+    params, step = checkpoint.load_params(step_source, like)
+    logging.info("loaded step %d of %s", step, workdir)
+    return build_model(model_config), params, tokenizer, setup.chat_template(config), folder
+
+
+def _default_name(source: str) -> str:
+    """A preset's name, a folder's basename, or ``RUN[@STEP]`` of an orbax source."""
+    if source.startswith("orbax:"):
+        workdir, at, step = source[len("orbax:") :].partition("@")
+        return os.path.basename(os.path.normpath(workdir)) + (f"@{step}" if at else "")
+    return os.path.basename(os.path.normpath(os.path.expanduser(source)))
+
+
+def _extra_eos_ids(folder: str | None, eos_id: int) -> tuple[int, ...]:
+    """generation_config.json's ``eos_token_id`` entries other than the tokenizer's EOS."""
+    file = os.path.join(folder, "generation_config.json") if folder else ""
+    if not file or not os.path.exists(file):
+        return ()
+    with open(file, encoding="utf-8") as f:
+        ids = json.load(f).get("eos_token_id")
+    ids = ids if isinstance(ids, list) else [ids] if isinstance(ids, int) else []
+    return tuple(int(i) for i in ids if int(i) != eos_id)
+
+
+# ---------------------------------------------------------------- the app
+
+
+class App:
+    """The endpoints over one served model and its batcher: ``get``/``post`` return the JSON answer or
+    raise ``RequestError`` (what the HTTP handler sends as the error status and body)."""
+
+    def __init__(self, served: ServedModel, batcher: Batcher, *, api_key: str = "", default_max_tokens: int = 256):
+        self.served, self.batcher, self.api_key, self.default_max_tokens = served, batcher, api_key, default_max_tokens
+
+    def authorize(self, header: str | None) -> None:
+        """A 401 unless the server has no key or ``header`` is ``Bearer KEY``."""
+        if self.api_key and not hmac.compare_digest((header or "").encode(), f"Bearer {self.api_key}".encode()):
+            raise RequestError("invalid or missing API key (Authorization: Bearer KEY)", None, 401, "invalid_api_key")
+
+    def get(self, path: str) -> dict:
+        if path in ("/health", "/v1/health"):
+            return {"status": "ok", "model": self.served.name, **self.batcher.stats}
+        if path == "/v1/models":
+            return {"object": "list", "data": [{"id": self.served.name, "object": "model", "created": 0, "owned_by": "kto_jax"}]}
+        raise RequestError(f"no endpoint GET {path}", None, 404, kind="not_found_error")
+
+    def post(self, path: str, body: Any) -> dict:
+        if path not in ("/v1/chat/completions", "/v1/completions"):
+            raise RequestError(f"no endpoint POST {path}", None, 404, kind="not_found_error")
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object", None)
+        options = parse_options(body)
+        chat = path == "/v1/chat/completions"
+        if chat:
+            try:
+                prompts = [self.served.chat_ids(chat_turns(body))]
+            except ValueError as e:  # the template refused the conversation (e.g. roles that do not alternate)
+                raise RequestError(str(e), "messages") from None
+        else:
+            prompts = completion_prompts(body, self.served)
+        max_tokens = resolve_max_tokens(options, prompts, self.served, self.default_max_tokens, "messages" if chat else "prompt")
+        rows = [p for p in prompts for _ in range(options["n"])]
+        job = Job(rows, max_tokens, options["sampling"], options["seed"], options["stop"])
+        choices = self.batcher.submit(job).result()
+        return self._response(chat, choices, sum(len(p) for p in prompts))
+
+    def _response(self, chat: bool, choices, prompt_tokens: int) -> dict:
+        completion_tokens = sum(len(c.tokens) for c in choices)
+        if chat:
+            out = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None, "finish_reason": c.finish_reason}
+                   for i, c in enumerate(choices)]
+        else:
+            out = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": self.served.name, "choices": out,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+
+
+class Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 (keep-alive) JSON handler; ``self.server.app`` answers."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self._answer(lambda app: app.get(self._route()))
+
+    def do_POST(self):
+        self._answer(lambda app: app.post(self._route(), self._body()))
+
+    def _route(self) -> str:
+        """The path without query, repeated or trailing slashes (``/v1//chat/completions/`` works too)."""
+        return "/" + "/".join(part for part in self.path.split("?")[0].split("/") if part)
+
+    def _body(self):
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            raise RequestError(f"bad Content-Length header {self.headers.get('Content-Length')!r}", None) from None
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True  # the body is not read
+            raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", None, 413)
+        raw = self.rfile.read(length)
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise RequestError(f"the request body is not valid JSON: {e}", None) from None
+
+    def _answer(self, endpoint):
+        app: App = self.server.app  # type: ignore[attr-defined]
+        try:
+            if self._route() not in ("/health", "/v1/health"):
+                app.authorize(self.headers.get("Authorization"))
+            status, body = 200, endpoint(app)
+        except RequestError as e:
+            status, body = e.status, e.body()
+            if e.status == 401 or e.status == 413:  # the unread body would be parsed as the next request
+                self.close_connection = True
+        except Exception as e:  # noqa: BLE001 -- a generation failure: a 500 with its message
+            logging.exception("request failed")
+            status, body = 500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}}
+        data = json.dumps(body).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):
+        logging.info("%s %s", self.address_string(), format % args)
+
+
+class _Server(ThreadingHTTPServer):
+    """A thread per connection (daemons), and a listen backlog for many concurrent clients."""
+
+    daemon_threads = True
+    request_queue_size = 256
+
+
+def make_server(served: ServedModel, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, wait_ms: float = 5.0,
+                api_key: str = "", default_max_tokens: int = 256) -> ThreadingHTTPServer:
+    """A ``ThreadingHTTPServer`` (port 0: a free one, ``server.server_address[1]``) with its batcher
+    (``server.app.batcher``); call ``serve_forever``. Threads are daemons."""
+    batcher = Batcher(served.generate, served.tokenizer.decode, max_batch=max_batch, wait_s=wait_ms / 1000,
+                      stop_token_ids=served.stop_token_ids, context_length=served.context_length)
+    server = _Server((host, port), Handler)
+    server.app = App(served, batcher, api_key=api_key, default_max_tokens=default_max_tokens)  # type: ignore[attr-defined]
+    return server
+
+
+def warm_up(app: App) -> None:
+    """One short greedy chat request through the batcher: compiles the commonest shape before serving."""
+    ids = app.served.chat_ids([("user", "Hi")])
+    app.batcher.submit(Job([ids], 1, Sampling(0.0))).result()

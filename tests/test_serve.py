@@ -27,6 +27,9 @@ import urllib.request
 import numpy as np
 import pytest
 
+from kto_jax.judges.api import ApiJudge, paper_messages, parse_choice
+from kto_jax.judges.protocol import candidate_first, pairwise_winrate
+from kto_jax.judges.store import JudgmentStore
 from kto_jax.serve_batching import Choice
 from tests.train_helpers import REPO, read, tail
 
@@ -89,6 +92,14 @@ def post_ok(url, path, body) -> dict:
 SMOL_MESSAGES = [{"role": "system", "content": "You are a concise assistant."},
                  {"role": "user", "content": "What is the capital of France?"}]
 SMOL_MAX_TOKENS = 12
+def shown(item):
+    """(turns, first, second) as the protocol shows a (turns, candidate, baseline) comparison."""
+    turns, a, b = item
+    return (turns, a, b) if candidate_first(turns, 0) else (turns, b, a)
+
+
+JUDGED = [((("user", "What is 2 + 3?"),), "2 + 3 = 5.", "It is 6."),
+          ((("system", "Be brief."), ("user", "Name a primary colour.")), "Blue.", "I do not know what you mean, sorry.")]
 
 
 def transformers_greedy(path: str, messages, max_new_tokens: int) -> tuple[str, int]:
@@ -135,7 +146,9 @@ def smol(tmp_path_factory):
     path = smollm2_dir()
     server = ServerProcess(["--model", path, "--served_name=smol", f"--api_key={KEY}"],
                            str(tmp_path_factory.mktemp("smol") / "server.log"))
-    expected = Background(lambda: transformers_greedy(path, SMOL_MESSAGES, SMOL_MAX_TOKENS))
+    # one thread for transformers (its lazy imports are not thread-safe)
+    expected = Background(lambda: (transformers_greedy(path, SMOL_MESSAGES, SMOL_MAX_TOKENS),
+                                   [transformers_greedy(path, paper_messages(*shown(c)), 10)[0] for c in JUDGED]))
     yield server, expected
     server.stop()
 
@@ -353,10 +366,27 @@ def test_orbax_source_serves_the_runs_weights(tiny, tmp_path):
 def test_smollm2_chat_equals_transformers_greedy(smol):
     """The real-model check: the judge's request shape, answered as transformers' greedy generate."""
     server, background = smol
-    expected, prompt_tokens = background.result()
+    (expected, prompt_tokens), _ = background.result()
     body = {"model": "smol", "messages": SMOL_MESSAGES, "temperature": 0, "max_tokens": SMOL_MAX_TOKENS, "seed": 0}
     out = post_ok(server.url, "/chat/completions", body)
     assert out["model"] == "smol"
     assert out["choices"][0]["message"]["content"] == expected, (expected, out)
     assert out["usage"]["prompt_tokens"] == prompt_tokens
     assert expected.strip(), expected
+
+
+def test_the_api_judge_asks_smollm2_served_here_with_the_paper_prompt(smol, tmp_path):
+    """The API judge over real HTTP against a real model: its replies are transformers' greedy answers
+    to compare.py's prompt, read as compare.py reads them; a rerun asks nothing."""
+    server, background = smol
+    judge = ApiJudge(server.url, "smol", api_key=KEY, concurrency=2)
+    _, replies = background.result()
+    store = JudgmentStore(str(tmp_path / "judgments.jsonl"))
+    result = pairwise_winrate(judge, [(t, a, b) for t, a, b in JUDGED], store, progress=False)
+    verdicts = {(tuple(map(tuple, r["turns"])), r["first"], r["second"]): r for r in store.rows.values()}
+    for item, reply in zip(JUDGED, replies):
+        row = verdicts[shown(item)]  # in the order the protocol drew for the prompt
+        assert row["raw"] == reply, (row["raw"], reply)
+        assert row["winner"] == parse_choice(reply)
+    assert result["n"] == 2 and result["wins"] + result["baseline_wins"] + result["unparseable"] + result["ties"] == 2
+    assert pairwise_winrate(judge, JUDGED, JudgmentStore(str(tmp_path / "judgments.jsonl")), progress=False)["cached"] == 2

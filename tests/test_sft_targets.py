@@ -166,6 +166,18 @@ def test_shp_fixture_per_prompt(tmp_path):
         "Check your contract for a mobility clause.")
 
 
+@pytest.mark.parametrize("loss", ["kto", "dpo"])
+def test_an_aligned_run_is_judged_against_the_targets_sft_trains_on(tmp_path, loss):
+    """The pairwise evaluator's baseline (kto_jax/train/evaluators.py:samples) is the SFT run's target per
+    prompt, whatever the loss's view of the split (SHP: the first comment, not the chosen one)."""
+    config, plan = _config("shp", tmp_path, os.path.join(FIXTURES, "shp"), "per_prompt")
+    sft = _targets(load_split(config, plan, "test"))
+    config, plan = _config("shp", tmp_path, os.path.join(FIXTURES, "shp"), "all", loss=loss)
+    data = load_split(config, plan, "test")
+    assert {ex.prompt: ex.completion for ex in sft_targets_per_prompt(data.source)[0]} == sft
+    assert len(data.source) == data.stats["source_examples"]
+
+
 def test_oasst_fixture_per_prompt(tmp_path):
     config, plan = _config("oasst", tmp_path, FIXTURES + "/oasst", "per_prompt")
     france = (("user", "What is the capital of France?"),)

@@ -55,8 +55,11 @@ def samples(run, state) -> list[dict]:
     from kto_jax.evaluate import eval_prompts, generate
 
     config, tokenizer = run.config, run.tokenizer
-    prompts = eval_prompts([ex.prompt for ex in run.eval_data.examples], int(config.eval.num_prompts))
-    targets = {ex.prompt: ex.completion for ex in sft_targets_per_prompt(run.eval_data.examples)[0]}
+    # the split's prompts and SFT targets before the loss's view (pairing, subsampling), so every
+    # run of a split, whatever its loss, is judged on the same prompts against the same targets
+    split = run.eval_data.source or run.eval_data.examples
+    prompts = eval_prompts([ex.prompt for ex in split], int(config.eval.num_prompts))
+    targets = {ex.prompt: ex.completion for ex in sft_targets_per_prompt(split)[0]}
     template = run.loader.cfg.chat_template
     texts = [render_prompt(p, template) for p in prompts]  # the whole dialogue, as trained
     shown = [template.bos_token + t if getattr(template, "renders_bos", False) else t for t in texts]

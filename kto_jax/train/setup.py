@@ -56,6 +56,7 @@ def files_options(config) -> dict:
 class Data:
     examples: list
     stats: dict
+    source: list = dataclasses.field(default_factory=list)  # the split's examples before the loss's view (the judged prompts)
 
 
 def load_split(config, plan: Plan, split: str) -> Data:
@@ -65,7 +66,7 @@ def load_split(config, plan: Plan, split: str) -> Data:
                                      seed=config.seed, files=files_options(config))
     if not examples:
         raise ValueError(f"config.data.sources={d.sources!r} split {split!r} has no examples")
-    paired = isinstance(examples[0], Paired)
+    paired, source = isinstance(examples[0], Paired), examples
     stats: dict = {"source_examples": len(examples), **mixture}
     if spec.kind == "paired":
         if not paired:  # unary feedback: a desirable and an undesirable reply of one prompt make a pair
@@ -81,7 +82,7 @@ def load_split(config, plan: Plan, split: str) -> Data:
             note(f"{split}: {pair_stats['unary_pairs']} (desirable, undesirable) pairs from {pair_stats['unary_prompts_paired']} "
                  f"prompts for {spec.name}; {pair_stats['unary_completions_unpaired']} completions unpaired "
                  f"({pair_stats['unary_prompts_unpaired']} prompts with one kind only)")
-        return Data(examples, stats)
+        return Data(examples, stats, source)
     if spec.kind == "sft":
         stats["sft_targets"] = d.sft_targets
     if spec.kind == "sft" and d.sft_targets == "per_prompt":
@@ -106,7 +107,7 @@ def load_split(config, plan: Plan, split: str) -> Data:
         if warning:
             logging.warning("%s", warning)
             stats["weight_warning"] = warning
-    return Data(examples, stats)
+    return Data(examples, stats, source)
 
 
 def tokenizer_folder(config) -> str | None:

@@ -2,10 +2,11 @@
 
     python scripts/export_hf.py --workdir runs/kto [--step N] --out exported/kto
 
-Writes config.json, sharded model-*.safetensors with their index, and the tokenizer files:
-copied from the model folder when the run used one (for a CSFT run, its tokenizer.json with
-the control tokens the run added, beside the grown vocabulary), or, for the built-in byte
-tokenizer, an equivalent tokenizer.json (byte-level, same ids, same special tokens).
+Writes config.json, sharded model-*.safetensors with their index, and the tokenizer files
+(with chat_template.jinja and generation_config.json): copied from the model folder when the
+run used one (for a CSFT run, its tokenizer.json with the control tokens the run added, beside
+the grown vocabulary), or, for the built-in byte tokenizer, an equivalent tokenizer.json
+(byte-level, same ids, same special tokens).
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
 flags.mark_flags_as_required(["workdir", "out"])
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+# copied from the run's model folder: recent transformers save a tokenizer's chat template as
+# chat_template.jinja (not in tokenizer_config.json), and generation_config.json names the EOS
+# that model.generate stops at (config.json as to_hf writes it names none)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
+                   "generation_config.json")
 
 
 def byte_tokenizer_json():

@@ -4,7 +4,8 @@ but config flags; every bad file fails with a message naming the file and field,
 anything trains.
 
 The two real-model runs start when the module starts (they share the CPUs with the bad-input
-runs, which use the tiny model and the byte tokenizer).
+runs, which use the tiny model and the byte tokenizer). The KTO run's final checkpoint is then
+exported with scripts/export_hf.py and reloaded in transformers.
 """
 
 from __future__ import annotations
@@ -72,6 +73,67 @@ def test_preference_file_trains_dpo_on_smollm2(smol_runs, files):
     assert len(rows) == 2
     stats = json.loads(read(os.path.join(workdir, "data_stats.json")))
     assert stats["train"]["sources"][f"files:{files['prefs']}"]["files"]["schema"] == "preference"
+
+
+# float32 roundoff over 30 layers (tests/test_smollm2.py measures 1.4e-4 on the untrained model)
+EXPORT_TOL = 2e-4
+
+
+def test_kto_run_exports_to_transformers(smol_runs, files):
+    """The KTO run's final checkpoint through scripts/export_hf.py, as a user runs it, reloaded in
+    transformers: its logits are kto_jax's on the trained params (read back from the folder and from
+    the orbax checkpoint), training moved them away from SmolLM2's, and the folder's tokenizer and
+    chat template render the prompt ids that the original folder does."""
+    import jax
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kto_jax import checkpoint
+    from kto_jax.data.chat import JinjaChatTemplate, bos_id_for
+    from kto_jax.data.tokenize import HFTokenizer, encode_prompt
+    from kto_jax.models.hf import from_hf
+    from tests.hf_checkpoints import forward, hf_logits, max_diff
+
+    workdir, code, log = smol_runs["kto"]()
+    assert code == 0, tail(log)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]  # the final step is saved
+    out = str(files["root"] / "smol-kto-hf")
+    proc = subprocess.run([sys.executable, "scripts/export_hf.py", "--workdir", workdir, "--out", out], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, tail(proc.stderr)
+    assert f"exported step 2 of {workdir}" in proc.stdout
+
+    original = smollm2_dir()
+    turns = (("system", "You are a careful assistant."), ("user", "What is 12 + 30? Answer with a number."))
+
+    def prompt_ids(folder):
+        template, tok = JinjaChatTemplate.from_folder(folder), HFTokenizer(folder)
+        tok.bos_id = bos_id_for(template, tok)
+        return encode_prompt(tok, template.prompt(turns)), tok
+
+    ids, tok = prompt_ids(original)
+    assert prompt_ids(out)[0] == ids
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    text = hf_tok.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False, add_generation_prompt=True)
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
+    hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf_model.generation_config.eos_token_id == tok.eos_id  # generate stops where kto_jax's does
+
+    model, params = from_hf(out)
+    base_model, base_params = from_hf(original)
+    saved, step = checkpoint.load_params(workdir, base_params)
+    assert step == 2
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved)))
+    # two AdamW steps at lr 5e-7 then 5e-6 move every tensor by about 5.5e-6
+    moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params))]
+    assert all(1e-6 < m < 1e-4 for m in moved), moved
+
+    x = np.asarray([ids], np.int32)
+    ours, ref = np.asarray(forward(model, params, x)), hf_logits(hf_model, x)
+    assert max_diff(ours, ref) < EXPORT_TOL
+    assert max_diff(ours, np.asarray(forward(model, saved, x))) == 0.0
+    assert max_diff(ours, np.asarray(forward(base_model, base_params, x))) > 1e-2  # measured 0.33: far beyond EXPORT_TOL
 
 
 def test_the_loader_tokenizes_as_transformers_apply_chat_template(files):

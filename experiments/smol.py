@@ -7,11 +7,13 @@
     python scripts/make_feedback.py --kind preference --out data/prefs.jsonl
     python -m kto_jax.train --config experiments/smol.py:loss=dpo,data=data/prefs.jsonl --workdir runs/smol-dpo
 
-Before and after (the README's table; about N minutes on 2 CPU cores):
+Before and after (the README's table; 16 minutes on 2 CPU cores, one run after the other):
 
-    python -m kto_jax.train --config experiments/smol.py:data=data/feedback.jsonl --workdir runs/smol-base \
-        --config.eval.only=True                     # the starting model's samples, judged; nothing trained
-    python -m kto_jax.train --config experiments/smol.py:loss=kto,data=data/feedback.jsonl,before=runs/smol-base ...
+    python scripts/make_feedback.py --kind binary --n 600 --malformed 3 --out data/feedback.jsonl
+    python -m kto_jax.train --config experiments/smol.py:data=data/feedback.jsonl,temperature=0 \
+        --workdir runs/smol-base --config.eval.only=True --config.data.skip_bad_records=True   # nothing trained
+    python -m kto_jax.train --config experiments/smol.py:loss=kto,data=data/feedback.jsonl,before=runs/smol-base,steps=10,lr=5e-5,temperature=0 \
+        --workdir runs/smol-kto --config.data.skip_bad_records=True        # and loss=dpo ... --workdir runs/smol-dpo
     python scripts/runs_table.py runs/smol-base runs/smol-kto runs/smol-dpo
 
 Arguments (comma-separated key=value): loss (any registered name), data (a ``files:`` pattern:
@@ -19,7 +21,9 @@ JSONL, JSON, Parquet, CSV or a save_to_disk folder, in any of the formats of the
 section), model (the HF folder; default the converted SmolLM2), steps (0 = one epoch), lr
 (default HALOs main's 5e-6), before (a workdir of the starting model's samples: adds the pairwise
 evaluator against them, the paper's protocol with the exact judge: a win is a right answer where
-the starting model's was wrong; ties and unparseable verdicts are not wins).
+the starting model's was wrong; ties and unparseable verdicts are not wins), temperature (of the
+judged samples; default HALOs' 1.0, 0 = greedy, which the table uses so that a difference is the
+model's and not the sampler's).
 
 The model's own Jinja chat template renders every prompt (``chat_template="tokenizer"``), 10% of
 the prompts are held out by hash for evaluation, and the optimizer is HALOs main's AdamW
@@ -31,7 +35,7 @@ reply (counted in data_stats.json).
 
 from kto_jax.config import base_config, loss_config, parse_arg
 
-ARGS = ("loss", "data", "model", "steps", "lr", "before")
+ARGS = ("loss", "data", "model", "steps", "lr", "before", "temperature")
 SMOLLM2 = "~/.cache/kto_jax/smollm2-135m-instruct"
 
 
@@ -50,8 +54,8 @@ def get_config(arg: str = ""):
                                   grad_clip=1.0, weight_decay=0.01))
     # the example file's tasks have exact answers (kto_jax/data/example_feedback.py:judge); another
     # file needs another judge (config.eval.judge) or config.eval.evaluators="held_out"
-    c.eval.update(dict(evaluators="held_out,judged", judge="feedback", num_prompts=64, batch_size=16, max_new_tokens=24,
-                       temperature=1.0, top_k=50, top_p=0.95))
+    c.eval.update(dict(evaluators="held_out,judged", judge="feedback", num_prompts=64, batch_size=64, max_new_tokens=24,
+                       temperature=float(args.get("temperature", 1.0)), top_k=50, top_p=0.95))
     if args.get("before"):  # the paper's pairwise protocol against the starting model's samples (a run with eval.only)
         c.eval.update(dict(evaluators="held_out,judged,pairwise", against=args["before"]))
     return c

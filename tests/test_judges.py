@@ -8,10 +8,10 @@ import json
 import pytest
 from scipy import stats
 
+from kto_jax.config import base_config
 from kto_jax.judges import JUDGES, ExactJudge, Verdict, make_judge
 from kto_jax.judges.protocol import candidate_first, pairwise_winrate
 from kto_jax.judges.store import JudgmentStore, judgment_key
-from kto_jax.config import base_config
 
 
 class Scripted:

@@ -20,7 +20,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from kto_jax.judges.api import ApiJudge, JudgeUnavailable, clean_response, paper_messages, parse_choice
+from kto_jax.judges.api import (
+    ApiJudge,
+    JudgeUnavailable,
+    clean_response,
+    paper_messages,
+    parse_choice,
+)
 from kto_jax.judges.protocol import pairwise_winrate
 from kto_jax.judges.store import JudgmentStore
 from tests.train_helpers import REPO, subprocess_env

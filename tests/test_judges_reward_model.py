@@ -31,6 +31,7 @@ from kto_jax.judges.reward_model import (
     verdict,
 )
 from kto_jax.models.reward import load_reward_model, sequence_scores
+from tests.hf_checkpoints import hf_logits as hf_scores  # a classification head's logits are its scores
 from tests.hf_checkpoints import max_diff, perturb_vectors
 
 TOL = 1e-4
@@ -84,13 +85,6 @@ def folders(tmp_path_factory):
         write_tokenizer(folder)
         out[name] = (folder, model)
     return out
-
-
-def hf_scores(model, ids, mask=None) -> np.ndarray:
-    with torch.no_grad():
-        ids_t = torch.tensor(np.asarray(ids), dtype=torch.long)
-        mask_t = None if mask is None else torch.tensor(np.asarray(mask), dtype=torch.long)
-        return model(input_ids=ids_t, attention_mask=mask_t).logits.float().numpy()
 
 
 def right_padded(lengths, length, seed=0):

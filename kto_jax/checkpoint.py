@@ -12,14 +12,19 @@ makes the run fall back to the previous one with a warning.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
+import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
+
+from kto_jax import faults
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -78,14 +83,40 @@ class Checkpointer:
             loader=ocp.args.JsonSave(loader_state),
             meta=ocp.args.JsonSave(meta),
         )
-        return self.manager.save(step, args=args, metrics=metrics, force=force)
+        with self._disk_full_is_clear(step):  # a failed earlier async save surfaces here
+            started = self.manager.save(step, args=args, metrics=metrics, force=force)
+        if started:
+            faults.point("checkpoint.save")
+        return started
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_full_is_clear():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_full_is_clear():
+            self.manager.wait_until_finished()
         self.manager.close()
+
+    @contextlib.contextmanager
+    def _disk_full_is_clear(self, step: int | None = None):
+        """A save that failed for lack of space becomes :class:`CheckpointNotSaved` (its partial
+        temporary folder removed, the complete checkpoints untouched); other errors pass."""
+        try:
+            yield
+        except Exception as e:
+            text = str(e)
+            if not (getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text):
+                raise
+            for name in os.listdir(self.directory):
+                if ".orbax-checkpoint-tmp" in name:
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+            resume = f"it resumes from step {kept[-1]}" if kept else "it starts afresh"
+            raise CheckpointNotSaved(
+                f"checkpoint not saved: no space left on device in {self.directory} ({text.splitlines()[0][:200]}); "
+                f"the complete checkpoints there ({kept}) are intact. Free space (or move the workdir to a larger "
+                f"disk) and rerun the same command: {resume}") from None
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
@@ -155,6 +186,10 @@ class IncompatibleCheckpoint(ValueError):
 
 class UnreadableCheckpoint(RuntimeError):
     """Checkpoints exist but none can be restored."""
+
+
+class CheckpointNotSaved(OSError):
+    """A checkpoint could not be written (the disk is full); the earlier ones are intact."""
 
 
 def check_compatible(meta: dict, state_like, where: str) -> None:

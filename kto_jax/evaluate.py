@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
+from kto_jax import faults
 from kto_jax.models import Decoder, init_cache
 
 # ---------------------------------------------------------------- statistics
@@ -182,4 +183,5 @@ def generate(
         for row in tokens[:real]:
             row = row.tolist()
             out.append(row[: row.index(eos_id)] if eos_id in row else row)
+        faults.point("eval.generate")
     return out

@@ -11,15 +11,18 @@ the grown vocabulary), or, for the built-in byte tokenizer, an equivalent tokeni
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import tempfile
 
 import ml_collections
 from absl import app, flags
 
-from kto_jax import checkpoint
+from kto_jax import checkpoint, faults
 from kto_jax.data.tokenize import ByteTokenizer, get_tokenizer
+from kto_jax.files import umask, write_json
 from kto_jax.losses import get_loss
 from kto_jax.models import build_model
 from kto_jax.models.hf import init_params, to_hf
@@ -67,6 +70,25 @@ def _bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
+def replace_folder(new: str, out: str) -> None:
+    """Move the complete folder ``new`` to ``out``; an existing ``out`` is set aside first and
+    removed only after the rename (a kill in between leaves it as ``.NAME.old-*``)."""
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".old", dir=os.path.dirname(out))
+        os.rmdir(old)
+        os.replace(out, old)
+    os.replace(new, out)
+    if old:
+        shutil.rmtree(old)
+
+
+def remove_unfinished(out: str) -> None:
+    """Staging folders (``.NAME.*.tmp``) an earlier, killed export of ``out`` left behind."""
+    for path in glob.glob(os.path.join(glob.escape(os.path.dirname(out)), f".{glob.escape(os.path.basename(out))}.*.tmp")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def main(argv):
     del argv
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
@@ -87,18 +109,30 @@ def main(argv):
     source = workdir if _STEP.value is None else f"{workdir}@{_STEP.value}"
     params, step = checkpoint.load_params(source, init_params(model_config))
     out = os.path.abspath(os.path.expanduser(_OUT.value))
-    files = to_hf(build_model(model_config), params, out)
-    if tokenizer_name == "bytes":
-        byte_tokenizer_json().save(os.path.join(out, "tokenizer.json"))
-        with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>"}, f, indent=2)
-    elif tokenizer_name:
-        for file in TOKENIZER_FILES:
-            path = os.path.join(os.path.expanduser(tokenizer_name), file)
-            if os.path.exists(path):
-                shutil.copy(path, out)
-        if added:  # the tokenizer the run trained with: the model folder's plus the added tokens
-            tokenizer.tokenizer.save(os.path.join(out, "tokenizer.json"))
+    # written into a temporary folder beside --out and renamed when complete: a killed export
+    # leaves no half-written model folder (an earlier export at --out stays until the new one is whole)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    remove_unfinished(out)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=os.path.dirname(out))
+    os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes it private; the exported folder is for others to read
+    try:
+        files = [os.path.join(out, os.path.basename(f)) for f in to_hf(build_model(model_config), params, staging)]
+        if tokenizer_name == "bytes":
+            byte_tokenizer_json().save(os.path.join(staging, "tokenizer.json"))
+            write_json(os.path.join(staging, "tokenizer_config.json"),
+                       {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>"})
+        elif tokenizer_name:
+            for file in TOKENIZER_FILES:
+                path = os.path.join(os.path.expanduser(tokenizer_name), file)
+                if os.path.exists(path):
+                    shutil.copy(path, staging)
+            if added:  # the tokenizer the run trained with: the model folder's plus the added tokens
+                tokenizer.tokenizer.save(os.path.join(staging, "tokenizer.json"))
+        faults.point("export.write")
+        replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     print(f"exported step {step} of {workdir} to {out} ({len(files)} weight files)")
 
 

@@ -24,6 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from kto_jax import files  # noqa: E402
 from kto_jax.config import base_config  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's directory (with samples.jsonl).", required=True)
@@ -54,12 +55,7 @@ def main(argv):
         with open(path, encoding="utf-8") as f:
             evaluation = json.load(f)
     evaluation.update(results)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(evaluation, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    files.write_json(path, evaluation)
     p = results["pairwise"]
     print(f"win rate {p['winrate']:.3f} [90% {p['ci90'][0]:.3f}, {p['ci90'][1]:.3f}] against {p['against']}: {p['wins']} wins, "
           f"{p['baseline_wins']} losses, {p['ties']} ties, {p['unparseable']} unparseable of {p['n']} "

@@ -12,7 +12,7 @@ CLI and configs
   'desirable_weight' ... Loss 'dpo' takes ['beta', 'label_smoothing']; for another loss choose it in the experiment
   argument (experiments/tiny.py:loss=NAME)
 - unknown model preset -> config.model.name='tiny-2m' is neither a preset (tiny-1m, ...) nor a model folder
-- bad reference mode -> config.reference.mode='foo': use 'model' or 'cached'
+- bad reference mode -> config.reference.mode='foo': must be one of 'model', 'cached'; set 'model' (...)
 - cached reference for a per-token loss -> loss 'ppo_offline' needs per-token reference log-probs: set config.reference.mode='model'
 - mesh not matching the devices -> config.mesh: mesh {'data': 2, 'fsdp': 1, 'tensor': 1} needs 2 devices; there are 1
 - batch not splitting -> config.train.global_batch_size=9 with num_microbatches=2 must split evenly over the 1
@@ -21,7 +21,7 @@ CLI and configs
   per microbatch; got 1. Raise config.train.global_batch_size or lower num_microbatches.
 - max_prompt_length >= max_length -> need 0 < max_prompt_length < max_length; got max_prompt_length=32, max_length=32 (config.data)
 - unknown chat template -> unknown chat template 'nope' (config.data.chat_template); known: halos, hh, plain, tokenizer
-- best_mode not min/max -> config.checkpoint.best_mode='median': use 'min' or 'max'
+- best_mode not min/max -> config.checkpoint.best_mode='median': must be one of 'min', 'max'; set 'min' for a loss, ...
 
 Tokenizers
 - vocabulary larger than the model's -> config.data.tokenizer='PATH' has 1001 tokens but model 'tiny-1m' embeds only
@@ -46,7 +46,11 @@ Init sources and checkpoints
 - hf:/nonexistent -> config.init.source=hf:/nonexistent: '/nonexistent' is not a folder (...)
 - resume with another model -> IncompatibleCheckpoint: checkpoint RUN/checkpoints/30 was written for another model
   (config model 'tiny-1m'); param shapes differ, e.g. [...]. Use a new --workdir, or the config the checkpoint was
-  written with (its config.json). The run's config.json is not touched.
+  written with (its config.json). The run's config.json is not touched. (Only reached with --resume_with_changes:
+  without it the config check below comes first.)
+- resume with a changed config -> RUN holds a run trained with another config (2 field(s) differ: config.loss.beta:
+  0.1 (saved) -> 0.2 (now); config.model.name: 'tiny-1m' (saved) -> 'tiny-5m' (now)). Use a new --workdir for the new
+  config, or pass --resume_with_changes to continue this run with it (recorded in config_changes.jsonl)
 - the only checkpoint unreadable -> UnreadableCheckpoint: no readable checkpoint in RUN/checkpoints (RUN/checkpoints/30:
   ...). Delete the unreadable checkpoints (or move them away) to start this run afresh, or use a new --workdir.
 - (tests/test_checkpoint.py) newest checkpoint unreadable, an older one present -> warning "checkpoint
@@ -94,6 +98,9 @@ class Case:
     error: tuple  # regexes that must all match the message (stderr + stdout for "cli")
     exc: type = Exception
     prepare: Callable | None = None  # Ctx -> None: changes the workdir before the snapshot
+    # in-process cases run on a finished run with a changed config; with resume_with_changes the
+    # resume check lets the change through so the check under test is the one that fails
+    resume_with_changes: bool = True
 
 
 def cli(arg="loss=kto", *flags):
@@ -187,7 +194,7 @@ CASES = {
     "loss_hyperparameter_the_loss_does_not_take": Case(
         "run", run(edit=dpo_with_kto_weight),
         (r"config\.loss has \['desirable_weight'\]", r"loss 'dpo' does not take", r"'beta'", r"experiments/tiny\.py:loss=dpo")),
-    "bad_reference_mode": Case("run", run("--config.reference.mode=foo"), (r"config\.reference\.mode='foo'", r"'model' or 'cached'")),
+    "bad_reference_mode": Case("run", run("--config.reference.mode=foo"), (r"config\.reference\.mode='foo'", r"one of 'model', 'cached'")),
     "cached_reference_for_a_per_token_loss": Case(
         "run", run("--config.reference.mode=cached", arg="loss=ppo_offline"),
         (r"'ppo_offline' needs per-token reference log-probs", r"set config\.reference\.mode='model'")),
@@ -195,7 +202,7 @@ CASES = {
         "run", run(edit=lambda c, ctx: c.mesh.update(dict(data=N + 1))),
         (r"config\.mesh", rf"'data': {N + 1}", rf"needs {N + 1} devices; there are {N}")),
     "bad_best_mode": Case(
-        "run", run("--config.checkpoint.best_mode=median"), (r"config\.checkpoint\.best_mode='median'", r"'min' or 'max'")),
+        "run", run("--config.checkpoint.best_mode=median"), (r"config\.checkpoint\.best_mode='median'", r"one of 'min', 'max'")),
     "batch_not_splitting_into_microbatches": Case(
         "run", run("--config.train.global_batch_size=9", "--config.train.num_microbatches=2"),
         (r"config\.train\.global_batch_size=9 with num_microbatches=2 must split evenly", r"use a multiple of 2")),
@@ -247,8 +254,14 @@ CASES = {
         "run", run("--config.model.name=tiny-5m"),
         (rf"checkpoint .*/checkpoints/{NEWEST} was written for another model", r"'tiny-1m'", r"param shapes differ",
          r"new --workdir"), exc=ValueError),
+    "resume_with_a_changed_config": Case(
+        "run", run("--config.model.name=tiny-5m", "--config.loss.beta=0.2"),
+        (r"holds a run trained with another config", r"config\.model\.name: 'tiny-1m' \(saved\) -> 'tiny-5m' \(now\)",
+         r"config\.loss\.beta: 0\.1 \(saved\) -> 0\.2 \(now\)", r"new --workdir", r"--resume_with_changes"),
+        resume_with_changes=False),
+    # extending the run (steps is resumable) makes it restore the newest checkpoint
     "only_checkpoint_corrupted": Case(
-        "cli", cli(f"loss=kto,steps={H.STEPS}"), (rf"checkpoints/{NEWEST}\b[^\n]*(delete|remove|new --workdir)",),
+        "cli", cli(f"loss=kto,steps={H.STEPS + 2}"), (rf"checkpoints/{NEWEST}\b[^\n]*(delete|remove|new --workdir)",),
         prepare=corrupt_only_checkpoint),
 }
 
@@ -304,7 +317,7 @@ def test_bad_input_in_process(name, reference, cli_results, tmp_path, monkeypatc
     config = case.make(ctx)
     before = H.snapshot(ctx.workdir)
     with pytest.raises(case.exc) as error:
-        loop.run(config, ctx.workdir)
+        loop.run(config, ctx.workdir, resume_with_changes=case.resume_with_changes)
     message = f"{type(error.value).__name__}: {error.value}"
     assert all(re.search(p, message, re.S) for p in case.error), message
     assert_unchanged(before, H.snapshot(ctx.workdir))

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 
+from kto_jax import files
 from kto_jax.judges import Turns, Verdict
 
 
@@ -25,15 +26,6 @@ def judgment_key(judge_key: str, turns: Turns, first: str, second: str) -> str:
     """sha256 of (judge, conversation, first answer, second answer) in that order."""
     payload = json.dumps([judge_key, [list(t) for t in turns], first, second], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def _atomic_write_lines(path: str, lines: list[str]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class JudgmentStore:
@@ -60,7 +52,7 @@ class JudgmentStore:
             else:
                 raise ValueError(f"{path}:{number}: not a judgment line ({line[:80]!r}); move the file away to judge afresh")
         if self.torn:
-            _atomic_write_lines(path, good)
+            files.write_atomic(path, "".join(good))
 
     def __len__(self) -> int:
         return len(self.rows)

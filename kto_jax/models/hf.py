@@ -11,6 +11,7 @@ tensor, not the whole model. ``from_hf`` also takes a preset name (random init).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Sequence
@@ -19,10 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from kto_jax import sharding as sharding_lib
+from kto_jax.files import write_json
 from kto_jax.models import abstract_params, build_model
 from kto_jax.models.common import Decoder, ModelConfig
 from kto_jax.models.families import get_family
@@ -63,6 +65,22 @@ def _tree_set(tree: dict, path, value):
 # ---------------------------------------------------------------- safetensors reading
 
 
+class CorruptedWeights(ValueError):
+    """A safetensors file that cannot be read (truncated, corrupted)."""
+
+
+@contextlib.contextmanager
+def _open(file: str):
+    """``safe_open`` with an unreadable file (truncated, not safetensors) as an error naming it."""
+    try:
+        handle = safe_open(file, framework="flax")
+    except SafetensorError as e:
+        raise CorruptedWeights(f"{file}: not a readable safetensors file ({e}): it is damaged or truncated; copy or "
+                               "export the model folder again") from None
+    with handle as f:
+        yield f
+
+
 class SafetensorsReader:
     """Lazy reader over a single-file or sharded (index.json) safetensors checkpoint."""
 
@@ -74,21 +92,25 @@ class SafetensorsReader:
                 weight_map = json.load(f)["weight_map"]
             self.files = {name: os.path.join(path, file) for name, file in weight_map.items()}
         elif os.path.exists(single):
-            with safe_open(single, framework="flax") as f:
+            with _open(single) as f:
                 self.files = {name: single for name in f.keys()}
         else:
             raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path!r}: is it a Hugging Face model folder?")
         self.path = path
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(self._file(name), framework="flax") as f:
+        with _open(self._file(name)) as f:
             return tuple(f.get_slice(name).get_shape())
 
     def read(self, name: str) -> np.ndarray:
         """One tensor as a host numpy array (bf16 via ml_dtypes), never on an accelerator."""
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
-            with safe_open(self._file(name), framework="flax") as f:
-                return np.asarray(f.get_tensor(name))
+            with _open(self._file(name)) as f:
+                try:
+                    return np.asarray(f.get_tensor(name))
+                except SafetensorError as e:
+                    raise CorruptedWeights(f"{self._file(name)}: tensor {name!r} cannot be read ({e}): the file is damaged "
+                                           "or truncated; copy or export the model folder again") from None
 
     def _file(self, name: str) -> str:
         if name not in self.files:
@@ -201,8 +223,7 @@ def to_hf(model: Decoder, params, out_dir: str, max_shard_bytes: int = 2 * 1024*
     """
     config = model.config
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config_to_hf(config), f, indent=2)
+    write_json(os.path.join(out_dir, CONFIG_FILE), config_to_hf(config))
 
     # Tensors are gathered one at a time; a shard is written as soon as the next tensor would
     # overflow it, so host memory holds at most one shard. The shard count is known only at the
@@ -236,8 +257,7 @@ def to_hf(model: Decoder, params, out_dir: str, max_shard_bytes: int = 2 * 1024*
         os.replace(tmp_path, os.path.join(out_dir, file))
         weight_map.update({n: file for n in names})
         files.append(os.path.join(out_dir, file))
-    with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": int(total)}, "weight_map": weight_map}, f, indent=2)
+    write_json(os.path.join(out_dir, INDEX_FILE), {"metadata": {"total_size": int(total)}, "weight_map": weight_map})
     return files
 
 

@@ -3,6 +3,11 @@
 The console shows the progress bar, the run's events (resume, caches, judged rates) and
 warnings; ``--verbosity=0`` (absl's flag) brings back every library's INFO log (orbax's
 per-checkpoint lines among them).
+
+Bad input (config values, data, tokenizer, checkpoints, a workdir holding a run with another
+config) is one line on stderr, ``error: <field or file>: <problem>; <fix>``, exit status 2,
+and nothing in the workdir is touched; ``--verbosity=1`` adds the traceback. Anything else
+(a bug, a device failure) shows its traceback.
 """
 
 from __future__ import annotations
@@ -14,11 +19,19 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from kto_jax import sharding
-from kto_jax.train.loop import run
+from kto_jax.checkpoint import CheckpointNotSaved, UnreadableCheckpoint
+from kto_jax.train.loop import execute, prepare
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/NAME.py[:ARGS]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, evals and checkpoints.")
+_RESUME_WITH_CHANGES = flags.DEFINE_bool(
+    "resume_with_changes", False, "Continue the run in --workdir although its config differs in fields that change "
+    "training (recorded in WORKDIR/config_changes.jsonl); without it such a difference is an error.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# what a run's checks raise on bad input (kto_jax.train.loop.prepare: nothing is written yet);
+# InputError (kto_jax/train/rules.py) is a ValueError
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, UnreadableCheckpoint)
 
 
 def check_overrides(argv: list[str]) -> str | None:
@@ -64,17 +77,55 @@ def quiet_by_default() -> None:
         tfds.disable_progress_bar()  # dataset preparation's per-split bars; data_stats.json has the counts
 
 
+def fail(message: str) -> None:
+    """One ``error: ...`` line per line of the message on stderr, exit status 2."""
+    for line in str(message).strip().splitlines() or ["(no message)"]:
+        print(f"error: {line}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        fail(f"unexpected arguments: {argv[1:]}; the flags are --config, --workdir, --config.<field>=<value> and "
+             "--resume_with_changes (see --helpfull)")
+    try:
+        config = _CONFIG.value
+        config.seed  # noqa: B018  (a config that failed to load raises on first use)
+    except OSError as e:  # config_flags defers a missing or unloadable experiment file to here
+        fail(f"--config: {[line for line in str(e).splitlines() if line.strip()][-1].strip()}")
     quiet_by_default()
     sharding.initialize_distributed()
-    run(_CONFIG.value, _WORKDIR.value)
+    try:
+        prepared = prepare(config, _WORKDIR.value, resume_with_changes=_RESUME_WITH_CHANGES.value)
+    except INPUT_ERRORS as e:
+        if flags.FLAGS["verbosity"].value >= 1:
+            raise
+        fail(str(e))
+    try:
+        execute(prepared)
+    except CheckpointNotSaved as e:  # a full disk: one line, the way to resume in it
+        if flags.FLAGS["verbosity"].value >= 1:
+            raise
+        fail(str(e))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag or experiment argument as one ``error:`` line (exit 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        text = str(e)
+        if "Traceback (most recent call last)" in text:  # config_flags quotes the experiment's traceback: keep its error
+            flag = text.split(":", 1)[0]
+            last = [line for line in text.splitlines() if line.strip()][-1]
+            fail(f"{flag}: {last.split(': ', 1)[-1]}")
+        fail(f"{text}; see --helpfull")
+    except OSError as e:  # an override (--config.a.b=v) on an experiment file that failed to load
+        fail(f"--config: {[line for line in str(e).splitlines() if line.strip()][-1].strip()}")
 
 
 if __name__ == "__main__":
     problem = check_overrides(sys.argv)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    app.run(main)
+        fail(problem)
+    app.run(main, flags_parser=parse_flags)

@@ -25,7 +25,7 @@ import os
 import jax
 import numpy as np
 
-from kto_jax import sharding
+from kto_jax import files, sharding
 from kto_jax.train import setup
 from kto_jax.train.hooks import note
 
@@ -85,8 +85,7 @@ def write_samples(run, state) -> dict:
 
 def _write_samples(run) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(run.workdir, "samples.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in run.sample_rows)
+        files.write_jsonl(os.path.join(run.workdir, "samples.jsonl"), run.sample_rows)
 
 
 def _judge(run):

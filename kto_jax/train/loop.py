@@ -22,9 +22,9 @@ from typing import Any
 import jax
 from absl import logging
 
-from kto_jax import checkpoint, sharding
+from kto_jax import checkpoint, files, sharding
 from kto_jax.checkpoint import Checkpointer
-from kto_jax.train import setup
+from kto_jax.train import record, setup
 from kto_jax.train.engine import Engine, build_engine
 from kto_jax.train.evaluators import EVALUATORS
 from kto_jax.train.hooks import MetricsWriter, Preemption, default_hooks, note
@@ -47,25 +47,14 @@ class Run:
     eval_data: Any
     eval_batches: list
     steps: int
-    checkpointer: Checkpointer
-    writer: MetricsWriter
+    checkpointer: Checkpointer | None  # made when the run starts writing (execute)
+    writer: MetricsWriter | None
     meta: dict
     reference_params: Any = None
     eval_cache: list | None = None
     stop: str | None = None  # set by a hook: the loop saves nothing more and returns
     sample_rows: list | None = None  # the evaluators' held-out samples, generated once (evaluators.samples)
     judge: Any = None                # config.eval.judge, built once
-
-
-def _truncate_metrics(workdir: str, step: int) -> None:
-    """Drop metrics.jsonl rows past ``step`` (written by a run that died after its last checkpoint)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if jax.process_index() != 0 or not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(rows)
 
 
 def _restore(checkpointer: Checkpointer, state, loader, reference_meta: dict):
@@ -80,15 +69,29 @@ def _restore(checkpointer: Checkpointer, state, loader, reference_meta: dict):
             "was trained against (fingerprints differ): the init source changed. Use a new --workdir."
         )
     loader.restore(loader_state)
-    note(f"resumed from {checkpointer.directory}/{first}")
     return first, state
 
 
-def run(config, workdir: str) -> dict:
-    """Train ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the eval results."""
+@dataclasses.dataclass
+class Prepared:
+    """A run whose every check has passed and which has written nothing yet (:func:`prepare`)."""
+
+    run: Run | None
+    state: Any = None
+    first: int = 0
+    train_data: Any = None
+    resume: record.Resume | None = None
+    finished: dict | None = None  # the results of a finished run rerun with the same config
+
+
+def prepare(config, workdir: str, *, resume_with_changes: bool = False) -> Prepared:
+    """Every check of a run: the config's values and plan, the workdir's saved config, the model,
+    tokenizer, data and the checkpoint to resume. Raises on bad input having written nothing."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     plan = make_plan(config, jax.device_count())  # bad config fails here, before any loading or compiling
-    os.makedirs(workdir, exist_ok=True)
+    resume = record.check_resume(config, workdir, resume_with_changes)
+    if resume.finished is not None:
+        return Prepared(run=None, finished=resume.finished, resume=resume)
     mesh = setup.make_mesh(plan)
     model, model_params = setup.load_model(plan, mesh)
     tokenizer = setup.tokenizer_for(config, model)
@@ -104,42 +107,66 @@ def run(config, workdir: str) -> dict:
     del model_params
     reference_meta = {"source": config.init.source or config.model.name,
                       "fingerprint": checkpoint.fingerprint(reference_params) if reference_params is not None else None}
-    ckpt = config.checkpoint
-    checkpointer = Checkpointer(workdir, every_steps=ckpt.every_steps, every_minutes=ckpt.every_minutes,
-                                keep_last=ckpt.keep_last, best_metric=ckpt.best_metric, best_mode=ckpt.best_mode)
     meta = {"model": config.model.name, "loss": plan.loss.name, "reference": reference_meta,
             "param_shapes": checkpoint.param_shapes(state.params), "config": json.loads(config.to_json_best_effort())}
-    first, state = _restore(checkpointer, state, loader, reference_meta)
-    _truncate_metrics(workdir, first)  # rows past the restored step (or all, on a fresh start)
-    if jax.process_index() == 0:  # written only once the checkpoint (if any) is known to fit this config
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        with open(os.path.join(workdir, "data_stats.json"), "w", encoding="utf-8") as f:
-            json.dump({"train": train_data.stats, "eval": eval_data.stats, "dropped_by_tokenization": loader.dropped}, f, indent=2)
-
+    first, checkpointer = 0, None
+    if record.checkpoint_steps(workdir):  # a Checkpointer on a fresh workdir would create its folder
+        checkpointer = _checkpointer(config, workdir)
+        first, state = _restore(checkpointer, state, loader, reference_meta)
+        if not config.eval.only:
+            record.check_steps(first, steps)
     eval_loader = setup.make_loader(config, plan, eval_data, tokenizer, seed=config.seed + 1)
     eval_batches = [next(eval_loader) for _ in range(min(int(config.train.eval_batches), eval_loader.steps_per_epoch))]
-    train_cache = eval_cache = None
-    if plan.reference_mode == "cached":
-        def cache_batches():
-            cache_loader = setup.make_loader(config, plan, train_data, tokenizer, seed=config.seed)
-            return (next(cache_loader) for _ in range(steps))
-
-        train_cache, eval_cache = cached_reference(config, engine, reference_params, cache_batches, eval_batches, mesh,
-                                                   workdir, steps)
-        reference_params = None  # the reference model is not needed any more
-
     r = Run(config=config, plan=plan, workdir=workdir, mesh=mesh, model=model, engine=engine, tokenizer=tokenizer,
             loader=loader, eval_data=eval_data, eval_batches=eval_batches, steps=steps, checkpointer=checkpointer,
-            writer=MetricsWriter(workdir), meta=meta, reference_params=reference_params, eval_cache=eval_cache)
+            writer=None, meta=meta, reference_params=reference_params)
+    return Prepared(run=r, state=state, first=first, train_data=train_data, resume=resume)
+
+
+def _checkpointer(config, workdir: str) -> Checkpointer:
+    ckpt = config.checkpoint
+    return Checkpointer(workdir, every_steps=ckpt.every_steps, every_minutes=ckpt.every_minutes,
+                        keep_last=ckpt.keep_last, best_metric=ckpt.best_metric, best_mode=ckpt.best_mode)
+
+
+def run(config, workdir: str, *, resume_with_changes: bool = False) -> dict:
+    """Train ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the eval results."""
+    return execute(prepare(config, workdir, resume_with_changes=resume_with_changes))
+
+
+def execute(p: Prepared) -> dict:
+    """Train and evaluate a prepared run, writing its files (the module docstring lists them)."""
+    if p.finished is not None:
+        where = f"step {p.resume.checkpoint_step}" if p.resume.checkpoint_step is not None else "its evaluation"
+        note(f"this run already finished ({where}) with this config; nothing to do (its results: eval.json)")
+        return p.finished
+    r, state, first = p.run, p.state, p.first
+    config, plan, workdir = r.config, r.plan, r.workdir
+    train_data, steps = p.train_data, r.steps
+    record.write_start(workdir, config, p.resume, {"train": train_data.stats, "eval": r.eval_data.stats,
+                                                   "dropped_by_tokenization": r.loader.dropped}, first, steps)
+    r.checkpointer = r.checkpointer or _checkpointer(config, workdir)
+    if first:
+        note(f"resumed from {r.checkpointer.directory}/{first}")
+    r.writer = MetricsWriter(workdir)
+    train_cache = None
+    if plan.reference_mode == "cached":
+        def cache_batches():
+            cache_loader = setup.make_loader(config, plan, train_data, r.tokenizer, seed=config.seed)
+            return (next(cache_loader) for _ in range(steps))
+
+        train_cache, r.eval_cache = cached_reference(config, r.engine, r.reference_params, cache_batches, r.eval_batches,
+                                                     r.mesh, workdir, steps)
+        r.reference_params = None  # the reference model is not needed any more
+
     with Preemption() as preemption:
         hooks = default_hooks(r, first, preemption)
         for step in range(first, steps):
-            batch = next(loader)
+            batch = next(r.loader)
             if train_cache is not None:
                 batch.update({k: setup.local_rows(v) for k, v in train_cache[step].items()})
-            with sharding.activation_rules(mesh):
-                state, metrics = engine.train_fn(state, setup.to_global(batch, mesh), r.reference_params)
+            with sharding.activation_rules(r.mesh):
+                state, metrics = r.engine.train_fn(state, setup.to_global(batch, r.mesh), r.reference_params)
             for hook in hooks:
                 hook(r, step + 1, state, batch, metrics)
             if r.stop:
@@ -156,8 +183,7 @@ def run(config, workdir: str) -> dict:
             r.writer.write(steps, results["held_out"])
     r.writer.close()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        files.write_json(os.path.join(workdir, record.EVAL_FILE), results)
     return results
 
 

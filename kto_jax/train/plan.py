@@ -27,9 +27,6 @@ from kto_jax.models.presets import PRESETS, get_preset
 from kto_jax.train.feeds import get_feed
 from kto_jax.train.step import StepSpec
 
-REFERENCE_MODES = ("model", "cached")
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What a run is, validated: the engine's static description (hashable, no arrays).
@@ -100,9 +97,7 @@ def _loss(config) -> tuple[LossSpec, dict]:
 
 
 def _reference_mode(config, spec: LossSpec, hparams: dict) -> str:
-    mode = config.reference.mode
-    if mode not in REFERENCE_MODES:
-        raise ValueError(f"config.reference.mode={mode!r}: use 'model' or 'cached'")
+    mode = config.reference.mode  # checked by rules.py
     if not spec.needs_reference_with(hparams):
         return "none"
     if mode == "cached" and not get_feed(spec.feed).supports_cached:
@@ -158,9 +153,6 @@ def _data(config, spec: LossSpec) -> None:
     d = config.data
     sources = parse_sources(d.sources)
     if any(s.name == FILES for s in sources):
-        if not 0 <= float(d.holdout_fraction) < 1:
-            raise ValueError(f"config.data.holdout_fraction={d.holdout_fraction}: use a fraction in [0, 1) of the prompts "
-                             "to hold out for evaluation (0 = none)")
         if d.eval_files and float(d.holdout_fraction) > 0:
             raise ValueError("config.data.eval_files and config.data.holdout_fraction both set: the eval split comes "
                              "from one of them; clear the other")
@@ -180,14 +172,9 @@ def _data(config, spec: LossSpec) -> None:
                              f"tokenizer is {folder or 'a preset'!r}: set config.data.tokenizer (or config.model.name) to a "
                              "Hugging Face folder with a chat template, or use a built-in template ('halos', 'hh', 'plain')")
         get_chat_template("tokenizer", os.path.expanduser(folder))
-    if d.sft_examples not in ("desirable", "all"):
-        raise ValueError(f"config.data.sft_examples={d.sft_examples!r}: use 'desirable' or 'all'")
     if spec.control_tokens and spec.kind == "sft" and d.sft_examples != "all":
         raise ValueError(f"loss {spec.name!r} conditions on {'/'.join(spec.control_tokens)} and needs both kinds: "
                          "set config.data.sft_examples='all'")
-    if d.sft_targets not in ("all", "per_prompt"):
-        raise ValueError(f"config.data.sft_targets={d.sft_targets!r}: use 'all' (every completion) or 'per_prompt' "
-                         "(one target per unique prompt, as HALOs' SFT)")
     if spec.control_tokens and spec.kind == "sft" and d.sft_targets != "all":
         # HALOs' CSFT (config/loss/csft.yaml: dataloader ConditionalSFTDataLoader, dataloader.py:615-648)
         # trains every pair's chosen and rejected reply with its control token, not one target per prompt
@@ -198,8 +185,6 @@ def _data(config, spec: LossSpec) -> None:
 def _batch(config, spec: LossSpec, needs_kl: bool, mesh: dict) -> None:
     data_ways = mesh["data"] * mesh["fsdp"]
     batch, micro = int(config.train.global_batch_size), int(config.train.num_microbatches)
-    if micro < 1 or batch < 1:
-        raise ValueError(f"config.train.global_batch_size={batch} and num_microbatches={micro} must be positive")
     if batch % micro or (batch // micro) % data_ways:
         raise ValueError(
             f"config.train.global_batch_size={batch} with num_microbatches={micro} must split evenly over the "
@@ -236,9 +221,10 @@ def _evaluators(config) -> tuple[str, ...]:
 
 def make_plan(config, num_devices: int) -> Plan:
     """Validate ``config`` for ``num_devices`` devices into a :class:`Plan`; fails naming the field."""
-    from kto_jax.train.state import OPTIMIZERS, SCHEDULES
+    from kto_jax.train.rules import check_values
 
     spec, hparams = _loss(config)
+    check_values(config)  # every value's range or choices (kto_jax/train/rules.py), then what needs several
     mode = _reference_mode(config, spec, hparams)
     path = model_source(config)
     model = model_config(path, model_fields(config))
@@ -250,13 +236,6 @@ def make_plan(config, num_devices: int) -> Plan:
         raise ValueError(f"config.mesh: {e}") from None
     needs_kl = spec.needs_kl_with(hparams)
     _batch(config, spec, needs_kl, mesh)
-    opt = config.train.optimizer
-    if opt.name not in OPTIMIZERS:
-        raise ValueError(f"config.train.optimizer.name={opt.name!r} is not known; use one of {OPTIMIZERS}")
-    if opt.schedule not in SCHEDULES:
-        raise ValueError(f"config.train.optimizer.schedule={opt.schedule!r} is not known; use one of {SCHEDULES}")
-    if not 0.0 <= float(opt.warmup_ratio) < 1.0:
-        raise ValueError(f"config.train.optimizer.warmup_ratio={opt.warmup_ratio}: use a fraction in [0, 1) (0: warmup_steps)")
     return Plan(
         loss=spec, hparams=tuple(sorted(hparams.items())), reference_mode=mode, model_config=model, model_path=path,
         init_checkpoint=os.path.expanduser(init[6:]) if init.startswith("orbax:") else "",

@@ -9,14 +9,16 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
+from kto_jax import faults, files
 from kto_jax.train import setup
 from kto_jax.train.hooks import note
-
 
 # Bumped when the same config gives other token ids (2: BOS and prompt+completion encoded together),
 # so a cache written by older code is recomputed rather than reused.
@@ -40,24 +42,41 @@ def _compute(engine, reference_params, batches, mesh) -> list[dict]:
     return out
 
 
+def _read(path: str, key: str, steps: int, num_eval: int):
+    """The cache at ``path`` if it has fingerprint ``key``, else None; an unreadable file is
+    recomputed (with a warning), not an error."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["fingerprint"]) != key:
+                return None
+            names = sorted({k.split("/", 2)[2] for k in f.files if k != "fingerprint"})
+
+            def read(prefix, n):
+                return [{k: f[f"{prefix}/{i}/{k}"] for k in names} for i in range(n)]
+
+            return read("train", steps), read("eval", num_eval)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        logging.warning("reference cache %s is unreadable (%s: %s); computing it again", path, type(e).__name__, e)
+        return None
+
+
 def cached_reference(config, engine, reference_params, make_batches, eval_batches, mesh, workdir, steps):
     """``(train, eval)``: per-step and per-eval-batch dicts of ``[G]`` reference log-probs."""
     key = fingerprint(config, steps)
     path = os.path.join(workdir, "reference_cache.npz")
-    if os.path.exists(path):
-        with np.load(path, allow_pickle=False) as f:
-            if str(f["fingerprint"]) == key:
-                names = sorted({k.split("/", 2)[2] for k in f.files if k != "fingerprint"})
-
-                def read(prefix, n):
-                    return [{k: f[f"{prefix}/{i}/{k}"] for k in names} for i in range(n)]
-
-                return read("train", steps), read("eval", len(eval_batches))
+    cached = _read(path, key, steps, len(eval_batches))
+    if cached is not None:
+        return cached
     start = time.perf_counter()
     train = _compute(engine, reference_params, make_batches(), mesh)
     evals = _compute(engine, reference_params, eval_batches, mesh)
     if jax.process_index() == 0:
         arrays = {f"{p}/{i}/{k}": v for p, rows in (("train", train), ("eval", evals)) for i, row in enumerate(rows) for k, v in row.items()}
-        np.savez(path, fingerprint=np.asarray(key), **arrays)
+        with files.atomic_path(path) as tmp:  # a kill mid-write leaves the old cache (or none), never half of one
+            with open(tmp, "wb") as f:
+                np.savez(f, fingerprint=np.asarray(key), **arrays)
+            faults.point("reference_cache.write")
     note(f"cached reference log-probs for {steps} steps in {time.perf_counter() - start:.1f}s (fingerprint {key})")
     return train, evals

@@ -170,8 +170,37 @@ def load_records(name: str | SourceSpec, split: str, data_dir: str, manual_dir: 
     """All records of one split as Python dicts (prepares the source first if needed)."""
     builder = prepare(name, data_dir, manual_dir, **kwargs)
     label = name.label if isinstance(name, SourceSpec) else name
-    source = builder.as_data_source(split=resolve_split(builder, split, label))
-    return [_decode(source[i]) for i in range(len(source))]
+    return read_split(builder, resolve_split(builder, split, label), label)
+
+
+class CorruptedDataset(ValueError):
+    """A prepared dataset file that cannot be read (corrupted or truncated on disk)."""
+
+
+def read_split(builder, split: str, label: str) -> list[dict]:
+    """Every record of a prepared split; an unreadable array_record file is a
+    :class:`CorruptedDataset` naming the file and how to prepare the dataset again."""
+    try:
+        data = builder.as_data_source(split=split)
+        return [_decode(data[i]) for i in range(len(data))]
+    except RuntimeError as e:  # array_record / riegeli: a corrupted or truncated file
+        bad = _unreadable_files([os.fspath(p) for p in builder.info.splits[split].filepaths])
+        raise CorruptedDataset(
+            f"dataset {label!r} split {split!r}: {', '.join(bad) or builder.data_dir} cannot be read "
+            f"({str(e).splitlines()[0][:200]}): the prepared dataset is damaged; delete {builder.data_dir} to prepare it "
+            "again (under config.data.data_dir)") from None
+
+
+def _unreadable_files(paths: list[str]) -> list[str]:
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    bad = []
+    for path in paths:
+        try:
+            ArrayRecordReader(path).read_all()
+        except RuntimeError:
+            bad.append(path)
+    return bad
 
 
 def mixture_counts(sizes: list[int], weights: list[float | None]) -> list[int]:
@@ -192,8 +221,7 @@ def load_mixture(spec: str, split: str, data_dir: str, manual_dir: str | None = 
     per_source, stats = [], {"sources": {}}
     for i, s in enumerate(sources):
         builder = prepare(s, data_dir, manual_dir, skip_bad_records=skip_bad_records, files=files)
-        data = builder.as_data_source(split=resolve_split(builder, split, s.label))
-        records = [_decode(data[j]) for j in range(len(data))]
+        records = read_split(builder, resolve_split(builder, split, s.label), s.label)
         unary = bool(records) and "completion" in records[0]
         examples = unary_from_records(records) if unary else paired_from_records(records)
         entry = {"kind": "unary" if unary else "paired", "available": len(examples), "weight": s.weight}

@@ -27,6 +27,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from kto_jax import faults
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -179,6 +181,7 @@ class FeedbackBuilder(tfds.core.GeneratorBasedBuilder):
         items = _json_lines(path) if rows is None else ((f"row {i}", row) for i, row in enumerate(rows))
         index = -1
         for index, (where, item) in enumerate(items):
+            faults.point("data.prepare")
             counts.read += 1
             try:
                 records = parse(_json_object(item) if rows is None else item, counts, index)

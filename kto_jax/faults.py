@@ -6,7 +6,7 @@
 ``KTO_JAX_KILL_AT=NAME@N`` at the N-th. Unset (always, outside tests) it costs one dict lookup.
 The points (tests/test_faults.py kills at each and reruns the same command):
 
-    data.prepare          a source record read while tfds prepares a dataset
+    data.prepare          a source record read while tfds prepares a dataset (base.read_records, files)
     reference_cache.write the cache's temporary file written, not yet renamed
     checkpoint.save       an asynchronous orbax save started, not yet finished
     eval.generate         a batch of held-out samples generated, more to come

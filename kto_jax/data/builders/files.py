@@ -51,6 +51,7 @@ import os
 
 import tensorflow_datasets as tfds
 
+from kto_jax import faults
 from kto_jax.data import formats
 from kto_jax.data.builders.base import (
     BadRecord,
@@ -225,6 +226,7 @@ class Files(FeedbackBuilder):
 
         rows = 0  # this file's well-formed rows
         for where, row in formats.read_rows(path, on_bad=on_bad):
+            faults.point("data.prepare")
             read += 1
             rows += 1
             counts.read += 1

@@ -105,6 +105,9 @@ def scenario_corrupt(root: str, data: str, reference, how: str) -> dict:
     rng = random.Random(SEED + 2)
     out = os.path.join(root, f"corrupt_{how}")
     workdir = H.copy_run(ref["workdir"], os.path.join(out, "run"))
+    # a run that died after its last save, before its evaluation (a finished run rerun with the
+    # same config is a no-op that reads no checkpoint)
+    os.remove(os.path.join(workdir, "eval.json"))
     steps = ckpt_steps(workdir)
     newest = os.path.join(ckpt_dir(workdir), str(steps[-1]))
     tmp = None

@@ -49,7 +49,11 @@ def base_config() -> ml_collections.ConfigDict:
     # run (its latest step by default, which is its final weights once it has finished).
     c.init = ml_collections.ConfigDict(dict(source=""))
     c.loss = loss_config("kto")
-    c.reference = ml_collections.ConfigDict(dict(mode="model"))  # "model" or "cached"
+    # "model": a frozen copy of the initial weights in the step; "cached": its log-probs computed
+    # once before training and read from the batch (kto_jax/train/reference_cache.py), from a
+    # matching cache in cache_dir when one is there ("" = the workdir; a folder shared by runs
+    # on the same reference model and data computes it once for all of them)
+    c.reference = ml_collections.ConfigDict(dict(mode="model", cache_dir=""))
     c.data = ml_collections.ConfigDict(dict(
         # "+"-separated sources, each a dataset name (kto_jax/data/builders) or "files:PATTERN" (your own
         # JSONL/JSON/Parquet/CSV/save_to_disk files), optionally ":WEIGHT" (mixture proportions)

@@ -67,8 +67,8 @@ def test_resume_with_another_model_is_a_clear_error(scenarios, tmp_path, monkeyp
     workdir = H.copy_run(ref["workdir"], str(tmp_path / "run"))
     before = H.snapshot(ckpt_dir(workdir))
     config = H.config_for(ref["data_dir"], extra=("--config.model.name=tiny-5m",))
-    with pytest.raises(IncompatibleCheckpoint) as error:
-        loop.run(config, workdir)
+    with pytest.raises(IncompatibleCheckpoint) as error:  # past the config check (tests/test_run_record.py)
+        loop.run(config, workdir, resume_with_changes=True)
     message = str(error.value)
     newest = f"{ckpt_dir(workdir)}/{ckpt_steps(workdir)[-1]}"
     assert newest in message and "'tiny-1m'" in message and "new --workdir" in message, message

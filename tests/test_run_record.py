@@ -44,14 +44,14 @@ def _experiment_configs():
 
 
 def test_every_rule_names_a_real_field():
-    fields = set(rules._flatten(base_config().to_dict()))
+    fields = set(rules.flatten(base_config().to_dict()))
     loss_fields = {f"loss.{k}" for spec in LOSSES.values() for k in spec.defaults}
     unknown = [r.field for r in rules._table() if r.field not in fields | loss_fields]
     assert not unknown, f"rules for fields no config has: {unknown}"
 
 
 def test_every_rule_rejects_some_value_and_accepts_the_default():
-    defaults = rules._flatten(base_config().to_dict())
+    defaults = rules.flatten(base_config().to_dict())
     loss_defaults = {f"loss.{k}": v for spec in LOSSES.values() for k, v in spec.defaults.items()}
     for rule in rules._table():
         default = defaults.get(rule.field, loss_defaults.get(rule.field))
@@ -279,3 +279,20 @@ def test_a_run_without_its_config_json_is_not_resumed_blindly(reference, tmp_pat
     with pytest.raises(rules.InputError, match="no config.json"):
         record.check_resume(config, workdir)
     assert isinstance(config, ml_collections.ConfigDict)
+
+
+def test_a_field_added_since_the_run_was_saved_is_not_a_change_at_its_default(tmp_path):
+    """A run saved before kto_jax gained a config field, rerun after: the field at its default
+    is no difference (the run is finished); at another value it is one."""
+    from kto_jax.train import record
+
+    config = base_config()
+    saved = json.loads(config.to_json_best_effort())
+    del saved["reference"]["cache_dir"]
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "eval.json").write_text(json.dumps({"step": 4}))
+    assert record.check_resume(config, str(tmp_path)).finished == {"step": 4}
+    config.reference.cache_dir = "/shared/caches"
+    resume = record.check_resume(config, str(tmp_path))
+    assert resume.finished is None and resume.changes == (("reference.cache_dir", rules.ABSENT, "/shared/caches"),)

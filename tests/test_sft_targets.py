@@ -71,7 +71,7 @@ def test_sft_targets_field_is_validated_in_the_plan():
     config.data.sft_targets = "per_prompt"
     make_plan(config, 1)
     config.data.sft_targets = "unique"
-    with pytest.raises(ValueError, match=r"config.data.sft_targets='unique': use 'all'.*or 'per_prompt'"):
+    with pytest.raises(ValueError, match=r"config\.data\.sft_targets='unique': must be one of 'all', 'per_prompt'"):
         make_plan(config, 1)
     csft = tiny_config("csft")
     csft.data.sft_targets = "per_prompt"

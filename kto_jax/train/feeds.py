@@ -111,6 +111,10 @@ class SequenceFeed:
         out.update({n: mb[n] for n, _ in self.per_example if n in inputs})
         return {n: out[n] for n in inputs}
 
+    def reference_inputs(self, inputs) -> tuple[str, ...]:
+        """The loss inputs the frozen reference gives (what ``reference.mode = "cached"`` stores)."""
+        return tuple(n for n, _ in self._wanted(self.reference, inputs))
+
     def reference_logps(self, spec: "StepSpec", reference_params, mb: dict) -> dict:
         """{reference input name: [B] log-probs} of the frozen reference, one forward, no gradient."""
         wanted = self._wanted(self.reference, spec.inputs)

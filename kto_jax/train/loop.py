@@ -27,6 +27,7 @@ from kto_jax.checkpoint import Checkpointer
 from kto_jax.train import record, setup
 from kto_jax.train.engine import Engine, build_engine
 from kto_jax.train.evaluators import EVALUATORS
+from kto_jax.train.feeds import get_feed
 from kto_jax.train.hooks import MetricsWriter, Preemption, default_hooks, note
 from kto_jax.train.plan import Plan, make_plan
 from kto_jax.train.reference_cache import cached_reference
@@ -156,7 +157,8 @@ def execute(p: Prepared) -> dict:
             return (next(cache_loader) for _ in range(steps))
 
         train_cache, r.eval_cache = cached_reference(config, r.engine, r.reference_params, cache_batches, r.eval_batches,
-                                                     r.mesh, workdir, steps)
+                                                     r.mesh, workdir, steps, r.meta["reference"],
+                                                     get_feed(plan.loss.feed).reference_inputs(plan.inputs))
         r.reference_params = None  # the reference model is not needed any more
 
     with Preemption() as preemption:

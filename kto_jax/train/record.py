@@ -21,7 +21,7 @@ import jax
 
 from kto_jax import files
 from kto_jax.checkpoint import CHECKPOINT_DIR
-from kto_jax.train.rules import InputError, config_diff, disallowed_on_resume
+from kto_jax.train.rules import ABSENT, InputError, config_diff, disallowed_on_resume, flatten
 
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
@@ -59,6 +59,14 @@ def _show(value) -> str:
     return json.dumps(value) if not isinstance(value, str) or value == "(absent)" else repr(value)
 
 
+def _new_default(field: str, old, new) -> bool:
+    """A field the saved config predates (added to kto_jax since), at its default: not a change."""
+    from kto_jax.config import base_config
+
+    defaults = flatten(base_config().to_dict())
+    return old == ABSENT and field in defaults and defaults[field] == new
+
+
 def check_resume(config, workdir: str, allow_changes: bool = False) -> Resume:
     """Compare ``config`` with the run already in ``workdir`` (see the module docstring)."""
     steps = checkpoint_steps(workdir)
@@ -69,7 +77,8 @@ def check_resume(config, workdir: str, allow_changes: bool = False) -> Resume:
     if not os.path.exists(config_path):
         raise InputError(f"{workdir} holds a run (checkpoints or eval.json) but no {CONFIG_FILE}, so this config cannot "
                          "be checked against the one it was trained with: restore config.json or use a new --workdir")
-    diff = config_diff(_read_json(config_path), json.loads(config.to_json_best_effort()))
+    diff = [(field, old, new) for field, old, new in config_diff(_read_json(config_path), json.loads(config.to_json_best_effort()))
+            if not _new_default(field, old, new)]
     step = steps[-1] if steps else None
     if not diff and os.path.exists(eval_path):
         results = _read_json(eval_path)

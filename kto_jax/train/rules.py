@@ -203,17 +203,18 @@ RESUMABLE = (
     "train.steps",                        # extend a finished run (not below its checkpoint's step)
     "train.log_every", "train.eval_every", "train.eval_batches",
     "eval.*",                             # evaluation reads the weights, never writes them
+    "reference.cache_dir",                # where cached reference log-probs are looked up (checked by content)
     "mesh.*", "target.*",                 # how the same arrays are laid out, the slice an AOT check targets
     "data.data_dir", "data.manual_dir",   # where the same data lives
 )
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
+            out.update(flatten(value, name + "."))
         else:
             out[name] = value
     return out
@@ -224,7 +225,7 @@ ABSENT = "(absent)"
 
 def config_diff(saved: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """``[(field, saved value, new value)]`` for every leaf that differs (``ABSENT`` where one lacks it)."""
-    a, b = _flatten(saved), _flatten(new)
+    a, b = flatten(saved), flatten(new)
     return [(k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b)) if a.get(k, ABSENT) != b.get(k, ABSENT)]
 
 

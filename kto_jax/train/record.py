@@ -21,7 +21,13 @@ import jax
 
 from kto_jax import files
 from kto_jax.checkpoint import CHECKPOINT_DIR
-from kto_jax.train.rules import ABSENT, InputError, config_diff, disallowed_on_resume, flatten
+from kto_jax.train.rules import (
+    ABSENT,
+    InputError,
+    config_diff,
+    disallowed_on_resume,
+    flatten,
+)
 
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"

@@ -12,12 +12,12 @@ table of judged desirable rates with 90% intervals and writes ``WORKDIR/summary.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from absl import app, flags, logging
 
+from kto_jax import files
 from kto_jax.config import tiny_config
 from kto_jax.train.loop import run
 
@@ -50,8 +50,7 @@ def main(argv):
     for loss in _LOSSES.value:
         train(loss, _ALIGN_STEPS.value, init=f"orbax:{sft_dir}", baseline=sft_dir)
 
-    with open(os.path.join(root, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    files.write_json(os.path.join(root, "summary.json"), summary)
     print(f"\n{'model':<6} {'judged desirable':>17} {'90% interval':>17} {'win rate vs SFT':>16}")
     for name, row in summary.items():
         lo, hi = row["ci90"]

@@ -29,6 +29,14 @@ from kto_jax import faults
 CHECKPOINT_DIR = "checkpoints"
 
 
+def complete_steps(directory: str) -> list[int]:
+    """The steps of the complete checkpoints in ``directory`` (orbax renames a finished save to
+    its step; one under way is ``<step>.orbax-checkpoint-tmp-*``), without opening any."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
 def abstract_like(tree):
     """ShapeDtypeStructs (with shardings) of a tree of arrays: the restore target."""
     return jax.tree_util.tree_map(
@@ -83,7 +91,7 @@ class Checkpointer:
             loader=ocp.args.JsonSave(loader_state),
             meta=ocp.args.JsonSave(meta),
         )
-        with self._disk_full_is_clear(step):  # a failed earlier async save surfaces here
+        with self._disk_full_is_clear():  # a failed earlier async save surfaces here
             started = self.manager.save(step, args=args, metrics=metrics, force=force)
         if started:
             faults.point("checkpoint.save")
@@ -99,7 +107,7 @@ class Checkpointer:
         self.manager.close()
 
     @contextlib.contextmanager
-    def _disk_full_is_clear(self, step: int | None = None):
+    def _disk_full_is_clear(self):
         """A save that failed for lack of space becomes :class:`CheckpointNotSaved` (its partial
         temporary folder removed, the complete checkpoints untouched); other errors pass."""
         try:
@@ -111,7 +119,7 @@ class Checkpointer:
             for name in os.listdir(self.directory):
                 if ".orbax-checkpoint-tmp" in name:
                     shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-            kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+            kept = complete_steps(self.directory)
             resume = f"it resumes from step {kept[-1]}" if kept else "it starts afresh"
             raise CheckpointNotSaved(
                 f"checkpoint not saved: no space left on device in {self.directory} ({text.splitlines()[0][:200]}); "

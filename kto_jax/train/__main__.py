@@ -84,6 +84,21 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def _last_line(text: str) -> str:
+    """The last non-blank line of an error text (config_flags quotes a whole traceback)."""
+    return [line for line in str(text).splitlines() if line.strip()][-1].strip()
+
+
+def _failing_in_one_line(errors, fn, *args):
+    """``fn(*args)``, with ``errors`` as one ``error:`` line (the traceback with --verbosity >= 1)."""
+    try:
+        return fn(*args)
+    except errors as e:
+        if flags.FLAGS["verbosity"].value >= 1:
+            raise
+        fail(str(e))
+
+
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}; the flags are --config, --workdir, --config.<field>=<value> and "
@@ -92,21 +107,12 @@ def main(argv):
         config = _CONFIG.value
         config.seed  # noqa: B018  (a config that failed to load raises on first use)
     except OSError as e:  # config_flags defers a missing or unloadable experiment file to here
-        fail(f"--config: {[line for line in str(e).splitlines() if line.strip()][-1].strip()}")
+        fail(f"--config: {_last_line(e)}")
     quiet_by_default()
     sharding.initialize_distributed()
-    try:
-        prepared = prepare(config, _WORKDIR.value, resume_with_changes=_RESUME_WITH_CHANGES.value)
-    except INPUT_ERRORS as e:
-        if flags.FLAGS["verbosity"].value >= 1:
-            raise
-        fail(str(e))
-    try:
-        execute(prepared)
-    except CheckpointNotSaved as e:  # a full disk: one line, the way to resume in it
-        if flags.FLAGS["verbosity"].value >= 1:
-            raise
-        fail(str(e))
+    prepared = _failing_in_one_line(INPUT_ERRORS, lambda: prepare(config, _WORKDIR.value,
+                                                                  resume_with_changes=_RESUME_WITH_CHANGES.value))
+    _failing_in_one_line(CheckpointNotSaved, execute, prepared)  # a full disk: one line, the way to resume in it
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -116,12 +122,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         text = str(e)
         if "Traceback (most recent call last)" in text:  # config_flags quotes the experiment's traceback: keep its error
-            flag = text.split(":", 1)[0]
-            last = [line for line in text.splitlines() if line.strip()][-1]
-            fail(f"{flag}: {last.split(': ', 1)[-1]}")
+            fail(f"{text.split(':', 1)[0]}: {_last_line(text).split(': ', 1)[-1]}")
         fail(f"{text}; see --helpfull")
     except OSError as e:  # an override (--config.a.b=v) on an experiment file that failed to load
-        fail(f"--config: {[line for line in str(e).splitlines() if line.strip()][-1].strip()}")
+        fail(f"--config: {_last_line(e)}")
 
 
 if __name__ == "__main__":

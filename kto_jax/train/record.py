@@ -20,7 +20,7 @@ import os
 import jax
 
 from kto_jax import files
-from kto_jax.checkpoint import CHECKPOINT_DIR
+from kto_jax.checkpoint import CHECKPOINT_DIR, complete_steps
 from kto_jax.train.rules import (
     ABSENT,
     InputError,
@@ -45,11 +45,8 @@ class Resume:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-    """The steps of the workdir's complete checkpoints (orbax renames a finished save to its step)."""
-    folder = os.path.join(workdir, CHECKPOINT_DIR)
-    if not os.path.isdir(folder):
-        return []
-    return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+    """The steps of the workdir's complete checkpoints."""
+    return complete_steps(os.path.join(workdir, CHECKPOINT_DIR))
 
 
 def _read_json(path: str) -> dict:
@@ -65,12 +62,15 @@ def _show(value) -> str:
     return json.dumps(value) if not isinstance(value, str) or value == "(absent)" else repr(value)
 
 
-def _new_default(field: str, old, new) -> bool:
-    """A field the saved config predates (added to kto_jax since), at its default: not a change."""
+def _without_new_defaults(diff: list[tuple]) -> list[tuple]:
+    """The diff less the fields the saved config predates (added to kto_jax since) at their
+    default: those are no change."""
+    if not any(old == ABSENT for _, old, _ in diff):
+        return diff
     from kto_jax.config import base_config
 
     defaults = flatten(base_config().to_dict())
-    return old == ABSENT and field in defaults and defaults[field] == new
+    return [(f, old, new) for f, old, new in diff if not (old == ABSENT and f in defaults and defaults[f] == new)]
 
 
 def check_resume(config, workdir: str, allow_changes: bool = False) -> Resume:
@@ -83,8 +83,7 @@ def check_resume(config, workdir: str, allow_changes: bool = False) -> Resume:
     if not os.path.exists(config_path):
         raise InputError(f"{workdir} holds a run (checkpoints or eval.json) but no {CONFIG_FILE}, so this config cannot "
                          "be checked against the one it was trained with: restore config.json or use a new --workdir")
-    diff = [(field, old, new) for field, old, new in config_diff(_read_json(config_path), json.loads(config.to_json_best_effort()))
-            if not _new_default(field, old, new)]
+    diff = _without_new_defaults(config_diff(_read_json(config_path), json.loads(config.to_json_best_effort())))
     step = steps[-1] if steps else None
     if not diff and os.path.exists(eval_path):
         results = _read_json(eval_path)

@@ -54,13 +54,14 @@ def batch_digest(batch: dict) -> str:
     return digest.hex()
 
 
-def _compute(engine, reference_params, batches, mesh) -> list[dict]:
-    """Reference log-probs of each batch, as host arrays of the global batch."""
-    out = []
+def _compute(engine, reference_params, batches, mesh) -> tuple[list[dict], list[str]]:
+    """Reference log-probs of each batch, as host arrays of the global batch, and each batch's digest."""
+    out, digests = [], []
     for batch in batches:
+        digests.append(batch_digest(batch))
         logps = engine.reference_fn(reference_params, setup.to_global(batch, mesh))
         out.append({k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in logps.items()})
-    return out
+    return out, digests
 
 
 def _meta(path: str) -> dict:
@@ -89,10 +90,14 @@ def why_not(meta: dict, reference: str, train: list[str], evals: list[str], outp
     return None
 
 
-def find(folder: str, reference: str, train: list[str], evals: list[str], outputs: tuple[str, ...]) -> tuple[str | None, list[str]]:
-    """``(path of a usable cache or None, [reason each other cache in folder was passed over])``."""
+def caches(folder: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(glob.escape(folder), f"{PREFIX}*.npz")))
+
+
+def find(paths: list[str], reference: str, train: list[str], evals: list[str], outputs: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """``(the first of the cache files paths that can serve, or None; [why each one before it cannot])``."""
     passed = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(folder), f"{PREFIX}*.npz"))):
+    for path in paths:
         try:
             reason = why_not(_meta(path), reference, train, evals, outputs)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
@@ -126,23 +131,24 @@ def cached_reference(config, engine, reference_params, make_batches, eval_batche
     ``make_batches()`` yields the run's ``steps`` training batches afresh; ``reference`` is the
     run's ``{"source", "fingerprint"}``, ``outputs`` the reference log-probs its loss takes."""
     folder = os.path.abspath(os.path.expanduser(config.reference.cache_dir or workdir))
-    train_digests = [batch_digest(b) for b in make_batches()]
-    eval_digests = [batch_digest(b) for b in eval_batches]
-    path, passed = find(folder, reference["fingerprint"], train_digests, eval_digests, outputs)
-    for line in passed[:5]:
-        note(f"reference cache not used: {line}")
-    if len(passed) > 5:
-        note(f"... and {len(passed) - 5} more caches in {folder} not used")
-    if path is not None:
-        try:
-            train, evals = _read(path, steps, len(eval_batches), outputs)
-            note(f"reference log-probs for {steps} steps read from {path}")
-            return train, evals
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            logging.warning("reference cache %s is unreadable (%s: %s); computing it again", path, type(e).__name__, e)
+    found = caches(folder)
+    if found:  # digests first (one pass of the loader), to look for a cache before computing
+        path, passed = find(found, reference["fingerprint"], [batch_digest(b) for b in make_batches()],
+                            [batch_digest(b) for b in eval_batches], outputs)
+        for line in passed[:5]:
+            note(f"reference cache not used: {line}")
+        if len(passed) > 5:
+            note(f"... and {len(passed) - 5} more caches in {folder} not used")
+        if path is not None:
+            try:
+                train, evals = _read(path, steps, len(eval_batches), outputs)
+                note(f"reference log-probs for {steps} steps read from {path}")
+                return train, evals
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                logging.warning("reference cache %s is unreadable (%s: %s); computing it again", path, type(e).__name__, e)
     start = time.perf_counter()
-    train = _compute(engine, reference_params, make_batches(), mesh)
-    evals = _compute(engine, reference_params, eval_batches, mesh)
+    train, train_digests = _compute(engine, reference_params, make_batches(), mesh)
+    evals, eval_digests = _compute(engine, reference_params, eval_batches, mesh)
     key = hashlib.sha256(json.dumps([reference["fingerprint"], sorted(outputs), train_digests, eval_digests]).encode()).hexdigest()[:16]
     path = os.path.join(folder, f"{PREFIX}{key}.npz")
     if jax.process_index() == 0:

@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
         max_prompt_length=1024,
         truncation_mode="keep_end",
         bucket=64,
+        # several examples per row of max_length tokens (segment ids, no padding between them) instead
+        # of one per row padded to a bucket: same losses, fewer tokens (kto_jax/data/batch.py)
+        packing=False,
         one_y_per_x=False,
         desirable_fraction=1.0,
         undesirable_fraction=1.0,

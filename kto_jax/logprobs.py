@@ -137,3 +137,39 @@ def chunked_sequence_logps(
     """
     per_token = chunked_token_logps(hidden, kernel, labels, loss_mask, chunk_size=chunk_size)
     return _sum_and_count(per_token, loss_mask)
+
+
+def segment_sums(per_token: jax.Array, segment_ids: jax.Array, loss_mask: jax.Array, num_segments: int) -> tuple[jax.Array, jax.Array]:
+    """Per-sequence sums of a packed batch: the log-prob and token count of each segment.
+
+    With the shifted convention (``per_token[r, t]`` scores token ``t + 1`` of row r):
+
+      sum_logps[k]    = sum_{r, t >= 1: segment_ids[r, t] = k + 1} loss_mask[r, t] * per_token[r, t - 1]
+      token_counts[k] = sum_{r, t >= 1: segment_ids[r, t] = k + 1} loss_mask[r, t]
+
+    Args:
+      per_token: ``[R, T-1]`` per-token log-probs (0 where masked), e.g. from :func:`chunked_token_logps`.
+      segment_ids: ``[R, T]`` int, 1 + the sequence's index (0 on padding).
+      loss_mask: ``[R, T]`` completion tokens; the first token of each segment must be off (the
+        packed loader guarantees it), as position 0 of a padded row is never scored.
+      num_segments: the number of sequences K.
+
+    Returns:
+      ``(sum_logps [K] float32, token_counts [K] int32)``, equal to :func:`sequence_logps` of the
+      same sequences padded one per row.
+    """
+    ids = segment_ids[:, 1:].reshape(-1) - 1
+    mask = loss_mask[:, 1:].astype(bool).reshape(-1) & (ids >= 0)
+    ids = jnp.where(mask, ids, num_segments)  # out of range: dropped by segment_sum
+    values = jnp.where(mask, per_token.reshape(-1).astype(jnp.float32), 0.0)
+    sums = jax.ops.segment_sum(values, ids, num_segments=num_segments)
+    counts = jax.ops.segment_sum(mask.astype(jnp.int32), ids, num_segments=num_segments)
+    return sums, counts
+
+
+def unpack_tokens(values: jax.Array, unpack_index: jax.Array) -> jax.Array:
+    """Per-token values of packed rows ``[R, T]`` laid out per example ``[K, T]``: out[k, t] =
+    values.flat[unpack_index[k, t]], 0 where the index is -1 (past the sequence's end)."""
+    flat = values.reshape(-1)
+    valid = unpack_index >= 0
+    return jnp.where(valid, flat[jnp.where(valid, unpack_index, 0)], jnp.zeros((), values.dtype))

@@ -21,6 +21,14 @@ row of the same microbatch (as TRL, the tokens of each part come from its own ex
 joint encoding, ``kto_jax.data.tokenize.encode_pair``). A microbatch of B = G/M = 1 is an
 error: the KL term would be the example's own reward.
 
+Packing (``packing=True``, ``kto_jax.data.batch``): the same global batch, its sequences placed
+several to a row of ``max_length`` tokens instead of one per padded row. Each microbatch's
+sequences of each group are packed on their own (first-fit decreasing: longest first, each into
+the first row with room), every group and microbatch into the same number of rows R, rounded up
+so the M * R rows divide over ``row_multiple`` (the data-parallel devices). Row r of microbatch
+m is global row r * M + m, so the engine's strided microbatch split applies unchanged. Which
+examples make a batch, their order and the KL partners are exactly the padded path's.
+
 Every sequence is ``[BOS] + prompt + completion + [EOS]`` (BOS when the tokenizer adds one,
 ``Tokenizer.bos_id``), with the loss mask on the completion and EOS.
 """
@@ -65,6 +73,8 @@ class FeedbackLoader:
         process_count: int | None = None,
         control_tokens: tuple[str, str] | None = None,
         schema: BatchSchema | None = None,
+        packing: bool = False,
+        row_multiple: int = 1,
     ):
         if process_index is None or process_count is None:
             import jax
@@ -72,8 +82,9 @@ class FeedbackLoader:
             process_index, process_count = jax.process_index(), jax.process_count()
         self.paired = bool(examples) and isinstance(examples[0], Paired)
         # the layout to fill: the feed's (kto_jax.train.feeds, via the plan), or the default one of the data
-        self.schema = schema or feedback_schema(self.paired, kl_pairing)
-        fillable = feedback_schema(self.paired, kl_pairing=True)
+        self.schema = schema or feedback_schema(self.paired, kl_pairing, packed=packing)
+        self.packing, self.row_multiple = self.schema.packed, max(1, int(row_multiple))
+        fillable = feedback_schema(self.paired, kl_pairing=True, packed=self.packing)
         missing = set(self.schema.fields()) - set(fillable.fields())
         if missing:
             raise ValueError(f"the batch layout asks for {sorted(missing)}, which {'paired' if self.paired else 'unary'} "
@@ -198,8 +209,11 @@ class FeedbackLoader:
         return ids, mask
 
     def make_batch(self, rows: np.ndarray) -> dict:
-        """This process's slice of the global batch ``rows``, padded to the global bucket length."""
+        """This process's slice of the global batch ``rows``, padded to the global bucket length
+        (or packed, :meth:`make_packed_batch`)."""
         seqs = self._sequences(rows)
+        if self.packing:
+            return self.make_packed_batch(rows, seqs)
         longest = max(len(ids) for field in seqs.values() for ids, _ in field)
         length = min(-(-longest // self.bucket) * self.bucket, self.cfg.max_length)
         per_process = self.global_batch_size // self.process_count
@@ -218,3 +232,62 @@ class FeedbackLoader:
         if "desirable" in dict(self.schema.per_example):
             out["desirable"] = self.desirable[rows[local]]
         return out
+
+    def make_packed_batch(self, rows: np.ndarray, seqs: dict[str, list]) -> dict:
+        """This process's slice of the global batch ``rows`` packed into rows of ``max_length`` tokens."""
+        length, M = self.cfg.max_length, self.num_microbatches
+        placed = {g: [pack_lengths([len(ids) for ids, _ in seqs[g][m::M]], length) for m in range(M)]
+                  for g in self.schema.sequences}
+        needed = max(max(r for r, _ in per_mb) for per_mb in placed.values())
+        step = self.row_multiple // np.gcd(self.row_multiple, M)  # the least R with M * R divisible
+        per_mb_rows = -(-max(needed, 1) // step) * step
+        total = per_mb_rows * M
+        if total % self.process_count:
+            raise ValueError(f"{total} packed rows do not divide over {self.process_count} processes: "
+                             "row_multiple must be a multiple of the process count")
+        rows_local = slice(self.process_index * total // self.process_count, (self.process_index + 1) * total // self.process_count)
+        per_process = self.global_batch_size // self.process_count
+        local = slice(self.process_index * per_process, (self.process_index + 1) * per_process)
+        out = {}
+        for group in self.schema.sequences:
+            ids = np.full((total, length), self.tokenizer.pad_id, np.int32)
+            segments = np.zeros((total, length), np.int32)
+            loss = np.zeros((total, length), bool)
+            unpack = np.full((self.global_batch_size, length), -1, np.int32)
+            for m in range(M):
+                for k, ((seq, mask), (row, offset)) in enumerate(zip(seqs[group][m::M], placed[group][m][1])):
+                    r, end = row * M + m, offset + len(seq)
+                    ids[r, offset:end] = seq
+                    segments[r, offset:end] = k + 1
+                    loss[r, offset:end] = mask
+                    loss[r, offset] = False  # a segment's first token is never scored (as position 0 of a padded row)
+                    unpack[k * M + m, : len(seq)] = row * length + offset + np.arange(len(seq))
+            p = prefix(group)
+            out[f"{p}input_ids"], out[f"{p}segment_ids"], out[f"{p}loss_mask"] = ids[rows_local], segments[rows_local], loss[rows_local]
+            if group in self.schema.unpack:
+                out[f"{p}unpack_index"] = unpack[local]
+        out["example_index"] = np.arange(self.global_batch_size, dtype=np.int32)[local]
+        if "desirable" in dict(self.schema.per_example):
+            out["desirable"] = self.desirable[rows[local]]
+        return out
+
+
+def pack_lengths(lengths: Sequence[int], capacity: int) -> tuple[int, list[tuple[int, int]]]:
+    """First-fit decreasing bin packing: ``(rows used, [(row, offset)] per sequence in input order)``.
+
+    Sequences are placed longest first (ties by input order), each into the first row whose free
+    space holds it, at that row's current end; a new row is opened when none does."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    free: list[int] = []
+    where: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"a sequence of {n} tokens does not fit a packed row of {capacity} (config.data.max_length)")
+        row = next((r for r, f in enumerate(free) if f >= n), None)
+        if row is None:
+            row = len(free)
+            free.append(capacity)
+        where[i] = (row, capacity - free[row])
+        free[row] -= n
+    return len(free), where

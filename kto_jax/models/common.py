@@ -168,6 +168,29 @@ def attention_mask_4d(attention_mask: jax.Array, sliding_window: int | None = No
     return cache_attention_mask(attention_mask, 0, attention_mask.shape[-1], sliding_window)
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its segment of a packed row: t - (first t' of its segment).
+
+    A segment starts where ``segment_ids`` changes (and at t = 0), so each packed sequence's
+    tokens get positions 0, 1, 2, ... as they would alone in a padded row.
+    """
+    t = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1], dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1)
+    return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=segment_ids.ndim - 1)
+
+
+def segment_attention_mask(segment_ids: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """``[B, 1, T, T]`` bool for packed rows: query i sees key j iff j <= i, both are in the same
+    segment, j is not padding (segment 0) (and i - j < sliding_window); every query sees itself."""
+    length = segment_ids.shape[-1]
+    i, j = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
+    allowed = j <= i
+    if sliding_window is not None:
+        allowed &= (i - j) < sliding_window
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    return (allowed[None] & same | (i == j)[None])[:, None]
+
+
 def rope_inv_freq(config: ModelConfig) -> jax.Array:
     """Inverse frequencies theta^(-2k/d) over the rotary dims, with linear or llama3 scaling
     (Meta's Llama 3.1 rule: long wavelengths divided by ``factor``, a smooth ramp between)."""
@@ -304,8 +327,13 @@ class Decoder(nn.Module):
     norm_cls: Any
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, *, return_hidden: bool = False, cache=None, positions=None):
+    def __call__(self, input_ids, attention_mask=None, *, return_hidden: bool = False, cache=None, positions=None,
+                 segment_ids=None):
         """Training/scoring: ``(input_ids, attention_mask)`` -> logits (or hidden states).
+
+        Packed rows: ``segment_ids`` ``[B, T]`` (1, 2, ... per sequence, 0 on padding) instead of
+        the attention mask: attention stays within each segment and positions restart per segment
+        (:func:`segment_attention_mask`, :func:`positions_from_segments`).
 
         Decoding: with ``cache`` (from :func:`init_cache`) the call writes this chunk's keys and
         values at slot ``cache["index"]``; ``attention_mask`` is then the ``[B, S]`` mask of
@@ -313,7 +341,10 @@ class Decoder(nn.Module):
         ``(logits, new_cache)``.
         """
         cfg = self.config
-        if cache is None:
+        if segment_ids is not None:
+            positions = positions_from_segments(segment_ids)
+            mask = segment_attention_mask(segment_ids, cfg.sliding_window)
+        elif cache is None:
             if attention_mask is None:
                 attention_mask = jnp.ones(input_ids.shape, jnp.int32)
             positions = positions_from_mask(attention_mask)

@@ -34,15 +34,19 @@ import jax
 import jax.numpy as jnp
 
 from kto_jax.data.batch import BatchSchema, prefix
-from kto_jax.logprobs import chunked_sequence_logps, chunked_token_logps, mean_logps
+from kto_jax.logprobs import chunked_sequence_logps, chunked_token_logps, mean_logps, segment_sums, unpack_tokens
 from kto_jax.models import lm_head_kernel
 
 if TYPE_CHECKING:
     from kto_jax.train.step import StepSpec
 
 
-def hidden_states(spec: "StepSpec", model_params, ids, attention_mask):
-    return spec.model.apply({"params": model_params}, ids, attention_mask, return_hidden=True)
+def hidden_states(spec: "StepSpec", model_params, ids, presence):
+    """Final hidden states of padded rows (``presence`` the attention mask) or, when the step packs
+    (``spec.packing``), of packed rows (``presence`` the segment ids)."""
+    if spec.packing:
+        return spec.model.apply({"params": model_params}, ids, return_hidden=True, segment_ids=presence)
+    return spec.model.apply({"params": model_params}, ids, presence, return_hidden=True)
 
 
 def sequence_logps(spec: "StepSpec", model_params, ids, attention_mask, loss_mask):
@@ -53,16 +57,31 @@ def sequence_logps(spec: "StepSpec", model_params, ids, attention_mask, loss_mas
     return (mean_logps(sums, counts) if spec.loss.length_normalized else sums), counts
 
 
-def _arrays(mb: dict, group: str):
+def _arrays(mb: dict, group: str, packed: bool = False):
     p = prefix(group)
-    return mb[f"{p}input_ids"], mb[f"{p}attention_mask"], mb[f"{p}loss_mask"]
+    return mb[f"{p}input_ids"], mb[f"{p}segment_ids" if packed else f"{p}attention_mask"], mb[f"{p}loss_mask"]
 
 
 def _forward(spec, model_params, mb, groups):
-    """Log-probs and counts of several sequence groups in one forward: {group: (logps, counts)}."""
-    parts = [_arrays(mb, g) for g in groups]
-    logps, counts = sequence_logps(spec, model_params, *(jnp.concatenate(xs) for xs in zip(*parts)))
-    return dict(zip(groups, zip(jnp.split(logps, len(groups)), jnp.split(counts, len(groups)))))
+    """Log-probs and counts of several sequence groups in one forward: {group: (logps, counts)}.
+
+    Padded: the groups' rows concatenated, one log-prob per row. Packed: the groups' packed rows
+    concatenated, per-token log-probs summed per segment (``segment_sums``), ``[K]`` per group with
+    K the microbatch's examples."""
+    parts = [_arrays(mb, g, spec.packing) for g in groups]
+    if not spec.packing:
+        logps, counts = sequence_logps(spec, model_params, *(jnp.concatenate(xs) for xs in zip(*parts)))
+        return dict(zip(groups, zip(jnp.split(logps, len(groups)), jnp.split(counts, len(groups)))))
+    ids, segments, loss_mask = (jnp.concatenate(xs) for xs in zip(*parts))
+    hidden = hidden_states(spec, model_params, ids, segments)
+    per_token = chunked_token_logps(hidden, lm_head_kernel(spec.model.config, model_params), ids, loss_mask,
+                                    chunk_size=spec.chunk_size)
+    examples = mb["example_index"].shape[0]
+    out = {}
+    for group, rows, (_, seg, mask) in zip(groups, jnp.split(per_token, len(groups)), parts):
+        sums, counts = segment_sums(rows, seg, mask, examples)
+        out[group] = (mean_logps(sums, counts) if spec.loss.length_normalized else sums), counts
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +103,13 @@ class SequenceFeed:
         wanted = self.policy + self._wanted(self.policy_no_grad + self.reference, inputs)
         return tuple(dict.fromkeys(g for _, g in wanted))
 
-    def schema(self, inputs, reference_mode: str) -> BatchSchema:
-        """The batch layout for a loss taking ``inputs`` (cached reference fields in "cached" mode)."""
+    def schema(self, inputs, reference_mode: str, packing: bool = False) -> BatchSchema:
+        """The batch layout for a loss taking ``inputs`` (cached reference fields in "cached" mode),
+        padded or packed."""
         extra = self.per_example
         if reference_mode == "cached":
             extra += tuple((n, "float32") for n, _ in self._wanted(self.reference, inputs))
-        return BatchSchema(self.groups(inputs), extra)
+        return BatchSchema(self.groups(inputs), extra, packed=packing)
 
     def loss_inputs(self, spec: "StepSpec", params, reference_params, mb: dict) -> dict:
         """{input name: [B] array} for every input the loss takes (``spec.inputs``)."""
@@ -167,20 +187,28 @@ class TokenFeed:
     name: str = "token"
     supports_cached: bool = False
 
-    def schema(self, inputs, reference_mode: str) -> BatchSchema:
-        return BatchSchema(("",), (("desirable", "bool"),))
+    def schema(self, inputs, reference_mode: str, packing: bool = False) -> BatchSchema:
+        return BatchSchema(("",), (("desirable", "bool"),), packed=packing, unpack=("",) if packing else ())
 
     def loss_inputs(self, spec: "StepSpec", params, reference_params, mb: dict) -> dict:
-        ids, attention, loss_mask = _arrays(mb, "")
+        """Packed rows run the forwards packed and give the loss its per-example ``[K, L-1]`` layout
+        back (``unpack_tokens``): GAE and the advantage statistics see what the padded path gives."""
+        ids, presence, loss_mask = _arrays(mb, "", spec.packing)
         config = spec.model.config
-        hidden = hidden_states(spec, params["model"], ids, attention)
+        hidden = hidden_states(spec, params["model"], ids, presence)
         policy = chunked_token_logps(hidden, lm_head_kernel(config, params["model"]), ids, loss_mask, chunk_size=spec.chunk_size)
-        values = ValueHead().apply({"params": params["value_head"]}, hidden)[:, :-1]
+        values = ValueHead().apply({"params": params["value_head"]}, hidden)
         ref_params = jax.lax.stop_gradient(reference_params)
-        ref_hidden = hidden_states(spec, ref_params, ids, attention)
+        ref_hidden = hidden_states(spec, ref_params, ids, presence)
         reference = chunked_token_logps(ref_hidden, lm_head_kernel(config, ref_params), ids, loss_mask, chunk_size=spec.chunk_size)
-        return {"policy_logps": policy, "reference_logps": jax.lax.stop_gradient(reference), "values": values,
-                "desirable": mb["desirable"], "mask": loss_mask[:, 1:]}
+        mask = loss_mask
+        if spec.packing:  # per-token [R, L] -> [K, L]; the shifted [R, L-1] padded by a column first
+            index = mb["unpack_index"]
+            column = lambda x: jnp.pad(x, ((0, 0), (0, 1)))  # noqa: E731
+            policy, reference = (unpack_tokens(column(x), index)[:, :-1] for x in (policy, reference))
+            values, mask = unpack_tokens(values, index), unpack_tokens(loss_mask, index)
+        return {"policy_logps": policy, "reference_logps": jax.lax.stop_gradient(reference), "values": values[:, :-1],
+                "desirable": mb["desirable"], "mask": mask[:, 1:]}
 
     def forward_equivalents(self, inputs, reference_mode: str) -> int:
         return 3 + 1  # policy forward + backward, reference forward (the value head, ~2H^2 params, is left out)

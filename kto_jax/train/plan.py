@@ -53,6 +53,7 @@ class Plan:
     max_length: int
     seed: int
     evaluators: tuple[str, ...]
+    packing: bool = False
 
     @property
     def mesh(self) -> dict[str, int]:
@@ -69,12 +70,17 @@ class Plan:
     @property
     def loader_schema(self) -> BatchSchema:
         """The batch layout the loader fills (the step's, less cached reference log-probs)."""
-        return get_feed(self.loss.feed).schema(self.inputs, "none")
+        return get_feed(self.loss.feed).schema(self.inputs, "none", self.packing)
 
     def step_spec(self, model=None) -> StepSpec:
         """The step's static spec (``model`` defaults to the plan's ModelConfig built)."""
         return StepSpec(model or build_model(self.model_config), self.loss, self.hparams, self.num_microbatches,
-                        self.reference_mode, self.chunk_size, self.skip_nonfinite)
+                        self.reference_mode, self.chunk_size, self.skip_nonfinite, self.packing)
+
+    @property
+    def data_parallel(self) -> int:
+        """Devices the batch's leading axis is sharded over (the mesh's data and fsdp axes)."""
+        return self.mesh.get("data", 1) * self.mesh.get("fsdp", 1)
 
     def resolve_steps(self, steps_per_epoch: int) -> int:
         return self.steps or steps_per_epoch
@@ -243,4 +249,5 @@ def make_plan(config, num_devices: int) -> Plan:
         num_microbatches=int(config.train.num_microbatches), steps=int(config.train.steps),
         chunk_size=int(config.train.chunk_size), skip_nonfinite=bool(config.train.skip_nonfinite),
         max_length=int(config.data.max_length), seed=int(config.seed), evaluators=_evaluators(config),
+        packing=bool(config.data.packing),
     )

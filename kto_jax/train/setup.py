@@ -172,6 +172,8 @@ def make_loader(config, plan: Plan, data: Data, tokenizer, *, seed: int) -> Feed
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         control_tokens=plan.loss.control_tokens or None,
+        packing=plan.packing,
+        row_multiple=int(np.lcm(plan.data_parallel, jax.process_count())),
     )
 
 

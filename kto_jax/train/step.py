@@ -41,6 +41,7 @@ class StepSpec:
     reference_mode: str = "model"  # "model", "cached" or "none"
     chunk_size: int = 256
     skip_nonfinite: bool = False  # keep the old params when the loss or gradient norm is not finite
+    packing: bool = False  # packed rows (``config.data.packing``; ``kto_jax.data.batch``)
 
     @property
     def kwargs(self) -> dict:
@@ -58,7 +59,7 @@ class StepSpec:
     @property
     def schema(self) -> BatchSchema:
         """The arrays of a global batch of this step (the loader's, plus cached reference log-probs)."""
-        return self.feed.schema(self.inputs, self.reference_mode)
+        return self.feed.schema(self.inputs, self.reference_mode, self.packing)
 
 
 def microbatch_loss(spec: StepSpec, params, reference_params, mb: dict, loss_state: dict):

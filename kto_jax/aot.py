@@ -63,7 +63,7 @@ def lower_train_step(plan: Plan, optimizer_config, devices):
     # a run of one epoch (steps=0) learns its step count from the data; the count only sets
     # constants of the schedule, not the program's shape, so a nominal one serves here
     engine = build_engine(plan.step_spec(), optimizer_config, mesh, seed=plan.seed, total_steps=plan.steps or 1000)
-    return engine.lower(plan.global_batch_size, plan.max_length), engine
+    return engine.lower(plan.global_batch_size, plan.row_length, plan.packed_rows), engine
 
 
 def xla_step_flops(config, plan: Plan | None = None) -> float:
@@ -80,7 +80,7 @@ def xla_step_flops(config, plan: Plan | None = None) -> float:
     config = config.copy_and_resolve_references()
     config.mesh.update(data=1, fsdp=-1, tensor=1)
     plan = plan or make_plan(config, 1)
-    base = plan.replace(mesh_shape=(("data", 1), ("fsdp", 1), ("tensor", 1)), num_microbatches=1, chunk_size=plan.max_length)
+    base = plan.replace(mesh_shape=(("data", 1), ("fsdp", 1), ("tensor", 1)), num_microbatches=1, chunk_size=plan.row_length)
     counts = []
     for layers in (1, 2):
         model_config = plan.model_config.replace(num_layers=layers, scan_unroll=layers)
@@ -107,6 +107,7 @@ def compile_train_step(config, devices) -> dict:
         "model": config.model.name, "loss": plan.loss.name, "reference_mode": plan.reference_mode, "devices": len(devices),
         "device_kind": devices[0].device_kind, "mesh": dict(engine.mesh.shape),
         "global_batch": plan.global_batch_size, "max_length": plan.max_length,
+        "packing": plan.packing, "rows": plan.packed_rows or plan.global_batch_size, "row_length": plan.row_length,
         "num_microbatches": plan.num_microbatches, "remat": plan.model_config.remat_policy,
         "arguments_gib": memory.argument_size_in_bytes / GiB, "outputs_gib": memory.output_size_in_bytes / GiB,
         "aliased_gib": memory.alias_size_in_bytes / GiB, "temporaries_gib": memory.temp_size_in_bytes / GiB,

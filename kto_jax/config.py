@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
         # several examples per row of max_length tokens (segment ids, no padding between them) instead
         # of one per row padded to a bucket: same losses, fewer tokens (kto_jax/data/batch.py)
         packing=False,
+        pack_length=0,  # tokens per packed row; 0 = max_length (one longest example per row at most)
         one_y_per_x=False,
         desirable_fraction=1.0,
         undesirable_fraction=1.0,

@@ -23,9 +23,10 @@ error: the KL term would be the example's own reward.
 
 Packing (``packing=True``, ``kto_jax.data.batch``): the same global batch, its sequences placed
 several to a row of ``max_length`` tokens instead of one per padded row. Each microbatch's
-sequences of each group are packed on their own (first-fit decreasing: longest first, each into
-the first row with room), every group and microbatch into the same number of rows R, rounded up
-so the M * R rows divide over ``row_multiple`` (the data-parallel devices). Row r of microbatch
+sequences of each group are packed on their own into rows of ``pack_length`` tokens (default
+``max_length``; first-fit decreasing: longest first, each into the first row with room), every group and microbatch into the same number of rows R, rounded up
+so the M * R rows divide over ``row_multiple`` (the data-parallel devices), and to one of about
+eight row counts (``packed_rows``) so few step shapes compile. Row r of microbatch
 m is global row r * M + m, so the engine's strided microbatch split applies unchanged. Which
 examples make a batch, their order and the KL partners are exactly the padded path's.
 
@@ -45,6 +46,9 @@ from kto_jax.data.batch import BatchSchema, feedback_schema, prefix
 from kto_jax.data.chat import get_chat_template
 from kto_jax.data.feedback import Paired, Unary
 from kto_jax.data.tokenize import TokenizeConfig, Tokenizer, encode_pair, truncate
+
+
+PACKED_ROW_BUCKETS = 8  # packed batches come in at most this many row counts (one compiled step each)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +78,7 @@ class FeedbackLoader:
         control_tokens: tuple[str, str] | None = None,
         schema: BatchSchema | None = None,
         packing: bool = False,
+        pack_length: int = 0,
         row_multiple: int = 1,
     ):
         if process_index is None or process_count is None:
@@ -84,6 +89,7 @@ class FeedbackLoader:
         # the layout to fill: the feed's (kto_jax.train.feeds, via the plan), or the default one of the data
         self.schema = schema or feedback_schema(self.paired, kl_pairing, packed=packing)
         self.packing, self.row_multiple = self.schema.packed, max(1, int(row_multiple))
+        self.pack_length = int(pack_length) or tokenize.max_length
         fillable = feedback_schema(self.paired, kl_pairing=True, packed=self.packing)
         missing = set(self.schema.fields()) - set(fillable.fields())
         if missing:
@@ -233,14 +239,23 @@ class FeedbackLoader:
             out["desirable"] = self.desirable[rows[local]]
         return out
 
+    def packed_rows(self, needed: int) -> int:
+        """Rows per microbatch for ``needed`` rows of packed sequences: rounded up to a multiple of
+        q, where M * q divides over ``row_multiple`` and q >= 1/8 of the microbatch's examples, so a
+        run compiles at most ~8 batch shapes (the padded path's length buckets, for rows)."""
+        M = self.num_microbatches
+        step = self.row_multiple // np.gcd(self.row_multiple, M)  # the least R with M * R divisible
+        coarse = -(-self.global_batch_size // (M * PACKED_ROW_BUCKETS))
+        q = -(-coarse // step) * step
+        return -(-max(needed, 1) // q) * q
+
     def make_packed_batch(self, rows: np.ndarray, seqs: dict[str, list]) -> dict:
         """This process's slice of the global batch ``rows`` packed into rows of ``max_length`` tokens."""
-        length, M = self.cfg.max_length, self.num_microbatches
+        length, M = self.pack_length, self.num_microbatches
         placed = {g: [pack_lengths([len(ids) for ids, _ in seqs[g][m::M]], length) for m in range(M)]
                   for g in self.schema.sequences}
         needed = max(max(r for r, _ in per_mb) for per_mb in placed.values())
-        step = self.row_multiple // np.gcd(self.row_multiple, M)  # the least R with M * R divisible
-        per_mb_rows = -(-max(needed, 1) // step) * step
+        per_mb_rows = self.packed_rows(needed)
         total = per_mb_rows * M
         if total % self.process_count:
             raise ValueError(f"{total} packed rows do not divide over {self.process_count} processes: "
@@ -283,7 +298,7 @@ def pack_lengths(lengths: Sequence[int], capacity: int) -> tuple[int, list[tuple
     for i in order:
         n = lengths[i]
         if n > capacity:
-            raise ValueError(f"a sequence of {n} tokens does not fit a packed row of {capacity} (config.data.max_length)")
+            raise ValueError(f"a sequence of {n} tokens does not fit a packed row of {capacity} (config.data.pack_length)")
         row = next((r for r, f in enumerate(free) if f >= n), None)
         if row is None:
             row = len(free)

@@ -43,17 +43,18 @@ class Engine:
     def abstract_state(self) -> TrainState:
         return abstract_state(self.spec, self.optimizer, self.mesh)
 
-    def abstract_batch(self, batch_size: int, length: int) -> dict:
-        """A global batch of the step's schema, abstract, sharded over the data axes."""
+    def abstract_batch(self, batch_size: int, length: int, rows: int | None = None) -> dict:
+        """A global batch of the step's schema, abstract, sharded over the data axes (packed
+        sequences in ``rows`` rows; default one example per row)."""
         return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(self.mesh, len(shape)))
-                for name, (shape, dtype) in self.spec.schema.shapes(batch_size, length).items()}
+                for name, (shape, dtype) in self.spec.schema.shapes(batch_size, length, rows).items()}
 
-    def lower(self, batch_size: int, length: int):
+    def lower(self, batch_size: int, length: int, rows: int | None = None):
         """The train step lowered on abstract arguments (nothing is allocated): the state and, in
         reference mode "model", the frozen reference params (sharded like the policy's)."""
         state = self.abstract_state()
         reference = state.params["model"] if self.spec.reference_mode == "model" else None
-        batch = self.abstract_batch(batch_size, length)
+        batch = self.abstract_batch(batch_size, length, rows)
         with sharding.activation_rules(self.mesh):
             return self.train_fn.lower(state, batch, reference)
 

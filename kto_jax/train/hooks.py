@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from kto_jax.data.batch import prefix
 from kto_jax.flops import device_peak_flops, step_flops
 
 
@@ -114,12 +115,22 @@ class LogMetrics:
                         dynamic_ncols=True)
         self.last_time, self.last_step, self.tokens = time.perf_counter(), first_step, 0.0
 
-    def step_flops(self, run, length: int) -> float:
-        if length not in self.flops:
+    def step_flops(self, run, batch: int, length: int) -> float:
+        if (batch, length) not in self.flops:
             plan = run.plan
-            self.flops[length] = step_flops(plan.model_config, plan.loss, batch=plan.global_batch_size, length=length,
-                                            reference_mode=plan.reference_mode, hparams=dict(plan.hparams))
-        return self.flops[length]
+            self.flops[batch, length] = step_flops(plan.model_config, plan.loss, batch=batch, length=length,
+                                                   reference_mode=plan.reference_mode, hparams=dict(plan.hparams))
+        return self.flops[batch, length]
+
+    def useful_flops(self, run, batch) -> float:
+        """The step's model FLOPs: padded, G sequences of the batch's length; packed, R rows of the
+        row length times the fraction of their tokens that are real (MFU on useful tokens)."""
+        schema = run.engine.spec.schema
+        rows, length = batch[schema.length_key].shape
+        if not schema.packed:
+            return self.step_flops(run, run.plan.global_batch_size, length)
+        fill = float((batch[f"{prefix(schema.sequences[0])}segment_ids"] > 0).mean())
+        return self.step_flops(run, rows * jax.process_count(), length) * fill
 
     def __call__(self, run, step, state, batch, metrics) -> None:
         self.bar.update(1)
@@ -134,8 +145,7 @@ class LogMetrics:
         step_time = (now - self.last_time) / (step - self.last_step)
         row.update(step_time_s=step_time, tokens_per_s=self.tokens / (now - self.last_time))
         if self.peak:
-            length = batch[run.engine.spec.schema.length_key].shape[1]
-            row["mfu"] = self.step_flops(run, length) / step_time / self.peak
+            row["mfu"] = self.useful_flops(run, batch) / step_time / self.peak
         run.writer.write(step, row)
         self.bar.set_postfix({k: f"{float(row[k]):.4g}" for k in ("loss", "rewards/margins", "kl", "tokens_per_s") if k in row})
         self.last_time, self.last_step, self.tokens = now, step, 0.0

@@ -18,6 +18,8 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+
 from kto_jax import sharding
 from kto_jax.data.batch import BatchSchema
 from kto_jax.losses import LossSpec, get_loss
@@ -54,6 +56,7 @@ class Plan:
     seed: int
     evaluators: tuple[str, ...]
     packing: bool = False
+    pack_length: int = 0  # tokens per packed row (resolved: max_length when the config says 0)
 
     @property
     def mesh(self) -> dict[str, int]:
@@ -81,6 +84,24 @@ class Plan:
     def data_parallel(self) -> int:
         """Devices the batch's leading axis is sharded over (the mesh's data and fsdp axes)."""
         return self.mesh.get("data", 1) * self.mesh.get("fsdp", 1)
+
+    @property
+    def row_length(self) -> int:
+        """Tokens per row of a batch at its longest: max_length, or pack_length when packing."""
+        return self.pack_length if self.packing else self.max_length
+
+    @property
+    def packed_rows(self) -> int | None:
+        """The rows the AOT check compiles a packed batch with: the tokens of the padded worst case
+        (G rows of max_length) in rows of pack_length, rounded up to divide over the microbatches and
+        the data-parallel devices. With pack_length = max_length that is G rows, the most packing can
+        fill; with longer rows a batch whose first-fit packing needs more compiles its own shape.
+        None when not packing."""
+        if not self.packing:
+            return None
+        step = int(np.lcm(self.num_microbatches, self.data_parallel))
+        rows = -(-self.global_batch_size * self.max_length // self.pack_length)
+        return -(-rows // step) * step
 
     def resolve_steps(self, steps_per_epoch: int) -> int:
         return self.steps or steps_per_epoch
@@ -249,5 +270,15 @@ def make_plan(config, num_devices: int) -> Plan:
         num_microbatches=int(config.train.num_microbatches), steps=int(config.train.steps),
         chunk_size=int(config.train.chunk_size), skip_nonfinite=bool(config.train.skip_nonfinite),
         max_length=int(config.data.max_length), seed=int(config.seed), evaluators=_evaluators(config),
-        packing=bool(config.data.packing),
+        packing=bool(config.data.packing), pack_length=_pack_length(config),
     )
+
+
+def _pack_length(config) -> int:
+    """``config.data.pack_length`` resolved (0 = max_length); a row must hold the longest example."""
+    d = config.data
+    length = int(d.pack_length) or int(d.max_length)
+    if length < int(d.max_length):
+        raise ValueError(f"config.data.pack_length={d.pack_length} is shorter than config.data.max_length={d.max_length}: "
+                         "a packed row must hold the longest example; set pack_length=0 (max_length) or >= max_length")
+    return length

@@ -99,6 +99,7 @@ def _table() -> tuple[Rule, ...]:
         Rule("data.max_length", count(2), "an integer >= 2", "the longest prompt + completion in tokens, e.g. 2048"),
         Rule("data.max_prompt_length", count(1), "an integer >= 1", "a positive prompt length below data.max_length"),
         Rule("data.bucket", count(1), "an integer >= 1", "a length granularity such as 64"),
+        Rule("data.pack_length", count(0), "an integer >= 0", "0 (data.max_length) or a row length such as 4096"),
         Rule("data.truncation_mode", one_of("keep_end", "keep_start"), "one of 'keep_end', 'keep_start'", "'keep_end' (HALOs)"),
         Rule("data.holdout_fraction", fraction(False, True), "in [0, 1)", "0 (none) or a fraction such as 0.1"),
         Rule("data.desirable_fraction", fraction(True, False), "in (0, 1]", "1.0 (all desirable examples) or a fraction"),

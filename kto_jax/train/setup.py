@@ -173,6 +173,7 @@ def make_loader(config, plan: Plan, data: Data, tokenizer, *, seed: int) -> Feed
         process_count=jax.process_count(),
         control_tokens=plan.loss.control_tokens or None,
         packing=plan.packing,
+        pack_length=plan.pack_length,
         row_multiple=int(np.lcm(plan.data_parallel, jax.process_count())),
     )
 

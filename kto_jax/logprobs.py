@@ -170,6 +170,6 @@ def segment_sums(per_token: jax.Array, segment_ids: jax.Array, loss_mask: jax.Ar
 def unpack_tokens(values: jax.Array, unpack_index: jax.Array) -> jax.Array:
     """Per-token values of packed rows ``[R, T]`` laid out per example ``[K, T]``: out[k, t] =
     values.flat[unpack_index[k, t]], 0 where the index is -1 (past the sequence's end)."""
-    flat = values.reshape(-1)
+    flat = jnp.asarray(values).reshape(-1)
     valid = unpack_index >= 0
     return jnp.where(valid, flat[jnp.where(valid, unpack_index, 0)], jnp.zeros((), values.dtype))

@@ -8,6 +8,9 @@ shipped path (kto_jax.train.plan, setup and engine: the functions kto_jax.train.
     sharded   --loss L --data_dir D --out DIR [--steps N]
         the train step on meshes (data, fsdp, tensor) = (1,1,1) on one device, (8,1,1), (2,2,2),
         (1,4,2) (sgd, lr 0.1). Then kto_jax.train.loop.run itself on the (2,2,2) mesh.
+    packed    --loss L --data_dir D --out DIR [--steps N]
+        padded on one device against packed (config.data.packing, rows of 64 tokens, 2
+        microbatches of 8) on (1,1,1), (8,1,1) and (2,2,2) (sgd, lr 0.1).
     losses    --data_dir D --out DIR L1 L2 ...
         kto_jax.train.loop.run(small config, DIR/L) for each loss, one step each.
 """
@@ -91,6 +94,51 @@ def sharded(args) -> None:
         json.dump(summary, f, indent=1)
 
 
+def _train(config, devices, steps: int):
+    """``steps`` train steps of ``config`` on ``devices`` (the shipped plan/setup/engine path):
+    (metric rows, model params as {path: array})."""
+    from kto_jax import sharding
+    from kto_jax.data.tokenize import get_tokenizer
+    from kto_jax.train import setup
+    from kto_jax.train.engine import build_engine
+    from kto_jax.train.plan import make_plan
+
+    plan = make_plan(config, len(devices))
+    mesh = sharding.make_mesh(plan.mesh, devices=devices)
+    data = setup.load_split(config, plan, config.data.train_split)
+    loader = setup.make_loader(config, plan, data, get_tokenizer("bytes"), seed=config.seed)
+    model, reference = setup.load_model(plan, mesh)
+    engine = build_engine(plan.step_spec(model), config.train.optimizer, mesh, seed=plan.seed)
+    state = engine.create_state(reference)
+    rows, shapes = [], []
+    with sharding.activation_rules(mesh):
+        for _ in range(steps):
+            batch = next(loader)
+            shapes.append({k: list(v.shape) for k, v in batch.items()})
+            state, metrics = engine.train_fn(state, setup.to_global(batch, mesh), reference)
+            rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    leaves = jax.tree_util.tree_leaves_with_path(state.params)
+    return rows, shapes, {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+def packed(args) -> None:
+    assert jax.device_count() == 8, jax.devices()
+    config = small_config(args.loss, args.data_dir, steps=args.steps, batch=16)
+    config.train.optimizer.update(dict(name="sgd", lr=0.1, warmup_steps=0))
+    config.train.num_microbatches = 2  # 8 examples per microbatch: one per device on (8, 1, 1)
+    summary = {}
+    runs = {"padded_1x1x1": (False, (1, 1, 1)), "packed_1x1x1": (True, (1, 1, 1)),
+            "packed_8x1x1": (True, (8, 1, 1)), "packed_2x2x2": (True, (2, 2, 2))}
+    for name, (packing, (d, f, t)) in runs.items():
+        config.data.update(dict(packing=packing, pack_length=64 if packing else 0))
+        config.mesh.update(dict(data=d, fsdp=f, tensor=t))
+        rows, shapes, params = _train(config, jax.devices()[: d * f * t], args.steps)
+        np.savez(os.path.join(args.out, f"params_{name}.npz"), **params)
+        summary[name] = {"metrics": rows, "shapes": shapes}
+    with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+
+
 def losses(args) -> None:
     from kto_jax.train import loop
 
@@ -113,13 +161,18 @@ def main() -> None:
     p.add_argument("--data_dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=3)
+    p = sub.add_parser("packed")
+    p.add_argument("--loss", required=True)
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=3)
     p = sub.add_parser("losses")
     p.add_argument("--data_dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("names", nargs="+")
     args = parser.parse_args()
     register_test_preset()
-    {"sharded": sharded, "losses": losses}[args.command](args)
+    {"sharded": sharded, "packed": packed, "losses": losses}[args.command](args)
 
 
 if __name__ == "__main__":

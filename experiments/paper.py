@@ -15,7 +15,9 @@ preset name, which gives random weights: fine for AOT checks, not for training),
 weights and optimizer state with bf16 compute, the default; ``bf16``: params and optimizer
 state in bfloat16 as HALOs' ``policy_dtype: bfloat16`` trained, which at lr 5e-7 rounds many
 updates to zero). Each model size carries a default mesh and remat policy for its target
-slice (``TARGETS``), which ``scripts/aot_check.py`` compiles for.
+slice (``TARGETS``), which ``scripts/aot_check.py`` compiles for. packing (true/false, default
+true): several examples per 2048-token row (``config.data.packing``; the same losses as padded
+rows, fewer tokens computed; HALOs pads every batch to its longest sequence).
 
 As the published runs (``shared/reference/archangel_gpt4_judgments.jsonl``): seed 1; global
 batch 32, in 2 accumulated microbatches of 16 for LLaMA-30B's CSFT, SLiC, DPO and KTO runs (so
@@ -27,7 +29,7 @@ from kto_jax.config import base_config, loss_config, parse_arg
 METHODS = ("sft", "csft", "slic", "dpo", "ppo_offline", "kto")
 MODELS = ("pythia-1.4b", "pythia-2.8b", "pythia-6.9b", "pythia-12b", "llama-7b", "llama-13b", "llama-30b")
 ALIASES = {"ppo": "ppo_offline"}
-ARGS = ("model", "loss", "data", "sft", "weights", "runs", "params")
+ARGS = ("model", "loss", "data", "sft", "weights", "runs", "params", "packing")
 SEED = 1  # HALOs legacy config/config.yaml, and every published run
 # (model, loss) -> accumulated microbatches of the published run (HALOs' model.gradient_accumulation_steps)
 MICROBATCHES = {("llama-30b", loss): 2 for loss in ("csft", "slic", "dpo", "kto")}
@@ -59,6 +61,9 @@ def get_config(arg: str = ""):
     runs = args.get("runs", "runs/paper")
     target = TARGETS[model]
 
+    packing = args.get("packing", "true").lower()
+    if packing not in ("true", "false"):
+        raise ValueError(f"experiments/paper.py: packing={packing!r}: use true or false")
     params = args.get("params", "fp32")
     if params not in PARAM_DTYPES:
         raise ValueError(f"experiments/paper.py: params={params!r}: use fp32 (float32 master weights) or bf16 (HALOs' pure bf16)")
@@ -77,6 +82,7 @@ def get_config(arg: str = ""):
         tokenizer=weights, sft_examples="all" if loss == "csft" else "desirable",
         # SFT: one target per unique prompt (HALOs' SFTDataLoader); CSFT: every pair's two replies
         sft_targets="per_prompt" if loss == "sft" else "all",
+        packing=packing == "true",
     ))
     c.train.update(dict(global_batch_size=32, num_microbatches=MICROBATCHES.get((model, loss), 1), steps=0,
                         log_every=10, eval_every=0))

@@ -1,6 +1,17 @@
 """Train-step throughput and MFU on the bench shape (compare with shared/anchors' TRL numbers).
 
     python scripts/bench.py [--preset tiny-25m] [--steps 10] [--dtype float32]
+    python scripts/bench.py --lengths=mix [--max_length 512] [--batches 8]
+
+``--lengths=fixed`` (the default): every sequence 64 + 64 tokens, as below. ``--lengths=SOURCE``
+(a source of scripts/length_histograms.json: hh, shp, oasst, ultrafeedback, or mix): prompt and
+completion lengths drawn from that source's histogram, truncated as the loader truncates
+(max_length, max_prompt_length), the same examples batched twice by the shipped loader: padded
+to length buckets (``--bucket``) and packed (``config.data.packing``). Prints, per loss and
+layout, the useful (non-pad) training tokens per second over ``--batches`` distinct batches
+(each shape compiled in a first, untimed pass), the fraction of row tokens that are real, and
+the last step's loss (equal between layouts: same examples in the same order, same updates).
+scripts/trl_lengths_anchor.py trains TRL on the same examples (scripts/lengths.py).
 
 Bench shape: a Llama of ~27M parameters (hidden 512, 8 layers, 8 heads, ffn 1376, vocab
 2048), batch 8 of 64 prompt + 64 completion tokens. For KTO and DPO, in both reference
@@ -13,7 +24,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import statistics
+import sys
 import time
 
 import jax
@@ -31,6 +44,9 @@ from kto_jax.models.presets import get_preset
 from kto_jax.train.engine import build_engine
 from kto_jax.train.step import StepSpec
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lengths  # noqa: E402  (scripts/lengths.py, shared with the TRL anchor)
+
 _PRESET = flags.DEFINE_string("preset", "tiny-25m", "Model preset.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype (params stay float32).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Examples (KTO) or pairs (DPO) per step.")
@@ -42,6 +58,12 @@ _MODES = flags.DEFINE_list("modes", ["model", "cached"], "Reference modes.")
 _LISTED_PEAK = flags.DEFINE_bool("listed_peak", False, "Use the device's listed bf16 peak instead of a measured matmul peak.")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy.")
 _ATTENTION = flags.DEFINE_string("attention_impl", "", "'' (XLA's choice), 'xla' or 'cudnn'.")
+_LENGTHS = flags.DEFINE_string("lengths", "fixed", "'fixed' (64 + 64 tokens) or a source of scripts/length_histograms.json.")
+_MAX_LENGTH = flags.DEFINE_integer("max_length", 512, "With --lengths=SOURCE: config.data.max_length (HALOs: 512).")
+_MAX_PROMPT = flags.DEFINE_integer("max_prompt_length", 256, "With --lengths=SOURCE: config.data.max_prompt_length (HALOs: 256).")
+_BUCKET = flags.DEFINE_integer("bucket", 64, "With --lengths=SOURCE: the padded layout's length bucket (config.data.bucket).")
+_BATCHES = flags.DEFINE_integer("batches", 8, "With --lengths=SOURCE: distinct batches timed per layout.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "With --lengths=SOURCE: timed passes over the batches (after one warm-up pass).")
 
 
 def measured_matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
@@ -107,6 +129,69 @@ def bench_one(name, mode, model, params, peak):
     }
 
 
+def realistic_examples(name: str, n: int) -> list:
+    """kto-jax examples of scripts/lengths.py's texts (the TRL anchor trains on the same ones)."""
+    from kto_jax.data.feedback import Paired, Unary
+
+    kind = "paired" if get_loss(name).kind == "paired" else "unary"
+    rows = lengths.example_texts(kind, _LENGTHS.value, n, seed=0)
+    if kind == "paired":
+        return [Paired(str(i), (("user", r["prompt"]),), r["chosen"], r["rejected"]) for i, r in enumerate(rows)]
+    return [Unary(str(i), (("user", r["prompt"]),), r["completion"], r["label"]) for i, r in enumerate(rows)]
+
+
+def bench_realistic(name, model, params, peak):
+    """Useful tokens/s of the padded and the packed layout of the same examples (see the docstring)."""
+    from kto_jax.data.loader import FeedbackLoader
+    from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
+
+    loss = get_loss(name)
+    examples = realistic_examples(name, _BATCH.value * _BATCHES.value)
+    tokenize = TokenizeConfig(max_length=_MAX_LENGTH.value, max_prompt_length=_MAX_PROMPT.value, chat_template="plain")
+    optimizer_cfg = base_config().train.optimizer
+    optimizer_cfg.update(dict(name="adamw", lr=1e-5, warmup_steps=0))
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    rows = []
+    for packing in (False, True):
+        spec = StepSpec(model, loss, tuple(sorted(loss.defaults.items())), 1, "model" if loss.needs_reference else "none",
+                        256, packing=packing)
+        engine = build_engine(spec, optimizer_cfg, mesh)
+        loader = FeedbackLoader(examples, get_tokenizer("bytes"), tokenize, global_batch_size=_BATCH.value, seed=0,
+                                bucket=_BUCKET.value, process_index=0, process_count=1, packing=packing,
+                                schema=spec.feed.schema(spec.inputs, "none", packing))
+        batches = [{k: jnp.asarray(v) for k, v in next(loader).items()} for _ in range(_BATCHES.value)]
+        schema = spec.schema
+        state = engine.create_state(params)
+        for batch in batches:  # compile every shape
+            state, metrics = engine.train_fn(state, batch, params)
+        jax.block_until_ready(state.params)
+        elapsed, losses = 0.0, []
+        for _ in range(_ROUNDS.value):
+            for batch in batches:
+                start = time.perf_counter()
+                state, metrics = engine.train_fn(state, batch, params)
+                jax.block_until_ready(metrics["loss"])
+                elapsed += time.perf_counter() - start
+                losses.append(float(metrics["loss"]))
+        useful = sum(float(schema.training_tokens(b)) for b in batches) * _ROUNDS.value
+        key = schema.presence_key
+        groups = [g for g in schema.sequences if g != "kl"]
+        real = sum(float((b[f"{g}_{key}" if g else key] > 0).sum()) for b in batches for g in groups)
+        slots = sum(b[f"{g}_input_ids" if g else "input_ids"].size for b in batches for g in groups)
+        shapes = sorted({tuple(b[schema.length_key].shape) for b in batches})
+        rows.append({
+            "loss": name, "lengths": _LENGTHS.value, "layout": "packed" if packing else f"buckets of {_BUCKET.value}",
+            "useful_tokens_per_s": round(useful / elapsed, 1), "real_token_fraction": round(real / slots, 3),
+            "step_s": round(elapsed / (_ROUNDS.value * len(batches)), 4), "last_loss": round(losses[-1], 6),
+            "shapes": [list(x) for x in shapes], "max_length": _MAX_LENGTH.value, "batch": _BATCH.value,
+            "preset": _PRESET.value, "device": jax.devices()[0].device_kind,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    padded, packed = rows
+    print(json.dumps({"loss": name, "lengths": _LENGTHS.value, "packed_over_buckets":
+                      round(packed["useful_tokens_per_s"] / padded["useful_tokens_per_s"], 3)}), flush=True)
+
+
 def main(argv):
     del argv
     config = get_preset(_PRESET.value, compute_dtype=_DTYPE.value, remat_policy=_REMAT.value, attention_impl=_ATTENTION.value or None)
@@ -116,6 +201,9 @@ def main(argv):
     peak = listed if (_LISTED_PEAK.value and listed) else measured_matmul_peak(jnp.dtype(_DTYPE.value))
     print(json.dumps({"matmul_peak_flops": round(peak), "peak_source": "listed" if (_LISTED_PEAK.value and listed) else "measured"}), flush=True)
     for name in _LOSSES.value:
+        if _LENGTHS.value != "fixed":
+            bench_realistic(name, model, params, peak)
+            continue
         for mode in _MODES.value:
             print(json.dumps(bench_one(name, mode, model, params, peak)), flush=True)
 

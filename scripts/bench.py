@@ -22,6 +22,7 @@ matmul peak measured in the same run (or the device's listed peak with --listed_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -63,6 +64,7 @@ _MAX_LENGTH = flags.DEFINE_integer("max_length", 512, "With --lengths=SOURCE: co
 _MAX_PROMPT = flags.DEFINE_integer("max_prompt_length", 256, "With --lengths=SOURCE: config.data.max_prompt_length (HALOs: 256).")
 _BUCKET = flags.DEFINE_integer("bucket", 64, "With --lengths=SOURCE: the padded layout's length bucket (config.data.bucket).")
 _BATCHES = flags.DEFINE_integer("batches", 8, "With --lengths=SOURCE: distinct batches timed per layout.")
+_PROFILE = flags.DEFINE_string("profile_dir", "", "With --lengths=SOURCE: write a jax.profiler trace of the timed passes here.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "With --lengths=SOURCE: timed passes over the batches (after one warm-up pass).")
 
 
@@ -166,22 +168,29 @@ def bench_realistic(name, model, params, peak):
             state, metrics = engine.train_fn(state, batch, params)
         jax.block_until_ready(state.params)
         elapsed, losses = 0.0, []
-        for _ in range(_ROUNDS.value):
-            for batch in batches:
-                start = time.perf_counter()
-                state, metrics = engine.train_fn(state, batch, params)
-                jax.block_until_ready(metrics["loss"])
-                elapsed += time.perf_counter() - start
-                losses.append(float(metrics["loss"]))
+        trace = os.path.join(_PROFILE.value, f"{name}_{'packed' if packing else 'padded'}") if _PROFILE.value else ""
+        with (jax.profiler.trace(trace) if trace else contextlib.nullcontext()):
+            for _ in range(_ROUNDS.value):
+                for batch in batches:
+                    start = time.perf_counter()
+                    state, metrics = engine.train_fn(state, batch, params)
+                    jax.block_until_ready(metrics["loss"])
+                    elapsed += time.perf_counter() - start
+                    losses.append(float(metrics["loss"]))
         useful = sum(float(schema.training_tokens(b)) for b in batches) * _ROUNDS.value
         key = schema.presence_key
         groups = [g for g in schema.sequences if g != "kl"]
         real = sum(float((b[f"{g}_{key}" if g else key] > 0).sum()) for b in batches for g in groups)
         slots = sum(b[f"{g}_input_ids" if g else "input_ids"].size for b in batches for g in groups)
         shapes = sorted({tuple(b[schema.length_key].shape) for b in batches})
+        # model FLOPs of the real tokens: each batch's rows x row length, times its real fraction
+        flops = sum(step_flops(model.config, loss, batch=b[schema.length_key].shape[0], length=b[schema.length_key].shape[1],
+                               reference_mode=spec.reference_mode)
+                    * float((b[f"{groups[0]}_{key}" if groups[0] else key] > 0).mean()) for b in batches) * _ROUNDS.value
         rows.append({
             "loss": name, "lengths": _LENGTHS.value, "layout": "packed" if packing else f"buckets of {_BUCKET.value}",
             "useful_tokens_per_s": round(useful / elapsed, 1), "real_token_fraction": round(real / slots, 3),
+            "useful_mfu": round(flops / elapsed / peak, 4),
             "step_s": round(elapsed / (_ROUNDS.value * len(batches)), 4), "last_loss": round(losses[-1], 6),
             "shapes": [list(x) for x in shapes], "max_length": _MAX_LENGTH.value, "batch": _BATCH.value,
             "preset": _PRESET.value, "device": jax.devices()[0].device_kind,

@@ -6,11 +6,19 @@
    attention_impl="cudnn" equals attention_impl="xla" at the real tokens.
 2. chunked log-probs: XLA temp bytes of value-and-grad with full vs chunked logits at
    vocab 32k, 4k tokens, and both give the same value.
+3. MFU at the paper's per-device shape: scripts/bench.py --lengths=mix on pythia-1.4b, KTO and
+   DPO, global batch 32, max_length 2048 (prompt 1024), bf16 compute, fp32 params, remat as
+   experiments/paper.py sets (dots_no_batch), padded buckets and packing, MFU on useful tokens
+   against the listed peak; a jax.profiler trace of each timed pass in $OUT/traces (or
+   ./traces), to read in TensorBoard's profile plugin or Perfetto. ``--skip_mfu`` leaves it out.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -81,7 +89,25 @@ def chunked_check():
            ratio=res["full"][0] / max(res["chunked"][0], 1), full_value=res["full"][1], chunked_value=res["chunked"][1])
 
 
+def mfu_check():
+    """scripts/bench.py at the paper's shape (see the module docstring), its JSON lines passed on."""
+    traces = os.path.join(os.environ.get("OUT", "."), "traces")
+    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
+    command = [sys.executable, bench, "--preset=pythia-1.4b", "--dtype=bfloat16", "--remat=dots_no_batch",
+               "--listed_peak", "--lengths=mix", "--batch=32", "--max_length=2048", "--max_prompt_length=1024",
+               "--bucket=64", "--batches=4", "--rounds=2", f"--profile_dir={traces}", "--losses=kto,dpo"]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            print(line, flush=True)
+    report(check="mfu", returncode=done.returncode, seconds=round(time.perf_counter() - start, 1),
+           stderr_tail=done.stderr[-2000:] if done.returncode else "")
+
+
 if __name__ == "__main__":
     report(devices=[str(d) for d in jax.devices()], jax=jax.__version__)
     attention_check()
     chunked_check()
+    if "--skip_mfu" not in sys.argv:
+        mfu_check()

@@ -3,7 +3,8 @@
     python scripts/gpu_checks.py
 
 1. attention: a bf16 Llama forward on a left- and right-padded batch with
-   attention_impl="cudnn" equals attention_impl="xla" at the real tokens.
+   attention_impl="cudnn" equals attention_impl="xla" at the real tokens; the same for packed
+   rows (segment ids: the segment mask goes to cuDNN as its mask argument).
 2. chunked log-probs: XLA temp bytes of value-and-grad with full vs chunked logits at
    vocab 32k, 4k tokens, and both give the same value.
 3. MFU at the paper's per-device shape: scripts/bench.py --lengths=mix on pythia-1.4b, KTO and
@@ -63,6 +64,23 @@ def attention_check():
         scale = np.abs(out["xla"][0][valid]).max()
         report(check="attention", max_abs_diff=float(diff), logit_scale=float(scale),
                xla_s=out["xla"][1], cudnn_s=out["cudnn"][1])
+    # packed rows: segment ids (three sequences in row 0, two in row 1, padding at the ends)
+    segments = np.zeros((4, 256), np.int32)
+    segments[0, :90], segments[0, 90:200], segments[0, 200:250] = 1, 2, 3
+    segments[1, :128], segments[1, 128:] = 4, 5
+    segments[2, :256], segments[3, :17] = 6, 7
+    segments = jnp.asarray(segments)
+    packed = {}
+    for impl in ("xla", "cudnn"):
+        model = build_model(base.replace(attention_impl=impl))
+        try:
+            packed[impl] = np.asarray(jax.jit(lambda p, i, s: model.apply({"params": p}, i, segment_ids=s))(params, ids, segments), np.float32)
+        except Exception as e:  # report, do not hide
+            report(check="attention_packed", impl=impl, error=f"{type(e).__name__}: {str(e)[:400]}")
+    if len(packed) == 2:
+        valid = np.asarray(segments) > 0
+        report(check="attention_packed", max_abs_diff=float(np.abs(packed["xla"] - packed["cudnn"])[valid].max()),
+               logit_scale=float(np.abs(packed["xla"][valid]).max()))
 
 
 def chunked_check():

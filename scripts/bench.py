@@ -186,7 +186,7 @@ def bench_realistic(name, model, params, peak):
         # model FLOPs of the real tokens: each batch's rows x row length, times its real fraction
         flops = sum(step_flops(model.config, loss, batch=b[schema.length_key].shape[0], length=b[schema.length_key].shape[1],
                                reference_mode=spec.reference_mode)
-                    * float((b[f"{groups[0]}_{key}" if groups[0] else key] > 0).mean()) for b in batches) * _ROUNDS.value
+                    * schema.real_fraction(b) for b in batches) * _ROUNDS.value
         rows.append({
             "loss": name, "lengths": _LENGTHS.value, "layout": "packed" if packing else f"buckets of {_BUCKET.value}",
             "useful_tokens_per_s": round(useful / elapsed, 1), "real_token_fraction": round(real / slots, 3),

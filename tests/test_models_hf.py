@@ -97,7 +97,7 @@ def test_mistral_sliding_window_matches_hf_attention(checkpoints, attn_implement
 
 
 def test_sliding_window_mask_semantics():
-    from kto_jax.models.common import attention_mask_4d
+    from kto_jax.models.positions import attention_mask_4d
 
     mask = np.asarray(attention_mask_4d(jnp.ones((1, 6), jnp.int32), sliding_window=3))[0, 0]
     i, j = np.arange(6)[:, None], np.arange(6)[None, :]

@@ -25,7 +25,7 @@ from kto_jax.logprobs import segment_sums, token_logps, unpack_tokens
 from kto_jax.losses import get_loss
 from kto_jax.losses.registry import LOSSES
 from kto_jax.models import build_model
-from kto_jax.models.common import positions_from_segments, segment_attention_mask
+from kto_jax.models.positions import positions_from_segments, segment_attention_mask
 from kto_jax.models.hf import init_params
 from kto_jax.models.presets import get_preset
 from kto_jax.train.step import StepSpec, microbatch_loss, split_microbatches
@@ -215,4 +215,5 @@ def test_every_loss_and_gradient_equal_the_padded_path(name, examples):
     leaves = jax.tree_util.tree_leaves_with_path(grads)
     assert max(float(jnp.abs(g).max()) for _, g in leaves) > 1e-4  # the gradient is not trivially zero
     for (path, g), p in zip(leaves, jax.tree_util.tree_leaves(packed_grads)):
-        np.testing.assert_allclose(p, g, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+        # fp32 sums in a different order: 1e-5 relative to the entry's size, 1e-5 absolute near zero
+        np.testing.assert_allclose(p, g, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))

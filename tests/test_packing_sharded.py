@@ -11,13 +11,12 @@ uninterrupted one (bitwise).
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
 
-from tests.train_helpers import finish, metrics_rows, small_config, start, subprocess_env, tail
+from tests.train_helpers import metrics_rows, run_workers, small_config
 
 LOSSES = ("kto", "dpo", "sft", "ppo_offline")
 TIMEOUT = 600
@@ -25,19 +24,7 @@ TIMEOUT = 600
 
 @pytest.fixture(scope="module")
 def summaries(tmp_path_factory, synthetic_data_dir):
-    results = {}
-    for pair in (LOSSES[:2], LOSSES[2:]):  # two subprocesses at a time (2 cores)
-        procs = {}
-        for loss in pair:
-            out = str(tmp_path_factory.mktemp(f"packed_{loss}"))
-            args = ["-m", "tests.train_worker", "packed", "--loss", loss, "--data_dir", synthetic_data_dir, "--out", out]
-            procs[loss] = (out, start(args, subprocess_env(devices=8), os.path.join(out, "log.txt")))
-        for loss, (out, proc) in procs.items():
-            rc, log = finish(proc, TIMEOUT)
-            assert rc == 0, f"packed worker for {loss} failed:\n{tail(log)}"
-            with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
-                results[loss] = (out, json.load(f))
-    return results
+    return run_workers("packed", LOSSES, tmp_path_factory, synthetic_data_dir, TIMEOUT, at_once=2)  # 2 cores
 
 
 @pytest.mark.parametrize("run", ["packed_1x1x1", "packed_8x1x1", "packed_2x2x2"])

@@ -10,13 +10,12 @@ tensor=2 divides them, vocab 384 and mlp 344) on a global batch of 8, on meshes
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
 
-from tests.train_helpers import finish, start, subprocess_env, tail
+from tests.train_helpers import run_workers
 
 LOSSES = ("kto", "dpo")
 MESHES = ("8x1x1", "2x2x2", "1x4x2")
@@ -25,19 +24,7 @@ TIMEOUT = 420
 
 @pytest.fixture(scope="module")
 def summaries(tmp_path_factory, synthetic_data_dir):
-    data_dir = synthetic_data_dir
-    procs = {}
-    for loss in LOSSES:
-        out = str(tmp_path_factory.mktemp(f"sharded_{loss}"))
-        args = ["-m", "tests.train_worker", "sharded", "--loss", loss, "--data_dir", data_dir, "--out", out]
-        procs[loss] = (out, start(args, subprocess_env(devices=8), os.path.join(out, "log.txt")))
-    results = {}
-    for loss, (out, proc) in procs.items():
-        rc, log = finish(proc, TIMEOUT)
-        assert rc == 0, f"sharded worker for {loss} failed:\n{tail(log)}"
-        with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
-            results[loss] = (out, json.load(f))
-    return results
+    return run_workers("sharded", LOSSES, tmp_path_factory, synthetic_data_dir, TIMEOUT)
 
 
 def assert_rows_close(rows, expected_rows, atol):

@@ -130,3 +130,24 @@ def metrics_rows(workdir: str) -> list[dict]:
 def train_rows(workdir: str) -> list[dict]:
     """The per-step training rows of metrics.jsonl (not the held-out ``eval/*`` rows)."""
     return [row for row in metrics_rows(workdir) if "loss" in row]
+
+
+def run_workers(command: str, losses, tmp_path_factory, data_dir: str, timeout: float, *, devices: int = 8,
+                at_once: int | None = None) -> dict:
+    """``python -m tests.train_worker COMMAND --loss L`` for each loss (``at_once`` subprocesses at
+    a time, default all) on ``devices`` simulated CPU devices: {loss: (out dir, its summary.json)}."""
+    losses = list(losses)
+    at_once = at_once or len(losses)
+    results = {}
+    for first in range(0, len(losses), at_once):
+        procs = {}
+        for loss in losses[first:first + at_once]:
+            out = str(tmp_path_factory.mktemp(f"{command}_{loss}"))
+            args = ["-m", "tests.train_worker", command, "--loss", loss, "--data_dir", data_dir, "--out", out]
+            procs[loss] = (out, start(args, subprocess_env(devices=devices), os.path.join(out, "log.txt")))
+        for loss, (out, proc) in procs.items():
+            rc, log = finish(proc, timeout)
+            assert rc == 0, f"{command} worker for {loss} failed:\n{tail(log)}"
+            with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
+                results[loss] = (out, json.load(f))
+    return results

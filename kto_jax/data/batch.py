@@ -93,6 +93,10 @@ class BatchSchema:
         key = self.presence_key
         return sum((batch[f"{prefix(g)}{key}"] > 0).sum() for g in self.sequences if g not in NOT_TRAINING)
 
+    def real_fraction(self, batch) -> float:
+        """The share of the first group's row tokens that are real (not padding) in ``batch``."""
+        return float((batch[f"{prefix(self.sequences[0])}{self.presence_key}"] > 0).mean())
+
     @property
     def length_key(self) -> str:
         """A ``[G, L]`` (packed ``[R, L]``) key of the batch, to read its padded length from."""

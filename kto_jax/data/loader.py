@@ -222,8 +222,8 @@ class FeedbackLoader:
             return self.make_packed_batch(rows, seqs)
         longest = max(len(ids) for field in seqs.values() for ids, _ in field)
         length = min(-(-longest // self.bucket) * self.bucket, self.cfg.max_length)
-        per_process = self.global_batch_size // self.process_count
-        local = slice(self.process_index * per_process, (self.process_index + 1) * per_process)
+        local = self._share(self.global_batch_size)
+        per_process = local.stop - local.start
         out = {}
         for group in self.schema.sequences:
             ids = np.full((per_process, length), self.tokenizer.pad_id, np.int32)
@@ -235,7 +235,20 @@ class FeedbackLoader:
                 loss[k, : len(seq)] = mask
             p = prefix(group)
             out[f"{p}input_ids"], out[f"{p}attention_mask"], out[f"{p}loss_mask"] = ids, attention, loss
-        if "desirable" in dict(self.schema.per_example):
+        return {**out, **self._per_example(rows, local)}
+
+    def _share(self, total: int) -> slice:
+        """This process's contiguous share of ``total`` global rows (process p: rows p*total/P ...)."""
+        per = total // self.process_count
+        return slice(self.process_index * per, (self.process_index + 1) * per)
+
+    def _per_example(self, rows: np.ndarray, local: slice) -> dict:
+        """The per-example arrays of the schema for this process's examples of the global batch ``rows``."""
+        fields = dict(self.schema.per_example)
+        out = {}
+        if "example_index" in fields:
+            out["example_index"] = np.arange(self.global_batch_size, dtype=np.int32)[local]
+        if "desirable" in fields:
             out["desirable"] = self.desirable[rows[local]]
         return out
 
@@ -250,7 +263,7 @@ class FeedbackLoader:
         return -(-max(needed, 1) // q) * q
 
     def make_packed_batch(self, rows: np.ndarray, seqs: dict[str, list]) -> dict:
-        """This process's slice of the global batch ``rows`` packed into rows of ``max_length`` tokens."""
+        """This process's slice of the global batch ``rows`` packed into rows of ``pack_length`` tokens."""
         length, M = self.pack_length, self.num_microbatches
         placed = {g: [pack_lengths([len(ids) for ids, _ in seqs[g][m::M]], length) for m in range(M)]
                   for g in self.schema.sequences}
@@ -260,9 +273,7 @@ class FeedbackLoader:
         if total % self.process_count:
             raise ValueError(f"{total} packed rows do not divide over {self.process_count} processes: "
                              "row_multiple must be a multiple of the process count")
-        rows_local = slice(self.process_index * total // self.process_count, (self.process_index + 1) * total // self.process_count)
-        per_process = self.global_batch_size // self.process_count
-        local = slice(self.process_index * per_process, (self.process_index + 1) * per_process)
+        rows_local, local = self._share(total), self._share(self.global_batch_size)
         out = {}
         for group in self.schema.sequences:
             ids = np.full((total, length), self.tokenizer.pad_id, np.int32)
@@ -281,10 +292,7 @@ class FeedbackLoader:
             out[f"{p}input_ids"], out[f"{p}segment_ids"], out[f"{p}loss_mask"] = ids[rows_local], segments[rows_local], loss[rows_local]
             if group in self.schema.unpack:
                 out[f"{p}unpack_index"] = unpack[local]
-        out["example_index"] = np.arange(self.global_batch_size, dtype=np.int32)[local]
-        if "desirable" in dict(self.schema.per_example):
-            out["desirable"] = self.desirable[rows[local]]
-        return out
+        return {**out, **self._per_example(rows, local)}
 
 
 def pack_lengths(lengths: Sequence[int], capacity: int) -> tuple[int, list[tuple[int, int]]]:

@@ -54,7 +54,12 @@ def sequence_logps(spec: "StepSpec", model_params, ids, attention_mask, loss_mas
     hidden = hidden_states(spec, model_params, ids, attention_mask)
     kernel = lm_head_kernel(spec.model.config, model_params)
     sums, counts = chunked_sequence_logps(hidden, kernel, ids, loss_mask, chunk_size=spec.chunk_size)
-    return (mean_logps(sums, counts) if spec.loss.length_normalized else sums), counts
+    return _normalized(spec, sums, counts), counts
+
+
+def _normalized(spec: "StepSpec", sums, counts):
+    """Summed log-probs, or their per-token means when the loss is length-normalised."""
+    return mean_logps(sums, counts) if spec.loss.length_normalized else sums
 
 
 def _arrays(mb: dict, group: str, packed: bool = False):
@@ -80,7 +85,7 @@ def _forward(spec, model_params, mb, groups):
     out = {}
     for group, rows, (_, seg, mask) in zip(groups, jnp.split(per_token, len(groups)), parts):
         sums, counts = segment_sums(rows, seg, mask, examples)
-        out[group] = (mean_logps(sums, counts) if spec.loss.length_normalized else sums), counts
+        out[group] = _normalized(spec, sums, counts), counts
     return out
 
 

@@ -25,7 +25,6 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from kto_jax.data.batch import prefix
 from kto_jax.flops import device_peak_flops, step_flops
 
 
@@ -129,8 +128,7 @@ class LogMetrics:
         rows, length = batch[schema.length_key].shape
         if not schema.packed:
             return self.step_flops(run, run.plan.global_batch_size, length)
-        fill = float((batch[f"{prefix(schema.sequences[0])}segment_ids"] > 0).mean())
-        return self.step_flops(run, rows * jax.process_count(), length) * fill
+        return self.step_flops(run, rows * jax.process_count(), length) * schema.real_fraction(batch)
 
     def __call__(self, run, step, state, batch, metrics) -> None:
         self.bar.update(1)

@@ -72,7 +72,9 @@ def get_config(arg: str = ""):
     c.seed = SEED
     weights = args.get("weights", "")
     c.model.name = weights or model
-    c.model.update(dict(compute_dtype="bfloat16", param_dtype=PARAM_DTYPES[params], remat_policy=target["remat"]))
+    # attention: the splash kernel with segment ids on the TPU targets (on GPU pass model.attention_impl=cudnn)
+    c.model.update(dict(compute_dtype="bfloat16", param_dtype=PARAM_DTYPES[params], remat_policy=target["remat"],
+                        attention_impl="splash"))
     c.init.source = f"orbax:{runs}/sft_{model}" if sft == "true" and loss != "sft" else ""
     # the registry defaults are the paper code's (beta 0.1; SLiC beta 1, lambda 0.1); SFT and CSFT
     # as HALOs' SFTTrainer: summed NLL per sequence averaged over sequences (trainers.py:540-549)
@@ -82,7 +84,7 @@ def get_config(arg: str = ""):
         tokenizer=weights, sft_examples="all" if loss == "csft" else "desirable",
         # SFT: one target per unique prompt (HALOs' SFTDataLoader); CSFT: every pair's two replies
         sft_targets="per_prompt" if loss == "sft" else "all",
-        packing=packing == "true",
+        packing=packing == "true", bucket=128,  # padded rows (packing=false) in the kernel's 128-token blocks
     ))
     c.train.update(dict(global_batch_size=32, num_microbatches=MICROBATCHES.get((model, loss), 1), steps=0,
                         log_every=10, eval_every=0))

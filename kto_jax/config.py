@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
         compute_dtype="float32",  # activations (bfloat16 on accelerators)
         param_dtype="float32",    # params and optimizer state
         remat_policy="none",
-        attention_impl="",     # "", "xla" or "cudnn"
+        attention_impl="",     # "" (XLA's choice), "xla", "cudnn" (GPU) or "splash" (TPU kernel; rows of 128k tokens)
     ))
     # Where the policy's weights start (the reference model starts there too):
     # "" = the model's own (random init for a preset, the folder's weights for an HF folder),

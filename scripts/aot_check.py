@@ -27,7 +27,7 @@ _TOPOLOGY = flags.DEFINE_string("topology", "", "Cloud TPU accelerator type, e.g
 _SWEEP = flags.DEFINE_string("sweep", "", "A sweep file: compile every config of it.")
 _OUT = flags.DEFINE_string("out", "", "With --sweep: write OUT.md and OUT.json.")
 
-COLUMNS = ("model", "loss", "topology", "mesh", "remat", "arguments_gib", "temporaries_gib", "total_gib", "hbm_gib",
+COLUMNS = ("model", "loss", "topology", "mesh", "remat", "attention", "arguments_gib", "temporaries_gib", "total_gib", "hbm_gib",
            "fits", "headroom_gib", "xla_tflops_per_chip", "analytic_tflops_per_chip", "xla_over_analytic")
 
 

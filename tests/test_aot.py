@@ -1,4 +1,5 @@
-"""AOT fit check: a 1B-class paper config compiled for a small TPU slice on this CPU host (libtpu)."""
+"""AOT fit check: a 1B-class paper config compiled for a small TPU slice on this CPU host (libtpu),
+with the splash attention kernel; the AOT lowering equals the loop's program (padded and packed)."""
 
 import json
 import os
@@ -32,6 +33,9 @@ def test_pythia_1_4b_kto_compiles_and_fits_on_v5p_8():
     report = json.loads(proc.stdout[: proc.stdout.index("\n}") + 2])
     assert report["devices"] == 4 and report["device_kind"].startswith("TPU v5")
     assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    # the paper configs' attention: the splash kernel, compiled by Mosaic for v5p (policy forward,
+    # its dq and dkv backward kernels, and the reference's and KL's forwards)
+    assert report["attention"] == "splash" and report["tpu_kernels"] >= 3
     # params + RMSprop state + frozen reference, fp32, sharded over 4 chips: 3 * 1.41e9 * 4 B / 4
     assert 3.5 < report["arguments_gib"] < 4.5
     assert report["fits"] and report["total_gib"] < report["hbm_gib"] == 95.0
@@ -79,11 +83,13 @@ def _small_config(data_dir, loss="kto"):
     return config
 
 
-@pytest.mark.parametrize("loss, mode", [("kto", "model"), ("dpo", "cached")])
-def test_aot_lowers_exactly_the_program_the_loop_runs(loss, mode, synthetic_data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss, mode, packing", [("kto", "model", False), ("dpo", "cached", False), ("kto", "model", True)])
+def test_aot_lowers_exactly_the_program_the_loop_runs(loss, mode, packing, synthetic_data_dir, tmp_path, monkeypatch):
     """The loop's first train_fn call (real state, batch and reference arrays) and the AOT check's
     abstract lowering give the same StableHLO: same function, in/out shardings, donation and
-    argument layouts."""
+    argument layouts. Packed: the loop's first batch has as many rows as first-fit needed (rounded
+    to the loader's row counts) and the AOT check compiles the most (``Plan.packed_rows``); the
+    engine lowered at the loop's row count gives the loop's program, at the most rows the check's."""
     import jax
 
     from kto_jax.aot import lower_train_step
@@ -93,12 +99,21 @@ def test_aot_lowers_exactly_the_program_the_loop_runs(loss, mode, synthetic_data
 
     config = _small_config(synthetic_data_dir, loss)
     config.reference.mode = mode
+    config.data.packing = packing
     seen = record_loop_lowering(loop, monkeypatch.setattr)
     loop.run(config, str(tmp_path / "run"))
-    lowered, _ = lower_train_step(make_plan(config, 1), config.train.optimizer, jax.devices()[:1])
+    plan = make_plan(config, 1)
+    lowered, engine = lower_train_step(plan, config.train.optimizer, jax.devices()[:1])
     assert len(seen) == 1
-    assert lowered.as_text() == seen[0]
     assert "tf.aliasing_output" in seen[0]  # the state is donated
+    if not packing:
+        assert lowered.as_text() == seen[0]
+        return
+    assert plan.packed_rows == plan.global_batch_size == 8
+    by_rows = {rows: engine.lower(plan.global_batch_size, plan.row_length, rows).as_text() for rows in range(1, 9)}
+    assert by_rows[8] == lowered.as_text()
+    matches = [rows for rows, text in by_rows.items() if text == seen[0]]
+    assert len(matches) == 1 and matches[0] < 8, matches  # short synthetic examples: fewer rows than examples
 
 
 def test_aot_of_an_hf_folder_needs_only_its_config_json(tmp_path, synthetic_data_dir):

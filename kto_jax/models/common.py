@@ -24,7 +24,10 @@ from kto_jax.models.positions import (
     rope_inv_freq,
     segment_attention_mask,
 )
+from kto_jax.models.splash import BLOCK_SIZES as SPLASH_BLOCKS
+from kto_jax.models.splash import splash_attention
 
+ATTENTION_IMPLS = (None, "xla", "cudnn", "splash")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -47,7 +50,9 @@ class ModelConfig:
       reads (``jnp.bfloat16``, ``np.float32``, ``jnp.dtype("float16")``) is accepted.
     remat_policy: a name in REMAT_POLICIES, applied to each layer.
     attention_impl: ``jax.nn.dot_product_attention`` implementation: None (XLA's choice),
-      "xla" or "cudnn" (GPU, bf16/fp16).
+      "xla" or "cudnn" (GPU, bf16/fp16); or "splash", the TPU Pallas kernel with segment ids
+      (``kto_jax.models.splash``) on rows of a multiple of 128 tokens, XLA's on other rows and
+      when decoding with the KV cache.
     scan_unroll: layers per iteration of the scanned layer loop (1: a loop over layers;
       ``num_layers``: straight-line code, as the AOT FLOP count needs).
     """
@@ -102,7 +107,7 @@ class ModelConfig:
             (self.rope_type in ("default", "linear", "llama3"), "rope_type", "'default', 'linear' or 'llama3'"),
             (0 < self.rotary_pct <= 1, "rotary_pct", "in (0, 1]"),
             (self.remat_policy in REMAT_POLICIES, "remat_policy", f"one of {sorted(REMAT_POLICIES)}"),
-            (self.attention_impl in (None, "xla", "cudnn"), "attention_impl", "None, 'xla' or 'cudnn'"),
+            (self.attention_impl in ATTENTION_IMPLS, "attention_impl", "None, 'xla', 'cudnn' or 'splash'"),
             (1 <= self.scan_unroll <= self.num_layers, "scan_unroll", f"in [1, num_layers={self.num_layers}]"),
             (self.hidden_act in ACTIVATIONS, "hidden_act", f"one of {sorted(ACTIVATIONS)}"),
             (self.hf_model_type in family.hf_model_types, "hf_model_type", f"one of {sorted(family.hf_model_types)}"),
@@ -171,7 +176,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None):
-        """x [B, T, D] -> [B, T, D]. With ``cache = {"k", "v", "index"}`` (k/v ``[B, S, KV, Dh]``),
+        """x [B, T, D] -> [B, T, D]. ``mask``: the ``[B, 1, T, S]`` bool mask, or (splash) the
+        ``[B, T]`` segment ids. With ``cache = {"k", "v", "index"}`` (k/v ``[B, S, KV, Dh]``),
         this step's keys/values are written at slot ``index`` and attention runs over the
         cache; returns (out, new_cache)."""
         cfg = self.config
@@ -192,7 +198,11 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             new_cache = {"k": k, "v": v, "index": cache["index"]}
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+        if mask.ndim == 2:
+            out = splash_attention(q, k, v, mask, cfg.sliding_window)
+        else:
+            impl = None if cfg.attention_impl == "splash" else cfg.attention_impl
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
         return OutputProjection(cfg, name="o")(out), new_cache
 
@@ -276,14 +286,17 @@ class Decoder(nn.Module):
         ``(logits, new_cache)``.
         """
         cfg = self.config
+        # the splash kernel takes segment ids, not a [B, 1, T, T] mask; it runs on rows of a multiple
+        # of its block (the plan makes every training row so); shorter calls (init, ...) use XLA's
+        splash = cfg.attention_impl == "splash" and input_ids.shape[1] % SPLASH_BLOCKS[-1] == 0
         if segment_ids is not None:
             positions = positions_from_segments(segment_ids)
-            mask = segment_attention_mask(segment_ids, cfg.sliding_window)
+            mask = segment_ids if splash else segment_attention_mask(segment_ids, cfg.sliding_window)
         elif cache is None:
             if attention_mask is None:
                 attention_mask = jnp.ones(input_ids.shape, jnp.int32)
             positions = positions_from_mask(attention_mask)
-            mask = attention_mask_4d(attention_mask, cfg.sliding_window)
+            mask = attention_mask if splash else attention_mask_4d(attention_mask, cfg.sliding_window)
         else:
             mask = cache_attention_mask(attention_mask, cache["index"], input_ids.shape[1], cfg.sliding_window)
         embed = nn.Embed(

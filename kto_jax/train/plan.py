@@ -257,6 +257,7 @@ def make_plan(config, num_devices: int) -> Plan:
     model = model_config(path, model_fields(config))
     init = config.init.source
     _data(config, spec)
+    _splash_rows(config)
     try:
         mesh = sharding.mesh_shape({k: int(v) for k, v in config.mesh.items()}, num_devices)
     except ValueError as e:
@@ -272,6 +273,22 @@ def make_plan(config, num_devices: int) -> Plan:
         max_length=int(config.data.max_length), seed=int(config.seed), evaluators=_evaluators(config),
         packing=bool(config.data.packing), pack_length=_pack_length(config),
     )
+
+
+def _splash_rows(config) -> None:
+    """``model.attention_impl='splash'``: every row length the loader can make is a multiple of the
+    kernel's smallest block (the packed row, or the padded buckets and their cap max_length)."""
+    from kto_jax.models.splash import BLOCK_SIZES
+
+    if config.model.attention_impl != "splash":
+        return
+    block, d = BLOCK_SIZES[-1], config.data
+    fields = ("pack_length",) if d.packing else ("bucket", "max_length")
+    for field in fields:
+        value = _pack_length(config) if field == "pack_length" else int(d[field])
+        if value % block:
+            raise ValueError(f"config.data.{field}={value}: model.attention_impl='splash' needs rows of a multiple of "
+                             f"{block} tokens; set config.data.{field} to a multiple of {block} or model.attention_impl=''")
 
 
 def _pack_length(config) -> int:

@@ -93,7 +93,8 @@ def _table() -> tuple[Rule, ...]:
         Rule("model.compute_dtype", one_of(*DTYPES), f"one of {_names(DTYPES)}", "'float32' on CPU, 'bfloat16' on accelerators"),
         Rule("model.param_dtype", one_of(*DTYPES), f"one of {_names(DTYPES)}", "'float32' (the default) or 'bfloat16' (HALOs)"),
         Rule("model.remat_policy", one_of(*remat), f"one of {_names(remat)}", "'none' for small models, 'full' to save memory"),
-        Rule("model.attention_impl", one_of("", "xla", "cudnn"), "one of '', 'xla', 'cudnn'", "'' (the default)"),
+        Rule("model.attention_impl", one_of("", "xla", "cudnn", "splash"), "one of '', 'xla', 'cudnn', 'splash'",
+             "'' (the default), 'cudnn' on GPU, 'splash' on TPU"),
         Rule("reference.mode", one_of(*REFERENCE_MODES), f"one of {_names(REFERENCE_MODES)}", "'model' (a frozen reference in the step)"),
         # data
         Rule("data.max_length", count(2), "an integer >= 2", "the longest prompt + completion in tokens, e.g. 2048"),

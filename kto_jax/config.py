@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
         compute_dtype="float32",  # activations (bfloat16 on accelerators)
         param_dtype="float32",    # params and optimizer state
         remat_policy="none",
-        attention_impl="",     # "" (XLA's choice), "xla", "cudnn" (GPU) or "splash" (TPU kernel; rows of 128k tokens)
+        attention_impl="",     # "" (XLA's choice), "xla", "cudnn" (GPU) or "splash" (TPU kernel; rows of a multiple of 128)
     ))
     # Where the policy's weights start (the reference model starts there too):
     # "" = the model's own (random init for a preset, the folder's weights for an HF folder),
@@ -52,8 +52,15 @@ def base_config() -> ml_collections.ConfigDict:
     # "model": a frozen copy of the initial weights in the step; "cached": its log-probs computed
     # once before training and read from the batch (kto_jax/train/reference_cache.py), from a
     # matching cache in cache_dir when one is there ("" = the workdir; a folder shared by runs
-    # on the same reference model and data computes it once for all of them)
-    c.reference = ml_collections.ConfigDict(dict(mode="model", cache_dir=""))
+    # on the same reference model and data computes it once for all of them); "sync": a moving
+    # reference in the train state (saved with it), after every sync_every-th step set to
+    # sync_alpha * policy + (1 - sync_alpha) * reference from the policy that step computed its
+    # loss with (TR-DPO's soft update for alpha < 1 and hard update for alpha = 1; HALOs main's
+    # humanline syncs every step: sync_every=1, sync_alpha=1.0).
+    # humanline (HALOs main, arXiv 2509.24207): each token's log-ratio log pi/pi_ref clamped to
+    # [log_epsilon_P, log_epsilon_R] before it is summed into a sequence's reward (kto_jax/train/feeds.py)
+    c.reference = ml_collections.ConfigDict(dict(mode="model", cache_dir="", sync_every=1, sync_alpha=1.0,
+                                                 humanline=False, log_epsilon_P=-1.0, log_epsilon_R=1.5))
     c.data = ml_collections.ConfigDict(dict(
         # "+"-separated sources, each a dataset name (kto_jax/data/builders) or "files:PATTERN" (your own
         # JSONL/JSON/Parquet/CSV/save_to_disk files), optionally ":WEIGHT" (mixture proportions)

@@ -73,20 +73,44 @@ def _forward(spec, model_params, mb, groups):
     Padded: the groups' rows concatenated, one log-prob per row. Packed: the groups' packed rows
     concatenated, per-token log-probs summed per segment (``segment_sums``), ``[K]`` per group with
     K the microbatch's examples."""
-    parts = [_arrays(mb, g, spec.packing) for g in groups]
     if not spec.packing:
+        parts = [_arrays(mb, g) for g in groups]
         logps, counts = sequence_logps(spec, model_params, *(jnp.concatenate(xs) for xs in zip(*parts)))
         return dict(zip(groups, zip(jnp.split(logps, len(groups)), jnp.split(counts, len(groups)))))
-    ids, segments, loss_mask = (jnp.concatenate(xs) for xs in zip(*parts))
-    hidden = hidden_states(spec, model_params, ids, segments)
+    return {g: _group_sums(spec, mb, g, rows) for g, rows in _token_forward(spec, model_params, mb, groups).items()}
+
+
+def _token_forward(spec, model_params, mb, groups) -> dict:
+    """Per-token log-probs of several sequence groups in one forward: {group: ``[rows, T-1]``} (0
+    where not scored), padded or packed rows."""
+    parts = [_arrays(mb, g, spec.packing) for g in groups]
+    ids, presence, loss_mask = (jnp.concatenate(xs) for xs in zip(*parts))
+    hidden = hidden_states(spec, model_params, ids, presence)
     per_token = chunked_token_logps(hidden, lm_head_kernel(spec.model.config, model_params), ids, loss_mask,
                                     chunk_size=spec.chunk_size)
-    examples = mb["example_index"].shape[0]
-    out = {}
-    for group, rows, (_, seg, mask) in zip(groups, jnp.split(per_token, len(groups)), parts):
-        sums, counts = segment_sums(rows, seg, mask, examples)
-        out[group] = _normalized(spec, sums, counts), counts
-    return out
+    return dict(zip(groups, jnp.split(per_token, len(groups))))
+
+
+def _group_sums(spec, mb, group: str, per_token):
+    """A group's per-token values summed per sequence: (sums, length-normalised if the loss wants it;
+    token counts), over each padded row or each packed segment (``segment_sums``)."""
+    _, presence, mask = _arrays(mb, group, spec.packing)
+    if spec.packing:
+        sums, counts = segment_sums(per_token, presence, mask, mb["example_index"].shape[0])
+    else:
+        sums, counts = per_token.sum(axis=-1), mask[:, 1:].astype(jnp.int32).sum(axis=-1)
+    return _normalized(spec, sums, counts), counts
+
+
+def humanline_clamp(policy_tokens, reference_tokens, log_epsilon_P: float, log_epsilon_R: float):
+    """Humanline's per-token policy log-probs: ref_t + clip(log pi_t - log ref_t, log_epsilon_P, log_epsilon_R).
+
+    Summed over a sequence and less the reference's sum, that is HALOs main's sequence reward
+    sum_t clip(log pi_t / ref_t, P, R) (``get_sequence_rewards``, humanline=true); the gradient
+    flows through the tokens whose log-ratio is inside (P, R). Unscored tokens (0 in both) stay 0,
+    as P < 0 < R."""
+    ratio = policy_tokens - reference_tokens
+    return reference_tokens + jnp.clip(ratio, log_epsilon_P, log_epsilon_R)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +142,8 @@ class SequenceFeed:
 
     def loss_inputs(self, spec: "StepSpec", params, reference_params, mb: dict) -> dict:
         """{input name: [B] array} for every input the loss takes (``spec.inputs``)."""
+        if spec.humanline is not None:
+            return self._humanline_inputs(spec, params, reference_params, mb)
         inputs = spec.inputs
         model_params = params["model"]
         out = {}
@@ -136,6 +162,27 @@ class SequenceFeed:
         out.update({n: mb[n] for n, _ in self.per_example if n in inputs})
         return {n: out[n] for n in inputs}
 
+    def _humanline_inputs(self, spec: "StepSpec", params, reference_params, mb: dict) -> dict:
+        """:meth:`loss_inputs` with humanline's clamp: per-token policy and reference log-probs of
+        every group that has a reference input, the policy's clamped to the reference's within
+        [log_epsilon_P, log_epsilon_R] per token (:func:`humanline_clamp`) before the per-sequence
+        sums, so each loss's ``policy - reference`` is HALOs main's clamped sequence reward."""
+        inputs, model_params = spec.inputs, params["model"]
+        reference = self._wanted(self.reference, inputs)
+        ref_tokens = jax.lax.stop_gradient(_token_forward(spec, jax.lax.stop_gradient(reference_params), mb,
+                                                           [g for _, g in reference]))
+        policy = _token_forward(spec, model_params, mb, [g for _, g in self.policy])
+        no_grad = self._wanted(self.policy_no_grad, inputs)
+        if no_grad:
+            policy.update(jax.lax.stop_gradient(_token_forward(spec, model_params, mb, [g for _, g in no_grad])))
+        out = {n: _group_sums(spec, mb, g, ref_tokens[g])[0] for n, g in reference}
+        for n, g in self.policy + no_grad:
+            tokens = humanline_clamp(policy[g], ref_tokens[g], *spec.humanline) if g in ref_tokens else policy[g]
+            out[n], counts = _group_sums(spec, mb, g, tokens)
+            out.update({c: counts for c, cg in self.counts if cg == g and c in inputs})
+        out.update({n: mb[n] for n, _ in self.per_example if n in inputs})
+        return {n: out[n] for n in inputs}
+
     def reference_inputs(self, inputs) -> tuple[str, ...]:
         """The loss inputs the frozen reference gives (what ``reference.mode = "cached"`` stores)."""
         return tuple(n for n, _ in self._wanted(self.reference, inputs))
@@ -149,7 +196,7 @@ class SequenceFeed:
     def forward_equivalents(self, inputs, reference_mode: str) -> int:
         """Forward passes per example, a backward counting two: 3 per policy group (forward +
         backward), 1 per stop-gradient group, 1 per reference group unless cached."""
-        reference = len(self._wanted(self.reference, inputs)) if reference_mode == "model" else 0
+        reference = len(self._wanted(self.reference, inputs)) if reference_mode in ("model", "sync") else 0
         return 3 * len(self.policy) + len(self._wanted(self.policy_no_grad, inputs)) + reference
 
     def init_params(self, model_config, seed: int) -> dict:

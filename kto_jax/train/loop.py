@@ -108,6 +108,8 @@ def prepare(config, workdir: str, *, resume_with_changes: bool = False) -> Prepa
     del model_params
     reference_meta = {"source": config.init.source or config.model.name,
                       "fingerprint": checkpoint.fingerprint(reference_params) if reference_params is not None else None}
+    if plan.reference_mode == "sync":
+        reference_params = None  # the state holds the moving reference (these weights at step 0)
     meta = {"model": config.model.name, "loss": plan.loss.name, "reference": reference_meta,
             "param_shapes": checkpoint.param_shapes(state.params), "config": json.loads(config.to_json_best_effort())}
     first, checkpointer = 0, None

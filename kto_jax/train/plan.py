@@ -57,6 +57,9 @@ class Plan:
     evaluators: tuple[str, ...]
     packing: bool = False
     pack_length: int = 0  # tokens per packed row (resolved: max_length when the config says 0)
+    sync_every: int = 1  # reference.mode "sync": mix the policy into the reference after every k-th step
+    sync_alpha: float = 1.0  # ... with this weight (1.0: copy it)
+    humanline: tuple[float, float] | None = None  # (log_epsilon_P, log_epsilon_R) token clamp, or None
 
     @property
     def mesh(self) -> dict[str, int]:
@@ -78,7 +81,8 @@ class Plan:
     def step_spec(self, model=None) -> StepSpec:
         """The step's static spec (``model`` defaults to the plan's ModelConfig built)."""
         return StepSpec(model or build_model(self.model_config), self.loss, self.hparams, self.num_microbatches,
-                        self.reference_mode, self.chunk_size, self.skip_nonfinite, self.packing)
+                        self.reference_mode, self.chunk_size, self.skip_nonfinite, self.packing,
+                        sync_every=self.sync_every, sync_alpha=self.sync_alpha, humanline=self.humanline)
 
     @property
     def data_parallel(self) -> int:
@@ -129,7 +133,22 @@ def _reference_mode(config, spec: LossSpec, hparams: dict) -> str:
         return "none"
     if mode == "cached" and not get_feed(spec.feed).supports_cached:
         raise ValueError(f"loss {spec.name!r} needs per-token reference log-probs: set config.reference.mode='model'")
+    if config.reference.get("humanline", False) and mode == "cached":
+        raise ValueError("config.reference.humanline=True clamps per-token log-ratios, which cached (per-sequence) reference "
+                         "log-probs cannot give: set config.reference.mode='sync' (humanline's) or 'model'")
     return mode
+
+
+def _humanline(config, spec: LossSpec, hparams: dict) -> tuple[float, float] | None:
+    """``(log_epsilon_P, log_epsilon_R)`` when ``config.reference.humanline``, for a loss of per-sequence
+    log-ratios (the sequence feeds) that takes a reference; else None."""
+    r = config.reference
+    if not r.get("humanline", False):
+        return None
+    if not spec.needs_reference_with(hparams) or spec.feed not in ("unary", "paired"):
+        raise ValueError(f"config.reference.humanline=True: loss {spec.name!r} has no per-sequence policy/reference "
+                         "log-ratio to clamp; use it with kto, dpo or another loss of unary or paired feedback with a reference")
+    return float(r.log_epsilon_P), float(r.log_epsilon_R)
 
 
 def model_fields(config) -> dict:
@@ -272,6 +291,8 @@ def make_plan(config, num_devices: int) -> Plan:
         chunk_size=int(config.train.chunk_size), skip_nonfinite=bool(config.train.skip_nonfinite),
         max_length=int(config.data.max_length), seed=int(config.seed), evaluators=_evaluators(config),
         packing=bool(config.data.packing), pack_length=_pack_length(config),
+        sync_every=int(config.reference.get("sync_every", 1)), sync_alpha=float(config.reference.get("sync_alpha", 1.0)),
+        humanline=_humanline(config, spec, hparams),
     )
 
 

@@ -18,7 +18,7 @@ import math
 from typing import Any, Callable
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-REFERENCE_MODES = ("model", "cached")
+REFERENCE_MODES = ("model", "cached", "sync")
 
 
 class InputError(ValueError):
@@ -96,6 +96,11 @@ def _table() -> tuple[Rule, ...]:
         Rule("model.attention_impl", one_of("", "xla", "cudnn", "splash"), "one of '', 'xla', 'cudnn', 'splash'",
              "'' (the default), 'cudnn' on GPU, 'splash' on TPU"),
         Rule("reference.mode", one_of(*REFERENCE_MODES), f"one of {_names(REFERENCE_MODES)}", "'model' (a frozen reference in the step)"),
+        Rule("reference.sync_every", count(1), "an integer >= 1", "1 (every step, humanline) or TR-DPO's tau such as 64"),
+        Rule("reference.sync_alpha", fraction(True, False), "in (0, 1]", "1.0 (hard update) or TR-DPO's alpha such as 0.6"),
+        Rule("reference.humanline", lambda v: isinstance(v, bool), "true or false", "false (the default) or true (humanline)"),
+        Rule("reference.log_epsilon_P", lambda v: _number(v) and v < 0, "< 0", "-1.0 (HALOs main)"),
+        Rule("reference.log_epsilon_R", lambda v: _number(v) and v > 0, "> 0", "1.5 (HALOs main)"),
         # data
         Rule("data.max_length", count(2), "an integer >= 2", "the longest prompt + completion in tokens, e.g. 2048"),
         Rule("data.max_prompt_length", count(1), "an integer >= 1", "a positive prompt length below data.max_length"),

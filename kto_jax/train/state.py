@@ -4,7 +4,8 @@
 state, the step, the RNG, small loss state (BCO's running reward mean) and the count of
 skipped non-finite updates. The frozen
 reference params travel beside it as a separate argument of the step (never donated,
-never saved twice); with ``config.reference.mode = "cached"`` there are none at all.
+never saved twice); with ``config.reference.mode = "cached"`` there are none at all; with
+``"sync"`` the reference moves, so it is part of the state (``reference``), saved and resumed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class TrainState:
     rng: jax.Array
     loss_state: dict
     nonfinite_skipped: jax.Array  # updates skipped for a non-finite loss or gradient norm
+    reference: Any = None  # reference.mode "sync": the moving reference params (sharded and saved as the policy's)
 
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -143,6 +145,8 @@ def init_state(spec, optimizer: optax.GradientTransformation, model_params, seed
         rng=jax.random.PRNGKey(seed),
         loss_state={arg: jnp.zeros((), jnp.float32) for arg, _ in spec.loss.state_metrics},
         nonfinite_skipped=jnp.zeros((), jnp.int32),
+        # a copy: a buffer of its own, so donating the state never frees the policy's twice
+        reference=jax.tree_util.tree_map(lambda x: x + jnp.zeros((), x.dtype), model_params) if spec.reference_mode == "sync" else None,
     )
 
 

@@ -8,7 +8,8 @@ microbatch's loss is a registry loss called with the inputs it names, computed b
 of its data kind (``kto_jax.train.feeds``). KTO's KL estimate z0 is therefore per
 microbatch, as in HALOs and TRL. Reference log-probs come from frozen ``reference_params``
 (mode "model") or from the batch itself (mode "cached": arrays named like the inputs,
-``reference_logps``, ``reference_chosen_logps``, ...); both give the same losses.
+``reference_logps``, ``reference_chosen_logps``, ...); both give the same losses. Mode "sync"
+keeps a moving reference in the state (``state.reference``, :func:`sync_reference`).
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ class StepSpec:
     loss: LossSpec
     hparams: tuple[tuple[str, Any], ...]
     num_microbatches: int = 1
-    reference_mode: str = "model"  # "model", "cached" or "none"
+    reference_mode: str = "model"  # "model", "cached", "sync" (a moving reference in the state) or "none"
     chunk_size: int = 256
     skip_nonfinite: bool = False  # keep the old params when the loss or gradient norm is not finite
     packing: bool = False  # packed rows (``config.data.packing``; ``kto_jax.data.batch``)
+    sync_every: int = 1  # reference_mode "sync": the reference moves after every sync_every-th step
+    sync_alpha: float = 1.0  # ... to sync_alpha * policy + (1 - sync_alpha) * reference
+    humanline: tuple[float, float] | None = None  # (log_epsilon_P, log_epsilon_R): per-token log-ratio clamp
 
     @property
     def kwargs(self) -> dict:
@@ -84,8 +88,32 @@ def _aggregate(metrics: dict) -> dict:
     return {k: (v.sum() if k in SUMMED_METRICS else v.mean()) for k, v in metrics.items()}
 
 
+def step_reference(spec: StepSpec, state: TrainState, reference_params):
+    """The reference params a step scores with: the state's moving one (mode "sync"), else the argument."""
+    return state.reference if spec.reference_mode == "sync" else reference_params
+
+
+def sync_reference(spec: StepSpec, state: TrainState):
+    """The moving reference after optimizer step s = ``state.step`` (mode "sync"):
+
+        ref_{s+1} = alpha * theta_s + (1 - alpha) * ref_s   if (s + 1) % sync_every == 0, else ref_s
+
+    with theta_s the policy that step s computed its loss with (before its update), as HALOs main
+    syncs before ``optimizer.step()``; alpha = ``sync_alpha`` (TR-DPO's soft update, alpha < 1,
+    and hard update, alpha = 1, every tau = ``sync_every`` steps). Mixed in float32."""
+    sync = (state.step + 1) % spec.sync_every == 0
+    alpha = spec.sync_alpha
+
+    def mix(ref, policy):
+        new = policy if alpha == 1.0 else (alpha * policy.astype(jnp.float32) + (1 - alpha) * ref.astype(jnp.float32))
+        return jnp.where(sync, new.astype(ref.dtype), ref)
+
+    return jax.tree_util.tree_map(mix, state.reference, state.params["model"])
+
+
 def train_step(spec: StepSpec, optimizer: optax.GradientTransformation, lr_fn, state: TrainState, batch, reference_params):
     """One optimizer step over the global batch with gradient accumulation over microbatches."""
+    reference_params = step_reference(spec, state, reference_params)
     grad_fn = jax.value_and_grad(lambda p, mb, ls: microbatch_loss(spec, p, reference_params, mb, ls), has_aux=True)
 
     def body(carry, mb):
@@ -107,8 +135,9 @@ def train_step(spec: StepSpec, optimizer: optax.GradientTransformation, lr_fn, s
         keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         params, opt_state, loss_state = keep(params, state.params), keep(opt_state, state.opt_state), keep(loss_state, state.loss_state)
     skipped = state.nonfinite_skipped + (~finite).astype(jnp.int32) if spec.skip_nonfinite else state.nonfinite_skipped
+    reference = sync_reference(spec, state) if spec.reference_mode == "sync" else state.reference
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_state=loss_state,
-                              nonfinite_skipped=skipped)
+                              nonfinite_skipped=skipped, reference=reference)
     return new_state, metrics
 
 

@@ -11,6 +11,9 @@ shipped path (kto_jax.train.plan, setup and engine: the functions kto_jax.train.
     packed    --loss L --data_dir D --out DIR [--steps N]
         padded on one device against packed (config.data.packing, rows of 64 tokens, 2
         microbatches of 8) on (1,1,1), (8,1,1) and (2,2,2) (sgd, lr 0.1).
+    sync      --loss L --data_dir D --out DIR [--steps N]
+        reference.mode=sync with humanline (sync every step) on (1,1,1), (8,1,1) and (2,2,2), packed
+        (sgd, lr 0.1): metrics, params and the moving reference.
     losses    --data_dir D --out DIR L1 L2 ...
         kto_jax.train.loop.run(small config, DIR/L) for each loss, one step each.
 """
@@ -110,6 +113,8 @@ def _train(config, devices, steps: int):
     model, reference = setup.load_model(plan, mesh)
     engine = build_engine(plan.step_spec(model), config.train.optimizer, mesh, seed=plan.seed)
     state = engine.create_state(reference)
+    if plan.reference_mode == "sync":
+        reference = None  # the state carries the moving reference, as in the loop
     rows, shapes = [], []
     with sharding.activation_rules(mesh):
         for _ in range(steps):
@@ -117,7 +122,7 @@ def _train(config, devices, steps: int):
             shapes.append({k: list(v.shape) for k, v in batch.items()})
             state, metrics = engine.train_fn(state, setup.to_global(batch, mesh), reference)
             rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
-    leaves = jax.tree_util.tree_leaves_with_path(state.params)
+    leaves = jax.tree_util.tree_leaves_with_path({"params": state.params, "reference": state.reference})
     return rows, shapes, {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
 
 
@@ -131,6 +136,22 @@ def packed(args) -> None:
             "packed_8x1x1": (True, (8, 1, 1)), "packed_2x2x2": (True, (2, 2, 2))}
     for name, (packing, (d, f, t)) in runs.items():
         config.data.update(dict(packing=packing, pack_length=64 if packing else 0))
+        config.mesh.update(dict(data=d, fsdp=f, tensor=t))
+        rows, shapes, params = _train(config, jax.devices()[: d * f * t], args.steps)
+        np.savez(os.path.join(args.out, f"params_{name}.npz"), **params)
+        summary[name] = {"metrics": rows, "shapes": shapes}
+    with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+
+
+def sync(args) -> None:
+    assert jax.device_count() == 8, jax.devices()
+    config = small_config(args.loss, args.data_dir, steps=args.steps)
+    config.train.optimizer.update(dict(name="sgd", lr=0.1, warmup_steps=0))
+    config.reference.update(dict(mode="sync", humanline=True, log_epsilon_P=-0.1, log_epsilon_R=0.1))
+    config.data.update(dict(packing=True, pack_length=64))
+    summary = {}
+    for name, (d, f, t) in {"1x1x1": (1, 1, 1), "8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2)}.items():
         config.mesh.update(dict(data=d, fsdp=f, tensor=t))
         rows, shapes, params = _train(config, jax.devices()[: d * f * t], args.steps)
         np.savez(os.path.join(args.out, f"params_{name}.npz"), **params)
@@ -166,13 +187,18 @@ def main() -> None:
     p.add_argument("--data_dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=3)
+    p = sub.add_parser("sync")
+    p.add_argument("--loss", required=True)
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=3)
     p = sub.add_parser("losses")
     p.add_argument("--data_dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("names", nargs="+")
     args = parser.parse_args()
     register_test_preset()
-    {"sharded": sharded, "packed": packed, "losses": losses}[args.command](args)
+    {"sharded": sharded, "packed": packed, "sync": sync, "losses": losses}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,9 @@ def humanline_clamp(policy_tokens, reference_tokens, log_epsilon_P: float, log_e
     Summed over a sequence and less the reference's sum, that is HALOs main's sequence reward
     sum_t clip(log pi_t / ref_t, P, R) (``get_sequence_rewards``, humanline=true); the gradient
     flows through the tokens whose log-ratio is inside (P, R). Unscored tokens (0 in both) stay 0,
-    as P < 0 < R."""
+    as P < 0 < R. The loss's ``policy - reference`` is then the clamped sum up to the float rounding
+    of one addition (ulp of the reference's sum), where HALOs sums the clamped ratios directly: two
+    sequences clamped at every token tie in HALOs and differ by that rounding here."""
     ratio = policy_tokens - reference_tokens
     return reference_tokens + jnp.clip(ratio, log_epsilon_P, log_epsilon_R)
 

@@ -2,6 +2,13 @@
 
     python scripts/bench.py [--preset tiny-25m] [--steps 10] [--dtype float32]
     python scripts/bench.py --lengths=mix [--max_length 512] [--batches 8]
+    python scripts/bench.py --attention_vs_torch [--max_length 512]
+
+``--attention_vs_torch``: one attention layer of the preset's shape (``--batch`` rows of
+``--max_length`` tokens, a fifth of each row left padding), forward and forward + backward,
+``jax.nn.dot_product_attention`` with the model's mask against torch's
+``scaled_dot_product_attention`` with the same mask (what transformers' Llama runs on CPU, as TRL
+does), alternating, three rounds; seconds per call and the torch/jax ratio.
 
 ``--lengths=fixed`` (the default): every sequence 64 + 64 tokens, as below. ``--lengths=SOURCE``
 (a source of scripts/length_histograms.json: hh, shp, oasst, ultrafeedback, or mix): prompt and
@@ -65,6 +72,7 @@ _MAX_PROMPT = flags.DEFINE_integer("max_prompt_length", 256, "With --lengths=SOU
 _BUCKET = flags.DEFINE_integer("bucket", 64, "With --lengths=SOURCE: the padded layout's length bucket (config.data.bucket).")
 _BATCHES = flags.DEFINE_integer("batches", 8, "With --lengths=SOURCE: distinct batches timed per layout.")
 _PROFILE = flags.DEFINE_string("profile_dir", "", "With --lengths=SOURCE: write a jax.profiler trace of the timed passes here.")
+_VS_TORCH = flags.DEFINE_bool("attention_vs_torch", False, "Time one attention layer against torch's SDPA (see above).")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "With --lengths=SOURCE: timed passes over the batches (after one warm-up pass).")
 
 
@@ -201,9 +209,61 @@ def bench_realistic(name, model, params, peak):
                       round(packed["useful_tokens_per_s"] / padded["useful_tokens_per_s"], 3)}), flush=True)
 
 
+def bench_attention_vs_torch(config) -> None:
+    """Seconds per call of one attention layer, JAX against torch, alternating (module docstring)."""
+    import torch
+
+    from kto_jax.models.positions import attention_mask_4d
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    B, T, H, D = _BATCH.value, _MAX_LENGTH.value, config.num_heads, config.head_dim
+    r = np.random.default_rng(0)
+    q, k, v, w = (r.normal(size=(B, T, H, D)).astype(np.float32) for _ in range(4))
+    present = np.ones((B, T), np.int32)
+    present[:, : T // 5] = 0
+    mask = attention_mask_4d(jnp.asarray(present))
+    impl = config.attention_impl
+
+    def attend(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+    jq, jk, jv, jw = map(jnp.asarray, (q, k, v, w))
+    jax_fwd = jax.jit(attend)
+    jax_grad = jax.jit(jax.grad(lambda q, k, v: (attend(q, k, v) * jw).sum(), argnums=(0, 1, 2)))
+    tq, tk, tv = (torch.tensor(x).transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    tw, tmask = torch.tensor(w).transpose(1, 2), torch.tensor(np.asarray(mask))
+
+    def torch_fwd():
+        with torch.no_grad():
+            torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tmask)
+
+    def torch_grad():
+        (torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tmask) * tw).sum().backward()
+
+    calls = {"jax_forward": lambda: jax_fwd(jq, jk, jv).block_until_ready(),
+             "jax_forward_backward": lambda: jax.block_until_ready(jax_grad(jq, jk, jv)),
+             "torch_forward": torch_fwd, "torch_forward_backward": torch_grad}
+    times = {name: [] for name in calls}
+    for fn in calls.values():
+        fn(), fn()  # compile / warm up
+    for _ in range(3):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            for _ in range(5):
+                fn()
+            times[name].append((time.perf_counter() - start) / 5)
+    s = {name: statistics.median(t) for name, t in times.items()}
+    print(json.dumps({"shape": {"batch": B, "length": T, "heads": H, "head_dim": D}, "jax_impl": impl or "xla (default)",
+                      **{f"{n}_s": round(x, 4) for n, x in s.items()},
+                      "jax_over_torch_seconds_forward": round(s["jax_forward"] / s["torch_forward"], 2),
+                      "jax_over_torch_seconds_forward_backward": round(s["jax_forward_backward"] / s["torch_forward_backward"], 2)}), flush=True)
+
+
 def main(argv):
     del argv
     config = get_preset(_PRESET.value, compute_dtype=_DTYPE.value, remat_policy=_REMAT.value, attention_impl=_ATTENTION.value or None)
+    if _VS_TORCH.value:
+        return bench_attention_vs_torch(config)
     model = build_model(config)
     params = init_params(config, seed=0)
     listed = device_peak_flops(jax.devices()[0].device_kind)

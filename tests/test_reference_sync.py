@@ -115,8 +115,9 @@ def halos_loss_jnp(loss: str, policy, reference, mb, bounds):
 
 def humanline_loss(loss: str, policy, reference, mb, humanline=(P, R), packing=False):
     spec = dataclasses.replace(step_spec(loss), humanline=humanline, packing=packing)
-    fn = jit(jax.value_and_grad(lambda p: microbatch_loss(spec, p, reference, mb, {})[0]))
-    return fn({"model": policy})
+    fn = jit(jax.value_and_grad(lambda p: microbatch_loss(spec, p, reference, mb, {}), has_aux=True))
+    (value, (metrics, _)), grads = fn({"model": policy})
+    return value, grads, metrics
 
 
 @pytest.mark.parametrize("loss", ["kto", "dpo"])
@@ -132,7 +133,7 @@ def test_humanline_equals_halos_mains_formula(loss, examples, policy, reference)
     bounds = (-q, 0.8 * q)
     clamped = float(((ratios <= bounds[0]) | (ratios >= bounds[1])).mean())
     assert 0.3 < clamped < 0.7, clamped
-    value, grads = humanline_loss(loss, policy, reference, mb, humanline=bounds)
+    value, grads, metrics = humanline_loss(loss, policy, reference, mb, humanline=bounds)
     # numpy: HALOs main's clamped sequence rewards, then the KTO / DPO numpy references on them
     rewards = {g: np.clip(raw[g].astype(np.float64), *bounds).sum(-1) for g in groups}
     zeros = np.zeros_like(rewards[groups[0]])
@@ -143,7 +144,14 @@ def test_humanline_equals_halos_mains_formula(loss, examples, policy, reference)
     np.testing.assert_allclose(float(value), expected, rtol=0, atol=2e-6)
     expected_grads = jit(jax.grad(lambda p: halos_loss_jnp(loss, p, reference, mb, bounds)))({"model": policy})
     assert_trees_close(grads, expected_grads, atol=2e-6)
-    unclamped_value, _ = humanline_loss(loss, policy, reference, mb, humanline=None)
+    # the feed's metric: the share of the policy's (gradient) tokens inside the bounds
+    policy_groups = [""] if loss == "kto" else ["chosen", "rejected"]
+    scored_p = np.concatenate([np.asarray(mb[f"{g}_loss_mask" if g else "loss_mask"])[:, 1:].ravel() > 0 for g in policy_groups])
+    ratios_p = np.concatenate([raw[g].ravel() for g in policy_groups])[scored_p]
+    inside = float(((ratios_p > bounds[0]) & (ratios_p < bounds[1])).mean())
+    np.testing.assert_allclose(float(metrics["humanline/unclamped"]), inside, atol=1e-6)
+    unclamped_value, _, plain_metrics = humanline_loss(loss, policy, reference, mb, humanline=None)
+    assert "humanline/unclamped" not in plain_metrics
     assert abs(float(unclamped_value) - float(value)) > 1e-7  # the clamp changes the loss
 
 
@@ -163,6 +171,7 @@ def test_humanline_packed_equals_padded(loss, examples, policy, reference):
     padded, packed = batches(examples, loss)
     a = humanline_loss(loss, policy, reference, padded)
     b = humanline_loss(loss, policy, reference, packed, packing=True)
+    assert float(b[2]["humanline/unclamped"]) == pytest.approx(float(a[2]["humanline/unclamped"]), abs=1e-6)
     np.testing.assert_allclose(float(b[0]), float(a[0]), rtol=0, atol=1e-5)
     assert_trees_close(b[1], a[1], atol=1e-5)
 

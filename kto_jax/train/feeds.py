@@ -102,6 +102,9 @@ def _group_sums(spec, mb, group: str, per_token):
     return _normalized(spec, sums, counts), counts
 
 
+HUMANLINE_UNCLAMPED = "humanline/unclamped"  # a metric the feed adds (HALOs' rewards/*_unclamped)
+
+
 def humanline_clamp(policy_tokens, reference_tokens, log_epsilon_P: float, log_epsilon_R: float):
     """Humanline's per-token policy log-probs: ref_t + clip(log pi_t - log ref_t, log_epsilon_P, log_epsilon_R).
 
@@ -113,6 +116,19 @@ def humanline_clamp(policy_tokens, reference_tokens, log_epsilon_P: float, log_e
     sequences clamped at every token tie in HALOs and differ by that rounding here."""
     ratio = policy_tokens - reference_tokens
     return reference_tokens + jnp.clip(ratio, log_epsilon_P, log_epsilon_R)
+
+
+def _unclamped_fraction(spec, mb, groups):
+    """The share of scored tokens of the policy groups whose log-ratio is inside (P, R): the
+    tokens humanline's clamp lets the gradient through (HALOs main logs it per chosen/rejected)."""
+    low, high = spec.humanline
+    inside = scored = 0
+    for policy, reference, group in groups:
+        mask = _arrays(mb, group, spec.packing)[2][:, 1:] > 0
+        ratio = jax.lax.stop_gradient(policy - reference)
+        inside += (mask & (ratio > low) & (ratio < high)).sum()
+        scored += mask.sum()
+    return inside / jnp.maximum(scored, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,12 +194,14 @@ class SequenceFeed:
         if no_grad:
             policy.update(jax.lax.stop_gradient(_token_forward(spec, model_params, mb, [g for _, g in no_grad])))
         out = {n: _group_sums(spec, mb, g, ref_tokens[g])[0] for n, g in reference}
+        out[HUMANLINE_UNCLAMPED] = _unclamped_fraction(spec, mb, [(policy[g], ref_tokens[g], g) for _, g in self.policy
+                                                                   if g in ref_tokens])
         for n, g in self.policy + no_grad:
             tokens = humanline_clamp(policy[g], ref_tokens[g], *spec.humanline) if g in ref_tokens else policy[g]
             out[n], counts = _group_sums(spec, mb, g, tokens)
             out.update({c: counts for c, cg in self.counts if cg == g and c in inputs})
         out.update({n: mb[n] for n, _ in self.per_example if n in inputs})
-        return {n: out[n] for n in inputs}
+        return {n: out[n] for n in (*inputs, HUMANLINE_UNCLAMPED)}
 
     def reference_inputs(self, inputs) -> tuple[str, ...]:
         """The loss inputs the frozen reference gives (what ``reference.mode = "cached"`` stores)."""

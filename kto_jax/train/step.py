@@ -69,8 +69,10 @@ class StepSpec:
 def microbatch_loss(spec: StepSpec, params, reference_params, mb: dict, loss_state: dict):
     """(loss, (metrics, loss_state)) of one microbatch: the loss called with its inputs by name."""
     inputs = spec.feed.loss_inputs(spec, params, reference_params, mb)
+    feed_metrics = {k: inputs.pop(k) for k in list(inputs) if "/" in k}  # metrics of the feed's own (humanline/unclamped)
     inputs.update({n: None for n in spec.loss.unused(spec.kwargs)})  # e.g. halo's KL inputs around z = 0
     loss, metrics = spec.loss.fn(**inputs, **spec.kwargs, **loss_state)
+    metrics = {**metrics, **feed_metrics}
     new_state = {arg: metrics[name] for arg, name in spec.loss.state_metrics}
     return loss, (metrics, new_state)
 

@@ -83,10 +83,11 @@ def xla_step_flops(config, plan: Plan | None = None) -> float:
     config.mesh.update(data=1, fsdp=-1, tensor=1)
     plan = plan or make_plan(config, 1)
     base = plan.replace(mesh_shape=(("data", 1), ("fsdp", 1), ("tensor", 1)), num_microbatches=1, chunk_size=plan.row_length)
+    attention = plan.model_config.attention_impl
     counts = []
     for layers in (1, 2):
         model_config = plan.model_config.replace(num_layers=layers, scan_unroll=layers,
-                                                 attention_impl=None if plan.model_config.attention_impl == "splash" else plan.model_config.attention_impl)
+                                                 attention_impl=None if attention == "splash" else attention)
         lowered, _ = lower_train_step(base.replace(model_config=model_config), config.train.optimizer, jax.devices("cpu")[:1])
         cost = lowered.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -43,7 +43,8 @@ def token_logps(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> j
     return jnp.where(mask, _label_logps(logits[:, :-1], labels), 0.0)
 
 
-def _sum_and_count(per_token: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def sum_and_count(per_token: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row sums of shifted per-token values ``[B, T-1]`` and the row's scored-token counts."""
     counts = loss_mask[:, 1:].astype(jnp.int32).sum(axis=-1)
     return per_token.sum(axis=-1), counts
 
@@ -65,7 +66,7 @@ def sequence_logps(
       ``(sum_logps [B] float32, token_counts [B] int32)``. Length-normalised log-probs
       are ``sum_logps / max(token_counts, 1)`` (see :func:`mean_logps`).
     """
-    return _sum_and_count(token_logps(logits, labels, loss_mask), loss_mask)
+    return sum_and_count(token_logps(logits, labels, loss_mask), loss_mask)
 
 
 def mean_logps(sum_logps: jax.Array, token_counts: jax.Array) -> jax.Array:
@@ -136,7 +137,7 @@ def chunked_sequence_logps(
     :func:`chunked_token_logps` for the memory it saves.
     """
     per_token = chunked_token_logps(hidden, kernel, labels, loss_mask, chunk_size=chunk_size)
-    return _sum_and_count(per_token, loss_mask)
+    return sum_and_count(per_token, loss_mask)
 
 
 def segment_sums(per_token: jax.Array, segment_ids: jax.Array, loss_mask: jax.Array, num_segments: int) -> tuple[jax.Array, jax.Array]:

@@ -131,11 +131,17 @@ def packed(args) -> None:
     config = small_config(args.loss, args.data_dir, steps=args.steps, batch=16)
     config.train.optimizer.update(dict(name="sgd", lr=0.1, warmup_steps=0))
     config.train.num_microbatches = 2  # 8 examples per microbatch: one per device on (8, 1, 1)
+    packed, padded = dict(packing=True, pack_length=64), dict(packing=False, pack_length=0)
+    _train_runs(config, {"padded_1x1x1": (padded, (1, 1, 1)), "packed_1x1x1": (packed, (1, 1, 1)),
+                         "packed_8x1x1": (packed, (8, 1, 1)), "packed_2x2x2": (packed, (2, 2, 2))}, args)
+
+
+def _train_runs(config, runs: dict, args) -> None:
+    """:func:`_train` for each ``{name: (config.data changes, (data, fsdp, tensor))}``: OUT/params_NAME.npz
+    and OUT/summary.json ({name: {"metrics", "shapes"}})."""
     summary = {}
-    runs = {"padded_1x1x1": (False, (1, 1, 1)), "packed_1x1x1": (True, (1, 1, 1)),
-            "packed_8x1x1": (True, (8, 1, 1)), "packed_2x2x2": (True, (2, 2, 2))}
-    for name, (packing, (d, f, t)) in runs.items():
-        config.data.update(dict(packing=packing, pack_length=64 if packing else 0))
+    for name, (data, (d, f, t)) in runs.items():
+        config.data.update(data)
         config.mesh.update(dict(data=d, fsdp=f, tensor=t))
         rows, shapes, params = _train(config, jax.devices()[: d * f * t], args.steps)
         np.savez(os.path.join(args.out, f"params_{name}.npz"), **params)
@@ -149,15 +155,8 @@ def sync(args) -> None:
     config = small_config(args.loss, args.data_dir, steps=args.steps)
     config.train.optimizer.update(dict(name="sgd", lr=0.1, warmup_steps=0))
     config.reference.update(dict(mode="sync", humanline=True, log_epsilon_P=-0.1, log_epsilon_R=0.1))
-    config.data.update(dict(packing=True, pack_length=64))
-    summary = {}
-    for name, (d, f, t) in {"1x1x1": (1, 1, 1), "8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2)}.items():
-        config.mesh.update(dict(data=d, fsdp=f, tensor=t))
-        rows, shapes, params = _train(config, jax.devices()[: d * f * t], args.steps)
-        np.savez(os.path.join(args.out, f"params_{name}.npz"), **params)
-        summary[name] = {"metrics": rows, "shapes": shapes}
-    with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+    packed = dict(packing=True, pack_length=64)
+    _train_runs(config, {"1x1x1": (packed, (1, 1, 1)), "8x1x1": (packed, (8, 1, 1)), "2x2x2": (packed, (2, 2, 2))}, args)
 
 
 def losses(args) -> None:

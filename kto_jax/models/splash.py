@@ -38,10 +38,10 @@ def block_size(length: int) -> int:
         "or use model.attention_impl='' (XLA)")
 
 
-def _platform() -> str:
+def _platform(mesh) -> str:
     """The platform the program is compiled for: the context mesh's devices (an AOT mesh of TPU
     topology devices says ``tpu`` on a CPU host), else the default backend."""
-    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    device = getattr(mesh, "abstract_device", None)
     return device.platform if device is not None else jax.default_backend()
 
 
@@ -69,8 +69,8 @@ def _local_attention(q, k, v, segment_ids, sliding_window, interpret):
 
     _, length, heads, head_dim = q.shape
     kernel = _kernel(heads, length, sliding_window, interpret)
-    scale = 1.0 / np.sqrt(head_dim)  # the kernel takes q pre-scaled
-    qh, kh, vh = ((x if i else x * jnp.asarray(scale, x.dtype)).transpose(0, 2, 1, 3) for i, x in enumerate((q, k, v)))
+    q = q * jnp.asarray(1.0 / np.sqrt(head_dim), q.dtype)  # the kernel takes q pre-scaled
+    qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     segment_ids = segment_ids.astype(jnp.int32)
     out = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=sk.SegmentIds(q=s, kv=s)))(qh, kh, vh, segment_ids)
     return out.transpose(0, 2, 1, 3)
@@ -83,13 +83,13 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     Under a mesh (``kto_jax.sharding.activation_rules``) each shard of the batch and the heads
     runs the kernel on its own rows; the output keeps q's sharding.
     """
-    platform = _platform()
-    if platform == "gpu" or platform == "cuda":
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = _platform(mesh)
+    if platform in ("gpu", "cuda"):
         raise ValueError("model.attention_impl='splash' is the TPU Pallas kernel; on GPU use "
                          "--config.model.attention_impl=cudnn (or '' for XLA)")
     block_size(q.shape[1])  # a clear error before the kernel's own
     local = functools.partial(_local_attention, sliding_window=sliding_window, interpret=platform != "tpu")
-    mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(q, k, v, segment_ids)
     q_spec = nn.logical_to_mesh_axes(("activation_batch", "activation_length", "activation_heads", None))

@@ -77,14 +77,13 @@ def preference_pairs(groups: Mapping[str, Sequence[tuple[int, float]]], mode: st
             for a, b in zip(group[0:-1:2], group[1::2]):
                 if abs(a[1] - b[1]) > gap:
                     emit(a, b)
-        elif mode == "max":
-            group.sort(key=lambda s: s[1], reverse=True)
-            if abs(group[0][1] - group[-1][1]) > gap:
-                emit(group[0], group[-1])
+            continue
+        group.sort(key=lambda s: s[1], reverse=True)
+        if abs(group[0][1] - group[-1][1]) <= gap:  # best and worst: the widest gap of the prompt
+            continue
+        if mode == "max":
+            emit(group[0], group[-1])
         else:
-            group.sort(key=lambda s: s[1], reverse=True)
-            if abs(group[0][1] - group[-1][1]) <= gap:
-                continue
             eps = 1e-12
             closest = [(abs(a[1] - b[1]), a, b) for i, a in enumerate(group) for b in group[i + 1:]
                        if abs(a[1] - b[1]) + eps >= gap]

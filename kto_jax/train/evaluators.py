@@ -38,8 +38,8 @@ def held_out(run, state) -> dict:
         if run.eval_cache is not None:
             batch = {**batch, **{k: setup.local_rows(v) for k, v in run.eval_cache[i].items()}}
         with sharding.activation_rules(run.mesh):
-            metrics = run.engine.eval_fn(state.params, setup.to_global(batch, run.mesh),
-                                             step_reference(run.engine.spec, state, run.reference_params), state.loss_state)
+            reference = step_reference(run.engine.spec, state, run.reference_params)
+            metrics = run.engine.eval_fn(state.params, setup.to_global(batch, run.mesh), reference, state.loss_state)
         rows.append(jax.device_get(metrics))
     return {"held_out": {f"eval/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}}
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from kto_jax.data.batch import BatchSchema, prefix
-from kto_jax.logprobs import chunked_sequence_logps, chunked_token_logps, mean_logps, segment_sums, unpack_tokens
+from kto_jax.logprobs import chunked_sequence_logps, chunked_token_logps, mean_logps, segment_sums, sum_and_count, unpack_tokens
 from kto_jax.models import lm_head_kernel
 
 if TYPE_CHECKING:
@@ -98,11 +98,12 @@ def _group_sums(spec, mb, group: str, per_token):
     if spec.packing:
         sums, counts = segment_sums(per_token, presence, mask, mb["example_index"].shape[0])
     else:
-        sums, counts = per_token.sum(axis=-1), mask[:, 1:].astype(jnp.int32).sum(axis=-1)
+        sums, counts = sum_and_count(per_token, mask)
     return _normalized(spec, sums, counts), counts
 
 
 HUMANLINE_UNCLAMPED = "humanline/unclamped"  # a metric the feed adds (HALOs' rewards/*_unclamped)
+FEED_METRICS = (HUMANLINE_UNCLAMPED,)  # entries of loss_inputs' dict that are metrics, not loss inputs
 
 
 def humanline_clamp(policy_tokens, reference_tokens, log_epsilon_P: float, log_epsilon_R: float):

@@ -304,9 +304,8 @@ def _splash_rows(config) -> None:
     if config.model.attention_impl != "splash":
         return
     block, d = BLOCK_SIZES[-1], config.data
-    fields = ("pack_length",) if d.packing else ("bucket", "max_length")
-    for field in fields:
-        value = _pack_length(config) if field == "pack_length" else int(d[field])
+    lengths = {"pack_length": _pack_length(config)} if d.packing else {"bucket": int(d.bucket), "max_length": int(d.max_length)}
+    for field, value in lengths.items():
         if value % block:
             raise ValueError(f"config.data.{field}={value}: model.attention_impl='splash' needs rows of a multiple of "
                              f"{block} tokens; set config.data.{field} to a multiple of {block} or model.attention_impl=''")

@@ -25,7 +25,7 @@ import optax
 from kto_jax.data.batch import BatchSchema
 from kto_jax.losses import LossSpec
 from kto_jax.models import Decoder
-from kto_jax.train.feeds import get_feed
+from kto_jax.train.feeds import FEED_METRICS, get_feed
 from kto_jax.train.state import TrainState
 
 SUMMED_METRICS = ("num_desirable", "num_undesirable", "tokens")
@@ -69,7 +69,7 @@ class StepSpec:
 def microbatch_loss(spec: StepSpec, params, reference_params, mb: dict, loss_state: dict):
     """(loss, (metrics, loss_state)) of one microbatch: the loss called with its inputs by name."""
     inputs = spec.feed.loss_inputs(spec, params, reference_params, mb)
-    feed_metrics = {k: inputs.pop(k) for k in list(inputs) if "/" in k}  # metrics of the feed's own (humanline/unclamped)
+    feed_metrics = {k: inputs.pop(k) for k in FEED_METRICS if k in inputs}  # the feed's own (humanline/unclamped)
     inputs.update({n: None for n in spec.loss.unused(spec.kwargs)})  # e.g. halo's KL inputs around z = 0
     loss, metrics = spec.loss.fn(**inputs, **spec.kwargs, **loss_state)
     metrics = {**metrics, **feed_metrics}

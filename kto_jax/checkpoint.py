@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging as pylogging
 import os
 import shutil
 
@@ -27,6 +28,18 @@ from orbax.checkpoint import checkpoint_managers as policies
 from kto_jax import faults
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+class _ReadOnlyNotice(pylogging.Filter):
+    """Drops orbax's two warnings on every read-only manager (``load_params`` opens one for each
+    ``init.source=orbax:...``): reading an earlier run's weights is what was asked for."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not (text.startswith("CheckpointManagerOptions.read_only=True") or text.startswith("Given directory is read only"))
+
+
+pylogging.getLogger("absl").addFilter(_ReadOnlyNotice())
 
 
 def complete_steps(directory: str) -> list[int]:

@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
         # "+"-separated sources, each a dataset name (kto_jax/data/builders) or "files:PATTERN" (your own
         # JSONL/JSON/Parquet/CSV/save_to_disk files), optionally ":WEIGHT" (mixture proportions)
         sources="synthetic",
+        # the eval split's sources when they are not the training ones ("" = sources): an online round
+        # (kto_jax/online) trains on its own judged samples and is evaluated on the task's test split
+        eval_sources="",
         # the "files:" sources' options: eval split from these files, or a fraction of the prompts held
         # out by hash; the schema ("auto" = detected from the columns) and a column map "prompt=question,..."
         eval_files="",

@@ -88,6 +88,22 @@ def eval_prompts(prompts, n: int) -> list:
 # ---------------------------------------------------------------- generation
 
 
+def prompt_inputs(prompts, template, tokenizer, max_prompt_length: int, control_token: str | None = None):
+    """``(shown, ids)`` of conversations to sample from, as training renders them: ``shown`` the
+    template's text of each whole dialogue (with the BOS a Jinja template writes first), ``ids``
+    its tokens cut to ``max_prompt_length`` (keeping the end), then ``control_token`` appended
+    (CSFT samples conditioned on its "good" token)."""
+    from kto_jax.data.chat import render_prompt
+    from kto_jax.data.tokenize import cut_prompt, encode_prompt
+
+    texts = [render_prompt(p, template) for p in prompts]
+    shown = [template.bos_token + t if getattr(template, "renders_bos", False) else t for t in texts]
+    ids = [cut_prompt(encode_prompt(tokenizer, t), int(max_prompt_length), bos_id=tokenizer.bos_id) for t in texts]
+    if control_token:
+        ids = [i + [tokenizer.token_id(control_token)] for i in ids]
+    return shown, ids
+
+
 def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float = 1.0, top_k: int = 0) -> jax.Array:
     """Greedy at temperature 0, else sampling at ``temperature`` from the logits left after top-k
     and then nucleus truncation, in the order of Hugging Face's warpers (Temperature, TopK, TopP;
@@ -176,10 +192,15 @@ def generate(
             ids[i, length - len(p) :] = p
             mask[i, length - len(p) :] = 1
         rng, key = jax.random.split(rng)
-        tokens = np.asarray(generate_batch(
+        tokens = generate_batch(
             model, params, jnp.asarray(ids), jnp.asarray(mask), key, max_new_tokens=max_new_tokens,
             temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), eos_id=int(eos_id), pad_id=int(pad_id),
-        ))
+        )
+        if not tokens.is_fully_addressable:  # params sharded over several hosts: every host gets every row
+            from jax.experimental import multihost_utils
+
+            tokens = multihost_utils.process_allgather(tokens, tiled=True)
+        tokens = np.asarray(tokens)
         for row in tokens[:real]:
             row = row.tolist()
             out.append(row[: row.index(eos_id)] if eos_id in row else row)

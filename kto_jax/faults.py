@@ -11,6 +11,8 @@ The points (tests/test_faults.py kills at each and reruns the same command):
     checkpoint.save       an asynchronous orbax save started, not yet finished
     eval.generate         a batch of held-out samples generated, more to come
     export.write          the exported folder written under its temporary name, not yet renamed
+    online.sample         an online round's chunk of samples written, more to sample (kto_jax/online)
+    online.label          an online round's chunk of labels written, more to judge
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import signal
 
 ENV = "KTO_JAX_KILL_AT"
-POINTS = ("data.prepare", "reference_cache.write", "checkpoint.save", "eval.generate", "export.write")
+POINTS = ("data.prepare", "reference_cache.write", "checkpoint.save", "eval.generate", "export.write", "online.sample", "online.label")
 _hits: collections.Counter = collections.Counter()
 
 

@@ -21,8 +21,9 @@ def is_finished(workdir: str) -> bool:
 
 
 def train_command(run: dict, python: str = sys.executable) -> list[str]:
-    """The CLI command of one run: config, workdir and --config.key=value overrides."""
-    cmd = [python, "-m", "kto_jax.train", f"--config={run['config']}", f"--workdir={run['workdir']}"]
+    """The CLI command of one run: config, workdir and --config.key=value overrides; the module is
+    the run's ``"module"`` (``kto_jax.online`` for online rounds), default ``kto_jax.train``."""
+    cmd = [python, "-m", run.get("module", "kto_jax.train"), f"--config={run['config']}", f"--workdir={run['workdir']}"]
     cmd += [f"--config.{k}={v}" for k, v in sorted(run["overrides"].items())]
     return cmd
 

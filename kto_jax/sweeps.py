@@ -39,24 +39,25 @@ def load_sweep(path: str) -> list[dict]:
     return _module(path, "sweep").get_sweep()
 
 
-def product(config: str, overrides: dict | None = None, **axes) -> list[dict]:
-    """Every combination of the axes' values: product("experiments/paper.py", model=[...], loss=[...])."""
+def product(config: str, overrides: dict | None = None, module: str = "kto_jax.train", **axes) -> list[dict]:
+    """Every combination of the axes' values: product("experiments/paper.py", model=[...], loss=[...]);
+    ``module`` is the CLI that runs them (``kto_jax.online`` for online rounds)."""
     keys = list(axes)
-    return [_run(config, dict(zip(keys, values)), overrides) for values in itertools.product(*axes.values())]
+    return [_run(config, dict(zip(keys, values)), overrides, module) for values in itertools.product(*axes.values())]
 
 
-def zipped(config: str, overrides: dict | None = None, **axes) -> list[dict]:
+def zipped(config: str, overrides: dict | None = None, module: str = "kto_jax.train", **axes) -> list[dict]:
     """The axes' values taken together, position by position (all axes the same length)."""
     lengths = {len(v) for v in axes.values()}
     if len(lengths) != 1:
         raise ValueError(f"zipped sweep axes have different lengths: { {k: len(v) for k, v in axes.items()} }")
     keys = list(axes)
-    return [_run(config, dict(zip(keys, values)), overrides) for values in zip(*axes.values())]
+    return [_run(config, dict(zip(keys, values)), overrides, module) for values in zip(*axes.values())]
 
 
-def _run(config: str, args: dict, overrides: dict | None) -> dict:
+def _run(config: str, args: dict, overrides: dict | None, module: str = "kto_jax.train") -> dict:
     arg = ",".join(f"{k}={v}" for k, v in args.items())
-    return {"config": f"{config}:{arg}", "args": args, "overrides": dict(overrides or {})}
+    return {"config": f"{config}:{arg}", "args": args, "overrides": dict(overrides or {}), "module": module}
 
 
 def run_name(run: dict) -> str:

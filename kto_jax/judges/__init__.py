@@ -86,9 +86,10 @@ def _reward_model(config):
 JUDGES: dict[str, Callable] = {"synthetic": _synthetic, "feedback": _feedback, "api": _api, "reward_model": _reward_model}
 
 
-def make_judge(config):
-    """The judge ``config.eval.judge`` names, built from its ``config.eval.<name>`` settings."""
-    name = config.eval.judge
+def make_judge(config, name: str = "", field: str = "config.eval.judge"):
+    """The judge ``name`` (default ``config.eval.judge``), built from its ``config.eval.<name>``
+    settings; ``field`` is the config field an unknown name is reported under."""
+    name = name or config.eval.judge
     if name not in JUDGES:
-        raise ValueError(f"unknown judge {name!r} (config.eval.judge); known: {sorted(JUDGES)}")
+        raise ValueError(f"unknown judge {name!r} ({field}); known: {sorted(JUDGES)}")
     return JUDGES[name](config)

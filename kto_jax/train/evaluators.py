@@ -51,10 +51,8 @@ def samples(run, state) -> list[dict]:
     ``sft_target`` (HALOs' per-prompt target, the paper's judging baseline; null when none)."""
     if run.sample_rows is not None:
         return run.sample_rows
-    from kto_jax.data.chat import render_prompt
     from kto_jax.data.feedback import sft_targets_per_prompt
-    from kto_jax.data.tokenize import cut_prompt, encode_prompt
-    from kto_jax.evaluate import eval_prompts, generate
+    from kto_jax.evaluate import eval_prompts, generate, prompt_inputs
 
     config, tokenizer = run.config, run.tokenizer
     # the split's prompts and SFT targets before the loss's view (pairing, subsampling), so every
@@ -62,12 +60,8 @@ def samples(run, state) -> list[dict]:
     split = run.eval_data.source or run.eval_data.examples
     prompts = eval_prompts([ex.prompt for ex in split], int(config.eval.num_prompts))
     targets = {ex.prompt: ex.completion for ex in sft_targets_per_prompt(split)[0]}
-    template = run.loader.cfg.chat_template
-    texts = [render_prompt(p, template) for p in prompts]  # the whole dialogue, as trained
-    shown = [template.bos_token + t if getattr(template, "renders_bos", False) else t for t in texts]
-    ids = [cut_prompt(encode_prompt(tokenizer, t), int(config.data.max_prompt_length), bos_id=tokenizer.bos_id) for t in texts]
-    if run.plan.loss.control_tokens:  # CSFT samples conditioned on the "good" token
-        ids = [i + [tokenizer.token_id(run.plan.loss.control_tokens[0])] for i in ids]
+    shown, ids = prompt_inputs(prompts, run.loader.cfg.chat_template, tokenizer, config.data.max_prompt_length,
+                               (run.plan.loss.control_tokens or [None])[0])  # the whole dialogue, as trained
     completions = generate(
         run.model, state.params["model"], ids, max_new_tokens=int(config.eval.max_new_tokens), eos_id=tokenizer.eos_id,
         pad_id=tokenizer.pad_id, temperature=float(config.eval.temperature), top_p=float(config.eval.top_p), top_k=int(config.eval.top_k),

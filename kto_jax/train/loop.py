@@ -99,7 +99,7 @@ def prepare(config, workdir: str, *, resume_with_changes: bool = False) -> Prepa
     model, model_params = setup.add_control_tokens(plan, model, model_params, tokenizer, mesh)
     train_data = setup.load_split(config, plan, config.data.train_split)
     loader = setup.make_loader(config, plan, train_data, tokenizer, seed=config.seed)
-    eval_data = setup.load_split(config, plan, config.data.eval_split)
+    eval_data = setup.load_split(config, plan, config.data.eval_split, config.data.get("eval_sources", ""))
     steps = 0 if config.eval.only else plan.resolve_steps(loader.steps_per_epoch)  # eval.only: the "before" of a table
 
     engine = build_engine(plan.step_spec(model), config.train.optimizer, mesh, seed=plan.seed, total_steps=max(steps, 1))

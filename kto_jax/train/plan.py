@@ -197,7 +197,7 @@ def _data(config, spec: LossSpec) -> None:
     from kto_jax.data.tokenize import TokenizeConfig
 
     d = config.data
-    sources = parse_sources(d.sources)
+    sources = parse_sources(d.sources) + (parse_sources(d.eval_sources) if d.get("eval_sources") else [])
     if any(s.name == FILES for s in sources):
         if d.eval_files and float(d.holdout_fraction) > 0:
             raise ValueError("config.data.eval_files and config.data.holdout_fraction both set: the eval split comes "

@@ -59,13 +59,16 @@ class Data:
     source: list = dataclasses.field(default_factory=list)  # the split's examples before the loss's view (the judged prompts)
 
 
-def load_split(config, plan: Plan, split: str) -> Data:
-    """Training examples of ``split`` in the view the loss needs (paired, unary, SFT), with counts."""
+def load_split(config, plan: Plan, split: str, sources: str = "") -> Data:
+    """Training examples of ``split`` of ``sources`` (default ``config.data.sources``) in the view the
+    loss needs (paired, unary, SFT), with counts."""
     d, spec = config.data, plan.loss
-    examples, mixture = load_mixture(d.sources, split, d.data_dir, d.manual_dir or None, skip_bad_records=d.skip_bad_records,
+    field = "config.data.eval_sources" if sources and sources != d.sources else "config.data.sources"
+    sources = sources or d.sources
+    examples, mixture = load_mixture(sources, split, d.data_dir, d.manual_dir or None, skip_bad_records=d.skip_bad_records,
                                      seed=config.seed, files=files_options(config))
     if not examples:
-        raise ValueError(f"config.data.sources={d.sources!r} split {split!r} has no examples")
+        raise ValueError(f"{field}={sources!r} split {split!r} has no examples")
     paired, source = isinstance(examples[0], Paired), examples
     stats: dict = {"source_examples": len(examples), **mixture}
     if spec.kind == "paired":
@@ -74,7 +77,7 @@ def load_split(config, plan: Plan, split: str) -> Data:
             stats.update(pair_stats)
             if not examples:
                 raise ValueError(
-                    f"loss {spec.name!r} needs paired data, but config.data.sources={d.sources!r} is unary and no prompt "
+                    f"loss {spec.name!r} needs paired data, but {field}={sources!r} is unary and no prompt "
                     f"of split {split!r} has both a desirable and an undesirable completion to pair "
                     f"({pair_stats['unary_prompts_unpaired']} prompts with one kind only): use a unary loss (kto, "
                     "kto_zero, ...) or a paired source"
@@ -90,7 +93,7 @@ def load_split(config, plan: Plan, split: str) -> Data:
         examples, target_stats = sft_targets_per_prompt(examples)
         stats.update(target_stats)
         if not examples:
-            raise ValueError(f"config.data.sources={d.sources!r} split {split!r} has no prompt with an SFT target "
+            raise ValueError(f"{field}={sources!r} split {split!r} has no prompt with an SFT target "
                              "(config.data.sft_targets='per_prompt')")
     examples, feedback_stats = unary_view(
         examples, seed=config.seed, one_y=d.one_y_per_x,

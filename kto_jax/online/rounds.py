@@ -307,11 +307,18 @@ def feedback(config, r: int, rows: list[dict], judged: list[dict]) -> tuple[list
     from kto_jax.evaluate import judged_rate
 
     o = config.online
-    rewards = [j["reward"] for j in judged]
     unary = all("desirable" in j for j in judged)
-    counts: dict = {"samples": len(rows), "reward_mean": float(np.mean(rewards))}
+    counts: dict = {"samples": len(rows), "reward_mean": float(np.mean([j["reward"] for j in judged]))}
     if unary:
         counts["sampled"] = judged_rate([j["desirable"] for j in judged])  # the policy's own judged rate on these prompts
+    # an empty (or all-whitespace) completion is judged, but is no text to train on (the files source rejects it)
+    kept = [(row, j) for row, j in zip(rows, judged) if row["output"].strip()]
+    counts["empty_dropped"] = len(rows) - len(kept)
+    rows, judged = [row for row, _ in kept], [j for _, j in kept]
+    rewards = [j["reward"] for j in judged]
+    if not rows:
+        raise ValueError(f"round {r + 1}: all {counts['samples']} samples are empty: nothing to train on (is the EOS "
+                         "token the model's first choice? check config.online.max_new_tokens and the chat template)")
     if o.feedback == "binary":
         threshold = 1.0 if unary else resolve_threshold(rewards, o.threshold)
         labels = binary_labels(rewards, threshold)
@@ -342,6 +349,8 @@ def write_feedback(config, workdir: str, r: int, rows: list[dict]) -> dict:
         with open(counts_path, encoding="utf-8") as f:
             return json.load(f)
     out, counts = feedback(config, r, rows, label(config, workdir, r, rows))
+    if counts["empty_dropped"]:
+        note(f"round {r + 1}: {counts['empty_dropped']} of {counts['samples']} samples are empty, judged but left out of the feedback")
     if jax.process_index() == 0:
         files.write_json(path, out, indent=None)
         files.write_json(counts_path, counts)

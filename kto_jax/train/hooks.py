@@ -110,7 +110,7 @@ class LogMetrics:
         peak = device_peak_flops(jax.devices()[0].device_kind)
         self.peak = peak * jax.device_count() if peak else None
         self.flops: dict[int, float] = {}
-        self.bar = tqdm(total=run.steps, initial=first_step, desc=run.plan.loss.name, disable=jax.process_index() != 0,
+        self.bar = tqdm(total=run.steps, initial=first_step, desc=run.plan.loss.name, disable=jax.process_index() != 0 or not run.steps,
                         dynamic_ncols=True)
         self.last_time, self.last_step, self.tokens = time.perf_counter(), first_step, 0.0
 

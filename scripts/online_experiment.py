@@ -9,7 +9,7 @@
    policy, labelling them with the exact judge and training ``steps`` steps on them.
 Same batch (32), learning rate and step count for both arms; every model is judged on the same
 512 held-out prompts. Prints judged desirable rates with 90% intervals per round, writes
-``WORKDIR/summary.json`` and ``WORKDIR/online_vs_offline.png``. Rerunning resumes (each run's
+``WORKDIR/summary.json`` and ``WORKDIR/online_vs_offline.png`` (and ``--out`` copies). Rerunning resumes (each run's
 own resume) and skips what is finished.
 """
 
@@ -39,6 +39,8 @@ _STEPS = flags.DEFINE_integer("steps", 64, "KTO steps per round (offline: rounds
 _PROMPTS = flags.DEFINE_integer("prompts", 256, "New prompts per round.")
 _SAMPLES = flags.DEFINE_integer("samples", 4, "Completions per prompt.")
 _LOSS = flags.DEFINE_string("loss", "kto", "The alignment loss of both arms.")
+_OUT = flags.DEFINE_string("out", "", "Also write the summary and the plot as OUT.json and OUT.png (the README's: "
+                           "experiments/results/online_vs_offline).")
 
 
 def rate(results: dict) -> dict:
@@ -98,8 +100,10 @@ def main(argv):
                "online_sampled": [r["labels"].get("sampled") for r in online_results["rounds"]],
                "offline": rate(offline_results), "offline_steps": rounds_ * steps,
                "seconds": round(time.perf_counter() - start)}
-    files.write_json(os.path.join(root, "summary.json"), summary)
-    plot(summary, os.path.join(root, "online_vs_offline.png"))
+    for stem in [os.path.join(root, "summary")] + ([_OUT.value] if _OUT.value else []):
+        files.write_json(f"{stem}.json", summary)
+    for path in [os.path.join(root, "online_vs_offline.png")] + ([f"{_OUT.value}.png"] if _OUT.value else []):
+        plot(summary, path)
     print(f"\n{'model':<28} {'judged desirable':>17} {'90% interval':>17}")
     rows = [("SFT (start of both)", summary["sft"])]
     rows += [(f"online round {i + 1} ({(i + 1) * steps} steps)", r) for i, r in enumerate(summary["online"])]

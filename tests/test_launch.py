@@ -1,5 +1,5 @@
 """Launchers: dry-run output of the SLURM and TPU launchers, local skip/resume, and a real
-two-run sweep on a one-node SLURM (Debian's slurm-wlm and munge, started by .ci/slurm_up.sh)."""
+sweep (two training runs and an online run) on a one-node SLURM (Debian's slurm-wlm and munge, started by .ci/slurm_up.sh)."""
 
 import json
 import os
@@ -62,13 +62,16 @@ def _slurm_ready() -> bool:
     return subprocess.run(["bash", os.path.join(ROOT, ".ci", "slurm_up.sh")], capture_output=True).returncode == 0
 
 
-def test_slurm_launcher_runs_a_two_config_sweep(tmp_path, synthetic_data_dir):
+def test_slurm_launcher_runs_a_sweep_of_two_configs_and_an_online_run(tmp_path, synthetic_data_dir):
     if not _slurm_ready():
         if os.environ.get("CI"):
             pytest.fail("CI must run the SLURM test: .ci/slurm_up.sh could not start a one-node SLURM")
         pytest.skip("no SLURM and not root to start one (.ci/slurm_up.sh)")
     overrides = {"data.data_dir": synthetic_data_dir, "eval.judge": "", "train.eval_batches": 1, "train.log_every": 1}
     rs = runs(tmp_path, **overrides)
+    online = {**overrides, "online.max_new_tokens": 4, "online.chunk_prompts": 8, "train.global_batch_size": 8}
+    rs += expand(product("experiments/online.py", online, module="kto_jax.online", rounds=["1"], prompts=["8"], samples=["2"],
+                         steps=["3"]), str(tmp_path))  # an online run, launched like any other
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
@@ -84,7 +87,8 @@ def test_slurm_launcher_runs_a_two_config_sweep(tmp_path, synthetic_data_dir):
     logs = "".join(open(os.path.join(tmp_path, "slurm_logs", f)).read() for f in os.listdir(tmp_path / "slurm_logs"))
     for r in rs:
         assert os.path.exists(os.path.join(r["workdir"], "eval.json")), logs[-3000:]
-        rows = [json.loads(line) for line in open(os.path.join(r["workdir"], "metrics.jsonl"))]
+        train = os.path.join(r["workdir"], "round_0", "train") if r["module"] == "kto_jax.online" else r["workdir"]
+        rows = [json.loads(line) for line in open(os.path.join(train, "metrics.jsonl"))]
         assert rows[-1]["step"] == 3 and "eval/loss" in rows[-1]
     # resubmitting skips both finished runs
     assert launch.slurm(rs, str(tmp_path), dry_run=False) == ""

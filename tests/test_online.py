@@ -172,8 +172,8 @@ def test_the_online_sweep_launches_the_online_module():
 # ---------------------------------------------------------------- the CLI, killed and resumed
 
 
-def online_args(workdir: str, data_dir: str) -> list[str]:
-    return ["-m", "kto_jax.online", "--config", f"{ONLINE}:{ARG}", "--workdir", workdir, f"--config.data.data_dir={data_dir}",
+def online_args(workdir: str, data_dir: str, arg: str = ARG) -> list[str]:
+    return ["-m", "kto_jax.online", "--config", f"{ONLINE}:{arg}", "--workdir", workdir, f"--config.data.data_dir={data_dir}",
             "--config.online.chunk_prompts=8", "--config.online.batch_size=16", "--config.online.max_new_tokens=4",
             "--config.eval.num_prompts=16", "--config.eval.batch_size=16", "--config.eval.max_new_tokens=4",
             "--config.train.global_batch_size=8", "--config.train.eval_batches=1", "--config.train.log_every=1",
@@ -263,3 +263,29 @@ def test_the_online_cli_rejects_a_config_without_an_online_section(tmp_path):
     result = proc.result()
     assert result["rc"] == 2 and "error: --config: this config has no 'online' section" in result["stderr"], tail(result["stderr"])
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_two_processes_run_the_rounds_as_one_process(tmp_path, synthetic_data_dir):
+    """The online CLI on 2 processes x 2 devices (gloo on 127.0.0.1) writes the samples and feedback
+    of 1 process x 4 devices and trains the same steps: generation's rows are gathered on every
+    host, process 0 alone writes the files, and the phases wait for each other."""
+    from tests.train_helpers import finish, free_port, start as start_cli, subprocess_env, train_rows
+
+    def cli(workdir):
+        return online_args(workdir, synthetic_data_dir, "rounds=2,prompts=8,samples=2,steps=2")
+
+    port, multi, single = free_port(), str(tmp_path / "multi"), str(tmp_path / "single")
+    procs = [start_cli(cli(multi), subprocess_env(devices=2, KTO_JAX_COORDINATOR=f"127.0.0.1:{port}", KTO_JAX_NUM_PROCESSES="2",
+                                                  KTO_JAX_PROCESS_ID=str(i)), str(tmp_path / f"multi_{i}.log")) for i in range(2)]
+    procs.append(start_cli(cli(single), subprocess_env(devices=4), str(tmp_path / "single.log")))
+    for proc in procs:
+        rc, log = finish(proc, H.TIMEOUT)
+        assert rc == 0, tail(log)
+    for path in ("round_0/samples.json", "round_0/feedback.json", "round_1/samples.json", "round_1/feedback.json"):
+        with open(os.path.join(multi, path), "rb") as a, open(os.path.join(single, path), "rb") as b:
+            assert a.read().replace(multi.encode(), b"W") == b.read().replace(single.encode(), b"W"), path
+    for r in (0, 1):
+        got, expected = (train_rows(os.path.join(w, f"round_{r}", "train")) for w in (multi, single))
+        assert [row["step"] for row in got] == [1, 2]
+        for row, ref in zip(got, expected):
+            assert row["loss"] == pytest.approx(ref["loss"], abs=1e-5) and row["tokens"] == ref["tokens"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -132,11 +133,31 @@ def source_manual_dir(manual_dir: str | None, source: str) -> str | None:
 
 def prepare(name: str | SourceSpec, data_dir: str, manual_dir: str | None = None, *, skip_bad_records: bool = False,
             files: dict | None = None):
-    """Prepare ``name`` once (a no-op when already prepared); returns the builder."""
-    builder = get_builder(name, data_dir, skip_bad_records=skip_bad_records, files=files)
+    """Prepare ``name`` once (a no-op when already prepared); returns the builder.
+
+    With several processes, process 0 prepares while the others wait, then they read what it
+    wrote. A process that finds the same dataset prepared by another run at the same moment
+    (tfds' final rename fails: the folder exists) uses that run's copy: the name is its content
+    key, so it is the same data."""
     source = name.name if isinstance(name, SourceSpec) else name.partition("/")[0]
     config = tfds.download.DownloadConfig(manual_dir=source_manual_dir(manual_dir, source))
-    builder.download_and_prepare(download_config=config)
+
+    def build():
+        return get_builder(name, data_dir, skip_bad_records=skip_bad_records, files=files)
+
+    builder = build()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            builder.download_and_prepare(download_config=config)
+        multihost_utils.sync_global_devices(f"prepare {builder.info.full_name}")
+        builder = build()
+    try:
+        builder.download_and_prepare(download_config=config)
+    except FileExistsError:
+        builder = build()
+        builder.download_and_prepare(download_config=config)  # prepared by the other run: a no-op
     return builder
 
 

@@ -9,7 +9,7 @@
    policy, labelling them with the exact judge and training ``steps`` steps on them.
 Same batch (32), learning rate and step count for both arms; every model is judged on the same
 512 held-out prompts. Prints judged desirable rates with 90% intervals per round, writes
-``WORKDIR/summary.json`` and ``WORKDIR/online_vs_offline.png`` (and ``--out`` copies). Rerunning resumes (each run's
+``WORKDIR/online_vs_offline_LOSS.json`` and ``.png`` (and ``--out`` copies). Rerunning resumes (each run's
 own resume) and skips what is finished.
 """
 
@@ -32,13 +32,15 @@ from kto_jax.online import rounds  # noqa: E402
 from kto_jax.sweeps import load_config  # noqa: E402
 from kto_jax.train.loop import run  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/online_experiment", "Where the runs, summary.json and the plot go.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/online_experiment", "Where the runs, the summary and the plot go.")
 _SFT_STEPS = flags.DEFINE_integer("sft_steps", 600, "SFT steps (batch 32).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Online rounds.")
 _STEPS = flags.DEFINE_integer("steps", 64, "KTO steps per round (offline: rounds * steps).")
 _PROMPTS = flags.DEFINE_integer("prompts", 256, "New prompts per round.")
 _SAMPLES = flags.DEFINE_integer("samples", 4, "Completions per prompt.")
 _LOSS = flags.DEFINE_string("loss", "kto", "The alignment loss of both arms.")
+_FEEDBACK = flags.DEFINE_enum("feedback", "binary", ["binary", "pairwise"], "The online rounds' feedback (pairwise: best "
+                              "against worst sample of each prompt, for DPO).")
 _OUT = flags.DEFINE_string("out", "", "Also write the summary and the plot as OUT.json and OUT.png (the README's: "
                            "experiments/results/online_vs_offline).")
 
@@ -62,7 +64,7 @@ def plot(summary: dict, path: str) -> None:
     ax.set_xticks(xs, ["SFT"] + [f"round {i}" for i in xs[1:]])
     ax.set_ylabel("judged desirable rate (90% CI)")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"synthetic task, {summary['steps_per_round']} steps per round")
+    ax.set_title(f"synthetic task, {summary['feedback']} feedback, {summary['steps_per_round']} steps per round")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -86,32 +88,33 @@ def main(argv):
     init = f"orbax:{os.path.join(root, 'sft')}"
 
     online = load_config(f"{os.path.join(os.path.dirname(__file__), '..', 'experiments', 'online.py')}:"
-                         f"loss={_LOSS.value},init={init},rounds={rounds_},steps={steps},prompts={_PROMPTS.value},samples={_SAMPLES.value}")
+                         f"loss={_LOSS.value},init={init},rounds={rounds_},steps={steps},prompts={_PROMPTS.value},samples={_SAMPLES.value},"
+                         f"feedback={_FEEDBACK.value}")
     online.data.data_dir = data_dir
-    online_results = rounds.run(online, os.path.join(root, "online"))
+    online_results = rounds.run(online, os.path.join(root, f"online_{_LOSS.value}_{_FEEDBACK.value}"))
 
     offline = tiny_config(loss=_LOSS.value, steps=rounds_ * steps, init=init)
     offline.train.optimizer.warmup_steps = online.train.optimizer.warmup_steps
     offline.data.data_dir = data_dir
-    offline_results = run(offline, os.path.join(root, "offline"))
+    offline_results = run(offline, os.path.join(root, f"offline_{_LOSS.value}"))
 
-    summary = {"loss": _LOSS.value, "steps_per_round": steps, "sft": rate(sft_results),
+    summary = {"loss": _LOSS.value, "feedback": _FEEDBACK.value, "steps_per_round": steps, "sft": rate(sft_results),
                "online": [rate(r) for r in online_results["rounds"]],
                "online_sampled": [r["labels"].get("sampled") for r in online_results["rounds"]],
                "offline": rate(offline_results), "offline_steps": rounds_ * steps,
                "seconds": round(time.perf_counter() - start)}
-    for stem in [os.path.join(root, "summary")] + ([_OUT.value] if _OUT.value else []):
+    name = f"online_vs_offline_{_LOSS.value}"
+    for stem in [os.path.join(root, name)] + ([_OUT.value] if _OUT.value else []):
         files.write_json(f"{stem}.json", summary)
-    for path in [os.path.join(root, "online_vs_offline.png")] + ([f"{_OUT.value}.png"] if _OUT.value else []):
-        plot(summary, path)
+        plot(summary, f"{stem}.png")
     print(f"\n{'model':<28} {'judged desirable':>17} {'90% interval':>17}")
     rows = [("SFT (start of both)", summary["sft"])]
     rows += [(f"online round {i + 1} ({(i + 1) * steps} steps)", r) for i, r in enumerate(summary["online"])]
     rows.append((f"offline ({rounds_ * steps} steps)", summary["offline"]))
-    for name, r in rows:
+    for label, r in rows:
         lo, hi = r["ci90"]
-        print(f"{name:<28} {r['desirable_rate']:>17.1%} {f'[{lo:.1%}, {hi:.1%}]':>17}")
-    print(f"\nwrote {os.path.join(root, 'summary.json')} and online_vs_offline.png in {summary['seconds']}s")
+        print(f"{label:<28} {r['desirable_rate']:>17.1%} {f'[{lo:.1%}, {hi:.1%}]':>17}")
+    print(f"\nwrote {os.path.join(root, name)}.json and .png in {summary['seconds']}s")
 
 
 if __name__ == "__main__":

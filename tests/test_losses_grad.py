@@ -42,10 +42,9 @@ from kto_jax import losses
 from kto_jax.losses import LOSSES, get_loss
 from kto_jax.losses.registry import OPTIONAL_INPUTS
 from kto_jax.losses.unary import kto_from_reference_point
-from tests import numpy_reference as R
 from tests import numpy_reference_ppo as P
 from tests.numpy_checks import PAIRED, REFERENCES, SMALL_SETTINGS, assert_matches_reference
-from tests.numpy_grad import central_difference, reference_gradient
+from tests.numpy_grad import reference_gradient
 
 KL_INPUTS = ("policy_kl_logps", "reference_kl_logps")
 PADDING = np.array([True, True, False, True, False, True])  # 6 rows, two of them padding

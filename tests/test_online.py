@@ -1,4 +1,4 @@
-"""Online rounds (kto_jax/online/rounds.py): the round's prompts, HALOs-format feedback from
+"""Online rounds (kto_jax/online/rounds.py, phases.py): the round's prompts, HALOs-format feedback from
 judgments, the feedback file read back by the files source, config errors; then the CLI end
 to end (two rounds from a random init), and ``kill -9`` during sampling, labelling and
 training, each rerun to the same samples, feedback files, evaluations and final weights as
@@ -21,7 +21,7 @@ from kto_jax import checkpoint, faults, files
 from kto_jax.data.builders import load_mixture
 from kto_jax.evaluate import judged_rate
 from kto_jax.launch import train_command
-from kto_jax.online import rounds
+from kto_jax.online import phases, rounds
 from kto_jax.sweeps import expand, load_config, load_sweep
 from kto_jax.train.rules import InputError
 from tests import ckpt_helpers as H
@@ -43,7 +43,7 @@ def turns(word: str) -> tuple:
 
 
 def sample_rows(words_and_outputs) -> list[dict]:
-    return [{"prompt_id": p, "sample_id": k, "prompt": rounds.messages(turns(w)), "output": out, "type": "sample"}
+    return [{"prompt_id": p, "sample_id": k, "prompt": phases.messages(turns(w)), "output": out, "type": "sample"}
             for p, (w, outs) in enumerate(words_and_outputs) for k, out in enumerate(outs)]
 
 
@@ -63,14 +63,14 @@ def test_round_prompts_are_disjoint_seeded_slices_of_the_distinct_prompts():
 
 
 def test_chunk_seeds_are_a_function_of_seed_round_and_chunk():
-    seeds = {rounds.chunk_seed(s, r, c) for s in (0, 1) for r in range(3) for c in range(4)}
-    assert len(seeds) == 24 and rounds.chunk_seed(0, 1, 2) == rounds.chunk_seed(0, 1, 2)
+    seeds = {phases.chunk_seed(s, r, c) for s in (0, 1) for r in range(3) for c in range(4)}
+    assert len(seeds) == 24 and phases.chunk_seed(0, 1, 2) == phases.chunk_seed(0, 1, 2)
 
 
 def test_binary_feedback_from_an_exact_judge_takes_its_flags_as_labels():
     rows = sample_rows([("cat", [" CAT", " cat"]), ("dog", [" DOG", " DOG"])])
     judged = [{"reward": 1.0 if ok else 0.0, "desirable": ok} for ok in (True, False, True, True)]
-    out, counts = rounds.feedback(config(threshold="0.5"), 0, rows, judged)  # a unary judge's flag is the label, whatever threshold
+    out, counts = phases.feedback(config(threshold="0.5"), 0, rows, judged)  # a unary judge's flag is the label, whatever threshold
     assert [r["label"] for r in out] == [1, 0, 1, 1]
     assert out[1] == {"prompt_id": 0, "prompt": [{"role": "user", "content": "Shout cat!"}], "output": " cat", "label": 0,
                       "reward": 0.0, "type": "binary_feedback"}
@@ -81,19 +81,19 @@ def test_binary_feedback_from_an_exact_judge_takes_its_flags_as_labels():
 def test_empty_samples_are_judged_but_left_out_of_the_feedback_and_counted():
     rows = sample_rows([("cat", [" CAT", "  "]), ("dog", ["", " DOG"])])
     judged = [{"reward": 1.0 if ok else 0.0, "desirable": ok} for ok in (True, False, False, True)]
-    out, counts = rounds.feedback(config(), 0, rows, judged)
+    out, counts = phases.feedback(config(), 0, rows, judged)
     assert [(r["prompt_id"], r["output"]) for r in out] == [(0, " CAT"), (1, " DOG")]
     assert counts["empty_dropped"] == 2 and counts["sampled"]["n"] == 4 and counts["desirable"] == 2
     with pytest.raises(ValueError, match=r"round 1: all 2 samples are empty"):
-        rounds.feedback(config(), 0, rows[1:3], judged[1:3])
+        phases.feedback(config(), 0, rows[1:3], judged[1:3])
 
 
 def test_binary_feedback_from_scores_thresholds_them_as_halos():
     rows = sample_rows([("cat", ["a", "b"]), ("dog", ["c", "d"])])
     judged = [{"reward": r} for r in (0.1, 0.5, 0.9, 0.3)]
-    out, counts = rounds.feedback(config(threshold="median"), 0, rows, judged)  # median 0.4
+    out, counts = phases.feedback(config(threshold="median"), 0, rows, judged)  # median 0.4
     assert [r["label"] for r in out] == [0, 1, 1, 0] and counts["threshold"] == pytest.approx(0.4)
-    out, _ = rounds.feedback(config(threshold="0.3"), 0, rows, judged)  # reward >= t
+    out, _ = phases.feedback(config(threshold="0.3"), 0, rows, judged)  # reward >= t
     assert [r["label"] for r in out] == [0, 1, 1, 1]
     assert "sampled" not in counts  # a score is no judged rate
 
@@ -101,25 +101,25 @@ def test_binary_feedback_from_scores_thresholds_them_as_halos():
 def test_pairwise_feedback_pairs_each_prompts_best_and_worst():
     rows = sample_rows([("cat", ["a", "b", "c"]), ("dog", ["d", "e", "f"]), ("eel", ["g", "h", "i"])])
     rewards = [0.2, 0.9, 0.5, 0.1, 0.3, 0.7, 0.4, 0.4, 0.4]  # eel: all alike, no pair
-    out, counts = rounds.feedback(config(feedback="pairwise", pair_mode="max"), 0, rows, [{"reward": r} for r in rewards])
+    out, counts = phases.feedback(config(feedback="pairwise", pair_mode="max"), 0, rows, [{"reward": r} for r in rewards])
     assert [(r["output_A"], r["output_B"], r["label"]) for r in out] == [("b", "a", 1), ("f", "d", 1)]
     assert out[0]["reward_A"] == 0.9 and out[0]["reward_B"] == 0.2 and out[0]["reward_difference"] == pytest.approx(0.7)
-    assert out[0]["type"] == "pairwise_feedback" and out[1]["prompt"] == rounds.messages(turns("dog"))
+    assert out[0]["type"] == "pairwise_feedback" and out[1]["prompt"] == phases.messages(turns("dog"))
     assert counts["pairs"] == 2 and counts["prompts_paired"] == 2 and counts["prompts"] == 3
     with pytest.raises(ValueError, match=r"round 1: no two samples of one prompt differ in reward by more than config.online.pair_gap=0.8"):
-        rounds.feedback(config(feedback="pairwise", pair_gap=0.8), 0, rows, [{"reward": r} for r in rewards])
+        phases.feedback(config(feedback="pairwise", pair_gap=0.8), 0, rows, [{"reward": r} for r in rewards])
 
 
 def test_the_feedback_files_read_back_through_the_files_source(tmp_path):
     rows = sample_rows([("cat", [" CAT", " cat"]), ("dog", [" DOG", " DOGE"])])
     judged = [{"reward": float(ok), "desirable": ok} for ok in (True, False, True, False)]
-    binary, _ = rounds.feedback(config(), 0, rows, judged)
+    binary, _ = phases.feedback(config(), 0, rows, judged)
     files.write_json(str(tmp_path / "binary.json"), binary, indent=None)
     examples, stats = load_mixture(f"files:{tmp_path}/binary.json", "train", str(tmp_path / "tfds"))
     assert sorted((e.prompt, e.completion, e.desirable) for e in examples) == [  # (tfds shuffles the records)
         (turns("cat"), " CAT", True), (turns("cat"), " cat", False), (turns("dog"), " DOG", True), (turns("dog"), " DOGE", False)]
     assert [s["files"]["schema"] for s in stats["sources"].values()] == ["halos_binary_feedback"]
-    pairs, _ = rounds.feedback(config(feedback="pairwise"), 0, rows, judged)
+    pairs, _ = phases.feedback(config(feedback="pairwise"), 0, rows, judged)
     files.write_json(str(tmp_path / "pairs.json"), pairs, indent=None)
     examples, _ = load_mixture(f"files:{tmp_path}/pairs.json", "train", str(tmp_path / "tfds"))
     assert sorted((e.prompt, e.chosen, e.rejected) for e in examples) == [(turns("cat"), " CAT", " cat"), (turns("dog"), " DOG", " DOGE")]

@@ -220,3 +220,30 @@ def test_config_errors_name_the_field(folders):
         RewardModelJudge.from_config(judge_cfg(folders["llama"][0], chat_template="nope"))
     with pytest.raises(ValueError, match=r"num_labels=2"):
         RewardModelJudge.from_config(judge_cfg(folders["gpt_neox"][0]))
+
+
+def test_online_rounds_label_samples_with_the_reward_models_scores(folders, judge, tmp_path):
+    """kto_jax/online/phases.py labels a round's samples with this judge, chunk by chunk: each
+    sample's reward is its score, thresholded at the median for binary feedback and paired
+    best-against-worst per prompt for pairwise feedback (HALOs main's label.py with a reward model)."""
+    from kto_jax.online import phases
+    from kto_jax.sweeps import load_config
+
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "online.py"))
+    config.online.update(judge="reward_model", samples_per_prompt=2, chunk_prompts=1)
+    config.eval.reward_model.update(judge_cfg(folders["llama"][0]).to_dict())
+    rows = [{"prompt_id": p, "sample_id": k, "prompt": phases.messages(turns), "output": answer, "type": "sample"}
+            for p, (turns, first, second) in enumerate(ITEMS[:3]) for k, answer in enumerate((first, second))]
+    judged = phases.label(config, str(tmp_path), 0, rows)
+    scores = judge.scores([(phases.turns_of(r), r["output"]) for r in rows])
+    # (batches of one chunk pad to other lengths than one batch of all six: fp32 sums in another order)
+    assert [j["reward"] for j in judged] == pytest.approx(scores, abs=TOL) and not any("desirable" in j for j in judged)
+    scores = [j["reward"] for j in judged]
+    assert len(os.listdir(tmp_path / "round_0" / "labelling")) == 3  # one chunk per prompt
+    binary, counts = phases.feedback(config, 0, rows, judged)
+    assert [r["label"] for r in binary] == [int(s >= np.median(scores)) for s in scores] and "sampled" not in counts
+    config.online.feedback = "pairwise"
+    pairs, _ = phases.feedback(config, 0, rows, judged)
+    best = [(rows[2 * p + int(scores[2 * p + 1] > scores[2 * p])]["output"], rows[2 * p + int(scores[2 * p + 1] <= scores[2 * p])]["output"])
+            for p in range(3) if scores[2 * p] != scores[2 * p + 1]]
+    assert [(r["output_A"], r["output_B"]) for r in pairs] == best

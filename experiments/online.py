@@ -37,5 +37,7 @@ def get_config(arg: str = ""):
         max_new_tokens=10,
         batch_size=256,                                # sequences per generation batch
         chunk_prompts=64,                              # prompts per samples file: what a killed run resamples at most
+        carry_optimizer=True,                          # rounds > 1 go on with the last round's optimizer state and
+                                                       # schedule (HALOs main's model.from_checkpoint); False: fresh
     ))
     return c

@@ -231,6 +231,37 @@ def param_shapes(params) -> dict:
     return {jax.tree_util.keystr(path): list(x.shape) for path, x in flat}
 
 
+def load_opt_state(workdir_and_step: str, opt_state_like, optimizer: dict):
+    """The optimizer state of a run's checkpoint (``WORKDIR`` latest, or ``WORKDIR@STEP``), for
+    ``config.init.optimizer``: that run's ``config.train.optimizer`` must equal ``optimizer`` in
+    every field that shapes the state (its name; the same params make the same shapes)."""
+    workdir, _, step = workdir_and_step.partition("@")
+    where = f"config.init.optimizer=orbax:{workdir_and_step}"
+    checkpointer = Checkpointer(workdir, read_only=True)
+    steps = checkpointer.steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory!r} ({where})")
+    step = int(step) if step else steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"{checkpointer.directory!r} has no step {step} ({where}); it has {steps}")
+    saved = checkpointer.restore_meta(step).get("config", {}).get("train", {}).get("optimizer", {})
+    if saved.get("name") != optimizer.get("name"):
+        raise IncompatibleCheckpoint(f"{where}: that run's optimizer is {saved.get('name')!r}, this one's "
+                                     f"{optimizer.get('name')!r} (config.train.optimizer.name): use the same optimizer")
+    item = {"opt_state": abstract_like(opt_state_like)}
+    try:
+        restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                         partial_restore=True),
+        ))
+    except (ValueError, KeyError, TypeError) as e:
+        raise IncompatibleCheckpoint(f"{where}: its optimizer state does not fit this run's ({type(e).__name__}: "
+                                     f"{str(e)[:200]}): use the same model and config.train.optimizer") from None
+    finally:
+        checkpointer.close()
+    return restored["state"]["opt_state"], step
+
+
 def load_params(workdir_and_step: str, params_like):
     """Policy params from a run's checkpoint: ``WORKDIR`` (latest) or ``WORKDIR@STEP``."""
     workdir, _, step = workdir_and_step.partition("@")

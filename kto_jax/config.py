@@ -47,7 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
     # "" = the model's own (random init for a preset, the folder's weights for an HF folder),
     # "hf:PATH" = a Hugging Face folder, "orbax:WORKDIR[@STEP]" = a checkpoint of an earlier
     # run (its latest step by default, which is its final weights once it has finished).
-    c.init = ml_collections.ConfigDict(dict(source=""))
+    # source: the starting weights ("" = config.model.name's, "hf:PATH", "orbax:WORKDIR[@STEP]");
+    # optimizer: "orbax:WORKDIR[@STEP]" starts from that run's optimizer state (moments and schedule
+    # position; HALOs main's model.from_checkpoint) instead of a fresh one; "" = fresh
+    c.init = ml_collections.ConfigDict(dict(source="", optimizer=""))
     c.loss = loss_config("kto")
     # "model": a frozen copy of the initial weights in the step; "cached": its log-probs computed
     # once before training and read from the batch (kto_jax/train/reference_cache.py), from a

@@ -147,7 +147,8 @@ def test_each_round_trains_on_its_feedback_from_the_last_rounds_weights(tmp_path
     c = config("init=orbax:/runs/sft," + ARG)
     first, second = rounds.round_config(c, str(tmp_path), 0), rounds.round_config(c, str(tmp_path), 1)
     assert "online" not in first and first.init.source == "orbax:/runs/sft"
-    assert second.init.source == f"orbax:{tmp_path}/round_0/train"
+    assert second.init.source == second.init.optimizer == f"orbax:{tmp_path}/round_0/train"  # HALOs' load_from, from_checkpoint
+    assert first.init.optimizer == "" and rounds.round_config(config(carry_optimizer=False), str(tmp_path), 1).init.optimizer == ""
     assert second.data.sources == f"files:{tmp_path}/round_1/feedback.json"
     assert second.data.eval_sources == "synthetic" and second.data.eval_split == "test"  # judged on the task's held-out prompts
     assert rounds.initial_config(c).eval.only and rounds.initial_config(c).init.source == "orbax:/runs/sft"

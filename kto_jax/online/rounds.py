@@ -8,8 +8,9 @@ distinct prompts of ``config.data.sources`` in a seeded order, P = ``prompts_per
 samples ``samples_per_prompt`` completions of each from the policy (round 0:
 ``config.init.source``; round r: round r-1's final weights), judges them with
 ``config.online.judge`` and trains ``config.train.steps`` steps of ``config.loss`` on that
-feedback, its starting weights the reference (HALOs' ``model.load_from`` per round; the
-optimizer starts afresh each round). Every round's run is evaluated by ``config.eval`` on
+feedback, its starting weights the reference (HALOs' ``model.load_from`` per round); with
+``online.carry_optimizer`` (default, HALOs' ``model.from_checkpoint``) the optimizer's moments
+and schedule go on from the last round's, else each round's optimizer starts afresh. Every round's run is evaluated by ``config.eval`` on
 ``config.data.eval_split`` of the task's own sources (``data.eval_sources``), so each round is
 judged on the same held-out prompts as the starting weights and an offline run.
 
@@ -96,10 +97,13 @@ def base(config):
 
 def round_config(config, workdir: str, r: int):
     """Round r's training run: ``config`` less ``online``, trained on the round's feedback file
-    from round r-1's final weights (round 0: ``config.init.source``), evaluated on the task."""
+    from round r-1's final weights (round 0: ``config.init.source``) and, with
+    ``online.carry_optimizer``, its optimizer state; evaluated on the task."""
     c = base(config)
     if r > 0:
         c.init.source = f"orbax:{os.path.join(round_dir(workdir, r - 1), 'train')}"
+        if config.online.carry_optimizer:  # HALOs' from_checkpoint: the optimizer and schedule go on
+            c.init.optimizer = c.init.source
     c.data.eval_sources = config.data.eval_sources or config.data.sources
     c.data.sources = f"files:{os.path.join(round_dir(workdir, r), 'feedback.json')}"
     return c

@@ -104,6 +104,10 @@ def prepare(config, workdir: str, *, resume_with_changes: bool = False) -> Prepa
 
     engine = build_engine(plan.step_spec(model), config.train.optimizer, mesh, seed=plan.seed, total_steps=max(steps, 1))
     state = engine.create_state(model_params)  # new buffers: model_params stay as the frozen reference
+    if plan.init_optimizer:  # an earlier run's moments and schedule position (resuming this run's checkpoint wins)
+        opt_state, at = checkpoint.load_opt_state(plan.init_optimizer, state.opt_state, config.train.optimizer.to_dict())
+        state = state.replace(opt_state=opt_state)
+        note(f"optimizer state from orbax:{plan.init_optimizer} (step {at})")
     reference_params = model_params if plan.needs_reference else None
     del model_params
     reference_meta = {"source": config.init.source or config.model.name,

@@ -35,6 +35,7 @@ class Plan:
 
     model_path: a preset name (random init) or a Hugging Face folder (its weights).
     init_checkpoint: ``WORKDIR[@STEP]`` of an earlier run whose weights start this one, or "".
+    init_optimizer: ``WORKDIR[@STEP]`` of an earlier run whose optimizer state starts this one, or "".
     reference_mode: "model" (frozen reference in the step), "cached" (reference log-probs
       computed once, read from the batch) or "none" (the loss takes no reference).
     steps: configured steps; 0 = one epoch (resolved with the loader, :meth:`resolve_steps`).
@@ -56,6 +57,7 @@ class Plan:
     seed: int
     evaluators: tuple[str, ...]
     packing: bool = False
+    init_optimizer: str = ""
     pack_length: int = 0  # tokens per packed row (resolved: max_length when the config says 0)
     sync_every: int = 1  # reference.mode "sync": mix the policy into the reference after every k-th step
     sync_alpha: float = 1.0  # ... with this weight (1.0: copy it)
@@ -156,6 +158,15 @@ def model_fields(config) -> dict:
     m = config.model
     return dict(compute_dtype=m.compute_dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
                 attention_impl=m.attention_impl or None)
+
+
+def _init_optimizer(config) -> str:
+    """``config.init.optimizer``: "" or ``orbax:WORKDIR[@STEP]`` (the path returned)."""
+    source = config.init.get("optimizer", "")
+    if source and not source.startswith("orbax:"):
+        raise ValueError(f"config.init.optimizer={source!r}: use '' (a fresh optimizer) or 'orbax:WORKDIR[@STEP]' "
+                         "(an earlier run's optimizer state)")
+    return os.path.expanduser(source[6:]) if source else ""
 
 
 def model_source(config) -> str:
@@ -286,6 +297,7 @@ def make_plan(config, num_devices: int) -> Plan:
     return Plan(
         loss=spec, hparams=tuple(sorted(hparams.items())), reference_mode=mode, model_config=model, model_path=path,
         init_checkpoint=os.path.expanduser(init[6:]) if init.startswith("orbax:") else "",
+        init_optimizer=_init_optimizer(config),
         mesh_shape=tuple(mesh.items()), global_batch_size=int(config.train.global_batch_size),
         num_microbatches=int(config.train.num_microbatches), steps=int(config.train.steps),
         chunk_size=int(config.train.chunk_size), skip_nonfinite=bool(config.train.skip_nonfinite),

@@ -121,6 +121,17 @@ def make_optimizer(cfg, total_steps: int = 0) -> optax.GradientTransformation:
     return optax.chain(clips, rule)
 
 
+def schedule_count(opt_state) -> jax.Array:
+    """The optimizer's own update count, where its learning-rate schedule stands: the step for a
+    fresh optimizer, ahead of it for one carried over from an earlier run (``config.init.optimizer``),
+    behind it after skipped non-finite updates (``train.skip_nonfinite`` keeps the old state)."""
+    found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+             if isinstance(x, optax.ScaleByScheduleState)]
+    if len(found) != 1:
+        raise ValueError(f"the optimizer state holds {len(found)} learning-rate schedules; make_optimizer builds one")
+    return found[0].count
+
+
 def learning_rate(cfg, step, total_steps: int = 0) -> jax.Array:
     """The learning rate of optimizer step ``step``: :func:`lr_schedule`, the optimizer's own."""
     return lr_schedule(cfg, total_steps)(step)

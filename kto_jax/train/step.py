@@ -26,7 +26,7 @@ from kto_jax.data.batch import BatchSchema
 from kto_jax.losses import LossSpec
 from kto_jax.models import Decoder
 from kto_jax.train.feeds import FEED_METRICS, get_feed
-from kto_jax.train.state import TrainState
+from kto_jax.train.state import TrainState, schedule_count
 
 SUMMED_METRICS = ("num_desirable", "num_undesirable", "tokens")
 
@@ -132,7 +132,7 @@ def train_step(spec: StepSpec, optimizer: optax.GradientTransformation, lr_fn, s
     metrics = _aggregate(metrics)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(losses.mean()) & jnp.isfinite(grad_norm)
-    metrics.update(loss=losses.mean(), grad_norm=grad_norm, lr=lr_fn(state.step), tokens=spec.schema.training_tokens(batch), finite=finite)
+    metrics.update(loss=losses.mean(), grad_norm=grad_norm, lr=lr_fn(schedule_count(state.opt_state)), tokens=spec.schema.training_tokens(batch), finite=finite)
     if spec.skip_nonfinite:  # the step still counts; the update is dropped
         keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         params, opt_state, loss_state = keep(params, state.params), keep(opt_state, state.opt_state), keep(loss_state, state.loss_state)

@@ -41,6 +41,8 @@ _SAMPLES = flags.DEFINE_integer("samples", 4, "Completions per prompt.")
 _LOSS = flags.DEFINE_string("loss", "kto", "The alignment loss of both arms.")
 _FEEDBACK = flags.DEFINE_enum("feedback", "binary", ["binary", "pairwise"], "The online rounds' feedback (pairwise: best "
                               "against worst sample of each prompt, for DPO).")
+_CARRY = flags.DEFINE_bool("carry_optimizer", True, "Rounds > 1 go on with the last round's optimizer state (HALOs main); "
+                           "--nocarry_optimizer starts each round's optimizer afresh.")
 _OUT = flags.DEFINE_string("out", "", "Also write the summary and the plot as OUT.json and OUT.png (the README's: "
                            "experiments/results/online_vs_offline).")
 
@@ -91,19 +93,21 @@ def main(argv):
                          f"loss={_LOSS.value},init={init},rounds={rounds_},steps={steps},prompts={_PROMPTS.value},samples={_SAMPLES.value},"
                          f"feedback={_FEEDBACK.value}")
     online.data.data_dir = data_dir
-    online_results = rounds.run(online, os.path.join(root, f"online_{_LOSS.value}_{_FEEDBACK.value}"))
+    online.online.carry_optimizer = _CARRY.value
+    online_results = rounds.run(online, os.path.join(root, f"online_{_LOSS.value}_{_FEEDBACK.value}"
+                                                           f"{'' if _CARRY.value else '_fresh_optimizer'}"))
 
     offline = tiny_config(loss=_LOSS.value, steps=rounds_ * steps, init=init)
     offline.train.optimizer.warmup_steps = online.train.optimizer.warmup_steps
     offline.data.data_dir = data_dir
     offline_results = run(offline, os.path.join(root, f"offline_{_LOSS.value}"))
 
-    summary = {"loss": _LOSS.value, "feedback": _FEEDBACK.value, "steps_per_round": steps, "sft": rate(sft_results),
+    summary = {"loss": _LOSS.value, "feedback": _FEEDBACK.value, "carry_optimizer": _CARRY.value, "steps_per_round": steps, "sft": rate(sft_results),
                "online": [rate(r) for r in online_results["rounds"]],
                "online_sampled": [r["labels"].get("sampled") for r in online_results["rounds"]],
                "offline": rate(offline_results), "offline_steps": rounds_ * steps,
                "seconds": round(time.perf_counter() - start)}
-    name = f"online_vs_offline_{_LOSS.value}"
+    name = f"online_vs_offline_{_LOSS.value}{'' if _CARRY.value else '_fresh_optimizer'}"
     for stem in [os.path.join(root, name)] + ([_OUT.value] if _OUT.value else []):
         files.write_json(f"{stem}.json", summary)
         plot(summary, f"{stem}.png")

@@ -231,63 +231,64 @@ def param_shapes(params) -> dict:
     return {jax.tree_util.keystr(path): list(x.shape) for path, x in flat}
 
 
-def load_opt_state(workdir_and_step: str, opt_state_like, optimizer: dict):
-    """The optimizer state of a run's checkpoint (``WORKDIR`` latest, or ``WORKDIR@STEP``), for
-    ``config.init.optimizer``: that run's ``config.train.optimizer`` must equal ``optimizer`` in
-    every field that shapes the state (its name; the same params make the same shapes)."""
+def _open_step(workdir_and_step: str, where: str) -> tuple[Checkpointer, int, dict]:
+    """``(read-only checkpointer, step, its meta)`` of ``WORKDIR`` (latest step) or ``WORKDIR@STEP``;
+    ``where`` (the config field and value) names a missing folder or step."""
     workdir, _, step = workdir_and_step.partition("@")
-    where = f"config.init.optimizer=orbax:{workdir_and_step}"
+    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint in {directory!r} ({where}): is it the workdir of a finished kto_jax run?")
     checkpointer = Checkpointer(workdir, read_only=True)
     steps = checkpointer.steps()
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {checkpointer.directory!r} ({where})")
     step = int(step) if step else steps[-1]
     if step not in steps:
-        raise FileNotFoundError(f"{checkpointer.directory!r} has no step {step} ({where}); it has {steps}")
-    saved = checkpointer.restore_meta(step).get("config", {}).get("train", {}).get("optimizer", {})
-    if saved.get("name") != optimizer.get("name"):
-        raise IncompatibleCheckpoint(f"{where}: that run's optimizer is {saved.get('name')!r}, this one's "
-                                     f"{optimizer.get('name')!r} (config.train.optimizer.name): use the same optimizer")
-    item = {"opt_state": abstract_like(opt_state_like)}
+        raise FileNotFoundError(f"{checkpointer.directory!r} has no step {step}; it has {steps} ({where})")
+    return checkpointer, step, checkpointer.restore_meta(step)
+
+
+def _restore_part(checkpointer: Checkpointer, step: int, item: dict) -> dict:
+    """The part ``item`` (abstract arrays under the state's own keys) of a checkpoint's state;
+    the checkpointer is closed."""
     try:
-        restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
+        return checkpointer.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                          partial_restore=True),
-        ))
+        ))["state"]
+    finally:
+        checkpointer.close()
+
+
+def load_opt_state(workdir_and_step: str, opt_state_like, optimizer: dict):
+    """The optimizer state of a run's checkpoint (``WORKDIR`` latest, or ``WORKDIR@STEP``), for
+    ``config.init.optimizer``: that run's ``config.train.optimizer`` must equal ``optimizer`` in
+    every field that shapes the state (its name; the same params make the same shapes)."""
+    where = f"config.init.optimizer=orbax:{workdir_and_step}"
+    checkpointer, step, meta = _open_step(workdir_and_step, where)
+    saved = meta.get("config", {}).get("train", {}).get("optimizer", {})
+    if saved.get("name") != optimizer.get("name"):
+        checkpointer.close()
+        raise IncompatibleCheckpoint(f"{where}: that run's optimizer is {saved.get('name')!r}, this one's "
+                                     f"{optimizer.get('name')!r} (config.train.optimizer.name): use the same optimizer")
+    try:
+        restored = _restore_part(checkpointer, step, {"opt_state": abstract_like(opt_state_like)})
     except (ValueError, KeyError, TypeError) as e:
         raise IncompatibleCheckpoint(f"{where}: its optimizer state does not fit this run's ({type(e).__name__}: "
                                      f"{str(e)[:200]}): use the same model and config.train.optimizer") from None
-    finally:
-        checkpointer.close()
-    return restored["state"]["opt_state"], step
+    return restored["opt_state"], step
 
 
 def load_params(workdir_and_step: str, params_like):
     """Policy params from a run's checkpoint: ``WORKDIR`` (latest) or ``WORKDIR@STEP``."""
-    workdir, _, step = workdir_and_step.partition("@")
-    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_DIR)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoint in {directory!r} (config.init.source=orbax:{workdir_and_step}): "
-                                "is it the workdir of a finished kto_jax run?")
-    checkpointer = Checkpointer(workdir, read_only=True)
-    steps = checkpointer.steps()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory!r} (config.init.source=orbax:{workdir_and_step})")
-    step = int(step) if step else steps[-1]
-    if step not in steps:
-        raise FileNotFoundError(f"{checkpointer.directory!r} has no step {step}; it has {steps}")
-    meta = checkpointer.restore_meta(step)
+    checkpointer, step, meta = _open_step(workdir_and_step, f"config.init.source=orbax:{workdir_and_step}")
     saved = meta.get("param_shapes", {})
     current = {f"['model']{k}": v for k, v in param_shapes(params_like).items()}
     model_only = {k: v for k, v in saved.items() if k.startswith("['model']")}
     if model_only and model_only != current:
+        checkpointer.close()
         raise IncompatibleCheckpoint(
             f"config.init.source=orbax:{workdir_and_step}: that run trained model {meta.get('model')!r}, whose shapes "
             "differ from config.model; set config.model.name to the same model"
         )
-    item = {"params": {"model": abstract_like(params_like)}}
-    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True),
-    ))
-    checkpointer.close()
-    return restored["state"]["params"]["model"], step
+    return _restore_part(checkpointer, step, {"params": {"model": abstract_like(params_like)}})["params"]["model"], step

@@ -274,3 +274,17 @@ def reuse_random_init(monkeypatch) -> None:
         return _INITS[key]
 
     monkeypatch.setattr(setup, "init_params", memoised)
+
+
+# ---------------------------------------------------------------- trees
+
+
+def assert_trees_equal(a, b, what: str) -> None:
+    """Two pytrees with the same paths and bitwise equal leaves."""
+    import jax
+    import numpy as np
+
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb], what
+    for (path, x), (_, y) in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{what} {jax.tree_util.keystr(path)}")

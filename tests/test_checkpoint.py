@@ -138,13 +138,6 @@ def _raw_state_params(workdir: str, step: int):
     return ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir(workdir), str(step), "state"))["params"]["model"]
 
 
-def _assert_trees_equal(a, b, what: str) -> None:
-    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-    assert [p for p, _ in la] == [p for p, _ in lb], what
-    for (path, x), (_, y) in zip(la, lb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{what} {jax.tree_util.keystr(path)}")
-
-
 def test_init_from_orbax_workdir_and_step(scenarios, monkeypatch):
     from kto_jax import checkpoint
     from kto_jax.train import setup
@@ -160,8 +153,8 @@ def test_init_from_orbax_workdir_and_step(scenarios, monkeypatch):
         config = H.config_for(ref["data_dir"], lock=False)
         config.init.source = f"orbax:{ref['workdir']}{suffix}"
         _, params = setup.load_model(make_plan(config, 1), mesh)
-        _assert_trees_equal(params, _raw_state_params(ref["workdir"], step), f"init.source={config.init.source}")
-        _assert_trees_equal(params, checkpoint.load_params(f"{ref['workdir']}{suffix}", random_init)[0], "load_params")
+        H.assert_trees_equal(params, _raw_state_params(ref["workdir"], step), f"init.source={config.init.source}")
+        H.assert_trees_equal(params, checkpoint.load_params(f"{ref['workdir']}{suffix}", random_init)[0], "load_params")
         loaded[step] = checkpoint.fingerprint(params)
     assert len({*loaded.values(), checkpoint.fingerprint(random_init)}) == 3
 
@@ -179,43 +172,6 @@ def test_cli_init_from_orbax_step_trains_from_those_weights(scenarios):
     expected = checkpoint.fingerprint(checkpoint.load_params(f"{ref['workdir']}@{run['step']}", H.random_init("tiny-1m")[1])[0])
     assert meta["reference"] == {"source": run["source"], "fingerprint": expected}
     assert f"initialised from {run['source']} (step {run['step']})" in run["stderr"]
-
-
-def test_init_optimizer_starts_from_an_earlier_runs_optimizer_state(scenarios, tmp_path):
-    """init.optimizer=orbax:WORKDIR: the run's optimizer state is that checkpoint's (moments and
-    the schedule's count, as HALOs main's model.from_checkpoint loads optimizer.pt and
-    scheduler.pt), its own step starts at 0, and the lr it logs is the carried schedule's: past
-    the warmup, where a fresh optimizer would start warming up."""
-    from kto_jax import checkpoint
-    from kto_jax.train import loop
-    from kto_jax.train.plan import make_plan
-    from kto_jax.train.state import learning_rate
-    from tests.train_helpers import train_rows
-
-    ref = scenarios.reference
-    last = ckpt_steps(ref["workdir"])[-1]
-    config = H.config_for(ref["data_dir"], "loss=kto,steps=2", lock=False)
-    config.init.source = config.init.optimizer = f"orbax:{ref['workdir']}"
-    prepared = loop.prepare(config, str(tmp_path / "b"))
-    checkpointer = checkpoint.Checkpointer(ref["workdir"], read_only=True)
-    saved, _ = checkpointer.restore_state(last, prepared.state)
-    checkpointer.close()
-    _assert_trees_equal(prepared.state.opt_state, saved.opt_state, "init.optimizer")
-    _assert_trees_equal(prepared.state.params, saved.params, "init.source")
-    assert int(prepared.state.step) == 0
-    loop.execute(prepared)
-    opt = config.train.optimizer
-    assert opt.warmup_steps < last  # the carried schedule is past its warmup
-    assert [r["lr"] for r in train_rows(str(tmp_path / "b"))] == pytest.approx([float(learning_rate(opt, last + s)) for s in range(2)])
-    assert ref["rows"][0]["lr"] == pytest.approx(float(learning_rate(opt, 0)))  # a fresh optimizer warms up
-
-    config.train.optimizer.name = "sgd"
-    with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"config.init.optimizer=orbax:.*: that run's optimizer is "
-                       r"'adamw', this one's 'sgd' \(config.train.optimizer.name\): use the same optimizer"):
-        loop.prepare(config, str(tmp_path / "c"))
-    config.init.optimizer = f"hf:{ref['workdir']}"
-    with pytest.raises(ValueError, match=r"config.init.optimizer='hf:.*': use '' \(a fresh optimizer\) or 'orbax:WORKDIR\[@STEP\]'"):
-        make_plan(config, 1)
 
 
 def test_init_from_a_missing_step_is_a_clear_error(scenarios, monkeypatch):
@@ -335,8 +291,8 @@ def test_export_step_exports_that_step(scenarios):
     assert f"exported step {exported['step']} of" in run["stdout"]
     _, like = H.random_init("tiny-1m")
     _, params = from_hf(run["out"])
-    _assert_trees_equal(params, checkpoint.load_params(f"{ref['workdir']}@{exported['step']}", like)[0], "export --step")
-    _assert_trees_equal(params, _raw_state_params(ref["workdir"], exported["step"]), "export --step (raw orbax)")
+    H.assert_trees_equal(params, checkpoint.load_params(f"{ref['workdir']}@{exported['step']}", like)[0], "export --step")
+    H.assert_trees_equal(params, _raw_state_params(ref["workdir"], exported["step"]), "export --step (raw orbax)")
     latest = checkpoint.load_params(ref["workdir"], like)[0]
     assert checkpoint.fingerprint(params) != checkpoint.fingerprint(latest)
 

@@ -83,9 +83,22 @@ def _chunks(n: int, size: int) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _read_chunk(path: str) -> list[dict]:
-    rows, _ = files.read_jsonl(path)
-    return rows
+def _chunked(parts: list[str], start, name: str) -> list[dict]:
+    """The rows of every chunk file of ``parts``, in order: a chunk on disk is read; for the others
+    ``start(on_disk)`` (called once, only when some chunk is missing) returns ``compute(c) -> rows``,
+    whose rows process 0 writes to ``parts[c]`` before the fault point ``name`` (the phase's)."""
+    todo = [c for c, p in enumerate(parts) if not os.path.exists(p)]
+    _sync(f"{name}.listed")  # every process sees the same chunks missing before any is written
+    done: dict[int, list] = {}
+    if todo:
+        compute = start(len(parts) - len(todo))
+        for c in todo:
+            done[c] = compute(c)
+            if jax.process_index() == 0:
+                files.write_jsonl(parts[c], done[c])
+            faults.point(name)
+    _sync(f"{name}.written")
+    return [row for c, p in enumerate(parts) for row in (done[c] if c in done else files.read_jsonl(p)[0])]
 
 
 def sample(config, workdir: str, r: int, prompts: list, policy_config) -> list[dict]:
@@ -98,16 +111,14 @@ def sample(config, workdir: str, r: int, prompts: list, policy_config) -> list[d
         with open(final, encoding="utf-8") as f:
             return json.load(f)
     n, chunks = int(o.samples_per_prompt), _chunks(len(prompts), int(o.chunk_prompts))
-    parts = [os.path.join(folder, "sampling", f"part-{c:05d}.jsonl") for c in range(len(chunks))]
-    todo = [c for c, p in enumerate(parts) if not os.path.exists(p)]
-    _sync(f"online.sample.{r}")
-    done: dict[int, list] = {}
-    if todo:
-        note(f"round {r + 1}: sampling {len(prompts)} prompts x {n} from {policy_config.init.source or policy_config.model.name}"
-             f" ({len(chunks) - len(todo)} of {len(chunks)} chunks on disk)")
+    generator = policy_config.init.source or policy_config.model.name
+
+    def start(on_disk: int):
+        note(f"round {r + 1}: sampling {len(prompts)} prompts x {n} from {generator} ({on_disk} of {len(chunks)} chunks on disk)")
         policy = load_policy(policy_config)
         tok = policy.tokenizer
-        for c in todo:
+
+        def compute(c: int) -> list[dict]:
             chunk = [prompts[i] for i in chunks[c]]
             _, ids = prompt_inputs(chunk, policy.template, tok, config.data.max_prompt_length, policy.control_token)
             completions = generate(
@@ -115,17 +126,16 @@ def sample(config, workdir: str, r: int, prompts: list, policy_config) -> list[d
                 eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=float(o.temperature), top_p=float(o.top_p), top_k=int(o.top_k),
                 batch_size=int(o.batch_size), seed=chunk_seed(config.seed, r, c),
             )
-            done[c] = [{"prompt_id": r * len(prompts) + i, "sample_id": k, "prompt": messages(prompts[i]),
-                        "output": tok.decode(completions[j * n + k]), "generator": policy_config.init.source or policy_config.model.name,
-                        "dataset": f"{config.data.sources}:{o.prompt_split}", "type": "sample"}
-                       for j, i in enumerate(chunks[c]) for k in range(n)]
-            if jax.process_index() == 0:
-                files.write_jsonl(parts[c], done[c])
             note(f"round {r + 1}: sampled chunk {c + 1}/{len(chunks)}")
-            faults.point("online.sample")
-        del policy
-    _sync(f"online.sampled.{r}")
-    rows = [row for c, p in enumerate(parts) for row in (done[c] if c in done else _read_chunk(p))]
+            return [{"prompt_id": r * len(prompts) + i, "sample_id": k, "prompt": messages(prompts[i]),
+                     "output": tok.decode(completions[j * n + k]), "generator": generator,
+                     "dataset": f"{config.data.sources}:{o.prompt_split}", "type": "sample"}
+                    for j, i in enumerate(chunks[c]) for k in range(n)]
+
+        return compute
+
+    parts = [os.path.join(folder, "sampling", f"part-{c:05d}.jsonl") for c in range(len(chunks))]
+    rows = _chunked(parts, start, "online.sample")
     if jax.process_index() == 0:
         files.write_json(final, rows, indent=None)
     return rows
@@ -145,25 +155,21 @@ def label(config, workdir: str, r: int, rows: list[dict]) -> list[dict]:
     from kto_jax.judges import make_judge
 
     o, folder = config.online, round_dir(workdir, r)
-    per_chunk = int(o.chunk_prompts) * int(o.samples_per_prompt)
-    chunks = _chunks(len(rows), per_chunk)
-    parts = [os.path.join(folder, "labelling", f"part-{c:05d}.jsonl") for c in range(len(chunks))]
-    todo = [c for c, p in enumerate(parts) if not os.path.exists(p)]
-    _sync(f"online.label.{r}")
-    done: dict[int, list] = {}
-    if todo:
-        note(f"round {r + 1}: judging {len(rows)} samples with {o.judge} ({len(chunks) - len(todo)} of {len(chunks)} chunks on disk)")
+    chunks = _chunks(len(rows), int(o.chunk_prompts) * int(o.samples_per_prompt))
+
+    def start(on_disk: int):
+        note(f"round {r + 1}: judging {len(rows)} samples with {o.judge} ({on_disk} of {len(chunks)} chunks on disk)")
         judge = make_judge(config, o.judge, "config.online.judge")
-        for c in todo:
+
+        def compute(c: int) -> list[dict]:
             chunk = [rows[i] for i in chunks[c]]
             judged = judge_samples(judge, [(turns_of(row), row["output"]) for row in chunk])
-            done[c] = [{"prompt_id": row["prompt_id"], "sample_id": row["sample_id"], **j} for row, j in zip(chunk, judged)]
-            if jax.process_index() == 0:
-                files.write_jsonl(parts[c], done[c])
-            faults.point("online.label")
-        del judge
-    _sync(f"online.labelled.{r}")
-    labelled = [row for c, p in enumerate(parts) for row in (done[c] if c in done else _read_chunk(p))]
+            return [{"prompt_id": row["prompt_id"], "sample_id": row["sample_id"], **j} for row, j in zip(chunk, judged)]
+
+        return compute
+
+    parts = [os.path.join(folder, "labelling", f"part-{c:05d}.jsonl") for c in range(len(chunks))]
+    labelled = _chunked(parts, start, "online.label")
     if [(x["prompt_id"], x["sample_id"]) for x in labelled] != [(x["prompt_id"], x["sample_id"]) for x in rows]:
         raise ValueError(f"{folder}/labelling does not match {folder}/samples.json (another round's files?): "
                          f"remove {folder}/labelling to judge the samples again")

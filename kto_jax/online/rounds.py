@@ -168,13 +168,12 @@ def load_prompts(config) -> list:
 def run(config, workdir: str) -> dict:
     """All rounds of ``config`` in ``workdir`` (resuming where a run stopped); returns eval.json's contents."""
     from kto_jax.train import loop
+    from kto_jax.train.plan import make_plan
 
     check_config(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     o = config.online
     for r in range(int(o.rounds)):  # every round's training config is checked before anything runs
-        from kto_jax.train.plan import make_plan
-
         make_plan(round_config(config, workdir, r), jax.device_count())
     check_workdir(config, workdir)
     done = os.path.join(workdir, EVAL_FILE)

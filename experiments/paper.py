@@ -66,28 +66,50 @@ def get_config(arg: str = ""):
         raise ValueError(f"experiments/paper.py: packing={packing!r}: use true or false")
     params = args.get("params", "fp32")
     if params not in PARAM_DTYPES:
-        raise ValueError(f"experiments/paper.py: params={params!r}: use fp32 (float32 master weights) or bf16 (HALOs' pure bf16)")
+        raise ValueError(
+            f"experiments/paper.py: params={params!r}: use fp32 (float32 master weights) or bf16 (HALOs' pure bf16)"
+        )
 
     c = base_config()
     c.seed = SEED
     weights = args.get("weights", "")
     c.model.name = weights or model
     # attention: the splash kernel with segment ids on the TPU targets (on GPU pass model.attention_impl=cudnn)
-    c.model.update(dict(compute_dtype="bfloat16", param_dtype=PARAM_DTYPES[params], remat_policy=target["remat"],
-                        attention_impl="splash"))
+    c.model.update(
+        dict(
+            compute_dtype="bfloat16",
+            param_dtype=PARAM_DTYPES[params],
+            remat_policy=target["remat"],
+            attention_impl="splash",
+        )
+    )
     c.init.source = f"orbax:{runs}/sft_{model}" if sft == "true" and loss != "sft" else ""
     # the registry defaults are the paper code's (beta 0.1; SLiC beta 1, lambda 0.1); SFT and CSFT
     # as HALOs' SFTTrainer: summed NLL per sequence averaged over sequences (trainers.py:540-549)
     c.loss = loss_config(loss, **({"reduction": "sequence"} if loss in SEQUENCE_NLL else {}))
-    c.data.update(dict(
-        sources=args.get("data", "shp+hh+oasst"), chat_template="halos", max_length=2048, max_prompt_length=1024,
-        tokenizer=weights, sft_examples="all" if loss == "csft" else "desirable",
-        # SFT: one target per unique prompt (HALOs' SFTDataLoader); CSFT: every pair's two replies
-        sft_targets="per_prompt" if loss == "sft" else "all",
-        packing=packing == "true", bucket=128,  # padded rows (packing=false) in the kernel's 128-token blocks
-    ))
-    c.train.update(dict(global_batch_size=32, num_microbatches=MICROBATCHES.get((model, loss), 1), steps=0,
-                        log_every=10, eval_every=0))
+    c.data.update(
+        dict(
+            sources=args.get("data", "shp+hh+oasst"),
+            chat_template="halos",
+            max_length=2048,
+            max_prompt_length=1024,
+            tokenizer=weights,
+            sft_examples="all" if loss == "csft" else "desirable",
+            # SFT: one target per unique prompt (HALOs' SFTDataLoader); CSFT: every pair's two replies
+            sft_targets="per_prompt" if loss == "sft" else "all",
+            packing=packing == "true",
+            bucket=128,  # padded rows (packing=false) in the kernel's 128-token blocks
+        )
+    )
+    c.train.update(
+        dict(
+            global_batch_size=32,
+            num_microbatches=MICROBATCHES.get((model, loss), 1),
+            steps=0,
+            log_every=10,
+            eval_every=0,
+        )
+    )
     c.train.optimizer.update(dict(name="rmsprop", lr=5e-7, warmup_steps=150, grad_clip=10.0))
     c.mesh.update(target["mesh"])
     c.target.topology = target["topology"]
@@ -96,5 +118,15 @@ def get_config(arg: str = ""):
     # defaults otherwise: temperature 1.0, top_k 50 (trainers.py, config/config.yaml)
     # samples.jsonl of 512 held-out prompts with their SFT targets; judged afterwards by
     # scripts/judge.py (or set config.eval.judge and add "pairwise" to judge in the run)
-    c.eval.update(dict(evaluators="held_out,samples", judge="", num_prompts=512, max_new_tokens=512, temperature=1.0, top_k=50, top_p=0.95))
+    c.eval.update(
+        dict(
+            evaluators="held_out,samples",
+            judge="",
+            num_prompts=512,
+            max_new_tokens=512,
+            temperature=1.0,
+            top_k=50,
+            top_p=0.95,
+        )
+    )
     return c

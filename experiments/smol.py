@@ -46,18 +46,45 @@ def get_config(arg: str = ""):
     c = base_config()
     c.model.name = args.get("model", SMOLLM2)
     c.loss = loss_config(args.get("loss", "kto"))
-    c.data.update(dict(
-        sources="files:" + args.get("data", "data/feedback.jsonl"), holdout_fraction=0.1,
-        train_split="train", eval_split="test", tokenizer="", chat_template="tokenizer",
-        max_length=160, max_prompt_length=128, bucket=32,
-    ))
+    c.data.update(
+        dict(
+            sources="files:" + args.get("data", "data/feedback.jsonl"),
+            holdout_fraction=0.1,
+            train_split="train",
+            eval_split="test",
+            tokenizer="",
+            chat_template="tokenizer",
+            max_length=160,
+            max_prompt_length=128,
+            bucket=32,
+        )
+    )
     c.train.update(dict(global_batch_size=8, steps=int(args.get("steps", 0)), log_every=5, eval_batches=2))
-    c.train.optimizer.update(dict(name="adamw", lr=float(args.get("lr", 5e-6)), warmup_steps=0, warmup_ratio=0.1, warmup_start_factor=0.1,
-                                  grad_clip=1.0, weight_decay=0.01))
+    c.train.optimizer.update(
+        dict(
+            name="adamw",
+            lr=float(args.get("lr", 5e-6)),
+            warmup_steps=0,
+            warmup_ratio=0.1,
+            warmup_start_factor=0.1,
+            grad_clip=1.0,
+            weight_decay=0.01,
+        )
+    )
     # the example file's tasks have exact answers (kto_jax/data/example_feedback.py:judge); another
     # file needs another judge (config.eval.judge) or config.eval.evaluators="held_out"
-    c.eval.update(dict(evaluators="held_out,judged", judge="feedback", num_prompts=64, batch_size=64, max_new_tokens=24,
-                       temperature=float(args.get("temperature", 1.0)), top_k=50, top_p=0.95))
+    c.eval.update(
+        dict(
+            evaluators="held_out,judged",
+            judge="feedback",
+            num_prompts=64,
+            batch_size=64,
+            max_new_tokens=24,
+            temperature=float(args.get("temperature", 1.0)),
+            top_k=50,
+            top_p=0.95,
+        )
+    )
     if args.get("before"):  # the paper's pairwise protocol against the starting model's samples (a run with eval.only)
         c.eval.update(dict(evaluators="held_out,judged,pairwise", against=args["before"]))
     return c

@@ -40,12 +40,33 @@ def get_config(arg: str = ""):
     c.model.update(dict(compute_dtype="bfloat16", param_dtype="float32", remat_policy="full"))
     c.init.source = "" if loss == "sft" else f"orbax:{runs}/zephyr_sft"
     c.loss = loss_config(loss)
-    c.data.update(dict(sources="ultrafeedback", train_split="train_prefs", eval_split="test_prefs", tokenizer=weights,
-                       chat_template="halos", max_length=1250, max_prompt_length=625, one_y_per_x=one_y))
+    c.data.update(
+        dict(
+            sources="ultrafeedback",
+            train_split="train_prefs",
+            eval_split="test_prefs",
+            tokenizer=weights,
+            chat_template="halos",
+            max_length=1250,
+            max_prompt_length=625,
+            one_y_per_x=one_y,
+        )
+    )
     c.train.update(dict(global_batch_size=32, steps=0))
-    c.train.optimizer.update(dict(  # HALOs main (module docstring)
-        name="adamw", lr=5e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,
-        schedule="cosine" if loss == "sft" else "constant", warmup_ratio=0.1, warmup_start_factor=0.1))
+    c.train.optimizer.update(
+        dict(  # HALOs main (module docstring)
+            name="adamw",
+            lr=5e-6,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.01,
+            grad_clip=1.0,
+            schedule="cosine" if loss == "sft" else "constant",
+            warmup_ratio=0.1,
+            warmup_start_factor=0.1,
+        )
+    )
     c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     c.target.topology = "v5p-16"
     return c

@@ -17,8 +17,11 @@ def _leave_out_absent_tpu() -> None:
         return
     if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):  # TPU VM chips
         return
-    gpu = [p for p, m in (("cuda", "jax_cuda12_plugin"), ("cuda", "jax_cuda13_plugin"), ("rocm", "jax_rocm60_plugin"))
-           if importlib.util.find_spec(m)]
+    gpu = [
+        p
+        for p, m in (("cuda", "jax_cuda12_plugin"), ("cuda", "jax_cuda13_plugin"), ("rocm", "jax_rocm60_plugin"))
+        if importlib.util.find_spec(m)
+    ]
     os.environ["JAX_PLATFORMS"] = ",".join(dict.fromkeys(gpu + ["cpu"]))
     import sys
 

@@ -24,11 +24,31 @@ from kto_jax.train.plan import Plan, make_plan
 GiB = 1024**3
 # Cloud TPU accelerator types -> (topology family, chip layout); v4/v5p count 2 cores per chip.
 TOPOLOGIES = {
-    **{f"v5p-{2 * n}": ("v5p", shape) for n, shape in ((4, "2x2x1"), (8, "2x2x2"), (16, "2x2x4"), (32, "2x4x4"),
-                                                       (64, "4x4x4"), (128, "4x4x8"), (256, "4x8x8"), (512, "8x8x8"))},
-    **{f"v4-{2 * n}": ("v4", shape) for n, shape in ((4, "2x2x1"), (8, "2x2x2"), (16, "2x2x4"), (32, "2x4x4"), (64, "4x4x4"))},
-    **{f"v5e-{n}": ("v5e", shape) for n, shape in ((4, "2x2"), (8, "2x4"), (16, "4x4"), (32, "4x8"), (64, "8x8"), (128, "8x16"), (256, "16x16"))},
-    **{f"v6e-{n}": ("v6e", shape) for n, shape in ((4, "2x2"), (8, "2x4"), (16, "4x4"), (32, "4x8"), (64, "8x8"), (128, "8x16"), (256, "16x16"))},
+    **{
+        f"v5p-{2 * n}": ("v5p", shape)
+        for n, shape in (
+            (4, "2x2x1"),
+            (8, "2x2x2"),
+            (16, "2x2x4"),
+            (32, "2x4x4"),
+            (64, "4x4x4"),
+            (128, "4x4x8"),
+            (256, "4x8x8"),
+            (512, "8x8x8"),
+        )
+    },
+    **{
+        f"v4-{2 * n}": ("v4", shape)
+        for n, shape in ((4, "2x2x1"), (8, "2x2x2"), (16, "2x2x4"), (32, "2x4x4"), (64, "4x4x4"))
+    },
+    **{
+        f"v5e-{n}": ("v5e", shape)
+        for n, shape in ((4, "2x2"), (8, "2x4"), (16, "4x4"), (32, "4x8"), (64, "8x8"), (128, "8x16"), (256, "16x16"))
+    },
+    **{
+        f"v6e-{n}": ("v6e", shape)
+        for n, shape in ((4, "2x2"), (8, "2x4"), (16, "4x4"), (32, "4x8"), (64, "8x8"), (128, "8x16"), (256, "16x16"))
+    },
 }
 HBM_PER_CHIP = {"TPU v4": 32 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5": 95 * GiB, "TPU v6 lite": 32 * GiB}
 
@@ -82,13 +102,18 @@ def xla_step_flops(config, plan: Plan | None = None) -> float:
     config = config.copy_and_resolve_references()
     config.mesh.update(data=1, fsdp=-1, tensor=1)
     plan = plan or make_plan(config, 1)
-    base = plan.replace(mesh_shape=(("data", 1), ("fsdp", 1), ("tensor", 1)), num_microbatches=1, chunk_size=plan.row_length)
+    base = plan.replace(
+        mesh_shape=(("data", 1), ("fsdp", 1), ("tensor", 1)), num_microbatches=1, chunk_size=plan.row_length
+    )
     attention = plan.model_config.attention_impl
     counts = []
     for layers in (1, 2):
-        model_config = plan.model_config.replace(num_layers=layers, scan_unroll=layers,
-                                                 attention_impl=None if attention == "splash" else attention)
-        lowered, _ = lower_train_step(base.replace(model_config=model_config), config.train.optimizer, jax.devices("cpu")[:1])
+        model_config = plan.model_config.replace(
+            num_layers=layers, scan_unroll=layers, attention_impl=None if attention == "splash" else attention
+        )
+        lowered, _ = lower_train_step(
+            base.replace(model_config=model_config), config.train.optimizer, jax.devices("cpu")[:1]
+        )
         cost = lowered.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         if not cost or "flops" not in cost:
@@ -103,23 +128,46 @@ def compile_train_step(config, devices) -> dict:
     lowered, engine = lower_train_step(plan, config.train.optimizer, devices)
     compiled = lowered.compile()
     memory = compiled.memory_analysis()
-    total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
     hbm = hbm_bytes(devices[0])
-    analytic = step_flops(plan.model_config, plan.loss, batch=plan.global_batch_size, length=plan.max_length,
-                          reference_mode=plan.reference_mode, hparams=dict(plan.hparams))
+    analytic = step_flops(
+        plan.model_config,
+        plan.loss,
+        batch=plan.global_batch_size,
+        length=plan.max_length,
+        reference_mode=plan.reference_mode,
+        hparams=dict(plan.hparams),
+    )
     return {
-        "model": config.model.name, "loss": plan.loss.name, "reference_mode": plan.reference_mode, "devices": len(devices),
-        "device_kind": devices[0].device_kind, "mesh": dict(engine.mesh.shape),
-        "global_batch": plan.global_batch_size, "max_length": plan.max_length,
-        "packing": plan.packing, "rows": plan.packed_rows or plan.global_batch_size, "row_length": plan.row_length,
-        "num_microbatches": plan.num_microbatches, "remat": plan.model_config.remat_policy,
+        "model": config.model.name,
+        "loss": plan.loss.name,
+        "reference_mode": plan.reference_mode,
+        "devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "mesh": dict(engine.mesh.shape),
+        "global_batch": plan.global_batch_size,
+        "max_length": plan.max_length,
+        "packing": plan.packing,
+        "rows": plan.packed_rows or plan.global_batch_size,
+        "row_length": plan.row_length,
+        "num_microbatches": plan.num_microbatches,
+        "remat": plan.model_config.remat_policy,
         "attention": plan.model_config.attention_impl or "xla",
         # Mosaic kernel calls in the lowered program (splash: forward, dq and dkv in the layer loop body)
         "tpu_kernels": lowered.as_text().count("@tpu_custom_call"),
-        "arguments_gib": memory.argument_size_in_bytes / GiB, "outputs_gib": memory.output_size_in_bytes / GiB,
-        "aliased_gib": memory.alias_size_in_bytes / GiB, "temporaries_gib": memory.temp_size_in_bytes / GiB,
-        "total_gib": total / GiB, "hbm_gib": hbm / GiB if hbm else None,
-        "fits": bool(hbm and total <= hbm), "headroom_gib": (hbm - total) / GiB if hbm else None,
+        "arguments_gib": memory.argument_size_in_bytes / GiB,
+        "outputs_gib": memory.output_size_in_bytes / GiB,
+        "aliased_gib": memory.alias_size_in_bytes / GiB,
+        "temporaries_gib": memory.temp_size_in_bytes / GiB,
+        "total_gib": total / GiB,
+        "hbm_gib": hbm / GiB if hbm else None,
+        "fits": bool(hbm and total <= hbm),
+        "headroom_gib": (hbm - total) / GiB if hbm else None,
         "xla_flops_per_chip": xla_step_flops(config, plan) / len(devices),
         "analytic_flops_per_chip": analytic / len(devices),
     }

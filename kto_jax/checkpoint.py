@@ -36,7 +36,10 @@ class _ReadOnlyNotice(pylogging.Filter):
 
     def filter(self, record: pylogging.LogRecord) -> bool:
         text = str(record.msg)
-        return not (text.startswith("CheckpointManagerOptions.read_only=True") or text.startswith("Given directory is read only"))
+        return not (
+            text.startswith("CheckpointManagerOptions.read_only=True")
+            or text.startswith("Given directory is read only")
+        )
 
 
 pylogging.getLogger("absl").addFilter(_ReadOnlyNotice())
@@ -68,8 +71,17 @@ def fingerprint(params) -> str:
 class Checkpointer:
     """Periodic, asynchronous saves and fault-tolerant restores of one run's checkpoints."""
 
-    def __init__(self, workdir: str, *, every_steps: int = 0, every_minutes: float = 0.0, keep_last: int = 2,
-                 best_metric: str = "", best_mode: str = "min", read_only: bool = False):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        every_steps: int = 0,
+        every_minutes: float = 0.0,
+        keep_last: int = 2,
+        best_metric: str = "",
+        best_mode: str = "min",
+        read_only: bool = False,
+    ):
         if best_mode not in ("min", "max"):
             raise ValueError(f"config.checkpoint.best_mode={best_mode!r}: use 'min' or 'max'")
         save = [policies.PreemptionCheckpointingPolicy()]
@@ -79,9 +91,14 @@ class Checkpointer:
             save.append(policies.ContinuousCheckpointingPolicy(minimum_interval_secs=int(every_minutes * 60)))
         keep = [policies.LatestN(int(keep_last))]
         if best_metric:
-            keep.append(policies.BestN(
-                get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False,
-            ))
+            keep.append(
+                policies.BestN(
+                    get_metric_fn=lambda m: m[best_metric],
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         self.best_metric = best_metric
         self.directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_DIR)
         self.manager = ocp.CheckpointManager(
@@ -95,7 +112,9 @@ class Checkpointer:
             ),
         )
 
-    def save(self, step: int, state, loader_state: dict, meta: dict, metrics: dict | None = None, force: bool = False) -> bool:
+    def save(
+        self, step: int, state, loader_state: dict, meta: dict, metrics: dict | None = None, force: bool = False
+    ) -> bool:
         """Save if a policy says so (or ``force``); returns whether a save started."""
         if metrics is not None and self.best_metric and self.best_metric not in metrics:
             metrics = None
@@ -137,7 +156,8 @@ class Checkpointer:
             raise CheckpointNotSaved(
                 f"checkpoint not saved: no space left on device in {self.directory} ({text.splitlines()[0][:200]}); "
                 f"the complete checkpoints there ({kept}) are intact. Free space (or move the workdir to a larger "
-                f"disk) and rerun the same command: {resume}") from None
+                f"disk) and rerun the same command: {resume}"
+            ) from None
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
@@ -174,7 +194,9 @@ class Checkpointer:
                 self._set_aside(bad, error)
             return step, state, loader_state, meta
         if unreadable:
-            details = "; ".join(f"{self.directory}/{step}: {type(e).__name__}: {str(e)[:200]}" for step, e in unreadable)
+            details = "; ".join(
+                f"{self.directory}/{step}: {type(e).__name__}: {str(e)[:200]}" for step, e in unreadable
+            )
             raise UnreadableCheckpoint(
                 f"no readable checkpoint in {self.directory} ({details}). Delete the unreadable checkpoints (or move them "
                 "away) to start this run afresh, or use a new --workdir."
@@ -189,15 +211,23 @@ class Checkpointer:
             aside, n = f"{where}.unreadable{n}", n + 1
         if jax.process_index() == 0:
             os.replace(where, aside)
-        logging.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one (the unreadable one "
-                        "is kept as %s)", where, type(error).__name__, str(error)[:300], aside)
+        logging.warning(
+            "checkpoint %s is unreadable (%s: %s); falling back to the previous one (the unreadable one is kept as %s)",
+            where,
+            type(error).__name__,
+            str(error)[:300],
+            aside,
+        )
         self.manager.reload()
 
     def restore_state(self, step: int, state_like):
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_like(state_like)),
-            loader=ocp.args.JsonRestore(),
-        ))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_like(state_like)),
+                loader=ocp.args.JsonRestore(),
+            ),
+        )
         return restored["state"], restored["loader"]
 
 
@@ -218,7 +248,11 @@ def check_compatible(meta: dict, state_like, where: str) -> None:
     saved = meta.get("param_shapes")
     current = param_shapes(state_like.params)
     if saved is not None and saved != current:
-        diff = [(k, saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)][:3]
+        diff = [
+            (k, saved.get(k), current.get(k))
+            for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k)
+        ][:3]
         raise IncompatibleCheckpoint(
             f"checkpoint {where} was written for another model (config model {meta.get('model')!r}); "
             f"param shapes differ, e.g. {diff}. Use a new --workdir, or the config the checkpoint was written with "
@@ -237,7 +271,9 @@ def _open_step(workdir_and_step: str, where: str) -> tuple[Checkpointer, int, di
     workdir, _, step = workdir_and_step.partition("@")
     directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_DIR)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoint in {directory!r} ({where}): is it the workdir of a finished kto_jax run?")
+        raise FileNotFoundError(
+            f"no checkpoint in {directory!r} ({where}): is it the workdir of a finished kto_jax run?"
+        )
     checkpointer = Checkpointer(workdir, read_only=True)
     steps = checkpointer.steps()
     if not steps:
@@ -252,10 +288,14 @@ def _restore_part(checkpointer: Checkpointer, step: int, item: dict) -> dict:
     """The part ``item`` (abstract arrays under the state's own keys) of a checkpoint's state;
     the checkpointer is closed."""
     try:
-        return checkpointer.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                         partial_restore=True),
-        ))["state"]
+        return checkpointer.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+                ),
+            ),
+        )["state"]
     finally:
         checkpointer.close()
 
@@ -269,13 +309,17 @@ def load_opt_state(workdir_and_step: str, opt_state_like, optimizer: dict):
     saved = meta.get("config", {}).get("train", {}).get("optimizer", {})
     if saved.get("name") != optimizer.get("name"):
         checkpointer.close()
-        raise IncompatibleCheckpoint(f"{where}: that run's optimizer is {saved.get('name')!r}, this one's "
-                                     f"{optimizer.get('name')!r} (config.train.optimizer.name): use the same optimizer")
+        raise IncompatibleCheckpoint(
+            f"{where}: that run's optimizer is {saved.get('name')!r}, this one's "
+            f"{optimizer.get('name')!r} (config.train.optimizer.name): use the same optimizer"
+        )
     try:
         restored = _restore_part(checkpointer, step, {"opt_state": abstract_like(opt_state_like)})
     except (ValueError, KeyError, TypeError) as e:
-        raise IncompatibleCheckpoint(f"{where}: its optimizer state does not fit this run's ({type(e).__name__}: "
-                                     f"{str(e)[:200]}): use the same model and config.train.optimizer") from None
+        raise IncompatibleCheckpoint(
+            f"{where}: its optimizer state does not fit this run's ({type(e).__name__}: "
+            f"{str(e)[:200]}): use the same model and config.train.optimizer"
+        ) from None
     return restored["opt_state"], step
 
 

@@ -36,13 +36,15 @@ def loss_config(name: str, **overrides) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = ml_collections.ConfigDict(dict(
-        name="tiny-1m",        # a preset (kto_jax/models/presets.py) or a Hugging Face folder
-        compute_dtype="float32",  # activations (bfloat16 on accelerators)
-        param_dtype="float32",    # params and optimizer state
-        remat_policy="none",
-        attention_impl="",     # "" (XLA's choice), "xla", "cudnn" (GPU) or "splash" (TPU kernel; rows of a multiple of 128)
-    ))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            name="tiny-1m",  # a preset (kto_jax/models/presets.py) or a Hugging Face folder
+            compute_dtype="float32",  # activations (bfloat16 on accelerators)
+            param_dtype="float32",  # params and optimizer state
+            remat_policy="none",
+            attention_impl="",  # "" (XLA's choice), "xla", "cudnn" (GPU) or "splash" (TPU kernel; rows of a multiple of 128)
+        )
+    )
     # Where the policy's weights start (the reference model starts there too):
     # "" = the model's own (random init for a preset, the folder's weights for an HF folder),
     # "hf:PATH" = a Hugging Face folder, "orbax:WORKDIR[@STEP]" = a checkpoint of an earlier
@@ -62,105 +64,143 @@ def base_config() -> ml_collections.ConfigDict:
     # humanline syncs every step: sync_every=1, sync_alpha=1.0).
     # humanline (HALOs main, arXiv 2509.24207): each token's log-ratio log pi/pi_ref clamped to
     # [log_epsilon_P, log_epsilon_R] before it is summed into a sequence's reward (kto_jax/train/feeds.py)
-    c.reference = ml_collections.ConfigDict(dict(mode="model", cache_dir="", sync_every=1, sync_alpha=1.0,
-                                                 humanline=False, log_epsilon_P=-1.0, log_epsilon_R=1.5))
-    c.data = ml_collections.ConfigDict(dict(
-        # "+"-separated sources, each a dataset name (kto_jax/data/builders) or "files:PATTERN" (your own
-        # JSONL/JSON/Parquet/CSV/save_to_disk files), optionally ":WEIGHT" (mixture proportions)
-        sources="synthetic",
-        # the eval split's sources when they are not the training ones ("" = sources): an online round
-        # (kto_jax/online) trains on its own judged samples and is evaluated on the task's test split
-        eval_sources="",
-        # the "files:" sources' options: eval split from these files, or a fraction of the prompts held
-        # out by hash; the schema ("auto" = detected from the columns) and a column map "prompt=question,..."
-        eval_files="",
-        holdout_fraction=0.0,
-        file_schema="auto",
-        columns="",
-        train_split="train",
-        eval_split="test",
-        data_dir="~/tensorflow_datasets",
-        manual_dir="",
-        skip_bad_records=False,
-        tokenizer="",          # "" = the model folder's tokenizer.json, or "bytes"
-        chat_template="halos",  # "halos", "hh", "plain", or "tokenizer" (the model folder's Jinja template)
-        max_length=2048,
-        max_prompt_length=1024,
-        truncation_mode="keep_end",
-        bucket=64,
-        # several examples per row of max_length tokens (segment ids, no padding between them) instead
-        # of one per row padded to a bucket: same losses, fewer tokens (kto_jax/data/batch.py)
-        packing=False,
-        pack_length=0,  # tokens per packed row; 0 = max_length (one longest example per row at most)
-        one_y_per_x=False,
-        desirable_fraction=1.0,
-        undesirable_fraction=1.0,
-        sft_examples="desirable",  # SFT/CSFT train on "desirable" examples or "all" of them
-        # SFT's targets: "all" completions (after sft_examples) or "per_prompt", one per unique prompt
-        # as HALOs legacy's SFTDataLoader (kto_jax/data/feedback.py:sft_targets_per_prompt); not for CSFT
-        sft_targets="all",
-    ))
-    c.train = ml_collections.ConfigDict(dict(
-        global_batch_size=32,
-        num_microbatches=1,
-        steps=0,               # 0 = one epoch over the training examples
-        skip_nonfinite=False,  # skip (and count) updates with a non-finite loss or gradient norm
-                               # instead of stopping the run
-        log_every=10,
-        eval_every=0,          # 0 = evaluate at the end only
-        eval_batches=4,
-        chunk_size=256,        # tokens per chunk of the chunked log-prob path
-        optimizer=ml_collections.ConfigDict(dict(
-            name="rmsprop", lr=5e-7, warmup_steps=150, grad_clip=10.0,
-            b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-            # the learning rate schedule (kto_jax/train/state.py:lr_schedule): after warmup "constant",
-            # "cosine" or "linear" decay to 0 at the run's last step
-            schedule="constant",
-            warmup_ratio=0.0,         # > 0: warmup = this fraction of the run's steps instead of warmup_steps
-            warmup_start_factor=0.0,  # warmup from lr * this (HALOs main 0.1); 0 = HALOs legacy's lr * (s+1)/(W+1)
-            value_head_grad_clip=0.1,  # offline PPO's value head, clipped apart from the model (HALOs' v_head_max_grad_norm)
-        )),
-    ))
-    c.checkpoint = ml_collections.ConfigDict(dict(
-        every_steps=0,         # save every N steps (0: only at the end and on preemption)
-        every_minutes=0.0,     # and/or every M minutes
-        keep_last=2,           # keep the last K checkpoints ...
-        best_metric="",        # ... plus the best by this eval metric (e.g. "eval/loss")
-        best_mode="min",
-    ))
+    c.reference = ml_collections.ConfigDict(
+        dict(
+            mode="model",
+            cache_dir="",
+            sync_every=1,
+            sync_alpha=1.0,
+            humanline=False,
+            log_epsilon_P=-1.0,
+            log_epsilon_R=1.5,
+        )
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            # "+"-separated sources, each a dataset name (kto_jax/data/builders) or "files:PATTERN" (your own
+            # JSONL/JSON/Parquet/CSV/save_to_disk files), optionally ":WEIGHT" (mixture proportions)
+            sources="synthetic",
+            # the eval split's sources when they are not the training ones ("" = sources): an online round
+            # (kto_jax/online) trains on its own judged samples and is evaluated on the task's test split
+            eval_sources="",
+            # the "files:" sources' options: eval split from these files, or a fraction of the prompts held
+            # out by hash; the schema ("auto" = detected from the columns) and a column map "prompt=question,..."
+            eval_files="",
+            holdout_fraction=0.0,
+            file_schema="auto",
+            columns="",
+            train_split="train",
+            eval_split="test",
+            data_dir="~/tensorflow_datasets",
+            manual_dir="",
+            skip_bad_records=False,
+            tokenizer="",  # "" = the model folder's tokenizer.json, or "bytes"
+            chat_template="halos",  # "halos", "hh", "plain", or "tokenizer" (the model folder's Jinja template)
+            max_length=2048,
+            max_prompt_length=1024,
+            truncation_mode="keep_end",
+            bucket=64,
+            # several examples per row of max_length tokens (segment ids, no padding between them) instead
+            # of one per row padded to a bucket: same losses, fewer tokens (kto_jax/data/batch.py)
+            packing=False,
+            pack_length=0,  # tokens per packed row; 0 = max_length (one longest example per row at most)
+            one_y_per_x=False,
+            desirable_fraction=1.0,
+            undesirable_fraction=1.0,
+            sft_examples="desirable",  # SFT/CSFT train on "desirable" examples or "all" of them
+            # SFT's targets: "all" completions (after sft_examples) or "per_prompt", one per unique prompt
+            # as HALOs legacy's SFTDataLoader (kto_jax/data/feedback.py:sft_targets_per_prompt); not for CSFT
+            sft_targets="all",
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            global_batch_size=32,
+            num_microbatches=1,
+            steps=0,  # 0 = one epoch over the training examples
+            skip_nonfinite=False,  # skip (and count) updates with a non-finite loss or gradient norm
+            # instead of stopping the run
+            log_every=10,
+            eval_every=0,  # 0 = evaluate at the end only
+            eval_batches=4,
+            chunk_size=256,  # tokens per chunk of the chunked log-prob path
+            optimizer=ml_collections.ConfigDict(
+                dict(
+                    name="rmsprop",
+                    lr=5e-7,
+                    warmup_steps=150,
+                    grad_clip=10.0,
+                    b1=0.9,
+                    b2=0.999,
+                    eps=1e-8,
+                    weight_decay=0.0,
+                    # the learning rate schedule (kto_jax/train/state.py:lr_schedule): after warmup "constant",
+                    # "cosine" or "linear" decay to 0 at the run's last step
+                    schedule="constant",
+                    warmup_ratio=0.0,  # > 0: warmup = this fraction of the run's steps instead of warmup_steps
+                    warmup_start_factor=0.0,  # warmup from lr * this (HALOs main 0.1); 0 = HALOs legacy's lr * (s+1)/(W+1)
+                    value_head_grad_clip=0.1,  # offline PPO's value head, clipped apart from the model (HALOs' v_head_max_grad_norm)
+                )
+            ),
+        )
+    )
+    c.checkpoint = ml_collections.ConfigDict(
+        dict(
+            every_steps=0,  # save every N steps (0: only at the end and on preemption)
+            every_minutes=0.0,  # and/or every M minutes
+            keep_last=2,  # keep the last K checkpoints ...
+            best_metric="",  # ... plus the best by this eval metric (e.g. "eval/loss")
+            best_mode="min",
+        )
+    )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.target = ml_collections.ConfigDict(dict(topology=""))  # the slice this config is sized for (aot_check)
-    c.eval = ml_collections.ConfigDict(dict(
-        only=False,            # True: evaluate the starting weights (init.source or the model), train nothing
-        evaluators="held_out,judged",  # run at the end, by name (kto_jax/train/evaluators.py); held_out also every eval_every
-        judge="",              # for "judged": "" = no generation; "synthetic" = the synthetic task's exact judge
-        num_prompts=256,
-        batch_size=64,
-        max_new_tokens=16,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,               # 0 = off; HALOs samples at top_p 0.95 with HF generate's defaults temperature 1, top_k 50
-        baseline="",           # a workdir whose samples.jsonl is the unary win-rate baseline ("judged")
-        # "pairwise" (the paper's protocol, kto_jax/judges/protocol.py): each sample against this
-        # baseline, the two answers in a random order per prompt: "sft_target" (the dataset's SFT
-        # target, the paper) or a workdir whose samples.jsonl has the same prompts
-        against="sft_target",
-        order_seed=0,          # the per-prompt order of the two answers (recorded in judgments.jsonl)
-        # judge="api": any OpenAI-compatible /v1/chat/completions server (vLLM, SGLang, llama.cpp,
-        # scripts/serve.py, hosted APIs); the key is read from the environment variable api_key_env
-        api=ml_collections.ConfigDict(dict(
-            base_url="http://127.0.0.1:8000/v1", model="", api_key_env="OPENAI_API_KEY",
-            template="paper",  # HALOs' compare.py prompt; or a path to a text file with {history}, {first}, {second}
-            concurrency=8, timeout_s=60.0, retries=4, backoff_s=1.0,
-            max_tokens=10, temperature=0.0, seed=0,  # compare.py: temperature 0, max_tokens 10, seed 0
-        )),
-        # judge="reward_model": an HF *ForSequenceClassification folder (Llama or GPT-NeoX), scored in JAX
-        reward_model=ml_collections.ConfigDict(dict(path="", batch_size=16, max_length=512, chat_template="tokenizer")),
-    ))
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            only=False,  # True: evaluate the starting weights (init.source or the model), train nothing
+            evaluators="held_out,judged",  # run at the end, by name (kto_jax/train/evaluators.py); held_out also every eval_every
+            judge="",  # for "judged": "" = no generation; "synthetic" = the synthetic task's exact judge
+            num_prompts=256,
+            batch_size=64,
+            max_new_tokens=16,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,  # 0 = off; HALOs samples at top_p 0.95 with HF generate's defaults temperature 1, top_k 50
+            baseline="",  # a workdir whose samples.jsonl is the unary win-rate baseline ("judged")
+            # "pairwise" (the paper's protocol, kto_jax/judges/protocol.py): each sample against this
+            # baseline, the two answers in a random order per prompt: "sft_target" (the dataset's SFT
+            # target, the paper) or a workdir whose samples.jsonl has the same prompts
+            against="sft_target",
+            order_seed=0,  # the per-prompt order of the two answers (recorded in judgments.jsonl)
+            # judge="api": any OpenAI-compatible /v1/chat/completions server (vLLM, SGLang, llama.cpp,
+            # scripts/serve.py, hosted APIs); the key is read from the environment variable api_key_env
+            api=ml_collections.ConfigDict(
+                dict(
+                    base_url="http://127.0.0.1:8000/v1",
+                    model="",
+                    api_key_env="OPENAI_API_KEY",
+                    template="paper",  # HALOs' compare.py prompt; or a path to a text file with {history}, {first}, {second}
+                    concurrency=8,
+                    timeout_s=60.0,
+                    retries=4,
+                    backoff_s=1.0,
+                    max_tokens=10,
+                    temperature=0.0,
+                    seed=0,  # compare.py: temperature 0, max_tokens 10, seed 0
+                )
+            ),
+            # judge="reward_model": an HF *ForSequenceClassification folder (Llama or GPT-NeoX), scored in JAX
+            reward_model=ml_collections.ConfigDict(
+                dict(path="", batch_size=16, max_length=512, chat_template="tokenizer")
+            ),
+        )
+    )
     return c
 
 
-def tiny_config(loss: str = "kto", steps: int = 200, init: str = "", model: str = "tiny-1m") -> ml_collections.ConfigDict:
+def tiny_config(
+    loss: str = "kto", steps: int = 200, init: str = "", model: str = "tiny-1m"
+) -> ml_collections.ConfigDict:
     """A tiny run on the embedded synthetic task, sized for a 2-core CPU (experiments/tiny.py, the demo).
 
     SFT trains from scratch on the whole mixture (desirable and undesirable completions alike),
@@ -170,10 +210,19 @@ def tiny_config(loss: str = "kto", steps: int = 200, init: str = "", model: str 
     c.model.name = model
     c.init.source = init
     c.loss = loss_config(loss)
-    c.data.update(dict(
-        sources="synthetic", train_split="train", eval_split="test", tokenizer="bytes",
-        chat_template="plain", max_length=32, max_prompt_length=16, bucket=16, sft_examples="all",
-    ))
+    c.data.update(
+        dict(
+            sources="synthetic",
+            train_split="train",
+            eval_split="test",
+            tokenizer="bytes",
+            chat_template="plain",
+            max_length=32,
+            max_prompt_length=16,
+            bucket=16,
+            sft_examples="all",
+        )
+    )
     c.train.update(dict(global_batch_size=32, steps=int(steps), log_every=20, eval_batches=4))
     supervised = get_loss(loss).kind == "sft"
     c.train.optimizer.update(dict(name="adamw", lr=1e-3 if supervised else 1e-4, warmup_steps=20, grad_clip=1.0))

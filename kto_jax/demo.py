@@ -44,7 +44,10 @@ def main(argv):
         if "winrate" in results:
             row["winrate_vs_sft"] = results["winrate"]
         summary[name] = row
-        print(f"{name}: judged desirable {row['desirable_rate']:.1%} ({time.perf_counter() - start:.0f}s elapsed)", flush=True)
+        print(
+            f"{name}: judged desirable {row['desirable_rate']:.1%} ({time.perf_counter() - start:.0f}s elapsed)",
+            flush=True,
+        )
 
     train("sft", _SFT_STEPS.value)
     for loss in _LOSSES.value:

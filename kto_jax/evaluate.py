@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,15 +65,22 @@ def winrate(policy: Sequence[bool], baseline: Sequence[bool], level: float = 0.9
     """
     policy, baseline = np.asarray(policy, bool), np.asarray(baseline, bool)
     if policy.shape != baseline.shape:
-        raise ValueError(f"winrate needs one policy and one baseline judgment per prompt; got {policy.shape} and {baseline.shape}")
+        raise ValueError(
+            f"winrate needs one policy and one baseline judgment per prompt; got {policy.shape} and {baseline.shape}"
+        )
     n = len(policy)
     wins, losses = int((policy & ~baseline).sum()), int((~policy & baseline).sum())
     ties = n - wins - losses
     score = wins + 0.5 * ties
     return {
-        "winrate": score / n if n else 0.0, "ci90": list(clopper_pearson_interval(score, n, level)),
-        "win_fraction": wins / n if n else 0.0, "win_fraction_ci90": list(clopper_pearson_interval(wins, n, level)),
-        "wins": wins, "ties": ties, "losses": losses, "n": n,
+        "winrate": score / n if n else 0.0,
+        "ci90": list(clopper_pearson_interval(score, n, level)),
+        "win_fraction": wins / n if n else 0.0,
+        "win_fraction_ci90": list(clopper_pearson_interval(wins, n, level)),
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+        "n": n,
     }
 
 
@@ -104,7 +111,9 @@ def prompt_inputs(prompts, template, tokenizer, max_prompt_length: int, control_
     return shown, ids
 
 
-def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float = 1.0, top_k: int = 0) -> jax.Array:
+def sample_token(
+    logits: jax.Array, rng: jax.Array, temperature: float, top_p: float = 1.0, top_k: int = 0
+) -> jax.Array:
     """Greedy at temperature 0, else sampling at ``temperature`` from the logits left after top-k
     and then nucleus truncation, in the order of Hugging Face's warpers (Temperature, TopK, TopP;
     ``GenerationMixin._get_logits_warper`` in transformers 4.35), which HALOs'
@@ -129,9 +138,21 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: f
     return jax.random.categorical(rng, logits, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_p", "top_k", "eos_id", "pad_id"))
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_p", "top_k", "eos_id", "pad_id")
+)
 def generate_batch(
-    model: Decoder, params, ids, mask, rng, *, max_new_tokens: int, temperature: float, top_p: float, eos_id: int, pad_id: int,
+    model: Decoder,
+    params,
+    ids,
+    mask,
+    rng,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_id: int,
+    pad_id: int,
     top_k: int = 0,
 ):
     """Left-padded prompts ``[B, P]`` -> new tokens ``[B, max_new_tokens]`` (pad after EOS)."""
@@ -193,8 +214,17 @@ def generate(
             mask[i, length - len(p) :] = 1
         rng, key = jax.random.split(rng)
         tokens = generate_batch(
-            model, params, jnp.asarray(ids), jnp.asarray(mask), key, max_new_tokens=max_new_tokens,
-            temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), eos_id=int(eos_id), pad_id=int(pad_id),
+            model,
+            params,
+            jnp.asarray(ids),
+            jnp.asarray(mask),
+            key,
+            max_new_tokens=max_new_tokens,
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
+            eos_id=int(eos_id),
+            pad_id=int(pad_id),
         )
         if not tokens.is_fully_addressable:  # params sharded over several hosts: every host gets every row
             from jax.experimental import multihost_utils

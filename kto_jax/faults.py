@@ -22,7 +22,15 @@ import os
 import signal
 
 ENV = "KTO_JAX_KILL_AT"
-POINTS = ("data.prepare", "reference_cache.write", "checkpoint.save", "eval.generate", "export.write", "online.sample", "online.label")
+POINTS = (
+    "data.prepare",
+    "reference_cache.write",
+    "checkpoint.save",
+    "eval.generate",
+    "export.write",
+    "online.sample",
+    "online.label",
+)
 _hits: collections.Counter = collections.Counter()
 
 

@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 
 @contextlib.contextmanager
@@ -95,5 +95,7 @@ def read_jsonl(path: str) -> tuple[list[dict], int]:
             if i == len(lines):  # the last line, without its newline
                 torn = 1
                 continue
-            raise ValueError(f"{path}, line {i}: not JSON ({e}); the file was edited or damaged: fix or remove that line") from None
+            raise ValueError(
+                f"{path}, line {i}: not JSON ({e}); the file was edited or damaged: fix or remove that line"
+            ) from None
     return rows, torn

@@ -56,8 +56,15 @@ def forward_flops_per_token(config: ModelConfig, context: int) -> float:
     return 2 * matmul_params(config) + attention
 
 
-def step_flops(config: ModelConfig, loss: LossSpec, *, batch: int, length: int, reference_mode: str = "model",
-               hparams: dict | None = None) -> float:
+def step_flops(
+    config: ModelConfig,
+    loss: LossSpec,
+    *,
+    batch: int,
+    length: int,
+    reference_mode: str = "model",
+    hparams: dict | None = None,
+) -> float:
     """Model FLOPs of one train step: ``batch`` examples (pairs for paired losses) of ``length`` tokens,
     for ``loss`` with ``hparams`` (its defaults if None)."""
     from kto_jax.train.feeds import get_feed

@@ -43,8 +43,18 @@ def local(runs: list[dict], dry_run: bool = False) -> list[str]:
     return done
 
 
-def sbatch_script(runs: list[dict], runs_file: str, *, nodes: int = 1, partition: str = "", gpus_per_node: int = 0,
-                  time_limit: str = "", log_dir: str = "runs/slurm", python: str = sys.executable, extra: tuple[str, ...] = ()) -> str:
+def sbatch_script(
+    runs: list[dict],
+    runs_file: str,
+    *,
+    nodes: int = 1,
+    partition: str = "",
+    gpus_per_node: int = 0,
+    time_limit: str = "",
+    log_dir: str = "runs/slurm",
+    python: str = sys.executable,
+    extra: tuple[str, ...] = (),
+) -> str:
     """An sbatch array script: task i trains run i of ``runs_file`` on ``nodes`` hosts, one
     process per host; jax.distributed initialises from the SLURM environment."""
     lines = [
@@ -66,12 +76,12 @@ def sbatch_script(runs: list[dict], runs_file: str, *, nodes: int = 1, partition
         "set -euo pipefail",
         f"cd {shlex.quote(os.getcwd())}",
         # the task's command line, read from the runs file by array index
-        f"CMD=$({shlex.quote(python)} -c 'import json,os,shlex,sys; r=json.load(open(sys.argv[1]))[int(os.environ[\"SLURM_ARRAY_TASK_ID\"])]; "
-        "print(\"SKIP\" if os.path.exists(os.path.join(r[\"workdir\"], \"eval.json\")) else shlex.join(r[\"command\"]))' "
+        f'CMD=$({shlex.quote(python)} -c \'import json,os,shlex,sys; r=json.load(open(sys.argv[1]))[int(os.environ["SLURM_ARRAY_TASK_ID"])]; '
+        'print("SKIP" if os.path.exists(os.path.join(r["workdir"], "eval.json")) else shlex.join(r["command"]))\' '
         f"{shlex.quote(runs_file)})",
         'if [ "$CMD" = SKIP ]; then echo "finished already"; exit 0; fi',
-        "echo \"$CMD\"",
-        "srun --kill-on-bad-exit=1 bash -c \"$CMD\"",
+        'echo "$CMD"',
+        'srun --kill-on-bad-exit=1 bash -c "$CMD"',
     ]
     return "\n".join(lines) + "\n"
 
@@ -89,21 +99,36 @@ def slurm(runs: list[dict], root: str, dry_run: bool = False, **kwargs) -> str:
     log_dir = os.path.abspath(os.path.join(root, "slurm_logs"))
     script = sbatch_script(todo, runs_file, log_dir=log_dir, **kwargs)
     script_file = os.path.join(root, "sweep.sbatch")
-    payload = [{**r, "workdir": os.path.abspath(r["workdir"]), "command": train_command({**r, "workdir": os.path.abspath(r["workdir"])}, kwargs.get("python", sys.executable))} for r in todo]
+    payload = [
+        {
+            **r,
+            "workdir": os.path.abspath(r["workdir"]),
+            "command": train_command(
+                {**r, "workdir": os.path.abspath(r["workdir"])}, kwargs.get("python", sys.executable)
+            ),
+        }
+        for r in todo
+    ]
     if dry_run:
-        print(f"# would write {runs_file}:\n{json.dumps(payload, indent=2)}\n# would write {script_file}:\n{script}# would run: sbatch {script_file}")
+        print(
+            f"# would write {runs_file}:\n{json.dumps(payload, indent=2)}\n# would write {script_file}:\n{script}# would run: sbatch {script_file}"
+        )
         return script
     os.makedirs(log_dir, exist_ok=True)
     with open(runs_file, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2)
     with open(script_file, "w", encoding="utf-8") as f:
         f.write(script)
-    out = subprocess.run(["sbatch", "--parsable", script_file], check=True, capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(
+        ["sbatch", "--parsable", script_file], check=True, capture_output=True, text=True
+    ).stdout.strip()
     print(f"submitted array job {out} ({len(todo)} runs); logs in {log_dir}")
     return out
 
 
-def tpu_commands(runs: list[dict], tpu_name: str, zone: str, project: str = "", repo_dir: str = "~/kto-jax", python: str = "python3") -> list[list[str]]:
+def tpu_commands(
+    runs: list[dict], tpu_name: str, zone: str, project: str = "", repo_dir: str = "~/kto-jax", python: str = "python3"
+) -> list[list[str]]:
     """One ``gcloud compute tpus tpu-vm ssh --worker=all`` command per unfinished run: every host of
     the slice runs the same CLI; jax.distributed initialises from the TPU environment."""
     cmds = []
@@ -111,7 +136,17 @@ def tpu_commands(runs: list[dict], tpu_name: str, zone: str, project: str = "", 
         if is_finished(run["workdir"]):
             continue
         remote = f"cd {repo_dir} && " + shlex.join(train_command(run, python))
-        cmd = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu_name, f"--zone={zone}", "--worker=all", f"--command={remote}"]
+        cmd = [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "ssh",
+            tpu_name,
+            f"--zone={zone}",
+            "--worker=all",
+            f"--command={remote}",
+        ]
         if project:
             cmd.insert(5, f"--project={project}")
         cmds.append(cmd)

@@ -49,9 +49,7 @@ def sum_and_count(per_token: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array
     return per_token.sum(axis=-1), counts
 
 
-def sequence_logps(
-    logits: jax.Array, labels: jax.Array, loss_mask: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+def sequence_logps(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed completion log-prob of each sequence and its completion token count.
 
     sum_logps[b] = sum_{t>=1} loss_mask[b, t] * log softmax(logits[b, t-1])[labels[b, t]]
@@ -140,7 +138,9 @@ def chunked_sequence_logps(
     return sum_and_count(per_token, loss_mask)
 
 
-def segment_sums(per_token: jax.Array, segment_ids: jax.Array, loss_mask: jax.Array, num_segments: int) -> tuple[jax.Array, jax.Array]:
+def segment_sums(
+    per_token: jax.Array, segment_ids: jax.Array, loss_mask: jax.Array, num_segments: int
+) -> tuple[jax.Array, jax.Array]:
     """Per-sequence sums of a packed batch: the log-prob and token count of each segment.
 
     With the shifted convention (``per_token[r, t]`` scores token ``t + 1`` of row r):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from kto_jax.evaluate import clopper_pearson_interval
 from kto_jax.models import param_count
@@ -21,8 +21,14 @@ from kto_jax.models.presets import PRESETS
 
 # model names used in the authors' experiment names -> presets
 PAPER_MODELS = {
-    "pythia1-4b": "pythia-1.4b", "pythia2-8b": "pythia-2.8b", "pythia6-9b": "pythia-6.9b", "pythia12-0b": "pythia-12b",
-    "llama7b": "llama-7b", "llama13b": "llama-13b", "llama30b": "llama-30b", "mistral7b": "mistral-7b",
+    "pythia1-4b": "pythia-1.4b",
+    "pythia2-8b": "pythia-2.8b",
+    "pythia6-9b": "pythia-6.9b",
+    "pythia12-0b": "pythia-12b",
+    "llama7b": "llama-7b",
+    "llama13b": "llama-13b",
+    "llama30b": "llama-30b",
+    "mistral7b": "mistral-7b",
 }
 
 
@@ -83,16 +89,27 @@ def read_judgments(path: str) -> list[Result]:
                 model = name.split("_")[2]
                 method = f"kto[desirable={config.get('frac_unique_desirable')},undesirable={config.get('frac_unique_undesirable')}]"
                 loss = config.get("loss", {})
-                extra = (("desirable_fraction", config.get("frac_unique_desirable")),
-                         ("undesirable_fraction", config.get("frac_unique_undesirable")),
-                         ("desirable_weight", loss.get("desirable_weight")),
-                         ("undesirable_weight", loss.get("undesirable_weight")))
+                extra = (
+                    ("desirable_fraction", config.get("frac_unique_desirable")),
+                    ("undesirable_fraction", config.get("frac_unique_undesirable")),
+                    ("desirable_weight", loss.get("desirable_weight")),
+                    ("undesirable_weight", loss.get("undesirable_weight")),
+                )
             else:  # {method}_{model}_{dataset}, the Mistral-7B OASST runs
                 method, model, dataset = name.split("_")
                 extra = (("dataset", dataset),)
             preset = PAPER_MODELS.get(model.replace("-instruct", ""), model)
-            out.append(Result(method, model, _params(preset), float(row["candidate"]["wins"]), int(row["total"]),
-                              "paper:" + name, extra))
+            out.append(
+                Result(
+                    method,
+                    model,
+                    _params(preset),
+                    float(row["candidate"]["wins"]),
+                    int(row["total"]),
+                    "paper:" + name,
+                    extra,
+                )
+            )
     return out
 
 
@@ -106,8 +123,10 @@ def run_winrate(results: dict, workdir: str = "") -> tuple[float, int, str]:
     if "winrate" in results:
         wr = results["winrate"]
         return wr["wins"] + 0.5 * wr["ties"], int(wr["n"]), "unary-run"
-    raise ValueError(f"{workdir}/eval.json has no win rate: judge the run pairwise (config.eval.evaluators with "
-                     "'pairwise', or scripts/judge.py) or set config.eval.baseline")
+    raise ValueError(
+        f"{workdir}/eval.json has no win rate: judge the run pairwise (config.eval.evaluators with "
+        "'pairwise', or scripts/judge.py) or set config.eval.baseline"
+    )
 
 
 def read_runs(workdirs: Iterable[str]) -> list[Result]:
@@ -155,12 +174,19 @@ def markdown_table(rows: list[Result]) -> str:
 
 def imbalance_table(rows: list[Result]) -> str:
     """The paper's data-imbalance runs (``fracdata_*``): fractions kept, weights, win rate."""
-    lines = ["| model | desirable kept | undesirable kept | desirable_weight | undesirable_weight | win rate [90%] |",
-             "|---|---|---|---|---|---|"]
-    for r in sorted((r for r in rows if r.source.startswith("paper:fracdata")), key=lambda r: (dict(r.extra)["desirable_fraction"], dict(r.extra)["undesirable_fraction"])):
+    lines = [
+        "| model | desirable kept | undesirable kept | desirable_weight | undesirable_weight | win rate [90%] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(
+        (r for r in rows if r.source.startswith("paper:fracdata")),
+        key=lambda r: (dict(r.extra)["desirable_fraction"], dict(r.extra)["undesirable_fraction"]),
+    ):
         e = dict(r.extra)
-        lines.append(f"| {r.model} | {e['desirable_fraction']} | {e['undesirable_fraction']} | {e['desirable_weight']} | "
-                     f"{e['undesirable_weight']} | {r.winrate:.3f} [{r.ci90[0]:.3f}, {r.ci90[1]:.3f}] |")
+        lines.append(
+            f"| {r.model} | {e['desirable_fraction']} | {e['undesirable_fraction']} | {e['desirable_weight']} | "
+            f"{e['undesirable_weight']} | {r.winrate:.3f} [{r.ci90[0]:.3f}, {r.ci90[1]:.3f}] |"
+        )
     return "\n".join(lines)
 
 
@@ -168,8 +194,10 @@ def runs_table(workdirs: Iterable[str]) -> str:
     """One row per run (a before/after table): loss, steps trained, the judged desirable rate (unary
     view) and the pairwise win rate (wins / total, ties and unparseable as non-wins) with the counts
     and what it was judged against."""
-    lines = ["| run | loss | steps | judged desirable [90%] | pairwise against | wins / ties / losses / unparseable | win rate [90%] |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | loss | steps | judged desirable [90%] | pairwise against | wins / ties / losses / unparseable | win rate [90%] |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for workdir in workdirs:
         with open(os.path.join(workdir, "eval.json"), encoding="utf-8") as f:
             results = json.load(f)
@@ -177,9 +205,15 @@ def runs_table(workdirs: Iterable[str]) -> str:
             config = json.load(f)
         g, p = results.get("generation"), results.get("pairwise")
         unary = f"{g['desirable_rate']:.3f} [{g['ci90'][0]:.3f}, {g['ci90'][1]:.3f}] (n={g['n']})" if g else ""
-        against = (p["against"] if p["against"] == "sft_target" else os.path.basename(os.path.normpath(p["against"]))) if p else ""
+        against = (
+            (p["against"] if p["against"] == "sft_target" else os.path.basename(os.path.normpath(p["against"])))
+            if p
+            else ""
+        )
         counts = f"{p['wins']} / {p['ties']} / {p['baseline_wins']} / {p['unparseable']}" if p else ""
         rate = f"{p['winrate']:.3f} [{p['ci90'][0]:.3f}, {p['ci90'][1]:.3f}]" if p else ""
         loss = "(none: the starting model)" if config.get("eval", {}).get("only") else config["loss"]["name"]
-        lines.append(f"| {os.path.basename(os.path.normpath(workdir))} | {loss} | {results.get('step', '')} | {unary} | {against} | {counts} | {rate} |")
+        lines.append(
+            f"| {os.path.basename(os.path.normpath(workdir))} | {loss} | {results.get('step', '')} | {unary} | {against} | {counts} | {rate} |"
+        )
     return "\n".join(lines)

@@ -77,13 +77,32 @@ class ServedModel:
         """``kto_jax.evaluate.generate`` on this model (the ``Batcher``'s ``generate_fn``)."""
         from kto_jax.evaluate import generate
 
-        return generate(self.model, self.params, rows, max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id,
-                        pad_id=self.tokenizer.pad_id, temperature=sampling.temperature, top_p=sampling.top_p,
-                        top_k=sampling.top_k, batch_size=batch_size, seed=seed, bucket=bucket)
+        return generate(
+            self.model,
+            self.params,
+            rows,
+            max_new_tokens=max_new_tokens,
+            eos_id=self.tokenizer.eos_id,
+            pad_id=self.tokenizer.pad_id,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            batch_size=batch_size,
+            seed=seed,
+            bucket=bucket,
+        )
 
 
-def load_served_model(source: str, *, chat_template: str = "auto", tokenizer: str = "", dtype: str = "",
-                      name: str = "", seed: int = 0, context_length: int = 0) -> ServedModel:
+def load_served_model(
+    source: str,
+    *,
+    chat_template: str = "auto",
+    tokenizer: str = "",
+    dtype: str = "",
+    name: str = "",
+    seed: int = 0,
+    context_length: int = 0,
+) -> ServedModel:
     """A preset name (random init, seed ``seed``; byte tokenizer unless ``tokenizer``), a Hugging Face
     folder, or ``orbax:WORKDIR[@STEP]`` (a kto_jax run's weights, latest step by default).
 
@@ -103,18 +122,30 @@ def load_served_model(source: str, *, chat_template: str = "auto", tokenizer: st
     else:
         path = source if source in PRESETS else os.path.abspath(os.path.expanduser(source))
         model, params = from_hf(path, param_dtype=dtype or "float32", seed=seed)
-        folder = os.path.expanduser(tokenizer) if tokenizer and tokenizer != "bytes" else (None if path in PRESETS else path)
+        folder = (
+            os.path.expanduser(tokenizer) if tokenizer and tokenizer != "bytes" else (None if path in PRESETS else path)
+        )
         tok = get_tokenizer(folder or "bytes")
     if chat_template != "auto" or template is None:
         template = _template(chat_template, folder, get_chat_template)
     if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer of {source!r} has {tok.vocab_size} tokens but the model embeds only "
-                         f"{model.config.vocab_size}: pass the model's own tokenizer")
+        raise ValueError(
+            f"the tokenizer of {source!r} has {tok.vocab_size} tokens but the model embeds only "
+            f"{model.config.vocab_size}: pass the model's own tokenizer"
+        )
     raw_bos = tok.bos_id
     limit = int(context_length) or int(model.config.max_position_embeddings)
-    return ServedModel(name=name or _default_name(source), model=model, params=params, tokenizer=tok, template=template,
-                       context_length=limit, chat_bos_id=bos_id_for(template, tok), raw_bos_id=raw_bos,
-                       stop_token_ids=_extra_eos_ids(folder, tok.eos_id))
+    return ServedModel(
+        name=name or _default_name(source),
+        model=model,
+        params=params,
+        tokenizer=tok,
+        template=template,
+        context_length=limit,
+        chat_bos_id=bos_id_for(template, tok),
+        raw_bos_id=raw_bos,
+        stop_token_ids=_extra_eos_ids(folder, tok.eos_id),
+    )
 
 
 def _template(name: str, folder: str | None, get_chat_template):
@@ -160,8 +191,9 @@ def _load_orbax(workdir_and_step: str, dtype: str):
     model_config = model_config.replace(vocab_size=max(model_config.vocab_size, tokenizer.vocab_size))
     step_source = workdir + (f"@{workdir_and_step.partition('@')[2]}" if "@" in workdir_and_step else "")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # the restore target, allocating nothing
-    like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                  nn.unbox(abstract_params(model_config)))
+    like = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.unbox(abstract_params(model_config))
+    )
     params, step = checkpoint.load_params(step_source, like)
     logging.info("loaded step %d of %s", step, workdir)
     return build_model(model_config), params, tokenizer, setup.chat_template(config), folder
@@ -205,7 +237,10 @@ class App:
         if path in ("/health", "/v1/health"):
             return {"status": "ok", "model": self.served.name, **self.batcher.stats}
         if path == "/v1/models":
-            return {"object": "list", "data": [{"id": self.served.name, "object": "model", "created": 0, "owned_by": "kto_jax"}]}
+            return {
+                "object": "list",
+                "data": [{"id": self.served.name, "object": "model", "created": 0, "owned_by": "kto_jax"}],
+            }
         raise RequestError(f"no endpoint GET {path}", None, 404, kind="not_found_error")
 
     def post(self, path: str, body: Any) -> dict:
@@ -222,7 +257,9 @@ class App:
                 raise RequestError(str(e), "messages") from None
         else:
             prompts = completion_prompts(body, self.served)
-        max_tokens = resolve_max_tokens(options, prompts, self.served, self.default_max_tokens, "messages" if chat else "prompt")
+        max_tokens = resolve_max_tokens(
+            options, prompts, self.served, self.default_max_tokens, "messages" if chat else "prompt"
+        )
         rows = [p for p in prompts for _ in range(options["n"])]
         job = Job(rows, max_tokens, options["sampling"], options["seed"], options["stop"])
         choices = self.batcher.submit(job).result()
@@ -231,16 +268,31 @@ class App:
     def _response(self, chat: bool, choices, prompt_tokens: int) -> dict:
         completion_tokens = sum(len(c.tokens) for c in choices)
         if chat:
-            out = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None, "finish_reason": c.finish_reason}
-                   for i, c in enumerate(choices)]
+            out = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                }
+                for i, c in enumerate(choices)
+            ]
         else:
-            out = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
+            out = [
+                {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                for i, c in enumerate(choices)
+            ]
         return {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": self.served.name, "choices": out,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "created": int(time.time()),
+            "model": self.served.name,
+            "choices": out,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }
 
 
@@ -286,7 +338,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
         except Exception as e:  # noqa: BLE001 -- a generation failure: a 500 with its message
             logging.exception("request failed")
-            status, body = 500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}}
+            status, body = (
+                500,
+                {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}},
+            )
         data = json.dumps(body).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -305,12 +360,26 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256
 
 
-def make_server(served: ServedModel, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, wait_ms: float = 5.0,
-                api_key: str = "", default_max_tokens: int = 256) -> ThreadingHTTPServer:
+def make_server(
+    served: ServedModel,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 8,
+    wait_ms: float = 5.0,
+    api_key: str = "",
+    default_max_tokens: int = 256,
+) -> ThreadingHTTPServer:
     """A ``ThreadingHTTPServer`` (port 0: a free one, ``server.server_address[1]``) with its batcher
     (``server.app.batcher``); call ``serve_forever``. Threads are daemons."""
-    batcher = Batcher(served.generate, served.tokenizer.decode, max_batch=max_batch, wait_s=wait_ms / 1000,
-                      stop_token_ids=served.stop_token_ids, context_length=served.context_length)
+    batcher = Batcher(
+        served.generate,
+        served.tokenizer.decode,
+        max_batch=max_batch,
+        wait_s=wait_ms / 1000,
+        stop_token_ids=served.stop_token_ids,
+        context_length=served.context_length,
+    )
     server = _Server((host, port), Handler)
     server.app = App(served, batcher, api_key=api_key, default_max_tokens=default_max_tokens)  # type: ignore[attr-defined]
     return server

@@ -82,8 +82,14 @@ def pow2_at_least(n: int, floor: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def finish_row(tokens: Sequence[int], max_new_tokens: int, max_tokens: int, decode: Callable[[Sequence[int]], str],
-               stop: Sequence[str] = (), stop_token_ids: Sequence[int] = ()) -> Choice:
+def finish_row(
+    tokens: Sequence[int],
+    max_new_tokens: int,
+    max_tokens: int,
+    decode: Callable[[Sequence[int]], str],
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+) -> Choice:
     """A ``generate`` row (tokens up to, not including, EOS; ``max_new_tokens`` long when no EOS came)
     as a ``Choice`` cut at ``max_tokens``, at the first of ``stop_token_ids`` and at the first stop string.
 
@@ -103,7 +109,9 @@ def finish_row(tokens: Sequence[int], max_new_tokens: int, max_tokens: int, deco
     if hits:
         end = min(hits)
         text, ended = text[:end], True
-        needed = next((k for k in range(1, len(tokens) + 1) if any(s and s in decode(tokens[:k]) for s in stop)), len(tokens))
+        needed = next(
+            (k for k in range(1, len(tokens) + 1) if any(s and s in decode(tokens[:k]) for s in stop)), len(tokens)
+        )
         tokens = tokens[:needed]
     return Choice(text, tokens, "stop" if ended else "length")
 
@@ -116,8 +124,16 @@ class Batcher:
     ``stats`` counts jobs, batches and the largest batch (in rows), for /health.
     """
 
-    def __init__(self, generate_fn, decode, *, max_batch: int = 8, wait_s: float = 0.005,
-                 stop_token_ids: Sequence[int] = (), context_length: int | None = None):
+    def __init__(
+        self,
+        generate_fn,
+        decode,
+        *,
+        max_batch: int = 8,
+        wait_s: float = 0.005,
+        stop_token_ids: Sequence[int] = (),
+        context_length: int | None = None,
+    ):
         if max_batch < 1 or max_batch & (max_batch - 1):
             raise ValueError(f"max_batch must be a power of two >= 1 (batch shapes are powers of two); got {max_batch}")
         self.generate_fn, self.decode = generate_fn, decode
@@ -182,9 +198,14 @@ class Batcher:
             seed = first.seed if first.seed is not None and len(jobs) == 1 else self._seeds.randrange(2**31)
         try:
             self.stats["generate_calls"] += 1
-            out = self.generate_fn(rows, max_new_tokens=max_new, sampling=sampling, seed=seed,
-                                   batch_size=min(self.max_batch, pow2_at_least(len(rows))),
-                                   bucket=pow2_at_least(max(len(r) for r in rows), MIN_BUCKET))
+            out = self.generate_fn(
+                rows,
+                max_new_tokens=max_new,
+                sampling=sampling,
+                seed=seed,
+                batch_size=min(self.max_batch, pow2_at_least(len(rows))),
+                bucket=pow2_at_least(max(len(r) for r in rows), MIN_BUCKET),
+            )
         except Exception as e:  # noqa: BLE001 -- the handlers answer 500 with the message
             logging.exception("generation failed for %d rows", len(rows))
             for job in jobs:
@@ -194,8 +215,9 @@ class Batcher:
         for job in jobs:
             mine, start = out[start : start + len(job.rows)], start + len(job.rows)
             try:
-                job.future.set_result([finish_row(t, max_new, job.max_tokens, self.decode, job.stop, self.stop_token_ids)
-                                       for t in mine])
+                job.future.set_result(
+                    [finish_row(t, max_new, job.max_tokens, self.decode, job.stop, self.stop_token_ids) for t in mine]
+                )
             except Exception as e:  # noqa: BLE001 -- a decoding failure answers this job only
                 job.future.set_exception(e)
 

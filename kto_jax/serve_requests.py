@@ -15,8 +15,14 @@ MAX_N = 64
 class RequestError(Exception):
     """A request the server refuses: HTTP ``status`` with OpenAI's error body naming ``param``."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.message, self.param, self.status, self.code, self.kind = message, param, status, code, kind
 
@@ -40,7 +46,11 @@ def parse_options(body: dict) -> dict:
     """The sampling options of a request: ``sampling``, ``n``, ``seed``, ``stop``, ``max_tokens`` (None: default)."""
     if body.get("stream"):
         raise RequestError("stream=true is not supported by this server", "stream")
-    field = "max_completion_tokens" if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None else "max_tokens"
+    field = (
+        "max_completion_tokens"
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None
+        else "max_tokens"
+    )
     max_tokens = _number(body, field, None, 1, 2**31, integer=True)
     temperature = float(_number(body, "temperature", 1.0, 0.0, 100.0))
     top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0))
@@ -53,8 +63,14 @@ def parse_options(body: dict) -> dict:
     stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise RequestError(f"stop must be a non-empty string or a list of them; got {body.get('stop')!r}", "stop")
-    return {"sampling": Sampling(temperature, top_p, max(top_k, 0)), "n": n, "seed": None if seed is None else seed % 2**31,
-            "stop": tuple(stop), "max_tokens": max_tokens, "max_tokens_field": field}
+    return {
+        "sampling": Sampling(temperature, top_p, max(top_k, 0)),
+        "n": n,
+        "seed": None if seed is None else seed % 2**31,
+        "stop": tuple(stop),
+        "max_tokens": max_tokens,
+        "max_tokens_field": field,
+    }
 
 
 def chat_turns(body: dict) -> list[tuple[str, str]]:
@@ -67,14 +83,18 @@ def chat_turns(body: dict) -> list[tuple[str, str]]:
         if not isinstance(m, dict):
             raise RequestError(f"messages[{i}] must be an object with role and content", f"messages[{i}]")
         if m.get("role") not in ROLES:
-            raise RequestError(f"messages[{i}].role is {m.get('role')!r}; known roles: {', '.join(ROLES)}", f"messages[{i}].role")
+            raise RequestError(
+                f"messages[{i}].role is {m.get('role')!r}; known roles: {', '.join(ROLES)}", f"messages[{i}].role"
+            )
         content = m.get("content")
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             content = "".join(str(p.get("text", "")) for p in content)
         if content is None and m["role"] == "assistant":
             content = ""
         if not isinstance(content, str):
-            raise RequestError(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
+            raise RequestError(
+                f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content"
+            )
         turns.append((ROLES[m["role"]], content))
     return turns
 
@@ -94,7 +114,9 @@ def completion_prompts(body: dict, served) -> list[list[int]]:
         elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in p):
             ids = list(p)
         else:
-            raise RequestError(f"prompt entries must be strings or lists of token ids in [0, {vocab}); got {p!r:.80}", "prompt")
+            raise RequestError(
+                f"prompt entries must be strings or lists of token ids in [0, {vocab}); got {p!r:.80}", "prompt"
+            )
         if not ids:
             raise RequestError("prompt is empty (no tokens)", "prompt")
         out.append(ids)
@@ -106,13 +128,20 @@ def resolve_max_tokens(options: dict, prompts: list[list[int]], served, default:
     longest = max(len(p) for p in prompts)
     room = served.context_length - longest
     if room < 1:
-        raise RequestError(f"this model's maximum context length is {served.context_length} tokens; the prompt has {longest}",
-                           prompt_field, code="context_length_exceeded")
+        raise RequestError(
+            f"this model's maximum context length is {served.context_length} tokens; the prompt has {longest}",
+            prompt_field,
+            code="context_length_exceeded",
+        )
     max_tokens = options["max_tokens"]
     if max_tokens is None:
         return min(default, room)
     if max_tokens > room:
-        raise RequestError(f"this model's maximum context length is {served.context_length} tokens; the prompt has {longest} "
-                           f"and {options['max_tokens_field']} is {max_tokens}: lower {options['max_tokens_field']} to at most "
-                           f"{room} or shorten the prompt", options["max_tokens_field"], code="context_length_exceeded")
+        raise RequestError(
+            f"this model's maximum context length is {served.context_length} tokens; the prompt has {longest} "
+            f"and {options['max_tokens_field']} is {max_tokens}: lower {options['max_tokens_field']} to at most "
+            f"{room} or shorten the prompt",
+            options["max_tokens_field"],
+            code="context_length_exceeded",
+        )
     return max_tokens

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax

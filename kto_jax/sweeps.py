@@ -62,7 +62,9 @@ def _run(config: str, args: dict, overrides: dict | None, module: str = "kto_jax
 
 def run_name(run: dict) -> str:
     """A workdir name from a run's arguments: model=llama-7b,loss=kto -> llama-7b_kto (values only)."""
-    parts = [str(v) for v in run["args"].values()] + [f"{k.split('.')[-1]}{v}" for k, v in sorted(run["overrides"].items())]
+    parts = [str(v) for v in run["args"].values()] + [
+        f"{k.split('.')[-1]}{v}" for k, v in sorted(run["overrides"].items())
+    ]
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", "_".join(parts)).strip("-")
 
 

@@ -23,12 +23,29 @@ from kto_jax.aot import compile_train_step, topology_devices  # noqa: E402
 from kto_jax.sweeps import expand, load_config, load_sweep  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/NAME.py[:ARGS]", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", "", "Cloud TPU accelerator type, e.g. v5p-64 (default: the config's target).")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "", "Cloud TPU accelerator type, e.g. v5p-64 (default: the config's target)."
+)
 _SWEEP = flags.DEFINE_string("sweep", "", "A sweep file: compile every config of it.")
 _OUT = flags.DEFINE_string("out", "", "With --sweep: write OUT.md and OUT.json.")
 
-COLUMNS = ("model", "loss", "topology", "mesh", "remat", "attention", "arguments_gib", "temporaries_gib", "total_gib", "hbm_gib",
-           "fits", "headroom_gib", "xla_tflops_per_chip", "analytic_tflops_per_chip", "xla_over_analytic")
+COLUMNS = (
+    "model",
+    "loss",
+    "topology",
+    "mesh",
+    "remat",
+    "attention",
+    "arguments_gib",
+    "temporaries_gib",
+    "total_gib",
+    "hbm_gib",
+    "fits",
+    "headroom_gib",
+    "xla_tflops_per_chip",
+    "analytic_tflops_per_chip",
+    "xla_over_analytic",
+)
 
 
 def check(config, topology: str) -> dict:
@@ -44,7 +61,13 @@ def row(report: dict) -> str:
     cells = []
     for c in COLUMNS:
         v = report.get(c)
-        cells.append(f"{v:.2f}" if c == "xla_over_analytic" else f"{v:.1f}" if isinstance(v, float) else ("x".join(f"{k}{n}" for k, n in v.items()) if isinstance(v, dict) else str(v)))
+        cells.append(
+            f"{v:.2f}"
+            if c == "xla_over_analytic"
+            else f"{v:.1f}"
+            if isinstance(v, float)
+            else ("x".join(f"{k}{n}" for k, n in v.items()) if isinstance(v, dict) else str(v))
+        )
     return "| " + " | ".join(cells) + " |"
 
 

@@ -63,17 +63,29 @@ _COMPLETION = flags.DEFINE_integer("completion_tokens", 64, "Completion tokens p
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
 _LOSSES = flags.DEFINE_list("losses", ["kto", "dpo"], "Losses to bench.")
 _MODES = flags.DEFINE_list("modes", ["model", "cached"], "Reference modes.")
-_LISTED_PEAK = flags.DEFINE_bool("listed_peak", False, "Use the device's listed bf16 peak instead of a measured matmul peak.")
+_LISTED_PEAK = flags.DEFINE_bool(
+    "listed_peak", False, "Use the device's listed bf16 peak instead of a measured matmul peak."
+)
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy.")
 _ATTENTION = flags.DEFINE_string("attention_impl", "", "'' (XLA's choice), 'xla', 'cudnn' (GPU) or 'splash' (TPU).")
-_LENGTHS = flags.DEFINE_string("lengths", "fixed", "'fixed' (64 + 64 tokens) or a source of scripts/length_histograms.json.")
+_LENGTHS = flags.DEFINE_string(
+    "lengths", "fixed", "'fixed' (64 + 64 tokens) or a source of scripts/length_histograms.json."
+)
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 512, "With --lengths=SOURCE: config.data.max_length (HALOs: 512).")
-_MAX_PROMPT = flags.DEFINE_integer("max_prompt_length", 256, "With --lengths=SOURCE: config.data.max_prompt_length (HALOs: 256).")
-_BUCKET = flags.DEFINE_integer("bucket", 64, "With --lengths=SOURCE: the padded layout's length bucket (config.data.bucket).")
+_MAX_PROMPT = flags.DEFINE_integer(
+    "max_prompt_length", 256, "With --lengths=SOURCE: config.data.max_prompt_length (HALOs: 256)."
+)
+_BUCKET = flags.DEFINE_integer(
+    "bucket", 64, "With --lengths=SOURCE: the padded layout's length bucket (config.data.bucket)."
+)
 _BATCHES = flags.DEFINE_integer("batches", 8, "With --lengths=SOURCE: distinct batches timed per layout.")
-_PROFILE = flags.DEFINE_string("profile_dir", "", "With --lengths=SOURCE: write a jax.profiler trace of the timed passes here.")
+_PROFILE = flags.DEFINE_string(
+    "profile_dir", "", "With --lengths=SOURCE: write a jax.profiler trace of the timed passes here."
+)
 _VS_TORCH = flags.DEFINE_bool("attention_vs_torch", False, "Time one attention layer against torch's SDPA (see above).")
-_ROUNDS = flags.DEFINE_integer("rounds", 2, "With --lengths=SOURCE: timed passes over the batches (after one warm-up pass).")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 2, "With --lengths=SOURCE: timed passes over the batches (after one warm-up pass)."
+)
 
 
 def measured_matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
@@ -115,7 +127,12 @@ def bench_one(name, mode, model, params, peak):
     engine = build_engine(spec, optimizer_cfg, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
     rng = np.random.default_rng(0)
     schema = spec.feed.schema(spec.inputs, "none")  # what the loader fills
-    batch = {k: jnp.asarray(v) for k, v in make_batch(schema, rng, _BATCH.value, _PROMPT.value, _COMPLETION.value, model.config.vocab_size).items()}
+    batch = {
+        k: jnp.asarray(v)
+        for k, v in make_batch(
+            schema, rng, _BATCH.value, _PROMPT.value, _COMPLETION.value, model.config.vocab_size
+        ).items()
+    }
     reference = params
     if spec.reference_mode == "cached":
         batch.update(engine.reference_fn(reference, batch))
@@ -132,10 +149,15 @@ def bench_one(name, mode, model, params, peak):
     length = _PROMPT.value + _COMPLETION.value
     flops = step_flops(model.config, loss, batch=_BATCH.value, length=length, reference_mode=mode)
     return {
-        "loss": name, "reference_mode": mode, "median_step_s": round(median, 4),
-        "tokens_per_s": round(float(schema.training_tokens(batch)) / median, 1), "mfu": round(flops / median / peak, 4),
-        "model_tflops_per_step": round(flops / 1e12, 4), "device": jax.devices()[0].device_kind,
-        "preset": _PRESET.value, "dtype": _DTYPE.value,
+        "loss": name,
+        "reference_mode": mode,
+        "median_step_s": round(median, 4),
+        "tokens_per_s": round(float(schema.training_tokens(batch)) / median, 1),
+        "mfu": round(flops / median / peak, 4),
+        "model_tflops_per_step": round(flops / 1e12, 4),
+        "device": jax.devices()[0].device_kind,
+        "preset": _PRESET.value,
+        "dtype": _DTYPE.value,
     }
 
 
@@ -163,12 +185,28 @@ def bench_realistic(name, model, params, peak):
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     rows = []
     for packing in (False, True):
-        spec = StepSpec(model, loss, tuple(sorted(loss.defaults.items())), 1, "model" if loss.needs_reference else "none",
-                        256, packing=packing)
+        spec = StepSpec(
+            model,
+            loss,
+            tuple(sorted(loss.defaults.items())),
+            1,
+            "model" if loss.needs_reference else "none",
+            256,
+            packing=packing,
+        )
         engine = build_engine(spec, optimizer_cfg, mesh)
-        loader = FeedbackLoader(examples, get_tokenizer("bytes"), tokenize, global_batch_size=_BATCH.value, seed=0,
-                                bucket=_BUCKET.value, process_index=0, process_count=1, packing=packing,
-                                schema=spec.feed.schema(spec.inputs, "none", packing))
+        loader = FeedbackLoader(
+            examples,
+            get_tokenizer("bytes"),
+            tokenize,
+            global_batch_size=_BATCH.value,
+            seed=0,
+            bucket=_BUCKET.value,
+            process_index=0,
+            process_count=1,
+            packing=packing,
+            schema=spec.feed.schema(spec.inputs, "none", packing),
+        )
         batches = [{k: jnp.asarray(v) for k, v in next(loader).items()} for _ in range(_BATCHES.value)]
         schema = spec.schema
         state = engine.create_state(params)
@@ -177,7 +215,7 @@ def bench_realistic(name, model, params, peak):
         jax.block_until_ready(state.params)
         elapsed, losses = 0.0, []
         trace = os.path.join(_PROFILE.value, f"{name}_{'packed' if packing else 'padded'}") if _PROFILE.value else ""
-        with (jax.profiler.trace(trace) if trace else contextlib.nullcontext()):
+        with jax.profiler.trace(trace) if trace else contextlib.nullcontext():
             for _ in range(_ROUNDS.value):
                 for batch in batches:
                     start = time.perf_counter()
@@ -192,21 +230,49 @@ def bench_realistic(name, model, params, peak):
         slots = sum(b[f"{g}_input_ids" if g else "input_ids"].size for b in batches for g in groups)
         shapes = sorted({tuple(b[schema.length_key].shape) for b in batches})
         # model FLOPs of the real tokens: each batch's rows x row length, times its real fraction
-        flops = sum(step_flops(model.config, loss, batch=b[schema.length_key].shape[0], length=b[schema.length_key].shape[1],
-                               reference_mode=spec.reference_mode)
-                    * schema.real_fraction(b) for b in batches) * _ROUNDS.value
-        rows.append({
-            "loss": name, "lengths": _LENGTHS.value, "layout": "packed" if packing else f"buckets of {_BUCKET.value}",
-            "useful_tokens_per_s": round(useful / elapsed, 1), "real_token_fraction": round(real / slots, 3),
-            "useful_mfu": round(flops / elapsed / peak, 4),
-            "step_s": round(elapsed / (_ROUNDS.value * len(batches)), 4), "last_loss": round(losses[-1], 6),
-            "shapes": [list(x) for x in shapes], "max_length": _MAX_LENGTH.value, "batch": _BATCH.value,
-            "preset": _PRESET.value, "device": jax.devices()[0].device_kind,
-        })
+        flops = (
+            sum(
+                step_flops(
+                    model.config,
+                    loss,
+                    batch=b[schema.length_key].shape[0],
+                    length=b[schema.length_key].shape[1],
+                    reference_mode=spec.reference_mode,
+                )
+                * schema.real_fraction(b)
+                for b in batches
+            )
+            * _ROUNDS.value
+        )
+        rows.append(
+            {
+                "loss": name,
+                "lengths": _LENGTHS.value,
+                "layout": "packed" if packing else f"buckets of {_BUCKET.value}",
+                "useful_tokens_per_s": round(useful / elapsed, 1),
+                "real_token_fraction": round(real / slots, 3),
+                "useful_mfu": round(flops / elapsed / peak, 4),
+                "step_s": round(elapsed / (_ROUNDS.value * len(batches)), 4),
+                "last_loss": round(losses[-1], 6),
+                "shapes": [list(x) for x in shapes],
+                "max_length": _MAX_LENGTH.value,
+                "batch": _BATCH.value,
+                "preset": _PRESET.value,
+                "device": jax.devices()[0].device_kind,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     padded, packed = rows
-    print(json.dumps({"loss": name, "lengths": _LENGTHS.value, "packed_over_buckets":
-                      round(packed["useful_tokens_per_s"] / padded["useful_tokens_per_s"], 3)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "loss": name,
+                "lengths": _LENGTHS.value,
+                "packed_over_buckets": round(packed["useful_tokens_per_s"] / padded["useful_tokens_per_s"], 3),
+            }
+        ),
+        flush=True,
+    )
 
 
 def bench_attention_vs_torch(config) -> None:
@@ -240,9 +306,12 @@ def bench_attention_vs_torch(config) -> None:
     def torch_grad():
         (torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tmask) * tw).sum().backward()
 
-    calls = {"jax_forward": lambda: jax_fwd(jq, jk, jv).block_until_ready(),
-             "jax_forward_backward": lambda: jax.block_until_ready(jax_grad(jq, jk, jv)),
-             "torch_forward": torch_fwd, "torch_forward_backward": torch_grad}
+    calls = {
+        "jax_forward": lambda: jax_fwd(jq, jk, jv).block_until_ready(),
+        "jax_forward_backward": lambda: jax.block_until_ready(jax_grad(jq, jk, jv)),
+        "torch_forward": torch_fwd,
+        "torch_forward_backward": torch_grad,
+    }
     times = {name: [] for name in calls}
     for fn in calls.values():
         fn(), fn()  # compile / warm up
@@ -253,22 +322,42 @@ def bench_attention_vs_torch(config) -> None:
                 fn()
             times[name].append((time.perf_counter() - start) / 5)
     s = {name: statistics.median(t) for name, t in times.items()}
-    print(json.dumps({"shape": {"batch": B, "length": T, "heads": H, "head_dim": D}, "jax_impl": impl or "xla (default)",
-                      **{f"{n}_s": round(x, 4) for n, x in s.items()},
-                      "jax_over_torch_seconds_forward": round(s["jax_forward"] / s["torch_forward"], 2),
-                      "jax_over_torch_seconds_forward_backward": round(s["jax_forward_backward"] / s["torch_forward_backward"], 2)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "shape": {"batch": B, "length": T, "heads": H, "head_dim": D},
+                "jax_impl": impl or "xla (default)",
+                **{f"{n}_s": round(x, 4) for n, x in s.items()},
+                "jax_over_torch_seconds_forward": round(s["jax_forward"] / s["torch_forward"], 2),
+                "jax_over_torch_seconds_forward_backward": round(
+                    s["jax_forward_backward"] / s["torch_forward_backward"], 2
+                ),
+            }
+        ),
+        flush=True,
+    )
 
 
 def main(argv):
     del argv
-    config = get_preset(_PRESET.value, compute_dtype=_DTYPE.value, remat_policy=_REMAT.value, attention_impl=_ATTENTION.value or None)
+    config = get_preset(
+        _PRESET.value, compute_dtype=_DTYPE.value, remat_policy=_REMAT.value, attention_impl=_ATTENTION.value or None
+    )
     if _VS_TORCH.value:
         return bench_attention_vs_torch(config)
     model = build_model(config)
     params = init_params(config, seed=0)
     listed = device_peak_flops(jax.devices()[0].device_kind)
     peak = listed if (_LISTED_PEAK.value and listed) else measured_matmul_peak(jnp.dtype(_DTYPE.value))
-    print(json.dumps({"matmul_peak_flops": round(peak), "peak_source": "listed" if (_LISTED_PEAK.value and listed) else "measured"}), flush=True)
+    print(
+        json.dumps(
+            {
+                "matmul_peak_flops": round(peak),
+                "peak_source": "listed" if (_LISTED_PEAK.value and listed) else "measured",
+            }
+        ),
+        flush=True,
+    )
     for name in _LOSSES.value:
         if _LENGTHS.value != "fixed":
             bench_realistic(name, model, params, peak)

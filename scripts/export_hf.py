@@ -37,8 +37,14 @@ flags.mark_flags_as_required(["workdir", "out"])
 # copied from the run's model folder: recent transformers save a tokenizer's chat template as
 # chat_template.jinja (not in tokenizer_config.json), and generation_config.json names the EOS
 # that model.generate stops at (config.json as to_hf writes it names none)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def byte_tokenizer_json():
@@ -59,7 +65,9 @@ def byte_tokenizer_json():
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (used by ByteLevel)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, n = {}, 0
     for b in range(256):
         if b in printable:
@@ -85,7 +93,9 @@ def replace_folder(new: str, out: str) -> None:
 
 def remove_unfinished(out: str) -> None:
     """Staging folders (``.NAME.*.tmp``) an earlier, killed export of ``out`` left behind."""
-    for path in glob.glob(os.path.join(glob.escape(os.path.dirname(out)), f".{glob.escape(os.path.basename(out))}.*.tmp")):
+    for path in glob.glob(
+        os.path.join(glob.escape(os.path.dirname(out)), f".{glob.escape(os.path.basename(out))}.*.tmp")
+    ):
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -119,8 +129,10 @@ def main(argv):
         files = [os.path.join(out, os.path.basename(f)) for f in to_hf(build_model(model_config), params, staging)]
         if tokenizer_name == "bytes":
             byte_tokenizer_json().save(os.path.join(staging, "tokenizer.json"))
-            write_json(os.path.join(staging, "tokenizer_config.json"),
-                       {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>"})
+            write_json(
+                os.path.join(staging, "tokenizer_config.json"),
+                {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>"},
+            )
         elif tokenizer_name:
             for file in TOKENIZER_FILES:
                 path = os.path.join(os.path.expanduser(tokenizer_name), file)

@@ -49,7 +49,7 @@ def attention_check():
     for impl in ("xla", "cudnn"):
         model = build_model(base.replace(attention_impl=impl))
         try:
-            fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m))
+            fn = jax.jit(lambda p, i, m, model=model: model.apply({"params": p}, i, m))
             logits = fn(params, ids, mask).block_until_ready()
             start = time.perf_counter()
             for _ in range(10):
@@ -62,8 +62,13 @@ def attention_check():
         valid = np.asarray(mask, bool)
         diff = np.abs(out["xla"][0] - out["cudnn"][0])[valid].max()
         scale = np.abs(out["xla"][0][valid]).max()
-        report(check="attention", max_abs_diff=float(diff), logit_scale=float(scale),
-               xla_s=out["xla"][1], cudnn_s=out["cudnn"][1])
+        report(
+            check="attention",
+            max_abs_diff=float(diff),
+            logit_scale=float(scale),
+            xla_s=out["xla"][1],
+            cudnn_s=out["cudnn"][1],
+        )
     # packed rows: segment ids (three sequences in row 0, two in row 1, padding at the ends)
     segments = np.zeros((4, 256), np.int32)
     segments[0, :90], segments[0, 90:200], segments[0, 200:250] = 1, 2, 3
@@ -74,13 +79,21 @@ def attention_check():
     for impl in ("xla", "cudnn"):
         model = build_model(base.replace(attention_impl=impl))
         try:
-            packed[impl] = np.asarray(jax.jit(lambda p, i, s: model.apply({"params": p}, i, segment_ids=s))(params, ids, segments), np.float32)
+            packed[impl] = np.asarray(
+                jax.jit(lambda p, i, s, model=model: model.apply({"params": p}, i, segment_ids=s))(
+                    params, ids, segments
+                ),
+                np.float32,
+            )
         except Exception as e:  # report, do not hide
             report(check="attention_packed", impl=impl, error=f"{type(e).__name__}: {str(e)[:400]}")
     if len(packed) == 2:
         valid = np.asarray(segments) > 0
-        report(check="attention_packed", max_abs_diff=float(np.abs(packed["xla"] - packed["cudnn"])[valid].max()),
-               logit_scale=float(np.abs(packed["xla"][valid]).max()))
+        report(
+            check="attention_packed",
+            max_abs_diff=float(np.abs(packed["xla"] - packed["cudnn"])[valid].max()),
+            logit_scale=float(np.abs(packed["xla"][valid]).max()),
+        )
 
 
 def chunked_check():
@@ -103,24 +116,48 @@ def chunked_check():
         compiled = jax.jit(jax.value_and_grad(fn, (0, 1))).lower(h, w).compile()
         value, _ = compiled(h, w)
         res[name] = (compiled.memory_analysis().temp_size_in_bytes, float(value))
-    report(check="chunked_logps", full_temp_bytes=res["full"][0], chunked_temp_bytes=res["chunked"][0],
-           ratio=res["full"][0] / max(res["chunked"][0], 1), full_value=res["full"][1], chunked_value=res["chunked"][1])
+    report(
+        check="chunked_logps",
+        full_temp_bytes=res["full"][0],
+        chunked_temp_bytes=res["chunked"][0],
+        ratio=res["full"][0] / max(res["chunked"][0], 1),
+        full_value=res["full"][1],
+        chunked_value=res["chunked"][1],
+    )
 
 
 def mfu_check():
     """scripts/bench.py at the paper's shape (see the module docstring), its JSON lines passed on."""
     traces = os.path.join(os.environ.get("OUT", "."), "traces")
     bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
-    command = [sys.executable, bench, "--preset=pythia-1.4b", "--dtype=bfloat16", "--remat=dots_no_batch",
-               "--listed_peak", "--lengths=mix", "--batch=32", "--max_length=2048", "--max_prompt_length=1024",
-               "--bucket=64", "--batches=4", "--rounds=2", f"--profile_dir={traces}", "--losses=kto,dpo"]
+    command = [
+        sys.executable,
+        bench,
+        "--preset=pythia-1.4b",
+        "--dtype=bfloat16",
+        "--remat=dots_no_batch",
+        "--listed_peak",
+        "--lengths=mix",
+        "--batch=32",
+        "--max_length=2048",
+        "--max_prompt_length=1024",
+        "--bucket=64",
+        "--batches=4",
+        "--rounds=2",
+        f"--profile_dir={traces}",
+        "--losses=kto,dpo",
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     for line in done.stdout.splitlines():
         if line.startswith("{"):
             print(line, flush=True)
-    report(check="mfu", returncode=done.returncode, seconds=round(time.perf_counter() - start, 1),
-           stderr_tail=done.stderr[-2000:] if done.returncode else "")
+    report(
+        check="mfu",
+        returncode=done.returncode,
+        seconds=round(time.perf_counter() - start, 1),
+        stderr_tail=done.stderr[-2000:] if done.returncode else "",
+    )
 
 
 if __name__ == "__main__":

@@ -57,9 +57,11 @@ def main(argv):
     evaluation.update(results)
     files.write_json(path, evaluation)
     p = results["pairwise"]
-    print(f"win rate {p['winrate']:.3f} [90% {p['ci90'][0]:.3f}, {p['ci90'][1]:.3f}] against {p['against']}: {p['wins']} wins, "
-          f"{p['baseline_wins']} losses, {p['ties']} ties, {p['unparseable']} unparseable of {p['n']} "
-          f"({p['cached']} verdicts from judgments.jsonl); wrote {path}")
+    print(
+        f"win rate {p['winrate']:.3f} [90% {p['ci90'][0]:.3f}, {p['ci90'][1]:.3f}] against {p['against']}: {p['wins']} wins, "
+        f"{p['baseline_wins']} losses, {p['ties']} ties, {p['unparseable']} unparseable of {p['n']} "
+        f"({p['cached']} verdicts from judgments.jsonl); wrote {path}"
+    )
     return 0
 
 

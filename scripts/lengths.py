@@ -45,6 +45,8 @@ def example_texts(kind: str, source: str, n: int, seed: int = 0) -> list[dict]:
     lengths = sample_lengths(source, n, rng)
     text = lambda k: "".join(rng.choice(CHARS, int(k)))  # noqa: E731
     if kind == "paired":
-        return [{"prompt": text(p), "chosen": text(c), "rejected": text(max(1, round(c * rng.uniform(0.5, 1.5))))}
-                for p, c in lengths]
+        return [
+            {"prompt": text(p), "chosen": text(c), "rejected": text(max(1, round(c * rng.uniform(0.5, 1.5))))}
+            for p, c in lengths
+        ]
     return [{"prompt": text(p), "completion": text(c), "label": bool(i % 2)} for i, (p, c) in enumerate(lengths)]

@@ -14,7 +14,9 @@ from kto_jax.data.example_feedback import write_jsonl
 
 _KIND = flags.DEFINE_enum("kind", "binary", ["binary", "preference"], "Thumbs up/down (KTO) or chosen/rejected (DPO).")
 _N = flags.DEFINE_integer("n", 400, "Records to write.")
-_MALFORMED = flags.DEFINE_integer("malformed", 0, "Bad lines to mix in (0-3): a cut-off line, a missing field, a bad value.")
+_MALFORMED = flags.DEFINE_integer(
+    "malformed", 0, "Bad lines to mix in (0-3): a cut-off line, a missing field, a bad value."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _OUT = flags.DEFINE_string("out", None, "Output .jsonl file.")
 flags.mark_flag_as_required("out")

@@ -39,12 +39,24 @@ _STEPS = flags.DEFINE_integer("steps", 64, "KTO steps per round (offline: rounds
 _PROMPTS = flags.DEFINE_integer("prompts", 256, "New prompts per round.")
 _SAMPLES = flags.DEFINE_integer("samples", 4, "Completions per prompt.")
 _LOSS = flags.DEFINE_string("loss", "kto", "The alignment loss of both arms.")
-_FEEDBACK = flags.DEFINE_enum("feedback", "binary", ["binary", "pairwise"], "The online rounds' feedback (pairwise: best "
-                              "against worst sample of each prompt, for DPO).")
-_CARRY = flags.DEFINE_bool("carry_optimizer", True, "Rounds > 1 go on with the last round's optimizer state (HALOs main); "
-                           "--nocarry_optimizer starts each round's optimizer afresh.")
-_OUT = flags.DEFINE_string("out", "", "Also write the summary and the plot as OUT.json and OUT.png (the README's: "
-                           "experiments/results/online_vs_offline).")
+_FEEDBACK = flags.DEFINE_enum(
+    "feedback",
+    "binary",
+    ["binary", "pairwise"],
+    "The online rounds' feedback (pairwise: best against worst sample of each prompt, for DPO).",
+)
+_CARRY = flags.DEFINE_bool(
+    "carry_optimizer",
+    True,
+    "Rounds > 1 go on with the last round's optimizer state (HALOs main); "
+    "--nocarry_optimizer starts each round's optimizer afresh.",
+)
+_OUT = flags.DEFINE_string(
+    "out",
+    "",
+    "Also write the summary and the plot as OUT.json and OUT.png (the README's: "
+    "experiments/results/online_vs_offline).",
+)
 
 
 def rate(results: dict) -> dict:
@@ -61,8 +73,16 @@ def plot(summary: dict, path: str) -> None:
     errors = [[y - r["ci90"][0] for y, r in zip(ys, online)], [r["ci90"][1] - y for y, r in zip(ys, online)]]
     ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=f"online {summary['loss']} (rounds)")
     off = summary["offline"]
-    ax.errorbar([xs[-1]], [off["desirable_rate"]], yerr=[[off["desirable_rate"] - off["ci90"][0]], [off["ci90"][1] - off["desirable_rate"]]],
-                marker="s", color="tab:red", capsize=3, linestyle="none", label=f"offline {summary['loss']}, same steps")
+    ax.errorbar(
+        [xs[-1]],
+        [off["desirable_rate"]],
+        yerr=[[off["desirable_rate"] - off["ci90"][0]], [off["ci90"][1] - off["desirable_rate"]]],
+        marker="s",
+        color="tab:red",
+        capsize=3,
+        linestyle="none",
+        label=f"offline {summary['loss']}, same steps",
+    )
     ax.set_xticks(xs, ["SFT"] + [f"round {i}" for i in xs[1:]])
     ax.set_ylabel("judged desirable rate (90% CI)")
     ax.set_ylim(0, 1.02)
@@ -89,24 +109,35 @@ def main(argv):
     sft_results = run(sft, os.path.join(root, "sft"))
     init = f"orbax:{os.path.join(root, 'sft')}"
 
-    online = load_config(f"{os.path.join(os.path.dirname(__file__), '..', 'experiments', 'online.py')}:"
-                         f"loss={_LOSS.value},init={init},rounds={rounds_},steps={steps},prompts={_PROMPTS.value},samples={_SAMPLES.value},"
-                         f"feedback={_FEEDBACK.value}")
+    online = load_config(
+        f"{os.path.join(os.path.dirname(__file__), '..', 'experiments', 'online.py')}:"
+        f"loss={_LOSS.value},init={init},rounds={rounds_},steps={steps},prompts={_PROMPTS.value},samples={_SAMPLES.value},"
+        f"feedback={_FEEDBACK.value}"
+    )
     online.data.data_dir = data_dir
     online.online.carry_optimizer = _CARRY.value
-    online_results = rounds.run(online, os.path.join(root, f"online_{_LOSS.value}_{_FEEDBACK.value}"
-                                                           f"{'' if _CARRY.value else '_fresh_optimizer'}"))
+    online_results = rounds.run(
+        online,
+        os.path.join(root, f"online_{_LOSS.value}_{_FEEDBACK.value}{'' if _CARRY.value else '_fresh_optimizer'}"),
+    )
 
     offline = tiny_config(loss=_LOSS.value, steps=rounds_ * steps, init=init)
     offline.train.optimizer.warmup_steps = online.train.optimizer.warmup_steps
     offline.data.data_dir = data_dir
     offline_results = run(offline, os.path.join(root, f"offline_{_LOSS.value}"))
 
-    summary = {"loss": _LOSS.value, "feedback": _FEEDBACK.value, "carry_optimizer": _CARRY.value, "steps_per_round": steps, "sft": rate(sft_results),
-               "online": [rate(r) for r in online_results["rounds"]],
-               "online_sampled": [r["labels"].get("sampled") for r in online_results["rounds"]],
-               "offline": rate(offline_results), "offline_steps": rounds_ * steps,
-               "seconds": round(time.perf_counter() - start)}
+    summary = {
+        "loss": _LOSS.value,
+        "feedback": _FEEDBACK.value,
+        "carry_optimizer": _CARRY.value,
+        "steps_per_round": steps,
+        "sft": rate(sft_results),
+        "online": [rate(r) for r in online_results["rounds"]],
+        "online_sampled": [r["labels"].get("sampled") for r in online_results["rounds"]],
+        "offline": rate(offline_results),
+        "offline_steps": rounds_ * steps,
+        "seconds": round(time.perf_counter() - start),
+    }
     name = f"online_vs_offline_{_LOSS.value}{'' if _CARRY.value else '_fresh_optimizer'}"
     for stem in [os.path.join(root, name)] + ([_OUT.value] if _OUT.value else []):
         files.write_json(f"{stem}.json", summary)

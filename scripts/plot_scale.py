@@ -41,8 +41,10 @@ def family(model: str) -> str:
 
 def plot(rows, out: str, title: str = "") -> None:
     """One panel per setting that has rows: alignment from the base model, and SFT first."""
-    panels = [(sft_first, [r for r in rows if r.sft_first == sft_first or (sft_first and r.method == "sft")])
-              for sft_first in (False, True)]
+    panels = [
+        (sft_first, [r for r in rows if r.sft_first == sft_first or (sft_first and r.method == "sft")])
+        for sft_first in (False, True)
+    ]
     panels = [(sft_first, panel) for sft_first, panel in panels if any(r.method != "sft" for r in panel)] or panels[:1]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 0.5, 4.2), sharey=True, squeeze=False)
     axes = axes[0]
@@ -52,21 +54,45 @@ def plot(rows, out: str, title: str = "") -> None:
         labelled = set()
         keys = sorted({(r.source.split(":")[0], r.protocol, r.base_method, family(r.model)) for r in panel})
         for source, protocol, method, fam in keys:
-            series = sorted((r for r in panel if r.base_method == method and family(r.model) == fam and r.protocol == protocol
-                             and r.source.startswith(source)), key=lambda r: r.params)
+            series = sorted(
+                (
+                    r
+                    for r in panel
+                    if r.base_method == method
+                    and family(r.model) == fam
+                    and r.protocol == protocol
+                    and r.source.startswith(source)
+                ),
+                key=lambda r: r.params,
+            )
             x = [max(r.params, 1) for r in series]
             y = [r.winrate - 0.5 for r in series]
             err = [[r.winrate - r.ci90[0] for r in series], [r.ci90[1] - r.winrate for r in series]]
-            label = f"{method} (paper)" if source == "paper" else method if protocol == "paper" else f"{method} [{protocol}]"
+            label = (
+                f"{method} (paper)"
+                if source == "paper"
+                else method
+                if protocol == "paper"
+                else f"{method} [{protocol}]"
+            )
             style = "--" if source == "paper" else "-" if protocol == "paper" else ":"  # dotted: not the paper's scale
-            ax.errorbar(x, y, yerr=err, fmt="o" + style, capsize=3, color=colors[method],
-                        alpha=0.55 if source == "paper" and len({r.source.split(':')[0] for r in rows}) > 1 else 1.0,
-                        label=None if label in labelled else label)
+            ax.errorbar(
+                x,
+                y,
+                yerr=err,
+                fmt="o" + style,
+                capsize=3,
+                color=colors[method],
+                alpha=0.55 if source == "paper" and len({r.source.split(":")[0] for r in rows}) > 1 else 1.0,
+                label=None if label in labelled else label,
+            )
             labelled.add(label)
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("parameters (one line per model family)")
-        ax.set_title("SFT first, then alignment (SFT shown for reference)" if sft_first else "alignment from the base model")
+        ax.set_title(
+            "SFT first, then alignment (SFT shown for reference)" if sft_first else "alignment from the base model"
+        )
         ax.legend(fontsize=7)
     axes[0].set_ylabel("win rate - 0.5 (90% CI)")
     if title:
@@ -90,13 +116,18 @@ def main(argv):
     if skipped:  # SFT baselines, unfinished or unjudged runs: counted, named, not plotted
         print(f"skipped {len(skipped)} run(s) with no win rate in eval.json: {', '.join(skipped)}", file=sys.stderr)
     if argv[1:] and not runs:
-        raise app.UsageError("no run has a win rate: judge runs pairwise (evaluator 'pairwise' or scripts/judge.py), "
-                             "or with config.eval.baseline set")
+        raise app.UsageError(
+            "no run has a win rate: judge runs pairwise (evaluator 'pairwise' or scripts/judge.py), "
+            "or with config.eval.baseline set"
+        )
     rows = read_runs(runs) if runs else []
     off_scale = [r for r in rows if r.protocol != "paper"]
     if off_scale:  # drawn dotted and labelled: the paper's numbers are pairwise against the SFT target
-        print(f"{len(off_scale)} run(s) not judged by the paper's protocol (pairwise against the SFT target), not on its "
-              f"scale: {', '.join(sorted({r.source[4:] + ' [' + r.protocol + ']' for r in off_scale}))}", file=sys.stderr)
+        print(
+            f"{len(off_scale)} run(s) not judged by the paper's protocol (pairwise against the SFT target), not on its "
+            f"scale: {', '.join(sorted({r.source[4:] + ' [' + r.protocol + ']' for r in off_scale}))}",
+            file=sys.stderr,
+        )
     reference = read_judgments(_REFERENCE.value) if _REFERENCE.value else []
     scale = [r for r in reference if r.source.startswith("paper:archangel_")]
     if not rows and not scale:

@@ -20,16 +20,31 @@ _MODEL = flags.DEFINE_string("model", None, "A preset name, a Hugging Face model
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on; 0 picks a free one (printed).")
 _CHAT_TEMPLATE = flags.DEFINE_string(
-    "chat_template", "auto", "halos, hh, plain, tokenizer (the model folder's), or auto (an orbax run's own; else the "
-    "folder's when it has one; else halos).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "A tokenizer folder or 'bytes' (default: the model's; bytes for a preset).")
+    "chat_template",
+    "auto",
+    "halos, hh, plain, tokenizer (the model folder's), or auto (an orbax run's own; else the "
+    "folder's when it has one; else halos).",
+)
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", "", "A tokenizer folder or 'bytes' (default: the model's; bytes for a preset)."
+)
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Most rows (prompts x n) per generate call; a power of two.")
-_BATCH_WAIT_MS = flags.DEFINE_float("batch_wait_ms", 5.0, "How long the batcher waits for more requests after the first.")
-_SERVED_NAME = flags.DEFINE_string("served_name", "", "The model name in /v1/models and answers (default: from --model).")
+_BATCH_WAIT_MS = flags.DEFINE_float(
+    "batch_wait_ms", 5.0, "How long the batcher waits for more requests after the first."
+)
+_SERVED_NAME = flags.DEFINE_string(
+    "served_name", "", "The model name in /v1/models and answers (default: from --model)."
+)
 _API_KEY = flags.DEFINE_string("api_key", "", "If set, requests need 'Authorization: Bearer KEY' (else 401).")
-_DTYPE = flags.DEFINE_string("dtype", "", "Params and activations dtype (float32, bfloat16); default float32, or an orbax run's own.")
-_MAX_TOKENS = flags.DEFINE_integer("default_max_tokens", 256, "max_tokens of requests that set none (lowered to fit the context).")
-_CONTEXT = flags.DEFINE_integer("context_length", 0, "Tokens of prompt + completion allowed (0: the model's max_position_embeddings).")
+_DTYPE = flags.DEFINE_string(
+    "dtype", "", "Params and activations dtype (float32, bfloat16); default float32, or an orbax run's own."
+)
+_MAX_TOKENS = flags.DEFINE_integer(
+    "default_max_tokens", 256, "max_tokens of requests that set none (lowered to fit the context)."
+)
+_CONTEXT = flags.DEFINE_integer(
+    "context_length", 0, "Tokens of prompt + completion allowed (0: the model's max_position_embeddings)."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Random init seed of a preset.")
 flags.mark_flag_as_required("model")
 
@@ -40,10 +55,24 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     if _MAX_BATCH.value < 1 or _MAX_BATCH.value & (_MAX_BATCH.value - 1):
         raise app.UsageError(f"--max_batch must be a power of two; got {_MAX_BATCH.value}")
-    served = load_served_model(_MODEL.value, chat_template=_CHAT_TEMPLATE.value, tokenizer=_TOKENIZER.value, dtype=_DTYPE.value,
-                               name=_SERVED_NAME.value, seed=_SEED.value, context_length=_CONTEXT.value)
-    server = make_server(served, host=_HOST.value, port=_PORT.value, max_batch=_MAX_BATCH.value, wait_ms=_BATCH_WAIT_MS.value,
-                         api_key=_API_KEY.value, default_max_tokens=_MAX_TOKENS.value)
+    served = load_served_model(
+        _MODEL.value,
+        chat_template=_CHAT_TEMPLATE.value,
+        tokenizer=_TOKENIZER.value,
+        dtype=_DTYPE.value,
+        name=_SERVED_NAME.value,
+        seed=_SEED.value,
+        context_length=_CONTEXT.value,
+    )
+    server = make_server(
+        served,
+        host=_HOST.value,
+        port=_PORT.value,
+        max_batch=_MAX_BATCH.value,
+        wait_ms=_BATCH_WAIT_MS.value,
+        api_key=_API_KEY.value,
+        default_max_tokens=_MAX_TOKENS.value,
+    )
     warm_up(server.app)
     host, port = server.server_address[:2]
     print(f"serving {served.name} on http://{host}:{port}/v1", flush=True)

@@ -50,8 +50,15 @@ def main(argv):
     if _LAUNCHER.value == "local":
         launch.local(runs, dry_run=_DRY.value)
     elif _LAUNCHER.value == "slurm":
-        launch.slurm(runs, _ROOT.value, dry_run=_DRY.value, nodes=_NODES.value, partition=_PARTITION.value,
-                     gpus_per_node=_GPUS.value, time_limit=_TIME.value)
+        launch.slurm(
+            runs,
+            _ROOT.value,
+            dry_run=_DRY.value,
+            nodes=_NODES.value,
+            partition=_PARTITION.value,
+            gpus_per_node=_GPUS.value,
+            time_limit=_TIME.value,
+        )
     else:
         if not (_TPU.value and _ZONE.value):
             raise app.UsageError("--launcher tpu needs --tpu_name and --zone")

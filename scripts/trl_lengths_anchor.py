@@ -47,8 +47,18 @@ for c in chars:
 tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
 tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
 tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-cfg = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=8, max_position_embeddings=args.max_length, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+cfg = LlamaConfig(
+    vocab_size=2048,
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    max_position_embeddings=args.max_length,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=1,
+)
 model = LlamaForCausalLM(cfg)
 ref = LlamaForCausalLM(cfg)
 ref.load_state_dict(model.state_dict())
@@ -83,27 +93,63 @@ class Timer(TrainerCallback):
         times.append(time.perf_counter() - self.t)
 
 
-common = dict(per_device_train_batch_size=args.batch, max_steps=steps, learning_rate=1e-5, logging_steps=1000,
-              save_strategy="no", report_to=[], max_length=args.max_length, use_cpu=True, dataloader_num_workers=0,
-              beta=0.1, bf16=False)
+common = dict(
+    per_device_train_batch_size=args.batch,
+    max_steps=steps,
+    learning_rate=1e-5,
+    logging_steps=1000,
+    save_strategy="no",
+    report_to=[],
+    max_length=args.max_length,
+    use_cpu=True,
+    dataloader_num_workers=0,
+    beta=0.1,
+    bf16=False,
+)
 if kind == "paired":
-    from trl import DPOConfig as Config, DPOTrainer as Trainer
+    from trl import DPOConfig as Config
+    from trl import DPOTrainer as Trainer
 else:
-    from trl import KTOConfig as Config, KTOTrainer as Trainer
+    from trl import KTOConfig as Config
+    from trl import KTOTrainer as Trainer
 fields = Config.__dataclass_fields__
 if "max_prompt_length" in fields:
     common["max_prompt_length"] = args.max_prompt_length
 if "train_sampling_strategy" in fields:
     common["train_sampling_strategy"] = "sequential"
 config = Config(output_dir=f"/tmp/trl-lengths-{args.loss}", **common)
-trainer = Trainer(model=model, ref_model=ref, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                  callbacks=[Timer()])
+trainer = Trainer(
+    model=model,
+    ref_model=ref,
+    args=config,
+    train_dataset=Dataset.from_list(rows),
+    processing_class=tok,
+    callbacks=[Timer()],
+)
 sequential = "train_sampling_strategy" in fields
 trainer.train()
-timed = times[args.batches:]
+timed = times[args.batches :]
 # with sequential sampling step s trains examples [s*B, (s+1)*B) of the (cycled) dataset
-tokens = sum(sum(useful[(s % args.batches) * args.batch:(s % args.batches + 1) * args.batch])
-             for s in range(args.batches, steps)) if sequential else sum(useful) / args.batches * len(timed)
-print(json.dumps({"impl": "trl", "loss": args.loss, "lengths": args.source, "useful_tokens_per_s": round(tokens / sum(timed), 1),
-                  "step_s": round(sum(timed) / len(timed), 4), "sequential": sequential, "threads": torch.get_num_threads(),
-                  "max_length": args.max_length, "batch": args.batch}))
+tokens = (
+    sum(
+        sum(useful[(s % args.batches) * args.batch : (s % args.batches + 1) * args.batch])
+        for s in range(args.batches, steps)
+    )
+    if sequential
+    else sum(useful) / args.batches * len(timed)
+)
+print(
+    json.dumps(
+        {
+            "impl": "trl",
+            "loss": args.loss,
+            "lengths": args.source,
+            "useful_tokens_per_s": round(tokens / sum(timed), 1),
+            "step_s": round(sum(timed) / len(timed), 4),
+            "sequential": sequential,
+            "threads": torch.get_num_threads(),
+            "max_length": args.max_length,
+            "batch": args.batch,
+        }
+    )
+)

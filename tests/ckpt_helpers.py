@@ -44,14 +44,31 @@ TIMING = ("step_time_s", "tokens_per_s", "mfu")
 
 def run_flags(data_dir: str, every: int = EVERY) -> list[str]:
     return [
-        f"--config.data.data_dir={data_dir}", "--config.eval.judge=", "--config.train.eval_batches=1",
-        "--config.train.log_every=1", f"--config.checkpoint.every_steps={every}", "--config.train.global_batch_size=8",
-        "--config.data.train_split=validation", "--config.data.eval_split=validation", "--config.data.bucket=32",
+        f"--config.data.data_dir={data_dir}",
+        "--config.eval.judge=",
+        "--config.train.eval_batches=1",
+        "--config.train.log_every=1",
+        f"--config.checkpoint.every_steps={every}",
+        "--config.train.global_batch_size=8",
+        "--config.data.train_split=validation",
+        "--config.data.eval_split=validation",
+        "--config.data.bucket=32",
     ]
 
 
-def train_args(workdir: str, data_dir: str, arg: str = f"loss=kto,steps={STEPS}", extra: tuple = (), every: int = EVERY) -> list[str]:
-    return ["-m", "kto_jax.train", "--config", f"{TINY}:{arg}", "--workdir", workdir, *run_flags(data_dir, every), *extra]
+def train_args(
+    workdir: str, data_dir: str, arg: str = f"loss=kto,steps={STEPS}", extra: tuple = (), every: int = EVERY
+) -> list[str]:
+    return [
+        "-m",
+        "kto_jax.train",
+        "--config",
+        f"{TINY}:{arg}",
+        "--workdir",
+        workdir,
+        *run_flags(data_dir, every),
+        *extra,
+    ]
 
 
 _CACHE_DIR = tempfile.mkdtemp(prefix="kto_jax_test_compile_cache_")
@@ -61,8 +78,11 @@ atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 def proc_env() -> dict:
     """subprocess_env() (one CPU device, fast XLA flags) plus the shared compilation cache
     (a size limit turns on JAX's file lock, so concurrent processes can share it)."""
-    return subprocess_env(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                          JAX_COMPILATION_CACHE_MAX_SIZE=str(2**30))
+    return subprocess_env(
+        JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_COMPILATION_CACHE_MAX_SIZE=str(2**30),
+    )
 
 
 class Proc:
@@ -74,8 +94,9 @@ class Proc:
         self.stdout_path = os.path.join(out_dir, f"{name}.stdout")
         self.stderr_path = os.path.join(out_dir, f"{name}.stderr")
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
-            self.popen = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env or proc_env(),
-                                          stdout=out, stderr=err, start_new_session=True)
+            self.popen = subprocess.Popen(
+                [sys.executable, *args], cwd=REPO, env=env or proc_env(), stdout=out, stderr=err, start_new_session=True
+            )
 
     def wait(self, timeout: float = TIMEOUT) -> int:
         try:
@@ -136,7 +157,9 @@ def wait_for_step(proc: Proc, workdir: str, target: int, timeout: float = TIMEOU
         if step >= target:
             return step
         if proc.popen.poll() is not None:
-            raise AssertionError(f"{proc.name} exited ({proc.popen.returncode}) before step {target}:\n{tail(proc.stderr)}")
+            raise AssertionError(
+                f"{proc.name} exited ({proc.popen.returncode}) before step {target}:\n{tail(proc.stderr)}"
+            )
         time.sleep(0.05)
     proc.kill_group(signal.SIGKILL)
     raise AssertionError(f"{proc.name} did not reach step {target} in {timeout}s")
@@ -238,7 +261,7 @@ def config_for(data_dir: str, arg: str = f"loss=kto,steps={STEPS}", extra: tuple
     """The config ``train_args`` gives the CLI, built in-process."""
     config = _tiny_module().get_config(arg)
     for flag in [*run_flags(data_dir), *extra]:
-        key, _, value = flag[len("--config."):].partition("=")
+        key, _, value = flag[len("--config.") :].partition("=")
         set_path(config, key, value)
     if lock:
         config.lock()
@@ -255,8 +278,11 @@ def random_init(name: str, **kwargs):
     from kto_jax.models.hf import from_hf
 
     mesh = kwargs.get("mesh")
-    key = (name, repr(sorted((k, v) for k, v in kwargs.items() if k != "mesh")),
-           None if mesh is None else (tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat)))
+    key = (
+        name,
+        repr(sorted((k, v) for k, v in kwargs.items() if k != "mesh")),
+        None if mesh is None else (tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat)),
+    )
     if key not in _INITS:
         _INITS[key] = from_hf(name, **kwargs)
     return _INITS[key]
@@ -268,7 +294,11 @@ def reuse_random_init(monkeypatch) -> None:
     from kto_jax.train import setup
 
     def memoised(config, seed=0, mesh=None):
-        key = (config, seed, None if mesh is None else (tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat)))
+        key = (
+            config,
+            seed,
+            None if mesh is None else (tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat)),
+        )
         if key not in _INITS:
             _INITS[key] = init_params(config, seed, mesh)
         return _INITS[key]

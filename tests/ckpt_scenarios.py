@@ -43,8 +43,16 @@ def scenario_kill(root: str, data: str) -> dict:
         reached = H.wait_for_step(proc, workdir, target)
         proc.kill_group(signal.SIGKILL)
         rc = proc.wait()
-        segments.append(dict(target=target, reached=reached, rc=rc, stderr=proc.stderr,
-                             last_row=H.last_step(workdir), listing=sorted(os.listdir(ckpt_dir(workdir)))))
+        segments.append(
+            dict(
+                target=target,
+                reached=reached,
+                rc=rc,
+                stderr=proc.stderr,
+                last_row=H.last_step(workdir),
+                listing=sorted(os.listdir(ckpt_dir(workdir))),
+            )
+        )
     final = H.Proc(H.train_args(workdir, data), out, "kill3").result()
     return dict(segments=segments, final=final, rows=H.rows(workdir), workdir=workdir)
 
@@ -140,7 +148,11 @@ def scenario_export(root: str, reference) -> dict:
     script = os.path.join(H.REPO, "scripts", "export_hf.py")
     procs = {
         "latest": H.Proc([script, "--workdir", ref["workdir"], "--out", os.path.join(out, "latest")], out, "latest"),
-        "at_step": H.Proc([script, "--workdir", ref["workdir"], "--step", str(step), "--out", os.path.join(out, "at_step")], out, "at_step"),
+        "at_step": H.Proc(
+            [script, "--workdir", ref["workdir"], "--step", str(step), "--out", os.path.join(out, "at_step")],
+            out,
+            "at_step",
+        ),
     }
     return {name: {**p.result(), "out": os.path.join(out, name)} for name, p in procs.items()} | {"step": step}
 

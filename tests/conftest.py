@@ -37,3 +37,39 @@ def synthetic_data_dir(tmp_path_factory):
     prepare("synthetic", path)
     prepare("synthetic/unary", path)
     return path
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Tiny random transformers checkpoints: name (tests/hf_checkpoints.py:HF_CONFIGS) -> (folder,
+    in-memory transformers model), built lazily and once per session (torch imported on first use)."""
+    from tests.hf_checkpoints import HF_CONFIGS, make_hf_model
+
+    cache: dict = {}
+
+    def get(name):
+        if name not in cache:
+            folder = str(tmp_path_factory.mktemp(name))
+            model = make_hf_model(HF_CONFIGS[name](), seed=sorted(HF_CONFIGS).index(name))
+            model.save_pretrained(folder)
+            cache[name] = (folder, model)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def loaded(checkpoints):
+    """name -> (folder, hf model, our model, our params)."""
+    from kto_jax.models.hf import from_hf
+
+    cache: dict = {}
+
+    def get(name):
+        if name not in cache:
+            folder, hf_model = checkpoints(name)
+            model, params = from_hf(folder)
+            cache[name] = (folder, hf_model, model, params)
+        return cache[name]
+
+    return get

@@ -33,30 +33,82 @@ SYSTEM_MULTI = (("system", "You are terse."), ("user", "What is 2+2?"), ("assist
 # schema -> form -> (rows, expected records without ids, sorted by id = file order)
 CASES = {
     "unpaired_preference": {
-        "standard": ([{"prompt": "The sky is", "completion": " blue.", "label": True},
-                      {"prompt": "The sky is", "completion": " green.", "label": False}],
-                     [{"prompt": {"role": ["user"], "content": ["The sky is"]}, "completion": " blue.", "desirable": True},
-                      {"prompt": {"role": ["user"], "content": ["The sky is"]}, "completion": " green.", "desirable": False}]),
-        "conversational": ([{"prompt": msgs(*SYSTEM_MULTI), "completion": msgs(("assistant", "6.")), "label": True},
-                            {"prompt": msgs(("user", "Hi")), "completion": msgs(("assistant", "Go away.")), "label": False}],
-                           [{"prompt": {"role": ["system", "user", "assistant", "user"], "content": [c for _, c in SYSTEM_MULTI]},
-                             "completion": "6.", "desirable": True},
-                            {"prompt": {"role": ["user"], "content": ["Hi"]}, "completion": "Go away.", "desirable": False}]),
+        "standard": (
+            [
+                {"prompt": "The sky is", "completion": " blue.", "label": True},
+                {"prompt": "The sky is", "completion": " green.", "label": False},
+            ],
+            [
+                {"prompt": {"role": ["user"], "content": ["The sky is"]}, "completion": " blue.", "desirable": True},
+                {"prompt": {"role": ["user"], "content": ["The sky is"]}, "completion": " green.", "desirable": False},
+            ],
+        ),
+        "conversational": (
+            [
+                {"prompt": msgs(*SYSTEM_MULTI), "completion": msgs(("assistant", "6.")), "label": True},
+                {"prompt": msgs(("user", "Hi")), "completion": msgs(("assistant", "Go away.")), "label": False},
+            ],
+            [
+                {
+                    "prompt": {
+                        "role": ["system", "user", "assistant", "user"],
+                        "content": [c for _, c in SYSTEM_MULTI],
+                    },
+                    "completion": "6.",
+                    "desirable": True,
+                },
+                {"prompt": {"role": ["user"], "content": ["Hi"]}, "completion": "Go away.", "desirable": False},
+            ],
+        ),
     },
     "preference": {
-        "standard": ([{"prompt": "2+2=", "chosen": " 4", "rejected": " 5"}],
-                     [{"prompt": {"role": ["user"], "content": ["2+2="]}, "chosen": " 4", "rejected": " 5"}]),
-        "conversational": ([{"prompt": msgs(*SYSTEM_MULTI), "chosen": msgs(("assistant", "6.")),
-                             "rejected": msgs(("assistant", "7."))}],
-                           [{"prompt": {"role": ["system", "user", "assistant", "user"], "content": [c for _, c in SYSTEM_MULTI]},
-                             "chosen": "6.", "rejected": "7."}]),
+        "standard": (
+            [{"prompt": "2+2=", "chosen": " 4", "rejected": " 5"}],
+            [{"prompt": {"role": ["user"], "content": ["2+2="]}, "chosen": " 4", "rejected": " 5"}],
+        ),
+        "conversational": (
+            [
+                {
+                    "prompt": msgs(*SYSTEM_MULTI),
+                    "chosen": msgs(("assistant", "6.")),
+                    "rejected": msgs(("assistant", "7.")),
+                }
+            ],
+            [
+                {
+                    "prompt": {
+                        "role": ["system", "user", "assistant", "user"],
+                        "content": [c for _, c in SYSTEM_MULTI],
+                    },
+                    "chosen": "6.",
+                    "rejected": "7.",
+                }
+            ],
+        ),
     },
     "implicit_prompt_preference": {  # TRL's extract_prompt docstring examples
-        "standard": ([{"chosen": "The sky is blue.", "rejected": "The sky is green."}],
-                     [{"prompt": {"role": ["user"], "content": ["The sky is"]}, "chosen": " blue.", "rejected": " green."}]),
-        "conversational": ([{"chosen": msgs(*SYSTEM_MULTI, ("assistant", "6.")), "rejected": msgs(*SYSTEM_MULTI, ("assistant", "7."))}],
-                           [{"prompt": {"role": ["system", "user", "assistant", "user"], "content": [c for _, c in SYSTEM_MULTI]},
-                             "chosen": "6.", "rejected": "7."}]),
+        "standard": (
+            [{"chosen": "The sky is blue.", "rejected": "The sky is green."}],
+            [{"prompt": {"role": ["user"], "content": ["The sky is"]}, "chosen": " blue.", "rejected": " green."}],
+        ),
+        "conversational": (
+            [
+                {
+                    "chosen": msgs(*SYSTEM_MULTI, ("assistant", "6.")),
+                    "rejected": msgs(*SYSTEM_MULTI, ("assistant", "7.")),
+                }
+            ],
+            [
+                {
+                    "prompt": {
+                        "role": ["system", "user", "assistant", "user"],
+                        "content": [c for _, c in SYSTEM_MULTI],
+                    },
+                    "chosen": "6.",
+                    "rejected": "7.",
+                }
+            ],
+        ),
     },
 }
 
@@ -78,8 +130,15 @@ def save_to_disk(rows: list[dict], folder: str, shards: int = 1) -> str:
     for i, name in enumerate(names):
         with pa.OSFile(os.path.join(folder, name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table.slice(i * per, per))
-    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": "0123456789abcdef", "_format_columns": None,
-             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+    state = {
+        "_data_files": [{"filename": n} for n in names],
+        "_fingerprint": "0123456789abcdef",
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
     with open(os.path.join(folder, "state.json"), "w") as f:
         json.dump(state, f, indent=2, sort_keys=True)
     with open(os.path.join(folder, "dataset_info.json"), "w") as f:
@@ -142,5 +201,7 @@ def strip_ids(records):
 
 def prompt_hash_split(prompt: dict, fraction: float) -> str:
     """The holdout rule, restated: sha256 of json([roles, contents]), first 8 bytes / 2**64 < fraction."""
-    digest = hashlib.sha256(json.dumps([prompt["role"], prompt["content"]], ensure_ascii=False).encode("utf-8")).digest()
+    digest = hashlib.sha256(
+        json.dumps([prompt["role"], prompt["content"]], ensure_ascii=False).encode("utf-8")
+    ).digest()
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < fraction else "train"

@@ -7,13 +7,11 @@ import functools
 
 import jax
 import numpy as np
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, MistralConfig
 
 from kto_jax.models import build_model
 from kto_jax.models.common import ModelConfig
-from kto_jax.models.hf import from_hf
 
 TOL = 1e-4
 VOCAB = 101
@@ -25,17 +23,33 @@ HF_CONFIGS = {
     "llama_mha": lambda: LlamaConfig(**SMALL, num_attention_heads=4),
     "llama_gqa": lambda: LlamaConfig(**SMALL, num_attention_heads=4, num_key_value_heads=2),
     "llama3_rope": lambda: LlamaConfig(
-        **SMALL, num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8},
+        **SMALL,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
     ),
     # head_dim 16 and original length 32: wavelengths fall in all three llama3 bands
     # (unchanged < 8, smoothed 8..32, divided by factor > 32); also q/k/v/o biases.
     "llama3_rope_bias": lambda: LlamaConfig(
-        **{**SMALL, "hidden_size": 64}, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+        **{**SMALL, "hidden_size": 64},
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
         attention_bias=True,
-        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 32},
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
     ),
     "llama_linear_rope": lambda: LlamaConfig(
         **SMALL, num_attention_heads=4, rope_scaling={"rope_type": "linear", "factor": 3.0}
@@ -82,38 +96,7 @@ def hf_logits(model, ids, mask=None) -> np.ndarray:
         return model(input_ids=ids_t, attention_mask=mask_t).logits.float().numpy()
 
 
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
-    """name -> (folder, in-memory transformers model), built lazily and once per session."""
-    cache: dict = {}
-
-    def get(name):
-        if name not in cache:
-            folder = str(tmp_path_factory.mktemp(name))
-            model = make_hf_model(HF_CONFIGS[name](), seed=sorted(HF_CONFIGS).index(name))
-            model.save_pretrained(folder)
-            cache[name] = (folder, model)
-        return cache[name]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def loaded(checkpoints):
-    """name -> (folder, hf model, our model, our params)."""
-    cache: dict = {}
-
-    def get(name):
-        if name not in cache:
-            folder, hf_model = checkpoints(name)
-            model, params = from_hf(folder)
-            cache[name] = (folder, hf_model, model, params)
-        return cache[name]
-
-    return get
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_apply(config: ModelConfig):
     return jax.jit(build_model(config).apply, static_argnames="return_hidden")
 

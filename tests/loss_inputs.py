@@ -6,6 +6,7 @@ import numpy as np
 
 def sequence_inputs(spec, batch, rng, low=-60.0, high=0.0):
     """Random positional args for ``spec.fn`` (per-sequence losses), float32 numpy."""
+
     def logps():
         return rng.uniform(low, high, size=batch).astype(np.float32)
 

@@ -10,7 +10,6 @@ from hypothesis.extra import numpy as hnp
 from tests import numpy_reference as R
 from tests import numpy_reference_ppo as P
 
-
 RTOL = 2e-5
 ATOL = 2e-5
 
@@ -41,10 +40,26 @@ REFERENCES = {
     "halo": R.halo_unary,
     "ppo_offline": P.ppo_offline,
     "cdpo": R.dpo,  # dpo with label smoothing (0.2 by default)
-    **{name: getattr(R, name) for name in (
-        "dpo", "ipo", "hinge", "robust", "exo_pair", "bco_pair", "sppo_hard", "nca_pair", "apo_zero",
-        "apo_down", "discopop", "slic", "simpo", "orpo", "sft",
-    )},
+    **{
+        name: getattr(R, name)
+        for name in (
+            "dpo",
+            "ipo",
+            "hinge",
+            "robust",
+            "exo_pair",
+            "bco_pair",
+            "sppo_hard",
+            "nca_pair",
+            "apo_zero",
+            "apo_down",
+            "discopop",
+            "slic",
+            "simpo",
+            "orpo",
+            "sft",
+        )
+    },
     "csft": R.sft,  # SFT on completions with control tokens: the same loss
 }
 
@@ -121,9 +136,7 @@ def accuracy_slack(chosen_rewards, rejected_rewards, valid):
     rejected_rewards = np.asarray(rejected_rewards, np.float64)[valid]
     if chosen_rewards.size == 0:
         return 0.0
-    near = np.abs(chosen_rewards - rejected_rewards) <= 1e-4 * (
-        1 + np.abs(chosen_rewards) + np.abs(rejected_rewards)
-    )
+    near = np.abs(chosen_rewards - rejected_rewards) <= 1e-4 * (1 + np.abs(chosen_rewards) + np.abs(rejected_rewards))
     return float(np.mean(near))
 
 

@@ -33,7 +33,6 @@ from tests.numpy_base import (  # noqa: F401 (re-exported: tests/numpy_reference
 )
 from tests.numpy_reference_free import orpo, sft, simpo, slic  # noqa: F401 (part of this module's set)
 
-
 # ----------------------------------------------------------------------------------------------------
 # unary (KTO family)
 # ----------------------------------------------------------------------------------------------------
@@ -165,10 +164,10 @@ def halo_unary(
 ):
     """A HALO on unary feedback (Ethayarajh et al. 2024, def. 3.4), per valid example:
 
-        l_i = w_i * (c_i - a_i * v(beta * (r_i - z)))
-        desirable:   a = +1, c = sup v (1 for sigmoid, 0 for log sigmoid and linear), w = desirable_weight
-        undesirable: a = -1, c = 0,                                                   w = undesirable_weight
-        z = KTO's max(0, mean(policy_kl - reference_kl)) ("kl") or 0 ("zero")
+    l_i = w_i * (c_i - a_i * v(beta * (r_i - z)))
+    desirable:   a = +1, c = sup v (1 for sigmoid, 0 for log sigmoid and linear), w = desirable_weight
+    undesirable: a = -1, c = 0,                                                   w = undesirable_weight
+    z = KTO's max(0, mean(policy_kl - reference_kl)) ("kl") or 0 ("zero")
     """
     policy, reference, desirable = _select(example_mask, policy_logps, reference_logps, desirable)
     policy, reference = _f64(policy), _f64(reference)
@@ -214,20 +213,16 @@ def _paired(per_row_losses, beta, pc, pr, rc, rr, extra=None):
 def dpo(pc, pr, rc, rr, *, beta=0.1, label_smoothing=0.0, example_mask=None):
     pc, pr, rc, rr = _paired_inputs(example_mask, pc, pr, rc, rr)
     logits = (pc - pr) - (rc - rr)
-    losses = (
-        -log_sigmoid(beta * logits) * (1 - label_smoothing)
-        - log_sigmoid(-beta * logits) * label_smoothing
-    )
+    losses = -log_sigmoid(beta * logits) * (1 - label_smoothing) - log_sigmoid(-beta * logits) * label_smoothing
     return _paired(losses, beta, pc, pr, rc, rr)
 
 
 def robust(pc, pr, rc, rr, *, beta=0.1, label_smoothing=0.0, example_mask=None):
     pc, pr, rc, rr = _paired_inputs(example_mask, pc, pr, rc, rr)
     logits = (pc - pr) - (rc - rr)
-    losses = (
-        -log_sigmoid(beta * logits) * (1 - label_smoothing)
-        + log_sigmoid(-beta * logits) * label_smoothing
-    ) / (1 - 2 * label_smoothing)
+    losses = (-log_sigmoid(beta * logits) * (1 - label_smoothing) + log_sigmoid(-beta * logits) * label_smoothing) / (
+        1 - 2 * label_smoothing
+    )
     return _paired(losses, beta, pc, pr, rc, rr)
 
 
@@ -236,9 +231,7 @@ def exo_pair(pc, pr, rc, rr, *, beta=0.1, label_smoothing=1e-3, example_mask=Non
     eps = label_smoothing if label_smoothing != 0 else 1e-3  # TRL replaces 0 by 1e-3
     logits = (pc - pr) - (rc - rr)
     x = beta * logits
-    losses = sigmoid(x) * (log_sigmoid(x) - math.log(1 - eps)) + sigmoid(-x) * (
-        log_sigmoid(-x) - math.log(eps)
-    )
+    losses = sigmoid(x) * (log_sigmoid(x) - math.log(1 - eps)) + sigmoid(-x) * (log_sigmoid(-x) - math.log(eps))
     return _paired(losses, beta, pc, pr, rc, rr)
 
 
@@ -272,13 +265,9 @@ def bco_pair(pc, pr, rc, rr, *, beta=0.1, running_mean=0.0, running_count=0.0, e
     pc, pr, rc, rr = _paired_inputs(example_mask, pc, pr, rc, rr)
     chosen_rewards = beta * (pc - rc)
     rejected_rewards = beta * (pr - rr)
-    delta, count = running_mean_update(
-        running_mean, running_count, np.concatenate([chosen_rewards, rejected_rewards])
-    )
+    delta, count = running_mean_update(running_mean, running_count, np.concatenate([chosen_rewards, rejected_rewards]))
     losses = -log_sigmoid(chosen_rewards - delta) - log_sigmoid(-(rejected_rewards - delta))
-    return _paired(
-        losses, beta, pc, pr, rc, rr, {"bco/running_mean": delta, "bco/running_count": count}
-    )
+    return _paired(losses, beta, pc, pr, rc, rr, {"bco/running_mean": delta, "bco/running_count": count})
 
 
 def sppo_hard(pc, pr, rc, rr, *, beta=0.1, example_mask=None):
@@ -293,11 +282,7 @@ def nca_pair(pc, pr, rc, rr, *, beta=0.1, example_mask=None):
     pc, pr, rc, rr = _paired_inputs(example_mask, pc, pr, rc, rr)
     chosen_rewards = (pc - rc) * beta
     rejected_rewards = (pr - rr) * beta
-    losses = (
-        -log_sigmoid(chosen_rewards)
-        - 0.5 * log_sigmoid(-chosen_rewards)
-        - 0.5 * log_sigmoid(-rejected_rewards)
-    )
+    losses = -log_sigmoid(chosen_rewards) - 0.5 * log_sigmoid(-chosen_rewards) - 0.5 * log_sigmoid(-rejected_rewards)
     return _paired(losses, beta, pc, pr, rc, rr)
 
 
@@ -313,9 +298,7 @@ def apo_down(pc, pr, rc, rr, *, beta=0.1, example_mask=None):
     pc, pr, rc, rr = _paired_inputs(example_mask, pc, pr, rc, rr)
     chosen_logratios = pc - rc
     rejected_logratios = pr - rr
-    losses = sigmoid(beta * chosen_logratios) + (
-        1 - sigmoid(beta * (chosen_logratios - rejected_logratios))
-    )
+    losses = sigmoid(beta * chosen_logratios) + (1 - sigmoid(beta * (chosen_logratios - rejected_logratios)))
     return _paired(losses, beta, pc, pr, rc, rr)
 
 

@@ -7,7 +7,6 @@ import numpy as np
 
 from tests.numpy_base import _f64, _paired_metrics, _select, log1mexp, log_sigmoid, mean_or_zero
 
-
 # ----------------------------------------------------------------------------------------------------
 # reference-free
 # ----------------------------------------------------------------------------------------------------
@@ -28,10 +27,7 @@ def simpo(pc, pr, *, beta=2.0, gamma=0.5, label_smoothing=0.0, example_mask=None
     pc, pr = _select(example_mask, pc, pr)
     pc, pr = _f64(pc), _f64(pr)
     logits = (pc - pr) - gamma / beta
-    losses = (
-        -log_sigmoid(beta * logits) * (1 - label_smoothing)
-        - log_sigmoid(-beta * logits) * label_smoothing
-    )
+    losses = -log_sigmoid(beta * logits) * (1 - label_smoothing) - log_sigmoid(-beta * logits) * label_smoothing
     return mean_or_zero(losses), _paired_metrics(beta * pc, beta * pr, pc, pr)
 
 
@@ -63,7 +59,7 @@ def orpo(pc, pr, *, beta=0.1, chosen_token_counts=None, example_mask=None):
 
 
 def sft(policy_logps, token_counts, *, reduction="token", example_mask=None):
-    """"token": NLL averaged over all tokens of the batch (TRL, CrossEntropyLoss over the flattened batch);
+    """ "token": NLL averaged over all tokens of the batch (TRL, CrossEntropyLoss over the flattened batch);
     "sequence": the mean over sequences of each one's summed NLL (HALOs legacy ``SFTTrainer``:
     ``-policy_chosen_logps`` with ``average_log_prob=False``, then ``.mean()``)."""
     policy, counts = _select(example_mask, policy_logps, token_counts)

@@ -91,9 +91,7 @@ def ppo_offline(
     desirable = desirable.astype(bool)
 
     rewards = ppo_rewards(desirable, masks)
-    _, advantages, _, discounted_future_rewards = compute_advantages(
-        values, rewards, masks, gamma=gamma, lam=lam
-    )
+    _, advantages, _, discounted_future_rewards = compute_advantages(values, rewards, masks, gamma=gamma, lam=lam)
 
     critic_loss = 0.5 * masked_mean((values - discounted_future_rewards) ** 2, masks)
 

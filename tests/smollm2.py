@@ -22,6 +22,9 @@ def smollm2_dir() -> str:
     cache = os.path.expanduser(os.environ.get("KTO_JAX_TEST_CACHE", "~/.cache/kto_jax"))
     out = os.path.join(cache, "smollm2-135m-instruct")
     if not os.path.exists(os.path.join(out, "config.json")):
-        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_smollm2.py"), f"--out={out}"],
-                       check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        subprocess.run(
+            [sys.executable, os.path.join(ROOT, "scripts", "convert_smollm2.py"), f"--out={out}"],
+            check=True,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )
     return out

@@ -25,9 +25,19 @@ def test_pythia_1_4b_kto_compiles_and_fits_on_v5p_8():
             pytest.fail("CI installs libtpu ('.[tpu]') for this test")
         pytest.skip("libtpu not installed (pip install -e '.[tpu]')")
     proc = subprocess.run(
-        [sys.executable, "scripts/aot_check.py", "--config=experiments/paper.py:model=pythia-1.4b,loss=kto",
-         "--topology=v5p-8", "--config.data.max_length=1024", "--config.data.max_prompt_length=512"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        [
+            sys.executable,
+            "scripts/aot_check.py",
+            "--config=experiments/paper.py:model=pythia-1.4b,loss=kto",
+            "--topology=v5p-8",
+            "--config.data.max_length=1024",
+            "--config.data.max_prompt_length=512",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout[: proc.stdout.index("\n}") + 2])
@@ -85,7 +95,9 @@ def _small_config(data_dir, loss="kto"):
     return config
 
 
-@pytest.mark.parametrize("loss, mode, packing", [("kto", "model", False), ("dpo", "cached", False), ("kto", "model", True)])
+@pytest.mark.parametrize(
+    "loss, mode, packing", [("kto", "model", False), ("dpo", "cached", False), ("kto", "model", True)]
+)
 def test_aot_lowers_exactly_the_program_the_loop_runs(loss, mode, packing, synthetic_data_dir, tmp_path, monkeypatch):
     """The loop's first train_fn call (real state, batch and reference arrays) and the AOT check's
     abstract lowering give the same StableHLO: same function, in/out shardings, donation and

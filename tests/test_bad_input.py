@@ -72,7 +72,7 @@ import gzip
 import os
 import re
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import pytest
@@ -109,11 +109,13 @@ def cli(arg="loss=kto", *flags):
 
 def run(*flags, arg=f"loss=kto,steps={H.STEPS}", edit=None):
     """The reference run's config plus ``flags`` (``--config.a.b=v``), and ``edit(config, ctx)``."""
+
     def make(ctx):
         config = H.config_for(ctx.data_dir, arg, tuple(f.format(**vars(ctx)) for f in flags), lock=edit is None)
         if edit:
             edit(config, ctx)
         return config
+
     return make
 
 
@@ -130,6 +132,7 @@ def big_vocab_tokenizer(ctx) -> str:
 def set_tokenizer(maker):
     def edit(config, ctx):
         config.data.tokenizer = maker(ctx)
+
     return edit
 
 
@@ -150,8 +153,15 @@ def malformed_hh(config, ctx):
     lines[1] = lines[1][:30]  # a line cut short
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    config.data.update(dict(sources="hh/helpful-base", train_split="train", eval_split="test",
-                            manual_dir=manual, data_dir=os.path.join(ctx.tmp, "tfds")))
+    config.data.update(
+        dict(
+            sources="hh/helpful-base",
+            train_split="train",
+            eval_split="test",
+            manual_dir=manual,
+            data_dir=os.path.join(ctx.tmp, "tfds"),
+        )
+    )
 
 
 def dpo_with_kto_weight(config, ctx):
@@ -173,6 +183,7 @@ def _edit(**fields):
     def edit(config, ctx):
         for dotted, value in fields.items():
             H.set_path(config, dotted.replace("__", "."), value.format(**vars(ctx)))
+
     return edit
 
 
@@ -180,89 +191,173 @@ NEWEST = H.STEPS  # the reference run keeps checkpoints 28 and 30
 N = jax.device_count()
 CASES = {
     # ------------------------------------------------ CLI
-    "cli_unknown_loss": Case("cli", cli("loss=nope"), (r"unknown loss 'nope'", r"config\.loss\.name", r"known losses: .*\bkto\b")),
+    "cli_unknown_loss": Case(
+        "cli", cli("loss=nope"), (r"unknown loss 'nope'", r"config\.loss\.name", r"known losses: .*\bkto\b")
+    ),
     "cli_unknown_experiment_argument": Case(
-        "cli", cli("loss=kto,lr=1"), (r"experiments/tiny\.py: unknown arguments \['lr'\]", r"use loss, model, steps, init")),
-    "cli_extra_positional_argument": Case("cli", lambda ctx: cli()(ctx) + ["extra"], (r"unexpected arguments: \['extra'\]",)),
-    "cli_misspelled_config_key": Case(
-        "cli", cli("loss=kto", "--config.train.lrr=1"), (r"config\.train\.lrr",)),
+        "cli",
+        cli("loss=kto,lr=1"),
+        (r"experiments/tiny\.py: unknown arguments \['lr'\]", r"use loss, model, steps, init"),
+    ),
+    "cli_extra_positional_argument": Case(
+        "cli", lambda ctx: cli()(ctx) + ["extra"], (r"unexpected arguments: \['extra'\]",)
+    ),
+    "cli_misspelled_config_key": Case("cli", cli("loss=kto", "--config.train.lrr=1"), (r"config\.train\.lrr",)),
     "cli_loss_hyperparameter_the_loss_does_not_take": Case(
-        "cli", cli("loss=dpo", "--config.loss.desirable_weight=2"), (r"config\.loss\.desirable_weight", r"\bbeta\b")),
+        "cli", cli("loss=dpo", "--config.loss.desirable_weight=2"), (r"config\.loss\.desirable_weight", r"\bbeta\b")
+    ),
     # ------------------------------------------------ configs
-    "unknown_model_preset": Case("run", run("--config.model.name=tiny-2m"),
-                                 (r"config\.model\.name='tiny-2m'", r"neither a preset \(tiny-1m, ")),
+    "unknown_model_preset": Case(
+        "run", run("--config.model.name=tiny-2m"), (r"config\.model\.name='tiny-2m'", r"neither a preset \(tiny-1m, ")
+    ),
     "loss_hyperparameter_the_loss_does_not_take": Case(
-        "run", run(edit=dpo_with_kto_weight),
-        (r"config\.loss has \['desirable_weight'\]", r"loss 'dpo' does not take", r"'beta'", r"experiments/tiny\.py:loss=dpo")),
-    "bad_reference_mode": Case("run", run("--config.reference.mode=foo"), (r"config\.reference\.mode='foo'", r"one of 'model', 'cached'")),
+        "run",
+        run(edit=dpo_with_kto_weight),
+        (
+            r"config\.loss has \['desirable_weight'\]",
+            r"loss 'dpo' does not take",
+            r"'beta'",
+            r"experiments/tiny\.py:loss=dpo",
+        ),
+    ),
+    "bad_reference_mode": Case(
+        "run", run("--config.reference.mode=foo"), (r"config\.reference\.mode='foo'", r"one of 'model', 'cached'")
+    ),
     "cached_reference_for_a_per_token_loss": Case(
-        "run", run("--config.reference.mode=cached", arg="loss=ppo_offline"),
-        (r"'ppo_offline' needs per-token reference log-probs", r"set config\.reference\.mode='model'")),
+        "run",
+        run("--config.reference.mode=cached", arg="loss=ppo_offline"),
+        (r"'ppo_offline' needs per-token reference log-probs", r"set config\.reference\.mode='model'"),
+    ),
     "mesh_not_matching_devices": Case(
-        "run", run(edit=lambda c, ctx: c.mesh.update(dict(data=N + 1))),
-        (r"config\.mesh", rf"'data': {N + 1}", rf"needs {N + 1} devices; there are {N}")),
+        "run",
+        run(edit=lambda c, ctx: c.mesh.update(dict(data=N + 1))),
+        (r"config\.mesh", rf"'data': {N + 1}", rf"needs {N + 1} devices; there are {N}"),
+    ),
     "bad_best_mode": Case(
-        "run", run("--config.checkpoint.best_mode=median"), (r"config\.checkpoint\.best_mode='median'", r"one of 'min', 'max'")),
+        "run",
+        run("--config.checkpoint.best_mode=median"),
+        (r"config\.checkpoint\.best_mode='median'", r"one of 'min', 'max'"),
+    ),
     "batch_not_splitting_into_microbatches": Case(
-        "run", run("--config.train.global_batch_size=9", "--config.train.num_microbatches=2"),
-        (r"config\.train\.global_batch_size=9 with num_microbatches=2 must split evenly", r"use a multiple of 2")),
+        "run",
+        run("--config.train.global_batch_size=9", "--config.train.num_microbatches=2"),
+        (r"config\.train\.global_batch_size=9 with num_microbatches=2 must split evenly", r"use a multiple of 2"),
+    ),
     "kl_needs_two_examples_per_microbatch": Case(
-        "run", run("--config.train.global_batch_size=2", "--config.train.num_microbatches=2"),
-        (r"'kto' estimates KL within each microbatch", r"got 1", r"config\.train\.global_batch_size")),
+        "run",
+        run("--config.train.global_batch_size=2", "--config.train.num_microbatches=2"),
+        (r"'kto' estimates KL within each microbatch", r"got 1", r"config\.train\.global_batch_size"),
+    ),
     "prompt_length_not_below_max_length": Case(
-        "run", run("--config.data.max_prompt_length=32"),
-        (r"0 < max_prompt_length < max_length", r"max_prompt_length=32, max_length=32", r"config\.data")),
-    "unknown_chat_template": Case("run", run("--config.data.chat_template=nope"),
-                                  (r"'nope'", r"config\.data\.chat_template", r"known: halos, hh, plain, tokenizer")),
+        "run",
+        run("--config.data.max_prompt_length=32"),
+        (r"0 < max_prompt_length < max_length", r"max_prompt_length=32, max_length=32", r"config\.data"),
+    ),
+    "unknown_chat_template": Case(
+        "run",
+        run("--config.data.chat_template=nope"),
+        (r"'nope'", r"config\.data\.chat_template", r"known: halos, hh, plain, tokenizer"),
+    ),
     # ------------------------------------------------ tokenizers
     "tokenizer_vocab_larger_than_model": Case(
-        "run", run(edit=set_tokenizer(big_vocab_tokenizer)),
-        (r"tokenizer='.*big_vocab' has 1001 tokens", r"'tiny-1m' embeds only 384", r"config\.model\.name", r"config\.data\.tokenizer")),
+        "run",
+        run(edit=set_tokenizer(big_vocab_tokenizer)),
+        (
+            r"tokenizer='.*big_vocab' has 1001 tokens",
+            r"'tiny-1m' embeds only 384",
+            r"config\.model\.name",
+            r"config\.data\.tokenizer",
+        ),
+    ),
     "tokenizer_folder_without_tokenizer_json": Case(
-        "run", run(edit=set_tokenizer(empty_folder)),
-        (r"'.*no_tokenizer/tokenizer\.json' not found", r"needs a tokenizer\.json"), exc=FileNotFoundError),
+        "run",
+        run(edit=set_tokenizer(empty_folder)),
+        (r"'.*no_tokenizer/tokenizer\.json' not found", r"needs a tokenizer\.json"),
+        exc=FileNotFoundError,
+    ),
     # ------------------------------------------------ data
-    "unknown_source": Case("run", run("--config.data.sources=nope"),
-                           (r"config\.data\.sources", r"unknown dataset 'nope'", r"known: hh, oasst, shp, synthetic, ultrafeedback")),
+    "unknown_source": Case(
+        "run",
+        run("--config.data.sources=nope"),
+        (r"config\.data\.sources", r"unknown dataset 'nope'", r"known: hh, oasst, shp, synthetic, ultrafeedback"),
+    ),
     "unknown_source_config": Case(
-        "run", run("--config.data.sources=synthetic/nope"), (r"synthetic/nope", r"config\.data\.sources", r"paired", r"unary")),
-    "unknown_split": Case("run", run("--config.data.train_split=nope"),
-                          (r"'synthetic' has no split 'nope'", r"splits: \['test', 'train', 'validation'\]")),
+        "run",
+        run("--config.data.sources=synthetic/nope"),
+        (r"synthetic/nope", r"config\.data\.sources", r"paired", r"unary"),
+    ),
+    "unknown_split": Case(
+        "run",
+        run("--config.data.train_split=nope"),
+        (r"'synthetic' has no split 'nope'", r"splits: \['test', 'train', 'validation'\]"),
+    ),
     "paired_loss_on_unary_data": Case(
-        "run", run("--config.data.sources=synthetic/unary", arg="loss=dpo"),
-        (r"loss 'dpo' needs paired data", r"config\.data\.sources='synthetic/unary' is unary", r"use a unary loss")),
+        "run",
+        run("--config.data.sources=synthetic/unary", arg="loss=dpo"),
+        (r"loss 'dpo' needs paired data", r"config\.data\.sources='synthetic/unary' is unary", r"use a unary loss"),
+    ),
     "malformed_json_line_in_manual_dir": Case(
-        "run", run(edit=malformed_hh),
-        (r"manual/helpful-base/train\.jsonl\.gz, line 2: malformed JSON", r"skip_bad_records=True")),
+        "run",
+        run(edit=malformed_hh),
+        (r"manual/helpful-base/train\.jsonl\.gz, line 2: malformed JSON", r"skip_bad_records=True"),
+    ),
     # ------------------------------------------------ init sources and checkpoints
     "init_source_unknown_scheme": Case(
-        "run", run(edit=_edit(init__source="s3://bucket/run")),
-        (r"config\.init\.source='s3://bucket/run'", r"use '', 'hf:PATH' or 'orbax:WORKDIR\[@STEP\]'")),
+        "run",
+        run(edit=_edit(init__source="s3://bucket/run")),
+        (r"config\.init\.source='s3://bucket/run'", r"use '', 'hf:PATH' or 'orbax:WORKDIR\[@STEP\]'"),
+    ),
     # a folder under tmp, not /nonexistent: run as root, orbax would create /nonexistent/checkpoints
     "init_orbax_nonexistent": Case(
-        "run", run(edit=_edit(init__source="orbax:{tmp}/nonexistent")),
-        (r"no checkpoint in '.*/nonexistent/checkpoints'", r"config\.init\.source=orbax:.*/nonexistent"), exc=FileNotFoundError),
+        "run",
+        run(edit=_edit(init__source="orbax:{tmp}/nonexistent")),
+        (r"no checkpoint in '.*/nonexistent/checkpoints'", r"config\.init\.source=orbax:.*/nonexistent"),
+        exc=FileNotFoundError,
+    ),
     "init_orbax_missing_step": Case(
-        "run", run(edit=_edit(init__source="orbax:{reference}@8")), (r"checkpoints' has no step 8", r"it has \[28, 30\]"),
-        exc=FileNotFoundError),
+        "run",
+        run(edit=_edit(init__source="orbax:{reference}@8")),
+        (r"checkpoints' has no step 8", r"it has \[28, 30\]"),
+        exc=FileNotFoundError,
+    ),
     "init_orbax_of_another_model": Case(
-        "run", run("--config.model.name=tiny-5m", edit=_edit(init__source="orbax:{reference}")),
-        (r"config\.init\.source=orbax:", r"trained model 'tiny-1m'", r"set config\.model\.name to the same model")),
+        "run",
+        run("--config.model.name=tiny-5m", edit=_edit(init__source="orbax:{reference}")),
+        (r"config\.init\.source=orbax:", r"trained model 'tiny-1m'", r"set config\.model\.name to the same model"),
+    ),
     "init_hf_nonexistent": Case(
-        "run", run(edit=_edit(init__source="hf:/nonexistent")), (r"config\.init\.source", r"/nonexistent")),
+        "run", run(edit=_edit(init__source="hf:/nonexistent")), (r"config\.init\.source", r"/nonexistent")
+    ),
     "resume_with_a_different_model": Case(
-        "run", run("--config.model.name=tiny-5m"),
-        (rf"checkpoint .*/checkpoints/{NEWEST} was written for another model", r"'tiny-1m'", r"param shapes differ",
-         r"new --workdir"), exc=ValueError),
+        "run",
+        run("--config.model.name=tiny-5m"),
+        (
+            rf"checkpoint .*/checkpoints/{NEWEST} was written for another model",
+            r"'tiny-1m'",
+            r"param shapes differ",
+            r"new --workdir",
+        ),
+        exc=ValueError,
+    ),
     "resume_with_a_changed_config": Case(
-        "run", run("--config.model.name=tiny-5m", "--config.loss.beta=0.2"),
-        (r"holds a run trained with another config", r"config\.model\.name: 'tiny-1m' \(saved\) -> 'tiny-5m' \(now\)",
-         r"config\.loss\.beta: 0\.1 \(saved\) -> 0\.2 \(now\)", r"new --workdir", r"--resume_with_changes"),
-        resume_with_changes=False),
+        "run",
+        run("--config.model.name=tiny-5m", "--config.loss.beta=0.2"),
+        (
+            r"holds a run trained with another config",
+            r"config\.model\.name: 'tiny-1m' \(saved\) -> 'tiny-5m' \(now\)",
+            r"config\.loss\.beta: 0\.1 \(saved\) -> 0\.2 \(now\)",
+            r"new --workdir",
+            r"--resume_with_changes",
+        ),
+        resume_with_changes=False,
+    ),
     # extending the run (steps is resumable) makes it restore the newest checkpoint
     "only_checkpoint_corrupted": Case(
-        "cli", cli(f"loss=kto,steps={H.STEPS + 2}"), (rf"checkpoints/{NEWEST}\b[^\n]*(delete|remove|new --workdir)",),
-        prepare=corrupt_only_checkpoint),
+        "cli",
+        cli(f"loss=kto,steps={H.STEPS + 2}"),
+        (rf"checkpoints/{NEWEST}\b[^\n]*(delete|remove|new --workdir)",),
+        prepare=corrupt_only_checkpoint,
+    ),
 }
 
 CLI = sorted(name for name, case in CASES.items() if case.kind == "cli")

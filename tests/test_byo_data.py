@@ -40,10 +40,22 @@ def smol_runs(files):
     """KTO on the binary file and DPO on the preference file, two steps each, started now."""
     model = smollm2_dir()
     waiting = {}
-    for loss, data, extra in (("kto", files["binary"], ["--config.data.skip_bad_records=True"]), ("dpo", files["prefs"], [])):
+    for loss, data, extra in (
+        ("kto", files["binary"], ["--config.data.skip_bad_records=True"]),
+        ("dpo", files["prefs"], []),
+    ):
         workdir = str(files["root"] / f"smol-{loss}")
-        args = ["-m", "kto_jax.train", "--config", f"experiments/smol.py:loss={loss},data={data},model={model},steps=2",
-                "--workdir", workdir, f"--config.data.data_dir={files['root'] / 'tfds'}", *SMOL_FLAGS, *extra]
+        args = [
+            "-m",
+            "kto_jax.train",
+            "--config",
+            f"experiments/smol.py:loss={loss},data={data},model={model},steps=2",
+            "--workdir",
+            workdir,
+            f"--config.data.data_dir={files['root'] / 'tfds'}",
+            *SMOL_FLAGS,
+            *extra,
+        ]
         waiting[loss] = (workdir, start(args, subprocess_env(), str(files["root"] / f"{loss}.log")))
     yield {loss: (lambda w=w, p=p: (w, *finish(p, TIMEOUT))) for loss, (w, p) in waiting.items()}
     for _, proc in waiting.values():
@@ -99,8 +111,14 @@ def test_kto_run_exports_to_transformers(smol_runs, files):
     assert code == 0, tail(log)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]  # the final step is saved
     out = str(files["root"] / "smol-kto-hf")
-    proc = subprocess.run([sys.executable, "scripts/export_hf.py", "--workdir", workdir, "--out", out], cwd=REPO,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, "scripts/export_hf.py", "--workdir", workdir, "--out", out],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert proc.returncode == 0, tail(proc.stderr)
     assert f"exported step 2 of {workdir}" in proc.stdout
 
@@ -115,7 +133,9 @@ def test_kto_run_exports_to_transformers(smol_runs, files):
     ids, tok = prompt_ids(original)
     assert prompt_ids(out)[0] == ids
     hf_tok = AutoTokenizer.from_pretrained(out)
-    text = hf_tok.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False, add_generation_prompt=True)
+    text = hf_tok.apply_chat_template(
+        [{"role": r, "content": c} for r, c in turns], tokenize=False, add_generation_prompt=True
+    )
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
     hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert hf_model.generation_config.eos_token_id == tok.eos_id  # generate stops where kto_jax's does
@@ -126,14 +146,19 @@ def test_kto_run_exports_to_transformers(smol_runs, files):
     assert step == 2
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved)))
     # two AdamW steps at lr 5e-7 then 5e-6 move every tensor by about 5.5e-6
-    moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params))]
+    moved = [
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params))
+    ]
     assert all(1e-6 < m < 1e-4 for m in moved), moved
 
     x = np.asarray([ids], np.int32)
     ours, ref = np.asarray(forward(model, params, x)), hf_logits(hf_model, x)
     assert max_diff(ours, ref) < EXPORT_TOL
     assert max_diff(ours, np.asarray(forward(model, saved, x))) == 0.0
-    assert max_diff(ours, np.asarray(forward(base_model, base_params, x))) > 1e-2  # measured 0.33: far beyond EXPORT_TOL
+    assert (
+        max_diff(ours, np.asarray(forward(base_model, base_params, x))) > 1e-2
+    )  # measured 0.33: far beyond EXPORT_TOL
 
 
 def test_the_loader_tokenizes_as_transformers_apply_chat_template(files):
@@ -153,10 +178,19 @@ def test_the_loader_tokenizes_as_transformers_apply_chat_template(files):
     tokenizer = setup.tokenizer_for(config, model)
     records = [json.loads(line) for line in read(files["binary"]).splitlines()[:40]]
     records = [r for r in records if isinstance(r, dict) and isinstance(r.get("label"), bool) and "completion" in r][:8]
-    examples = [Unary(str(i), tuple((m["role"], m["content"]) for m in r["prompt"]), r["completion"][0]["content"], r["label"])
-                for i, r in enumerate(records)]
-    loader = FeedbackLoader(examples, tokenizer, setup.tokenize_config(config), global_batch_size=8, seed=0,
-                            process_index=0, process_count=1)
+    examples = [
+        Unary(str(i), tuple((m["role"], m["content"]) for m in r["prompt"]), r["completion"][0]["content"], r["label"])
+        for i, r in enumerate(records)
+    ]
+    loader = FeedbackLoader(
+        examples,
+        tokenizer,
+        setup.tokenize_config(config),
+        global_batch_size=8,
+        seed=0,
+        process_index=0,
+        process_count=1,
+    )
     hf = AutoTokenizer.from_pretrained(model_dir)
     for ex, tokens in zip(loader.examples, loader.tokens):
         messages = [{"role": r, "content": c} for r, c in ex.prompt] + [{"role": "assistant", "content": ex.completion}]
@@ -164,7 +198,10 @@ def test_the_loader_tokenizes_as_transformers_apply_chat_template(files):
         expected = hf(expected, add_special_tokens=False)["input_ids"]
         ours = [*tokens[0].prompt, *tokens[0].completion, tokenizer.eos_id]
         assert ours == expected[: expected.index(tokenizer.eos_id, len(tokens[0].prompt)) + 1]
-        assert any(r == "system" for r, _ in ex.prompt) or ours[:3] == hf("<|im_start|>system\n", add_special_tokens=False)["input_ids"]
+        assert (
+            any(r == "system" for r, _ in ex.prompt)
+            or ours[:3] == hf("<|im_start|>system\n", add_special_tokens=False)["input_ids"]
+        )
 
 
 # ---------------------------------------------------------------------------- bad files
@@ -177,42 +214,88 @@ def _write(path, lines):
 
 
 def _row(i=0, **fields):
-    return json.dumps({"prompt": [{"role": "user", "content": f"What is {i} + 2?"}],
-                       "completion": [{"role": "assistant", "content": "4"}], "label": True, **fields})
+    return json.dumps(
+        {
+            "prompt": [{"role": "user", "content": f"What is {i} + 2?"}],
+            "completion": [{"role": "assistant", "content": "4"}],
+            "label": True,
+            **fields,
+        }
+    )
 
 
 def _case_files(root):
     good = [_row(i, label=i % 2 == 0) for i in range(20)]
     no_label = [json.dumps({"prompt": "What is 2 + 2?", "completion": "4"})] * 4
     return {
-        "missing_column": (_write(root / "missing.jsonl", no_label), [],
-                           [r"missing\.jsonl", r"label", r"config\.data\.columns"]),
-        "unknown_label": (_write(root / "label.jsonl", good[:5] + [_row(label="maybe")] + good[5:]), [],
-                          [r"label\.jsonl, line 6", r"unknown label value", r"maybe", r"skip_bad_records"]),
-        "mixed_schema": (_write(root / "mixed.jsonl", good[:3] + [json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})]), [],
-                         [r"mixed\.jsonl, line 4", r"preference", r"unpaired_preference"]),
+        "missing_column": (
+            _write(root / "missing.jsonl", no_label),
+            [],
+            [r"missing\.jsonl", r"label", r"config\.data\.columns"],
+        ),
+        "unknown_label": (
+            _write(root / "label.jsonl", good[:5] + [_row(label="maybe")] + good[5:]),
+            [],
+            [r"label\.jsonl, line 6", r"unknown label value", r"maybe", r"skip_bad_records"],
+        ),
+        "mixed_schema": (
+            _write(root / "mixed.jsonl", good[:3] + [json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})]),
+            [],
+            [r"mixed\.jsonl, line 4", r"preference", r"unpaired_preference"],
+        ),
         "empty_file": (_write(root / "empty.jsonl", []), [], [r"empty\.jsonl", r"no records|empty"]),
         "no_such_file": (str(root / "nope-*.jsonl"), [], [r"nope-\*\.jsonl"]),
-        "holdout_out_of_range": (_write(root / "ok.jsonl", good), ["--config.data.holdout_fraction=1.5"],
-                                 [r"config\.data\.holdout_fraction=1\.5"]),
+        "holdout_out_of_range": (
+            _write(root / "ok.jsonl", good),
+            ["--config.data.holdout_fraction=1.5"],
+            [r"config\.data\.holdout_fraction=1\.5"],
+        ),
         "bad_weight": (_write(root / "ok2.jsonl", good) + ":-1", [], [r"config\.data\.sources", r"positive number"]),
-        "template_without_tokenizer_folder": (_write(root / "ok3.jsonl", good), ["--config.data.chat_template=tokenizer"],
-                                              [r"config\.data\.chat_template", r"tokenizer"]),
-        "unknown_schema": (_write(root / "ok4.jsonl", good), ["--config.data.file_schema=nope"], [r"config\.data\.file_schema='nope'"]),
+        "template_without_tokenizer_folder": (
+            _write(root / "ok3.jsonl", good),
+            ["--config.data.chat_template=tokenizer"],
+            [r"config\.data\.chat_template", r"tokenizer"],
+        ),
+        "unknown_schema": (
+            _write(root / "ok4.jsonl", good),
+            ["--config.data.file_schema=nope"],
+            [r"config\.data\.file_schema='nope'"],
+        ),
     }
 
 
-BAD = ("missing_column", "unknown_label", "mixed_schema", "empty_file", "no_such_file", "holdout_out_of_range", "bad_weight",
-       "template_without_tokenizer_folder", "unknown_schema")
+BAD = (
+    "missing_column",
+    "unknown_label",
+    "mixed_schema",
+    "empty_file",
+    "no_such_file",
+    "holdout_out_of_range",
+    "bad_weight",
+    "template_without_tokenizer_folder",
+    "unknown_schema",
+)
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_feedback_file_fails_naming_file_and_field_before_training(case, tmp_path):
     pattern, flags, expected = _case_files(tmp_path)[case]
     workdir = tmp_path / "run"
-    command = [sys.executable, "-m", "kto_jax.train", "--config", "experiments/tiny.py:loss=kto,steps=1", "--workdir", str(workdir),
-               f"--config.data.sources=files:{pattern}", "--config.data.holdout_fraction=0.2", "--config.eval.judge=",
-               "--config.train.global_batch_size=4", f"--config.data.data_dir={tmp_path / 'tfds'}", *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "kto_jax.train",
+        "--config",
+        "experiments/tiny.py:loss=kto,steps=1",
+        "--workdir",
+        str(workdir),
+        f"--config.data.sources=files:{pattern}",
+        "--config.data.holdout_fraction=0.2",
+        "--config.eval.judge=",
+        "--config.train.global_batch_size=4",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",
+        *flags,
+    ]
     proc = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode != 0, tail(proc.stderr)
     for pattern_text in expected:
@@ -224,10 +307,23 @@ def test_judged_evaluator_gives_the_judge_the_whole_conversation(tmp_path, synth
     """The judged evaluator end to end on the tiny run: samples.jsonl and the judged rate (the
     synthetic judge reads the conversation's last user turn)."""
     workdir = tmp_path / "run"
-    command = [sys.executable, "-m", "kto_jax.train", "--config", "experiments/tiny.py:loss=kto,steps=1", "--workdir", str(workdir),
-               f"--config.data.data_dir={synthetic_data_dir}", "--config.train.global_batch_size=8",
-               "--config.data.train_split=validation", "--config.data.eval_split=validation", "--config.train.eval_batches=1",
-               "--config.eval.num_prompts=16", "--config.eval.batch_size=16", "--config.eval.max_new_tokens=4"]
+    command = [
+        sys.executable,
+        "-m",
+        "kto_jax.train",
+        "--config",
+        "experiments/tiny.py:loss=kto,steps=1",
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={synthetic_data_dir}",
+        "--config.train.global_batch_size=8",
+        "--config.data.train_split=validation",
+        "--config.data.eval_split=validation",
+        "--config.train.eval_batches=1",
+        "--config.eval.num_prompts=16",
+        "--config.eval.batch_size=16",
+        "--config.eval.max_new_tokens=4",
+    ]
     proc = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, tail(proc.stderr)
     samples = [json.loads(line) for line in read(os.path.join(workdir, "samples.jsonl")).splitlines()]

@@ -23,12 +23,19 @@ import numpy as np
 import pytest
 
 from tests import ckpt_helpers as H
-from tests.train_helpers import tail
-
 from tests.ckpt_scenarios import (  # noqa: E402
-    SEED, Scenarios, ckpt_dir, ckpt_steps, scenario_corrupt, scenario_export, scenario_init, scenario_kill,
-    scenario_nonfinite, scenario_sigterm,
+    SEED,
+    Scenarios,
+    ckpt_dir,
+    ckpt_steps,
+    scenario_corrupt,
+    scenario_export,
+    scenario_init,
+    scenario_kill,
+    scenario_nonfinite,
+    scenario_sigterm,
 )
+from tests.train_helpers import tail
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +101,14 @@ def _save_steps(checkpointer, steps=range(1, 11)) -> list[int]:
     return saved
 
 
-@pytest.mark.parametrize("best_metric,best_mode,kept", [
-    ("", "min", [8, 10]),
-    ("eval/loss", "min", [4, 8, 10]),  # the best (lowest) loss, 1.0 at step 4, plus the last two
-    ("eval/loss", "max", [2, 8, 10]),  # the highest, 5.0 at step 2
-])
+@pytest.mark.parametrize(
+    "best_metric,best_mode,kept",
+    [
+        ("", "min", [8, 10]),
+        ("eval/loss", "min", [4, 8, 10]),  # the best (lowest) loss, 1.0 at step 4, plus the last two
+        ("eval/loss", "max", [2, 8, 10]),  # the highest, 5.0 at step 2
+    ],
+)
 def test_keep_last_plus_best(tmp_path, best_metric, best_mode, kept):
     from kto_jax.checkpoint import Checkpointer
 
@@ -159,7 +169,6 @@ def test_init_from_orbax_workdir_and_step(scenarios, monkeypatch):
     assert len({*loaded.values(), checkpoint.fingerprint(random_init)}) == 3
 
 
-
 def test_cli_init_from_orbax_step_trains_from_those_weights(scenarios):
     """The CLI run with init=orbax:WORKDIR@STEP started from (and trained against) that step's weights."""
     from kto_jax import checkpoint
@@ -169,7 +178,9 @@ def test_cli_init_from_orbax_step_trains_from_those_weights(scenarios):
     checkpointer = checkpoint.Checkpointer(run["workdir"])
     meta = checkpointer.restore_meta(checkpointer.steps()[-1])
     checkpointer.close()
-    expected = checkpoint.fingerprint(checkpoint.load_params(f"{ref['workdir']}@{run['step']}", H.random_init("tiny-1m")[1])[0])
+    expected = checkpoint.fingerprint(
+        checkpoint.load_params(f"{ref['workdir']}@{run['step']}", H.random_init("tiny-1m")[1])[0]
+    )
     assert meta["reference"] == {"source": run["source"], "fingerprint": expected}
     assert f"initialised from {run['source']} (step {run['step']})" in run["stderr"]
 
@@ -182,7 +193,12 @@ def test_init_from_a_missing_step_is_a_clear_error(scenarios, monkeypatch):
     ref = scenarios.reference
     config = H.config_for(ref["data_dir"], lock=False)
     config.init.source = f"orbax:{ref['workdir']}@8"
-    with pytest.raises(FileNotFoundError, match=rf"{re.escape(ckpt_dir(ref['workdir']))}' has no step 8; it has {ckpt_steps(ref['workdir'])}".replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"{re.escape(ckpt_dir(ref['workdir']))}' has no step 8; it has {ckpt_steps(ref['workdir'])}".replace(
+            "[", r"\["
+        ).replace("]", r"\]"),
+    ):
         plan = make_plan(config, 1)
         setup.load_model(plan, setup.make_mesh(plan))
 
@@ -195,8 +211,11 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
 
     run = scenarios["nonfinite"]
     assert run["rc"] not in (0, None), tail(run["stderr"])
-    match = re.search(r"FloatingPointError: non-finite loss or gradient norm at step (\d+) \(loss (\S+), grad_norm (\S+)\); "
-                      r"the last good checkpoint is kept in (\S+)\. .*skip_nonfinite=True", run["stderr"])
+    match = re.search(
+        r"FloatingPointError: non-finite loss or gradient norm at step (\d+) \(loss (\S+), grad_norm (\S+)\); "
+        r"the last good checkpoint is kept in (\S+)\. .*skip_nonfinite=True",
+        run["stderr"],
+    )
     assert match, tail(run["stderr"])
     step = int(match.group(1))
     assert step >= 2 and match.group(4) == ckpt_dir(run["workdir"])
@@ -291,7 +310,9 @@ def test_export_step_exports_that_step(scenarios):
     assert f"exported step {exported['step']} of" in run["stdout"]
     _, like = H.random_init("tiny-1m")
     _, params = from_hf(run["out"])
-    H.assert_trees_equal(params, checkpoint.load_params(f"{ref['workdir']}@{exported['step']}", like)[0], "export --step")
+    H.assert_trees_equal(
+        params, checkpoint.load_params(f"{ref['workdir']}@{exported['step']}", like)[0], "export --step"
+    )
     H.assert_trees_equal(params, _raw_state_params(ref["workdir"], exported["step"]), "export --step (raw orbax)")
     latest = checkpoint.load_params(ref["workdir"], like)[0]
     assert checkpoint.fingerprint(params) != checkpoint.fingerprint(latest)
@@ -306,7 +327,10 @@ def test_corrupted_newest_checkpoint_falls_back_with_a_warning(scenarios, how):
     ck = ckpt_dir(run["workdir"])
     newest, previous = run["steps_before"][-1], run["steps_before"][-2]
     stderr = run["stderr"]
-    assert re.search(rf"checkpoint {re.escape(ck)}/{newest} is unreadable \(\w+: [\s\S]*?\); falling back to the previous one", stderr), tail(stderr)
+    assert re.search(
+        rf"checkpoint {re.escape(ck)}/{newest} is unreadable \(\w+: [\s\S]*?\); falling back to the previous one",
+        stderr,
+    ), tail(stderr)
     assert resumed_from(stderr, run["workdir"]) == [previous], tail(stderr)
 
 
@@ -328,8 +352,10 @@ def test_half_written_checkpoint_is_never_picked_up(scenarios, tmp_path):
     from kto_jax.checkpoint import Checkpointer
 
     workdir = H.copy_run(scenarios.reference["workdir"], str(tmp_path / "run"))
-    shutil.copytree(os.path.join(ckpt_dir(workdir), str(ckpt_steps(workdir)[-1])),
-                    os.path.join(ckpt_dir(workdir), f"{H.STEPS + 4}.orbax-checkpoint-tmp-1700000000000000"))
+    shutil.copytree(
+        os.path.join(ckpt_dir(workdir), str(ckpt_steps(workdir)[-1])),
+        os.path.join(ckpt_dir(workdir), f"{H.STEPS + 4}.orbax-checkpoint-tmp-1700000000000000"),
+    )
     checkpointer = Checkpointer(workdir)
     assert checkpointer.steps() == ckpt_steps(workdir) == run["steps_before"]
     checkpointer.close()
@@ -343,7 +369,9 @@ def test_sigterm_saves_exits_0_and_rerun_matches_uninterrupted(scenarios):
     first = run["first"]
     info = f"seed {SEED}, SIGTERM at step >= {first['target']}"
     assert first["rc"] == 0, f"{info}: rc {first['rc']}\n{tail(first['stderr'])}"
-    match = re.search(r"preempted \(SIGTERM\) at step (\d+): checkpoint saved in (\S+); rerun the same command", first["stdout"])
+    match = re.search(
+        r"preempted \(SIGTERM\) at step (\d+): checkpoint saved in (\S+); rerun the same command", first["stdout"]
+    )
     assert match, f"{info}: no 'preempted' message in stdout:\n{tail(first['stdout'])}"
     step = int(match.group(1))
     assert first["target"] <= step < H.STEPS, info
@@ -367,6 +395,8 @@ def test_kill_9_twice_then_rerun_matches_uninterrupted(scenarios):
     # each rerun resumed from a checkpoint at a multiple of every_steps, at or before the kill
     for i, (seg, stderr) in enumerate(zip(run["segments"], [run["segments"][1]["stderr"], run["final"]["stderr"]])):
         found = resumed_from(stderr, run["workdir"])
-        assert len(found) == 1 and found[0] % H.EVERY == 0 and 0 < found[0] <= seg["last_row"], f"{info}: rerun {i + 1}: {found}"
+        assert len(found) == 1 and found[0] % H.EVERY == 0 and 0 < found[0] <= seg["last_row"], (
+            f"{info}: rerun {i + 1}: {found}"
+        )
     assert run["final"]["rc"] == 0, f"{info}:\n{tail(run['final']['stderr'])}"
     H.assert_same_rows(run["rows"], ref["rows"], f"kill -9 ({info})")

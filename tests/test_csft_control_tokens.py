@@ -47,14 +47,16 @@ def test_grow_vocab_appends_mean_rows_and_keeps_the_old_ones():
     np.testing.assert_allclose(new_table[300:], np.broadcast_to(table.mean(0), (2, 128)), rtol=0, atol=1e-7)
     kernel, new_kernel = np.asarray(params["lm_head"]["kernel"]), np.asarray(grown["lm_head"]["kernel"])
     np.testing.assert_array_equal(new_kernel[:, :300], kernel)
-    np.testing.assert_allclose(new_kernel[:, 300:], np.broadcast_to(kernel.mean(1, keepdims=True), (128, 2)), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(
+        new_kernel[:, 300:], np.broadcast_to(kernel.mean(1, keepdims=True), (128, 2)), rtol=0, atol=1e-7
+    )
     with pytest.raises(ValueError, match="below the model's 300"):
         grow_vocab(config, params, 299)
 
 
 def test_csft_adds_the_control_tokens_grows_the_vocabulary_and_exports_them(tmp_path, synthetic_data_dir):
-    from kto_jax.models.hf import init_params, to_hf
     from kto_jax.models import build_model
+    from kto_jax.models.hf import init_params, to_hf
     from kto_jax.train import loop
 
     folder = str(tmp_path / "base")
@@ -71,8 +73,14 @@ def test_csft_adds_the_control_tokens_grows_the_vocabulary_and_exports_them(tmp_
     assert rows and np.isfinite(rows[0]["loss"])
 
     out = str(tmp_path / "exported")
-    proc = subprocess.run([sys.executable, "scripts/export_hf.py", "--workdir", workdir, "--out", out], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, "scripts/export_hf.py", "--workdir", workdir, "--out", out],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import transformers
 

@@ -30,7 +30,10 @@ def by_id(records):
 
 def user(*contents):
     """Alternating user/assistant turns starting with the user, in the record layout."""
-    return {"role": ["user", "assistant"] * (len(contents) // 2) + ["user"] * (len(contents) % 2), "content": list(contents)}
+    return {
+        "role": ["user", "assistant"] * (len(contents) // 2) + ["user"] * (len(contents) % 2),
+        "content": list(contents),
+    }
 
 
 # --- hh -------------------------------------------------------------------------------------------
@@ -40,14 +43,22 @@ def test_hh_records_and_counts(tmp_path):
     builder = prepare("hh", str(tmp_path), HH_DIR)
     train = by_id(load_records("hh", "train", str(tmp_path)))
     assert sorted(train) == [
-        "hh/harmless-base/train/0", "hh/helpful-base/train/0", "hh/helpful-base/train/1", "hh/helpful-base/train/2",
-        "hh/helpful-base/train/5", "hh/helpful-online/train/1", "hh/helpful-rejection-sampled/train/0",
+        "hh/harmless-base/train/0",
+        "hh/helpful-base/train/0",
+        "hh/helpful-base/train/1",
+        "hh/helpful-base/train/2",
+        "hh/helpful-base/train/5",
+        "hh/helpful-online/train/1",
+        "hh/helpful-rejection-sampled/train/0",
     ]
     # multi-turn: the earlier turns are the prompt, the last (empty) assistant marker is not a turn
     assert train["hh/helpful-base/train/0"] == {
         "id": "hh/helpful-base/train/0",
-        "prompt": user("What's a good way to learn French?", "Practice a little every day, for example with a tutor or an app.",
-                       "Which app would you suggest?"),
+        "prompt": user(
+            "What's a good way to learn French?",
+            "Practice a little every day, for example with a tutor or an app.",
+            "Which app would you suggest?",
+        ),
         "chosen": "Duolingo is free and good for daily practice.",
         "rejected": "I don't know any apps.",
         "subset": "helpful-base",
@@ -56,7 +67,10 @@ def test_hh_records_and_counts(tmp_path):
     # the common prefix runs into the completions; the cut is still at the last shared marker
     long_prefix = train["hh/helpful-base/train/1"]
     assert long_prefix["prompt"] == user("What is the capital of Australia?")
-    assert long_prefix["chosen"] == "The capital of Australia is Canberra, a planned city chosen as a compromise between Sydney and Melbourne."
+    assert (
+        long_prefix["chosen"]
+        == "The capital of Australia is Canberra, a planned city chosen as a compromise between Sydney and Melbourne."
+    )
     assert long_prefix["rejected"] == "The capital of Australia is Sydney."
     emoji = train["hh/helpful-base/train/2"]
     assert emoji["prompt"] == user("Wie sagt man „danke“ auf Japanisch? 🙏")
@@ -131,7 +145,10 @@ def test_shp_records_filters_and_counts(tmp_path):
     law = train["shp/r3law/e1/e2"]
     assert law["prompt"] == user("My landlord kept my whole deposit (€800) — what can I do?")
     assert (law["chosen"], law["rejected"], law["domain"]) == (
-        "Send a demand letter citing your state's deposit law, then small claims.", "Just let it go.", "legaladvice")
+        "Send a demand letter citing your state's deposit law, then small claims.",
+        "Just let it go.",
+        "legaladvice",
+    )
     assert (law["score_chosen"], law["score_rejected"]) == (50.0, 5.0)
     assert all(r["score_chosen"] > r["score_rejected"] for r in train.values())
     counts = builder.counts["shp/train"]
@@ -236,6 +253,7 @@ def _drop_field(field):
         obj = json.loads(line)
         del obj[field]
         return json.dumps(obj, ensure_ascii=False)
+
     return mutate
 
 
@@ -244,25 +262,75 @@ def _set_field(field, value):
         obj = json.loads(line)
         obj[field] = value
         return json.dumps(obj, ensure_ascii=False)
+
     return mutate
 
 
 BAD_CASES = {
     # name: (source, file, line to break (1-based), mutation, split, error, records left when skipped)
-    "hh_missing_field": ("hh", "helpful-base/train.jsonl.gz", 2, _drop_field("rejected"), "train",
-                         r"helpful-base/train\.jsonl\.gz, line 2: missing field 'rejected'", 6),
-    "hh_wrong_type": ("hh", "harmless-base/test.jsonl.gz", 1, _set_field("chosen", ["not", "text"]), "test",
-                      r"harmless-base/test\.jsonl\.gz, line 1: field 'chosen' should be str, got list", 4),
-    "shp_wrong_type": ("shp", "askculinary/train.json", 1, _set_field("score_A", "100"), "train",
-                       r"askculinary/train\.json, line 1: field 'score_A' should be int/float, got str", 8),
-    "shp_missing_field": ("shp", "legaladvice/test.json", 3, _drop_field("human_ref_B"), "test",
-                          r"legaladvice/test\.json, line 3: missing field 'human_ref_B'", 6),
-    "shp_bad_label": ("shp", "legaladvice/validation.json", 1, _set_field("labels", 2), "validation",
-                      r"legaladvice/validation\.json, line 1: field 'labels' should be 0 or 1", 1),
-    "shp_malformed_json": ("shp", "legaladvice/train.json", 2, lambda line: line[:40], "train",
-                           r"legaladvice/train\.json, line 2: malformed JSON", 8),
-    "hh_malformed_json": ("hh", "helpful-online/test.jsonl.gz", 1, lambda line: line + "}", "test",
-                          r"helpful-online/test\.jsonl\.gz, line 1: malformed JSON", 4),
+    "hh_missing_field": (
+        "hh",
+        "helpful-base/train.jsonl.gz",
+        2,
+        _drop_field("rejected"),
+        "train",
+        r"helpful-base/train\.jsonl\.gz, line 2: missing field 'rejected'",
+        6,
+    ),
+    "hh_wrong_type": (
+        "hh",
+        "harmless-base/test.jsonl.gz",
+        1,
+        _set_field("chosen", ["not", "text"]),
+        "test",
+        r"harmless-base/test\.jsonl\.gz, line 1: field 'chosen' should be str, got list",
+        4,
+    ),
+    "shp_wrong_type": (
+        "shp",
+        "askculinary/train.json",
+        1,
+        _set_field("score_A", "100"),
+        "train",
+        r"askculinary/train\.json, line 1: field 'score_A' should be int/float, got str",
+        8,
+    ),
+    "shp_missing_field": (
+        "shp",
+        "legaladvice/test.json",
+        3,
+        _drop_field("human_ref_B"),
+        "test",
+        r"legaladvice/test\.json, line 3: missing field 'human_ref_B'",
+        6,
+    ),
+    "shp_bad_label": (
+        "shp",
+        "legaladvice/validation.json",
+        1,
+        _set_field("labels", 2),
+        "validation",
+        r"legaladvice/validation\.json, line 1: field 'labels' should be 0 or 1",
+        1,
+    ),
+    "shp_malformed_json": (
+        "shp",
+        "legaladvice/train.json",
+        2,
+        lambda line: line[:40],
+        "train",
+        r"legaladvice/train\.json, line 2: malformed JSON",
+        8,
+    ),
+    "hh_malformed_json": (
+        "hh",
+        "helpful-online/test.jsonl.gz",
+        1,
+        lambda line: line + "}",
+        "test",
+        r"helpful-online/test\.jsonl\.gz, line 1: malformed JSON",
+        4,
+    ),
 }
 
 
@@ -286,8 +354,14 @@ def test_bad_record_fails_with_file_line_field_or_is_counted(tmp_path, case):
         assert "hh/helpful-base/train/5" in {r["id"] for r in records}
 
 
-@pytest.mark.parametrize("source,name", [("hh", "helpful-base/train.jsonl.gz"), ("hh", "harmless-base/test.jsonl.gz"),
-                                         ("shp", "legaladvice/validation.json")])
+@pytest.mark.parametrize(
+    "source,name",
+    [
+        ("hh", "helpful-base/train.jsonl.gz"),
+        ("hh", "harmless-base/test.jsonl.gz"),
+        ("shp", "legaladvice/validation.json"),
+    ],
+)
 def test_empty_split_file_fails(tmp_path, source, name):
     # helpful-base is read first in its split, harmless-base last: both are caught
     manual = tmp_path / "manual"

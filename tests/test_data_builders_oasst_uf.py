@@ -55,7 +55,10 @@ def prepare(name, tmp_path, manual_dir, **kwargs):
     """(records by split, counts) of ``name`` prepared into its own data_dir."""
     data_dir = os.fspath(tmp_path / "data")
     builder = builders.prepare(name, data_dir, manual_dir, **kwargs)
-    records = {split: sorted(builders.load_records(name, split, data_dir), key=lambda r: r["id"]) for split in builder.info.splits}
+    records = {
+        split: sorted(builders.load_records(name, split, data_dir), key=lambda r: r["id"])
+        for split in builder.info.splits
+    }
     return records, builder.counts
 
 
@@ -66,8 +69,12 @@ def oasst_pair(chosen, rejected, prompt, chosen_text, rejected_text, tree, ranks
     return {
         "id": f"oasst/{mid(chosen)}/{mid(rejected)}",
         "prompt": {"role": [r for r, _ in prompt], "content": [c for _, c in prompt]},
-        "chosen": chosen_text, "rejected": rejected_text, "tree_id": mid(tree),
-        "rank_chosen": ranks[0], "rank_rejected": ranks[1], "sft_target": sft_target,
+        "chosen": chosen_text,
+        "rejected": rejected_text,
+        "tree_id": mid(tree),
+        "rank_chosen": ranks[0],
+        "rank_rejected": ranks[1],
+        "sft_target": sft_target,
     }
 
 
@@ -88,7 +95,9 @@ def test_oasst_records(tmp_path):
         oasst_pair("0ap2", "0ap3", italy, "Milan", "Naples", 0, (1, 2), "Naples"),
     ]
     # rank 1 is Spanish: no 0-1 or 1-2 pair, only 2-3
-    expected_test = [oasst_pair("22c", "22d", [("user", "Tell me a joke 😀")], "Knock knock.", "No.", 22, (2, 3), "No.")]
+    expected_test = [
+        oasst_pair("22c", "22d", [("user", "Tell me a joke 😀")], "Knock knock.", "No.", 22, (2, 3), "No.")
+    ]
     assert records == {"train": sorted(expected_train, key=lambda r: r["id"]), "test": expected_test}
 
     train, test = counts["oasst/train"], counts["oasst/test"]
@@ -117,18 +126,37 @@ def test_oasst_downloads_without_manual_dir(tmp_path, monkeypatch):
 
 
 def message(name, role, text, replies=(), **fields):
-    return {"message_id": mid(name), "text": text, "role": role, "lang": "en", "deleted": False, "rank": None,
-            "replies": list(replies), **fields}
+    return {
+        "message_id": mid(name),
+        "text": text,
+        "role": role,
+        "lang": "en",
+        "deleted": False,
+        "rank": None,
+        "replies": list(replies),
+        **fields,
+    }
 
 
 def tree_line(name, prompt) -> str:
     return json.dumps({"message_tree_id": mid(name), "tree_state": "ready_for_export", "prompt": prompt})
 
 
-GOOD_TREE = tree_line(2, message(2, "prompter", "Hi", [message("2a", "assistant", "Hello", rank=0),
-                                                       message("2b", "assistant", "Go away", rank=1)]))
-GOOD_TEST_TREE = tree_line(22, message(22, "prompter", "Yo", [message("22a", "assistant", "Hey", rank=0),
-                                                             message("22b", "assistant", "No", rank=1)]))
+GOOD_TREE = tree_line(
+    2,
+    message(
+        2,
+        "prompter",
+        "Hi",
+        [message("2a", "assistant", "Hello", rank=0), message("2b", "assistant", "Go away", rank=1)],
+    ),
+)
+GOOD_TEST_TREE = tree_line(
+    22,
+    message(
+        22, "prompter", "Yo", [message("22a", "assistant", "Hey", rank=0), message("22b", "assistant", "No", rank=1)]
+    ),
+)
 
 
 def write_oasst(tmp_path, lines) -> str:
@@ -146,16 +174,26 @@ def missing_text_tree():
 
 
 BAD_OASST = {
-    "missing field": (missing_text_tree(),
-                      r"trees\.jsonl\.gz, line 2: prompt\.replies\[0\] \(message " + mid("3a") + r"\): missing field 'text'"),
-    "wrong type": (tree_line(4, message(4, "prompter", "Hi", [message("4a", "assistant", "x", rank="0")])),
-                   r"line 2: prompt\.replies\[0\] \(message .*\): field 'rank' should be int or null, got str"),
-    "malformed json": ('{"message_tree_id": "' + mid(5) + '", "prompt": {',
-                       r"line 2: malformed JSON \(Expecting property name .*column \d+\)"),
-    "missing tree id": (json.dumps({"prompt": message(6, "prompter", "Hi")}),
-                        r"line 2: missing field 'message_tree_id'"),
-    "roles": (tree_line(7, message(7, "assistant", "Hi")),
-              r"line 2: prompt \(message .*\): field 'role' is 'assistant' at the root; expected 'prompter'"),
+    "missing field": (
+        missing_text_tree(),
+        r"trees\.jsonl\.gz, line 2: prompt\.replies\[0\] \(message " + mid("3a") + r"\): missing field 'text'",
+    ),
+    "wrong type": (
+        tree_line(4, message(4, "prompter", "Hi", [message("4a", "assistant", "x", rank="0")])),
+        r"line 2: prompt\.replies\[0\] \(message .*\): field 'rank' should be int or null, got str",
+    ),
+    "malformed json": (
+        '{"message_tree_id": "' + mid(5) + '", "prompt": {',
+        r"line 2: malformed JSON \(Expecting property name .*column \d+\)",
+    ),
+    "missing tree id": (
+        json.dumps({"prompt": message(6, "prompter", "Hi")}),
+        r"line 2: missing field 'message_tree_id'",
+    ),
+    "roles": (
+        tree_line(7, message(7, "assistant", "Hi")),
+        r"line 2: prompt \(message .*\): field 'role' is 'assistant' at the root; expected 'prompter'",
+    ),
 }
 
 
@@ -183,7 +221,9 @@ def test_oasst_bad_lines_counted_with_skip(tmp_path):
 
 def test_oasst_split_without_pairs_fails(tmp_path):
     manual = write_oasst(tmp_path, [GOOD_TREE])
-    with pytest.raises(BadRecord, match=r"trees\.jsonl\.gz: no test pairs kept \(read 1 trees, filtered \{'other_split': 1\}, bad 0\)"):
+    with pytest.raises(
+        BadRecord, match=r"trees\.jsonl\.gz: no test pairs kept \(read 1 trees, filtered \{'other_split': 1\}, bad 0\)"
+    ):
         prepare("oasst", tmp_path, manual)
 
 
@@ -197,8 +237,14 @@ def test_oasst_empty_file_fails(tmp_path):
 
 
 def uf(prompt_id, prompt, chosen, rejected, score_chosen, score_rejected):
-    return {"id": f"ultrafeedback/{prompt_id}", "prompt": {"role": [r for r, _ in prompt], "content": [c for _, c in prompt]},
-            "chosen": chosen, "rejected": rejected, "score_chosen": score_chosen, "score_rejected": score_rejected}
+    return {
+        "id": f"ultrafeedback/{prompt_id}",
+        "prompt": {"role": [r for r, _ in prompt], "content": [c for _, c in prompt]},
+        "chosen": chosen,
+        "rejected": rejected,
+        "score_chosen": score_chosen,
+        "score_rejected": score_rejected,
+    }
 
 
 def test_ultrafeedback_records(tmp_path):
@@ -206,8 +252,14 @@ def test_ultrafeedback_records(tmp_path):
     assert records == {
         "train_prefs": [
             uf("a1f3", [("user", "How do I boil an egg?")], "Simmer it for 9 minutes.", "Microwave it.", 8.5, 3.0),
-            uf("b2e4", [("user", "Name a prime number."), ("assistant", "7."), ("user", "Another one, bigger?")],
-               "11.", "12.", 9.0, 2.5),
+            uf(
+                "b2e4",
+                [("user", "Name a prime number."), ("assistant", "7."), ("user", "Another one, bigger?")],
+                "11.",
+                "12.",
+                9.0,
+                2.5,
+            ),
             uf("c3d5", [("user", "Translate 'cat' to French 🐱")], "« chat » 🐈", "perro", 10.0, 1.0),
         ],
         "test_prefs": [
@@ -226,8 +278,10 @@ def test_ultrafeedback_downloads_without_manual_dir(tmp_path, monkeypatch):
 
     def download(self, wanted):
         urls.extend(wanted.values())
-        return {name: os.path.join(UF_DIR, "data", f"{url.rsplit('/', 1)[1].split('-')[0]}-00000-of-00001.parquet")
-                for name, url in wanted.items()}
+        return {
+            name: os.path.join(UF_DIR, "data", f"{url.rsplit('/', 1)[1].split('-')[0]}-00000-of-00001.parquet")
+            for name, url in wanted.items()
+        }
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download", download)
     monkeypatch.setattr(base, "reachable", lambda host: True)
@@ -242,8 +296,14 @@ def conv(*pairs):
 
 
 def good_row(prompt_id="g1"):
-    return {"prompt": "Hi", "prompt_id": prompt_id, "chosen": conv(("user", "Hi"), ("assistant", "Hello")),
-            "rejected": conv(("user", "Hi"), ("assistant", "Go away")), "score_chosen": 9.0, "score_rejected": 1.0}
+    return {
+        "prompt": "Hi",
+        "prompt_id": prompt_id,
+        "chosen": conv(("user", "Hi"), ("assistant", "Hello")),
+        "rejected": conv(("user", "Hi"), ("assistant", "Go away")),
+        "score_chosen": 9.0,
+        "score_rejected": 1.0,
+    }
 
 
 def write_uf(tmp_path, table: pa.Table | None = None, raw: bytes | None = None) -> str:
@@ -260,22 +320,36 @@ def write_uf(tmp_path, table: pa.Table | None = None, raw: bytes | None = None) 
 
 
 BAD_UF = {
-    "missing column": (pa.Table.from_pylist([good_row(), good_row("b1")]).drop_columns(["score_rejected"]),
-                       r"row 0: missing field 'score_rejected'"),
-    "wrong type": (pa.Table.from_pylist([{**good_row(), "score_chosen": "9"}, {**good_row("b1"), "score_chosen": "high"}]),
-                   r"row 0: field 'score_chosen' should be float/int, got str"),
-    "null value": (pa.Table.from_pylist([good_row(), {**good_row("b1"), "prompt_id": None}]),
-                   r"row 1: field 'prompt_id' should be str, got NoneType"),
-    "no assistant reply": (pa.Table.from_pylist([good_row(), {**good_row("b1"), "chosen": conv(("user", "Hi"), ("user", "?"))}]),
-                           r"row 1: field 'chosen' should end with an assistant message, ends with 'user'"),
+    "missing column": (
+        pa.Table.from_pylist([good_row(), good_row("b1")]).drop_columns(["score_rejected"]),
+        r"row 0: missing field 'score_rejected'",
+    ),
+    "wrong type": (
+        pa.Table.from_pylist([{**good_row(), "score_chosen": "9"}, {**good_row("b1"), "score_chosen": "high"}]),
+        r"row 0: field 'score_chosen' should be float/int, got str",
+    ),
+    "null value": (
+        pa.Table.from_pylist([good_row(), {**good_row("b1"), "prompt_id": None}]),
+        r"row 1: field 'prompt_id' should be str, got NoneType",
+    ),
+    "no assistant reply": (
+        pa.Table.from_pylist([good_row(), {**good_row("b1"), "chosen": conv(("user", "Hi"), ("user", "?"))}]),
+        r"row 1: field 'chosen' should end with an assistant message, ends with 'user'",
+    ),
     "message without content": (
         pa.Table.from_pylist([good_row(), {**good_row("b1"), "rejected": [{"role": "user"}, {"role": "assistant"}]}]),
-        r"row 1: field 'rejected', message 0: field 'content' should be str, got NoneType"),
-    "different prompts": (pa.Table.from_pylist([good_row(), {**good_row("b1"), "rejected": conv(("user", "Ho"), ("assistant", "x"))}]),
-                          r"row 1: fields 'chosen' and 'rejected' differ before their last message"),
-    "no prompt turn": (pa.Table.from_pylist([good_row(), {**good_row("b1"), "chosen": conv(("assistant", "x")),
-                                                          "rejected": conv(("assistant", "y"))}]),
-                       r"row 1: field 'chosen' has no prompt turn before the assistant message"),
+        r"row 1: field 'rejected', message 0: field 'content' should be str, got NoneType",
+    ),
+    "different prompts": (
+        pa.Table.from_pylist([good_row(), {**good_row("b1"), "rejected": conv(("user", "Ho"), ("assistant", "x"))}]),
+        r"row 1: fields 'chosen' and 'rejected' differ before their last message",
+    ),
+    "no prompt turn": (
+        pa.Table.from_pylist(
+            [good_row(), {**good_row("b1"), "chosen": conv(("assistant", "x")), "rejected": conv(("assistant", "y"))}]
+        ),
+        r"row 1: field 'chosen' has no prompt turn before the assistant message",
+    ),
 }
 
 
@@ -289,9 +363,16 @@ def test_ultrafeedback_bad_row_fails_naming_file_row_field(tmp_path, case):
 
 
 def test_ultrafeedback_bad_rows_counted_with_skip(tmp_path):
-    rows = [good_row("g1"), {**good_row("b1"), "prompt_id": None}, good_row("g2"),
-            {**good_row("b2"), "chosen": conv(("user", "Hi"))}, {**good_row("b3"), "score_rejected": None}]
-    records, counts = prepare("ultrafeedback", tmp_path, write_uf(tmp_path, pa.Table.from_pylist(rows)), skip_bad_records=True)
+    rows = [
+        good_row("g1"),
+        {**good_row("b1"), "prompt_id": None},
+        good_row("g2"),
+        {**good_row("b2"), "chosen": conv(("user", "Hi"))},
+        {**good_row("b3"), "score_rejected": None},
+    ]
+    records, counts = prepare(
+        "ultrafeedback", tmp_path, write_uf(tmp_path, pa.Table.from_pylist(rows)), skip_bad_records=True
+    )
     assert [r["id"] for r in records["train_prefs"]] == ["ultrafeedback/g1", "ultrafeedback/g2"]
     train = counts["ultrafeedback/train_prefs"]
     assert (train.read, train.kept, train.bad, train.filtered) == (5, 2, 3, {})
@@ -311,7 +392,10 @@ def test_ultrafeedback_missing_column_counted_with_skip(tmp_path):
 
 def test_ultrafeedback_split_without_records_fails(tmp_path):
     table = pa.Table.from_pylist([good_row(), good_row("b1")]).drop_columns(["prompt_id"])
-    with pytest.raises(BadRecord, match=r"train_prefs-00000-of-00001\.parquet: no train_prefs records kept \(read 2, filtered none, bad 2\)"):
+    with pytest.raises(
+        BadRecord,
+        match=r"train_prefs-00000-of-00001\.parquet: no train_prefs records kept \(read 2, filtered none, bad 2\)",
+    ):
         prepare("ultrafeedback", tmp_path, write_uf(tmp_path, table), skip_bad_records=True)
 
 

@@ -41,8 +41,10 @@ MISTRAL = (
 
 CONVERSATIONS = {
     "single": ((("user", "What is 2+2?"),), "It is 4."),
-    "multi": ((("user", "Hi"), ("assistant", "Hello! How can I help?"), ("user", "Tell me a joke.")),
-              " Why did the chicken cross the road?\nTo get to the other side."),
+    "multi": (
+        (("user", "Hi"), ("assistant", "Hello! How can I help?"), ("user", "Tell me a joke.")),
+        " Why did the chicken cross the road?\nTo get to the other side.",
+    ),
     "system": ((("system", "You are terse."), ("user", "Name a colour.")), "Blue."),
 }
 
@@ -86,7 +88,9 @@ def test_ids_match_transformers(path, hf_tok, name, conversation):
     msgs = _messages(turns)
     full_msgs = [*msgs, {"role": "assistant", "content": completion}]
     # the text first: our rendering is transformers' (BOS included, before we strip it)
-    assert template.render(msgs, True) == hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **kw)
+    assert template.render(msgs, True) == hf_tok.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=False, **kw
+    )
     assert template.render(full_msgs, False) == hf_tok.apply_chat_template(full_msgs, tokenize=False, **kw)
     ref_prompt = _ids(hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, **kw))
     ref_full = _ids(hf_tok.apply_chat_template(full_msgs, tokenize=True, **kw))
@@ -150,21 +154,31 @@ def test_tojson_generation_tag_and_namespace_match_transformers(hf_tok):
         "{% generation %}  {{ m['role'] }}{% endgeneration %}\n{% endfor %}{{ ns.n }}{{ dict(x=1) | tojson }}"
     )
     msgs = [{"role": "user", "content": "Ünïcode <b>&"}, {"role": "assistant", "content": "ok"}]
-    ours = JinjaChatTemplate(source, bos_token=BOS, eos_token=EOS, special_tokens={"pad_token": EOS, "unk_token": "<|endoftext|>"})
+    ours = JinjaChatTemplate(
+        source, bos_token=BOS, eos_token=EOS, special_tokens={"pad_token": EOS, "unk_token": "<|endoftext|>"}
+    )
     rendered = ours.render(msgs, False)
     assert rendered == hf_tok.apply_chat_template(msgs, chat_template=source, tokenize=False)
     assert json.dumps(msgs, ensure_ascii=False) in rendered and "Ünïcode <b>&" in rendered  # no HTML escaping
 
 
 def test_not_prefix_consistent_fails_naming_the_template():
-    source = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-              "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    source = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    )
     template = JinjaChatTemplate(source, name="shouty")
     turns = (("user", "hi"),)
     assert template.prompt(turns) == "user: hi\nASSISTANT:"
-    with pytest.raises(ValueError, match=r"'shouty' does not render the prompt as a prefix of prompt \+ completion") as e:
+    with pytest.raises(
+        ValueError, match=r"'shouty' does not render the prompt as a prefix of prompt \+ completion"
+    ) as e:
         template.completion(turns, "hello")
-    assert "ASSISTANT:" in str(e.value) and "assistant: hello" in str(e.value) and "config.data.chat_template" in str(e.value)
+    assert (
+        "ASSISTANT:" in str(e.value)
+        and "assistant: hello" in str(e.value)
+        and "config.data.chat_template" in str(e.value)
+    )
 
 
 def test_folder_without_template(tmp_path):
@@ -180,9 +194,16 @@ def test_folder_without_template(tmp_path):
 def test_folder_template_sources(tmp_path):
     """tokenizer_config.json: a list of named templates ("default" used), token dicts; chat_template.jinja wins."""
     config = {
-        "chat_template": [{"name": "tool_use", "template": "TOOLS"},
-                          {"name": "default", "template": "{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"}],
-        "bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>", "add_bos_token": True,
+        "chat_template": [
+            {"name": "tool_use", "template": "TOOLS"},
+            {
+                "name": "default",
+                "template": "{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}",
+            },
+        ],
+        "bos_token": {"content": "<s>", "lstrip": False},
+        "eos_token": "</s>",
+        "add_bos_token": True,
     }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     template = JinjaChatTemplate.from_folder(str(tmp_path))
@@ -204,7 +225,10 @@ def test_bad_template_source():
 
 def test_builtins_with_system_turn():
     turns = (("system", "Be nice."), ("user", "hi"), ("assistant", "hello"), ("user", "bye"))
-    assert render_prompt(turns, "halos") == "\n<|system|>\nBe nice.\n<|user|>\nhi\n<|assistant|>\nhello\n<|user|>\nbye\n<|assistant|>\n"
+    assert (
+        render_prompt(turns, "halos")
+        == "\n<|system|>\nBe nice.\n<|user|>\nhi\n<|assistant|>\nhello\n<|user|>\nbye\n<|assistant|>\n"
+    )
     assert render_prompt(turns, "hh") == "Be nice.\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:"
     assert render_prompt(turns, "plain") == "Be nice.\nhi\nhello\nbye"
     for name in ("halos", "hh", "plain"):
@@ -219,7 +243,9 @@ def test_builtins_with_system_turn():
 
 def test_lookup_errors():
     assert set(CHAT_TEMPLATE_NAMES) == {"halos", "hh", "plain", "tokenizer"}
-    with pytest.raises(ValueError, match=r"unknown chat template 'chatml' \(config.data.chat_template\).*halos, hh, plain, tokenizer"):
+    with pytest.raises(
+        ValueError, match=r"unknown chat template 'chatml' \(config.data.chat_template\).*halos, hh, plain, tokenizer"
+    ):
         get_chat_template("chatml", None)
     with pytest.raises(ValueError, match=r"needs a model/tokenizer folder.*config.data.tokenizer.*config.model.name"):
         get_chat_template("tokenizer", None)

@@ -61,7 +61,9 @@ def test_every_format_schema_and_form(tmp_path, fmt, schema, form):
 
 
 def test_records_become_training_examples(tmp_path):
-    _, unary = prepare(tmp_path / "u", train=write("jsonl", tmp_path, "u", CASES["unpaired_preference"]["conversational"][0]))
+    _, unary = prepare(
+        tmp_path / "u", train=write("jsonl", tmp_path, "u", CASES["unpaired_preference"]["conversational"][0])
+    )
     _, paired = prepare(tmp_path / "p", train=write("jsonl", tmp_path, "p", CASES["preference"]["conversational"][0]))
     (u0, u1), (p0,) = unary_from_records(unary["train"]), paired_from_records(paired["train"])
     assert u0 == Unary("files/u.jsonl/line-1", SYSTEM_MULTI, "6.", True) and u1.desirable is False
@@ -84,7 +86,9 @@ def test_halos_pairwise_feedback_fixture(tmp_path):
     assert (meta["schema"], meta["kind"]) == ("halos_pairwise_feedback", "paired")
     # label 1: output_A preferred; label 0: output_B preferred (HALOs train/data.py get_feedback)
     assert [(r["chosen"], r["rejected"]) for r in records["train"]] == [
-        ("Red.", "Purple."), ("6.", "Six, I believe, after some thought.")]
+        ("Red.", "Purple."),
+        ("6.", "Six, I believe, after some thought."),
+    ]
     assert records["train"][1]["prompt"]["content"] == [c for _, c in SYSTEM_MULTI]
 
 
@@ -108,20 +112,28 @@ def test_halos_rows_without_type_are_detected_by_columns(tmp_path):
 
 def test_csv_labels_and_json_cells(tmp_path):
     path = tmp_path / "f.csv"
-    path.write_text('prompt,completion,label\n"[{""role"": ""user"", ""content"": ""Hi""}]",Hey,1\n'
-                    'Plain [not json,Bye,FALSE\nQ,A,True\nQ,B,0\n')
+    path.write_text(
+        'prompt,completion,label\n"[{""role"": ""user"", ""content"": ""Hi""}]",Hey,1\n'
+        "Plain [not json,Bye,FALSE\nQ,A,True\nQ,B,0\n"
+    )
     _, records = prepare(tmp_path, train=os.fspath(path))
     assert [(r["prompt"]["content"], r["completion"], r["desirable"]) for r in records["train"]] == [
-        (["Hi"], "Hey", True), (["Plain [not json"], "Bye", False), (["Q"], "A", True), (["Q"], "B", False)]
+        (["Hi"], "Hey", True),
+        (["Plain [not json"], "Bye", False),
+        (["Q"], "A", True),
+        (["Q"], "B", False),
+    ]
 
 
 def test_column_map_and_explicit_schema(tmp_path):
     rows = [{"question": "Why?", "answer": "Because.", "thumbs_up": "true", "chosen": "x", "rejected": "y"}]
     path = write("csv", tmp_path, "log", rows)
-    builder, records = prepare(tmp_path, train=path, columns="prompt=question,completion=answer,label=thumbs_up",
-                               schema="unpaired_preference")
-    assert strip_ids(records["train"]) == [{"prompt": {"role": ["user"], "content": ["Why?"]}, "completion": "Because.",
-                                           "desirable": True}]
+    builder, records = prepare(
+        tmp_path, train=path, columns="prompt=question,completion=answer,label=thumbs_up", schema="unpaired_preference"
+    )
+    assert strip_ids(records["train"]) == [
+        {"prompt": {"role": ["user"], "content": ["Why?"]}, "completion": "Because.", "desirable": True}
+    ]
     meta = files_metadata(builder)
     assert meta["columns"] == {"prompt": "question", "completion": "answer", "label": "thumbs_up"}
     assert meta["schema"] == "unpaired_preference"
@@ -129,8 +141,11 @@ def test_column_map_and_explicit_schema(tmp_path):
     with pytest.raises(Exception, match="share no prompt"):
         prepare(tmp_path / "auto", train=path)
     # a swap map: chosen and rejected trade places
-    _, swapped = prepare(tmp_path / "swap", train=write("jsonl", tmp_path, "p", CASES["preference"]["standard"][0]),
-                         columns="chosen=rejected,rejected=chosen")
+    _, swapped = prepare(
+        tmp_path / "swap",
+        train=write("jsonl", tmp_path, "p", CASES["preference"]["standard"][0]),
+        columns="chosen=rejected,rejected=chosen",
+    )
     assert (swapped["train"][0]["chosen"], swapped["train"][0]["rejected"]) == (" 5", " 4")
 
 
@@ -160,7 +175,10 @@ def test_expand_paths(tmp_path, monkeypatch):
         (tmp_path / name).write_text("{}\n")
     d = os.fspath(tmp_path)
     assert formats.expand_paths(f"{d}/train-*.jsonl") == [f"{d}/train-1.jsonl", f"{d}/train-2.jsonl"]
-    assert formats.expand_paths(f"{d}/train-2.jsonl, {d}/eval.jsonl,{d}/train-2.jsonl") == [f"{d}/eval.jsonl", f"{d}/train-2.jsonl"]
+    assert formats.expand_paths(f"{d}/train-2.jsonl, {d}/eval.jsonl,{d}/train-2.jsonl") == [
+        f"{d}/eval.jsonl",
+        f"{d}/train-2.jsonl",
+    ]
     monkeypatch.setenv("HOME", d)
     assert formats.expand_paths("~/eval.jsonl") == [f"{d}/eval.jsonl"]
     with pytest.raises(FileNotFoundError, match=r"no file matches '.*nothing-\*\.jsonl'"):
@@ -170,7 +188,9 @@ def test_expand_paths(tmp_path, monkeypatch):
 
 
 def test_split_implicit_follows_trl_extract_prompt():
-    split = lambda c, r: formats.split_implicit(c, r)[1:]
+    def split(chosen, rejected):
+        return formats.split_implicit(chosen, rejected)[1:]
+
     assert split("The sky is blue.", "The sky is green.") == (" blue.", " green.")  # the space goes to the completions
     assert split("Answer:A", "Answer:B") == ("A", "B")
     # no difference within the shorter text: TRL's idx ends at the shorter length - 1
@@ -181,8 +201,17 @@ def test_split_implicit_follows_trl_extract_prompt():
 
 
 def test_parse_label():
-    for value, expected in [(True, True), (False, False), (1, True), (0, False), (1.0, True), ("true", True), ("FALSE", False),
-                            (" 1 ", True), ("0", False)]:
+    for value, expected in [
+        (True, True),
+        (False, False),
+        (1, True),
+        (0, False),
+        (1.0, True),
+        ("true", True),
+        ("FALSE", False),
+        (" 1 ", True),
+        ("0", False),
+    ]:
         assert formats.parse_label(value) is expected
     for value in (2, "yes", "", None, [1]):
         with pytest.raises(formats.BadRecord, match="unknown label value"):
@@ -196,8 +225,14 @@ def test_metadata_records_files_digests_and_counts(tmp_path):
     path = write("jsonl", tmp_path, "f", CASES["preference"]["standard"][0] * 3)
     builder, _ = prepare(tmp_path, train=path)
     meta = files_metadata(builder)
-    assert meta["files"] == [{"path": path, "split": "train", "name": "f.jsonl",
-                              "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}]
+    assert meta["files"] == [
+        {
+            "path": path,
+            "split": "train",
+            "name": "f.jsonl",
+            "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        }
+    ]
     assert meta["counts"] == {"train": {"read": 3, "kept": 3, "filtered": {}, "bad": 0}}
     assert meta["config_name"] == builder.builder_config.name
     # restored from disk by a later builder of the same files
@@ -212,19 +247,28 @@ def test_same_content_prepares_once_and_a_changed_file_again(tmp_path):
     again, _ = prepare(tmp_path, train=os.fspath(path))
     assert again.builder_config.name == first.builder_config.name and again.counts == {}  # not generated again
     os.utime(path, (1, 1))  # a touched but unchanged file is the same content
-    assert files_builder(FilesOptions(train=os.fspath(path)), os.fspath(tmp_path / "tfds")).builder_config.name == first.builder_config.name
+    assert (
+        files_builder(FilesOptions(train=os.fspath(path)), os.fspath(tmp_path / "tfds")).builder_config.name
+        == first.builder_config.name
+    )
     with open(path, "a") as f:
         f.write(json.dumps({"prompt": "3+3=", "chosen": " 6", "rejected": " 7"}) + "\n")
     changed, records = prepare(tmp_path, train=os.fspath(path))
     assert changed.builder_config.name != first.builder_config.name and changed.counts
     assert len(records["train"]) == 2
-    assert sorted(os.listdir(tmp_path / "tfds" / "files")) == sorted([first.builder_config.name, changed.builder_config.name])
+    assert sorted(os.listdir(tmp_path / "tfds" / "files")) == sorted(
+        [first.builder_config.name, changed.builder_config.name]
+    )
     other, _ = prepare(tmp_path, train=os.fspath(path), schema="preference")  # other options: another key
     assert other.builder_config.name != changed.builder_config.name
 
 
 def test_holdout_by_prompt_hash(tmp_path):
-    rows = [{"prompt": f"question {i}", "completion": f"answer {i}.{j}", "label": j == 0} for i in range(40) for j in range(3)]
+    rows = [
+        {"prompt": f"question {i}", "completion": f"answer {i}.{j}", "label": j == 0}
+        for i in range(40)
+        for j in range(3)
+    ]
     path = write("jsonl", tmp_path, "f", rows)
     builder, records = prepare(tmp_path, train=path, holdout_fraction=0.3)
     by_split = {s: {r["prompt"]["content"][0] for r in recs} for s, recs in records.items()}
@@ -246,7 +290,10 @@ def test_eval_files_make_the_test_split(tmp_path):
     builder, records = prepare(tmp_path, train=train, test=test)
     assert sorted(records) == ["test", "train"]
     assert [r["id"] for r in records["test"]] == ["files/eval.parquet/row-1"]
-    assert [(f["name"], f["split"]) for f in files_metadata(builder)["files"]] == [("train.jsonl", "train"), ("eval.parquet", "test")]
+    assert [(f["name"], f["split"]) for f in files_metadata(builder)["files"]] == [
+        ("train.jsonl", "train"),
+        ("eval.parquet", "test"),
+    ]
 
 
 def test_ids_stay_unique_across_folders(tmp_path):
@@ -282,13 +329,20 @@ def test_missing_column_names_file_column_columns_present_and_fix(tmp_path):
     path = write("csv", tmp_path, "f", [{"prompt": "Hi", "completion": "Hello", "thumbs_up": "1"}])
     with pytest.raises(formats.FileFormatError) as e:
         files_builder(FilesOptions(train=path), os.fspath(tmp_path / "tfds"))
-    for part in (path, "missing column 'label'", "unpaired_preference", "columns present: 'prompt', 'completion', 'thumbs_up'",
-                 'config.data.columns="label=<file column>"'):
+    for part in (
+        path,
+        "missing column 'label'",
+        "unpaired_preference",
+        "columns present: 'prompt', 'completion', 'thumbs_up'",
+        'config.data.columns="label=<file column>"',
+    ):
         assert part in str(e.value)
     with pytest.raises(formats.FileFormatError, match=r"label \(mapped to 'vote'\)"):
         files_builder(FilesOptions(train=path, columns="label=vote"), os.fspath(tmp_path / "tfds"))
     other = write("csv", tmp_path, "g", [{"prompt": "Hi", "completion": "Hello", "label": "1"}])
-    with pytest.raises(formats.FileFormatError, match=rf"{path}: missing column 'label'"):  # a later file, at preparation
+    with pytest.raises(
+        formats.FileFormatError, match=rf"{path}: missing column 'label'"
+    ):  # a later file, at preparation
         prepare(tmp_path, train=f"{other},{path}")
 
 
@@ -303,8 +357,11 @@ def test_unknown_label_names_field_and_value(tmp_path):
 
 def test_mixed_schema_in_a_file_across_files_and_in_eval_files(tmp_path):
     path = jsonl(tmp_path, "f.jsonl", [GOOD, PAIR])
-    with pytest.raises(formats.FileFormatError, match=rf"{path}, line 2: mixed schemas: this row is preference .* "
-                                                      rf"schema is unpaired_preference \(read from {path}, line 1\)"):
+    with pytest.raises(
+        formats.FileFormatError,
+        match=rf"{path}, line 2: mixed schemas: this row is preference .* "
+        rf"schema is unpaired_preference \(read from {path}, line 1\)",
+    ):
         prepare(tmp_path, train=path)
     a, b = jsonl(tmp_path, "a.jsonl", [GOOD]), jsonl(tmp_path, "b.jsonl", [PAIR])
     with pytest.raises(formats.FileFormatError, match=rf"{b}, line 1: mixed schemas: this row is preference"):
@@ -315,7 +372,12 @@ def test_mixed_schema_in_a_file_across_files_and_in_eval_files(tmp_path):
 
 def test_empty_files_fail_at_preparation(tmp_path):
     good = jsonl(tmp_path, "good.jsonl", [GOOD])
-    for name, text in (("e.jsonl", ""), ("blank.jsonl", "\n  \n"), ("e.json", "[]"), ("e.csv", "prompt,completion,label\n")):
+    for name, text in (
+        ("e.jsonl", ""),
+        ("blank.jsonl", "\n  \n"),
+        ("e.json", "[]"),
+        ("e.csv", "prompt,completion,label\n"),
+    ):
         (tmp_path / name).write_text(text)
         with pytest.raises(formats.FileFormatError, match=rf"{tmp_path / name}: no records \(empty file\)"):
             files_builder(FilesOptions(train=os.fspath(tmp_path / name)), os.fspath(tmp_path / "tfds"))
@@ -325,7 +387,9 @@ def test_empty_files_fail_at_preparation(tmp_path):
 
 def test_unknown_extension_no_match_and_unreadable_files(tmp_path):
     (tmp_path / "f.txt").write_text("hello\n")
-    with pytest.raises(formats.FileFormatError, match=r"unknown file format; supported: .jsonl, .jsonl.gz, .json, .parquet, .csv"):
+    with pytest.raises(
+        formats.FileFormatError, match=r"unknown file format; supported: .jsonl, .jsonl.gz, .json, .parquet, .csv"
+    ):
         files_builder(FilesOptions(train=os.fspath(tmp_path / "f.txt")), os.fspath(tmp_path / "tfds"))
     with pytest.raises(FileNotFoundError, match=r"no file matches '.*/nope-\*.jsonl'"):
         files_builder(FilesOptions(train=f"{tmp_path}/nope-*.jsonl"), os.fspath(tmp_path / "tfds"))
@@ -333,15 +397,27 @@ def test_unknown_extension_no_match_and_unreadable_files(tmp_path):
     (tmp_path / "bad.json").write_text("[{")
     (tmp_path / "bad.parquet").write_text("not parquet")
     os.makedirs(tmp_path / "plain")
-    for name, message in (("two.json", "exactly one list"), ("bad.json", "malformed JSON"), ("bad.parquet", "not a readable parquet"),
-                          ("plain", "not a datasets save_to_disk folder")):
+    for name, message in (
+        ("two.json", "exactly one list"),
+        ("bad.json", "malformed JSON"),
+        ("bad.parquet", "not a readable parquet"),
+        ("plain", "not a datasets save_to_disk folder"),
+    ):
         with pytest.raises(formats.FileFormatError, match=message):
             list(formats.read_rows(os.fspath(tmp_path / name)))
 
 
 def test_skip_bad_records_counts_them(tmp_path):
-    lines = [GOOD, "{not json", {**GOOD, "label": "maybe"}, {**GOOD, "completion": "  "}, [1, 2],
-             {**GOOD, "prompt": msgs(("user", "a"), ("assistant", "b"))}, {"prompt": "Hi", "completion": "x"}, {**GOOD, "prompt": "Yo"}]
+    lines = [
+        GOOD,
+        "{not json",
+        {**GOOD, "label": "maybe"},
+        {**GOOD, "completion": "  "},
+        [1, 2],
+        {**GOOD, "prompt": msgs(("user", "a"), ("assistant", "b"))},
+        {"prompt": "Hi", "completion": "x"},
+        {**GOOD, "prompt": "Yo"},
+    ]
     path = jsonl(tmp_path, "f.jsonl", lines)
     builder, records = prepare(tmp_path, train=path, skip_bad_records=True)
     assert [r["id"] for r in records["train"]] == ["files/f.jsonl/line-1", "files/f.jsonl/line-8"]
@@ -352,18 +428,23 @@ def test_skip_bad_records_counts_them(tmp_path):
         prepare(tmp_path, train=only_bad, skip_bad_records=True)
 
 
-@pytest.mark.parametrize("row, message", [
-    ({**GOOD, "completion": "  "}, "field 'completion' is empty"),
-    ({**GOOD, "prompt": []}, "field 'prompt' is empty"),
-    ({**GOOD, "prompt": msgs(("user", ""))}, "field 'prompt' has empty content"),
-    ({**GOOD, "prompt": msgs(("bot", "x"))}, "role 'bot' is not one of system, user, assistant"),
-    ({**GOOD, "completion": msgs(("user", "x"))}, "field 'completion' should be one assistant message"),
-    ({**GOOD, "completion": None}, "field 'completion' is null"),
-    ({**GOOD, "prompt": 3}, "field 'prompt' should be a string or a list of messages"),
-    ({"chosen": msgs(("user", "a"), ("assistant", "b")), "rejected": msgs(("user", "c"), ("assistant", "b"))},
-     "should differ only in their last"),
-    ({"chosen": "same", "rejected": msgs(("user", "same"))}, "should both be strings or both message lists"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({**GOOD, "completion": "  "}, "field 'completion' is empty"),
+        ({**GOOD, "prompt": []}, "field 'prompt' is empty"),
+        ({**GOOD, "prompt": msgs(("user", ""))}, "field 'prompt' has empty content"),
+        ({**GOOD, "prompt": msgs(("bot", "x"))}, "role 'bot' is not one of system, user, assistant"),
+        ({**GOOD, "completion": msgs(("user", "x"))}, "field 'completion' should be one assistant message"),
+        ({**GOOD, "completion": None}, "field 'completion' is null"),
+        ({**GOOD, "prompt": 3}, "field 'prompt' should be a string or a list of messages"),
+        (
+            {"chosen": msgs(("user", "a"), ("assistant", "b")), "rejected": msgs(("user", "c"), ("assistant", "b"))},
+            "should differ only in their last",
+        ),
+        ({"chosen": "same", "rejected": msgs(("user", "same"))}, "should both be strings or both message lists"),
+    ],
+)
 def test_bad_rows_name_the_field(tmp_path, row, message):
     with pytest.raises(formats.BadRecord, match=rf"f.jsonl, line 1: .*{message}"):
         prepare(tmp_path, train=jsonl(tmp_path, "f.jsonl", [row]))
@@ -378,13 +459,18 @@ def test_bad_options(tmp_path):
         files_builder(FilesOptions(train=path, test=path, holdout_fraction=0.1), os.fspath(tmp_path))
     with pytest.raises(ValueError, match=r"unknown schema 'kto' \(config.data.schema\)"):
         files_builder(FilesOptions(train=path, schema="kto"), os.fspath(tmp_path))
-    for columns, message in (("prompt", "should be canonical=file_column"), ("answer=a", "no canonical column"),
-                             ("label=a,label=b", "mapped twice")):
+    for columns, message in (
+        ("prompt", "should be canonical=file_column"),
+        ("answer=a", "no canonical column"),
+        ("label=a,label=b", "mapped twice"),
+    ):
         with pytest.raises(ValueError, match=rf"config.data.columns=.*{message}"):
             files_builder(FilesOptions(train=path, columns=columns), os.fspath(tmp_path))
     dd = save_dict_to_disk({"train": [GOOD]}, os.fspath(tmp_path / "dd"))
     with pytest.raises(ValueError, match="DatasetDict folder with its own splits"):
         files_builder(FilesOptions(train=dd, holdout_fraction=0.1), os.fspath(tmp_path))
-    halos_sample = write("json", tmp_path, "samples", [{"prompt": msgs(("user", "q")), "output": "a", "type": "sample"}])
+    halos_sample = write(
+        "json", tmp_path, "samples", [{"prompt": msgs(("user", "q")), "output": "a", "type": "sample"}]
+    )
     with pytest.raises(formats.FileFormatError, match="HALOs 'sample' rows are not feedback"):
         files_builder(FilesOptions(train=halos_sample), os.fspath(tmp_path))

@@ -104,7 +104,9 @@ def test_paired_batches():
     dl = loader(pairs)
     batch = next(dl)
     rows = dl.global_rows(0, 0)
-    assert set(batch) == {f"{s}_{k}" for s in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "loss_mask")}
+    assert set(batch) == {
+        f"{s}_{k}" for s in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "loss_mask")
+    }
     for i in range(8):
         assert decode_masked(batch["chosen_input_ids"][i], batch["chosen_loss_mask"][i]) == pairs[rows[i]].chosen
         assert decode_masked(batch["rejected_input_ids"][i], batch["rejected_loss_mask"][i]) == pairs[rows[i]].rejected
@@ -134,7 +136,9 @@ def sentencepiece_loader(tmp_path, examples, add_bos_token=True, **kw):
 
     tok = sentencepiece_folder(tmp_path, config={**LLAMA_CONFIG, "add_bos_token": add_bos_token})
     cfg = TokenizeConfig(max_length=64, max_prompt_length=24, chat_template="halos")
-    return tok, FeedbackLoader(examples, tok, cfg, global_batch_size=4, bucket=16, process_index=0, process_count=1, **kw)
+    return tok, FeedbackLoader(
+        examples, tok, cfg, global_batch_size=4, bucket=16, process_index=0, process_count=1, **kw
+    )
 
 
 def sp_unary(n=8):
@@ -158,7 +162,8 @@ def test_sentencepiece_completion_tokens_are_those_of_the_joint_text(tmp_path):
         partner = dl.examples[rows[(i + 1) % 4]]  # KL: own prompt, the partner's completion tokens
         kl_ids, kl_mask = rows_of(batch, "kl", i)
         assert kl_ids == tok.encode(text) + tok.encode(render_prompt(partner.prompt, "halos") + partner.completion)[
-            len(tok.encode(render_prompt(partner.prompt, "halos"))) :] + [tok.eos_id]
+            len(tok.encode(render_prompt(partner.prompt, "halos"))) :
+        ] + [tok.eos_id]
         assert kl_mask.sum() == len(kl_ids) - len(tok.encode(text))
 
 

@@ -25,20 +25,25 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 def test_parse_sources_names_configs_files_and_weights():
     assert parse_sources("hh+shp") == [SourceSpec("hh"), SourceSpec("shp")]
     assert parse_sources("hh/helpful-base:0.25+files:data/x-*.jsonl:0.75") == [
-        SourceSpec("hh", config="helpful-base", weight=0.25), SourceSpec("files", pattern="data/x-*.jsonl", weight=0.75)]
+        SourceSpec("hh", config="helpful-base", weight=0.25),
+        SourceSpec("files", pattern="data/x-*.jsonl", weight=0.75),
+    ]
     # a colon that is not a weight belongs to the pattern
     assert parse_sources("files:C:/logs/fb.jsonl") == [SourceSpec("files", pattern="C:/logs/fb.jsonl")]
     assert parse_sources("synthetic/unary")[0].label == "synthetic/unary"
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("hh:0+shp:1", r"weight '0' of 'hh' must be a positive number"),
-    ("hh:-1+shp:1", r"must be a positive number"),
-    ("hh:0.5+shp", r"give every source a weight or none \(unweighted: shp\)"),
-    ("nope", r"unknown dataset 'nope'; known: hh, oasst, shp, synthetic, ultrafeedback, or files:PATTERN"),
-    ("hh++shp", r"has an empty entry"),
-    ("files:", r"names no files"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("hh:0+shp:1", r"weight '0' of 'hh' must be a positive number"),
+        ("hh:-1+shp:1", r"must be a positive number"),
+        ("hh:0.5+shp", r"give every source a weight or none \(unweighted: shp\)"),
+        ("nope", r"unknown dataset 'nope'; known: hh, oasst, shp, synthetic, ultrafeedback, or files:PATTERN"),
+        ("hh++shp", r"has an empty entry"),
+        ("files:", r"names no files"),
+    ],
+)
 def test_parse_sources_rejects_bad_specs_naming_the_field(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_sources(spec)
@@ -64,7 +69,9 @@ def test_weighted_mixture_keeps_each_share_without_repeats_and_counts_it(synthet
     examples, stats = load_mixture("synthetic:1+synthetic:3", "validation", synthetic_data_dir, seed=3)
     n = len(full)
     assert {k: (e["available"], e["kept"], e["dropped"], e["weight"]) for k, e in stats["sources"].items()} == {
-        "synthetic": (n, round(n / 3), n - round(n / 3), 1.0), "synthetic#1": (n, n, 0, 3.0)}
+        "synthetic": (n, round(n / 3), n - round(n / 3), 1.0),
+        "synthetic#1": (n, n, 0, 3.0),
+    }
     ids = [ex.id for ex in examples]
     assert len(ids) == round(n / 3) + n and len(set(ids)) == n  # the 1-share is a subset, no id twice within it
     again, _ = load_mixture("synthetic:1+synthetic:3", "validation", synthetic_data_dir, seed=3)
@@ -101,7 +108,9 @@ def test_files_source_mixes_with_a_builder_and_records_its_schema(tmp_path, synt
     assert entry["files"]["schema"] == "preference" and entry["kind"] == "paired"
     assert entry["available"] == entry["kept"] == 12 and stats["sources"]["synthetic"]["kept"] == 12
     assert sum(ex.id.startswith("files/") for ex in examples) == 12
-    with pytest.raises(ValueError, match=r"no split 'test'.*config\.data\.eval_files or config\.data\.holdout_fraction"):
+    with pytest.raises(
+        ValueError, match=r"no split 'test'.*config\.data\.eval_files or config\.data\.holdout_fraction"
+    ):
         load_mixture(spec, "test", data_dir)
 
 

@@ -39,7 +39,11 @@ def test_prompt_cut_from_left_then_completion_from_right():
     p, c = truncate(list(range(8)), list(range(100, 108)), cfg)
     assert p == [4, 5, 6, 7]  # the prompt's end is kept
     assert c == [100, 101, 102, 103, 104]  # 4 + 5 + EOS = 10
-    p, c = truncate(list(range(8)), list(range(100, 108)), TokenizeConfig(max_length=10, max_prompt_length=4, truncation_mode="keep_start"))
+    p, c = truncate(
+        list(range(8)),
+        list(range(100, 108)),
+        TokenizeConfig(max_length=10, max_prompt_length=4, truncation_mode="keep_start"),
+    )
     assert p == [0, 1, 2, 3]
 
 

@@ -11,8 +11,40 @@ from kto_jax.data import tokenize as T
 from kto_jax.data.chat import render_prompt
 from kto_jax.data.tokenize import HFTokenizer, TokenizeConfig, tokenize_example
 
-PIECES = ["<unk>", "<s>", "</s>", "▁", "▁Q", ":", "\n", "▁Hello", "Hello", "▁world", "world", "!", "<", "|", ">",
-          "▁a", "a", "Q", "H", "e", "l", "o", "w", "r", "d", "s", "i", "t", "n", "u", "m", "y"]
+PIECES = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "▁",
+    "▁Q",
+    ":",
+    "\n",
+    "▁Hello",
+    "Hello",
+    "▁world",
+    "world",
+    "!",
+    "<",
+    "|",
+    ">",
+    "▁a",
+    "a",
+    "Q",
+    "H",
+    "e",
+    "l",
+    "o",
+    "w",
+    "r",
+    "d",
+    "s",
+    "i",
+    "t",
+    "n",
+    "u",
+    "m",
+    "y",
+]
 LLAMA_CONFIG = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
 
 
@@ -39,13 +71,22 @@ def byte_bpe_folder(path, template=False, config=None):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|begin_of_text|>"]
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(["Hello world! Q: Hello there\nHello, said the user to the assistant."] * 4, trainer)
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
     if template:
         begin = ("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))
-        tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=True),
-                                                  processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[begin])])
+        tok.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=True),
+                processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[begin]),
+            ]
+        )
     return _save(tok, path, config)
 
 
@@ -119,7 +160,9 @@ def test_sentencepiece_completion_is_encoded_in_the_joint_text(tmp_path):
     assert tok.tokenizer.id_to_token(separate[0]) == "▁Hello"
     prompt_ids, completion_ids = T.encode_pair(tok, prompt, "Hello world!")
     assert prompt_ids == [tok.bos_id] + tok.encode(prompt)
-    assert completion_ids == joint[len(tok.encode(prompt)) :] and tok.tokenizer.id_to_token(completion_ids[0]) == "Hello"
+    assert (
+        completion_ids == joint[len(tok.encode(prompt)) :] and tok.tokenizer.id_to_token(completion_ids[0]) == "Hello"
+    )
     assert prompt_ids[1:] + completion_ids == joint
 
 

@@ -18,11 +18,24 @@ TIMEOUT = 900
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, synthetic_data_dir):
     workdir = tmp_path_factory.mktemp("pairwise") / "run"
-    command = [sys.executable, "-m", "kto_jax.train", "--config", "experiments/tiny.py:loss=kto,steps=1", "--workdir", str(workdir),
-               f"--config.data.data_dir={synthetic_data_dir}", "--config.train.global_batch_size=8",
-               "--config.data.train_split=validation", "--config.data.eval_split=validation", "--config.train.eval_batches=1",
-               "--config.eval.evaluators=held_out,judged,pairwise", "--config.eval.num_prompts=24",
-               "--config.eval.batch_size=24", "--config.eval.max_new_tokens=4"]
+    command = [
+        sys.executable,
+        "-m",
+        "kto_jax.train",
+        "--config",
+        "experiments/tiny.py:loss=kto,steps=1",
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={synthetic_data_dir}",
+        "--config.train.global_batch_size=8",
+        "--config.data.train_split=validation",
+        "--config.data.eval_split=validation",
+        "--config.train.eval_batches=1",
+        "--config.eval.evaluators=held_out,judged,pairwise",
+        "--config.eval.num_prompts=24",
+        "--config.eval.batch_size=24",
+        "--config.eval.max_new_tokens=4",
+    ]
     proc = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, tail(proc.stderr)
     assert "pairwise win rate" in proc.stderr
@@ -62,7 +75,8 @@ def test_scripts_judge_reuses_every_verdict_and_judges_against_another_run(run):
     assert proc.returncode == 0, tail(proc.stderr)
     after = json.loads(read(os.path.join(run, "eval.json")))["pairwise"]
     assert after["cached"] == 24 and {k: v for k, v in after.items() if k != "cached"} == {
-        k: v for k, v in before.items() if k not in ("cached",)}
+        k: v for k, v in before.items() if k not in ("cached",)
+    }
     assert "(24 verdicts from judgments.jsonl)" in proc.stdout
     proc = _judge(run, "--config.eval.judge=synthetic", f"--config.eval.against={run}")  # a run against itself
     assert proc.returncode == 0, tail(proc.stderr)
@@ -73,6 +87,11 @@ def test_scripts_judge_reuses_every_verdict_and_judges_against_another_run(run):
 def test_scripts_judge_errors_are_one_line(run, tmp_path):
     proc = _judge(str(tmp_path), "--config.eval.judge=synthetic")
     assert proc.returncode == 2 and "samples.jsonl not found" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _judge(run, "--config.eval.judge=api", "--config.eval.api.model=m", "--config.eval.api.base_url=http://127.0.0.1:9/v1",
-                  "--config.eval.api.retries=0")
+    proc = _judge(
+        run,
+        "--config.eval.judge=api",
+        "--config.eval.api.model=m",
+        "--config.eval.api.base_url=http://127.0.0.1:9/v1",
+        "--config.eval.api.retries=0",
+    )
     assert proc.returncode == 3 and "gave no answer in 1 tries" in proc.stderr and "rerun to resume" in proc.stderr

@@ -55,7 +55,9 @@ def test_greedy_kv_cache_generation_equals_recomputing_the_sequence(config):
     rng = np.random.default_rng(0)
     # different lengths: left padding inside a batch, two buckets, a last batch filled with copies
     prompts = [rng.integers(4, config.vocab_size, size=n).tolist() for n in (3, 9, 5, 12, 1)]
-    got = generate(model, params, prompts, max_new_tokens=8, eos_id=EOS, pad_id=0, temperature=0.0, batch_size=2, bucket=8)
+    got = generate(
+        model, params, prompts, max_new_tokens=8, eos_id=EOS, pad_id=0, temperature=0.0, batch_size=2, bucket=8
+    )
     want = [greedy_by_recompute(model, params, p, 8) for p in prompts]
     assert got == want
     assert len({tuple(w) for w in want}) > 1 and max(len(w) for w in want) > 2  # the check is not vacuous
@@ -67,7 +69,9 @@ def test_generation_stops_at_eos_and_drops_it():
     prompt = np.random.default_rng(0).integers(4, config.vocab_size, size=6).tolist()
     first = greedy_by_recompute(model, params, prompt, 1)[0]
     # make the first greedy token the EOS: nothing is generated
-    assert generate(model, params, [prompt], max_new_tokens=5, eos_id=first, pad_id=0, temperature=0.0, batch_size=1) == [[]]
+    assert generate(
+        model, params, [prompt], max_new_tokens=5, eos_id=first, pad_id=0, temperature=0.0, batch_size=1
+    ) == [[]]
 
 
 def test_top_k_1_generation_equals_greedy_and_top_k_is_off_by_default():
@@ -77,9 +81,23 @@ def test_top_k_1_generation_equals_greedy_and_top_k_is_off_by_default():
     model, params = build_model(config), random_params(config, seed=11)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(4, config.vocab_size, size=n).tolist() for n in (4, 7, 2)]
-    greedy = generate(model, params, prompts, max_new_tokens=6, eos_id=EOS, pad_id=0, temperature=0.0, batch_size=4, bucket=8)
-    top1 = generate(model, params, prompts, max_new_tokens=6, eos_id=EOS, pad_id=0, temperature=1.0, top_k=1, top_p=0.95,
-                    batch_size=4, bucket=8, seed=3)
+    greedy = generate(
+        model, params, prompts, max_new_tokens=6, eos_id=EOS, pad_id=0, temperature=0.0, batch_size=4, bucket=8
+    )
+    top1 = generate(
+        model,
+        params,
+        prompts,
+        max_new_tokens=6,
+        eos_id=EOS,
+        pad_id=0,
+        temperature=1.0,
+        top_k=1,
+        top_p=0.95,
+        batch_size=4,
+        bucket=8,
+        seed=3,
+    )
     assert top1 == greedy and max(len(g) for g in greedy) > 2
     assert base_config().eval.top_k == 0
     with pytest.raises(ValueError, match="top_k must be >= 0"):
@@ -116,7 +134,7 @@ def test_top_k_1_sampling_is_greedy():
     keys = jax.random.split(jax.random.PRNGKey(6), 200)
     greedy = np.asarray(jnp.argmax(logits, axis=-1))
     for temperature, top_p in ((1.0, 1.0), (0.7, 0.95), (2.0, 0.5)):
-        sampled = np.asarray(jax.vmap(lambda k: sample_token(logits, k, temperature, top_p, 1))(keys))
+        sampled = np.asarray(jax.vmap(lambda k, t=temperature, p=top_p: sample_token(logits, k, t, p, 1))(keys))
         assert (sampled == greedy[None]).all(), (temperature, top_p)
 
 
@@ -172,9 +190,9 @@ def binomial_tail(k_from, k_to, n, p):
 
 def test_clopper_pearson_hand_values():
     # 0 of 10 at 90%: lower 0; upper solves (1 - p)^10 = 0.05
-    assert clopper_pearson_interval(0, 10) == (0.0, pytest.approx(1 - 0.05 ** 0.1, abs=1e-12))
+    assert clopper_pearson_interval(0, 10) == (0.0, pytest.approx(1 - 0.05**0.1, abs=1e-12))
     # 10 of 10: upper 1; lower solves p^10 = 0.05
-    assert clopper_pearson_interval(10, 10) == (pytest.approx(0.05 ** 0.1, abs=1e-12), 1.0)
+    assert clopper_pearson_interval(10, 10) == (pytest.approx(0.05**0.1, abs=1e-12), 1.0)
     # 5 of 10: P(X >= 5 | lower) = 0.05 = P(X <= 5 | upper), symmetric about 1/2
     lo, hi = clopper_pearson_interval(5, 10)
     assert (lo, hi) == (pytest.approx(0.222441, abs=1e-6), pytest.approx(0.777559, abs=1e-6))
@@ -195,13 +213,18 @@ def test_clopper_pearson_equals_scipy_exact_binomtest(level):
     for n in (1, 2, 5, 10, 37, 512):
         for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
             ci = stats.binomtest(k, n).proportion_ci(level, method="exact")
-            assert clopper_pearson_interval(k, n, level) == (pytest.approx(ci.low, abs=1e-10), pytest.approx(ci.high, abs=1e-10)), (k, n)
+            assert clopper_pearson_interval(k, n, level) == (
+                pytest.approx(ci.low, abs=1e-10),
+                pytest.approx(ci.high, abs=1e-10),
+            ), (k, n)
 
 
 def test_judged_rate_and_winrate_take_the_exact_interval():
-    exact = lambda k, n: [pytest.approx(v, abs=1e-10) for v in stats.binomtest(k, n).proportion_ci(0.9, method="exact")]
+    def exact(k, n):
+        return [pytest.approx(v, abs=1e-10) for v in stats.binomtest(k, n).proportion_ci(0.9, method="exact")]
+
     assert judged_rate([True, False, True, True]) == {"desirable_rate": 0.75, "ci90": exact(3, 4), "n": 4}
-    assert judged_rate([True] * 10)["ci90"] == [pytest.approx(0.05 ** 0.1, abs=1e-12), 1.0]
+    assert judged_rate([True] * 10)["ci90"] == [pytest.approx(0.05**0.1, abs=1e-12), 1.0]
     policy, baseline = [True, True, False, False, True], [False, True, True, False, True]
     wr = winrate(policy, baseline)
     assert (wr["wins"], wr["ties"], wr["losses"], wr["n"]) == (1, 3, 1, 5)

@@ -30,7 +30,9 @@ def test_the_judge_accepts_exactly_the_good_replies():
     for r in preferences(100, seed=2):
         assert judge(_turns(r), r["chosen"][0]["content"]) and not judge(_turns(r), r["rejected"][0]["content"])
     assert judge((("user", "What is 2 + 3?"),), " 5 ")
-    assert JUDGES["feedback"](None).desirable([((("system", "Be brief."), ("user", "What is the capital of Kenya?")), "Nairobi")]) == [True]
+    assert JUDGES["feedback"](None).desirable(
+        [((("system", "Be brief."), ("user", "What is the capital of Kenya?")), "Nairobi")]
+    ) == [True]
     with pytest.raises(ValueError, match="not a question"):
         judge((("user", "Tell me a joke."),), "No.")
 

@@ -69,7 +69,10 @@ def test_tiny_configs():
     assert tiny.get_config("loss=dpo,steps=5").loss.name == "dpo"
     scale = _module("tiny_scale")
     config = scale.get_config("model=tiny-5m,loss=kto")
-    assert config.init.source == "orbax:runs/tiny_scale/sft_tiny-5m" and config.eval.baseline == "runs/tiny_scale/sft_tiny-5m"
+    assert (
+        config.init.source == "orbax:runs/tiny_scale/sft_tiny-5m"
+        and config.eval.baseline == "runs/tiny_scale/sft_tiny-5m"
+    )
     make_plan(config, 1)
     with pytest.raises(ValueError, match="unknown arguments"):
         tiny.get_config("los=kto")
@@ -77,7 +80,10 @@ def test_tiny_configs():
 
 def test_sweep_products_zips_and_names(tmp_path):
     runs = product("experiments/paper.py", model=["llama-7b", "llama-13b"], loss=["kto", "dpo"])
-    assert [r["config"] for r in runs][:2] == ["experiments/paper.py:model=llama-7b,loss=kto", "experiments/paper.py:model=llama-7b,loss=dpo"]
+    assert [r["config"] for r in runs][:2] == [
+        "experiments/paper.py:model=llama-7b,loss=kto",
+        "experiments/paper.py:model=llama-7b,loss=dpo",
+    ]
     assert run_name(runs[0]) == "llama-7b_kto"
     assert len(zipped("experiments/tiny.py", loss=["kto", "dpo"], steps=[5, 6])) == 2
     with pytest.raises(ValueError, match="different lengths"):
@@ -123,10 +129,22 @@ def test_zephyr_configs():
         assert config.data.sources == "ultrafeedback" and config.model.name == "mistral-7b"
         # HALOs main (experiments/zephyr.py cites the lines): AdamW, 10% warmup from 0.1 lr, cosine for SFT only
         opt = config.train.optimizer
-        assert (opt.name, opt.lr, opt.b1, opt.b2, opt.eps, opt.weight_decay, opt.grad_clip) == ("adamw", 5e-6, 0.9, 0.999, 1e-8, 0.01, 1.0)
+        assert (opt.name, opt.lr, opt.b1, opt.b2, opt.eps, opt.weight_decay, opt.grad_clip) == (
+            "adamw",
+            5e-6,
+            0.9,
+            0.999,
+            1e-8,
+            0.01,
+            1.0,
+        )
         assert (opt.warmup_ratio, opt.warmup_start_factor) == (0.1, 0.1)
         assert opt.schedule == ("cosine" if arg == "loss=sft" else "constant")
-        assert (config.data.max_length, config.data.max_prompt_length, config.train.global_batch_size) == (1250, 625, 32)
+        assert (config.data.max_length, config.data.max_prompt_length, config.train.global_batch_size) == (
+            1250,
+            625,
+            32,
+        )
     assert zephyr.get_config("loss=kto,one_y=true").data.one_y_per_x
     with pytest.raises(ValueError, match="one_y=true is a KTO variant"):
         zephyr.get_config("loss=dpo,one_y=true")

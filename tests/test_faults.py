@@ -33,8 +33,12 @@ from tests import ckpt_helpers as H
 from tests.train_helpers import tail
 
 KILLED = -signal.SIGKILL
-EVAL_FLAGS = ("--config.eval.judge=synthetic", "--config.eval.num_prompts=16", "--config.eval.batch_size=8",
-              "--config.eval.max_new_tokens=4")
+EVAL_FLAGS = (
+    "--config.eval.judge=synthetic",
+    "--config.eval.num_prompts=16",
+    "--config.eval.batch_size=8",
+    "--config.eval.max_new_tokens=4",
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,9 @@ def start(args: list[str], out: str, name: str, kill_at: str | None = None) -> H
 
 def killed(proc: H.Proc) -> None:
     result = proc.result()
-    assert result["rc"] == KILLED, f"{proc.name}: rc {result['rc']}, not killed at its fault point:\n{tail(result['stderr'])}"
+    assert result["rc"] == KILLED, (
+        f"{proc.name}: rc {result['rc']}, not killed at its fault point:\n{tail(result['stderr'])}"
+    )
 
 
 def finished(proc: H.Proc) -> dict:
@@ -92,7 +98,9 @@ def test_kill_during_eval_generation_redoes_the_evaluation_only(reference, tmp_p
     """On a finished run, a changed eval (allowed on resume) is killed mid-generation: no stale
     eval.json is left to pass for finished, and the rerun's eval equals one uninterrupted eval."""
     once, twice = (H.copy_run(reference["workdir"], str(tmp_path / name)) for name in ("once", "twice"))
-    args = [a for a in H.train_args("{workdir}", reference["data_dir"]) if a != "--config.eval.judge="] + list(EVAL_FLAGS)
+    args = [a for a in H.train_args("{workdir}", reference["data_dir"]) if a != "--config.eval.judge="] + list(
+        EVAL_FLAGS
+    )
 
     def command(workdir):
         return [a.replace("{workdir}", workdir) for a in args]
@@ -115,7 +123,11 @@ def test_kill_while_caching_reference_logprobs_recomputes_the_cache(reference, t
     arg = "loss=kto,steps=8"
     u, k = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
     uninterrupted = start(H.train_args(u, reference["data_dir"], arg, args), str(tmp_path), "uninterrupted")
-    killed(start(H.train_args(k, reference["data_dir"], arg, args), str(tmp_path), "killed", kill_at="reference_cache.write"))
+    killed(
+        start(
+            H.train_args(k, reference["data_dir"], arg, args), str(tmp_path), "killed", kill_at="reference_cache.write"
+        )
+    )
     assert not glob.glob(os.path.join(k, "reference_cache-*.npz")), "a cache written in place, not renamed when whole"
     finished(start(H.train_args(k, reference["data_dir"], arg, args), str(tmp_path), "rerun"))
     finished(uninterrupted)
@@ -128,18 +140,33 @@ def test_kill_during_dataset_preparation_prepares_it_again(tmp_path):
     write_jsonl(data, "binary", 200, seed=0)
 
     def args(name):
-        return ["-m", "kto_jax.train", "--config", f"{H.TINY}:loss=kto,steps=4", "--workdir", str(tmp_path / name),
-                f"--config.data.sources=files:{data}", "--config.data.holdout_fraction=0.2", "--config.eval.judge=",
-                f"--config.data.data_dir={tmp_path / name}-tfds", "--config.train.global_batch_size=8",
-                "--config.train.log_every=1", "--config.train.eval_batches=1"]
+        return [
+            "-m",
+            "kto_jax.train",
+            "--config",
+            f"{H.TINY}:loss=kto,steps=4",
+            "--workdir",
+            str(tmp_path / name),
+            f"--config.data.sources=files:{data}",
+            "--config.data.holdout_fraction=0.2",
+            "--config.eval.judge=",
+            f"--config.data.data_dir={tmp_path / name}-tfds",
+            "--config.train.global_batch_size=8",
+            "--config.train.log_every=1",
+            "--config.train.eval_batches=1",
+        ]
 
     uninterrupted = start(args("uninterrupted"), str(tmp_path), "uninterrupted")
     killed(start(args("killed"), str(tmp_path), "killed", kill_at="data.prepare@50"))
     assert not os.path.exists(tmp_path / "killed"), "nothing is written to the workdir before the data is ready"
     finished(start(args("killed"), str(tmp_path), "rerun"))
     finished(uninterrupted)
-    H.assert_same_rows(H.rows(str(tmp_path / "killed")), H.rows(str(tmp_path / "uninterrupted")), "killed in preparation")
-    stats = [json.load(open(tmp_path / name / "data_stats.json", encoding="utf-8")) for name in ("killed", "uninterrupted")]
+    H.assert_same_rows(
+        H.rows(str(tmp_path / "killed")), H.rows(str(tmp_path / "uninterrupted")), "killed in preparation"
+    )
+    stats = [
+        json.load(open(tmp_path / name / "data_stats.json", encoding="utf-8")) for name in ("killed", "uninterrupted")
+    ]
     assert stats[0] == stats[1] and stats[0]["train"]["source_examples"] > 0
 
 
@@ -166,8 +193,11 @@ def test_kill_during_export_keeps_the_earlier_export_and_the_rerun_equals_an_uni
     weights = sorted(glob.glob(os.path.join(damaged, "*.safetensors")))[0]
     os.truncate(weights, os.path.getsize(weights) // 2)
     workdir = str(tmp_path / "from-damaged")
-    result = start(H.train_args(workdir, reference["data_dir"], "loss=kto,steps=2", (f"--config.init.source=hf:{damaged}",)),
-                   str(tmp_path), "damaged").result()
+    result = start(
+        H.train_args(workdir, reference["data_dir"], "loss=kto,steps=2", (f"--config.init.source=hf:{damaged}",)),
+        str(tmp_path),
+        "damaged",
+    ).result()
     assert weights in one_line_error(result) and "truncated" in result["stderr"]
     assert not os.path.exists(workdir)
 
@@ -177,7 +207,7 @@ def test_a_damaged_array_record_file_is_an_error_naming_it(synthetic_data_dir, t
     (target,) = glob.glob(os.path.join(data, "synthetic", "paired", "*", "synthetic-validation.array_record-*"))
     damaged = bytearray(read_bytes(target))
     middle = len(damaged) // 3
-    damaged[middle:middle + 256] = bytes(256)
+    damaged[middle : middle + 256] = bytes(256)
     with open(target, "wb") as f:
         f.write(damaged)
     workdir = str(tmp_path / "run")
@@ -191,7 +221,9 @@ def test_a_full_disk_during_a_save_is_a_clear_error_and_the_previous_checkpoint_
     """The workdir on a 14 MiB tmpfs: the first checkpoint (~9.3 MiB) fits, the second does not."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=14m", "tmpfs", str(disk)], capture_output=True, text=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=14m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {mount.stderr.strip() or mount.returncode}")
     try:
@@ -201,7 +233,9 @@ def test_a_full_disk_during_a_save_is_a_clear_error_and_the_previous_checkpoint_
         (line,) = [line for line in result["stderr"].splitlines() if line.startswith("error: ")]
         assert "no space left on device" in line and f"resumes from step {H.EVERY}" in line, line
         assert record.checkpoint_steps(workdir) == [H.EVERY]
-        assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n], "the partial save is removed"
+        assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n], (
+            "the partial save is removed"
+        )
         moved = shutil.copytree(workdir, str(tmp_path / "moved"))
     finally:
         subprocess.run(["umount", str(disk)], check=False)

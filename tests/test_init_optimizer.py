@@ -39,13 +39,20 @@ def test_init_optimizer_starts_from_an_earlier_runs_optimizer_state(reference, t
     loop.execute(prepared)
     opt = config.train.optimizer
     assert opt.warmup_steps < last  # the carried schedule is past its warmup
-    assert [r["lr"] for r in train_rows(str(tmp_path / "b"))] == pytest.approx([float(learning_rate(opt, last + s)) for s in range(2)])
+    assert [r["lr"] for r in train_rows(str(tmp_path / "b"))] == pytest.approx(
+        [float(learning_rate(opt, last + s)) for s in range(2)]
+    )
     assert ref["rows"][0]["lr"] == pytest.approx(float(learning_rate(opt, 0)))  # a fresh optimizer warms up
 
     config.train.optimizer.name = "sgd"
-    with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"config.init.optimizer=orbax:.*: that run's optimizer is "
-                       r"'adamw', this one's 'sgd' \(config.train.optimizer.name\): use the same optimizer"):
+    with pytest.raises(
+        checkpoint.IncompatibleCheckpoint,
+        match=r"config.init.optimizer=orbax:.*: that run's optimizer is "
+        r"'adamw', this one's 'sgd' \(config.train.optimizer.name\): use the same optimizer",
+    ):
         loop.prepare(config, str(tmp_path / "c"))
     config.init.optimizer = f"hf:{ref['workdir']}"
-    with pytest.raises(ValueError, match=r"config.init.optimizer='hf:.*': use '' \(a fresh optimizer\) or 'orbax:WORKDIR\[@STEP\]'"):
+    with pytest.raises(
+        ValueError, match=r"config.init.optimizer='hf:.*': use '' \(a fresh optimizer\) or 'orbax:WORKDIR\[@STEP\]'"
+    ):
         make_plan(config, 1)

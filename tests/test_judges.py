@@ -43,7 +43,13 @@ def _items(n):
 
 def test_winrate_is_wins_over_total_with_the_exact_interval(tmp_path):
     result = pairwise_winrate(Scripted(), _items(40), JudgmentStore(str(tmp_path / "j.jsonl")), progress=False)
-    assert (result["wins"], result["baseline_wins"], result["ties"], result["unparseable"], result["n"]) == (20, 0, 10, 10, 40)
+    assert (result["wins"], result["baseline_wins"], result["ties"], result["unparseable"], result["n"]) == (
+        20,
+        0,
+        10,
+        10,
+        40,
+    )
     assert result["winrate"] == 0.5  # ties and unparseable replies count as non-wins (compare.py)
     ci = stats.binomtest(20, 40).proportion_ci(0.9, method="exact")
     assert result["ci90"] == [pytest.approx(ci.low, abs=1e-9), pytest.approx(ci.high, abs=1e-9)]
@@ -94,10 +100,16 @@ def test_exact_judges_compare_by_their_flags():
     judge = make_judge(_config("synthetic"))
     turns = (("user", "Shout cat!"),)
     assert judge.desirable([(turns, " CAT"), (turns, " dog")]) == [True, False]
-    assert [v.winner for v in judge.compare([(turns, " CAT", " dog"), (turns, " dog", " CAT"), (turns, " CAT", " CAT"),
-                                              (turns, " x", " y")])] == ["first", "second", "tie", "tie"]
+    assert [
+        v.winner
+        for v in judge.compare(
+            [(turns, " CAT", " dog"), (turns, " dog", " CAT"), (turns, " CAT", " CAT"), (turns, " x", " y")]
+        )
+    ] == ["first", "second", "tie", "tie"]
     assert isinstance(judge, ExactJudge) and judge.key == "exact:synthetic"
-    with pytest.raises(ValueError, match=r"unknown judge 'gpt5'.*known: \['api', 'feedback', 'reward_model', 'synthetic'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown judge 'gpt5'.*known: \['api', 'feedback', 'reward_model', 'synthetic'\]"
+    ):
         make_judge(_config("gpt5"))
     assert sorted(JUDGES) == ["api", "feedback", "reward_model", "synthetic"]
 

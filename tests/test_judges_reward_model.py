@@ -37,14 +37,58 @@ from tests.hf_checkpoints import max_diff, perturb_vectors
 TOL = 1e-4
 VOCAB, PAD = 101, 0
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
-WORDS = ["<|", "|>", "user", "assistant", "system", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "fast", "good",
-         "bad", "what", "is", "two", "plus", "one", "three", "yes", "no", "hello", "world", "please", "tell", "me",
-         "about", "it", "sure", "here", "you", "go", "thanks"]
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
-            "{% if m['role'] == 'assistant' %}{{ eos_token }} {% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
-SMALL = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "initializer_range": 0.25, "pad_token_id": PAD}
+WORDS = [
+    "<|",
+    "|>",
+    "user",
+    "assistant",
+    "system",
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "dog",
+    "ran",
+    "fast",
+    "good",
+    "bad",
+    "what",
+    "is",
+    "two",
+    "plus",
+    "one",
+    "three",
+    "yes",
+    "no",
+    "hello",
+    "world",
+    "please",
+    "tell",
+    "me",
+    "about",
+    "it",
+    "sure",
+    "here",
+    "you",
+    "go",
+    "thanks",
+]
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
+    "{% if m['role'] == 'assistant' %}{{ eos_token }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+SMALL = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "initializer_range": 0.25,
+    "pad_token_id": PAD,
+}
 FAMILIES = {
     "llama": lambda: LlamaForSequenceClassification(LlamaConfig(**SMALL, num_key_value_heads=2, num_labels=1)),
     # two labels: sequence_scores keeps [B, num_labels]
@@ -66,8 +110,14 @@ def write_tokenizer(folder: str) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(SPECIALS)
     tok.save(os.path.join(folder, "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-              "pad_token": "<pad>", "unk_token": "<unk>", "chat_template": TEMPLATE}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "chat_template": TEMPLATE,
+    }
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(config, f)
 
@@ -95,7 +145,9 @@ def right_padded(lengths, length, seed=0):
 
 
 def judge_cfg(folder, **kw):
-    return ml_collections.ConfigDict({"path": folder, "batch_size": 4, "max_length": 24, "chat_template": "tokenizer", **kw})
+    return ml_collections.ConfigDict(
+        {"path": folder, "batch_size": 4, "max_length": 24, "chat_template": "tokenizer", **kw}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +247,15 @@ def test_eight_devices_equal_one(folders, judge, tmp_path):
     items_file.write_text(json.dumps(items))
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, folders["llama"][0], str(items_file)],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", EIGHT_DEVICES, folders["llama"][0], str(items_file)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sharded = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("SCORES"))[7:])
     assert judge.mesh is None or jax.device_count() > 1
@@ -209,7 +268,9 @@ def test_eight_devices_equal_one(folders, judge, tmp_path):
 def test_folder_without_score_head_is_refused(tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2)).save_pretrained(str(tmp_path))
-    with pytest.raises(ValueError, match=r"model\.safetensors.*has no tensor 'score\.weight'.*LlamaForSequenceClassification"):
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors.*has no tensor 'score\.weight'.*LlamaForSequenceClassification"
+    ):
         load_reward_model(str(tmp_path))
 
 
@@ -232,8 +293,11 @@ def test_online_rounds_label_samples_with_the_reward_models_scores(folders, judg
     config = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "online.py"))
     config.online.update(judge="reward_model", samples_per_prompt=2, chunk_prompts=1)
     config.eval.reward_model.update(judge_cfg(folders["llama"][0]).to_dict())
-    rows = [{"prompt_id": p, "sample_id": k, "prompt": phases.messages(turns), "output": answer, "type": "sample"}
-            for p, (turns, first, second) in enumerate(ITEMS[:3]) for k, answer in enumerate((first, second))]
+    rows = [
+        {"prompt_id": p, "sample_id": k, "prompt": phases.messages(turns), "output": answer, "type": "sample"}
+        for p, (turns, first, second) in enumerate(ITEMS[:3])
+        for k, answer in enumerate((first, second))
+    ]
     judged = phases.label(config, str(tmp_path), 0, rows)
     scores = judge.scores([(phases.turns_of(r), r["output"]) for r in rows])
     # (batches of one chunk pad to other lengths than one batch of all six: fp32 sums in another order)
@@ -244,6 +308,12 @@ def test_online_rounds_label_samples_with_the_reward_models_scores(folders, judg
     assert [r["label"] for r in binary] == [int(s >= np.median(scores)) for s in scores] and "sampled" not in counts
     config.online.feedback = "pairwise"
     pairs, _ = phases.feedback(config, 0, rows, judged)
-    best = [(rows[2 * p + int(scores[2 * p + 1] > scores[2 * p])]["output"], rows[2 * p + int(scores[2 * p + 1] <= scores[2 * p])]["output"])
-            for p in range(3) if scores[2 * p] != scores[2 * p + 1]]
+    best = [
+        (
+            rows[2 * p + int(scores[2 * p + 1] > scores[2 * p])]["output"],
+            rows[2 * p + int(scores[2 * p + 1] <= scores[2 * p])]["output"],
+        )
+        for p in range(3)
+        if scores[2 * p] != scores[2 * p + 1]
+    ]
     assert [(r["output_A"], r["output_B"]) for r in pairs] == best

@@ -22,10 +22,16 @@ def runs(tmp_path, **overrides):
 
 def test_slurm_dry_run_prints_the_array_script(tmp_path, capsys):
     rs = runs(tmp_path)
-    script = launch.slurm(rs, str(tmp_path), dry_run=True, nodes=2, gpus_per_node=8, partition="a100", time_limit="1:00:00")
+    script = launch.slurm(
+        rs, str(tmp_path), dry_run=True, nodes=2, gpus_per_node=8, partition="a100", time_limit="1:00:00"
+    )
     out = capsys.readouterr().out
     assert "#SBATCH --array=0-1" in script and "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script
-    assert "#SBATCH --gpus-per-node=8" in script and "#SBATCH --partition=a100" in script and "#SBATCH --time=1:00:00" in script
+    assert (
+        "#SBATCH --gpus-per-node=8" in script
+        and "#SBATCH --partition=a100" in script
+        and "#SBATCH --time=1:00:00" in script
+    )
     assert "srun --kill-on-bad-exit=1" in script and "SLURM_ARRAY_TASK_ID" in script
     assert f"would run: sbatch {tmp_path}/sweep.sbatch" in out
     assert "--config=experiments/tiny.py:loss=kto,steps=3" in out
@@ -35,7 +41,16 @@ def test_slurm_dry_run_prints_the_array_script(tmp_path, capsys):
 def test_tpu_commands(tmp_path):
     cmds = launch.tpu_commands(runs(tmp_path), "my-v5p", "us-east5-a", project="proj")
     assert len(cmds) == 2
-    assert cmds[0][:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "--project=proj", "my-v5p", "--zone=us-east5-a"]
+    assert cmds[0][:8] == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        "--project=proj",
+        "my-v5p",
+        "--zone=us-east5-a",
+    ]
     assert "--worker=all" in cmds[0]
     assert cmds[0][-1].startswith("--command=cd ~/kto-jax && ") and "kto_jax.train" in cmds[0][-1]
 
@@ -43,12 +58,19 @@ def test_tpu_commands(tmp_path):
 @pytest.mark.parametrize("flag", ["--dry-run", "--dry_run"])
 def test_sweep_script_dry_run_local_skips_finished_runs(tmp_path, flag):
     sweep = tmp_path / "sweep.py"
-    sweep.write_text("from kto_jax.sweeps import product\n"
-                     "def get_sweep():\n    return product('experiments/tiny.py', loss=['kto', 'dpo'], steps=['3'])\n")
+    sweep.write_text(
+        "from kto_jax.sweeps import product\n"
+        "def get_sweep():\n    return product('experiments/tiny.py', loss=['kto', 'dpo'], steps=['3'])\n"
+    )
     (tmp_path / "runs" / "kto_3").mkdir(parents=True)
     (tmp_path / "runs" / "kto_3" / "eval.json").write_text("{}")
-    proc = subprocess.run([sys.executable, "scripts/sweep.py", str(sweep), "--launcher=local", flag, f"--root={tmp_path}/runs"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "scripts/sweep.py", str(sweep), "--launcher=local", flag, f"--root={tmp_path}/runs"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skip (finished): kto_3" in proc.stdout
     assert "would run:" in proc.stdout and "dpo_3" in proc.stdout and "kto_3 --" not in proc.stdout
@@ -70,8 +92,18 @@ def test_slurm_launcher_runs_a_sweep_of_two_configs_and_an_online_run(tmp_path, 
     overrides = {"data.data_dir": synthetic_data_dir, "eval.judge": "", "train.eval_batches": 1, "train.log_every": 1}
     rs = runs(tmp_path, **overrides)
     online = {**overrides, "online.max_new_tokens": 4, "online.chunk_prompts": 8, "train.global_batch_size": 8}
-    rs += expand(product("experiments/online.py", online, module="kto_jax.online", rounds=["1"], prompts=["8"], samples=["2"],
-                         steps=["3"]), str(tmp_path))  # an online run, launched like any other
+    rs += expand(
+        product(
+            "experiments/online.py",
+            online,
+            module="kto_jax.online",
+            rounds=["1"],
+            prompts=["8"],
+            samples=["2"],
+            steps=["3"],
+        ),
+        str(tmp_path),
+    )  # an online run, launched like any other
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:

@@ -28,8 +28,12 @@ def test_kto_hand_derived():
     # desirable r = 2 ln 3, undesirable r = 0, KL log-ratios ln 3 -> z0 = ln 3, beta = 1:
     # l0 = 1 - sigmoid(2ln3 - ln3) = 1/4, l1 = 1 - sigmoid(ln3 - 0) = 1/4.
     loss, m = losses.kto(
-        jnp.array([2 * LN3, 0.0]), jnp.zeros(2), jnp.array([LN3, LN3]), jnp.zeros(2),
-        jnp.array([True, False]), beta=1.0,
+        jnp.array([2 * LN3, 0.0]),
+        jnp.zeros(2),
+        jnp.array([LN3, LN3]),
+        jnp.zeros(2),
+        jnp.array([True, False]),
+        beta=1.0,
     )
     np.testing.assert_allclose(loss, 0.25, rtol=1e-6)
     np.testing.assert_allclose(m["kl"], LN3, rtol=1e-6)
@@ -42,8 +46,13 @@ def test_kto_hand_derived_negative_kl_is_clamped_and_weights_not_renormalised():
     # KL estimate -1 -> z0 = 0: l0 = 1 - sigmoid(2 ln 3) = 1/10, l1 = 1 - sigmoid(0) = 1/2.
     # desirable_weight 2: loss = (2 * 1/10 + 1/2) / 2 = 0.35 (a plain mean, no renormalisation).
     loss, m = losses.kto(
-        jnp.array([2 * LN3, 0.0]), jnp.zeros(2), jnp.array([-1.0, -1.0]), jnp.zeros(2),
-        jnp.array([True, False]), beta=1.0, desirable_weight=2.0,
+        jnp.array([2 * LN3, 0.0]),
+        jnp.zeros(2),
+        jnp.array([-1.0, -1.0]),
+        jnp.zeros(2),
+        jnp.array([True, False]),
+        beta=1.0,
+        desirable_weight=2.0,
     )
     np.testing.assert_allclose(loss, 0.35, rtol=1e-6)
     assert m["kl"] == 0.0
@@ -132,11 +141,14 @@ def extreme_inputs(spec, scale):
     KL log-ratios all ~scale (z0 ~ scale)."""
     x = np.array([-scale, 0.0, -scale, -1e-6], np.float32)
     by_name = {
-        "policy_logps": x, "reference_logps": x[::-1],
+        "policy_logps": x,
+        "reference_logps": x[::-1],
         "policy_kl_logps": np.array([0.0, -1e-6, 0.0, 0.0], np.float32),
         "reference_kl_logps": np.full(4, -scale, np.float32),
-        "policy_chosen_logps": x, "policy_rejected_logps": x[::-1],
-        "reference_chosen_logps": x[::-1], "reference_rejected_logps": x,
+        "policy_chosen_logps": x,
+        "policy_rejected_logps": x[::-1],
+        "reference_chosen_logps": x[::-1],
+        "reference_rejected_logps": x,
     }
     args = list(sequence_inputs(spec, 4, np.random.default_rng(3)))
     names = [p.name for p in inspect.signature(spec.fn).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
@@ -281,8 +293,11 @@ def test_hyperparameter_overrides_replace_one_value_and_reach_the_loss():
     """hyperparameters({k: v}) is the defaults with k = v (the defaults themselves unchanged), and the
     loss computed with it is the one with that value: a beta override changes the DPO loss as the
     hand-derived formula says."""
+
     def another(value):  # a different valid value of the same kind
-        return {"sigmoid": "linear", "kl": "zero", "token": "sequence"}[value] if isinstance(value, str) else value + 0.25
+        return (
+            {"sigmoid": "linear", "kl": "zero", "token": "sequence"}[value] if isinstance(value, str) else value + 0.25
+        )
 
     for name, spec in LOSSES.items():
         for key, default in DOCUMENTED_DEFAULTS[name].items():
@@ -306,9 +321,14 @@ def test_registry_entries_are_consistent():
 
 @pytest.mark.parametrize(
     "name, overrides, field",
-    [("ipo", {"beta": 0.0}, "beta"), ("robust", {"label_smoothing": 0.5}, "label_smoothing"),
-     ("exo_pair", {"label_smoothing": 0.0}, "label_smoothing"), ("discopop", {"tau": 2.0}, "tau"),
-     ("halo", {"reference_point": "mean"}, "reference_point"), ("halo", {"value": "relu"}, "value function")],
+    [
+        ("ipo", {"beta": 0.0}, "beta"),
+        ("robust", {"label_smoothing": 0.5}, "label_smoothing"),
+        ("exo_pair", {"label_smoothing": 0.0}, "label_smoothing"),
+        ("discopop", {"tau": 2.0}, "tau"),
+        ("halo", {"reference_point": "mean"}, "reference_point"),
+        ("halo", {"value": "relu"}, "value function"),
+    ],
 )
 def test_bad_hyperparameter_values_fail_naming_the_field(name, overrides, field):
     args = as_jnp(sequence_inputs(get_loss(name), 2, np.random.default_rng(0), -5, -0.1))

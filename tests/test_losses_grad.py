@@ -56,9 +56,14 @@ CASES = [
     ("kto_zero", "kto_zero", dict(beta=0.5, desirable_weight=1.3, undesirable_weight=0.8), {}),
     ("apo_zero_unpaired", "apo_zero_unpaired", dict(beta=0.5, desirable_weight=0.9, undesirable_weight=1.2), {}),
     *[
-        (f"halo-{value}-{point}", "halo",
-         dict(beta=0.5, value=value, reference_point=point, desirable_weight=1.3, undesirable_weight=0.8), {})
-        for value in ("sigmoid", "log_sigmoid", "linear") for point in ("kl", "zero")
+        (
+            f"halo-{value}-{point}",
+            "halo",
+            dict(beta=0.5, value=value, reference_point=point, desirable_weight=1.3, undesirable_weight=0.8),
+            {},
+        )
+        for value in ("sigmoid", "log_sigmoid", "linear")
+        for point in ("kl", "zero")
     ],
     ("ppo_offline", "ppo_offline", dict(gamma=0.9, lam=0.8, cliprange=0.5, critic_coef=0.3, kl_coef=0.2), {}),
     ("dpo", "dpo", dict(beta=0.3), {}),
@@ -110,7 +115,8 @@ def away_from_kinks(name, x, hp, mask) -> bool:
         return abs(kl.mean()) > 0.05  # max(0, z0)
     if name == "hinge":
         d = (x["policy_chosen_logps"] - x["policy_rejected_logps"]) - (
-            x["reference_chosen_logps"] - x["reference_rejected_logps"])
+            x["reference_chosen_logps"] - x["reference_rejected_logps"]
+        )
         return np.all(np.abs(1.0 - hp["beta"] * d.astype(np.float64)) > 0.05)
     if name == "slic":
         gap = hp["beta"] - x["policy_chosen_logps"].astype(np.float64) + x["policy_rejected_logps"]
@@ -124,6 +130,7 @@ def away_from_kinks(name, x, hp, mask) -> bool:
 def draw_inputs(spec, hp, rng, batch):
     """One batch by input name, float32: log-probs in [-40, -5], log-ratios in [-4, 4] (PPO: [B, 7]
     tokens, log-ratios in [-1.2, 1.2]; reference-free: length-normalised log-probs in [-3, -0.05])."""
+
     def uniform(low, high, shape=batch):
         return rng.uniform(low, high, shape)
 
@@ -136,9 +143,13 @@ def draw_inputs(spec, hp, rng, batch):
         for row in range(batch):
             start = int(rng.integers(0, 3))
             token_mask[row, start : start + int(rng.integers(2, length - start + 1))] = 1.0
-        x = dict(policy_logps=reference + uniform(-1.2, 1.2, (batch, length)), reference_logps=reference,
-                 values=uniform(-1.0, 1.0, (batch, length)), desirable=rng.permutation(np.arange(batch) % 2 == 0),
-                 mask=token_mask)
+        x = dict(
+            policy_logps=reference + uniform(-1.2, 1.2, (batch, length)),
+            reference_logps=reference,
+            values=uniform(-1.0, 1.0, (batch, length)),
+            desirable=rng.permutation(np.arange(batch) % 2 == 0),
+            mask=token_mask,
+        )
     elif spec.kind == "unary":
         x["reference_logps"] = uniform(-40.0, -5.0)
         x["policy_logps"] = x["reference_logps"] + uniform(-4.0, 4.0)
@@ -190,8 +201,7 @@ def split(spec, x):
 
 
 def library_loss(spec, hp, extra, x, mask):
-    return spec.fn(**{n: None if v is None else jnp.asarray(v) for n, v in x.items()}, **hp, **extra,
-                   example_mask=mask)
+    return spec.fn(**{n: None if v is None else jnp.asarray(v) for n, v in x.items()}, **hp, **extra, example_mask=mask)
 
 
 def library_gradients(spec, hp, extra, x, mask, names):
@@ -219,8 +229,9 @@ def ppo_critic_targets(x, hp, mask):
     rows = np.ones(len(x["mask"]), bool) if mask is None else mask
     masks = x["mask"][rows].astype(np.float64)
     rewards = P.ppo_rewards(x["desirable"][rows], masks)
-    *_, future = P.compute_advantages(x["values"][rows].astype(np.float64), rewards, masks,
-                                      gamma=hp["gamma"], lam=hp["lam"])
+    *_, future = P.compute_advantages(
+        x["values"][rows].astype(np.float64), rewards, masks, gamma=hp["gamma"], lam=hp["lam"]
+    )
     full = np.zeros(x["mask"].shape)
     full[rows] = future
     return full
@@ -292,7 +303,8 @@ def test_value_and_gradient_match_the_numpy_reference(case_id, padded):
     if case_id != "bco_pair-fresh":  # a fresh delta is the batch mean, where d loss / d delta ~ 0 (to first order)
         for n, g in without_stop.items():  # without the stop-gradient this check would fail by 10x its tolerance
             assert np.abs(g - expected[n]).max() > 10 * gradient_tolerance(expected[n]), (
-                f"{case_id}: {n} cannot tell the stop-gradient apart")
+                f"{case_id}: {n} cannot tell the stop-gradient apart"
+            )
     assert any(np.abs(grads[n]).max() > 1e-3 for n in names), f"{case_id}: all gradients ~0"
 
 
@@ -326,8 +338,8 @@ def test_halo_and_kto_metrics_carry_no_gradient_through_a_differentiable_referen
         return kto_from_reference_point(p, r, z, desirable, beta=0.5, desirable_weight=1.0, undesirable_weight=1.0)
 
     for fn, key in ((halo, "reference_point"), (kto, "kl")):
-        assert np.abs(np.asarray(jax.grad(lambda z: fn(z)[0])(z))).max() > 1e-3  # the loss sees z
-        for metric, g in jax.jacrev(lambda z: fn(z)[1])(z).items():
+        assert np.abs(np.asarray(jax.grad(lambda z, fn=fn: fn(z)[0])(z))).max() > 1e-3  # the loss sees z
+        for metric, g in jax.jacrev(lambda z, fn=fn: fn(z)[1])(z).items():
             assert np.all(np.asarray(g) == 0.0), f"{fn.__name__}: metric {metric} has a gradient w.r.t. z"
         np.testing.assert_allclose(fn(z)[1][key], float(jnp.mean(z)), rtol=1e-6)
 
@@ -351,4 +363,3 @@ def test_paired_gradient_property(name, seed, data):
     expected, _ = expected_gradients(spec, hp, extra, x, None, names)
     for n in names:
         assert_gradient_close(grads[n], expected[n], f"{name} {hp} {extra}: d loss / d {n}")
-

@@ -9,7 +9,6 @@ Functions are called un-jitted (hyperparameters are Python floats that the libra
 ``test_jit_matches_reference`` checks once per loss that ``jax.jit(partial(fn, **hyperparameters))`` agrees.
 """
 
-
 from __future__ import annotations
 
 import os
@@ -23,8 +22,20 @@ from hypothesis.extra import numpy as hnp
 import kto_jax.losses as L
 from tests import numpy_reference as R
 from tests.numpy_checks import (
-    PAIRED, SETTINGS, SMALL_SETTINGS, _valid, accuracy_slack, assert_close, assert_matches, batch_sizes, betas, example_masks,
-    f32_arrays, paired_inputs, unary_inputs, weights,
+    PAIRED,
+    SETTINGS,
+    SMALL_SETTINGS,
+    _valid,
+    accuracy_slack,
+    assert_close,
+    assert_matches,
+    batch_sizes,
+    betas,
+    example_masks,
+    f32_arrays,
+    paired_inputs,
+    unary_inputs,
+    weights,
 )
 
 
@@ -89,7 +100,6 @@ def test_kto_reference_point_is_clamped_mean():
 # ----------------------------------------------------------------------------------------------------
 # paired losses with a reference model
 # ----------------------------------------------------------------------------------------------------
-
 
 
 @pytest.mark.parametrize("name", sorted(PAIRED))

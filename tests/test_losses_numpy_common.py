@@ -14,8 +14,18 @@ from hypothesis import strategies as st
 import kto_jax.losses as L
 from tests import numpy_reference as R
 from tests import numpy_reference_ppo as P
-from tests.numpy_checks import ATOL, PAIRED, RTOL, SMALL_SETTINGS, _scalar, _valid, accuracy_slack, assert_close, assert_matches, batch_sizes
-
+from tests.numpy_checks import (
+    ATOL,
+    PAIRED,
+    RTOL,
+    SMALL_SETTINGS,
+    _scalar,
+    _valid,
+    accuracy_slack,
+    assert_close,
+    assert_matches,
+    batch_sizes,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # offline PPO
@@ -278,9 +288,7 @@ def test_example_mask_ignores_garbage_rows(name, garbage):
     assert_matches(dirty, ref, fraction_slack=_slack(name, args, hp, example_mask, ref), **_tolerance(name, ref))
     np.testing.assert_allclose(_scalar(dirty[0]), _scalar(clean[0]), rtol=1e-6, atol=1e-6)
     for key in clean[1]:
-        np.testing.assert_allclose(
-            _scalar(dirty[1][key]), _scalar(clean[1][key]), rtol=1e-6, atol=1e-6, err_msg=key
-        )
+        np.testing.assert_allclose(_scalar(dirty[1][key]), _scalar(clean[1][key]), rtol=1e-6, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.parametrize("garbage", [np.nan, 1e30])

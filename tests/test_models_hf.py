@@ -25,8 +25,16 @@ from transformers import AutoModelForCausalLM
 from kto_jax.models import abstract_params, lm_head_kernel
 from kto_jax.models.hf import config_to_hf, from_hf, to_hf
 from kto_jax.models.presets import get_preset
-from tests.hf_checkpoints import (  # noqa: F401 (checkpoints, loaded: fixtures)
-    BATCH, HF_CONFIGS, LENGTH, TOL, VOCAB, checkpoints, forward, hf_logits, loaded, max_diff, random_ids,
+from tests.hf_checkpoints import (
+    BATCH,
+    HF_CONFIGS,
+    LENGTH,
+    TOL,
+    VOCAB,
+    forward,
+    hf_logits,
+    max_diff,
+    random_ids,
 )
 
 # ---------------------------------------------------------------- logits vs transformers
@@ -172,8 +180,18 @@ def assert_same_tree(a, b):
 
 
 @pytest.mark.parametrize(
-    "name", ["llama_gqa", "llama3_rope", "llama_linear_rope", "llama_tied", "llama3_rope_bias",
-             "mistral_head_dim", "pythia_parallel", "pythia_sequential", "pythia_unbiased"]
+    "name",
+    [
+        "llama_gqa",
+        "llama3_rope",
+        "llama_linear_rope",
+        "llama_tied",
+        "llama3_rope_bias",
+        "mistral_head_dim",
+        "pythia_parallel",
+        "pythia_sequential",
+        "pythia_unbiased",
+    ],
 )
 def test_to_hf_round_trip(loaded, tmp_path, name):
     _, _, model, params = loaded(name)

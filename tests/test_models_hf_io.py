@@ -16,36 +16,66 @@ from kto_jax.models import ARCHITECTURES, FAMILIES, get_family
 from kto_jax.models.hf import config_from_hf, config_to_hf, from_hf, load_tokenizer, to_hf
 from kto_jax.models.hf_config import HF_ARCHITECTURES
 from kto_jax.models.presets import get_preset
-from tests.hf_checkpoints import HF_CONFIGS, checkpoints, loaded  # noqa: F401 (checkpoints, loaded: fixtures)
+from tests.hf_checkpoints import HF_CONFIGS
 
 # ---------------------------------------------------------------- config.json reading
 
 
 LLAMA3_V4 = {
-    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False,
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
     "rope_theta": 500000.0,
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
 }
 LLAMA3_V5 = {
     **{k: v for k, v in LLAMA3_V4.items() if k not in ("rope_theta", "rope_scaling")},
     "rope_parameters": {"rope_theta": 500000.0, **LLAMA3_V4["rope_scaling"]},
 }
 PYTHIA_V4 = {
-    "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "vocab_size": 50304, "hidden_size": 2048,
-    "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 16, "max_position_embeddings": 2048,
-    "layer_norm_eps": 1e-5, "hidden_act": "gelu", "rotary_pct": 0.25, "rotary_emb_base": 10000,
-    "use_parallel_residual": True, "tie_word_embeddings": False,
+    "model_type": "gpt_neox",
+    "architectures": ["GPTNeoXForCausalLM"],
+    "vocab_size": 50304,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "max_position_embeddings": 2048,
+    "layer_norm_eps": 1e-5,
+    "hidden_act": "gelu",
+    "rotary_pct": 0.25,
+    "rotary_emb_base": 10000,
+    "use_parallel_residual": True,
+    "tie_word_embeddings": False,
 }
 PYTHIA_V5 = {
     **{k: v for k, v in PYTHIA_V4.items() if k not in ("rotary_pct", "rotary_emb_base")},
     "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"},
 }
 LINEAR_V4 = {
-    "model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "rope_theta": 20000.0, "rope_scaling": {"type": "linear", "factor": 2.0},
+    "model_type": "llama",
+    "vocab_size": 100,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "rope_theta": 20000.0,
+    "rope_scaling": {"type": "linear", "factor": 2.0},
 }
 LINEAR_V5 = {
     **{k: v for k, v in LINEAR_V4.items() if k not in ("rope_theta", "rope_scaling")},
@@ -59,8 +89,9 @@ def test_config_from_hf_reads_v4_and_v5_fields_alike(v4, v5):
 
 
 def test_config_from_hf_known_configs():
-    assert config_from_hf(LLAMA3_V4) == get_preset("llama3-8b").replace(max_position_embeddings=131072, norm_eps=1e-5,
-                                                                       rope_type="llama3", rope_factor=8.0)
+    assert config_from_hf(LLAMA3_V4) == get_preset("llama3-8b").replace(
+        max_position_embeddings=131072, norm_eps=1e-5, rope_type="llama3", rope_factor=8.0
+    )
     assert config_from_hf(PYTHIA_V5) == get_preset("pythia-1.4b")
     linear = config_from_hf(LINEAR_V4)
     assert (linear.rope_type, linear.rope_factor, linear.rope_theta) == ("linear", 2.0, 20000.0)
@@ -145,8 +176,11 @@ def test_family_registry():
     assert list(FAMILIES) == ["llama", "gpt_neox"]
     assert all(get_family(name).name == name for name in FAMILIES)
     assert ARCHITECTURES == {name: family.build for name, family in FAMILIES.items()}
-    assert HF_ARCHITECTURES == {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                "gpt_neox": "GPTNeoXForCausalLM"}
+    assert HF_ARCHITECTURES == {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "gpt_neox": "GPTNeoXForCausalLM",
+    }
     assert all(hasattr(transformers, cls) for cls in HF_ARCHITECTURES.values())
     with pytest.raises(ValueError, match=r"model_type='qwen2' is not supported.*gpt_neox.*llama.*mistral"):
         config_from_hf({**LINEAR_V4, "model_type": "qwen2"})

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from jax.ad_checkpoint import print_saved_residuals
 
 from kto_jax.models import abstract_params, build_model, param_count
@@ -21,12 +20,27 @@ from kto_jax.models.common import REMAT_POLICIES, ModelConfig
 from kto_jax.models.presets import PRESETS
 
 LLAMA = ModelConfig(
-    architecture="llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-    num_kv_heads=2, initializer_range=0.2,
+    architecture="llama",
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    initializer_range=0.2,
 )
 NEOX = ModelConfig(
-    architecture="gpt_neox", vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-    rotary_pct=0.5, attention_bias=True, use_parallel_residual=True, hidden_act="gelu", initializer_range=0.2,
+    architecture="gpt_neox",
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    rotary_pct=0.5,
+    attention_bias=True,
+    use_parallel_residual=True,
+    hidden_act="gelu",
+    initializer_range=0.2,
 )
 CONFIGS = {"llama": LLAMA, "gpt_neox": NEOX}
 
@@ -76,8 +90,11 @@ def test_unrolled_scan_is_straight_line_code_with_the_same_logits(arch):
     assert "stablehlo.while" in hlo_text(config) and "stablehlo.while" not in hlo_text(unrolled)
     params = random_params(config, seed=4)
     ids, mask = batch()
-    np.testing.assert_allclose(build_model(unrolled).apply({"params": params}, ids, mask),
-                               build_model(config).apply({"params": params}, ids, mask), atol=1e-5)
+    np.testing.assert_allclose(
+        build_model(unrolled).apply({"params": params}, ids, mask),
+        build_model(config).apply({"params": params}, ids, mask),
+        atol=1e-5,
+    )
 
 
 def token_loss(model, params, ids, mask):
@@ -97,7 +114,7 @@ def test_remat_policies_give_the_same_gradient():
     assert "none" in REMAT_POLICIES and REMAT_POLICIES["none"] is None
     for policy in sorted(REMAT_POLICIES):
         model = build_model(config.replace(remat_policy=policy))
-        traced = jax.jit(jax.value_and_grad(lambda p: token_loss(model, p, ids, mask))).trace(params)
+        traced = jax.jit(jax.value_and_grad(lambda p, model=model: token_loss(model, p, ids, mask))).trace(params)
         assert bool(re.search(r"remat|checkpoint", str(traced.jaxpr))) == (policy != "none"), policy
         results[policy] = traced.lower().compile()(params)
     ref_loss, ref_grad = results["none"]

@@ -43,8 +43,11 @@ def turns(word: str) -> tuple:
 
 
 def sample_rows(words_and_outputs) -> list[dict]:
-    return [{"prompt_id": p, "sample_id": k, "prompt": phases.messages(turns(w)), "output": out, "type": "sample"}
-            for p, (w, outs) in enumerate(words_and_outputs) for k, out in enumerate(outs)]
+    return [
+        {"prompt_id": p, "sample_id": k, "prompt": phases.messages(turns(w)), "output": out, "type": "sample"}
+        for p, (w, outs) in enumerate(words_and_outputs)
+        for k, out in enumerate(outs)
+    ]
 
 
 # ---------------------------------------------------------------- pieces
@@ -70,10 +73,18 @@ def test_chunk_seeds_are_a_function_of_seed_round_and_chunk():
 def test_binary_feedback_from_an_exact_judge_takes_its_flags_as_labels():
     rows = sample_rows([("cat", [" CAT", " cat"]), ("dog", [" DOG", " DOG"])])
     judged = [{"reward": 1.0 if ok else 0.0, "desirable": ok} for ok in (True, False, True, True)]
-    out, counts = phases.feedback(config(threshold="0.5"), 0, rows, judged)  # a unary judge's flag is the label, whatever threshold
+    out, counts = phases.feedback(
+        config(threshold="0.5"), 0, rows, judged
+    )  # a unary judge's flag is the label, whatever threshold
     assert [r["label"] for r in out] == [1, 0, 1, 1]
-    assert out[1] == {"prompt_id": 0, "prompt": [{"role": "user", "content": "Shout cat!"}], "output": " cat", "label": 0,
-                      "reward": 0.0, "type": "binary_feedback"}
+    assert out[1] == {
+        "prompt_id": 0,
+        "prompt": [{"role": "user", "content": "Shout cat!"}],
+        "output": " cat",
+        "label": 0,
+        "reward": 0.0,
+        "type": "binary_feedback",
+    }
     assert counts["desirable"] == 3 and counts["undesirable"] == 1 and counts["samples"] == 4
     assert counts["sampled"] == judged_rate([True, False, True, True])
 
@@ -101,12 +112,17 @@ def test_binary_feedback_from_scores_thresholds_them_as_halos():
 def test_pairwise_feedback_pairs_each_prompts_best_and_worst():
     rows = sample_rows([("cat", ["a", "b", "c"]), ("dog", ["d", "e", "f"]), ("eel", ["g", "h", "i"])])
     rewards = [0.2, 0.9, 0.5, 0.1, 0.3, 0.7, 0.4, 0.4, 0.4]  # eel: all alike, no pair
-    out, counts = phases.feedback(config(feedback="pairwise", pair_mode="max"), 0, rows, [{"reward": r} for r in rewards])
+    out, counts = phases.feedback(
+        config(feedback="pairwise", pair_mode="max"), 0, rows, [{"reward": r} for r in rewards]
+    )
     assert [(r["output_A"], r["output_B"], r["label"]) for r in out] == [("b", "a", 1), ("f", "d", 1)]
     assert out[0]["reward_A"] == 0.9 and out[0]["reward_B"] == 0.2 and out[0]["reward_difference"] == pytest.approx(0.7)
     assert out[0]["type"] == "pairwise_feedback" and out[1]["prompt"] == phases.messages(turns("dog"))
     assert counts["pairs"] == 2 and counts["prompts_paired"] == 2 and counts["prompts"] == 3
-    with pytest.raises(ValueError, match=r"round 1: no two samples of one prompt differ in reward by more than config.online.pair_gap=0.8"):
+    with pytest.raises(
+        ValueError,
+        match=r"round 1: no two samples of one prompt differ in reward by more than config.online.pair_gap=0.8",
+    ):
         phases.feedback(config(feedback="pairwise", pair_gap=0.8), 0, rows, [{"reward": r} for r in rewards])
 
 
@@ -117,22 +133,32 @@ def test_the_feedback_files_read_back_through_the_files_source(tmp_path):
     files.write_json(str(tmp_path / "binary.json"), binary, indent=None)
     examples, stats = load_mixture(f"files:{tmp_path}/binary.json", "train", str(tmp_path / "tfds"))
     assert sorted((e.prompt, e.completion, e.desirable) for e in examples) == [  # (tfds shuffles the records)
-        (turns("cat"), " CAT", True), (turns("cat"), " cat", False), (turns("dog"), " DOG", True), (turns("dog"), " DOGE", False)]
+        (turns("cat"), " CAT", True),
+        (turns("cat"), " cat", False),
+        (turns("dog"), " DOG", True),
+        (turns("dog"), " DOGE", False),
+    ]
     assert [s["files"]["schema"] for s in stats["sources"].values()] == ["halos_binary_feedback"]
     pairs, _ = phases.feedback(config(feedback="pairwise"), 0, rows, judged)
     files.write_json(str(tmp_path / "pairs.json"), pairs, indent=None)
     examples, _ = load_mixture(f"files:{tmp_path}/pairs.json", "train", str(tmp_path / "tfds"))
-    assert sorted((e.prompt, e.chosen, e.rejected) for e in examples) == [(turns("cat"), " CAT", " cat"), (turns("dog"), " DOG", " DOGE")]
+    assert sorted((e.prompt, e.chosen, e.rejected) for e in examples) == [
+        (turns("cat"), " CAT", " cat"),
+        (turns("dog"), " DOG", " DOGE"),
+    ]
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("feedback", "scalar", r"config.online.feedback='scalar': use one of \('binary', 'pairwise'\)"),
-    ("rounds", 0, r"config.online.rounds=0: must be >= 1"),
-    ("pair_mode", "best", r"config.online.pair_mode='best': use one of"),
-    ("threshold", "mode", r"config.online.threshold: binary threshold 'mode': use a number, 'mean' or 'median'"),
-    ("judge", "gpt", r"unknown judge 'gpt' \(config.online.judge\); known:"),
-    ("judge", "api", r"config.online.judge='api' only compares two answers"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("feedback", "scalar", r"config.online.feedback='scalar': use one of \('binary', 'pairwise'\)"),
+        ("rounds", 0, r"config.online.rounds=0: must be >= 1"),
+        ("pair_mode", "best", r"config.online.pair_mode='best': use one of"),
+        ("threshold", "mode", r"config.online.threshold: binary threshold 'mode': use a number, 'mean' or 'median'"),
+        ("judge", "gpt", r"unknown judge 'gpt' \(config.online.judge\); known:"),
+        ("judge", "api", r"config.online.judge='api' only compares two answers"),
+    ],
+)
 def test_config_errors_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         rounds.check_config(config(**{field: value}))
@@ -147,17 +173,27 @@ def test_each_round_trains_on_its_feedback_from_the_last_rounds_weights(tmp_path
     c = config("init=orbax:/runs/sft," + ARG)
     first, second = rounds.round_config(c, str(tmp_path), 0), rounds.round_config(c, str(tmp_path), 1)
     assert "online" not in first and first.init.source == "orbax:/runs/sft"
-    assert second.init.source == second.init.optimizer == f"orbax:{tmp_path}/round_0/train"  # HALOs' load_from, from_checkpoint
-    assert first.init.optimizer == "" and rounds.round_config(config(carry_optimizer=False), str(tmp_path), 1).init.optimizer == ""
+    assert (
+        second.init.source == second.init.optimizer == f"orbax:{tmp_path}/round_0/train"
+    )  # HALOs' load_from, from_checkpoint
+    assert (
+        first.init.optimizer == ""
+        and rounds.round_config(config(carry_optimizer=False), str(tmp_path), 1).init.optimizer == ""
+    )
     assert second.data.sources == f"files:{tmp_path}/round_1/feedback.json"
-    assert second.data.eval_sources == "synthetic" and second.data.eval_split == "test"  # judged on the task's held-out prompts
+    assert (
+        second.data.eval_sources == "synthetic" and second.data.eval_split == "test"
+    )  # judged on the task's held-out prompts
     assert rounds.initial_config(c).eval.only and rounds.initial_config(c).init.source == "orbax:/runs/sft"
 
 
 def test_a_workdir_of_another_online_config_is_an_error(tmp_path):
     rounds.check_workdir(config(), str(tmp_path))
     rounds.check_workdir(config(), str(tmp_path))  # the same config: fine
-    with pytest.raises(InputError, match=r"holds an online run with another config \(config.online.samples_per_prompt: 2 \(saved\) -> 3"):
+    with pytest.raises(
+        InputError,
+        match=r"holds an online run with another config \(config.online.samples_per_prompt: 2 \(saved\) -> 3",
+    ):
         rounds.check_workdir(config(samples_per_prompt=3), str(tmp_path))
 
 
@@ -165,7 +201,10 @@ def test_the_online_sweep_launches_the_online_module():
     runs = expand(load_sweep(os.path.join(REPO, "experiments", "sweeps", "online.py")), "runs")
     assert [r["name"] for r in runs] == ["online_kto", "online_dpo"]
     cmd = train_command(runs[1])
-    assert cmd[1:3] == ["-m", "kto_jax.online"] and "--config=experiments/online.py:loss=dpo,feedback=pairwise,init=orbax:runs/sft" in cmd
+    assert (
+        cmd[1:3] == ["-m", "kto_jax.online"]
+        and "--config=experiments/online.py:loss=dpo,feedback=pairwise,init=orbax:runs/sft" in cmd
+    )
     for r in runs:  # the configs build and check
         rounds.check_config(load_config(os.path.join(REPO, r["config"])))
 
@@ -174,11 +213,26 @@ def test_the_online_sweep_launches_the_online_module():
 
 
 def online_args(workdir: str, data_dir: str, arg: str = ARG) -> list[str]:
-    return ["-m", "kto_jax.online", "--config", f"{ONLINE}:{arg}", "--workdir", workdir, f"--config.data.data_dir={data_dir}",
-            "--config.online.chunk_prompts=8", "--config.online.batch_size=16", "--config.online.max_new_tokens=4",
-            "--config.eval.num_prompts=16", "--config.eval.batch_size=16", "--config.eval.max_new_tokens=4",
-            "--config.train.global_batch_size=8", "--config.train.eval_batches=1", "--config.train.log_every=1",
-            "--config.checkpoint.every_steps=2", "--config.data.eval_split=validation"]
+    return [
+        "-m",
+        "kto_jax.online",
+        "--config",
+        f"{ONLINE}:{arg}",
+        "--workdir",
+        workdir,
+        f"--config.data.data_dir={data_dir}",
+        "--config.online.chunk_prompts=8",
+        "--config.online.batch_size=16",
+        "--config.online.max_new_tokens=4",
+        "--config.eval.num_prompts=16",
+        "--config.eval.batch_size=16",
+        "--config.eval.max_new_tokens=4",
+        "--config.train.global_batch_size=8",
+        "--config.train.eval_batches=1",
+        "--config.train.log_every=1",
+        "--config.checkpoint.every_steps=2",
+        "--config.data.eval_split=validation",
+    ]
 
 
 def start(workdir: str, data_dir: str, out: str, name: str, kill_at: str = "") -> H.Proc:
@@ -191,16 +245,30 @@ def start(workdir: str, data_dir: str, out: str, name: str, kill_at: str = "") -
 def outcome(workdir: str) -> dict:
     """What an online run leaves: every round's samples and feedback bytes, the evaluations, the
     final weights (the workdir's own path, which samples.json and eval.json name, as WORKDIR)."""
+
     def read(path):
         with open(os.path.join(workdir, path), "rb") as f:
             return f.read().replace(workdir.encode(), b"WORKDIR")
 
     results = json.loads(read("eval.json"))
-    weights = checkpoint.fingerprint(checkpoint.load_params(os.path.join(workdir, "round_1", "train"), H.random_init("tiny-1m")[1])[0])
-    return {"files": {p: read(p) for p in ("round_0/samples.json", "round_0/feedback.json", "round_1/samples.json",
-                                           "round_1/feedback.json", "round_1/labels.json")},
-            "eval": results, "weights": weights,
-            "metrics": [H.comparable(H.rows(os.path.join(workdir, f"round_{r}", "train"))) for r in (0, 1)]}
+    weights = checkpoint.fingerprint(
+        checkpoint.load_params(os.path.join(workdir, "round_1", "train"), H.random_init("tiny-1m")[1])[0]
+    )
+    return {
+        "files": {
+            p: read(p)
+            for p in (
+                "round_0/samples.json",
+                "round_0/feedback.json",
+                "round_1/samples.json",
+                "round_1/feedback.json",
+                "round_1/labels.json",
+            )
+        },
+        "eval": results,
+        "weights": weights,
+        "metrics": [H.comparable(H.rows(os.path.join(workdir, f"round_{r}", "train"))) for r in (0, 1)],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -220,20 +288,27 @@ def test_the_online_cli_runs_every_round(uninterrupted):
     assert samples[0]["type"] == "sample" and samples[0]["generator"] == f"orbax:{workdir}/round_0/train"
     with open(os.path.join(workdir, "round_0", "samples.json"), encoding="utf-8") as f:
         first = json.load(f)
-    assert not {json.dumps(s["prompt"]) for s in first} & {json.dumps(s["prompt"]) for s in samples}  # new prompts each round
+    assert not {json.dumps(s["prompt"]) for s in first} & {
+        json.dumps(s["prompt"]) for s in samples
+    }  # new prompts each round
     with open(os.path.join(workdir, "round_1", "train", "data_stats.json"), encoding="utf-8") as f:
         stats = json.load(f)
     assert stats["train"]["source_examples"] == 32  # the round trained on its own 16 x 2 judged samples
-    assert [r["round"] for r in results["rounds"]] == [1, 2] and results["generation"] == results["rounds"][-1]["generation"]
+    assert [r["round"] for r in results["rounds"]] == [1, 2] and results["generation"] == results["rounds"][-1][
+        "generation"
+    ]
     assert results["initial"]["generation"]["n"] == 16 and results["rounds"][0]["labels"]["samples"] == 32
     assert "round 2/2: judged desirable" in uninterrupted["stderr"] and "Traceback" not in uninterrupted["stderr"]
 
 
-@pytest.mark.parametrize("kill_at,partial", [
-    ("online.sample@3", "round_1/sampling/part-00000.jsonl"),
-    ("online.label@1", "round_0/labelling/part-00000.jsonl"),
-    ("checkpoint.save@3", "round_1/train/metrics.jsonl"),
-])
+@pytest.mark.parametrize(
+    "kill_at,partial",
+    [
+        ("online.sample@3", "round_1/sampling/part-00000.jsonl"),
+        ("online.label@1", "round_0/labelling/part-00000.jsonl"),
+        ("checkpoint.save@3", "round_1/train/metrics.jsonl"),
+    ],
+)
 def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_outcome(uninterrupted, tmp_path, kill_at, partial):
     workdir = str(tmp_path / "run")
     result = start(workdir, uninterrupted["data"], str(tmp_path), "killed", kill_at).result()
@@ -247,7 +322,10 @@ def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_outcome(uninterrupt
     assert got["weights"] == expected["weights"] and got["eval"] == expected["eval"]
     assert got["metrics"] == expected["metrics"]
     if kill_at.startswith("online.sample"):
-        assert "round 2: sampling 16 prompts x 2 from" in result["stderr"] and "(1 of 2 chunks on disk)" in result["stderr"]
+        assert (
+            "round 2: sampling 16 prompts x 2 from" in result["stderr"]
+            and "(1 of 2 chunks on disk)" in result["stderr"]
+        )
 
 
 def test_a_finished_online_run_rerun_does_nothing(uninterrupted, tmp_path):
@@ -259,10 +337,22 @@ def test_a_finished_online_run_rerun_does_nothing(uninterrupted, tmp_path):
 
 
 def test_the_online_cli_rejects_a_config_without_an_online_section(tmp_path):
-    proc = H.Proc(["-m", "kto_jax.online", "--config", os.path.join(REPO, "experiments", "tiny.py"), "--workdir", str(tmp_path / "w")],
-                  str(tmp_path), "no_online")
+    proc = H.Proc(
+        [
+            "-m",
+            "kto_jax.online",
+            "--config",
+            os.path.join(REPO, "experiments", "tiny.py"),
+            "--workdir",
+            str(tmp_path / "w"),
+        ],
+        str(tmp_path),
+        "no_online",
+    )
     result = proc.result()
-    assert result["rc"] == 2 and "error: --config: this config has no 'online' section" in result["stderr"], tail(result["stderr"])
+    assert result["rc"] == 2 and "error: --config: this config has no 'online' section" in result["stderr"], tail(
+        result["stderr"]
+    )
     assert not os.path.exists(tmp_path / "w")
 
 
@@ -270,14 +360,23 @@ def test_two_processes_run_the_rounds_as_one_process(tmp_path, synthetic_data_di
     """The online CLI on 2 processes x 2 devices (gloo on 127.0.0.1) writes the samples and feedback
     of 1 process x 4 devices and trains the same steps: generation's rows are gathered on every
     host, process 0 alone writes the files, and the phases wait for each other."""
-    from tests.train_helpers import finish, free_port, start as start_cli, subprocess_env, train_rows
+    from tests.train_helpers import finish, free_port, subprocess_env, train_rows
+    from tests.train_helpers import start as start_cli
 
     def cli(workdir):
         return online_args(workdir, synthetic_data_dir, "rounds=2,prompts=8,samples=2,steps=2")
 
     port, multi, single = free_port(), str(tmp_path / "multi"), str(tmp_path / "single")
-    procs = [start_cli(cli(multi), subprocess_env(devices=2, KTO_JAX_COORDINATOR=f"127.0.0.1:{port}", KTO_JAX_NUM_PROCESSES="2",
-                                                  KTO_JAX_PROCESS_ID=str(i)), str(tmp_path / f"multi_{i}.log")) for i in range(2)]
+    procs = [
+        start_cli(
+            cli(multi),
+            subprocess_env(
+                devices=2, KTO_JAX_COORDINATOR=f"127.0.0.1:{port}", KTO_JAX_NUM_PROCESSES="2", KTO_JAX_PROCESS_ID=str(i)
+            ),
+            str(tmp_path / f"multi_{i}.log"),
+        )
+        for i in range(2)
+    ]
     procs.append(start_cli(cli(single), subprocess_env(devices=4), str(tmp_path / "single.log")))
     for proc in procs:
         rc, log = finish(proc, H.TIMEOUT)

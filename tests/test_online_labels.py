@@ -16,7 +16,13 @@ def test_binary_labels_threshold_number_mean_median():
     assert resolve_threshold(REWARDS, "mean") == pytest.approx(0.36)
     assert binary_labels(REWARDS, "mean") == [False, True, True, False, True]
     assert resolve_threshold(REWARDS, "median") == 0.5
-    assert binary_labels(REWARDS, 0.7) == [False, True, False, False, False]  # HALOs' int(0.7) = 0 would label 4 desirable
+    assert binary_labels(REWARDS, 0.7) == [
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]  # HALOs' int(0.7) = 0 would label 4 desirable
     with pytest.raises(ValueError, match="use a number, 'mean' or 'median'"):
         binary_labels(REWARDS, "top")
     with pytest.raises(ValueError, match="judged no samples"):
@@ -53,7 +59,9 @@ def test_random_pairs_follow_halos_draws():
     got = preference_pairs({"p1": GROUPS["p1"]}, "random", gap=0.1, seed=seed)
     assert got == expected and len(got) >= 1
     assert all(dict(GROUPS["p1"])[c] > dict(GROUPS["p1"])[r] for c, r in got)  # chosen has the higher reward
-    assert preference_pairs(GROUPS, "random", gap=0.1, seed=seed) == preference_pairs(GROUPS, "random", gap=0.1, seed=seed)
+    assert preference_pairs(GROUPS, "random", gap=0.1, seed=seed) == preference_pairs(
+        GROUPS, "random", gap=0.1, seed=seed
+    )
 
 
 def test_unknown_mode_names_the_choices():

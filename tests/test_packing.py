@@ -25,8 +25,8 @@ from kto_jax.logprobs import segment_sums, token_logps, unpack_tokens
 from kto_jax.losses import get_loss
 from kto_jax.losses.registry import LOSSES
 from kto_jax.models import build_model
-from kto_jax.models.positions import positions_from_segments, segment_attention_mask
 from kto_jax.models.hf import init_params
+from kto_jax.models.positions import positions_from_segments, segment_attention_mask
 from kto_jax.models.presets import get_preset
 from kto_jax.train.step import StepSpec, microbatch_loss, split_microbatches
 from tests.train_helpers import FAST_COMPILER_OPTIONS
@@ -46,10 +46,20 @@ def examples(synthetic_data_dir):
 
 
 def make_loader(examples, kind: str, *, packing: bool, num_microbatches: int = 1, batch: int = 8, **kw):
-    return FeedbackLoader(examples["paired" if kind == "paired" else "unary"], get_tokenizer("bytes"), TOKENIZE,
-                          global_batch_size=batch, seed=0, num_microbatches=num_microbatches, bucket=16,
-                          process_index=0, process_count=1, packing=packing,
-                          schema=feedback_schema(kind == "paired", kl_pairing=kind != "paired", packed=packing), **kw)
+    return FeedbackLoader(
+        examples["paired" if kind == "paired" else "unary"],
+        get_tokenizer("bytes"),
+        TOKENIZE,
+        global_batch_size=batch,
+        seed=0,
+        num_microbatches=num_microbatches,
+        bucket=16,
+        process_index=0,
+        process_count=1,
+        packing=packing,
+        schema=feedback_schema(kind == "paired", kl_pairing=kind != "paired", packed=packing),
+        **kw,
+    )
 
 
 # ---------------------------------------------------------------- the packing
@@ -122,12 +132,15 @@ def test_packed_batch_holds_the_padded_batch(kind, num_microbatches, examples):
                 assert len(where) == n
                 row, start = where[0]
                 assert (where[:, 0] == row).all() and (where[:, 1] == np.arange(start, start + n)).all()
-                np.testing.assert_array_equal(ids[row, start:start + n], padded[f"{p}input_ids"][i, :n])
+                np.testing.assert_array_equal(ids[row, start : start + n], padded[f"{p}input_ids"][i, :n])
                 want = padded[f"{p}loss_mask"][i, :n].copy()
                 want[0] = False
-                np.testing.assert_array_equal(loss[row, start:start + n], want)
+                np.testing.assert_array_equal(loss[row, start : start + n], want)
         assert rows_used < 8 * (2 if kind == "paired" else 1)  # some rows hold more than one sequence
-        assert (np.asarray(packed[f"{p}input_ids"])[np.asarray(packed[f"{p}segment_ids"]) == 0] == get_tokenizer("bytes").pad_id).all()
+        assert (
+            np.asarray(packed[f"{p}input_ids"])[np.asarray(packed[f"{p}segment_ids"]) == 0]
+            == get_tokenizer("bytes").pad_id
+        ).all()
     if kind == "unary":
         np.testing.assert_array_equal(packed["desirable"], padded["desirable"])
         flat = split_microbatches({"x": packed["input_ids"]}, M)["x"].reshape(M, -1)
@@ -167,8 +180,15 @@ def test_packed_rows_give_each_sequence_its_padded_log_probs(preset, examples):
 
 def step_spec(name: str, packing: bool, num_microbatches: int = 1) -> StepSpec:
     loss = get_loss(name)
-    return StepSpec(MODEL, loss, tuple(sorted(loss.defaults.items())), num_microbatches,
-                    "model" if loss.needs_reference else "none", 256, packing=packing)
+    return StepSpec(
+        MODEL,
+        loss,
+        tuple(sorted(loss.defaults.items())),
+        num_microbatches,
+        "model" if loss.needs_reference else "none",
+        256,
+        packing=packing,
+    )
 
 
 @functools.cache
@@ -184,8 +204,10 @@ def loss_and_grad(name: str, batch: dict, packing: bool):
     spec = step_spec(name, packing)
     policy, reference, extra = params()
     full = {"model": policy, **(extra["token"] if spec.loss.feed == "token" else {})}
-    fn = jax.jit(jax.value_and_grad(lambda p: microbatch_loss(spec, p, reference, batch, {}), has_aux=True),
-                 compiler_options=FAST_COMPILER_OPTIONS)
+    fn = jax.jit(
+        jax.value_and_grad(lambda p: microbatch_loss(spec, p, reference, batch, {}), has_aux=True),
+        compiler_options=FAST_COMPILER_OPTIONS,
+    )
     (loss, (metrics, _)), grads = fn(full)
     return float(loss), jax.device_get(metrics), grads
 
@@ -196,8 +218,18 @@ def batches(examples, name: str) -> tuple[dict, dict]:
     out = []
     for packing in (False, True):
         s = dataclasses.replace(spec, packing=packing)
-        loader = FeedbackLoader(examples[kind], get_tokenizer("bytes"), TOKENIZE, global_batch_size=8, seed=0, bucket=16,
-                                process_index=0, process_count=1, packing=packing, schema=s.feed.schema(s.inputs, "none", packing))
+        loader = FeedbackLoader(
+            examples[kind],
+            get_tokenizer("bytes"),
+            TOKENIZE,
+            global_batch_size=8,
+            seed=0,
+            bucket=16,
+            process_index=0,
+            process_count=1,
+            packing=packing,
+            schema=s.feed.schema(s.inputs, "none", packing),
+        )
         out.append(next(loader))
     return tuple(out)
 
@@ -211,7 +243,9 @@ def test_every_loss_and_gradient_equal_the_padded_path(name, examples):
     np.testing.assert_allclose(packed_loss, loss, rtol=0, atol=1e-5)
     assert sorted(packed_metrics) == sorted(metrics)
     for key in metrics:
-        np.testing.assert_allclose(np.float64(packed_metrics[key]), np.float64(metrics[key]), rtol=1e-5, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(
+            np.float64(packed_metrics[key]), np.float64(metrics[key]), rtol=1e-5, atol=1e-5, err_msg=key
+        )
     leaves = jax.tree_util.tree_leaves_with_path(grads)
     assert max(float(jnp.abs(g).max()) for _, g in leaves) > 1e-4  # the gradient is not trivially zero
     for (path, g), p in zip(leaves, jax.tree_util.tree_leaves(packed_grads)):

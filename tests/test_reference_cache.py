@@ -76,12 +76,20 @@ def test_a_cache_of_another_reference_model_is_passed_over_with_the_reason(runs)
 def test_why_not_names_each_mismatch():
     from kto_jax.train.reference_cache import LAYOUT_VERSION, why_not
 
-    meta = {"layout": LAYOUT_VERSION, "reference": "r1", "reference_source": "tiny-1m", "outputs": ["reference_logps"],
-            "train": ["a", "b", "c"], "eval": ["e"]}
+    meta = {
+        "layout": LAYOUT_VERSION,
+        "reference": "r1",
+        "reference_source": "tiny-1m",
+        "outputs": ["reference_logps"],
+        "train": ["a", "b", "c"],
+        "eval": ["e"],
+    }
     assert why_not(meta, "r1", ["a", "b"], ["e"], ("reference_logps",)) is None  # a shorter run: the prefix serves
     assert "another reference model" in why_not(meta, "r2", ["a"], ["e"], ("reference_logps",))
     assert "has 3 training steps; this run needs 4" in why_not(meta, "r1", list("abcd"), ["e"], ("reference_logps",))
     assert "other training batches from batch 2" in why_not(meta, "r1", ["a", "x"], ["e"], ("reference_logps",))
     assert "other held-out batches from batch 1" in why_not(meta, "r1", ["a"], ["f"], ("reference_logps",))
-    assert "also needs ['reference_kl_logps']" in why_not(meta, "r1", ["a"], ["e"], ("reference_logps", "reference_kl_logps"))
+    assert "also needs ['reference_kl_logps']" in why_not(
+        meta, "r1", ["a"], ["e"], ("reference_logps", "reference_kl_logps")
+    )
     assert "another version" in why_not({**meta, "layout": 2}, "r1", ["a"], ["e"], ("reference_logps",))

@@ -23,11 +23,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import numpy_reference as ref
-from tests.test_train_step import (OPTIMIZERS, assert_trees_close, examples, jit, loader, policy,  # noqa: F401
-                                   reference, step_spec)
+from kto_jax.models.hf import init_params
 from kto_jax.train.state import init_state, learning_rate, make_optimizer
 from kto_jax.train.step import microbatch_loss, train_step
+from tests import numpy_reference as ref
+from tests.test_train_step import (
+    MODEL_CONFIG,
+    OPTIMIZERS,
+    assert_trees_close,
+    jit,
+    loader,
+    step_spec,
+)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return init_params(MODEL_CONFIG, seed=0)
+
 
 P, R = -1.0, 1.5  # HALOs main's log_epsilon_P, log_epsilon_R defaults
 
@@ -39,7 +52,11 @@ def sync_spec(loss: str, every: int, alpha: float, humanline=None):
 @functools.cache
 def sync_step(loss: str, every: int, alpha: float):
     cfg = OPTIMIZERS["adamw"]
-    return jit(functools.partial(train_step, sync_spec(loss, every, alpha), make_optimizer(cfg), functools.partial(learning_rate, cfg)))
+    return jit(
+        functools.partial(
+            train_step, sync_spec(loss, every, alpha), make_optimizer(cfg), functools.partial(learning_rate, cfg)
+        )
+    )
 
 
 @pytest.mark.parametrize("every, alpha", [(1, 1.0), (2, 0.5), (3, 0.6)])
@@ -53,18 +70,24 @@ def test_sync_moves_the_reference_by_tr_dpos_rule(every, alpha, examples, policy
         theta = jax.tree_util.tree_map(np.asarray, state.params["model"])
         state, metrics = sync_step("dpo", every, alpha)(state, next(batches), None)
         if (s + 1) % every == 0:
-            expected = jax.tree_util.tree_map(lambda t, r: alpha * t.astype(np.float64) + (1 - alpha) * r, theta, expected)
+            expected = jax.tree_util.tree_map(
+                lambda t, r: alpha * t.astype(np.float64) + (1 - alpha) * r, theta, expected
+            )
         assert_trees_close(state.reference, expected, atol=1e-6, what=f"step {s}: ")
         assert np.isfinite(float(metrics["loss"]))
-    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                for a, b in zip(jax.tree_util.tree_leaves(state.reference), jax.tree_util.tree_leaves(policy)))
+    moved = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(jax.tree_util.tree_leaves(state.reference), jax.tree_util.tree_leaves(policy))
+    )
     assert moved > 1e-4  # the reference did move
 
 
 def test_a_sync_that_never_comes_is_the_frozen_reference(examples, policy):
     """sync_every beyond the run: the same losses and params as reference.mode="model" with the initial weights."""
     cfg = OPTIMIZERS["adamw"]
-    frozen = jit(functools.partial(train_step, step_spec("kto"), make_optimizer(cfg), functools.partial(learning_rate, cfg)))
+    frozen = jit(
+        functools.partial(train_step, step_spec("kto"), make_optimizer(cfg), functools.partial(learning_rate, cfg))
+    )
     spec = sync_spec("kto", 1000, 1.0)
     moving = sync_step("kto", 1000, 1.0)
     a = init_state(step_spec("kto"), make_optimizer(cfg), policy, seed=0)
@@ -96,8 +119,10 @@ def full_token_logps(params, mb: dict, group: str) -> jax.Array:
 
 def halos_rewards(policy, reference, mb, groups, bounds):
     """HALOs main's get_sequence_rewards with humanline: sum_t clip(log pi_t - log ref_t, P, R), per group."""
-    return {g: jnp.clip(full_token_logps(policy["model"], mb, g) - full_token_logps(reference, mb, g), *bounds).sum(-1)
-            for g in groups}
+    return {
+        g: jnp.clip(full_token_logps(policy["model"], mb, g) - full_token_logps(reference, mb, g), *bounds).sum(-1)
+        for g in groups
+    }
 
 
 def halos_loss_jnp(loss: str, policy, reference, mb, bounds):
@@ -146,7 +171,9 @@ def test_humanline_equals_halos_mains_formula(loss, examples, policy, reference)
     assert_trees_close(grads, expected_grads, atol=2e-6)
     # the feed's metric: the share of the policy's (gradient) tokens inside the bounds
     policy_groups = [""] if loss == "kto" else ["chosen", "rejected"]
-    scored_p = np.concatenate([np.asarray(mb[f"{g}_loss_mask" if g else "loss_mask"])[:, 1:].ravel() > 0 for g in policy_groups])
+    scored_p = np.concatenate(
+        [np.asarray(mb[f"{g}_loss_mask" if g else "loss_mask"])[:, 1:].ravel() > 0 for g in policy_groups]
+    )
     ratios_p = np.concatenate([raw[g].ravel() for g in policy_groups])[scored_p]
     inside = float(((ratios_p > bounds[0]) & (ratios_p < bounds[1])).mean())
     np.testing.assert_allclose(float(metrics["humanline/unclamped"]), inside, atol=1e-6)
@@ -235,18 +262,24 @@ def test_sync_run_resumes_to_the_uninterrupted_weights_and_reference(synthetic_d
         def hook(run, step, state, batch, metrics):
             if step == 3:
                 os.kill(os.getpid(), signal.SIGTERM)  # the Preemption handler's flag: save and stop
+
         return [hook, *hooks(run, first, preemption)]
 
     monkeypatch.setattr(loop, "default_hooks", preempt_at_3)
     assert loop.run(config, str(tmp_path / "split")) == {"step": 3, "preempted": True}
     monkeypatch.setattr(loop, "default_hooks", hooks)
     loop.run(config, str(tmp_path / "split"))
-    (a_step, whole), (b_step, split) = final_state(config, str(tmp_path / "whole")), final_state(config, str(tmp_path / "split"))
+    (a_step, whole), (b_step, split) = (
+        final_state(config, str(tmp_path / "whole")),
+        final_state(config, str(tmp_path / "split")),
+    )
     assert a_step == b_step == 6
     assert_trees_close(split.params, whole.params, atol=0)
     assert_trees_close(split.reference, whole.reference, atol=0)
-    lag = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-              for a, b in zip(jax.tree_util.tree_leaves(whole.reference), jax.tree_util.tree_leaves(whole.params["model"])))
+    lag = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(jax.tree_util.tree_leaves(whole.reference), jax.tree_util.tree_leaves(whole.params["model"]))
+    )
     assert lag > 0  # the reference is the policy before the last update
 
 
@@ -277,6 +310,9 @@ def test_sync_humanline_on_meshes_equals_one_device(loss, mesh, sharded_sync):
     assert sorted(actual.files) == sorted(expected.files) and any("reference" in n for n in expected.files)
     for name in expected.files:
         np.testing.assert_allclose(actual[name], expected[name], rtol=0, atol=1e-5, err_msg=name)
-    moved = max(float(np.abs(expected[n] - expected[n.replace("['reference']", "['params']['model']")]).max())
-                for n in expected.files if n.startswith("['reference']"))
+    moved = max(
+        float(np.abs(expected[n] - expected[n.replace("['reference']", "['params']['model']")]).max())
+        for n in expected.files
+        if n.startswith("['reference']")
+    )
     assert moved > 0  # the reference is the policy before the last update, not the policy

@@ -20,15 +20,34 @@ def paper():
 
 @pytest.mark.parametrize(
     "method, model, winrate",
-    [("kto", "llama30b", 0.664), ("sft+dpo", "llama13b", 0.498), ("unaligned", "pythia1-4b", 0.027),
-     ("sft+kto", "llama30b", 0.652), ("dpo", "llama30b", 0.535), ("sft", "pythia12-0b", 0.189)],
+    [
+        ("kto", "llama30b", 0.664),
+        ("sft+dpo", "llama13b", 0.498),
+        ("unaligned", "pythia1-4b", 0.027),
+        ("sft+kto", "llama30b", 0.652),
+        ("dpo", "llama30b", 0.535),
+        ("sft", "pythia12-0b", 0.189),
+    ],
 )
 def test_paper_win_rates(paper, method, model, winrate):
     assert round(paper[(method, model)].winrate, 3) == winrate
 
 
 def test_every_scale_cell_is_present_and_sized(paper):
-    methods = ["unaligned", "sft", "dpo", "kto", "ppo", "slic", "csft", "sft+dpo", "sft+kto", "sft+ppo", "sft+slic", "sft+csft"]
+    methods = [
+        "unaligned",
+        "sft",
+        "dpo",
+        "kto",
+        "ppo",
+        "slic",
+        "csft",
+        "sft+dpo",
+        "sft+kto",
+        "sft+ppo",
+        "sft+slic",
+        "sft+csft",
+    ]
     models = ["pythia1-4b", "pythia2-8b", "pythia6-9b", "pythia12-0b", "llama7b", "llama13b", "llama30b"]
     for method in methods:
         for model in models:
@@ -59,7 +78,9 @@ def test_read_runs_marks_sft_first_and_needs_a_baseline(tmp_path):
     sft, kto = tmp_path / "sft", tmp_path / "kto"
     for d, loss, init in ((sft, "sft", ""), (kto, "kto", f"orbax:{sft}")):
         d.mkdir()
-        (d / "config.json").write_text(json.dumps({"loss": {"name": loss}, "model": {"name": "tiny-1m"}, "init": {"source": init}}))
+        (d / "config.json").write_text(
+            json.dumps({"loss": {"name": loss}, "model": {"name": "tiny-1m"}, "init": {"source": init}})
+        )
     (sft / "eval.json").write_text(json.dumps({"generation": {}}))
     (kto / "eval.json").write_text(json.dumps({"winrate": {"wins": 300, "ties": 100, "losses": 112, "n": 512}}))
     (row,) = read_runs([str(kto)])
@@ -71,8 +92,17 @@ def test_read_runs_marks_sft_first_and_needs_a_baseline(tmp_path):
 def test_plot_scale_script_writes_png_and_table(tmp_path):
     out, table = tmp_path / "curves.png", tmp_path / "table.md"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "plot_scale.py"), f"--reference={JUDGMENTS}", f"--out={out}", f"--table={table}"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "plot_scale.py"),
+            f"--reference={JUDGMENTS}",
+            f"--out={out}",
+            f"--table={table}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -83,17 +113,26 @@ def test_plot_scale_draws_only_the_panels_it_has_runs_for(tmp_path):
     """The tiny_scale sweep aligns after SFT only: one panel (width 6 in x 120 dpi), not an empty second."""
     sft = tmp_path / "sft_tiny-1m"
     sft.mkdir()
-    (sft / "config.json").write_text(json.dumps({"loss": {"name": "sft"}, "model": {"name": "tiny-1m"}, "init": {"source": ""}}))
+    (sft / "config.json").write_text(
+        json.dumps({"loss": {"name": "sft"}, "model": {"name": "tiny-1m"}, "init": {"source": ""}})
+    )
     runs = []
     for model in ("tiny-1m", "tiny-5m"):
         d = tmp_path / f"{model}_kto"
         d.mkdir()
-        (d / "config.json").write_text(json.dumps({"loss": {"name": "kto"}, "model": {"name": model}, "init": {"source": f"orbax:{sft}"}}))
+        (d / "config.json").write_text(
+            json.dumps({"loss": {"name": "kto"}, "model": {"name": model}, "init": {"source": f"orbax:{sft}"}})
+        )
         (d / "eval.json").write_text(json.dumps({"winrate": {"wins": 400, "ties": 0, "losses": 112, "n": 512}}))
         runs.append(str(d))
     out = tmp_path / "tiny.png"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_scale.py"), str(sft), *runs, f"--out={out}"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "plot_scale.py"), str(sft), *runs, f"--out={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int.from_bytes(out.read_bytes()[16:20], "big") == 720  # PNG IHDR width
     assert "| sft+kto [unary-run] | 0.781 [" in proc.stdout  # a unary win rate against a run: labelled, dotted
@@ -108,10 +147,29 @@ def test_a_run_judged_pairwise_against_the_sft_target_is_on_the_paper_s_scale(pa
     for name, against in (("paper", "sft_target"), ("vs_run", str(tmp_path / "other"))):
         d = tmp_path / name
         d.mkdir()
-        (d / "config.json").write_text(json.dumps({"loss": {"name": "kto"}, "model": {"name": "llama-30b"}, "init": {"source": ""}}))
-        (d / "eval.json").write_text(json.dumps({
-            "winrate": {"wins": 1, "ties": 0, "losses": 0, "n": 1},  # the unary view does not replace the pairwise one
-            "pairwise": {"wins": int(ref.wins), "baseline_wins": 150, "ties": 2, "unparseable": 20, "n": ref.total, "against": against}}))
+        (d / "config.json").write_text(
+            json.dumps({"loss": {"name": "kto"}, "model": {"name": "llama-30b"}, "init": {"source": ""}})
+        )
+        (d / "eval.json").write_text(
+            json.dumps(
+                {
+                    "winrate": {
+                        "wins": 1,
+                        "ties": 0,
+                        "losses": 0,
+                        "n": 1,
+                    },  # the unary view does not replace the pairwise one
+                    "pairwise": {
+                        "wins": int(ref.wins),
+                        "baseline_wins": 150,
+                        "ties": 2,
+                        "unparseable": 20,
+                        "n": ref.total,
+                        "against": against,
+                    },
+                }
+            )
+        )
         (runs[name],) = read_runs([str(d)])
     assert (runs["paper"].protocol, runs["vs_run"].protocol) == ("paper", "pairwise-run")
     assert runs["paper"].winrate == ref.winrate and runs["paper"].ci90 == ref.ci90 and round(ref.winrate, 3) == 0.664

@@ -59,20 +59,23 @@ def test_every_rule_rejects_some_value_and_accepts_the_default():
         assert not all(rule.ok(v) for v in CANDIDATES), f"{rule.field}: accepts every value, so it checks nothing"
 
 
-@pytest.mark.parametrize("field,bad,good", [
-    ("train.optimizer.lr", [0, -1e-4, math.inf, math.nan], [5e-7, 1e-3]),
-    ("loss.beta", [0, -1], [0.1, 2.0]),
-    ("eval.temperature", [-1, -1e-9], [0.0, 1.0]),
-    ("eval.top_p", [0, 1.0001, -0.1], [1.0, 0.95]),
-    ("checkpoint.keep_last", [0, -1, 1.5], [1, 2]),
-    ("train.steps", [-5, 2.5], [0, 100]),
-    ("train.optimizer.warmup_ratio", [1.0, -0.1], [0.0, 0.1]),
-    ("data.holdout_fraction", [1.0, -0.1], [0.0, 0.5]),
-    ("data.desirable_fraction", [0.0, 1.1], [1.0, 0.1]),
-    ("loss.label_smoothing", [0.5, -0.1], [0.0, 0.2]),
-    ("mesh.data", [0, -2], [-1, 1, 8]),
-    ("model.compute_dtype", ["float99", "int8", "fp32"], ["float32", "bfloat16"]),
-])
+@pytest.mark.parametrize(
+    "field,bad,good",
+    [
+        ("train.optimizer.lr", [0, -1e-4, math.inf, math.nan], [5e-7, 1e-3]),
+        ("loss.beta", [0, -1], [0.1, 2.0]),
+        ("eval.temperature", [-1, -1e-9], [0.0, 1.0]),
+        ("eval.top_p", [0, 1.0001, -0.1], [1.0, 0.95]),
+        ("checkpoint.keep_last", [0, -1, 1.5], [1, 2]),
+        ("train.steps", [-5, 2.5], [0, 100]),
+        ("train.optimizer.warmup_ratio", [1.0, -0.1], [0.0, 0.1]),
+        ("data.holdout_fraction", [1.0, -0.1], [0.0, 0.5]),
+        ("data.desirable_fraction", [0.0, 1.1], [1.0, 0.1]),
+        ("loss.label_smoothing", [0.5, -0.1], [0.0, 0.2]),
+        ("mesh.data", [0, -2], [-1, 1, 8]),
+        ("model.compute_dtype", ["float99", "int8", "fp32"], ["float32", "bfloat16"]),
+    ],
+)
 def test_rule_boundaries(field, bad, good):
     rule = next(r for r in rules._table() if r.field == field)
     assert [v for v in bad if rule.ok(v)] == [], f"{field} accepts bad values"
@@ -116,11 +119,17 @@ CASES = {
     "negative_lr": (["--config.train.optimizer.lr=-1"], r"config\.train\.optimizer\.lr=-1\.0: must be > 0"),
     "negative_beta": (["--config.loss.beta=-1"], r"config\.loss\.beta=-1\.0: must be > 0"),
     "negative_temperature": (["--config.eval.temperature=-1"], r"config\.eval\.temperature=-1\.0: must be >= 0"),
-    "keep_last_zero": (["--config.checkpoint.keep_last=0"], r"config\.checkpoint\.keep_last=0: must be an integer >= 1"),
+    "keep_last_zero": (
+        ["--config.checkpoint.keep_last=0"],
+        r"config\.checkpoint\.keep_last=0: must be an integer >= 1",
+    ),
     "negative_steps": (["--config.train.steps=-5"], r"config\.train\.steps=-5: must be an integer >= 0"),
     "unknown_judge": (["--config.eval.judge=nope"], r"unknown judge 'nope' \(config\.eval\.judge\)"),
     "top_p_above_one": (["--config.eval.top_p=1.5"], r"config\.eval\.top_p=1\.5: must be in \(0, 1\]"),
-    "bad_compute_dtype": (["--config.model.compute_dtype=float99"], r"config\.model\.compute_dtype='float99': must be one of"),
+    "bad_compute_dtype": (
+        ["--config.model.compute_dtype=float99"],
+        r"config\.model\.compute_dtype='float99': must be one of",
+    ),
     "bad_param_dtype": (["--config.model.param_dtype=int8"], r"config\.model\.param_dtype='int8': must be one of"),
     "misspelled_key": (["--config.train.lrr=1"], r"--config\.train\.lrr: config\.train has no field 'lrr'"),
     "hyperparameter_of_another_loss": (["--config.loss.label_smoothing=0.1"], r"Loss 'kto' takes \[.*\]"),
@@ -128,28 +137,71 @@ CASES = {
     "unknown_experiment_argument": ({"arg": "lr=1"}, r"experiments/tiny\.py: unknown arguments \['lr'\]"),
     "missing_experiment_file": ({"config": "experiments/nope.py"}, r"--config: .*No such file.*experiments/nope\.py"),
     "unknown_model": (["--config.model.name=tiny-2m"], r"config\.model\.name='tiny-2m' is neither a preset"),
-    "bad_reference_mode": (["--config.reference.mode=foo"], r"config\.reference\.mode='foo': must be one of 'model', 'cached'"),
+    "bad_reference_mode": (
+        ["--config.reference.mode=foo"],
+        r"config\.reference\.mode='foo': must be one of 'model', 'cached'",
+    ),
     "mesh_needs_more_devices": (["--config.mesh.data=2"], r"config\.mesh: mesh .* needs 2 devices; there are 1"),
-    "batch_not_splitting": (["--config.train.global_batch_size=9", "--config.train.num_microbatches=2"],
-                            r"config\.train\.global_batch_size=9 with num_microbatches=2 must split evenly"),
-    "kto_one_example_per_microbatch": (["--config.train.global_batch_size=1"], r"loss 'kto' estimates KL .* needs at least 2"),
-    "prompt_not_shorter_than_max_length": (["--config.data.max_prompt_length=32"], r"max_prompt_length=32, max_length=32"),
-    "unknown_chat_template": (["--config.data.chat_template=nope"], r"unknown chat template 'nope' \(config\.data\.chat_template\)"),
-    "bad_best_mode": (["--config.checkpoint.best_mode=median"], r"config\.checkpoint\.best_mode='median': must be one of"),
+    "batch_not_splitting": (
+        ["--config.train.global_batch_size=9", "--config.train.num_microbatches=2"],
+        r"config\.train\.global_batch_size=9 with num_microbatches=2 must split evenly",
+    ),
+    "kto_one_example_per_microbatch": (
+        ["--config.train.global_batch_size=1"],
+        r"loss 'kto' estimates KL .* needs at least 2",
+    ),
+    "prompt_not_shorter_than_max_length": (
+        ["--config.data.max_prompt_length=32"],
+        r"max_prompt_length=32, max_length=32",
+    ),
+    "unknown_chat_template": (
+        ["--config.data.chat_template=nope"],
+        r"unknown chat template 'nope' \(config\.data\.chat_template\)",
+    ),
+    "bad_best_mode": (
+        ["--config.checkpoint.best_mode=median"],
+        r"config\.checkpoint\.best_mode='median': must be one of",
+    ),
     "unknown_evaluator": (["--config.eval.evaluators=nope"], r"config\.eval\.evaluators: unknown evaluator 'nope'"),
     "unknown_source": (["--config.data.sources=nope"], r"config\.data\.sources: unknown dataset 'nope'"),
-    "unknown_optimizer": (["--config.train.optimizer.name=lion"], r"config\.train\.optimizer\.name='lion': must be one of"),
-    "unknown_schedule": (["--config.train.optimizer.schedule=step"], r"config\.train\.optimizer\.schedule='step': must be one of"),
-    "warmup_ratio_above_one": (["--config.train.optimizer.warmup_ratio=1.5"], r"config\.train\.optimizer\.warmup_ratio=1\.5: must be in \[0, 1\)"),
+    "unknown_optimizer": (
+        ["--config.train.optimizer.name=lion"],
+        r"config\.train\.optimizer\.name='lion': must be one of",
+    ),
+    "unknown_schedule": (
+        ["--config.train.optimizer.schedule=step"],
+        r"config\.train\.optimizer\.schedule='step': must be one of",
+    ),
+    "warmup_ratio_above_one": (
+        ["--config.train.optimizer.warmup_ratio=1.5"],
+        r"config\.train\.optimizer\.warmup_ratio=1\.5: must be in \[0, 1\)",
+    ),
     "negative_top_k": (["--config.eval.top_k=-1"], r"config\.eval\.top_k=-1: must be an integer >= 0"),
     "no_new_tokens": (["--config.eval.max_new_tokens=0"], r"config\.eval\.max_new_tokens=0: must be an integer >= 1"),
-    "zero_desirable_fraction": (["--config.data.desirable_fraction=0"], r"config\.data\.desirable_fraction=0\.0: must be in \(0, 1\]"),
-    "negative_desirable_weight": (["--config.loss.desirable_weight=-1"], r"config\.loss\.desirable_weight=-1\.0: must be > 0"),
-    "unknown_init_scheme": (["--config.init.source=s3://bucket/run"], r"config\.init\.source='s3://bucket/run': use ''"),
-    "zero_microbatches": (["--config.train.num_microbatches=0"], r"config\.train\.num_microbatches=0: must be an integer >= 1"),
-    "unknown_remat_policy": (["--config.model.remat_policy=sometimes"], r"config\.model\.remat_policy='sometimes': must be one of"),
-    "api_judge_without_scheme": (["--config.eval.judge=api", "--config.eval.api.model=m", "--config.eval.api.base_url=localhost:8000"],
-                                 r"config\.eval\.api\.base_url='localhost:8000'"),
+    "zero_desirable_fraction": (
+        ["--config.data.desirable_fraction=0"],
+        r"config\.data\.desirable_fraction=0\.0: must be in \(0, 1\]",
+    ),
+    "negative_desirable_weight": (
+        ["--config.loss.desirable_weight=-1"],
+        r"config\.loss\.desirable_weight=-1\.0: must be > 0",
+    ),
+    "unknown_init_scheme": (
+        ["--config.init.source=s3://bucket/run"],
+        r"config\.init\.source='s3://bucket/run': use ''",
+    ),
+    "zero_microbatches": (
+        ["--config.train.num_microbatches=0"],
+        r"config\.train\.num_microbatches=0: must be an integer >= 1",
+    ),
+    "unknown_remat_policy": (
+        ["--config.model.remat_policy=sometimes"],
+        r"config\.model\.remat_policy='sometimes': must be one of",
+    ),
+    "api_judge_without_scheme": (
+        ["--config.eval.judge=api", "--config.eval.api.model=m", "--config.eval.api.base_url=localhost:8000"],
+        r"config\.eval\.api\.base_url='localhost:8000'",
+    ),
     "flag_of_the_wrong_type": (["--config.train.steps=abc"], r"config\.train\.steps"),
     "extra_positional_argument": (["extra"], r"unexpected arguments: \['extra'\]"),
 }
@@ -184,8 +236,11 @@ def reference(tmp_path_factory, synthetic_data_dir):
 def cli_cases(tmp_path_factory, reference):
     root = str(tmp_path_factory.mktemp("record_cli"))
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=3)
-    futures = {(case, where): pool.submit(_launch, root, case, where, reference)
-               for case in CASES for where in ("fresh", "finished")}
+    futures = {
+        (case, where): pool.submit(_launch, root, case, where, reference)
+        for case in CASES
+        for where in ("fresh", "finished")
+    }
     yield futures
     pool.shutdown(wait=True)
 
@@ -208,9 +263,13 @@ def test_bad_cli_input_is_one_line_and_touches_nothing(case, where, cli_cases):
 
 
 def test_verbosity_one_shows_the_traceback(reference, tmp_path):
-    args = H.train_args(str(tmp_path / "run"), reference["data_dir"], extra=("--config.train.optimizer.lr=-1", "--verbosity=1"))
+    args = H.train_args(
+        str(tmp_path / "run"), reference["data_dir"], extra=("--config.train.optimizer.lr=-1", "--verbosity=1")
+    )
     result = H.Proc(args, str(tmp_path), "cli").result()
-    assert result["rc"] != 0 and "Traceback" in result["stderr"] and "InputError" in result["stderr"], tail(result["stderr"])
+    assert result["rc"] != 0 and "Traceback" in result["stderr"] and "InputError" in result["stderr"], tail(
+        result["stderr"]
+    )
 
 
 # ---------------------------------------------------------------- rerunning a finished run
@@ -239,7 +298,9 @@ def test_another_config_on_a_finished_run_names_each_field(reference, tmp_path):
     workdir, before, result = _rerun(reference, tmp_path, "--config.loss.beta=0.2", "--config.seed=3")
     errors = [line for line in result["stderr"].splitlines() if line.startswith("error: ")]
     assert result["rc"] == 2 and len(errors) == 1, tail(result["stderr"])
-    assert "config.loss.beta: 0.1 (saved) -> 0.2 (now)" in errors[0] and "config.seed: 0 (saved) -> 3 (now)" in errors[0]
+    assert (
+        "config.loss.beta: 0.1 (saved) -> 0.2 (now)" in errors[0] and "config.seed: 0 (saved) -> 3 (now)" in errors[0]
+    )
     assert "--resume_with_changes" in errors[0] and "new --workdir" in errors[0]
     assert H.snapshot(workdir) == before
 
@@ -252,12 +313,16 @@ def test_shortening_a_finished_run_is_an_error(reference, tmp_path):
 
 
 def test_more_steps_and_new_eval_settings_continue_and_are_recorded(reference, tmp_path):
-    workdir, _, result = _rerun(reference, tmp_path, f"--config.train.steps={H.STEPS + 2}", "--config.train.eval_batches=2")
+    workdir, _, result = _rerun(
+        reference, tmp_path, f"--config.train.steps={H.STEPS + 2}", "--config.train.eval_batches=2"
+    )
     assert result["rc"] == 0, tail(result["stderr"])
     (row,) = _changes(workdir)
     assert row["step"] == H.STEPS and row["forced"] is False
-    assert row["changes"] == [{"field": "train.eval_batches", "saved": 1, "new": 2},
-                              {"field": "train.steps", "saved": H.STEPS, "new": H.STEPS + 2}]
+    assert row["changes"] == [
+        {"field": "train.eval_batches", "saved": 1, "new": 2},
+        {"field": "train.steps", "saved": H.STEPS, "new": H.STEPS + 2},
+    ]
     assert max(r["step"] for r in H.rows(workdir)) == H.STEPS + 2
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
         assert json.load(f)["train"]["steps"] == H.STEPS + 2  # config.json describes the run as it now is

@@ -45,8 +45,14 @@ class ServerProcess:
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
         self.log_path = log_path
         with open(log_path, "w", encoding="utf-8") as log:
-            self.proc = subprocess.Popen([sys.executable, SERVE, *args, "--port=0"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                         stderr=log, text=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, SERVE, *args, "--port=0"],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -89,17 +95,23 @@ def post_ok(url, path, body) -> dict:
     return out
 
 
-SMOL_MESSAGES = [{"role": "system", "content": "You are a concise assistant."},
-                 {"role": "user", "content": "What is the capital of France?"}]
+SMOL_MESSAGES = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
 SMOL_MAX_TOKENS = 12
+
+
 def shown(item):
     """(turns, first, second) as the protocol shows a (turns, candidate, baseline) comparison."""
     turns, a, b = item
     return (turns, a, b) if candidate_first(turns, 0) else (turns, b, a)
 
 
-JUDGED = [((("user", "What is 2 + 3?"),), "2 + 3 = 5.", "It is 6."),
-          ((("system", "Be brief."), ("user", "Name a primary colour.")), "Blue.", "I do not know what you mean, sorry.")]
+JUDGED = [
+    ((("user", "What is 2 + 3?"),), "2 + 3 = 5.", "It is 6."),
+    ((("system", "Be brief."), ("user", "Name a primary colour.")), "Blue.", "I do not know what you mean, sorry."),
+]
 
 
 def transformers_greedy(path: str, messages, max_new_tokens: int) -> tuple[str, int]:
@@ -144,11 +156,16 @@ def smol(tmp_path_factory):
     from tests.smollm2 import smollm2_dir
 
     path = smollm2_dir()
-    server = ServerProcess(["--model", path, "--served_name=smol", f"--api_key={KEY}"],
-                           str(tmp_path_factory.mktemp("smol") / "server.log"))
+    server = ServerProcess(
+        ["--model", path, "--served_name=smol", f"--api_key={KEY}"], str(tmp_path_factory.mktemp("smol") / "server.log")
+    )
     # one thread for transformers (its lazy imports are not thread-safe)
-    expected = Background(lambda: (transformers_greedy(path, SMOL_MESSAGES, SMOL_MAX_TOKENS),
-                                   [transformers_greedy(path, paper_messages(*shown(c)), 10)[0] for c in JUDGED]))
+    expected = Background(
+        lambda: (
+            transformers_greedy(path, SMOL_MESSAGES, SMOL_MAX_TOKENS),
+            [transformers_greedy(path, paper_messages(*shown(c)), 10)[0] for c in JUDGED],
+        )
+    )
     yield server, expected
     server.stop()
 
@@ -163,8 +180,10 @@ def _start_smol_early(request):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """``(url, model, params)``: the tiny-1m server and the same random weights here."""
-    server = ServerProcess(["--model=tiny-1m", "--chat_template=plain", "--max_batch=8", "--batch_wait_ms=100", f"--api_key={KEY}"],
-                           str(tmp_path_factory.mktemp("tiny") / "server.log"))
+    server = ServerProcess(
+        ["--model=tiny-1m", "--chat_template=plain", "--max_batch=8", "--batch_wait_ms=100", f"--api_key={KEY}"],
+        str(tmp_path_factory.mktemp("tiny") / "server.log"),
+    )
     from kto_jax.models.hf import from_hf
 
     model, params = from_hf("tiny-1m", seed=0)  # the server's --seed default
@@ -182,8 +201,17 @@ def direct_greedy(model, params, ids: list[int], max_tokens: int) -> list[int]:
     from kto_jax.evaluate import generate
 
     tok = ByteTokenizer()
-    out = generate(model, params, [ids], max_new_tokens=_pow2(max_tokens), eos_id=tok.eos_id, pad_id=tok.pad_id,
-                   temperature=0.0, batch_size=1, bucket=_pow2(len(ids)))[0]
+    out = generate(
+        model,
+        params,
+        [ids],
+        max_new_tokens=_pow2(max_tokens),
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        temperature=0.0,
+        batch_size=1,
+        bucket=_pow2(len(ids)),
+    )[0]
     return out[:max_tokens]
 
 
@@ -193,16 +221,26 @@ def test_chat_greedy_equals_generate(tiny):
 
     url, model, params = tiny
     messages = [{"role": "system", "content": "Answer yes or no."}, {"role": "user", "content": "Is it good?"}]
-    out = post_ok(url, "/chat/completions", {"model": "judge", "messages": messages, "temperature": 0, "max_tokens": 10, "seed": 0})
+    out = post_ok(
+        url,
+        "/chat/completions",
+        {"model": "judge", "messages": messages, "temperature": 0, "max_tokens": 10, "seed": 0},
+    )
     assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-") and out["model"] == "tiny-1m"
     assert isinstance(out["created"], int) and len(out["choices"]) == 1
     choice = out["choices"][0]
     assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
-    ids = ByteTokenizer().encode(get_chat_template("plain").prompt([("system", "Answer yes or no."), ("user", "Is it good?")]))
+    ids = ByteTokenizer().encode(
+        get_chat_template("plain").prompt([("system", "Answer yes or no."), ("user", "Is it good?")])
+    )
     expected = direct_greedy(model, params, ids, 10)
     assert choice["message"]["content"] == ByteTokenizer().decode(expected)
     assert choice["finish_reason"] == ("length" if len(expected) == 10 else "stop")
-    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(expected), "total_tokens": len(ids) + len(expected)}
+    assert out["usage"] == {
+        "prompt_tokens": len(ids),
+        "completion_tokens": len(expected),
+        "total_tokens": len(ids) + len(expected),
+    }
 
 
 def test_completions_greedy_equals_generate_with_n_and_lists(tiny):
@@ -219,7 +257,9 @@ def test_completions_greedy_equals_generate_with_n_and_lists(tiny):
     assert out["usage"]["prompt_tokens"] == sum(len(p) for p in prompts)
     assert out["usage"]["completion_tokens"] == 2 * sum(len(e) for e in expected)
     # token-id prompts are the same prompts
-    again = post_ok(url, "/completions", {"prompt": [tok.encode(p) for p in prompts], "temperature": 0, "max_tokens": 7})
+    again = post_ok(
+        url, "/completions", {"prompt": [tok.encode(p) for p in prompts], "temperature": 0, "max_tokens": 7}
+    )
     assert [c["text"] for c in again["choices"]] == [tok.decode(e) for e in expected]
 
 
@@ -240,12 +280,16 @@ def test_concurrent_requests_answer_as_one_at_a_time(tiny):
 
     url, model, params = tiny
     bodies = [{"prompt": f"Request number {i}: tell me more", "temperature": 0, "max_tokens": 3 + i} for i in range(6)]
-    bodies += [{"messages": [{"role": "user", "content": f"Chat {i}, hello there"}], "temperature": 0, "max_tokens": 9}
-               for i in range(2)]
+    bodies += [
+        {"messages": [{"role": "user", "content": f"Chat {i}, hello there"}], "temperature": 0, "max_tokens": 9}
+        for i in range(2)
+    ]
     paths = ["/completions"] * 6 + ["/chat/completions"] * 2
 
     def answer(out):
-        return [(c.get("text", c.get("message", {}).get("content")), c["finish_reason"]) for c in out["choices"]], out["usage"]
+        return [(c.get("text", c.get("message", {}).get("content")), c["finish_reason"]) for c in out["choices"]], out[
+            "usage"
+        ]
 
     alone = [answer(post_ok(url, p, b)) for p, b in zip(paths, bodies)]
     tok = ByteTokenizer()
@@ -298,7 +342,11 @@ BAD = [  # (path, body, param named)
     ("/chat/completions", {"model": "m"}, "messages"),
     ("/chat/completions", {"messages": []}, "messages"),
     ("/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
-    ("/chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": 3}]}, "messages[1].content"),
+    (
+        "/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": 3}]},
+        "messages[1].content",
+    ),
     ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, "max_tokens"),
     ("/chat/completions", {"messages": [{"role": "user", "content": "x" * 3000}]}, "messages"),
@@ -353,7 +401,9 @@ def test_orbax_source_serves_the_runs_weights(tiny, tmp_path):
     ckpt = checkpoint.Checkpointer(str(tmp_path))
     for step, scale in ((2, 1.0), (4, 2.0)):
         state = {"params": {"model": jax.tree_util.tree_map(lambda x, s=scale: x * s, params)}}
-        ckpt.save(step, state, {}, {"model": "tiny-1m", "param_shapes": checkpoint.param_shapes(state["params"])}, force=True)
+        ckpt.save(
+            step, state, {}, {"model": "tiny-1m", "param_shapes": checkpoint.param_shapes(state["params"])}, force=True
+        )
     ckpt.close()
     served = load_served_model(f"orbax:{tmp_path}@2")
     assert served.name == f"{tmp_path.name}@2" and served.template.name == "plain"
@@ -389,4 +439,6 @@ def test_the_api_judge_asks_smollm2_served_here_with_the_paper_prompt(smol, tmp_
         assert row["raw"] == reply, (row["raw"], reply)
         assert row["winner"] == parse_choice(reply)
     assert result["n"] == 2 and result["wins"] + result["baseline_wins"] + result["unparseable"] + result["ties"] == 2
-    assert pairwise_winrate(judge, JUDGED, JudgmentStore(str(tmp_path / "judgments.jsonl")), progress=False)["cached"] == 2
+    assert (
+        pairwise_winrate(judge, JUDGED, JudgmentStore(str(tmp_path / "judgments.jsonl")), progress=False)["cached"] == 2
+    )

@@ -43,8 +43,9 @@ def test_sft_reductions_match_the_numpy_formulas():
     valid = mask > 0
     token, _ = losses.sft(jnp.asarray(logps), jnp.asarray(counts), example_mask=jnp.asarray(mask))
     default, _ = losses.sft(jnp.asarray(logps), jnp.asarray(counts), example_mask=jnp.asarray(mask), reduction="token")
-    sequence, metrics = losses.sft(jnp.asarray(logps), jnp.asarray(counts), example_mask=jnp.asarray(mask),
-                                   reduction="sequence")
+    sequence, metrics = losses.sft(
+        jnp.asarray(logps), jnp.asarray(counts), example_mask=jnp.asarray(mask), reduction="sequence"
+    )
     np.testing.assert_allclose(token, -logps[valid].astype(np.float64).sum() / counts[valid].sum(), rtol=1e-6)
     np.testing.assert_allclose(default, token)
     # HALOs SFTTrainer: losses = -summed logps per sequence; losses.mean()
@@ -95,7 +96,10 @@ def test_paper_sft_runs_use_halos_targets_and_reduction():
         for init in ("false", "true"):
             csft = paper.get_config(f"model={model},loss=csft,sft={init}")  # SFTTrainer on ConditionalSFTDataLoader
             assert (csft.data.sft_targets, csft.loss.to_dict().get("reduction"), csft.data.sft_examples) == (
-                "all", sequence, "all")
+                "all",
+                sequence,
+                "all",
+            )
             for loss in ("slic", "dpo", "kto", "ppo"):
                 config = paper.get_config(f"model={model},loss={loss},sft={init}")
                 assert config.data.sft_targets == "all" and "reduction" not in config.loss
@@ -107,16 +111,26 @@ def test_paper_sft_runs_use_halos_targets_and_reduction():
 def test_per_prompt_rule_later_source_wins_and_fallbacks():
     q1, q2, q3 = (("user", "q1"),), (("user", "q2"),), (("user", "q3"),)
     source = [
-        Paired("a/1", q1, "c1", "r1", "t-a"), Paired("a/0", q1, "c0", "r0", "t-a"),
+        Paired("a/1", q1, "c1", "r1", "t-a"),
+        Paired("a/0", q1, "c0", "r0", "t-a"),
         Paired("b/0", q1, "c2", "r2", "t-b"),  # a later source's record of the same prompt
-        Paired("s/2", q2, "x2", "y2"), Paired("s/1", q2, "x1", "y1"),  # no sft_target: chosen of the first id
+        Paired("s/2", q2, "x2", "y2"),
+        Paired("s/1", q2, "x1", "y1"),  # no sft_target: chosen of the first id
     ]
     out, stats = sft_targets_per_prompt(source)
     assert out == [Unary("a/0/sft", q1, "t-b", True, "t-b"), Unary("s/1/sft", q2, "x1", True, "x1")]
-    assert stats == {"sft_target_prompts": 2, "sft_target_dropped": 8, "sft_target_no_target": 0,
-                     "sft_target_from_source": 1}
-    unary = [Unary("u/1", q1, "bad", False), Unary("u/3", q1, "good3", True), Unary("u/2", q1, "good2", True),
-             Unary("u/4", q3, "bad", False)]
+    assert stats == {
+        "sft_target_prompts": 2,
+        "sft_target_dropped": 8,
+        "sft_target_no_target": 0,
+        "sft_target_from_source": 1,
+    }
+    unary = [
+        Unary("u/1", q1, "bad", False),
+        Unary("u/3", q1, "good3", True),
+        Unary("u/2", q1, "good2", True),
+        Unary("u/4", q3, "bad", False),
+    ]
     out, stats = sft_targets_per_prompt(unary)
     assert out == [Unary("u/2/sft", q1, "good2", True, "good2")]
     assert (stats["sft_target_prompts"], stats["sft_target_dropped"], stats["sft_target_no_target"]) == (1, 3, 1)
@@ -127,8 +141,15 @@ def test_per_prompt_rule_later_source_wins_and_fallbacks():
 
 def _config(sources, data_dir, manual_dir, targets, loss="sft"):
     config = tiny_config(loss)
-    config.data.update(dict(sources=sources, data_dir=str(data_dir), manual_dir=manual_dir, sft_targets=targets,
-                            sft_examples="desirable"))
+    config.data.update(
+        dict(
+            sources=sources,
+            data_dir=str(data_dir),
+            manual_dir=manual_dir,
+            sft_targets=targets,
+            sft_examples="desirable",
+        )
+    )
     return config, types.SimpleNamespace(loss=get_loss(loss))
 
 
@@ -144,7 +165,11 @@ def test_hh_fixture_per_prompt(tmp_path):
     assert len({p.prompt for p in pairs}) == len(pairs) == 7
     assert _targets(data) == {p.prompt: p.chosen for p in pairs}
     assert data.stats["sft_targets"] == "per_prompt"
-    assert (data.stats["sft_target_prompts"], data.stats["sft_target_dropped"], data.stats["sft_dropped_undesirable"]) == (7, 7, 0)
+    assert (
+        data.stats["sft_target_prompts"],
+        data.stats["sft_target_dropped"],
+        data.stats["sft_dropped_undesirable"],
+    ) == (7, 7, 0)
     assert _targets(data)[(("user", "How do I pick a lock?"),)].startswith("I can't help with getting into property")
 
 
@@ -163,7 +188,8 @@ def test_shp_fixture_per_prompt(tmp_path):
     test = _targets(load_split(config, plan, "test"))
     assert test[(("user", "How long do eggs keep in the fridge?"),)] == "3-5 weeks."
     assert len(test) == 2 and test[(("user", "Can my employer make me move to another city?"),)] == (
-        "Check your contract for a mobility clause.")
+        "Check your contract for a mobility clause."
+    )
 
 
 @pytest.mark.parametrize("loss", ["kto", "dpo"])
@@ -220,33 +246,68 @@ def _write_gz(path, rows):
 def test_hh_first_pair_in_hub_file_order(tmp_path):
     """A prompt in two subsets and twice in one file: the first pair in sorted-subset, line order."""
     from kto_jax.data.builders.hh import SUBSETS
+
     h, a = "\n\nHuman:", "\n\nAssistant:"
     q = f"{h} Hi there{a}"
     rows = {
-        "harmless-base/train": [{"chosen": f"{h} Other{a} x", "rejected": f"{h} Other{a} y"},
-                                {"chosen": q + " harmless first", "rejected": q + " no"}],
-        "helpful-base/train": [{"chosen": q + " helpful", "rejected": q + " nope"},
-                               {"chosen": q + " helpful again", "rejected": q + " nah"}],
+        "harmless-base/train": [
+            {"chosen": f"{h} Other{a} x", "rejected": f"{h} Other{a} y"},
+            {"chosen": q + " harmless first", "rejected": q + " no"},
+        ],
+        "helpful-base/train": [
+            {"chosen": q + " helpful", "rejected": q + " nope"},
+            {"chosen": q + " helpful again", "rejected": q + " nah"},
+        ],
     }
     manual = tmp_path / "manual"
     for subset in SUBSETS:
         for split in ("train", "test"):
-            _write_gz(os.fspath(manual / subset / f"{split}.jsonl.gz"),
-                      rows.get(f"{subset}/{split}", [{"chosen": f"{h} {subset} {split}{a} a", "rejected": f"{h} {subset} {split}{a} b"}]))
+            _write_gz(
+                os.fspath(manual / subset / f"{split}.jsonl.gz"),
+                rows.get(
+                    f"{subset}/{split}",
+                    [{"chosen": f"{h} {subset} {split}{a} a", "rejected": f"{h} {subset} {split}{a} b"}],
+                ),
+            )
     config, plan = _config("hh", tmp_path / "data", os.fspath(manual), "per_prompt")
     targets = _targets(load_split(config, plan, "train"))
     assert targets[(("user", "Hi there"),)] == "harmless first"
-    records = [r for r in load_records("hh", "train", os.fspath(tmp_path / "data")) if r["prompt"]["content"] == ["Hi there"]]
+    records = [
+        r for r in load_records("hh", "train", os.fspath(tmp_path / "data")) if r["prompt"]["content"] == ["Hi there"]
+    ]
     assert len(records) == 3 and {r["sft_target"] for r in records} == {"harmless first"}
 
 
 def test_shp_first_comment_before_the_cap(tmp_path):
     """The first ratio-kept pair's A comment, B preferred, of a post with 7 pairs (5 kept by the cap)."""
     history = "Best way to store basil?"
-    rows = [dict(post_id="p", history=history, c_root_id_A="a0", c_root_id_B="b0", human_ref_A="tie",
-                 human_ref_B="tie b", score_A=10, score_B=11, labels=0)]  # ratio < 2: not a candidate
-    rows += [dict(post_id="p", history=history, c_root_id_A=f"a{i}", c_root_id_B=f"b{i}", human_ref_A=f"A{i}",
-                  human_ref_B=f"B{i}", score_A=2, score_B=20, labels=0) for i in range(1, 8)]
+    rows = [
+        dict(
+            post_id="p",
+            history=history,
+            c_root_id_A="a0",
+            c_root_id_B="b0",
+            human_ref_A="tie",
+            human_ref_B="tie b",
+            score_A=10,
+            score_B=11,
+            labels=0,
+        )
+    ]  # ratio < 2: not a candidate
+    rows += [
+        dict(
+            post_id="p",
+            history=history,
+            c_root_id_A=f"a{i}",
+            c_root_id_B=f"b{i}",
+            human_ref_A=f"A{i}",
+            human_ref_B=f"B{i}",
+            score_A=2,
+            score_B=20,
+            labels=0,
+        )
+        for i in range(1, 8)
+    ]
     manual = tmp_path / "manual" / "askculinary"
     manual.mkdir(parents=True)
     for split in ("train", "validation", "test"):

@@ -31,8 +31,14 @@ MESHES = {
     "tensor4_data2": {"tensor": 4, "data": 2},
 }
 INIT_CASE = ("llama_gqa", "data2_fsdp2_tensor2")  # (arch, mesh) of the init_params check
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
-            initializer_range=0.1)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    initializer_range=0.1,
+)
 HF_CONFIGS = {
     "llama_gqa": lambda: LlamaConfig(**TINY, num_key_value_heads=4),
     "gpt_neox": lambda: GPTNeoXConfig(**TINY, rotary_pct=0.25, use_parallel_residual=True),
@@ -124,15 +130,23 @@ def report(tmp_path_factory):
                     p.copy_((0.0 if name.endswith("bias") else 1.0) + 0.3 * torch.randn_like(p))
         folders[arch] = str(tmp_path_factory.mktemp(arch))
         model.save_pretrained(folders[arch])
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(folders), json.dumps(MESHES), *INIT_CASE],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, f"child failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-5000:]}"
-    return json.loads(lines[-1][len("REPORT "):])
+    return json.loads(lines[-1][len("REPORT ") :])
 
 
 CASES = [(arch, mesh) for arch in HF_CONFIGS for mesh in MESHES]

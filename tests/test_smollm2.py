@@ -22,9 +22,12 @@ from tests.smollm2 import smollm2_dir
 TOL, MEAN_TOL = 2e-4, 3e-5
 PROMPTS = {
     "short": (("user", "Hi!"),),
-    "long": (("system", "You are a careful assistant who answers in full sentences."),
-             ("user", "What is the capital of France?"), ("assistant", "The capital of France is Paris."),
-             ("user", "And how many people live there? Give an estimate and explain where it comes from.")),
+    "long": (
+        ("system", "You are a careful assistant who answers in full sentences."),
+        ("user", "What is the capital of France?"),
+        ("assistant", "The capital of France is Paris."),
+        ("user", "And how many people live there? Give an estimate and explain where it comes from."),
+    ),
 }
 
 
@@ -36,8 +39,15 @@ PROMPTS = {
 NEW_TOKENS = 24
 CHATS = {
     "question": (("user", "What is the boiling point of water at sea level?"),),
-    "system": (("system", "You are a pirate. Answer every question like a pirate."), ("user", "Where is the treasure?")),
-    "multi_turn": (("user", "Name a fruit that is yellow."), ("assistant", "A banana is yellow."), ("user", "And one that is red?")),
+    "system": (
+        ("system", "You are a pirate. Answer every question like a pirate."),
+        ("user", "Where is the treasure?"),
+    ),
+    "multi_turn": (
+        ("user", "Name a fruit that is yellow."),
+        ("assistant", "A banana is yellow."),
+        ("user", "And one that is red?"),
+    ),
 }
 
 
@@ -86,12 +96,26 @@ def greedy(models):
     for name, turns in CHATS.items():
         ids = encode_prompt(tok, template.prompt(turns))
         with torch.no_grad():
-            gen = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
-                                    max_new_tokens=NEW_TOKENS, output_scores=True, return_dict_in_generate=True)
-        new = gen.sequences[0, len(ids):].tolist()
-        assert new.count(tok.eos_id) <= 1 and (tok.eos_id not in new or new[-1] == tok.eos_id)  # stops at EOS, which it keeps
-        out[name] = (ids, new[: new.index(tok.eos_id)] if tok.eos_id in new else new, [s[0].numpy() for s in gen.scores])
-    assert sum(len(r) < NEW_TOKENS for _, r, _ in out.values()) >= 1  # one answer ends with EOS: the EOS path is exercised
+            gen = hf_model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        new = gen.sequences[0, len(ids) :].tolist()
+        assert new.count(tok.eos_id) <= 1 and (
+            tok.eos_id not in new or new[-1] == tok.eos_id
+        )  # stops at EOS, which it keeps
+        out[name] = (
+            ids,
+            new[: new.index(tok.eos_id)] if tok.eos_id in new else new,
+            [s[0].numpy() for s in gen.scores],
+        )
+    assert (
+        sum(len(r) < NEW_TOKENS for _, r, _ in out.values()) >= 1
+    )  # one answer ends with EOS: the EOS path is exercised
     assert len({len(ids) for ids, _, _ in out.values()}) == 3  # different left padding in the batch
     return out
 
@@ -105,8 +129,10 @@ def _check_greedy(name, ours, reference):
     i = next((k for k, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
     top2 = np.sort(scores[i])[-2:] if i < len(scores) else None
     gap = None if top2 is None else float(top2[1] - top2[0])
-    raise AssertionError(f"{name}: greedy tokens diverge at step {i} (transformers' top-2 logit gap there: {gap}):\n"
-                         f"ours         {ours}\ntransformers {ref}")
+    raise AssertionError(
+        f"{name}: greedy tokens diverge at step {i} (transformers' top-2 logit gap there: {gap}):\n"
+        f"ours         {ours}\ntransformers {ref}"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(CHATS))
@@ -114,8 +140,16 @@ def test_greedy_generation_matches_transformers(models, greedy, name):
     path, _, model, params = models
     _, tok = _tokenizer(path)
     ids = greedy[name][0]
-    ours = generate(model, params, [ids], max_new_tokens=NEW_TOKENS, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=0.0,
-                    batch_size=1)[0]
+    ours = generate(
+        model,
+        params,
+        [ids],
+        max_new_tokens=NEW_TOKENS,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        temperature=0.0,
+        batch_size=1,
+    )[0]
     _check_greedy(name, ours, greedy[name])
 
 
@@ -124,7 +158,15 @@ def test_greedy_generation_in_one_left_padded_batch_matches_transformers(models,
     path, _, model, params = models
     _, tok = _tokenizer(path)
     names = list(CHATS)
-    ours = generate(model, params, [greedy[n][0] for n in names], max_new_tokens=NEW_TOKENS, eos_id=tok.eos_id,
-                    pad_id=tok.pad_id, temperature=0.0, batch_size=len(names))
+    ours = generate(
+        model,
+        params,
+        [greedy[n][0] for n in names],
+        max_new_tokens=NEW_TOKENS,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        temperature=0.0,
+        batch_size=len(names),
+    )
     for name, tokens in zip(names, ours):
         _check_greedy(name, tokens, greedy[name])

@@ -105,8 +105,13 @@ def test_decoding_with_the_kv_cache_stays_on_xla():
     params = init_params(config, seed=1)
     ids = jnp.asarray(rows()["ids"][:2, :8])
     cache = init_cache(config, 2, 16)
-    logits, _ = build_model(config).apply({"params": params}, ids, jnp.ones((2, 16), jnp.int32), cache=cache,
-                                          positions=jnp.broadcast_to(jnp.arange(8), (2, 8)))
+    logits, _ = build_model(config).apply(
+        {"params": params},
+        ids,
+        jnp.ones((2, 16), jnp.int32),
+        cache=cache,
+        positions=jnp.broadcast_to(jnp.arange(8), (2, 8)),
+    )
     full = build_model(config.replace(attention_impl="xla")).apply({"params": params}, ids)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(full), rtol=0, atol=2e-5)
 
@@ -124,7 +129,9 @@ def test_plan_names_the_row_length_field_splash_cannot_take():
     config = base_config()
     config.model.attention_impl = "splash"
     config.data.update(dict(max_length=256, max_prompt_length=128, bucket=64))
-    with pytest.raises(ValueError, match=r"config.data.bucket=64: model.attention_impl='splash' needs rows of a multiple of 128"):
+    with pytest.raises(
+        ValueError, match=r"config.data.bucket=64: model.attention_impl='splash' needs rows of a multiple of 128"
+    ):
         make_plan(config, 1)
     config.data.update(dict(packing=True, pack_length=320))
     with pytest.raises(ValueError, match=r"config.data.pack_length=320"):
@@ -151,7 +158,9 @@ def sharded_result() -> dict:
         with sharding.activation_rules(mesh):
             sharded = init_params(config, seed=1, mesh=mesh)
             logits, grad, _ = logits_and_grad(config.replace(attention_impl="splash"), sharded, batch, packed)
-        diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(jnp.asarray(a) - jnp.asarray(b)).max()), grad, ref_grad)
+        diffs = jax.tree_util.tree_map(
+            lambda a, b: float(jnp.abs(jnp.asarray(a) - jnp.asarray(b)).max()), grad, ref_grad
+        )
         out["packed" if packed else "padded"] = {
             "logits": float(np.abs(logits[real] - ref_logits[real]).max()),
             "grad": max(jax.tree_util.tree_leaves(diffs)),
@@ -162,8 +171,14 @@ def sharded_result() -> dict:
 
 
 def test_splash_sharded_on_8_devices_equals_xla_on_one():
-    proc = subprocess.run([sys.executable, "-m", "tests.test_splash"], cwd=ROOT, env=subprocess_env(devices=8),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_splash"],
+        cwd=ROOT,
+        env=subprocess_env(devices=8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for layout, r in result.items():

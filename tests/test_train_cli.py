@@ -40,13 +40,24 @@ def runs(tmp_path_factory, data_dir):
     waiting = {}
     for name in CLI_LOSSES:
         workdir = os.path.join(root, name)
-        args = ["-m", "kto_jax.train", "--config", f"experiments/tiny.py:loss={name},steps=1", "--workdir", workdir,
-                f"--config.data.data_dir={data_dir}", *CLI_SMALL_FLAGS]
+        args = [
+            "-m",
+            "kto_jax.train",
+            "--config",
+            f"experiments/tiny.py:loss={name},steps=1",
+            "--workdir",
+            workdir,
+            f"--config.data.data_dir={data_dir}",
+            *CLI_SMALL_FLAGS,
+        ]
         waiting[name] = (workdir, start(args, subprocess_env(), os.path.join(root, f"{name}.log")))
     half = len(WORKER_LOSSES) // 2
     for i, names in enumerate((WORKER_LOSSES[:half], WORKER_LOSSES[half:])):
-        proc = start(["-m", "tests.train_worker", "losses", "--data_dir", data_dir, "--out", root, *names],
-                     subprocess_env(), os.path.join(root, f"worker{i}.log"))
+        proc = start(
+            ["-m", "tests.train_worker", "losses", "--data_dir", data_dir, "--out", root, *names],
+            subprocess_env(),
+            os.path.join(root, f"worker{i}.log"),
+        )
         for name in names:
             waiting[name] = (os.path.join(root, name), proc)
     done = {}
@@ -68,22 +79,58 @@ def runs(tmp_path_factory, data_dir):
 
 
 def cli(experiment: str, *overrides: str, devices: int, data_dir: str, tmp_path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "kto_jax.train", "--config", f"experiments/tiny.py:{experiment}", "--workdir",
-               str(tmp_path / "run"), f"--config.data.data_dir={data_dir}", *CLI_SMALL_FLAGS, *overrides]
-    return subprocess.run(command, cwd=REPO, env=subprocess_env(devices), capture_output=True, text=True, timeout=TIMEOUT)
+    command = [
+        sys.executable,
+        "-m",
+        "kto_jax.train",
+        "--config",
+        f"experiments/tiny.py:{experiment}",
+        "--workdir",
+        str(tmp_path / "run"),
+        f"--config.data.data_dir={data_dir}",
+        *CLI_SMALL_FLAGS,
+        *overrides,
+    ]
+    return subprocess.run(
+        command, cwd=REPO, env=subprocess_env(devices), capture_output=True, text=True, timeout=TIMEOUT
+    )
 
 
-@pytest.mark.parametrize("experiment, overrides, devices, expected", [
-    pytest.param("loss=nope", [], 1, ["unknown loss 'nope'", "config.loss.name"], id="unknown-loss"),
-    pytest.param("loss=kto", ["--config.train.stepz=3"], 1, ["--config.train.stepz", "config.train has no field 'stepz'", "'steps'"], id="misspelled-key"),
-    pytest.param("loss=kto", ["--config.mesh.data=3"], 1, ["config.mesh", "needs 3 devices"], id="mesh-vs-devices"),
-    pytest.param("loss=kto", ["--config.mesh.data=4", "--config.train.global_batch_size=6"], 4,
-                 ["config.train.global_batch_size=6"], id="batch-vs-data-axes"),
-    pytest.param("loss=kto", ["--config.train.global_batch_size=2", "--config.train.num_microbatches=2"], 1,
-                 ["config.train.global_batch_size", "num_microbatches"], id="kto-microbatch-of-one"),
-    pytest.param("loss=dpo", ["--config.data.sources=synthetic/unary"], 1,
-                 ["needs paired data", "config.data.sources"], id="paired-loss-on-unary-data"),
-])
+@pytest.mark.parametrize(
+    "experiment, overrides, devices, expected",
+    [
+        pytest.param("loss=nope", [], 1, ["unknown loss 'nope'", "config.loss.name"], id="unknown-loss"),
+        pytest.param(
+            "loss=kto",
+            ["--config.train.stepz=3"],
+            1,
+            ["--config.train.stepz", "config.train has no field 'stepz'", "'steps'"],
+            id="misspelled-key",
+        ),
+        pytest.param("loss=kto", ["--config.mesh.data=3"], 1, ["config.mesh", "needs 3 devices"], id="mesh-vs-devices"),
+        pytest.param(
+            "loss=kto",
+            ["--config.mesh.data=4", "--config.train.global_batch_size=6"],
+            4,
+            ["config.train.global_batch_size=6"],
+            id="batch-vs-data-axes",
+        ),
+        pytest.param(
+            "loss=kto",
+            ["--config.train.global_batch_size=2", "--config.train.num_microbatches=2"],
+            1,
+            ["config.train.global_batch_size", "num_microbatches"],
+            id="kto-microbatch-of-one",
+        ),
+        pytest.param(
+            "loss=dpo",
+            ["--config.data.sources=synthetic/unary"],
+            1,
+            ["needs paired data", "config.data.sources"],
+            id="paired-loss-on-unary-data",
+        ),
+    ],
+)
 def test_bad_input_exits_with_a_message_naming_the_field(experiment, overrides, devices, expected, data_dir, tmp_path):
     proc = cli(experiment, *overrides, devices=devices, data_dir=data_dir, tmp_path=tmp_path)
     assert proc.returncode != 0, proc.stderr[-3000:]
@@ -150,8 +197,14 @@ def test_libtpu_on_a_host_without_tpus_is_left_out_quietly():
             pytest.fail("CI installs libtpu ('.[tpu]')")
         pytest.skip("libtpu not installed")
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-    proc = subprocess.run([sys.executable, "-c", "import kto_jax, jax; print(jax.devices()[0].platform)"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import kto_jax, jax; print(jax.devices()[0].platform)"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "cpu"
     assert "TPU_WORKER_HOSTNAMES" not in proc.stderr and "libtpu" not in proc.stderr, proc.stderr[-2000:]

@@ -29,21 +29,40 @@ def runs(tmp_path_factory, synthetic_data_dir):
     root = str(tmp_path_factory.mktemp("multiprocess"))
 
     def cli(workdir):
-        return ["--config", f"experiments/tiny.py:loss=kto,steps={STEPS}", "--workdir", workdir,
-                f"--config.data.data_dir={data_dir}", *CLI_SMALL_FLAGS]
+        return [
+            "--config",
+            f"experiments/tiny.py:loss=kto,steps={STEPS}",
+            "--workdir",
+            workdir,
+            f"--config.data.data_dir={data_dir}",
+            *CLI_SMALL_FLAGS,
+        ]
 
     cli_module = ["-m", "kto_jax.train"]
     procs = {}
     workdir = os.path.join(root, "cli_2x2")
     port = free_port()
-    procs["cli"] = (workdir, [
-        start([*cli_module, *cli(workdir)], subprocess_env(
-            devices=2, KTO_JAX_COORDINATOR=f"127.0.0.1:{port}", KTO_JAX_NUM_PROCESSES="2", KTO_JAX_PROCESS_ID=str(i),
-        ), os.path.join(root, f"cli_{i}.log"))
-        for i in range(2)
-    ])
+    procs["cli"] = (
+        workdir,
+        [
+            start(
+                [*cli_module, *cli(workdir)],
+                subprocess_env(
+                    devices=2,
+                    KTO_JAX_COORDINATOR=f"127.0.0.1:{port}",
+                    KTO_JAX_NUM_PROCESSES="2",
+                    KTO_JAX_PROCESS_ID=str(i),
+                ),
+                os.path.join(root, f"cli_{i}.log"),
+            )
+            for i in range(2)
+        ],
+    )
     workdir = os.path.join(root, "single_1x4")
-    procs["single"] = (workdir, [start([*cli_module, *cli(workdir)], subprocess_env(devices=4), os.path.join(root, "single.log"))])
+    procs["single"] = (
+        workdir,
+        [start([*cli_module, *cli(workdir)], subprocess_env(devices=4), os.path.join(root, "single.log"))],
+    )
     results = {}
     for name, (workdir, started) in procs.items():
         results[name] = (workdir, [finish(p, TIMEOUT) for p in started])
@@ -76,4 +95,6 @@ def test_two_processes_match_one_process(runs):
     single = check_run(runs["single"])
     multi = check_run(runs["cli"])
     assert_same_trajectory(multi, single)
-    assert all(row["tokens"] == ref["tokens"] for row, ref in zip(multi, single)), "each process feeds its slice of the same global batch"
+    assert all(row["tokens"] == ref["tokens"] for row, ref in zip(multi, single)), (
+        "each process feeds its slice of the same global batch"
+    )

@@ -19,14 +19,19 @@ from kto_jax.models.presets import get_preset
 from kto_jax.train.state import init_state, learning_rate, make_optimizer
 from kto_jax.train.step import StepSpec, train_step
 
-PAPER_RMSPROP = ml_collections.ConfigDict(dict(name="rmsprop", lr=5e-7, warmup_steps=0, grad_clip=10.0, b1=0.9, b2=0.999,
-                                               eps=1e-8, weight_decay=0.0))
+PAPER_RMSPROP = ml_collections.ConfigDict(
+    dict(name="rmsprop", lr=5e-7, warmup_steps=0, grad_clip=10.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+)
 
 
 def _batch(vocab, rng, n=8, length=16, prompt=8):
     ids = rng.integers(0, vocab, (n, length)).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.arange(length)[None].repeat(n, 0) >= prompt,
-            "desirable": np.arange(n) % 2 == 0}
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "loss_mask": np.arange(length)[None].repeat(n, 0) >= prompt,
+        "desirable": np.arange(n) % 2 == 0,
+    }
 
 
 def _one_step(param_dtype: str):
@@ -57,7 +62,9 @@ def test_at_the_paper_lr_most_bf16_weights_do_not_move_while_fp32_ones_all_do():
     for dtype in ("float32", "bfloat16"):
         state, new, _ = _one_step(dtype)
         before, after = _floating(state.params), _floating(new.params)
-        changed = sum(int(np.sum(np.asarray(a, np.float32) != np.asarray(b, np.float32))) for a, b in zip(before, after))
+        changed = sum(
+            int(np.sum(np.asarray(a, np.float32) != np.asarray(b, np.float32))) for a, b in zip(before, after)
+        )
         moved[dtype] = changed / sum(a.size for a in before)
     assert moved["float32"] > 0.9, moved  # all but the embedding rows of tokens the batch does not use
     assert moved["bfloat16"] < 0.2, moved

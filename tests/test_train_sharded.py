@@ -72,7 +72,11 @@ def test_loop_run_on_a_2x2x2_mesh_matches_one_device(loss, summaries):
     _, summary = summaries[loss]
     run = summary["loop_2x2x2"]
     assert "error" not in run, run.get("error")
-    assert_rows_close([{k: v for k, v in row.items() if k != "step"} for row in run["metrics"]], summary["1x1x1"]["metrics"], atol=1e-5)
+    assert_rows_close(
+        [{k: v for k, v in row.items() if k != "step"} for row in run["metrics"]],
+        summary["1x1x1"]["metrics"],
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("loss", LOSSES)

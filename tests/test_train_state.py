@@ -31,12 +31,17 @@ def lrs(cfg, steps, total_steps=0) -> np.ndarray:
 def test_defaults_are_todays_schedule():
     """The new fields default to the schedule every run had: HALOs legacy's warmup, then constant."""
     cfg = base_config().train.optimizer
-    assert (cfg.schedule, cfg.warmup_ratio, cfg.warmup_start_factor, cfg.value_head_grad_clip) == ("constant", 0.0, 0.0, 0.1)
+    assert (cfg.schedule, cfg.warmup_ratio, cfg.warmup_start_factor, cfg.value_head_grad_clip) == (
+        "constant",
+        0.0,
+        0.0,
+        0.1,
+    )
 
 
 @pytest.mark.parametrize("warmup", [0, 1, 150])
 def test_constant_is_halos_legacy_warmup(warmup):
-    """"constant": lr * min(1, (s + 1) / (W + 1)), total steps or not."""
+    """ "constant": lr * min(1, (s + 1) / (W + 1)), total steps or not."""
     cfg = optimizer_config(warmup_steps=warmup)
     steps = [0, 1, max(warmup - 1, 0), warmup, warmup + 1, 1000]
     expected = np.array([LR * min(1.0, (s + 1) / (warmup + 1)) for s in steps])
@@ -58,7 +63,9 @@ def test_cosine_and_linear_decay_to_zero_after_warmup(start):
     linear = warm + [1 - x / 90 for x in k]
     for name, expected in (("cosine", cosine), ("linear", linear)):
         cfg = optimizer_config(schedule=name, warmup_start_factor=start)
-        np.testing.assert_allclose(lrs(cfg, steps, total_steps=100), LR * np.array(expected), rtol=1e-6, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(
+            lrs(cfg, steps, total_steps=100), LR * np.array(expected), rtol=1e-6, atol=1e-12, err_msg=name
+        )
     assert lrs(optimizer_config(schedule="cosine"), [55], 100)[0] == pytest.approx(LR / 2, rel=1e-6)
 
 
@@ -69,13 +76,17 @@ def test_warmup_ratio_is_a_fraction_of_the_total_steps():
     assert resolved_warmup_steps(optimizer_config(warmup_ratio=0.1), 1234) == 124
     assert resolved_warmup_steps(optimizer_config(), 1234) == 10  # ratio 0: warmup_steps
     cfg = optimizer_config(schedule="cosine", warmup_ratio=0.1, warmup_start_factor=0.1, warmup_steps=999)
-    np.testing.assert_allclose(lrs(cfg, [0, 10, 55, 100], 100), LR * np.array([0.1, 1.0, 0.5, 0.0]), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(
+        lrs(cfg, [0, 10, 55, 100], 100), LR * np.array([0.1, 1.0, 0.5, 0.0]), rtol=1e-6, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
 def test_the_optimizer_steps_at_the_logged_learning_rate(schedule):
     """sgd on a constant gradient 1: step s moves the param by learning_rate(cfg, s) (the ``lr`` metric)."""
-    cfg = optimizer_config(schedule=schedule, warmup_ratio=0.2, warmup_start_factor=0.1 if schedule == "linear" else 0.0)
+    cfg = optimizer_config(
+        schedule=schedule, warmup_ratio=0.2, warmup_start_factor=0.1 if schedule == "linear" else 0.0
+    )
     optimizer = make_optimizer(cfg, total_steps=20)
     params = {"model": {"w": jnp.zeros(())}}
     state = optimizer.init(params)

@@ -36,9 +36,13 @@ BATCH = 8
 
 OPTIMIZERS = {
     # the tiny experiments' optimizer, at a higher rate to see the loss fall in 10 steps
-    "adamw": ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, warmup_steps=0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)),
+    "adamw": ml_collections.ConfigDict(
+        dict(name="adamw", lr=1e-3, warmup_steps=0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    ),
     # new params = params - grads: the update *is* the (accumulated) gradient
-    "sgd": ml_collections.ConfigDict(dict(name="sgd", lr=1.0, warmup_steps=0, grad_clip=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)),
+    "sgd": ml_collections.ConfigDict(
+        dict(name="sgd", lr=1.0, warmup_steps=0, grad_clip=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    ),
 }
 
 
@@ -65,9 +69,16 @@ def reference():
 def loader(examples, loss: str, *, num_microbatches: int = 1, seed: int = 0) -> FeedbackLoader:
     spec = get_loss(loss)
     return FeedbackLoader(
-        examples["paired" if spec.kind == "paired" else "unary"], get_tokenizer("bytes"), TOKENIZE,
-        global_batch_size=BATCH, seed=seed, kl_pairing=spec.needs_kl, num_microbatches=num_microbatches,
-        bucket=16, process_index=0, process_count=1,
+        examples["paired" if spec.kind == "paired" else "unary"],
+        get_tokenizer("bytes"),
+        TOKENIZE,
+        global_batch_size=BATCH,
+        seed=seed,
+        kl_pairing=spec.needs_kl,
+        num_microbatches=num_microbatches,
+        bucket=16,
+        process_index=0,
+        process_count=1,
     )
 
 
@@ -81,7 +92,9 @@ def step_spec(loss: str, num_microbatches: int = 1, mode: str = "model") -> Step
 def compiled_step(loss: str, num_microbatches: int = 1, mode: str = "model", optimizer: str = "adamw"):
     """jit(train_step) for one (loss, microbatches, reference mode, optimizer), shared between tests."""
     cfg = OPTIMIZERS[optimizer]
-    step = functools.partial(train_step, step_spec(loss, num_microbatches, mode), make_optimizer(cfg), functools.partial(learning_rate, cfg))
+    step = functools.partial(
+        train_step, step_spec(loss, num_microbatches, mode), make_optimizer(cfg), functools.partial(learning_rate, cfg)
+    )
     return jit(step)
 
 
@@ -100,7 +113,9 @@ def assert_trees_close(actual, expected, atol, what=""):
     flat_e = jax.tree_util.tree_leaves(expected)
     assert len(flat_a) == len(flat_e)
     for (path, a), e in zip(flat_a, flat_e):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=0, atol=atol, err_msg=f"{what}{jax.tree_util.keystr(path)}")
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(e), rtol=0, atol=atol, err_msg=f"{what}{jax.tree_util.keystr(path)}"
+        )
 
 
 def assert_metrics_close(actual: dict, expected: dict, atol: float):
@@ -152,7 +167,8 @@ def test_cached_reference_logps_give_the_model_reference_loss(loss, examples, po
 
     cached, (loss_m, (metrics_m, _)), (loss_c, (metrics_c, _)) = both({"model": policy}, reference, batch)
     expected_keys = {"kto": {"reference_logps", "reference_kl_logps"}, "kto_zero": {"reference_logps"}}.get(
-        loss, {"reference_chosen_logps", "reference_rejected_logps"})
+        loss, {"reference_chosen_logps", "reference_rejected_logps"}
+    )
     assert set(cached) == expected_keys
     assert all(v.shape == (BATCH,) for v in cached.values())
     assert abs(float(metrics_m["rewards/margins"])) > 1e-3  # the reference differs from the policy
@@ -248,7 +264,9 @@ def test_offline_ppo_trains_one_step_with_a_value_head(examples, policy):
     new, metrics = compiled_step("ppo_offline")(state, batch, policy)
     assert all(np.all(np.isfinite(np.asarray(v))) for v in metrics.values()), metrics
     assert float(metrics["grad_norm"]) > 0
-    head = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new.params["value_head"], state.params["value_head"])
+    head = jax.tree_util.tree_map(
+        lambda a, b: float(jnp.abs(a - b).max()), new.params["value_head"], state.params["value_head"]
+    )
     assert min(jax.tree_util.tree_leaves(head)) > 0, f"the value head did not train: {head}"
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new.params["model"], state.params["model"])
     assert max(jax.tree_util.tree_leaves(moved)) > 0
@@ -271,7 +289,9 @@ def ppo_grads(examples, policy, reference):
     grads = {}
     for coef in (0.01, 10.0):
         spec = ppo_spec(coef)
-        grads[coef] = jit(jax.grad(lambda p, ref, mb, spec=spec: microbatch_loss(spec, p, ref, mb, {})[0]))(params, reference, batch)
+        grads[coef] = jit(jax.grad(lambda p, ref, mb, spec=spec: microbatch_loss(spec, p, ref, mb, {})[0]))(
+            params, reference, batch
+        )
     return params, grads
 
 
@@ -283,9 +303,11 @@ def test_offline_ppo_critic_does_not_train_the_language_model(ppo_grads):
     low, high = grads[0.01], grads[10.0]
     assert_trees_close(high["model"], low["model"], atol=1e-6, what="model")
     assert float(optax.tree.norm(low["value_head"])) > 1e-6
-    for (path, h), l in zip(jax.tree_util.tree_leaves_with_path(high["value_head"]), jax.tree_util.tree_leaves(low["value_head"])):
-        h, l = np.asarray(h, np.float64), np.asarray(l, np.float64)  # float32 sums: compare to the leaf's scale
-        assert np.linalg.norm(h - 1000.0 * l) <= 1e-5 * np.linalg.norm(h), jax.tree_util.keystr(path)
+    for (path, h), lo in zip(
+        jax.tree_util.tree_leaves_with_path(high["value_head"]), jax.tree_util.tree_leaves(low["value_head"])
+    ):
+        h, lo = np.asarray(h, np.float64), np.asarray(lo, np.float64)  # float32 sums: compare to the leaf's scale
+        assert np.linalg.norm(h - 1000.0 * lo) <= 1e-5 * np.linalg.norm(h), jax.tree_util.keystr(path)
 
 
 def test_value_head_is_halos_three_layer_mlp():
@@ -297,9 +319,11 @@ def test_value_head_is_halos_three_layer_mlp():
     H = MODEL_CONFIG.hidden_size
     head = TokenFeed().init_params(MODEL_CONFIG, seed=0)["value_head"]
     shapes = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), head)
-    assert shapes == {name: {"kernel": ((H, out), "float32"), "bias": ((out,), "float32")}
-                      for name, out in (("hidden_0", H), ("hidden_1", H), ("value", 1))}
-    bound = H ** -0.5
+    assert shapes == {
+        name: {"kernel": ((H, out), "float32"), "bias": ((out,), "float32")}
+        for name, out in (("hidden_0", H), ("hidden_1", H), ("value", 1))
+    }
+    bound = H**-0.5
     for leaf in jax.tree_util.tree_leaves(head):
         assert float(jnp.abs(leaf).max()) <= bound
     assert float(jnp.abs(head["hidden_0"]["kernel"]).max()) > 0.95 * bound  # uniform over the whole range
@@ -325,12 +349,16 @@ def test_value_head_gradient_is_clipped_apart_from_the_model(ppo_grads):
     high, low = grads[10.0], grads[0.01]
     head_norm, model_norm = float(optax.tree.norm(high["value_head"])), float(optax.tree.norm(high["model"]))
     assert head_norm > 1.0 and model_norm > 1e-3
-    cfg = ml_collections.ConfigDict(dict(OPTIMIZERS["sgd"].to_dict(), grad_clip=model_norm / 2, value_head_grad_clip=0.1))
+    cfg = ml_collections.ConfigDict(
+        dict(OPTIMIZERS["sgd"].to_dict(), grad_clip=model_norm / 2, value_head_grad_clip=0.1)
+    )
     optimizer = make_optimizer(cfg)
     updates, _ = optimizer.update(high, optimizer.init(params), params)
     updates_low, _ = optimizer.update(low, optimizer.init(params), params)
     np.testing.assert_allclose(float(optax.tree.norm(updates["value_head"])), 0.1, rtol=1e-5)
-    assert_trees_close(updates["value_head"], jax.tree_util.tree_map(lambda g: -g * 0.1 / head_norm, high["value_head"]), atol=1e-7)
+    assert_trees_close(
+        updates["value_head"], jax.tree_util.tree_map(lambda g: -g * 0.1 / head_norm, high["value_head"]), atol=1e-7
+    )
     assert_trees_close(updates["model"], jax.tree_util.tree_map(lambda g: -g / 2, high["model"]), atol=1e-7)
     assert_trees_close(updates["model"], updates_low["model"], atol=1e-7)
 
@@ -349,10 +377,15 @@ def test_halo_around_zero_skips_the_kl_forward_and_equals_kto_zero(examples, pol
     zero = StepSpec(MODEL, spec_kl, tuple(sorted(hparams.items())), 1, "model", 256)
     assert zero.schema.sequences == ("",) and step_spec("halo").schema.sequences == ("", "kl")
     assert step_flops(MODEL_CONFIG, spec_kl, batch=8, length=32, hparams=hparams) / step_flops(
-        MODEL_CONFIG, spec_kl, batch=8, length=32) == pytest.approx(4 / 6)
+        MODEL_CONFIG, spec_kl, batch=8, length=32
+    ) == pytest.approx(4 / 6)
     batch = next(loader(examples, "kto_zero"))
     assert "kl_input_ids" not in batch
-    value_halo, grad_halo = jax.value_and_grad(lambda p: microbatch_loss(zero, p, reference, batch, {})[0])({"model": policy})
-    value_kto, grad_kto = jax.value_and_grad(lambda p: microbatch_loss(step_spec("kto_zero"), p, reference, batch, {})[0])({"model": policy})
+    value_halo, grad_halo = jax.value_and_grad(lambda p: microbatch_loss(zero, p, reference, batch, {})[0])(
+        {"model": policy}
+    )
+    value_kto, grad_kto = jax.value_and_grad(
+        lambda p: microbatch_loss(step_spec("kto_zero"), p, reference, batch, {})[0]
+    )({"model": policy})
     np.testing.assert_allclose(float(value_halo), float(value_kto), rtol=0, atol=1e-6)
     assert_trees_close(grad_halo, grad_kto, atol=1e-6)

@@ -69,14 +69,20 @@ def record_loop_lowering(loop, set_attribute=setattr) -> list:
 
 
 CLI_SMALL_FLAGS = (
-    "--config.eval.judge=", "--config.train.eval_batches=1", "--config.train.log_every=1",
-    "--config.train.global_batch_size=8", "--config.data.train_split=validation", "--config.data.eval_split=validation",
+    "--config.eval.judge=",
+    "--config.train.eval_batches=1",
+    "--config.train.log_every=1",
+    "--config.train.global_batch_size=8",
+    "--config.data.train_split=validation",
+    "--config.data.eval_split=validation",
 )
 
 
 def subprocess_env(devices: int = 1, **extra: str) -> dict:
     """os.environ for a child JAX process on ``devices`` simulated CPU devices, fast compilation."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KTO_JAX_") and k not in ("XLA_FLAGS", "SLURM_NTASKS")}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("KTO_JAX_") and k not in ("XLA_FLAGS", "SLURM_NTASKS")
+    }
     env.update(
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_XLA_FLAGS}",
         JAX_PLATFORMS="cpu",
@@ -132,8 +138,16 @@ def train_rows(workdir: str) -> list[dict]:
     return [row for row in metrics_rows(workdir) if "loss" in row]
 
 
-def run_workers(command: str, losses, tmp_path_factory, data_dir: str, timeout: float, *, devices: int = 8,
-                at_once: int | None = None) -> dict:
+def run_workers(
+    command: str,
+    losses,
+    tmp_path_factory,
+    data_dir: str,
+    timeout: float,
+    *,
+    devices: int = 8,
+    at_once: int | None = None,
+) -> dict:
     """``python -m tests.train_worker COMMAND --loss L`` for each loss (``at_once`` subprocesses at
     a time, default all) on ``devices`` simulated CPU devices: {loss: (out dir, its summary.json)}."""
     losses = list(losses)
@@ -141,7 +155,7 @@ def run_workers(command: str, losses, tmp_path_factory, data_dir: str, timeout: 
     results = {}
     for first in range(0, len(losses), at_once):
         procs = {}
-        for loss in losses[first:first + at_once]:
+        for loss in losses[first : first + at_once]:
             out = str(tmp_path_factory.mktemp(f"{command}_{loss}"))
             args = ["-m", "tests.train_worker", command, "--loss", loss, "--data_dir", data_dir, "--out", out]
             procs[loss] = (out, start(args, subprocess_env(devices=devices), os.path.join(out, "log.txt")))

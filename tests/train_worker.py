@@ -68,7 +68,9 @@ def sharded(args) -> None:
                 state, metrics = engine.train_fn(state, setup.to_global(batch, mesh), reference)
                 rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
         leaves = jax.tree_util.tree_leaves_with_path(state.params["model"])
-        np.savez(os.path.join(args.out, f"params_{name}.npz"), **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
+        np.savez(
+            os.path.join(args.out, f"params_{name}.npz"), **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+        )
         summary[name] = {
             "metrics": rows,
             "devices": len(mesh.devices.flat),
@@ -90,9 +92,14 @@ def sharded(args) -> None:
 
         aot, _ = lower_train_step(make_plan(config, 8), config.train.optimizer, jax.devices())
         summary["loop_2x2x2"]["aot_equals_loop"] = aot.as_text() == lowered[0]
-        summary["loop_2x2x2"]["loop_program_is_sharded"] = all(f'"{axis}"' in lowered[0] for axis in ("data", "fsdp", "tensor"))
+        summary["loop_2x2x2"]["loop_program_is_sharded"] = all(
+            f'"{axis}"' in lowered[0] for axis in ("data", "fsdp", "tensor")
+        )
     except Exception as e:  # reported by the test
-        summary["loop_2x2x2"] = {"error": f"{type(e).__name__}: {e}"[:3000], "traceback": traceback.format_exc()[-3000:]}
+        summary["loop_2x2x2"] = {
+            "error": f"{type(e).__name__}: {e}"[:3000],
+            "traceback": traceback.format_exc()[-3000:],
+        }
     with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
 
@@ -132,8 +139,16 @@ def packed(args) -> None:
     config.train.optimizer.update(dict(name="sgd", lr=0.1, warmup_steps=0))
     config.train.num_microbatches = 2  # 8 examples per microbatch: one per device on (8, 1, 1)
     packed, padded = dict(packing=True, pack_length=64), dict(packing=False, pack_length=0)
-    _train_runs(config, {"padded_1x1x1": (padded, (1, 1, 1)), "packed_1x1x1": (packed, (1, 1, 1)),
-                         "packed_8x1x1": (packed, (8, 1, 1)), "packed_2x2x2": (packed, (2, 2, 2))}, args)
+    _train_runs(
+        config,
+        {
+            "padded_1x1x1": (padded, (1, 1, 1)),
+            "packed_1x1x1": (packed, (1, 1, 1)),
+            "packed_8x1x1": (packed, (8, 1, 1)),
+            "packed_2x2x2": (packed, (2, 2, 2)),
+        },
+        args,
+    )
 
 
 def _train_runs(config, runs: dict, args) -> None:
@@ -156,7 +171,9 @@ def sync(args) -> None:
     config.train.optimizer.update(dict(name="sgd", lr=0.1, warmup_steps=0))
     config.reference.update(dict(mode="sync", humanline=True, log_epsilon_P=-0.1, log_epsilon_R=0.1))
     packed = dict(packing=True, pack_length=64)
-    _train_runs(config, {"1x1x1": (packed, (1, 1, 1)), "8x1x1": (packed, (8, 1, 1)), "2x2x2": (packed, (2, 2, 2))}, args)
+    _train_runs(
+        config, {"1x1x1": (packed, (1, 1, 1)), "8x1x1": (packed, (8, 1, 1)), "2x2x2": (packed, (2, 2, 2))}, args
+    )
 
 
 def losses(args) -> None:

@@ -8,6 +8,11 @@ from kto_jax.sweeps import zipped
 
 
 def get_sweep():
-    runs = zipped("experiments/online.py", module="kto_jax.online", loss=["kto", "dpo"], feedback=["binary", "pairwise"],
-                  init=["orbax:runs/sft"] * 2)
+    runs = zipped(
+        "experiments/online.py",
+        module="kto_jax.online",
+        loss=["kto", "dpo"],
+        feedback=["binary", "pairwise"],
+        init=["orbax:runs/sft"] * 2,
+    )
     return [{**r, "name": f"online_{r['args']['loss']}"} for r in runs]

@@ -11,7 +11,9 @@ MODELS = ["pythia-1.4b", "pythia-2.8b", "pythia-6.9b", "pythia-12b", "llama-7b",
 
 
 def get_sweep():
-    runs = [{**r, "name": f"sft_{r['args']['model']}"} for r in product("experiments/paper.py", model=MODELS, loss=["sft"])]
+    runs = [
+        {**r, "name": f"sft_{r['args']['model']}"} for r in product("experiments/paper.py", model=MODELS, loss=["sft"])
+    ]
     for sft in ("false", "true"):
         runs += product("experiments/paper.py", model=MODELS, loss=["csft", "slic", "dpo", "ppo", "kto"], sft=[sft])
     return runs

@@ -6,5 +6,8 @@ MODELS = ["tiny-1m", "tiny-5m", "tiny-25m"]
 
 
 def get_sweep():
-    runs = [{**r, "name": f"sft_{r['args']['model']}"} for r in product("experiments/tiny_scale.py", model=MODELS, loss=["sft"])]
+    runs = [
+        {**r, "name": f"sft_{r['args']['model']}"}
+        for r in product("experiments/tiny_scale.py", model=MODELS, loss=["sft"])
+    ]
     return runs + product("experiments/tiny_scale.py", model=MODELS, loss=["kto", "dpo"], sft=["true"])

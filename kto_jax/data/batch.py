@@ -77,10 +77,10 @@ class BatchSchema:
         shape = {"token": (token_rows, length), "example": (batch,), "example_token": (batch, length)}
         return {name: (shape[kind], np.dtype(dtype)) for name, (dtype, kind) in self.fields().items()}
 
-    def with_per_example(self, *fields: tuple[str, str]) -> "BatchSchema":
+    def with_per_example(self, *fields: tuple[str, str]) -> BatchSchema:
         return dataclasses.replace(self, per_example=self.per_example + tuple(fields))
 
-    def as_packed(self, unpack: tuple[str, ...] = ()) -> "BatchSchema":
+    def as_packed(self, unpack: tuple[str, ...] = ()) -> BatchSchema:
         return dataclasses.replace(self, packed=True, unpack=unpack)
 
     @property
@@ -108,5 +108,6 @@ def feedback_schema(paired: bool, kl_pairing: bool = False, packed: bool = False
     ``desirable`` flag and (``kl_pairing``) KTO's mismatched KL sequences; padded or ``packed``."""
     if paired:
         return BatchSchema(("chosen", "rejected"), packed=packed)
-    return BatchSchema(("", "kl") if kl_pairing else ("",), (("desirable", "bool"),), packed=packed,
-                       unpack=("",) if packed else ())
+    return BatchSchema(
+        ("", "kl") if kl_pairing else ("",), (("desirable", "bool"),), packed=packed, unpack=("",) if packed else ()
+    )

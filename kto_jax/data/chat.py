@@ -85,7 +85,9 @@ class BuiltinTemplate:
         return f"BuiltinTemplate({self.name!r})"
 
 
-BUILTIN_TEMPLATES = {t.name: t for t in (BuiltinTemplate("halos", _halos), BuiltinTemplate("hh", _hh), BuiltinTemplate("plain", _plain))}
+BUILTIN_TEMPLATES = {
+    t.name: t for t in (BuiltinTemplate("halos", _halos), BuiltinTemplate("hh", _hh), BuiltinTemplate("plain", _plain))
+}
 CHAT_TEMPLATE_NAMES = (*BUILTIN_TEMPLATES, "tokenizer")
 
 # ---------------------------------------------------------------- Jinja (transformers' rendering)
@@ -141,7 +143,9 @@ def _environment():
         @staticmethod
         def _check_name(name):
             if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"chat templates cannot store underscore-prefixed attributes on a namespace ({name!r})")
+                raise jinja2.exceptions.SecurityError(
+                    f"chat templates cannot store underscore-prefixed attributes on a namespace ({name!r})"
+                )
 
     def raise_exception(message):
         raise _TemplateError(message)
@@ -152,9 +156,13 @@ def _environment():
     def strftime_now(format):
         return datetime.now().strftime(format)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(), namespace=TemplateNamespace)
+    env.globals.update(
+        raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(), namespace=TemplateNamespace
+    )
     return env
 
 
@@ -176,14 +184,23 @@ class JinjaChatTemplate:
     template is compiled once, here.
     """
 
-    def __init__(self, source: str, *, bos_token: str | None = None, eos_token: str | None = None,
-                 special_tokens: dict | None = None, name: str = "jinja"):
+    def __init__(
+        self,
+        source: str,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        special_tokens: dict | None = None,
+        name: str = "jinja",
+    ):
         import jinja2
 
         self.name, self.source = name, source
         self.bos_token, self.eos_token = bos_token, eos_token
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
-        self.special_tokens.update({k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None})
+        self.special_tokens.update(
+            {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None}
+        )
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateError as e:
@@ -218,16 +235,26 @@ class JinjaChatTemplate:
         named = {**(named if isinstance(named, dict) else {}), **{k: config.get(k) for k in SPECIAL_TOKEN_NAMES}}
         special = {k: _token_str(v) for k, v in named.items()}
         special = {k: v for k, v in special.items() if isinstance(v, str)}
-        return cls(source, bos_token=special.pop("bos_token", None), eos_token=special.pop("eos_token", None),
-                   special_tokens=special, name=f"tokenizer template of {path}")
+        return cls(
+            source,
+            bos_token=special.pop("bos_token", None),
+            eos_token=special.pop("eos_token", None),
+            special_tokens=special,
+            name=f"tokenizer template of {path}",
+        )
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """transformers' rendering of ``messages`` (BOS included, as the template writes it)."""
         import jinja2
 
         try:
-            return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
+            return self._template.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens,
+            )
         except _TemplateError as e:
             raise ValueError(f"chat template {self.name!r} raised an exception: {e}") from e
         except jinja2.TemplateError as e:
@@ -254,7 +281,9 @@ class JinjaChatTemplate:
         """What the conversation with ``completion`` as a last assistant turn adds to the prompt,
         cut before the last ``eos_token`` (the loader appends the EOS id)."""
         prompt = self.prompt(turns) if prompt_text is None else prompt_text
-        full = self._strip_bos(self.render(_messages(turns) + [{"role": "assistant", "content": completion}], add_generation_prompt=False))
+        full = self._strip_bos(
+            self.render(_messages(turns) + [{"role": "assistant", "content": completion}], add_generation_prompt=False)
+        )
         if not full.startswith(prompt):
             raise ValueError(
                 f"chat template {self.name!r} does not render the prompt as a prefix of prompt + completion, so the "
@@ -289,7 +318,9 @@ def get_chat_template(name: str, folder: str | None = None) -> ChatTemplate:
                 "set config.data.tokenizer, or config.model.name to a Hugging Face model folder"
             )
         return JinjaChatTemplate.from_folder(folder)
-    raise ValueError(f"unknown chat template {name!r} (config.data.chat_template); known: {', '.join(CHAT_TEMPLATE_NAMES)}")
+    raise ValueError(
+        f"unknown chat template {name!r} (config.data.chat_template); known: {', '.join(CHAT_TEMPLATE_NAMES)}"
+    )
 
 
 def render_prompt(turns: Turns, template: str | ChatTemplate) -> str:

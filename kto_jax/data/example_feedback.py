@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -36,16 +36,51 @@ SYSTEMS = (
     "You are a friendly tutor who helps students check their work.",
     "Answer the user's question accurately.",
 )
-WORDS = ("garden", "planet", "silver", "rocket", "window", "puzzle", "forest", "candle", "bridge", "marble",
-         "violet", "harbor", "pepper", "tunnel", "meadow", "lantern", "thunder", "compass", "blossom", "glacier")
-CAPITALS = (("France", "Paris", "Lyon"), ("Japan", "Tokyo", "Osaka"), ("Canada", "Ottawa", "Toronto"),
-            ("Australia", "Canberra", "Sydney"), ("Brazil", "Brasilia", "Rio de Janeiro"), ("Kenya", "Nairobi", "Mombasa"),
-            ("Turkey", "Ankara", "Istanbul"), ("Switzerland", "Bern", "Zurich"), ("Morocco", "Rabat", "Casablanca"),
-            ("Vietnam", "Hanoi", "Ho Chi Minh City"))
+WORDS = (
+    "garden",
+    "planet",
+    "silver",
+    "rocket",
+    "window",
+    "puzzle",
+    "forest",
+    "candle",
+    "bridge",
+    "marble",
+    "violet",
+    "harbor",
+    "pepper",
+    "tunnel",
+    "meadow",
+    "lantern",
+    "thunder",
+    "compass",
+    "blossom",
+    "glacier",
+)
+CAPITALS = (
+    ("France", "Paris", "Lyon"),
+    ("Japan", "Tokyo", "Osaka"),
+    ("Canada", "Ottawa", "Toronto"),
+    ("Australia", "Canberra", "Sydney"),
+    ("Brazil", "Brasilia", "Rio de Janeiro"),
+    ("Kenya", "Nairobi", "Mombasa"),
+    ("Turkey", "Ankara", "Istanbul"),
+    ("Switzerland", "Bern", "Zurich"),
+    ("Morocco", "Rabat", "Casablanca"),
+    ("Vietnam", "Hanoi", "Ho Chi Minh City"),
+)
 REFUSALS = ("I'm not able to help with that.", "You could look that up yourself.", "Sorry, I don't know.")
-OFF_TOPIC = ("The weather is lovely today!", "Have you tried turning it off and on again?", "Let's talk about something else.")
-GREETINGS = (("Hi there!", "Hello! How can I help you today?"), ("Good morning.", "Good morning! What can I do for you?"),
-             ("I have a quick question.", "Sure, go ahead."))
+OFF_TOPIC = (
+    "The weather is lovely today!",
+    "Have you tried turning it off and on again?",
+    "Let's talk about something else.",
+)
+GREETINGS = (
+    ("Hi there!", "Hello! How can I help you today?"),
+    ("Good morning.", "Good morning! What can I do for you?"),
+    ("I have a quick question.", "Sure, go ahead."),
+)
 
 
 def _add(rng):
@@ -57,7 +92,11 @@ def _add(rng):
 def _backwards(rng):
     w = str(rng.choice(WORDS))
     wrong = w[::-1][:-1] + w[0] * 2 if rng.random() < 0.5 else w
-    return f"Spell the word '{w}' backwards.", f"'{w}' spelled backwards is '{w[::-1]}'.", f"'{w}' spelled backwards is '{wrong}'."
+    return (
+        f"Spell the word '{w}' backwards.",
+        f"'{w}' spelled backwards is '{w[::-1]}'.",
+        f"'{w}' spelled backwards is '{wrong}'.",
+    )
 
 
 def _capital_letters(rng):
@@ -67,7 +106,11 @@ def _capital_letters(rng):
 
 def _country(rng):
     country, right, wrong = CAPITALS[int(rng.integers(len(CAPITALS)))]
-    return f"What is the capital of {country}?", f"The capital of {country} is {right}.", f"The capital of {country} is {wrong}."
+    return (
+        f"What is the capital of {country}?",
+        f"The capital of {country} is {right}.",
+        f"The capital of {country} is {wrong}.",
+    )
 
 
 TASKS: tuple[Callable, ...] = (_add, _backwards, _capital_letters, _country)
@@ -124,11 +167,15 @@ def _malformed(kind: str, rng) -> list[str]:
     whole = json.dumps({"prompt": messages, "completion": _reply(good), "label": True})
     lines = [whole[: len(whole) // 2]]
     if kind == "binary":
-        lines += [json.dumps({"prompt": messages, "label": False}),
-                  json.dumps({"prompt": messages, "completion": _reply(good), "label": "maybe"})]
+        lines += [
+            json.dumps({"prompt": messages, "label": False}),
+            json.dumps({"prompt": messages, "completion": _reply(good), "label": "maybe"}),
+        ]
     else:
-        lines += [json.dumps({"prompt": messages, "chosen": _reply(good)}),
-                  json.dumps({"prompt": messages, "chosen": _reply(good), "rejected": 7})]
+        lines += [
+            json.dumps({"prompt": messages, "chosen": _reply(good)}),
+            json.dumps({"prompt": messages, "chosen": _reply(good), "rejected": 7}),
+        ]
     return lines
 
 
@@ -156,12 +203,22 @@ def write_jsonl(path: str, kind: str, n: int, *, seed: int = 0, malformed: int =
 
 
 _QUESTIONS = (
-    (re.compile(r"^What is (\d+) \+ (\d+)\?$"), lambda m: {f"{m[1]} + {m[2]} = {int(m[1]) + int(m[2])}.", str(int(m[1]) + int(m[2]))}),
-    (re.compile(r"^Spell the word '(\w+)' backwards\.$"), lambda m: {f"'{m[1]}' spelled backwards is '{m[1][::-1]}'.", m[1][::-1]}),
+    (
+        re.compile(r"^What is (\d+) \+ (\d+)\?$"),
+        lambda m: {f"{m[1]} + {m[2]} = {int(m[1]) + int(m[2])}.", str(int(m[1]) + int(m[2]))},
+    ),
+    (
+        re.compile(r"^Spell the word '(\w+)' backwards\.$"),
+        lambda m: {f"'{m[1]}' spelled backwards is '{m[1][::-1]}'.", m[1][::-1]},
+    ),
     (re.compile(r"^Write the word '(\w+)' in capital letters\.$"), lambda m: {m[1].upper()}),
-    (re.compile(r"^What is the capital of (.+)\?$"),
-     lambda m: {f"The capital of {m[1]} is {c}." for country, c, _ in CAPITALS if country == m[1]} | {
-         c for country, c, _ in CAPITALS if country == m[1]}),
+    (
+        re.compile(r"^What is the capital of (.+)\?$"),
+        lambda m: (
+            {f"The capital of {m[1]} is {c}." for country, c, _ in CAPITALS if country == m[1]}
+            | {c for country, c, _ in CAPITALS if country == m[1]}
+        ),
+    ),
 )
 
 

@@ -9,7 +9,7 @@ counts what it kept and dropped; nothing is dropped silently.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from absl import logging
@@ -66,7 +66,9 @@ def paired_from_records(records: Iterable[dict]) -> list[Paired]:
 
 
 def unary_from_records(records: Iterable[dict]) -> list[Unary]:
-    return [Unary(r["id"], record_turns(r), r["completion"], bool(r["desirable"]), r.get("sft_target")) for r in records]
+    return [
+        Unary(r["id"], record_turns(r), r["completion"], bool(r["desirable"]), r.get("sft_target")) for r in records
+    ]
 
 
 def paired_to_unary(pairs: Sequence[Paired], *, seed: int) -> list[Unary]:
@@ -110,9 +112,15 @@ def paired_from_unary(examples: Sequence[Unary]) -> tuple[list[Paired], dict]:
         if not good or not bad:
             unpaired_prompts += 1
             continue
-        pairs.extend(Paired(f"{d.id}+{u.id}", prompt, d.completion, u.completion, d.sft_target) for d, u in zip(good, bad))
-    stats = {"unary_pairs": len(pairs), "unary_prompts_paired": len(by_prompt) - unpaired_prompts,
-             "unary_prompts_unpaired": unpaired_prompts, "unary_completions_unpaired": len(examples) - 2 * len(pairs)}
+        pairs.extend(
+            Paired(f"{d.id}+{u.id}", prompt, d.completion, u.completion, d.sft_target) for d, u in zip(good, bad)
+        )
+    stats = {
+        "unary_pairs": len(pairs),
+        "unary_prompts_paired": len(by_prompt) - unpaired_prompts,
+        "unary_prompts_unpaired": unpaired_prompts,
+        "unary_completions_unpaired": len(examples) - 2 * len(pairs),
+    }
     logging.info("paired from unary feedback: %s", stats)
     return pairs, stats
 
@@ -162,8 +170,12 @@ def sft_targets_per_prompt(source: Sequence[Paired] | Sequence[Unary]) -> tuple[
                 continue
             first, target = desirable[0], desirable[0].completion
         out.append(Unary(f"{first.id}/sft", prompt, target, True, target))
-    stats = {"sft_target_prompts": len(out), "sft_target_dropped": completions - len(out),
-             "sft_target_no_target": no_target, "sft_target_from_source": from_source}
+    stats = {
+        "sft_target_prompts": len(out),
+        "sft_target_dropped": completions - len(out),
+        "sft_target_no_target": no_target,
+        "sft_target_from_source": from_source,
+    }
     logging.info("sft targets per prompt: %s", stats)
     return out, stats
 
@@ -213,7 +225,9 @@ def unary_view(
     return examples, stats
 
 
-def weight_warning(n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float) -> str | None:
+def weight_warning(
+    n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float
+) -> str | None:
     """A warning when desirable_weight * n_D / (undesirable_weight * n_U) is outside [1, 4/3]
     (the paper's recommended range), naming the weights that fix it; None when inside."""
     if n_desirable == 0 or n_undesirable == 0:

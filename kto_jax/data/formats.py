@@ -49,7 +49,6 @@ from kto_jax.data.schemas import (  # noqa: F401  (re-exported: formats is the o
 FORMATS = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv", "a datasets save_to_disk folder")
 
 
-
 # ---------------------------------------------------------------- paths and digests
 
 
@@ -77,7 +76,7 @@ def datasets_splits(path: str) -> dict[str, str] | None:
     with open(index, encoding="utf-8") as f:
         splits = json.load(f).get("splits")
     if not isinstance(splits, list) or not splits:
-        raise FileFormatError(f"{index}: expected {{\"splits\": [names...]}}")
+        raise FileFormatError(f'{index}: expected {{"splits": [names...]}}')
     return {str(s): os.path.join(path, str(s)) for s in splits}
 
 
@@ -90,8 +89,10 @@ def _arrow_shards(path: str) -> list[str]:
     else:
         names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(path), "data-*.arrow")))
     if not names:
-        raise FileFormatError(f"{path}: a folder, but not a datasets save_to_disk folder (no state.json or "
-                              f"data-*.arrow, no dataset_dict.json); give files or a glob such as {path}/*.jsonl")
+        raise FileFormatError(
+            f"{path}: a folder, but not a datasets save_to_disk folder (no state.json or "
+            f"data-*.arrow, no dataset_dict.json); give files or a glob such as {path}/*.jsonl"
+        )
     return [os.path.join(path, n) for n in names]
 
 
@@ -99,8 +100,11 @@ def file_digest(path: str) -> str:
     """sha256 (hex) of a file's bytes; of a datasets folder, over its shards' names and digests."""
     if os.path.isdir(path):
         splits = datasets_splits(path)
-        parts = ([[s, file_digest(p)] for s, p in splits.items()] if splits is not None
-                 else [[os.path.basename(p), file_digest(p)] for p in _arrow_shards(path)])
+        parts = (
+            [[s, file_digest(p)] for s, p in splits.items()]
+            if splits is not None
+            else [[os.path.basename(p), file_digest(p)] for p in _arrow_shards(path)]
+        )
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -119,6 +123,7 @@ def read_rows(path: str, on_bad: Callable[[str, BadRecord], None] | None = None)
     and the line; with ``on_bad``, ``on_bad(where, error)`` is called instead and the row is
     skipped. A file that cannot be read at all raises FileFormatError.
     """
+
     def bad(where: str, message: str):
         if on_bad is None:
             raise BadRecord(f"{path}, {where}: {message}")
@@ -180,8 +185,10 @@ def _json_items(path: str) -> list:
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise FileFormatError(f"{path}: a JSON object should hold exactly one list of objects "
-                                  f"(it holds {len(lists)}: keys {sorted(data)})")
+            raise FileFormatError(
+                f"{path}: a JSON object should hold exactly one list of objects "
+                f"(it holds {len(lists)}: keys {sorted(data)})"
+            )
         data = lists[0]
     if not isinstance(data, list):
         raise FileFormatError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")

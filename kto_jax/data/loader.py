@@ -37,7 +37,7 @@ Every sequence is ``[BOS] + prompt + completion + [EOS]`` (BOS when the tokenize
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from absl import logging
@@ -46,7 +46,6 @@ from kto_jax.data.batch import BatchSchema, feedback_schema, prefix
 from kto_jax.data.chat import get_chat_template
 from kto_jax.data.feedback import Paired, Unary
 from kto_jax.data.tokenize import TokenizeConfig, Tokenizer, encode_pair, truncate
-
 
 PACKED_ROW_BUCKETS = 8  # packed batches come in at most this many row counts (one compiled step each)
 
@@ -93,8 +92,10 @@ class FeedbackLoader:
         fillable = feedback_schema(self.paired, kl_pairing=True, packed=self.packing)
         missing = set(self.schema.fields()) - set(fillable.fields())
         if missing:
-            raise ValueError(f"the batch layout asks for {sorted(missing)}, which {'paired' if self.paired else 'unary'} "
-                             f"examples do not have (they give {sorted(fillable.fields())})")
+            raise ValueError(
+                f"the batch layout asks for {sorted(missing)}, which {'paired' if self.paired else 'unary'} "
+                f"examples do not have (they give {sorted(fillable.fields())})"
+            )
         kl_pairing = "kl" in self.schema.sequences
         if global_batch_size % process_count:
             raise ValueError(
@@ -152,7 +153,11 @@ class FeedbackLoader:
             self.examples.append(ex)
             self.tokens.append([_Tokens(np.asarray(p, np.int32), np.asarray(c, np.int32)) for p, c in encoded])
         self.desirable = np.array([getattr(ex, "desirable", True) for ex in self.examples])
-        logging.info("loader: %d examples, %d dropped (no completion token left after truncation)", len(self.examples), self.dropped)
+        logging.info(
+            "loader: %d examples, %d dropped (no completion token left after truncation)",
+            len(self.examples),
+            self.dropped,
+        )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -198,7 +203,9 @@ class FeedbackLoader:
         seqs[""] = [self._join(self._prompt(r), self.tokens[r][0].completion) for r in rows]
         if self.kl_pairing:
             partner = [(i + self.num_microbatches) % len(rows) for i in range(len(rows))]
-            seqs["kl"] = [self._join(self._prompt(rows[i]), self.tokens[rows[j]][0].completion) for i, j in enumerate(partner)]
+            seqs["kl"] = [
+                self._join(self._prompt(rows[i]), self.tokens[rows[j]][0].completion) for i, j in enumerate(partner)
+            ]
         return seqs
 
     def _prompt(self, row: int) -> np.ndarray:
@@ -265,14 +272,18 @@ class FeedbackLoader:
     def make_packed_batch(self, rows: np.ndarray, seqs: dict[str, list]) -> dict:
         """This process's slice of the global batch ``rows`` packed into rows of ``pack_length`` tokens."""
         length, M = self.pack_length, self.num_microbatches
-        placed = {g: [pack_lengths([len(ids) for ids, _ in seqs[g][m::M]], length) for m in range(M)]
-                  for g in self.schema.sequences}
+        placed = {
+            g: [pack_lengths([len(ids) for ids, _ in seqs[g][m::M]], length) for m in range(M)]
+            for g in self.schema.sequences
+        }
         needed = max(max(r for r, _ in per_mb) for per_mb in placed.values())
         per_mb_rows = self.packed_rows(needed)
         total = per_mb_rows * M
         if total % self.process_count:
-            raise ValueError(f"{total} packed rows do not divide over {self.process_count} processes: "
-                             "row_multiple must be a multiple of the process count")
+            raise ValueError(
+                f"{total} packed rows do not divide over {self.process_count} processes: "
+                "row_multiple must be a multiple of the process count"
+            )
         rows_local, local = self._share(total), self._share(self.global_batch_size)
         out = {}
         for group in self.schema.sequences:
@@ -289,7 +300,11 @@ class FeedbackLoader:
                     loss[r, offset] = False  # a segment's first token is never scored (as position 0 of a padded row)
                     unpack[k * M + m, : len(seq)] = row * length + offset + np.arange(len(seq))
             p = prefix(group)
-            out[f"{p}input_ids"], out[f"{p}segment_ids"], out[f"{p}loss_mask"] = ids[rows_local], segments[rows_local], loss[rows_local]
+            out[f"{p}input_ids"], out[f"{p}segment_ids"], out[f"{p}loss_mask"] = (
+                ids[rows_local],
+                segments[rows_local],
+                loss[rows_local],
+            )
             if group in self.schema.unpack:
                 out[f"{p}unpack_index"] = unpack[local]
         return {**out, **self._per_example(rows, local)}
@@ -306,7 +321,9 @@ def pack_lengths(lengths: Sequence[int], capacity: int) -> tuple[int, list[tuple
     for i in order:
         n = lengths[i]
         if n > capacity:
-            raise ValueError(f"a sequence of {n} tokens does not fit a packed row of {capacity} (config.data.pack_length)")
+            raise ValueError(
+                f"a sequence of {n} tokens does not fit a packed row of {capacity} (config.data.pack_length)"
+            )
         row = next((r for r, f in enumerate(free) if f >= n), None)
         if row is None:
             row = len(free)

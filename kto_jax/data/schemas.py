@@ -66,7 +66,9 @@ def parse_columns(spec: str) -> dict[str, str]:
         if not eq or not canonical or not column:
             raise ValueError(f"config.data.columns={spec!r}: {part!r} should be canonical=file_column")
         if canonical not in CANONICAL:
-            raise ValueError(f"config.data.columns={spec!r}: {canonical!r} is no canonical column; known: {', '.join(CANONICAL)}")
+            raise ValueError(
+                f"config.data.columns={spec!r}: {canonical!r} is no canonical column; known: {', '.join(CANONICAL)}"
+            )
         if canonical in columns:
             raise ValueError(f"config.data.columns={spec!r}: {canonical!r} is mapped twice")
         columns[canonical] = column
@@ -119,8 +121,9 @@ def check_columns(row: dict, schema: str, path: str, columns: dict[str, str], ra
             f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} for schema "
             f"{schema}{closest}; columns present: {', '.join(map(repr, raw_columns))}"
             f"{'; config.data.columns maps to columns the file lacks: ' + ', '.join(mapped) if mapped else ''}. "
-            f"Fix: map the file's columns, e.g. config.data.columns=\"{missing[0]}=<file column>\", or set "
-            f"config.data.schema (one of {', '.join(SCHEMAS)})")
+            f'Fix: map the file\'s columns, e.g. config.data.columns="{missing[0]}=<file column>", or set '
+            f"config.data.schema (one of {', '.join(SCHEMAS)})"
+        )
     return schema
 
 
@@ -129,7 +132,7 @@ def schema_kind(schema: str) -> str:
 
 
 def row_form(row: dict, schema: str) -> str:
-    """"conversational" when any of the schema's text columns holds a message list, else "standard"."""
+    """ "conversational" when any of the schema's text columns holds a message list, else "standard"."""
     return "conversational" if any(isinstance(row.get(c), list) for c in SCHEMAS[schema][0]) else "standard"
 
 
@@ -145,8 +148,14 @@ def _field(row: dict, field: str, names: dict):
 def _messages(value, field: str) -> list[tuple[str, str]]:
     out = []
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-            raise BadRecord(f"field {field}, message {i}: expected {{\"role\": str, \"content\": str}}, got {str(message)[:80]}")
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
+            raise BadRecord(
+                f'field {field}, message {i}: expected {{"role": str, "content": str}}, got {str(message)[:80]}'
+            )
         if message["role"] not in ROLES:
             raise BadRecord(f"field {field}, message {i}: role {message['role']!r} is not one of {', '.join(ROLES)}")
         out.append((message["role"], message["content"]))
@@ -179,7 +188,9 @@ def _reply(value, field: str) -> str:
             raise BadRecord(f"field {field} should be one assistant message, got roles {[r for r, _ in messages]}")
         value = messages[0][1]
     elif not isinstance(value, str):
-        raise BadRecord(f"field {field} should be a string or a list of one assistant message, got {type(value).__name__}")
+        raise BadRecord(
+            f"field {field} should be a string or a list of one assistant message, got {type(value).__name__}"
+        )
     if not value.strip():
         raise BadRecord(f"field {field} is empty")
     return value
@@ -219,13 +230,21 @@ def split_implicit(chosen, rejected, names: dict | None = None) -> tuple:
         while k < min(len(c), len(r)) and c[k] == r[k]:
             k += 1
         if len(c) - k != 1 or len(r) - k != 1:
-            raise BadRecord(f"fields {c_name} and {r_name} should differ only in their last (assistant) message "
-                            f"(they share {k} of {len(c)} / {len(r)} messages)")
+            raise BadRecord(
+                f"fields {c_name} and {r_name} should differ only in their last (assistant) message "
+                f"(they share {k} of {len(c)} / {len(r)} messages)"
+            )
         prompt = [{"role": role, "content": content} for role, content in c[:k]]
-        return _prompt(prompt, "prompt (the messages chosen and rejected share)"), _reply(chosen[k:], c_name), _reply(rejected[k:], r_name)
+        return (
+            _prompt(prompt, "prompt (the messages chosen and rejected share)"),
+            _reply(chosen[k:], c_name),
+            _reply(rejected[k:], r_name),
+        )
     if not (isinstance(chosen, str) and isinstance(rejected, str)):
-        raise BadRecord(f"fields {c_name} and {r_name} should both be strings or both message lists, "
-                        f"got {type(chosen).__name__} and {type(rejected).__name__}")
+        raise BadRecord(
+            f"fields {c_name} and {r_name} should both be strings or both message lists, "
+            f"got {type(chosen).__name__} and {type(rejected).__name__}"
+        )
     n = min(len(chosen), len(rejected))
     idx = n - 1
     for i in range(n):
@@ -234,7 +253,11 @@ def split_implicit(chosen, rejected, names: dict | None = None) -> tuple:
             break
     if idx <= 0 or not chosen[:idx].strip():
         raise BadRecord(f"fields {c_name} and {r_name} share no prompt (they differ from their first character)")
-    return _prompt(chosen[:idx], "prompt (the text chosen and rejected share)"), _reply(chosen[idx:], c_name), _reply(rejected[idx:], r_name)
+    return (
+        _prompt(chosen[:idx], "prompt (the text chosen and rejected share)"),
+        _reply(chosen[idx:], c_name),
+        _reply(rejected[idx:], r_name),
+    )
 
 
 def normalize(row: dict, schema: str, columns: dict[str, str] | None = None) -> dict:
@@ -242,22 +265,40 @@ def normalize(row: dict, schema: str, columns: dict[str, str] | None = None) -> 
     or paired ``{prompt, chosen, rejected}``; a bad row is a BadRecord naming the field (and
     the file column it was mapped from)."""
     names = {c: repr(c) + (f" (column {col!r})" if col != c else "") for c, col in (columns or {}).items()}
-    get = lambda f: _field(row, f, names)
-    name = lambda f: names.get(f, repr(f))
+
+    def get(field):
+        return _field(row, field, names)
+
+    def name(field):
+        return names.get(field, repr(field))
+
     if schema == UNPAIRED:
-        return {"prompt": _prompt(get("prompt"), name("prompt")), "completion": _reply(get("completion"), name("completion")),
-                "desirable": parse_label(get("label"), name("label"))}
+        return {
+            "prompt": _prompt(get("prompt"), name("prompt")),
+            "completion": _reply(get("completion"), name("completion")),
+            "desirable": parse_label(get("label"), name("label")),
+        }
     if schema == HALOS_BINARY:
-        return {"prompt": _prompt(get("prompt"), name("prompt")), "completion": _reply(get("output"), name("output")),
-                "desirable": parse_label(get("label"), name("label"))}
+        return {
+            "prompt": _prompt(get("prompt"), name("prompt")),
+            "completion": _reply(get("output"), name("output")),
+            "desirable": parse_label(get("label"), name("label")),
+        }
     if schema == PREFERENCE:
-        return {"prompt": _prompt(get("prompt"), name("prompt")), "chosen": _reply(get("chosen"), name("chosen")),
-                "rejected": _reply(get("rejected"), name("rejected"))}
+        return {
+            "prompt": _prompt(get("prompt"), name("prompt")),
+            "chosen": _reply(get("chosen"), name("chosen")),
+            "rejected": _reply(get("rejected"), name("rejected")),
+        }
     if schema == IMPLICIT:
         prompt, chosen, rejected = split_implicit(get("chosen"), get("rejected"), names)
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if schema == HALOS_PAIRWISE:
         a, b = _reply(get("output_A"), name("output_A")), _reply(get("output_B"), name("output_B"))
         a_wins = parse_label(get("label"), name("label"))
-        return {"prompt": _prompt(get("prompt"), name("prompt")), "chosen": a if a_wins else b, "rejected": b if a_wins else a}
+        return {
+            "prompt": _prompt(get("prompt"), name("prompt")),
+            "chosen": a if a_wins else b,
+            "rejected": b if a_wins else a,
+        }
     raise ValueError(f"unknown schema {schema!r}; known: {', '.join(SCHEMAS)}")

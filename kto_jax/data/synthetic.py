@@ -78,4 +78,9 @@ def unary_example(split: str, index: int) -> dict:
     word = _word(rng)
     desirable = bool(rng.random() < 0.5)
     completion = desirable_completion(word) if desirable else _mistake(word, rng)
-    return {"id": f"synthetic-{split}-{index}", "prompt": make_prompt(word), "completion": completion, "desirable": desirable}
+    return {
+        "id": f"synthetic-{split}-{index}",
+        "prompt": make_prompt(word),
+        "completion": completion,
+        "desirable": desirable,
+    }

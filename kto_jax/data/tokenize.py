@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -105,12 +106,18 @@ class HFTokenizer:
         if config_file and os.path.exists(config_file):
             with open(config_file, encoding="utf-8") as f:
                 config = json.load(f)
-        eos = _token_str(config.get("eos_token")) or next((t for t in EOS_CANDIDATES if self.tokenizer.token_to_id(t) is not None), None)
+        eos = _token_str(config.get("eos_token")) or next(
+            (t for t in EOS_CANDIDATES if self.tokenizer.token_to_id(t) is not None), None
+        )
         if eos is None or self.tokenizer.token_to_id(eos) is None:
-            raise ValueError(f"{path!r}: no EOS token found (set eos_token in tokenizer_config.json; tried {EOS_CANDIDATES})")
+            raise ValueError(
+                f"{path!r}: no EOS token found (set eos_token in tokenizer_config.json; tried {EOS_CANDIDATES})"
+            )
         self.eos_id = self.tokenizer.token_to_id(eos)
         pad = _token_str(config.get("pad_token"))
-        self.pad_id = self.tokenizer.token_to_id(pad) if pad and self.tokenizer.token_to_id(pad) is not None else self.eos_id
+        self.pad_id = (
+            self.tokenizer.token_to_id(pad) if pad and self.tokenizer.token_to_id(pad) is not None else self.eos_id
+        )
         self.bos_id = self._bos_id(path, config)
 
     def _bos_id(self, path: str, config: dict) -> int | None:
@@ -120,7 +127,11 @@ class HFTokenizer:
             full = self.tokenizer.encode("a", add_special_tokens=True)
         except Exception:  # a word-level vocabulary without "a" nor an unknown token
             plain, full = [], None
-        prepended = full.ids[0] if full and full.special_tokens_mask[:1] == [1] and full.ids[1 : len(plain) + 1] == plain else None
+        prepended = (
+            full.ids[0]
+            if full and full.special_tokens_mask[:1] == [1] and full.ids[1 : len(plain) + 1] == plain
+            else None
+        )
         add = config.get("add_bos_token")
         if add is None:
             return prepended
@@ -129,7 +140,9 @@ class HFTokenizer:
         bos = _token_str(config.get("bos_token"))
         bos_id = self.tokenizer.token_to_id(bos) if bos else prepended
         if bos_id is None:
-            raise ValueError(f"{path!r}: tokenizer_config.json has add_bos_token=true but its bos_token {bos!r} is not in the vocabulary")
+            raise ValueError(
+                f"{path!r}: tokenizer_config.json has add_bos_token=true but its bos_token {bos!r} is not in the vocabulary"
+            )
         return bos_id
 
     def encode(self, text: str) -> list[int]:
@@ -192,7 +205,9 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     return ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(text)
 
 
-def encode_pair(tokenizer: Tokenizer, prompt: str, completion: str, prompt_ids: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer: Tokenizer, prompt: str, completion: str, prompt_ids: Sequence[int] | None = None
+) -> tuple[list[int], list[int]]:
     """``(prompt_ids, completion_ids)`` of ``prompt + completion`` encoded together, as HALOs and TRL do.
 
     The joint text's tokens are split at the length of the prompt's own tokens
@@ -210,7 +225,9 @@ def encode_pair(tokenizer: Tokenizer, prompt: str, completion: str, prompt_ids: 
     return bos + joint[:split], joint[split:]
 
 
-def cut_prompt(prompt_ids: list[int], max_prompt_length: int, truncation_mode: str = "keep_end", bos_id: int | None = None) -> list[int]:
+def cut_prompt(
+    prompt_ids: list[int], max_prompt_length: int, truncation_mode: str = "keep_end", bos_id: int | None = None
+) -> list[int]:
     """The prompt cut to ``max_prompt_length`` tokens: its end kept (``keep_end``) or its start.
 
     A leading BOS (``prompt_ids[0] == bos_id``) stays first: ``keep_end`` keeps BOS and the
@@ -225,7 +242,9 @@ def cut_prompt(prompt_ids: list[int], max_prompt_length: int, truncation_mode: s
     return prompt_ids[-max_prompt_length:]
 
 
-def truncate(prompt_ids: list[int], completion_ids: list[int], cfg: TokenizeConfig, bos_id: int | None = None) -> tuple[list[int], list[int]]:
+def truncate(
+    prompt_ids: list[int], completion_ids: list[int], cfg: TokenizeConfig, bos_id: int | None = None
+) -> tuple[list[int], list[int]]:
     """The paper's truncation; room is left for the EOS appended after the completion.
 
     A leading BOS survives the prompt's cut (``cut_prompt``).

@@ -19,7 +19,7 @@ line in ``JUDGES``; its settings live in ``config.eval.<name>``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 Turns = Sequence[tuple[str, str]]
 WINNERS = ("first", "second", "tie")
@@ -27,8 +27,8 @@ WINNERS = ("first", "second", "tie")
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    winner: str | None          # "first" | "second" | "tie" | None (unparseable)
-    raw: str = ""               # the judge's own answer (API text, reward scores)
+    winner: str | None  # "first" | "second" | "tie" | None (unparseable)
+    raw: str = ""  # the judge's own answer (API text, reward scores)
     p_first: float | None = None  # P(first preferred) where the judge has one (reward model: Bradley-Terry)
 
     def __post_init__(self):
@@ -83,7 +83,12 @@ def _reward_model(config):
 
 
 # name -> factory(config) -> judge
-JUDGES: dict[str, Callable] = {"synthetic": _synthetic, "feedback": _feedback, "api": _api, "reward_model": _reward_model}
+JUDGES: dict[str, Callable] = {
+    "synthetic": _synthetic,
+    "feedback": _feedback,
+    "api": _api,
+    "reward_model": _reward_model,
+}
 
 
 def make_judge(config, name: str = "", field: str = "config.eval.judge"):

@@ -55,10 +55,19 @@ def clean_response(text: str) -> str:
 
 def paper_messages(turns: Turns, first: str, second: str) -> list[dict]:
     """compare.py's two user messages for one comparison (labels 1 and 2)."""
-    responses = [f"Response {label}: {clean_response(answer)}\nEND OF RESPONSE {label}" for label, answer in (("1", first), ("2", second))]
+    responses = [
+        f"Response {label}: {clean_response(answer)}\nEND OF RESPONSE {label}"
+        for label, answer in (("1", first), ("2", second))
+    ]
     return [
-        {"role": "user", "content": f"Here is a conversation between {USER} and {ASSISTANT}.\n\n" + history_text(turns)},
-        {"role": "user", "content": "\n\n".join([f"{ASSISTANT} can now choose from different responses.", *responses, QUESTION])},
+        {
+            "role": "user",
+            "content": f"Here is a conversation between {USER} and {ASSISTANT}.\n\n" + history_text(turns),
+        },
+        {
+            "role": "user",
+            "content": "\n\n".join([f"{ASSISTANT} can now choose from different responses.", *responses, QUESTION]),
+        },
     ]
 
 
@@ -73,19 +82,38 @@ class ApiJudge:
 
     unary = False
 
-    def __init__(self, base_url: str, model: str, *, api_key: str = "", template: str = "paper", concurrency: int = 8,
-                 timeout_s: float = 60.0, retries: int = 4, backoff_s: float = 1.0, max_tokens: int = 10,
-                 temperature: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str = "",
+        template: str = "paper",
+        concurrency: int = 8,
+        timeout_s: float = 60.0,
+        retries: int = 4,
+        backoff_s: float = 1.0,
+        max_tokens: int = 10,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"config.eval.api.base_url={base_url!r}: use http(s)://HOST:PORT/v1")
         if not model:
             raise ValueError("config.eval.api.model is empty: name the judge model the server serves (e.g. gpt-4-0613)")
         if int(concurrency) < 1 or int(retries) < 0 or float(timeout_s) <= 0 or int(max_tokens) < 1:
-            raise ValueError(f"config.eval.api: need concurrency >= 1, retries >= 0, timeout_s > 0, max_tokens >= 1; got "
-                             f"{concurrency}, {retries}, {timeout_s}, {max_tokens}")
+            raise ValueError(
+                f"config.eval.api: need concurrency >= 1, retries >= 0, timeout_s > 0, max_tokens >= 1; got "
+                f"{concurrency}, {retries}, {timeout_s}, {max_tokens}"
+            )
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key = model, api_key
-        self.concurrency, self.timeout_s, self.retries, self.backoff_s = int(concurrency), float(timeout_s), int(retries), float(backoff_s)
+        self.concurrency, self.timeout_s, self.retries, self.backoff_s = (
+            int(concurrency),
+            float(timeout_s),
+            int(retries),
+            float(backoff_s),
+        )
         self.chunk = self.concurrency  # the protocol saves verdicts after every `chunk` comparisons
         self.sampling = {"temperature": float(temperature), "max_tokens": int(max_tokens), "seed": int(seed)}
         if template == "paper":
@@ -107,14 +135,26 @@ class ApiJudge:
 
     @classmethod
     def from_config(cls, cfg):
-        return cls(cfg.base_url, cfg.model, api_key=os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else "",
-                   template=cfg.template, concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, retries=cfg.retries,
-                   backoff_s=cfg.backoff_s, max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
+        return cls(
+            cfg.base_url,
+            cfg.model,
+            api_key=os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else "",
+            template=cfg.template,
+            concurrency=cfg.concurrency,
+            timeout_s=cfg.timeout_s,
+            retries=cfg.retries,
+            backoff_s=cfg.backoff_s,
+            max_tokens=cfg.max_tokens,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+        )
 
     def messages(self, turns: Turns, first: str, second: str) -> list[dict]:
         if self.template is None:
             return paper_messages(turns, first, second)
-        text = self.template.format(history=history_text(turns), first=clean_response(first), second=clean_response(second))
+        text = self.template.format(
+            history=history_text(turns), first=clean_response(first), second=clean_response(second)
+        )
         return [{"role": "user", "content": text}]
 
     def ask(self, messages: list[dict]) -> str:
@@ -135,14 +175,18 @@ class ApiJudge:
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
                 continue
             if response.status_code != 200:
-                raise RuntimeError(f"judge server {self.url} answered HTTP {response.status_code}: {response.text[:300]} "
-                                   "(check config.eval.api.model and the key in config.eval.api.api_key_env)")
+                raise RuntimeError(
+                    f"judge server {self.url} answered HTTP {response.status_code}: {response.text[:300]} "
+                    "(check config.eval.api.model and the key in config.eval.api.api_key_env)"
+                )
             try:
                 return response.json()["choices"][0]["message"]["content"] or ""
             except (ValueError, KeyError, IndexError, TypeError):
                 raise RuntimeError(f"judge server {self.url} sent no chat completion: {response.text[:300]}") from None
-        raise JudgeUnavailable(f"judge server {self.url} gave no answer in {self.retries + 1} tries ({last}); the verdicts so far are "
-                               "kept in the judgments file: start the server (or fix config.eval.api.base_url) and rerun to resume")
+        raise JudgeUnavailable(
+            f"judge server {self.url} gave no answer in {self.retries + 1} tries ({last}); the verdicts so far are "
+            "kept in the judgments file: start the server (or fix config.eval.api.base_url) and rerun to resume"
+        )
 
     def compare(self, items) -> list[Verdict]:
         def one(item):

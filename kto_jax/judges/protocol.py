@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from tqdm import tqdm
 
@@ -35,8 +35,16 @@ def candidate_first(turns: Turns, seed: int) -> bool:
     return bool(digest[0] & 1)
 
 
-def pairwise_winrate(judge, items: Sequence[tuple[Turns, str, str]], store: JudgmentStore, *, seed: int = 0,
-                     against: str = "sft_target", progress: bool = True, level: float = 0.9) -> dict:
+def pairwise_winrate(
+    judge,
+    items: Sequence[tuple[Turns, str, str]],
+    store: JudgmentStore,
+    *,
+    seed: int = 0,
+    against: str = "sft_target",
+    progress: bool = True,
+    level: float = 0.9,
+) -> dict:
     """``items`` = (turns, candidate, baseline) per prompt -> the paper's win rate of the candidate.
 
     Returns wins (candidate picked), baseline_wins, ties, unparseable, n, ``winrate`` = wins / n
@@ -47,8 +55,16 @@ def pairwise_winrate(judge, items: Sequence[tuple[Turns, str, str]], store: Judg
     for turns, candidate, baseline in items:
         first = candidate_first(turns, seed)
         a, b = (candidate, baseline) if first else (baseline, candidate)
-        rows.append({"key": judgment_key(judge.key, turns, a, b), "judge": judge.key, "turns": [list(t) for t in turns],
-                     "first": a, "second": b, "candidate": "first" if first else "second"})
+        rows.append(
+            {
+                "key": judgment_key(judge.key, turns, a, b),
+                "judge": judge.key,
+                "turns": [list(t) for t in turns],
+                "first": a,
+                "second": b,
+                "candidate": "first" if first else "second",
+            }
+        )
     verdicts = {r["key"]: store.get(r["key"]) for r in rows}
     todo = list({r["key"]: r for r in rows if verdicts[r["key"]] is None}.values())
     cached = len(rows) - sum(verdicts[r["key"]] is None for r in rows)
@@ -57,7 +73,9 @@ def pairwise_winrate(judge, items: Sequence[tuple[Turns, str, str]], store: Judg
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
             answers = judge.compare([(r["turns"], r["first"], r["second"]) for r in chunk])
-            store.put_many([{**r, "winner": v.winner, "raw": v.raw, "p_first": v.p_first} for r, v in zip(chunk, answers)])
+            store.put_many(
+                [{**r, "winner": v.winner, "raw": v.raw, "p_first": v.p_first} for r, v in zip(chunk, answers)]
+            )
             for r, v in zip(chunk, answers):
                 verdicts[r["key"]] = v
             bar.update(len(chunk))
@@ -72,8 +90,13 @@ def pairwise_winrate(judge, items: Sequence[tuple[Turns, str, str]], store: Judg
             counts["wins" if winner == r["candidate"] else "baseline_wins"] += 1
     n = len(rows)
     return {
-        **counts, "n": n, "winrate": counts["wins"] / n if n else 0.0,
+        **counts,
+        "n": n,
+        "winrate": counts["wins"] / n if n else 0.0,
         "ci90": list(clopper_pearson_interval(counts["wins"], n, level)),
-        "candidate_first": sum(r["candidate"] == "first" for r in rows), "cached": cached,
-        "judge": judge.key, "against": against, "order_seed": int(seed),
+        "candidate_first": sum(r["candidate"] == "first" for r in rows),
+        "cached": cached,
+        "judge": judge.key,
+        "against": against,
+        "order_seed": int(seed),
     }

@@ -110,15 +110,26 @@ class RewardModelJudge:
 
     unary = False
 
-    def __init__(self, path: str, batch_size: int = 16, max_length: int = 512, chat_template: str = "tokenizer",
-                 dtype: str = "float32", devices=None):
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 16,
+        max_length: int = 512,
+        chat_template: str = "tokenizer",
+        dtype: str = "float32",
+        devices=None,
+    ):
         if not path:
-            raise ValueError(f"{FIELD}.path is empty: set it to a Hugging Face *ForSequenceClassification folder "
-                             f"(Llama or GPT-NeoX) with its tokenizer.json")
+            raise ValueError(
+                f"{FIELD}.path is empty: set it to a Hugging Face *ForSequenceClassification folder "
+                f"(Llama or GPT-NeoX) with its tokenizer.json"
+            )
         path = os.path.abspath(os.path.expanduser(path))
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"{FIELD}.path={path!r} is not a folder: it must be a Hugging Face "
-                                    f"*ForSequenceClassification folder saved with save_pretrained")
+            raise FileNotFoundError(
+                f"{FIELD}.path={path!r} is not a folder: it must be a Hugging Face "
+                f"*ForSequenceClassification folder saved with save_pretrained"
+            )
         if batch_size < 1:
             raise ValueError(f"{FIELD}.batch_size={batch_size} must be >= 1")
         if max_length < 2:
@@ -129,8 +140,10 @@ class RewardModelJudge:
         hf = read_hf_config(path, f"{FIELD}.path")
         self.template = get_chat_template(chat_template, path)
         if not os.path.exists(os.path.join(path, "tokenizer.json")):
-            raise FileNotFoundError(f"{os.path.join(path, 'tokenizer.json')!r} not found: {FIELD}.path must hold the "
-                                    f"reward model's tokenizer (save it into the folder with the model)")
+            raise FileNotFoundError(
+                f"{os.path.join(path, 'tokenizer.json')!r} not found: {FIELD}.path must hold the "
+                f"reward model's tokenizer (save it into the folder with the model)"
+            )
         self.tokenizer = HFTokenizer(path)
         self.tokenizer.bos_id = bos_id_for(self.template, self.tokenizer)
         devices = list(jax.devices() if devices is None else devices)
@@ -139,13 +152,19 @@ class RewardModelJudge:
         self.model, self.params, self.score_kernel = load_reward_model(path, dtype, mesh=self.mesh)
         self._scorer = jax.jit(functools.partial(sequence_scores, self.model))  # one compile per (batch, length)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
-            raise ValueError(f"{path!r}: the tokenizer has {self.tokenizer.vocab_size} tokens but the model embeds "
-                             f"only {self.model.config.vocab_size}: {FIELD}.path holds a mismatched tokenizer.json")
+            raise ValueError(
+                f"{path!r}: the tokenizer has {self.tokenizer.vocab_size} tokens but the model embeds "
+                f"only {self.model.config.vocab_size}: {FIELD}.path holds a mismatched tokenizer.json"
+            )
         if self.score_kernel.shape[1] != 1:
-            raise ValueError(f"{path!r} has num_labels={self.score_kernel.shape[1]} (score.weight rows); a reward model "
-                             f"judge needs one score per answer (num_labels=1): set {FIELD}.path to a reward model")
-        self.key = (f"reward_model:{path}:{fingerprint(path)}:max_length={self.max_length}:"
-                    f"chat_template={chat_template}:arch={(hf.get('architectures') or ['?'])[0]}")
+            raise ValueError(
+                f"{path!r} has num_labels={self.score_kernel.shape[1]} (score.weight rows); a reward model "
+                f"judge needs one score per answer (num_labels=1): set {FIELD}.path to a reward model"
+            )
+        self.key = (
+            f"reward_model:{path}:{fingerprint(path)}:max_length={self.max_length}:"
+            f"chat_template={chat_template}:arch={(hf.get('architectures') or ['?'])[0]}"
+        )
 
     @classmethod
     def from_config(cls, cfg):
@@ -166,9 +185,11 @@ class RewardModelJudge:
         if template.renders_bos and full.startswith(template.bos_token):
             full = full[len(template.bos_token) :]
         if not full.startswith(prompt):
-            raise ValueError(f"chat template {template.name!r} does not render the prompt as a prefix of the "
-                             f"conversation with the answer; set {FIELD}.chat_template to a built-in "
-                             f"({', '.join(BUILTIN_TEMPLATES)})")
+            raise ValueError(
+                f"chat template {template.name!r} does not render the prompt as a prefix of the "
+                f"conversation with the answer; set {FIELD}.chat_template to a built-in "
+                f"({', '.join(BUILTIN_TEMPLATES)})"
+            )
         return prompt, full[len(prompt) :]
 
     def encode(self, turns: Turns, answer: str) -> list[int]:

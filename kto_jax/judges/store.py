@@ -50,7 +50,9 @@ class JudgmentStore:
             elif number == len(lines):  # the last line, cut by a kill mid-write
                 self.torn += 1
             else:
-                raise ValueError(f"{path}:{number}: not a judgment line ({line[:80]!r}); move the file away to judge afresh")
+                raise ValueError(
+                    f"{path}:{number}: not a judgment line ({line[:80]!r}); move the file away to judge afresh"
+                )
         if self.torn:
             files.write_atomic(path, "".join(good))
 

@@ -67,8 +67,13 @@ def cdpo(
     ``epsilon: 0.2``, ``CDPOTrainer``: ``(1 - eps) * forward + eps * reverse``, the same loss).
     """
     return dpo(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        beta=beta, label_smoothing=label_smoothing, example_mask=example_mask,
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        example_mask=example_mask,
     )
 
 
@@ -182,9 +187,7 @@ def bco_pair(
     mask = valid_mask(example_mask, pc)
     chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
     n = (mask.sum() > 0).astype(jnp.float32)
-    batch_mean = jax.lax.stop_gradient(
-        (masked_mean(chosen_rewards, mask) + masked_mean(rejected_rewards, mask)) / 2.0
-    )
+    batch_mean = jax.lax.stop_gradient((masked_mean(chosen_rewards, mask) + masked_mean(rejected_rewards, mask)) / 2.0)
     running_mean, running_count = f32(running_mean, running_count)
     total = running_count + n
     delta = running_mean + (batch_mean - running_mean) * n / jnp.maximum(total, 1e-24)

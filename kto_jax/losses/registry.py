@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from kto_jax.losses import paired, reference_free
 from kto_jax.losses.halo import halo_unary
@@ -64,11 +65,7 @@ class LossSpec:
     def defaults(self) -> dict[str, Any]:
         """Hyperparameter defaults, read from the function's keyword-only arguments."""
         params = inspect.signature(self.fn).parameters.values()
-        return {
-            p.name: p.default
-            for p in params
-            if p.kind is p.KEYWORD_ONLY and p.name not in NOT_HYPERPARAMETERS
-        }
+        return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in NOT_HYPERPARAMETERS}
 
     def inputs(self, hparams: Mapping[str, Any] | None = None) -> tuple[str, ...]:
         """The data the loss takes with ``hparams`` (defaults if None), by name, in signature order."""
@@ -135,7 +132,10 @@ _ENTRIES = [
     LossSpec("robust", paired.robust, "paired", "Chowdhury et al. 2024, arXiv 2403.00409"),
     LossSpec("exo_pair", paired.exo_pair, "paired", "Ji et al. 2024, arXiv 2402.00856"),
     LossSpec(
-        "bco_pair", paired.bco_pair, "paired", "Jung et al. 2024, arXiv 2404.04656",
+        "bco_pair",
+        paired.bco_pair,
+        "paired",
+        "Jung et al. 2024, arXiv 2404.04656",
         state_metrics=(("running_mean", "bco/running_mean"), ("running_count", "bco/running_count")),
     ),
     LossSpec("sppo_hard", paired.sppo_hard, "paired", "Wu et al. 2024, arXiv 2405.00675"),
@@ -149,8 +149,13 @@ _ENTRIES = [
     LossSpec("orpo", reference_free.orpo, "paired", "Hong et al. 2024, arXiv 2403.07691", length_normalized=True),
     # Supervised.
     LossSpec("sft", reference_free.sft, "sft", "token-averaged NLL"),
-    LossSpec("csft", reference_free.sft, "sft", "Korbak et al. 2023, arXiv 2302.08582 (control tokens in the data)",
-             control_tokens=("<|good|>", "<|bad|>")),
+    LossSpec(
+        "csft",
+        reference_free.sft,
+        "sft",
+        "Korbak et al. 2023, arXiv 2302.08582 (control tokens in the data)",
+        control_tokens=("<|good|>", "<|bad|>"),
+    ),
 ]
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _ENTRIES}

@@ -33,6 +33,15 @@ def param_count(config: ModelConfig) -> int:
 
 
 __all__ = [
-    "ARCHITECTURES", "FAMILIES", "Decoder", "Family", "ModelConfig", "abstract_params", "build_model", "get_family",
-    "init_cache", "lm_head_kernel", "param_count",
+    "ARCHITECTURES",
+    "FAMILIES",
+    "Decoder",
+    "Family",
+    "ModelConfig",
+    "abstract_params",
+    "build_model",
+    "get_family",
+    "init_cache",
+    "lm_head_kernel",
+    "param_count",
 ]

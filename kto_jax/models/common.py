@@ -99,20 +99,33 @@ class ModelConfig:
         if self.hf_model_type is None:
             object.__setattr__(self, "hf_model_type", next(iter(family.hf_model_types)))
         dtypes = {field: _dtype_name(getattr(self, field)) for field in ("param_dtype", "compute_dtype")}
-        _validate(self, [
-            *((name is not None, field, "a dtype name such as 'float32' or 'bfloat16'") for field, name in dtypes.items()),
-            (self.num_heads > 0, "num_heads", "positive"),
-            (self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
-             f"a positive divisor of num_heads={self.num_heads}"),
-            (self.rope_type in ("default", "linear", "llama3"), "rope_type", "'default', 'linear' or 'llama3'"),
-            (0 < self.rotary_pct <= 1, "rotary_pct", "in (0, 1]"),
-            (self.remat_policy in REMAT_POLICIES, "remat_policy", f"one of {sorted(REMAT_POLICIES)}"),
-            (self.attention_impl in ATTENTION_IMPLS, "attention_impl", "None, 'xla', 'cudnn' or 'splash'"),
-            (1 <= self.scan_unroll <= self.num_layers, "scan_unroll", f"in [1, num_layers={self.num_layers}]"),
-            (self.hidden_act in ACTIVATIONS, "hidden_act", f"one of {sorted(ACTIVATIONS)}"),
-            (self.hf_model_type in family.hf_model_types, "hf_model_type", f"one of {sorted(family.hf_model_types)}"),
-            *family.checks(self),
-        ])
+        _validate(
+            self,
+            [
+                *(
+                    (name is not None, field, "a dtype name such as 'float32' or 'bfloat16'")
+                    for field, name in dtypes.items()
+                ),
+                (self.num_heads > 0, "num_heads", "positive"),
+                (
+                    self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
+                    "num_kv_heads",
+                    f"a positive divisor of num_heads={self.num_heads}",
+                ),
+                (self.rope_type in ("default", "linear", "llama3"), "rope_type", "'default', 'linear' or 'llama3'"),
+                (0 < self.rotary_pct <= 1, "rotary_pct", "in (0, 1]"),
+                (self.remat_policy in REMAT_POLICIES, "remat_policy", f"one of {sorted(REMAT_POLICIES)}"),
+                (self.attention_impl in ATTENTION_IMPLS, "attention_impl", "None, 'xla', 'cudnn' or 'splash'"),
+                (1 <= self.scan_unroll <= self.num_layers, "scan_unroll", f"in [1, num_layers={self.num_layers}]"),
+                (self.hidden_act in ACTIVATIONS, "hidden_act", f"one of {sorted(ACTIVATIONS)}"),
+                (
+                    self.hf_model_type in family.hf_model_types,
+                    "hf_model_type",
+                    f"one of {sorted(family.hf_model_types)}",
+                ),
+                *family.checks(self),
+            ],
+        )
         for field, name in dtypes.items():
             object.__setattr__(self, field, name)
 
@@ -120,7 +133,7 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rotary_pct)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -272,8 +285,16 @@ class Decoder(nn.Module):
     norm_cls: Any
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, *, return_hidden: bool = False, cache=None, positions=None,
-                 segment_ids=None):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        return_hidden: bool = False,
+        cache=None,
+        positions=None,
+        segment_ids=None,
+    ):
         """Training/scoring: ``(input_ids, attention_mask)`` -> logits (or hidden states).
 
         Packed rows: ``segment_ids`` ``[B, T]`` (1, 2, ... per sequence, 0 on padding) instead of

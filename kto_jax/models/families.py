@@ -7,7 +7,7 @@ Adding a family is one module (its Flax blocks plus the five functions below, se
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from kto_jax.models import gpt_neox, llama
 from kto_jax.models.common import Decoder, ModelConfig
@@ -43,8 +43,13 @@ def _family(name: str, module) -> Family:
     """The Family defined by a module's build, tensor_maps, from_hf_config, to_hf_config,
     HF_MODEL_TYPES and checks."""
     return Family(
-        name, module.build, module.tensor_maps, module.from_hf_config, module.to_hf_config,
-        module.HF_MODEL_TYPES, module.checks,
+        name,
+        module.build,
+        module.tensor_maps,
+        module.from_hf_config,
+        module.to_hf_config,
+        module.HF_MODEL_TYPES,
+        module.checks,
     )
 
 

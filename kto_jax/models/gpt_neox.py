@@ -88,7 +88,8 @@ def tensor_maps(config: ModelConfig) -> list[TensorMap]:
         same(("layers", "mlp_norm", "bias"), p + "post_attention_layernorm.bias"),
         # fused [heads * (q, k, v) * head_dim, hidden], per head q then k then v
         TensorMap(
-            p + "attention.query_key_value.weight", qkv,
+            p + "attention.query_key_value.weight",
+            qkv,
             split=lambda w: [w.reshape(h, 3, hd, d)[:, j].transpose(2, 0, 1) for j in range(3)],
             merge=lambda xs: np.stack([x.transpose(1, 2, 0) for x in xs], axis=1).reshape(3 * h * hd, d),
         ),
@@ -101,7 +102,8 @@ def tensor_maps(config: ModelConfig) -> list[TensorMap]:
     if c.attention_bias:
         maps += [
             TensorMap(
-                p + "attention.query_key_value.bias", tuple(att + (n, "bias") for n in "qkv"),
+                p + "attention.query_key_value.bias",
+                tuple(att + (n, "bias") for n in "qkv"),
                 split=lambda b: [b.reshape(h, 3, hd)[:, j] for j in range(3)],
                 merge=lambda xs: np.stack(xs, axis=1).reshape(-1),
             ),
@@ -143,9 +145,15 @@ def checks(config: ModelConfig) -> list[tuple[bool, str, str]]:
     """(ok, field, expected) for what a GPT-NeoX config.json cannot express: grouped-query
     heads, a head_dim other than hidden_size / num_heads, or a window."""
     return [
-        (config.num_kv_heads == config.num_heads, "num_kv_heads",
-         f"num_heads={config.num_heads} (GPT-NeoX has no grouped-query attention)"),
-        (config.head_dim * config.num_heads == config.hidden_size, "head_dim",
-         f"hidden_size / num_heads = {config.hidden_size}/{config.num_heads} (GPT-NeoX has no head_dim field)"),
+        (
+            config.num_kv_heads == config.num_heads,
+            "num_kv_heads",
+            f"num_heads={config.num_heads} (GPT-NeoX has no grouped-query attention)",
+        ),
+        (
+            config.head_dim * config.num_heads == config.hidden_size,
+            "head_dim",
+            f"hidden_size / num_heads = {config.hidden_size}/{config.num_heads} (GPT-NeoX has no head_dim field)",
+        ),
         (config.sliding_window is None, "sliding_window", "None (GPT-NeoX has no attention window)"),
     ]

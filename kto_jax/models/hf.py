@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -75,8 +75,10 @@ def _open(file: str):
     try:
         handle = safe_open(file, framework="flax")
     except SafetensorError as e:
-        raise CorruptedWeights(f"{file}: not a readable safetensors file ({e}): it is damaged or truncated; copy or "
-                               "export the model folder again") from None
+        raise CorruptedWeights(
+            f"{file}: not a readable safetensors file ({e}): it is damaged or truncated; copy or "
+            "export the model folder again"
+        ) from None
     with handle as f:
         yield f
 
@@ -109,8 +111,10 @@ class SafetensorsReader:
                 try:
                     return np.asarray(f.get_tensor(name))
                 except SafetensorError as e:
-                    raise CorruptedWeights(f"{self._file(name)}: tensor {name!r} cannot be read ({e}): the file is damaged "
-                                           "or truncated; copy or export the model folder again") from None
+                    raise CorruptedWeights(
+                        f"{self._file(name)}: tensor {name!r} cannot be read ({e}): the file is damaged "
+                        "or truncated; copy or export the model folder again"
+                    ) from None
 
     def _file(self, name: str) -> str:
         if name not in self.files:

@@ -41,7 +41,9 @@ class MLP(nn.Module):
         cfg = self.config
         gate = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate")(x)
         up = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up")(x)
-        h = constrain(ACTIVATIONS[cfg.hidden_act](gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        h = constrain(
+            ACTIVATIONS[cfg.hidden_act](gate) * up, ("activation_batch", "activation_length", "activation_mlp")
+        )
         return dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down")(h)
 
 
@@ -127,6 +129,9 @@ def to_hf_config(config: ModelConfig) -> dict:
 def checks(config: ModelConfig) -> list[tuple[bool, str, str]]:
     """(ok, field, expected) for the fields a Llama/Mistral config.json constrains."""
     return [
-        (config.sliding_window is None or config.hf_model_type == "mistral", "sliding_window",
-         "None unless hf_model_type='mistral' (only Mistral's config.json carries a window)"),
+        (
+            config.sliding_window is None or config.hf_model_type == "mistral",
+            "sliding_window",
+            "None unless hf_model_type='mistral' (only Mistral's config.json carries a window)",
+        ),
     ]

@@ -34,7 +34,9 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     tokens get positions 0, 1, 2, ... as they would alone in a padded row.
     """
     t = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1], dtype=jnp.int32), segment_ids.shape)
-    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1
+    )
     return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=segment_ids.ndim - 1)
 
 

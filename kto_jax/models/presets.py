@@ -11,8 +11,13 @@ def _llama(**kw) -> ModelConfig:
 
 def _pythia(**kw) -> ModelConfig:
     base = dict(
-        architecture="gpt_neox", hidden_act="gelu", rotary_pct=0.25, attention_bias=True,
-        use_parallel_residual=True, norm_eps=1e-5, max_position_embeddings=2048,
+        architecture="gpt_neox",
+        hidden_act="gelu",
+        rotary_pct=0.25,
+        attention_bias=True,
+        use_parallel_residual=True,
+        norm_eps=1e-5,
+        max_position_embeddings=2048,
     )
     return ModelConfig(**{**base, **kw})
 
@@ -21,8 +26,18 @@ PRESETS: dict[str, ModelConfig] = {
     # CPU-sized (vocab 384 covers the byte tokenizer; tiny-25m is the bench shape of
     # scripts/bench.py and shared/anchors).
     "tiny-1m": _llama(vocab_size=384, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, norm_eps=1e-6),
-    "tiny-5m": _llama(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=5, num_heads=4, num_kv_heads=2, norm_eps=1e-6),
-    "tiny-25m": _llama(vocab_size=2048, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, norm_eps=1e-6),
+    "tiny-5m": _llama(
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=688,
+        num_layers=5,
+        num_heads=4,
+        num_kv_heads=2,
+        norm_eps=1e-6,
+    ),
+    "tiny-25m": _llama(
+        vocab_size=2048, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, norm_eps=1e-6
+    ),
     "tiny-pythia-1m": _pythia(vocab_size=384, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4),
     # Pythia (EleutherAI/pythia-* config.json): the paper's non-deduped checkpoints (HALOs legacy
     # config/model/pythia*.yaml name_or_path EleutherAI/pythia-1.4b, -2.8b, -6.9b, -12b); the -deduped
@@ -32,19 +47,52 @@ PRESETS: dict[str, ModelConfig] = {
     "pythia-6.9b": _pythia(vocab_size=50432, hidden_size=4096, intermediate_size=16384, num_layers=32, num_heads=32),
     "pythia-12b": _pythia(vocab_size=50688, hidden_size=5120, intermediate_size=20480, num_layers=36, num_heads=40),
     # LLaMA-1 (huggyllama/llama-*).
-    "llama-7b": _llama(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, norm_eps=1e-6),
-    "llama-13b": _llama(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, norm_eps=1e-6),
-    "llama-30b": _llama(vocab_size=32000, hidden_size=6656, intermediate_size=17920, num_layers=60, num_heads=52, norm_eps=1e-6),
+    "llama-7b": _llama(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, norm_eps=1e-6
+    ),
+    "llama-13b": _llama(
+        vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, norm_eps=1e-6
+    ),
+    "llama-30b": _llama(
+        vocab_size=32000, hidden_size=6656, intermediate_size=17920, num_layers=60, num_heads=52, norm_eps=1e-6
+    ),
     # Llama 2, Mistral, Llama 3.
-    "llama2-7b": _llama(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, max_position_embeddings=4096),
-    "llama2-13b": _llama(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, max_position_embeddings=4096),
+    "llama2-7b": _llama(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        max_position_embeddings=4096,
+    ),
+    "llama2-13b": _llama(
+        vocab_size=32000,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_layers=40,
+        num_heads=40,
+        max_position_embeddings=4096,
+    ),
     "mistral-7b": _llama(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-        max_position_embeddings=32768, sliding_window=4096, hf_model_type="mistral",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        max_position_embeddings=32768,
+        sliding_window=4096,
+        hf_model_type="mistral",
     ),
     "llama3-8b": _llama(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-        max_position_embeddings=8192, rope_theta=500000.0,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
     ),
 }
 

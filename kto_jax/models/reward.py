@@ -36,8 +36,11 @@ from kto_jax.models.hf_config import config_from_hf
 SCORE_HEAD = "score.weight"
 # where each family's backbone lives in a *ForSequenceClassification checkpoint (as in *ForCausalLM)
 BACKBONE_PREFIX = {"llama": "model.", "gpt_neox": "gpt_neox."}
-CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
-               "gpt_neox": "GPTNeoXForSequenceClassification"}
+CLASSIFIERS = {
+    "llama": "LlamaForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+    "gpt_neox": "GPTNeoXForSequenceClassification",
+}
 
 
 def read_hf_config(path: str, field: str = "config.eval.reward_model.path") -> dict:
@@ -76,7 +79,9 @@ def check_checkpoint(reader: SafetensorsReader, config: ModelConfig, hf: dict) -
             f"checkpoint: point config.eval.reward_model.path at one (a {arch} folder has no score head)"
         )
     prefix = BACKBONE_PREFIX[config.architecture]
-    names = [t.hf_name.format(i=i) for t in tensor_maps(config) for i in (range(config.num_layers) if t.per_layer else [0])]
+    names = [
+        t.hf_name.format(i=i) for t in tensor_maps(config) for i in (range(config.num_layers) if t.per_layer else [0])
+    ]
     missing = [n for n in names if n not in reader.files]
     if missing:
         raise ValueError(

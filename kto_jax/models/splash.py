@@ -35,7 +35,8 @@ def block_size(length: int) -> int:
     raise ValueError(
         f"attention_impl='splash' needs rows whose length is a multiple of {BLOCK_SIZES[-1]} tokens; this row has "
         f"{length}: set data.pack_length (packed rows) or data.bucket (padded rows) to a multiple of {BLOCK_SIZES[-1]}, "
-        "or use model.attention_impl='' (XLA)")
+        "or use model.attention_impl='' (XLA)"
+    )
 
 
 def _platform(mesh) -> str:
@@ -57,10 +58,19 @@ def _kernel(heads: int, length: int, sliding_window: int | None, interpret: bool
     else:  # i - sliding_window < j <= i
         mask = sm.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=0)
     b = block_size(length)
-    blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
-                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    return sk.make_splash_mha(sm.MultiHeadMask([mask] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                              interpret=interpret)
+    blocks = sk.BlockSizes(
+        block_q=b,
+        block_kv=b,
+        block_kv_compute=b,
+        block_q_dkv=b,
+        block_kv_dkv=b,
+        block_kv_dkv_compute=b,
+        block_q_dq=b,
+        block_kv_dq=b,
+    )
+    return sk.make_splash_mha(
+        sm.MultiHeadMask([mask] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
 
 
 def _local_attention(q, k, v, segment_ids, sliding_window, interpret):
@@ -76,8 +86,9 @@ def _local_attention(q, k, v, segment_ids, sliding_window, interpret):
     return out.transpose(0, 2, 1, 3)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                     sliding_window: int | None = None) -> jax.Array:
+def splash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, sliding_window: int | None = None
+) -> jax.Array:
     """Causal attention within segments: q ``[B, T, H, Dh]``, k/v ``[B, T, KV, Dh]`` -> ``[B, T, H, Dh]``.
 
     Under a mesh (``kto_jax.sharding.activation_rules``) each shard of the batch and the heads
@@ -86,8 +97,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     mesh = jax.sharding.get_abstract_mesh()
     platform = _platform(mesh)
     if platform in ("gpu", "cuda"):
-        raise ValueError("model.attention_impl='splash' is the TPU Pallas kernel; on GPU use "
-                         "--config.model.attention_impl=cudnn (or '' for XLA)")
+        raise ValueError(
+            "model.attention_impl='splash' is the TPU Pallas kernel; on GPU use "
+            "--config.model.attention_impl=cudnn (or '' for XLA)"
+        )
     block_size(q.shape[1])  # a clear error before the kernel's own
     local = functools.partial(_local_attention, sliding_window=sliding_window, interpret=platform != "tpu")
     if mesh.empty:
@@ -95,5 +108,6 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     q_spec = nn.logical_to_mesh_axes(("activation_batch", "activation_length", "activation_heads", None))
     kv_spec = nn.logical_to_mesh_axes(("activation_batch", "activation_length", "activation_kv_heads", None))
     segment_spec = jax.sharding.PartitionSpec(q_spec[0], q_spec[1])
-    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, segment_spec), out_specs=q_spec,
-                         check_vma=False)(q, k, v, segment_ids)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, segment_spec), out_specs=q_spec, check_vma=False
+    )(q, k, v, segment_ids)

@@ -7,7 +7,7 @@ reads and writes safetensors through them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -31,7 +31,8 @@ class TensorMap:
 def proj_in(path, hf_name, dim, heads, head_dim):
     """HF [heads*head_dim, dim] <-> our [dim, heads, head_dim] (q/k/v projections)."""
     return TensorMap(
-        hf_name, (path,),
+        hf_name,
+        (path,),
         split=lambda w: [w.T.reshape(dim, heads, head_dim)],
         merge=lambda xs: xs[0].reshape(dim, heads * head_dim).T,
     )
@@ -40,7 +41,8 @@ def proj_in(path, hf_name, dim, heads, head_dim):
 def proj_out(path, hf_name, dim, heads, head_dim):
     """HF [dim, heads*head_dim] <-> our [heads, head_dim, dim] (the attention output projection)."""
     return TensorMap(
-        hf_name, (path,),
+        hf_name,
+        (path,),
         split=lambda w: [w.T.reshape(heads, head_dim, dim)],
         merge=lambda xs: xs[0].reshape(heads * head_dim, dim).T,
     )
@@ -54,7 +56,8 @@ def linear(path, hf_name, per_layer=True):
 def same(path, hf_name, per_layer=True, shape=None):
     """Same layout (norms, biases, embeddings); ``shape`` reshapes ours (e.g. bias [H*Dh] -> [H, Dh])."""
     return TensorMap(
-        hf_name, (path,),
+        hf_name,
+        (path,),
         split=lambda w: [w.reshape(shape) if shape else w],
         merge=lambda xs: xs[0].reshape(-1) if shape else xs[0],
         per_layer=per_layer,

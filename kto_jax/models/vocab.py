@@ -44,7 +44,9 @@ def grow_vocab(config: ModelConfig, params, vocab_size: int, mesh=None):
         return new_config, jax.jit(grow)(params)
     tensor = mesh.shape["tensor"]
     if vocab_size % tensor:
-        raise ValueError(f"the grown vocabulary ({vocab_size} tokens) does not split over config.mesh.tensor={tensor}: "
-                         f"use a tensor size that divides {vocab_size}")
+        raise ValueError(
+            f"the grown vocabulary ({vocab_size} tokens) does not split over config.mesh.tensor={tensor}: "
+            f"use a tensor size that divides {vocab_size}"
+        )
     shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract_params(new_config)), mesh)
     return new_config, jax.jit(grow, out_shardings=shardings)(params)

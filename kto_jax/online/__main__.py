@@ -32,16 +32,20 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}; the flags are --config, --workdir and --config.<field>=<value>")
     if _RESUME_WITH_CHANGES.value:
-        fail("--resume_with_changes: an online run resumes only with its own config (each round's run is checked "
-             "against it); use a new --workdir for another config")
+        fail(
+            "--resume_with_changes: an online run resumes only with its own config (each round's run is checked "
+            "against it); use a new --workdir for another config"
+        )
     try:
         config = _CONFIG.value
         config.seed  # noqa: B018  (a config that failed to load raises on first use)
     except OSError as e:
         fail(f"--config: {_last_line(e)}")
     if "online" not in config:
-        fail("--config: this config has no 'online' section; use experiments/online.py or add config.online "
-             "(its fields: experiments/online.py)")
+        fail(
+            "--config: this config has no 'online' section; use experiments/online.py or add config.online "
+            "(its fields: experiments/online.py)"
+        )
     quiet_by_default()
     sharding.initialize_distributed()
     _failing_in_one_line(INPUT_ERRORS + (CheckpointNotSaved,), rounds.run, config, _WORKDIR.value)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -53,8 +53,9 @@ def binary_labels(rewards: Sequence[float], threshold=0.0) -> list[bool]:
     return [float(r) >= t for r in rewards]
 
 
-def preference_pairs(groups: Mapping[str, Sequence[tuple[int, float]]], mode: str = "max", gap: float = 0.0,
-                     seed: int = 0) -> list[tuple[int, int]]:
+def preference_pairs(
+    groups: Mapping[str, Sequence[tuple[int, float]]], mode: str = "max", gap: float = 0.0, seed: int = 0
+) -> list[tuple[int, int]]:
     """``(chosen, rejected)`` sample indices from each prompt's ``[(index, reward), ...]``, in the
     groups' order (module docstring for the modes); groups of fewer than two samples give none."""
     if mode not in PAIR_MODES:
@@ -85,8 +86,12 @@ def preference_pairs(groups: Mapping[str, Sequence[tuple[int, float]]], mode: st
             emit(group[0], group[-1])
         else:
             eps = 1e-12
-            closest = [(abs(a[1] - b[1]), a, b) for i, a in enumerate(group) for b in group[i + 1:]
-                       if abs(a[1] - b[1]) + eps >= gap]
+            closest = [
+                (abs(a[1] - b[1]), a, b)
+                for i, a in enumerate(group)
+                for b in group[i + 1 :]
+                if abs(a[1] - b[1]) + eps >= gap
+            ]
             best = min(d for d, _, _ in closest)
             for d, a, b in closest:
                 if math.isclose(d, best, abs_tol=eps):

@@ -114,7 +114,9 @@ def sample(config, workdir: str, r: int, prompts: list, policy_config) -> list[d
     generator = policy_config.init.source or policy_config.model.name
 
     def start(on_disk: int):
-        note(f"round {r + 1}: sampling {len(prompts)} prompts x {n} from {generator} ({on_disk} of {len(chunks)} chunks on disk)")
+        note(
+            f"round {r + 1}: sampling {len(prompts)} prompts x {n} from {generator} ({on_disk} of {len(chunks)} chunks on disk)"
+        )
         policy = load_policy(policy_config)
         tok = policy.tokenizer
 
@@ -122,15 +124,32 @@ def sample(config, workdir: str, r: int, prompts: list, policy_config) -> list[d
             chunk = [prompts[i] for i in chunks[c]]
             _, ids = prompt_inputs(chunk, policy.template, tok, config.data.max_prompt_length, policy.control_token)
             completions = generate(
-                policy.model, policy.params, [i for i in ids for _ in range(n)], max_new_tokens=int(o.max_new_tokens),
-                eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=float(o.temperature), top_p=float(o.top_p), top_k=int(o.top_k),
-                batch_size=int(o.batch_size), seed=chunk_seed(config.seed, r, c),
+                policy.model,
+                policy.params,
+                [i for i in ids for _ in range(n)],
+                max_new_tokens=int(o.max_new_tokens),
+                eos_id=tok.eos_id,
+                pad_id=tok.pad_id,
+                temperature=float(o.temperature),
+                top_p=float(o.top_p),
+                top_k=int(o.top_k),
+                batch_size=int(o.batch_size),
+                seed=chunk_seed(config.seed, r, c),
             )
             note(f"round {r + 1}: sampled chunk {c + 1}/{len(chunks)}")
-            return [{"prompt_id": r * len(prompts) + i, "sample_id": k, "prompt": messages(prompts[i]),
-                     "output": tok.decode(completions[j * n + k]), "generator": generator,
-                     "dataset": f"{config.data.sources}:{o.prompt_split}", "type": "sample"}
-                    for j, i in enumerate(chunks[c]) for k in range(n)]
+            return [
+                {
+                    "prompt_id": r * len(prompts) + i,
+                    "sample_id": k,
+                    "prompt": messages(prompts[i]),
+                    "output": tok.decode(completions[j * n + k]),
+                    "generator": generator,
+                    "dataset": f"{config.data.sources}:{o.prompt_split}",
+                    "type": "sample",
+                }
+                for j, i in enumerate(chunks[c])
+                for k in range(n)
+            ]
 
         return compute
 
@@ -164,15 +183,19 @@ def label(config, workdir: str, r: int, rows: list[dict]) -> list[dict]:
         def compute(c: int) -> list[dict]:
             chunk = [rows[i] for i in chunks[c]]
             judged = judge_samples(judge, [(turns_of(row), row["output"]) for row in chunk])
-            return [{"prompt_id": row["prompt_id"], "sample_id": row["sample_id"], **j} for row, j in zip(chunk, judged)]
+            return [
+                {"prompt_id": row["prompt_id"], "sample_id": row["sample_id"], **j} for row, j in zip(chunk, judged)
+            ]
 
         return compute
 
     parts = [os.path.join(folder, "labelling", f"part-{c:05d}.jsonl") for c in range(len(chunks))]
     labelled = _chunked(parts, start, "online.label")
     if [(x["prompt_id"], x["sample_id"]) for x in labelled] != [(x["prompt_id"], x["sample_id"]) for x in rows]:
-        raise ValueError(f"{folder}/labelling does not match {folder}/samples.json (another round's files?): "
-                         f"remove {folder}/labelling to judge the samples again")
+        raise ValueError(
+            f"{folder}/labelling does not match {folder}/samples.json (another round's files?): "
+            f"remove {folder}/labelling to judge the samples again"
+        )
     return labelled
 
 
@@ -185,20 +208,33 @@ def feedback(config, r: int, rows: list[dict], judged: list[dict]) -> tuple[list
     unary = all("desirable" in j for j in judged)
     counts: dict = {"samples": len(rows), "reward_mean": float(np.mean([j["reward"] for j in judged]))}
     if unary:
-        counts["sampled"] = judged_rate([j["desirable"] for j in judged])  # the policy's own judged rate on these prompts
+        counts["sampled"] = judged_rate(
+            [j["desirable"] for j in judged]
+        )  # the policy's own judged rate on these prompts
     # an empty (or all-whitespace) completion is judged, but is no text to train on (the files source rejects it)
     kept = [(row, j) for row, j in zip(rows, judged) if row["output"].strip()]
     counts["empty_dropped"] = len(rows) - len(kept)
     rows, judged = [row for row, _ in kept], [j for _, j in kept]
     rewards = [j["reward"] for j in judged]
     if not rows:
-        raise ValueError(f"round {r + 1}: all {counts['samples']} samples are empty: nothing to train on (is the EOS "
-                         "token the model's first choice? check config.online.max_new_tokens and the chat template)")
+        raise ValueError(
+            f"round {r + 1}: all {counts['samples']} samples are empty: nothing to train on (is the EOS "
+            "token the model's first choice? check config.online.max_new_tokens and the chat template)"
+        )
     if o.feedback == "binary":
         threshold = 1.0 if unary else resolve_threshold(rewards, o.threshold)
         labels = binary_labels(rewards, threshold)
-        out = [{"prompt_id": row["prompt_id"], "prompt": row["prompt"], "output": row["output"], "label": int(ok),
-                "reward": rw, "type": "binary_feedback"} for row, rw, ok in zip(rows, rewards, labels)]
+        out = [
+            {
+                "prompt_id": row["prompt_id"],
+                "prompt": row["prompt"],
+                "output": row["output"],
+                "label": int(ok),
+                "reward": rw,
+                "type": "binary_feedback",
+            }
+            for row, rw, ok in zip(rows, rewards, labels)
+        ]
         counts.update(threshold=threshold, desirable=int(sum(labels)), undesirable=len(labels) - int(sum(labels)))
         return out, counts
     groups: dict = {}
@@ -206,12 +242,25 @@ def feedback(config, r: int, rows: list[dict], judged: list[dict]) -> tuple[list
         groups.setdefault(row["prompt_id"], []).append((i, rw))
     pairs = preference_pairs(groups, o.pair_mode, float(o.pair_gap), seed=int(config.seed) + r)
     if not pairs:
-        raise ValueError(f"round {r + 1}: no two samples of one prompt differ in reward by more than config.online.pair_gap="
-                         f"{o.pair_gap} ({len(groups)} prompts): raise config.online.samples_per_prompt or temperature, "
-                         "or use feedback='binary'")
-    out = [{"prompt_id": rows[a]["prompt_id"], "prompt": rows[a]["prompt"], "output_A": rows[a]["output"],
-            "output_B": rows[b]["output"], "label": 1, "reward_A": rewards[a], "reward_B": rewards[b],
-            "reward_difference": abs(rewards[a] - rewards[b]), "type": "pairwise_feedback"} for a, b in pairs]
+        raise ValueError(
+            f"round {r + 1}: no two samples of one prompt differ in reward by more than config.online.pair_gap="
+            f"{o.pair_gap} ({len(groups)} prompts): raise config.online.samples_per_prompt or temperature, "
+            "or use feedback='binary'"
+        )
+    out = [
+        {
+            "prompt_id": rows[a]["prompt_id"],
+            "prompt": rows[a]["prompt"],
+            "output_A": rows[a]["output"],
+            "output_B": rows[b]["output"],
+            "label": 1,
+            "reward_A": rewards[a],
+            "reward_B": rewards[b],
+            "reward_difference": abs(rewards[a] - rewards[b]),
+            "type": "pairwise_feedback",
+        }
+        for a, b in pairs
+    ]
     counts.update(pairs=len(pairs), prompts_paired=len({rows[a]["prompt_id"] for a, _ in pairs}), prompts=len(groups))
     return out, counts
 
@@ -225,7 +274,9 @@ def write_feedback(config, workdir: str, r: int, rows: list[dict]) -> dict:
             return json.load(f)
     out, counts = feedback(config, r, rows, label(config, workdir, r, rows))
     if counts["empty_dropped"]:
-        note(f"round {r + 1}: {counts['empty_dropped']} of {counts['samples']} samples are empty, judged but left out of the feedback")
+        note(
+            f"round {r + 1}: {counts['empty_dropped']} of {counts['samples']} samples are empty, judged but left out of the feedback"
+        )
     if jax.process_index() == 0:
         files.write_json(path, out, indent=None)
         files.write_json(counts_path, counts)

@@ -69,8 +69,10 @@ def check_config(config) -> None:
     if o.feedback not in FEEDBACK_TYPES:
         raise ValueError(f"config.online.feedback={o.feedback!r}: use one of {FEEDBACK_TYPES}")
     if o.feedback == "pairwise" and int(o.samples_per_prompt) < 2:
-        raise ValueError(f"config.online.samples_per_prompt={o.samples_per_prompt}: pairwise feedback pairs samples of "
-                         "one prompt, so it needs >= 2")
+        raise ValueError(
+            f"config.online.samples_per_prompt={o.samples_per_prompt}: pairwise feedback pairs samples of "
+            "one prompt, so it needs >= 2"
+        )
     if o.pair_mode not in PAIR_MODES:
         raise ValueError(f"config.online.pair_mode={o.pair_mode!r}: use one of {PAIR_MODES}")
     try:
@@ -80,11 +82,15 @@ def check_config(config) -> None:
     if o.judge not in JUDGES:
         raise ValueError(f"unknown judge {o.judge!r} (config.online.judge); known: {sorted(JUDGES)}")
     if o.judge in PAIRWISE_ONLY_JUDGES:
-        raise ValueError(f"config.online.judge={o.judge!r} only compares two answers, so it cannot label one sample: "
-                         "use a unary judge (an exact checker) or judge='reward_model'")
+        raise ValueError(
+            f"config.online.judge={o.judge!r} only compares two answers, so it cannot label one sample: "
+            "use a unary judge (an exact checker) or judge='reward_model'"
+        )
     if config.data.columns or config.data.file_schema != "auto":
-        raise ValueError("config.data.columns / config.data.file_schema apply to every files: source, the rounds' "
-                         "feedback files too: give your own files canonical columns and leave these at their defaults")
+        raise ValueError(
+            "config.data.columns / config.data.file_schema apply to every files: source, the rounds' "
+            "feedback files too: give your own files canonical columns and leave these at their defaults"
+        )
 
 
 def base(config):
@@ -142,10 +148,12 @@ def round_prompts(prompts, rounds: int, per_round: int, seed: int) -> list[list]
     distinct = eval_prompts(prompts, len(prompts))
     need = rounds * per_round
     if len(distinct) < need:
-        raise ValueError(f"config.online: {rounds} rounds x {per_round} prompts_per_round = {need} prompts, but the split "
-                         f"has {len(distinct)} distinct prompts: lower config.online.rounds or prompts_per_round")
+        raise ValueError(
+            f"config.online: {rounds} rounds x {per_round} prompts_per_round = {need} prompts, but the split "
+            f"has {len(distinct)} distinct prompts: lower config.online.rounds or prompts_per_round"
+        )
     order = np.random.default_rng(seed).permutation(len(distinct))
-    return [[distinct[i] for i in order[r * per_round:(r + 1) * per_round]] for r in range(rounds)]
+    return [[distinct[i] for i in order[r * per_round : (r + 1) * per_round]] for r in range(rounds)]
 
 
 def load_prompts(config) -> list:
@@ -154,11 +162,20 @@ def load_prompts(config) -> list:
     from kto_jax.train.setup import files_options
 
     d = config.data
-    examples, _ = load_mixture(d.sources, config.online.prompt_split, d.data_dir, d.manual_dir or None,
-                               skip_bad_records=d.skip_bad_records, seed=config.seed, files=files_options(config))
+    examples, _ = load_mixture(
+        d.sources,
+        config.online.prompt_split,
+        d.data_dir,
+        d.manual_dir or None,
+        skip_bad_records=d.skip_bad_records,
+        seed=config.seed,
+        files=files_options(config),
+    )
     if not examples:
-        raise ValueError(f"config.data.sources={d.sources!r} split {config.online.prompt_split!r} (config.online.prompt_split) "
-                         "has no examples to take prompts from")
+        raise ValueError(
+            f"config.data.sources={d.sources!r} split {config.online.prompt_split!r} (config.online.prompt_split) "
+            "has no examples to take prompts from"
+        )
     return [ex.prompt for ex in examples]
 
 
@@ -189,17 +206,26 @@ def run(config, workdir: str) -> dict:
         samples = sample(config, workdir, r, prompts[r], train_config)
         counts = write_feedback(config, workdir, r, samples)
         results = loop.run(train_config, os.path.join(round_dir(workdir, r), "train"))
-        row = {"round": r + 1, "init": train_config.init.source, "labels": counts,
-               **{k: results[k] for k in ("generation", "held_out", "winrate") if k in results}}
+        row = {
+            "round": r + 1,
+            "init": train_config.init.source,
+            "labels": counts,
+            **{k: results[k] for k in ("generation", "held_out", "winrate") if k in results},
+        }
         rows_out.append(row)
         if "generation" in row:
             g = row["generation"]
-            note(f"round {r + 1}/{o.rounds}: judged desirable {g['desirable_rate']:.3f} [{g['ci90'][0]:.3f}, {g['ci90'][1]:.3f}] "
-                 f"on {g['n']} held-out prompts")
+            note(
+                f"round {r + 1}/{o.rounds}: judged desirable {g['desirable_rate']:.3f} [{g['ci90'][0]:.3f}, {g['ci90'][1]:.3f}] "
+                f"on {g['n']} held-out prompts"
+            )
         if jax.process_index() == 0:
             files.write_json(os.path.join(workdir, ROUNDS_FILE), rows_out)
-    summary = {"initial": {k: initial[k] for k in ("generation", "held_out") if k in initial}, "rounds": rows_out,
-               **{k: rows_out[-1][k] for k in ("generation", "held_out") if k in rows_out[-1]}}
+    summary = {
+        "initial": {k: initial[k] for k in ("generation", "held_out") if k in initial},
+        "rounds": rows_out,
+        **{k: rows_out[-1][k] for k in ("generation", "held_out") if k in rows_out[-1]},
+    }
     if jax.process_index() == 0:
         files.write_json(os.path.join(workdir, EVAL_FILE), summary)
     return summary

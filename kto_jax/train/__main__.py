@@ -25,8 +25,11 @@ from kto_jax.train.loop import execute, prepare
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/NAME.py[:ARGS]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, evals and checkpoints.")
 _RESUME_WITH_CHANGES = flags.DEFINE_bool(
-    "resume_with_changes", False, "Continue the run in --workdir although its config differs in fields that change "
-    "training (recorded in WORKDIR/config_changes.jsonl); without it such a difference is an error.")
+    "resume_with_changes",
+    False,
+    "Continue the run in --workdir although its config differs in fields that change "
+    "training (recorded in WORKDIR/config_changes.jsonl); without it such a difference is an error.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 # what a run's checks raise on bad input (kto_jax.train.loop.prepare: nothing is written yet);
@@ -44,7 +47,7 @@ def check_overrides(argv: list[str]) -> str | None:
         elif arg == "--config" and i + 1 < len(argv):
             spec = argv[i + 1]
         elif arg.startswith("--config."):
-            keys.append(arg[len("--config."):].split("=", 1)[0])
+            keys.append(arg[len("--config.") :].split("=", 1)[0])
     if not spec or not keys:
         return None
     try:
@@ -61,8 +64,10 @@ def check_overrides(argv: list[str]) -> str | None:
                 fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
                 message = f"--config.{key}: {where} has no field {part!r}; its fields: {fields}"
                 if parts[0] == "loss":
-                    message += (f". Loss {config.loss.name!r} takes {sorted(k for k in config.loss if k != 'name')}; "
-                                f"for another loss choose it in the experiment argument ({spec.split(':')[0]}:loss=NAME)")
+                    message += (
+                        f". Loss {config.loss.name!r} takes {sorted(k for k in config.loss if k != 'name')}; "
+                        f"for another loss choose it in the experiment argument ({spec.split(':')[0]}:loss=NAME)"
+                    )
                 return message
             node = node[part]
     return None
@@ -101,8 +106,10 @@ def _failing_in_one_line(errors, fn, *args):
 
 def main(argv):
     if len(argv) > 1:
-        fail(f"unexpected arguments: {argv[1:]}; the flags are --config, --workdir, --config.<field>=<value> and "
-             "--resume_with_changes (see --helpfull)")
+        fail(
+            f"unexpected arguments: {argv[1:]}; the flags are --config, --workdir, --config.<field>=<value> and "
+            "--resume_with_changes (see --helpfull)"
+        )
     try:
         config = _CONFIG.value
         config.seed  # noqa: B018  (a config that failed to load raises on first use)
@@ -110,8 +117,9 @@ def main(argv):
         fail(f"--config: {_last_line(e)}")
     quiet_by_default()
     sharding.initialize_distributed()
-    prepared = _failing_in_one_line(INPUT_ERRORS, lambda: prepare(config, _WORKDIR.value,
-                                                                  resume_with_changes=_RESUME_WITH_CHANGES.value))
+    prepared = _failing_in_one_line(
+        INPUT_ERRORS, lambda: prepare(config, _WORKDIR.value, resume_with_changes=_RESUME_WITH_CHANGES.value)
+    )
     _failing_in_one_line(CheckpointNotSaved, execute, prepared)  # a full disk: one line, the way to resume in it
 
 
@@ -121,7 +129,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         text = str(e)
-        if "Traceback (most recent call last)" in text:  # config_flags quotes the experiment's traceback: keep its error
+        if (
+            "Traceback (most recent call last)" in text
+        ):  # config_flags quotes the experiment's traceback: keep its error
             fail(f"{text.split(':', 1)[0]}: {_last_line(text).split(': ', 1)[-1]}")
         fail(f"{text}; see --helpfull")
     except OSError as e:  # an override (--config.a.b=v) on an experiment file that failed to load

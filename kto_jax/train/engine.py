@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
@@ -46,8 +47,10 @@ class Engine:
     def abstract_batch(self, batch_size: int, length: int, rows: int | None = None) -> dict:
         """A global batch of the step's schema, abstract, sharded over the data axes (packed
         sequences in ``rows`` rows; default one example per row)."""
-        return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(self.mesh, len(shape)))
-                for name, (shape, dtype) in self.spec.schema.shapes(batch_size, length, rows).items()}
+        return {
+            name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(self.mesh, len(shape)))
+            for name, (shape, dtype) in self.spec.schema.shapes(batch_size, length, rows).items()
+        }
 
     def lower(self, batch_size: int, length: int, rows: int | None = None):
         """The train step lowered on abstract arguments (nothing is allocated): the state and, in
@@ -66,9 +69,13 @@ def build_engine(spec: StepSpec, optimizer_config, mesh: Mesh, seed: int = 0, to
     lr_fn = functools.partial(learning_rate, optimizer_config, total_steps=total_steps)
     shardings = state_shardings(spec, optimizer, mesh)
     return Engine(
-        spec=spec, optimizer=optimizer, lr_fn=lr_fn, mesh=mesh, seed=seed, state_shardings=shardings,
+        spec=spec,
+        optimizer=optimizer,
+        lr_fn=lr_fn,
+        mesh=mesh,
+        seed=seed,
+        state_shardings=shardings,
         train_fn=jit_train_step(spec, optimizer, lr_fn, shardings),
         eval_fn=jax.jit(functools.partial(eval_step, spec)),
         reference_fn=jax.jit(functools.partial(reference_logps, spec)),
     )
-

@@ -60,15 +60,30 @@ def samples(run, state) -> list[dict]:
     split = run.eval_data.source or run.eval_data.examples
     prompts = eval_prompts([ex.prompt for ex in split], int(config.eval.num_prompts))
     targets = {ex.prompt: ex.completion for ex in sft_targets_per_prompt(split)[0]}
-    shown, ids = prompt_inputs(prompts, run.loader.cfg.chat_template, tokenizer, config.data.max_prompt_length,
-                               (run.plan.loss.control_tokens or [None])[0])  # the whole dialogue, as trained
+    shown, ids = prompt_inputs(
+        prompts,
+        run.loader.cfg.chat_template,
+        tokenizer,
+        config.data.max_prompt_length,
+        (run.plan.loss.control_tokens or [None])[0],
+    )  # the whole dialogue, as trained
     completions = generate(
-        run.model, state.params["model"], ids, max_new_tokens=int(config.eval.max_new_tokens), eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id, temperature=float(config.eval.temperature), top_p=float(config.eval.top_p), top_k=int(config.eval.top_k),
-        batch_size=int(config.eval.batch_size), seed=config.seed,
+        run.model,
+        state.params["model"],
+        ids,
+        max_new_tokens=int(config.eval.max_new_tokens),
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        temperature=float(config.eval.temperature),
+        top_p=float(config.eval.top_p),
+        top_k=int(config.eval.top_k),
+        batch_size=int(config.eval.batch_size),
+        seed=config.seed,
     )
-    run.sample_rows = [{"turns": [list(t) for t in p], "prompt": s, "completion": tokenizer.decode(c), "sft_target": targets.get(p)}
-                    for p, s, c in zip(prompts, shown, completions)]
+    run.sample_rows = [
+        {"turns": [list(t) for t in p], "prompt": s, "completion": tokenizer.decode(c), "sft_target": targets.get(p)}
+        for p, s, c in zip(prompts, shown, completions)
+    ]
     _write_samples(run)
     return run.sample_rows
 
@@ -102,7 +117,9 @@ def judged(run, state) -> dict:
         return {}
     rows, judge = samples(run, state), _judge(run)
     if not judge.unary:
-        note(f"judge {config.eval.judge!r} gives pairwise verdicts only: no unary judged rate (the pairwise evaluator reports its win rate)")
+        note(
+            f"judge {config.eval.judge!r} gives pairwise verdicts only: no unary judged rate (the pairwise evaluator reports its win rate)"
+        )
         return {}
     flags = judge.desirable([(tuple(map(tuple, r["turns"])), r["completion"]) for r in rows])  # the whole conversation
     for r, ok in zip(rows, flags):
@@ -132,8 +149,10 @@ def pairwise(run, state) -> dict:
         return {}
     results = pairwise_from_samples(run.config, samples(run, state), run.workdir, judge=_judge(run))
     p = results["pairwise"]
-    note(f"pairwise win rate {p['winrate']:.3f} [{p['ci90'][0]:.3f}, {p['ci90'][1]:.3f}] against {p['against']} "
-         f"on {p['n']} prompts ({p['ties']} ties, {p['unparseable']} unparseable)")
+    note(
+        f"pairwise win rate {p['winrate']:.3f} [{p['ci90'][0]:.3f}, {p['ci90'][1]:.3f}] against {p['against']} "
+        f"on {p['n']} prompts ({p['ties']} ties, {p['unparseable']} unparseable)"
+    )
     return results
 
 
@@ -149,13 +168,20 @@ def pairwise_from_samples(config, rows: list[dict], workdir: str, judge=None, pr
         baseline = {r["prompt"]: r.get("sft_target") for r in rows}
     else:
         baseline = {r["prompt"]: r["completion"] for r in read_samples(against)}
-    items = [(tuple(map(tuple, r["turns"])), r["completion"], baseline[r["prompt"]]) for r in rows if baseline.get(r["prompt"]) is not None]
+    items = [
+        (tuple(map(tuple, r["turns"])), r["completion"], baseline[r["prompt"]])
+        for r in rows
+        if baseline.get(r["prompt"]) is not None
+    ]
     if not items:
-        raise ValueError(f"config.eval.against={against!r}: none of the {len(rows)} samples has a baseline answer "
-                         "(no SFT target in the data, or a run judged on other prompts)")
+        raise ValueError(
+            f"config.eval.against={against!r}: none of the {len(rows)} samples has a baseline answer "
+            "(no SFT target in the data, or a run judged on other prompts)"
+        )
     store = JudgmentStore(os.path.join(workdir, "judgments.jsonl"))
-    result = pairwise_winrate(judge or make_judge(config), items, store, seed=int(config.eval.order_seed), against=against,
-                              progress=progress)
+    result = pairwise_winrate(
+        judge or make_judge(config), items, store, seed=int(config.eval.order_seed), against=against, progress=progress
+    )
     result["no_baseline"] = len(rows) - len(items)
     result["torn_lines_dropped"] = store.torn
     return {"pairwise": result}

@@ -34,14 +34,21 @@ import jax
 import jax.numpy as jnp
 
 from kto_jax.data.batch import BatchSchema, prefix
-from kto_jax.logprobs import chunked_sequence_logps, chunked_token_logps, mean_logps, segment_sums, sum_and_count, unpack_tokens
+from kto_jax.logprobs import (
+    chunked_sequence_logps,
+    chunked_token_logps,
+    mean_logps,
+    segment_sums,
+    sum_and_count,
+    unpack_tokens,
+)
 from kto_jax.models import lm_head_kernel
 
 if TYPE_CHECKING:
     from kto_jax.train.step import StepSpec
 
 
-def hidden_states(spec: "StepSpec", model_params, ids, presence):
+def hidden_states(spec: StepSpec, model_params, ids, presence):
     """Final hidden states of padded rows (``presence`` the attention mask) or, when the step packs
     (``spec.packing``), of packed rows (``presence`` the segment ids)."""
     if spec.packing:
@@ -49,7 +56,7 @@ def hidden_states(spec: "StepSpec", model_params, ids, presence):
     return spec.model.apply({"params": model_params}, ids, presence, return_hidden=True)
 
 
-def sequence_logps(spec: "StepSpec", model_params, ids, attention_mask, loss_mask):
+def sequence_logps(spec: StepSpec, model_params, ids, attention_mask, loss_mask):
     """Per-sequence completion log-probs (length-normalised if the loss wants it) and token counts."""
     hidden = hidden_states(spec, model_params, ids, attention_mask)
     kernel = lm_head_kernel(spec.model.config, model_params)
@@ -57,7 +64,7 @@ def sequence_logps(spec: "StepSpec", model_params, ids, attention_mask, loss_mas
     return _normalized(spec, sums, counts), counts
 
 
-def _normalized(spec: "StepSpec", sums, counts):
+def _normalized(spec: StepSpec, sums, counts):
     """Summed log-probs, or their per-token means when the loss is length-normalised."""
     return mean_logps(sums, counts) if spec.loss.length_normalized else sums
 
@@ -86,8 +93,9 @@ def _token_forward(spec, model_params, mb, groups) -> dict:
     parts = [_arrays(mb, g, spec.packing) for g in groups]
     ids, presence, loss_mask = (jnp.concatenate(xs) for xs in zip(*parts))
     hidden = hidden_states(spec, model_params, ids, presence)
-    per_token = chunked_token_logps(hidden, lm_head_kernel(spec.model.config, model_params), ids, loss_mask,
-                                    chunk_size=spec.chunk_size)
+    per_token = chunked_token_logps(
+        hidden, lm_head_kernel(spec.model.config, model_params), ids, loss_mask, chunk_size=spec.chunk_size
+    )
     return dict(zip(groups, jnp.split(per_token, len(groups))))
 
 
@@ -159,7 +167,7 @@ class SequenceFeed:
             extra += tuple((n, "float32") for n, _ in self._wanted(self.reference, inputs))
         return BatchSchema(self.groups(inputs), extra, packed=packing)
 
-    def loss_inputs(self, spec: "StepSpec", params, reference_params, mb: dict) -> dict:
+    def loss_inputs(self, spec: StepSpec, params, reference_params, mb: dict) -> dict:
         """{input name: [B] array} for every input the loss takes (``spec.inputs``)."""
         if spec.humanline is not None:
             return self._humanline_inputs(spec, params, reference_params, mb)
@@ -181,22 +189,24 @@ class SequenceFeed:
         out.update({n: mb[n] for n, _ in self.per_example if n in inputs})
         return {n: out[n] for n in inputs}
 
-    def _humanline_inputs(self, spec: "StepSpec", params, reference_params, mb: dict) -> dict:
+    def _humanline_inputs(self, spec: StepSpec, params, reference_params, mb: dict) -> dict:
         """:meth:`loss_inputs` with humanline's clamp: per-token policy and reference log-probs of
         every group that has a reference input, the policy's clamped to the reference's within
         [log_epsilon_P, log_epsilon_R] per token (:func:`humanline_clamp`) before the per-sequence
         sums, so each loss's ``policy - reference`` is HALOs main's clamped sequence reward."""
         inputs, model_params = spec.inputs, params["model"]
         reference = self._wanted(self.reference, inputs)
-        ref_tokens = jax.lax.stop_gradient(_token_forward(spec, jax.lax.stop_gradient(reference_params), mb,
-                                                           [g for _, g in reference]))
+        ref_tokens = jax.lax.stop_gradient(
+            _token_forward(spec, jax.lax.stop_gradient(reference_params), mb, [g for _, g in reference])
+        )
         policy = _token_forward(spec, model_params, mb, [g for _, g in self.policy])
         no_grad = self._wanted(self.policy_no_grad, inputs)
         if no_grad:
             policy.update(jax.lax.stop_gradient(_token_forward(spec, model_params, mb, [g for _, g in no_grad])))
         out = {n: _group_sums(spec, mb, g, ref_tokens[g])[0] for n, g in reference}
-        out[HUMANLINE_UNCLAMPED] = _unclamped_fraction(spec, mb, [(policy[g], ref_tokens[g], g) for _, g in self.policy
-                                                                   if g in ref_tokens])
+        out[HUMANLINE_UNCLAMPED] = _unclamped_fraction(
+            spec, mb, [(policy[g], ref_tokens[g], g) for _, g in self.policy if g in ref_tokens]
+        )
         for n, g in self.policy + no_grad:
             tokens = humanline_clamp(policy[g], ref_tokens[g], *spec.humanline) if g in ref_tokens else policy[g]
             out[n], counts = _group_sums(spec, mb, g, tokens)
@@ -208,7 +218,7 @@ class SequenceFeed:
         """The loss inputs the frozen reference gives (what ``reference.mode = "cached"`` stores)."""
         return tuple(n for n, _ in self._wanted(self.reference, inputs))
 
-    def reference_logps(self, spec: "StepSpec", reference_params, mb: dict) -> dict:
+    def reference_logps(self, spec: StepSpec, reference_params, mb: dict) -> dict:
         """{reference input name: [B] log-probs} of the frozen reference, one forward, no gradient."""
         wanted = self._wanted(self.reference, spec.inputs)
         logps = _forward(spec, jax.lax.stop_gradient(reference_params), mb, [g for _, g in wanted])
@@ -226,7 +236,7 @@ class SequenceFeed:
 
 def _torch_linear_init(fan_in: int):
     """torch.nn.Linear's default init (the HALOs value head's): kernel and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = fan_in ** -0.5
+    bound = fan_in**-0.5
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
@@ -263,25 +273,34 @@ class TokenFeed:
     def schema(self, inputs, reference_mode: str, packing: bool = False) -> BatchSchema:
         return BatchSchema(("",), (("desirable", "bool"),), packed=packing, unpack=("",) if packing else ())
 
-    def loss_inputs(self, spec: "StepSpec", params, reference_params, mb: dict) -> dict:
+    def loss_inputs(self, spec: StepSpec, params, reference_params, mb: dict) -> dict:
         """Packed rows run the forwards packed and give the loss its per-example ``[K, L-1]`` layout
         back (``unpack_tokens``): GAE and the advantage statistics see what the padded path gives."""
         ids, presence, loss_mask = _arrays(mb, "", spec.packing)
         config = spec.model.config
         hidden = hidden_states(spec, params["model"], ids, presence)
-        policy = chunked_token_logps(hidden, lm_head_kernel(config, params["model"]), ids, loss_mask, chunk_size=spec.chunk_size)
+        policy = chunked_token_logps(
+            hidden, lm_head_kernel(config, params["model"]), ids, loss_mask, chunk_size=spec.chunk_size
+        )
         values = ValueHead().apply({"params": params["value_head"]}, hidden)
         ref_params = jax.lax.stop_gradient(reference_params)
         ref_hidden = hidden_states(spec, ref_params, ids, presence)
-        reference = chunked_token_logps(ref_hidden, lm_head_kernel(config, ref_params), ids, loss_mask, chunk_size=spec.chunk_size)
+        reference = chunked_token_logps(
+            ref_hidden, lm_head_kernel(config, ref_params), ids, loss_mask, chunk_size=spec.chunk_size
+        )
         mask = loss_mask
         if spec.packing:  # per-token [R, L] -> [K, L]; the shifted [R, L-1] padded by a column first
             index = mb["unpack_index"]
             column = lambda x: jnp.pad(x, ((0, 0), (0, 1)))  # noqa: E731
             policy, reference = (unpack_tokens(column(x), index)[:, :-1] for x in (policy, reference))
             values, mask = unpack_tokens(values, index), unpack_tokens(loss_mask, index)
-        return {"policy_logps": policy, "reference_logps": jax.lax.stop_gradient(reference), "values": values[:, :-1],
-                "desirable": mb["desirable"], "mask": mask[:, 1:]}
+        return {
+            "policy_logps": policy,
+            "reference_logps": jax.lax.stop_gradient(reference),
+            "values": values[:, :-1],
+            "desirable": mb["desirable"],
+            "mask": mask[:, 1:],
+        }
 
     def forward_equivalents(self, inputs, reference_mode: str) -> int:
         return 3 + 1  # policy forward + backward, reference forward (the value head, ~2H^2 params, is left out)
@@ -292,8 +311,9 @@ class TokenFeed:
 
 
 FEEDS = {
-    "sft": SequenceFeed("sft", policy=(("policy_logps", ""),), counts=(("token_counts", ""),),
-                        per_example=(("desirable", "bool"),)),
+    "sft": SequenceFeed(
+        "sft", policy=(("policy_logps", ""),), counts=(("token_counts", ""),), per_example=(("desirable", "bool"),)
+    ),
     "unary": SequenceFeed(
         "unary",
         policy=(("policy_logps", ""),),

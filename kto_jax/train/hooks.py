@@ -110,15 +110,26 @@ class LogMetrics:
         peak = device_peak_flops(jax.devices()[0].device_kind)
         self.peak = peak * jax.device_count() if peak else None
         self.flops: dict[int, float] = {}
-        self.bar = tqdm(total=run.steps, initial=first_step, desc=run.plan.loss.name, disable=jax.process_index() != 0 or not run.steps,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=run.steps,
+            initial=first_step,
+            desc=run.plan.loss.name,
+            disable=jax.process_index() != 0 or not run.steps,
+            dynamic_ncols=True,
+        )
         self.last_time, self.last_step, self.tokens = time.perf_counter(), first_step, 0.0
 
     def step_flops(self, run, batch: int, length: int) -> float:
         if (batch, length) not in self.flops:
             plan = run.plan
-            self.flops[batch, length] = step_flops(plan.model_config, plan.loss, batch=batch, length=length,
-                                                   reference_mode=plan.reference_mode, hparams=dict(plan.hparams))
+            self.flops[batch, length] = step_flops(
+                plan.model_config,
+                plan.loss,
+                batch=batch,
+                length=length,
+                reference_mode=plan.reference_mode,
+                hparams=dict(plan.hparams),
+            )
         return self.flops[batch, length]
 
     def useful_flops(self, run, batch) -> float:
@@ -145,7 +156,9 @@ class LogMetrics:
         if self.peak:
             row["mfu"] = self.useful_flops(run, batch) / step_time / self.peak
         run.writer.write(step, row)
-        self.bar.set_postfix({k: f"{float(row[k]):.4g}" for k in ("loss", "rewards/margins", "kl", "tokens_per_s") if k in row})
+        self.bar.set_postfix(
+            {k: f"{float(row[k]):.4g}" for k in ("loss", "rewards/margins", "kl", "tokens_per_s") if k in row}
+        )
         self.last_time, self.last_step, self.tokens = now, step, 0.0
 
     def close(self) -> None:
@@ -176,10 +189,14 @@ class Checkpoint:
 
     def __call__(self, run, step, state, batch, metrics) -> None:
         stop = self.preemption.signal is not None or run.checkpointer.reached_preemption(step)
-        run.checkpointer.save(step, state, run.loader.state(), run.meta, metrics=self.evals.last, force=stop or step == run.steps)
+        run.checkpointer.save(
+            step, state, run.loader.state(), run.meta, metrics=self.evals.last, force=stop or step == run.steps
+        )
         if stop and step != run.steps:
-            run.stop = f"preempted ({self.preemption.signal or 'preemption notice'}) at step {step}: checkpoint saved in " \
-                       f"{run.checkpointer.directory}; rerun the same command to resume"
+            run.stop = (
+                f"preempted ({self.preemption.signal or 'preemption notice'}) at step {step}: checkpoint saved in "
+                f"{run.checkpointer.directory}; rerun the same command to resume"
+            )
 
 
 def default_hooks(run, first_step: int, preemption: Preemption) -> list:

@@ -55,7 +55,7 @@ class Run:
     eval_cache: list | None = None
     stop: str | None = None  # set by a hook: the loop saves nothing more and returns
     sample_rows: list | None = None  # the evaluators' held-out samples, generated once (evaluators.samples)
-    judge: Any = None                # config.eval.judge, built once
+    judge: Any = None  # config.eval.judge, built once
 
 
 def _restore(checkpointer: Checkpointer, state, loader, reference_meta: dict):
@@ -102,20 +102,31 @@ def prepare(config, workdir: str, *, resume_with_changes: bool = False) -> Prepa
     eval_data = setup.load_split(config, plan, config.data.eval_split, config.data.get("eval_sources", ""))
     steps = 0 if config.eval.only else plan.resolve_steps(loader.steps_per_epoch)  # eval.only: the "before" of a table
 
-    engine = build_engine(plan.step_spec(model), config.train.optimizer, mesh, seed=plan.seed, total_steps=max(steps, 1))
+    engine = build_engine(
+        plan.step_spec(model), config.train.optimizer, mesh, seed=plan.seed, total_steps=max(steps, 1)
+    )
     state = engine.create_state(model_params)  # new buffers: model_params stay as the frozen reference
     if plan.init_optimizer:  # an earlier run's moments and schedule position (resuming this run's checkpoint wins)
-        opt_state, at = checkpoint.load_opt_state(plan.init_optimizer, state.opt_state, config.train.optimizer.to_dict())
+        opt_state, at = checkpoint.load_opt_state(
+            plan.init_optimizer, state.opt_state, config.train.optimizer.to_dict()
+        )
         state = state.replace(opt_state=opt_state)
         note(f"optimizer state from orbax:{plan.init_optimizer} (step {at})")
     reference_params = model_params if plan.needs_reference else None
     del model_params
-    reference_meta = {"source": config.init.source or config.model.name,
-                      "fingerprint": checkpoint.fingerprint(reference_params) if reference_params is not None else None}
+    reference_meta = {
+        "source": config.init.source or config.model.name,
+        "fingerprint": checkpoint.fingerprint(reference_params) if reference_params is not None else None,
+    }
     if plan.reference_mode == "sync":
         reference_params = None  # the state holds the moving reference (these weights at step 0)
-    meta = {"model": config.model.name, "loss": plan.loss.name, "reference": reference_meta,
-            "param_shapes": checkpoint.param_shapes(state.params), "config": json.loads(config.to_json_best_effort())}
+    meta = {
+        "model": config.model.name,
+        "loss": plan.loss.name,
+        "reference": reference_meta,
+        "param_shapes": checkpoint.param_shapes(state.params),
+        "config": json.loads(config.to_json_best_effort()),
+    }
     first, checkpointer = 0, None
     if record.checkpoint_steps(workdir):  # a Checkpointer on a fresh workdir would create its folder
         checkpointer = _checkpointer(config, workdir)
@@ -124,16 +135,36 @@ def prepare(config, workdir: str, *, resume_with_changes: bool = False) -> Prepa
             record.check_steps(first, steps)
     eval_loader = setup.make_loader(config, plan, eval_data, tokenizer, seed=config.seed + 1)
     eval_batches = [next(eval_loader) for _ in range(min(int(config.train.eval_batches), eval_loader.steps_per_epoch))]
-    r = Run(config=config, plan=plan, workdir=workdir, mesh=mesh, model=model, engine=engine, tokenizer=tokenizer,
-            loader=loader, eval_data=eval_data, eval_batches=eval_batches, steps=steps, checkpointer=checkpointer,
-            writer=None, meta=meta, reference_params=reference_params)
+    r = Run(
+        config=config,
+        plan=plan,
+        workdir=workdir,
+        mesh=mesh,
+        model=model,
+        engine=engine,
+        tokenizer=tokenizer,
+        loader=loader,
+        eval_data=eval_data,
+        eval_batches=eval_batches,
+        steps=steps,
+        checkpointer=checkpointer,
+        writer=None,
+        meta=meta,
+        reference_params=reference_params,
+    )
     return Prepared(run=r, state=state, first=first, train_data=train_data, resume=resume)
 
 
 def _checkpointer(config, workdir: str) -> Checkpointer:
     ckpt = config.checkpoint
-    return Checkpointer(workdir, every_steps=ckpt.every_steps, every_minutes=ckpt.every_minutes,
-                        keep_last=ckpt.keep_last, best_metric=ckpt.best_metric, best_mode=ckpt.best_mode)
+    return Checkpointer(
+        workdir,
+        every_steps=ckpt.every_steps,
+        every_minutes=ckpt.every_minutes,
+        keep_last=ckpt.keep_last,
+        best_metric=ckpt.best_metric,
+        best_mode=ckpt.best_mode,
+    )
 
 
 def run(config, workdir: str, *, resume_with_changes: bool = False) -> dict:
@@ -150,21 +181,37 @@ def execute(p: Prepared) -> dict:
     r, state, first = p.run, p.state, p.first
     config, plan, workdir = r.config, r.plan, r.workdir
     train_data, steps = p.train_data, r.steps
-    record.write_start(workdir, config, p.resume, {"train": train_data.stats, "eval": r.eval_data.stats,
-                                                   "dropped_by_tokenization": r.loader.dropped}, first, steps)
+    record.write_start(
+        workdir,
+        config,
+        p.resume,
+        {"train": train_data.stats, "eval": r.eval_data.stats, "dropped_by_tokenization": r.loader.dropped},
+        first,
+        steps,
+    )
     r.checkpointer = r.checkpointer or _checkpointer(config, workdir)
     if first:
         note(f"resumed from {r.checkpointer.directory}/{first}")
     r.writer = MetricsWriter(workdir)
     train_cache = None
     if plan.reference_mode == "cached":
+
         def cache_batches():
             cache_loader = setup.make_loader(config, plan, train_data, r.tokenizer, seed=config.seed)
             return (next(cache_loader) for _ in range(steps))
 
-        train_cache, r.eval_cache = cached_reference(config, r.engine, r.reference_params, cache_batches, r.eval_batches,
-                                                     r.mesh, workdir, steps, r.meta["reference"],
-                                                     get_feed(plan.loss.feed).reference_inputs(plan.inputs))
+        train_cache, r.eval_cache = cached_reference(
+            config,
+            r.engine,
+            r.reference_params,
+            cache_batches,
+            r.eval_batches,
+            r.mesh,
+            workdir,
+            steps,
+            r.meta["reference"],
+            get_feed(plan.loss.feed).reference_inputs(plan.inputs),
+        )
         r.reference_params = None  # the reference model is not needed any more
 
     with Preemption() as preemption:

@@ -29,6 +29,7 @@ from kto_jax.models.presets import PRESETS, get_preset
 from kto_jax.train.feeds import get_feed
 from kto_jax.train.step import StepSpec
 
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What a run is, validated: the engine's static description (hashable, no arrays).
@@ -82,9 +83,19 @@ class Plan:
 
     def step_spec(self, model=None) -> StepSpec:
         """The step's static spec (``model`` defaults to the plan's ModelConfig built)."""
-        return StepSpec(model or build_model(self.model_config), self.loss, self.hparams, self.num_microbatches,
-                        self.reference_mode, self.chunk_size, self.skip_nonfinite, self.packing,
-                        sync_every=self.sync_every, sync_alpha=self.sync_alpha, humanline=self.humanline)
+        return StepSpec(
+            model or build_model(self.model_config),
+            self.loss,
+            self.hparams,
+            self.num_microbatches,
+            self.reference_mode,
+            self.chunk_size,
+            self.skip_nonfinite,
+            self.packing,
+            sync_every=self.sync_every,
+            sync_alpha=self.sync_alpha,
+            humanline=self.humanline,
+        )
 
     @property
     def data_parallel(self) -> int:
@@ -112,7 +123,7 @@ class Plan:
     def resolve_steps(self, steps_per_epoch: int) -> int:
         return self.steps or steps_per_epoch
 
-    def replace(self, **changes) -> "Plan":
+    def replace(self, **changes) -> Plan:
         return dataclasses.replace(self, **changes)
 
 
@@ -136,8 +147,10 @@ def _reference_mode(config, spec: LossSpec, hparams: dict) -> str:
     if mode == "cached" and not get_feed(spec.feed).supports_cached:
         raise ValueError(f"loss {spec.name!r} needs per-token reference log-probs: set config.reference.mode='model'")
     if config.reference.get("humanline", False) and mode == "cached":
-        raise ValueError("config.reference.humanline=True clamps per-token log-ratios, which cached (per-sequence) reference "
-                         "log-probs cannot give: set config.reference.mode='sync' (humanline's) or 'model'")
+        raise ValueError(
+            "config.reference.humanline=True clamps per-token log-ratios, which cached (per-sequence) reference "
+            "log-probs cannot give: set config.reference.mode='sync' (humanline's) or 'model'"
+        )
     return mode
 
 
@@ -148,24 +161,32 @@ def _humanline(config, spec: LossSpec, hparams: dict) -> tuple[float, float] | N
     if not r.get("humanline", False):
         return None
     if not spec.needs_reference_with(hparams) or spec.feed not in ("unary", "paired"):
-        raise ValueError(f"config.reference.humanline=True: loss {spec.name!r} has no per-sequence policy/reference "
-                         "log-ratio to clamp; use it with kto, dpo or another loss of unary or paired feedback with a reference")
+        raise ValueError(
+            f"config.reference.humanline=True: loss {spec.name!r} has no per-sequence policy/reference "
+            "log-ratio to clamp; use it with kto, dpo or another loss of unary or paired feedback with a reference"
+        )
     return float(r.log_epsilon_P), float(r.log_epsilon_R)
 
 
 def model_fields(config) -> dict:
     """The ModelConfig fields a run's config sets (``config.model``)."""
     m = config.model
-    return dict(compute_dtype=m.compute_dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
-                attention_impl=m.attention_impl or None)
+    return dict(
+        compute_dtype=m.compute_dtype,
+        param_dtype=m.param_dtype,
+        remat_policy=m.remat_policy,
+        attention_impl=m.attention_impl or None,
+    )
 
 
 def _init_optimizer(config) -> str:
     """``config.init.optimizer``: "" or ``orbax:WORKDIR[@STEP]`` (the path returned)."""
     source = config.init.get("optimizer", "")
     if source and not source.startswith("orbax:"):
-        raise ValueError(f"config.init.optimizer={source!r}: use '' (a fresh optimizer) or 'orbax:WORKDIR[@STEP]' "
-                         "(an earlier run's optimizer state)")
+        raise ValueError(
+            f"config.init.optimizer={source!r}: use '' (a fresh optimizer) or 'orbax:WORKDIR[@STEP]' "
+            "(an earlier run's optimizer state)"
+        )
     return os.path.expanduser(source[6:]) if source else ""
 
 
@@ -177,7 +198,9 @@ def model_source(config) -> str:
     if source.startswith("hf:"):
         path = os.path.expanduser(source[3:])
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"config.init.source={source}: {source[3:]!r} is not a folder (a Hugging Face model folder with config.json and safetensors)")
+            raise FileNotFoundError(
+                f"config.init.source={source}: {source[3:]!r} is not a folder (a Hugging Face model folder with config.json and safetensors)"
+            )
         return path
     name = config.model.name
     if name in PRESETS:
@@ -211,32 +234,46 @@ def _data(config, spec: LossSpec) -> None:
     sources = parse_sources(d.sources) + (parse_sources(d.eval_sources) if d.get("eval_sources") else [])
     if any(s.name == FILES for s in sources):
         if d.eval_files and float(d.holdout_fraction) > 0:
-            raise ValueError("config.data.eval_files and config.data.holdout_fraction both set: the eval split comes "
-                             "from one of them; clear the other")
+            raise ValueError(
+                "config.data.eval_files and config.data.holdout_fraction both set: the eval split comes "
+                "from one of them; clear the other"
+            )
         if d.file_schema not in ("auto", *SCHEMAS):
             raise ValueError(f"config.data.file_schema={d.file_schema!r}: use 'auto' or one of {', '.join(SCHEMAS)}")
         parse_columns(d.columns)
-    TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length, chat_template=d.chat_template,
-                   truncation_mode=d.truncation_mode)
+    TokenizeConfig(
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        chat_template=d.chat_template,
+        truncation_mode=d.truncation_mode,
+    )
     if d.chat_template not in CHAT_TEMPLATE_NAMES:
-        raise ValueError(f"unknown chat template {d.chat_template!r} (config.data.chat_template); known: {', '.join(CHAT_TEMPLATE_NAMES)}")
+        raise ValueError(
+            f"unknown chat template {d.chat_template!r} (config.data.chat_template); known: {', '.join(CHAT_TEMPLATE_NAMES)}"
+        )
     if d.chat_template == "tokenizer":  # the folder's template loads and compiles now, not after the model has
         from kto_jax.models.presets import PRESETS
 
         folder = d.tokenizer or (config.model.name if config.model.name not in PRESETS else "")
         if not folder or folder == "bytes":
-            raise ValueError(f"config.data.chat_template='tokenizer' renders the tokenizer folder's own template, but the "
-                             f"tokenizer is {folder or 'a preset'!r}: set config.data.tokenizer (or config.model.name) to a "
-                             "Hugging Face folder with a chat template, or use a built-in template ('halos', 'hh', 'plain')")
+            raise ValueError(
+                f"config.data.chat_template='tokenizer' renders the tokenizer folder's own template, but the "
+                f"tokenizer is {folder or 'a preset'!r}: set config.data.tokenizer (or config.model.name) to a "
+                "Hugging Face folder with a chat template, or use a built-in template ('halos', 'hh', 'plain')"
+            )
         get_chat_template("tokenizer", os.path.expanduser(folder))
     if spec.control_tokens and spec.kind == "sft" and d.sft_examples != "all":
-        raise ValueError(f"loss {spec.name!r} conditions on {'/'.join(spec.control_tokens)} and needs both kinds: "
-                         "set config.data.sft_examples='all'")
+        raise ValueError(
+            f"loss {spec.name!r} conditions on {'/'.join(spec.control_tokens)} and needs both kinds: "
+            "set config.data.sft_examples='all'"
+        )
     if spec.control_tokens and spec.kind == "sft" and d.sft_targets != "all":
         # HALOs' CSFT (config/loss/csft.yaml: dataloader ConditionalSFTDataLoader, dataloader.py:615-648)
         # trains every pair's chosen and rejected reply with its control token, not one target per prompt
-        raise ValueError(f"loss {spec.name!r} trains every desirable and undesirable completion (HALOs' "
-                         "ConditionalSFTDataLoader), not one target per prompt: set config.data.sft_targets='all'")
+        raise ValueError(
+            f"loss {spec.name!r} trains every desirable and undesirable completion (HALOs' "
+            "ConditionalSFTDataLoader), not one target per prompt: set config.data.sft_targets='all'"
+        )
 
 
 def _batch(config, spec: LossSpec, needs_kl: bool, mesh: dict) -> None:
@@ -249,8 +286,10 @@ def _batch(config, spec: LossSpec, needs_kl: bool, mesh: dict) -> None:
             f"multiple of {data_ways * micro}"
         )
     if needs_kl and batch // micro < 2:
-        raise ValueError(f"loss {spec.name!r} estimates KL within each microbatch and needs at least 2 examples per "
-                         f"microbatch; got {batch // micro}. Raise config.train.global_batch_size or lower num_microbatches.")
+        raise ValueError(
+            f"loss {spec.name!r} estimates KL within each microbatch and needs at least 2 examples per "
+            f"microbatch; got {batch // micro}. Raise config.train.global_batch_size or lower num_microbatches."
+        )
 
 
 def _evaluators(config) -> tuple[str, ...]:
@@ -260,19 +299,31 @@ def _evaluators(config) -> tuple[str, ...]:
     names = tuple(n.strip() for n in config.eval.evaluators.split(",") if n.strip())
     for name in names:
         if name not in EVALUATORS:
-            raise ValueError(f"config.eval.evaluators: unknown evaluator {name!r}; known: {', '.join(sorted(EVALUATORS))}")
+            raise ValueError(
+                f"config.eval.evaluators: unknown evaluator {name!r}; known: {', '.join(sorted(EVALUATORS))}"
+            )
     if config.eval.judge and config.eval.judge not in JUDGES:
         raise ValueError(f"unknown judge {config.eval.judge!r} (config.eval.judge); known: {sorted(JUDGES)}")
     if config.eval.judge == "api":  # its settings, before anything runs (the server is asked only at the end)
         from kto_jax.judges.api import ApiJudge
 
         ApiJudge.from_config(config.eval.api)
-    if config.eval.judge == "reward_model" and not os.path.isfile(os.path.join(os.path.expanduser(config.eval.reward_model.path), "config.json")):
-        raise ValueError(f"config.eval.reward_model.path={config.eval.reward_model.path!r} is not an HF model folder "
-                         "(no config.json): give a *ForSequenceClassification folder")
+    if config.eval.judge == "reward_model" and not os.path.isfile(
+        os.path.join(os.path.expanduser(config.eval.reward_model.path), "config.json")
+    ):
+        raise ValueError(
+            f"config.eval.reward_model.path={config.eval.reward_model.path!r} is not an HF model folder "
+            "(no config.json): give a *ForSequenceClassification folder"
+        )
     against = config.eval.against
-    if "pairwise" in names and against != "sft_target" and not os.path.isfile(os.path.join(os.path.expanduser(against), "samples.jsonl")):
-        raise ValueError(f"config.eval.against={against!r}: use 'sft_target' (the paper) or a finished run's workdir with samples.jsonl")
+    if (
+        "pairwise" in names
+        and against != "sft_target"
+        and not os.path.isfile(os.path.join(os.path.expanduser(against), "samples.jsonl"))
+    ):
+        raise ValueError(
+            f"config.eval.against={against!r}: use 'sft_target' (the paper) or a finished run's workdir with samples.jsonl"
+        )
     return names
 
 
@@ -295,15 +346,26 @@ def make_plan(config, num_devices: int) -> Plan:
     needs_kl = spec.needs_kl_with(hparams)
     _batch(config, spec, needs_kl, mesh)
     return Plan(
-        loss=spec, hparams=tuple(sorted(hparams.items())), reference_mode=mode, model_config=model, model_path=path,
+        loss=spec,
+        hparams=tuple(sorted(hparams.items())),
+        reference_mode=mode,
+        model_config=model,
+        model_path=path,
         init_checkpoint=os.path.expanduser(init[6:]) if init.startswith("orbax:") else "",
         init_optimizer=_init_optimizer(config),
-        mesh_shape=tuple(mesh.items()), global_batch_size=int(config.train.global_batch_size),
-        num_microbatches=int(config.train.num_microbatches), steps=int(config.train.steps),
-        chunk_size=int(config.train.chunk_size), skip_nonfinite=bool(config.train.skip_nonfinite),
-        max_length=int(config.data.max_length), seed=int(config.seed), evaluators=_evaluators(config),
-        packing=bool(config.data.packing), pack_length=_pack_length(config),
-        sync_every=int(config.reference.get("sync_every", 1)), sync_alpha=float(config.reference.get("sync_alpha", 1.0)),
+        mesh_shape=tuple(mesh.items()),
+        global_batch_size=int(config.train.global_batch_size),
+        num_microbatches=int(config.train.num_microbatches),
+        steps=int(config.train.steps),
+        chunk_size=int(config.train.chunk_size),
+        skip_nonfinite=bool(config.train.skip_nonfinite),
+        max_length=int(config.data.max_length),
+        seed=int(config.seed),
+        evaluators=_evaluators(config),
+        packing=bool(config.data.packing),
+        pack_length=_pack_length(config),
+        sync_every=int(config.reference.get("sync_every", 1)),
+        sync_alpha=float(config.reference.get("sync_alpha", 1.0)),
         humanline=_humanline(config, spec, hparams),
     )
 
@@ -316,11 +378,17 @@ def _splash_rows(config) -> None:
     if config.model.attention_impl != "splash":
         return
     block, d = BLOCK_SIZES[-1], config.data
-    lengths = {"pack_length": _pack_length(config)} if d.packing else {"bucket": int(d.bucket), "max_length": int(d.max_length)}
+    lengths = (
+        {"pack_length": _pack_length(config)}
+        if d.packing
+        else {"bucket": int(d.bucket), "max_length": int(d.max_length)}
+    )
     for field, value in lengths.items():
         if value % block:
-            raise ValueError(f"config.data.{field}={value}: model.attention_impl='splash' needs rows of a multiple of "
-                             f"{block} tokens; set config.data.{field} to a multiple of {block} or model.attention_impl=''")
+            raise ValueError(
+                f"config.data.{field}={value}: model.attention_impl='splash' needs rows of a multiple of "
+                f"{block} tokens; set config.data.{field} to a multiple of {block} or model.attention_impl=''"
+            )
 
 
 def _pack_length(config) -> int:
@@ -328,6 +396,8 @@ def _pack_length(config) -> int:
     d = config.data
     length = int(d.pack_length) or int(d.max_length)
     if length < int(d.max_length):
-        raise ValueError(f"config.data.pack_length={d.pack_length} is shorter than config.data.max_length={d.max_length}: "
-                         "a packed row must hold the longest example; set pack_length=0 (max_length) or >= max_length")
+        raise ValueError(
+            f"config.data.pack_length={d.pack_length} is shorter than config.data.max_length={d.max_length}: "
+            "a packed row must hold the longest example; set pack_length=0 (max_length) or >= max_length"
+        )
     return length

@@ -38,8 +38,8 @@ EVAL_FILE = "eval.json"
 class Resume:
     """What :func:`check_resume` found: the saved config's differences, or a finished run's results."""
 
-    changes: tuple = ()           # ((field, saved, new), ...) to record
-    forced: bool = False          # some of them are outside RESUMABLE (--resume_with_changes)
+    changes: tuple = ()  # ((field, saved, new), ...) to record
+    forced: bool = False  # some of them are outside RESUMABLE (--resume_with_changes)
     finished: dict | None = None  # eval.json of a finished run rerun with the same config
     checkpoint_step: int | None = None
 
@@ -54,8 +54,10 @@ def _read_json(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not readable JSON ({e}): restore it from the run's copy "
-                         "(checkpoints/<step>/meta holds the config) or use a new --workdir") from None
+        raise InputError(
+            f"{path} is not readable JSON ({e}): restore it from the run's copy "
+            "(checkpoints/<step>/meta holds the config) or use a new --workdir"
+        ) from None
 
 
 def _show(value) -> str:
@@ -81,8 +83,10 @@ def check_resume(config, workdir: str, allow_changes: bool = False) -> Resume:
     if not steps and not os.path.exists(eval_path):
         return Resume()  # a fresh workdir, or a run that died before its first checkpoint: nothing to protect
     if not os.path.exists(config_path):
-        raise InputError(f"{workdir} holds a run (checkpoints or eval.json) but no {CONFIG_FILE}, so this config cannot "
-                         "be checked against the one it was trained with: restore config.json or use a new --workdir")
+        raise InputError(
+            f"{workdir} holds a run (checkpoints or eval.json) but no {CONFIG_FILE}, so this config cannot "
+            "be checked against the one it was trained with: restore config.json or use a new --workdir"
+        )
     diff = _without_new_defaults(config_diff(_read_json(config_path), json.loads(config.to_json_best_effort())))
     step = steps[-1] if steps else None
     if not diff and os.path.exists(eval_path):
@@ -102,8 +106,10 @@ def check_resume(config, workdir: str, allow_changes: bool = False) -> Resume:
 def check_steps(first: int, steps: int) -> None:
     """A resumed run cannot be shortened below the step its checkpoint is at."""
     if first > steps:
-        raise InputError(f"config.train.steps={steps}: the run's checkpoint is already at step {first}; use "
-                         f"train.steps >= {first} to extend it, or a new --workdir for a shorter run")
+        raise InputError(
+            f"config.train.steps={steps}: the run's checkpoint is already at step {first}; use "
+            f"train.steps >= {first} to extend it, or a new --workdir for a shorter run"
+        )
 
 
 def _final_eval_row(row: dict) -> bool:
@@ -118,7 +124,11 @@ def truncate_metrics(workdir: str, step: int, steps: int | None = None) -> None:
     if jax.process_index() != 0 or not os.path.exists(path):
         return
     rows, torn = files.read_jsonl(path)
-    kept = [row for row in rows if row["step"] < step or (row["step"] == step and not (step == steps and _final_eval_row(row)))]
+    kept = [
+        row
+        for row in rows
+        if row["step"] < step or (row["step"] == step and not (step == steps and _final_eval_row(row)))
+    ]
     if torn or len(kept) < len(rows):
         files.write_jsonl(path, kept)
 
@@ -135,8 +145,12 @@ def write_start(workdir: str, config, resume: Resume, data_stats: dict, first: i
     if os.path.exists(os.path.join(workdir, EVAL_FILE)):
         os.remove(os.path.join(workdir, EVAL_FILE))
     if resume.changes:
-        row = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "step": first,
-               "forced": resume.forced, "changes": [{"field": f, "saved": a, "new": b} for f, a, b in resume.changes]}
+        row = {
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "step": first,
+            "forced": resume.forced,
+            "changes": [{"field": f, "saved": a, "new": b} for f, a, b in resume.changes],
+        }
         files.append_lines(os.path.join(workdir, CHANGES_FILE), [json.dumps(row)])
     files.write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
     files.write_json(os.path.join(workdir, "data_stats.json"), data_stats)

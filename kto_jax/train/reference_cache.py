@@ -78,15 +78,19 @@ def why_not(meta: dict, reference: str, train: list[str], evals: list[str], outp
     if missing:
         return f"holds {meta['outputs']}; this run's loss also needs {missing}"
     if meta["reference"] != reference:
-        return (f"computed against another reference model ({meta.get('reference_source')!r}, fingerprint "
-                f"{meta['reference']}; this run's is {reference})")
+        return (
+            f"computed against another reference model ({meta.get('reference_source')!r}, fingerprint "
+            f"{meta['reference']}; this run's is {reference})"
+        )
     if len(meta["train"]) < len(train):
         return f"has {len(meta['train'])} training steps; this run needs {len(train)}"
     for name, theirs, ours in (("training", meta["train"], train), ("held-out", meta["eval"], evals)):
         differing = next((i for i, d in enumerate(ours) if i >= len(theirs) or theirs[i] != d), None)
         if differing is not None:
-            return (f"other {name} batches from batch {differing + 1} (another data, seed, batch size, "
-                    "microbatches or tokenization)")
+            return (
+                f"other {name} batches from batch {differing + 1} (another data, seed, batch size, "
+                "microbatches or tokenization)"
+            )
     return None
 
 
@@ -94,7 +98,9 @@ def caches(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(glob.escape(folder), f"{PREFIX}*.npz")))
 
 
-def find(paths: list[str], reference: str, train: list[str], evals: list[str], outputs: tuple[str, ...]) -> tuple[str | None, list[str]]:
+def find(
+    paths: list[str], reference: str, train: list[str], evals: list[str], outputs: tuple[str, ...]
+) -> tuple[str | None, list[str]]:
     """``(the first of the cache files paths that can serve, or None; [why each one before it cannot])``."""
     passed = []
     for path in paths:
@@ -110,6 +116,7 @@ def find(paths: list[str], reference: str, train: list[str], evals: list[str], o
 
 def _read(path: str, steps: int, num_eval: int, names: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
     with np.load(path, allow_pickle=False) as f:
+
         def read(prefix, n):
             return [{k: f[f"{prefix}/{i}/{k}"] for k in names} for i in range(n)]
 
@@ -117,15 +124,30 @@ def _read(path: str, steps: int, num_eval: int, names: tuple[str, ...]) -> tuple
 
 
 def _write(path: str, meta: dict, train: list[dict], evals: list[dict]) -> None:
-    arrays = {f"{p}/{i}/{k}": v for p, rows in (("train", train), ("eval", evals)) for i, row in enumerate(rows) for k, v in row.items()}
+    arrays = {
+        f"{p}/{i}/{k}": v
+        for p, rows in (("train", train), ("eval", evals))
+        for i, row in enumerate(rows)
+        for k, v in row.items()
+    }
     with files.atomic_path(path) as tmp:  # a kill mid-write leaves no cache, never half of one
         with open(tmp, "wb") as f:
             np.savez(f, meta=np.asarray(json.dumps(meta)), **arrays)
         faults.point("reference_cache.write")
 
 
-def cached_reference(config, engine, reference_params, make_batches, eval_batches, mesh, workdir: str, steps: int,
-                     reference: dict, outputs: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
+def cached_reference(
+    config,
+    engine,
+    reference_params,
+    make_batches,
+    eval_batches,
+    mesh,
+    workdir: str,
+    steps: int,
+    reference: dict,
+    outputs: tuple[str, ...],
+) -> tuple[list[dict], list[dict]]:
     """``(train, eval)``: per-step and per-eval-batch dicts of ``[G]`` reference log-probs, from a
     matching cache in ``config.reference.cache_dir`` (or the workdir) or computed and saved there.
     ``make_batches()`` yields the run's ``steps`` training batches afresh; ``reference`` is the
@@ -133,8 +155,13 @@ def cached_reference(config, engine, reference_params, make_batches, eval_batche
     folder = os.path.abspath(os.path.expanduser(config.reference.cache_dir or workdir))
     found = caches(folder)
     if found:  # digests first (one pass of the loader), to look for a cache before computing
-        path, passed = find(found, reference["fingerprint"], [batch_digest(b) for b in make_batches()],
-                            [batch_digest(b) for b in eval_batches], outputs)
+        path, passed = find(
+            found,
+            reference["fingerprint"],
+            [batch_digest(b) for b in make_batches()],
+            [batch_digest(b) for b in eval_batches],
+            outputs,
+        )
         for line in passed[:5]:
             note(f"reference cache not used: {line}")
         if len(passed) > 5:
@@ -145,17 +172,27 @@ def cached_reference(config, engine, reference_params, make_batches, eval_batche
                 note(f"reference log-probs for {steps} steps read from {path}")
                 return train, evals
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-                logging.warning("reference cache %s is unreadable (%s: %s); computing it again", path, type(e).__name__, e)
+                logging.warning(
+                    "reference cache %s is unreadable (%s: %s); computing it again", path, type(e).__name__, e
+                )
     start = time.perf_counter()
     train, train_digests = _compute(engine, reference_params, make_batches(), mesh)
     evals, eval_digests = _compute(engine, reference_params, eval_batches, mesh)
-    key = hashlib.sha256(json.dumps([reference["fingerprint"], sorted(outputs), train_digests, eval_digests]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([reference["fingerprint"], sorted(outputs), train_digests, eval_digests]).encode()
+    ).hexdigest()[:16]
     path = os.path.join(folder, f"{PREFIX}{key}.npz")
     if jax.process_index() == 0:
-        meta = {"layout": LAYOUT_VERSION, "reference": reference["fingerprint"], "reference_source": reference["source"],
-                "outputs": sorted(outputs), "train": train_digests, "eval": eval_digests,
-                "written_by": workdir,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        meta = {
+            "layout": LAYOUT_VERSION,
+            "reference": reference["fingerprint"],
+            "reference_source": reference["source"],
+            "outputs": sorted(outputs),
+            "train": train_digests,
+            "eval": eval_digests,
+            "written_by": workdir,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         _write(path, meta, train, evals)
     note(f"cached reference log-probs for {steps} steps in {time.perf_counter() - start:.1f}s ({path})")
     return train, evals

@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 REFERENCE_MODES = ("model", "cached", "sync")
@@ -27,10 +28,10 @@ class InputError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    field: str                  # dotted path under config
+    field: str  # dotted path under config
     ok: Callable[[Any], bool]
-    want: str                   # "must be <want>"
-    fix: str                    # what to set instead
+    want: str  # "must be <want>"
+    fix: str  # what to set instead
 
 
 def _number(v) -> bool:
@@ -90,15 +91,51 @@ def _table() -> tuple[Rule, ...]:
     return (
         Rule("seed", count(0), "an integer >= 0", "a seed such as 0 or 1"),
         # model
-        Rule("model.compute_dtype", one_of(*DTYPES), f"one of {_names(DTYPES)}", "'float32' on CPU, 'bfloat16' on accelerators"),
-        Rule("model.param_dtype", one_of(*DTYPES), f"one of {_names(DTYPES)}", "'float32' (the default) or 'bfloat16' (HALOs)"),
-        Rule("model.remat_policy", one_of(*remat), f"one of {_names(remat)}", "'none' for small models, 'full' to save memory"),
-        Rule("model.attention_impl", one_of("", "xla", "cudnn", "splash"), "one of '', 'xla', 'cudnn', 'splash'",
-             "'' (the default), 'cudnn' on GPU, 'splash' on TPU"),
-        Rule("reference.mode", one_of(*REFERENCE_MODES), f"one of {_names(REFERENCE_MODES)}", "'model' (a frozen reference in the step)"),
-        Rule("reference.sync_every", count(1), "an integer >= 1", "1 (every step, humanline) or TR-DPO's tau such as 64"),
-        Rule("reference.sync_alpha", fraction(True, False), "in (0, 1]", "1.0 (hard update) or TR-DPO's alpha such as 0.6"),
-        Rule("reference.humanline", lambda v: isinstance(v, bool), "true or false", "false (the default) or true (humanline)"),
+        Rule(
+            "model.compute_dtype",
+            one_of(*DTYPES),
+            f"one of {_names(DTYPES)}",
+            "'float32' on CPU, 'bfloat16' on accelerators",
+        ),
+        Rule(
+            "model.param_dtype",
+            one_of(*DTYPES),
+            f"one of {_names(DTYPES)}",
+            "'float32' (the default) or 'bfloat16' (HALOs)",
+        ),
+        Rule(
+            "model.remat_policy",
+            one_of(*remat),
+            f"one of {_names(remat)}",
+            "'none' for small models, 'full' to save memory",
+        ),
+        Rule(
+            "model.attention_impl",
+            one_of("", "xla", "cudnn", "splash"),
+            "one of '', 'xla', 'cudnn', 'splash'",
+            "'' (the default), 'cudnn' on GPU, 'splash' on TPU",
+        ),
+        Rule(
+            "reference.mode",
+            one_of(*REFERENCE_MODES),
+            f"one of {_names(REFERENCE_MODES)}",
+            "'model' (a frozen reference in the step)",
+        ),
+        Rule(
+            "reference.sync_every", count(1), "an integer >= 1", "1 (every step, humanline) or TR-DPO's tau such as 64"
+        ),
+        Rule(
+            "reference.sync_alpha",
+            fraction(True, False),
+            "in (0, 1]",
+            "1.0 (hard update) or TR-DPO's alpha such as 0.6",
+        ),
+        Rule(
+            "reference.humanline",
+            lambda v: isinstance(v, bool),
+            "true or false",
+            "false (the default) or true (humanline)",
+        ),
         Rule("reference.log_epsilon_P", lambda v: _number(v) and v < 0, "< 0", "-1.0 (HALOs main)"),
         Rule("reference.log_epsilon_R", lambda v: _number(v) and v > 0, "> 0", "1.5 (HALOs main)"),
         # data
@@ -106,12 +143,29 @@ def _table() -> tuple[Rule, ...]:
         Rule("data.max_prompt_length", count(1), "an integer >= 1", "a positive prompt length below data.max_length"),
         Rule("data.bucket", count(1), "an integer >= 1", "a length granularity such as 64"),
         Rule("data.pack_length", count(0), "an integer >= 0", "0 (data.max_length) or a row length such as 4096"),
-        Rule("data.truncation_mode", one_of("keep_end", "keep_start"), "one of 'keep_end', 'keep_start'", "'keep_end' (HALOs)"),
+        Rule(
+            "data.truncation_mode",
+            one_of("keep_end", "keep_start"),
+            "one of 'keep_end', 'keep_start'",
+            "'keep_end' (HALOs)",
+        ),
         Rule("data.holdout_fraction", fraction(False, True), "in [0, 1)", "0 (none) or a fraction such as 0.1"),
-        Rule("data.desirable_fraction", fraction(True, False), "in (0, 1]", "1.0 (all desirable examples) or a fraction"),
-        Rule("data.undesirable_fraction", fraction(True, False), "in (0, 1]", "1.0 (all undesirable examples) or a fraction"),
+        Rule(
+            "data.desirable_fraction", fraction(True, False), "in (0, 1]", "1.0 (all desirable examples) or a fraction"
+        ),
+        Rule(
+            "data.undesirable_fraction",
+            fraction(True, False),
+            "in (0, 1]",
+            "1.0 (all undesirable examples) or a fraction",
+        ),
         Rule("data.sft_examples", one_of("desirable", "all"), "one of 'desirable', 'all'", "'desirable' (the default)"),
-        Rule("data.sft_targets", one_of("all", "per_prompt"), "one of 'all', 'per_prompt'", "'all' or 'per_prompt' (HALOs' SFT)"),
+        Rule(
+            "data.sft_targets",
+            one_of("all", "per_prompt"),
+            "one of 'all', 'per_prompt'",
+            "'all' or 'per_prompt' (HALOs' SFT)",
+        ),
         # train
         Rule("train.global_batch_size", count(1), "an integer >= 1", "the examples per step, e.g. 32"),
         Rule("train.num_microbatches", count(1), "an integer >= 1", "1, or more to accumulate gradients"),
@@ -120,22 +174,44 @@ def _table() -> tuple[Rule, ...]:
         Rule("train.eval_every", count(0), "an integer >= 0", "0 (evaluate at the end only) or an interval"),
         Rule("train.eval_batches", count(0), "an integer >= 0", "the held-out batches per evaluation, e.g. 4"),
         Rule("train.chunk_size", count(1), "an integer >= 1", "tokens per log-prob chunk, e.g. 256"),
-        Rule("train.optimizer.name", one_of(*optimizers), f"one of {_names(optimizers)}", "'rmsprop' (HALOs legacy) or 'adamw'"),
+        Rule(
+            "train.optimizer.name",
+            one_of(*optimizers),
+            f"one of {_names(optimizers)}",
+            "'rmsprop' (HALOs legacy) or 'adamw'",
+        ),
         Rule("train.optimizer.lr", positive, "> 0", "a learning rate such as 5e-7 (the paper) or 1e-4 (tiny models)"),
         Rule("train.optimizer.warmup_steps", count(0), "an integer >= 0", "0 or the warmup length in steps"),
-        Rule("train.optimizer.grad_clip", non_negative, ">= 0", "a global-norm clip such as 10.0 (HALOs), or 0 for none"),
+        Rule(
+            "train.optimizer.grad_clip", non_negative, ">= 0", "a global-norm clip such as 10.0 (HALOs), or 0 for none"
+        ),
         Rule("train.optimizer.b1", fraction(False, True), "in [0, 1)", "0.9"),
         Rule("train.optimizer.b2", fraction(False, True), "in [0, 1)", "0.999"),
         Rule("train.optimizer.eps", positive, "> 0", "1e-8"),
         Rule("train.optimizer.weight_decay", non_negative, ">= 0", "0.0 or a decay such as 0.01"),
         Rule("train.optimizer.schedule", one_of(*schedules), f"one of {_names(schedules)}", "'constant' (the default)"),
-        Rule("train.optimizer.warmup_ratio", fraction(False, True), "in [0, 1)", "0 (use warmup_steps) or a fraction such as 0.1"),
-        Rule("train.optimizer.warmup_start_factor", fraction(False, False), "in [0, 1]", "0 (HALOs legacy) or 0.1 (HALOs main)"),
+        Rule(
+            "train.optimizer.warmup_ratio",
+            fraction(False, True),
+            "in [0, 1)",
+            "0 (use warmup_steps) or a fraction such as 0.1",
+        ),
+        Rule(
+            "train.optimizer.warmup_start_factor",
+            fraction(False, False),
+            "in [0, 1]",
+            "0 (HALOs legacy) or 0.1 (HALOs main)",
+        ),
         Rule("train.optimizer.value_head_grad_clip", non_negative, ">= 0", "0.1 (HALOs' v_head_max_grad_norm)"),
         # checkpoints, mesh
         Rule("checkpoint.every_steps", count(0), "an integer >= 0", "0 (at the end and on preemption) or an interval"),
         Rule("checkpoint.every_minutes", non_negative, ">= 0", "0 or an interval in minutes"),
-        Rule("checkpoint.keep_last", count(1), "an integer >= 1", "2 (the default): the final checkpoint is the run's output"),
+        Rule(
+            "checkpoint.keep_last",
+            count(1),
+            "an integer >= 1",
+            "2 (the default): the final checkpoint is the run's output",
+        ),
         Rule("checkpoint.best_mode", one_of("min", "max"), "one of 'min', 'max'", "'min' for a loss, 'max' for a rate"),
         Rule("mesh.data", mesh_axis, "-1 (the remaining devices) or an integer >= 1", "-1"),
         Rule("mesh.fsdp", mesh_axis, "-1 or an integer >= 1", "1"),
@@ -168,7 +244,12 @@ def _table() -> tuple[Rule, ...]:
         Rule("loss.kl_coef", non_negative, ">= 0", "0.1"),
         Rule("loss.gamma", fraction(False, False), "in [0, 1]", "the loss's default"),
         Rule("loss.lam", fraction(False, False), "in [0, 1]", "0.95"),
-        Rule("loss.reduction", one_of("token", "sequence"), "one of 'token', 'sequence'", "'token', or 'sequence' (HALOs' SFT)"),
+        Rule(
+            "loss.reduction",
+            one_of("token", "sequence"),
+            "one of 'token', 'sequence'",
+            "'token', or 'sequence' (HALOs' SFT)",
+        ),
         Rule("loss.reference_point", one_of("kl", "zero"), "one of 'kl', 'zero'", "'kl' (KTO's z0)"),
         Rule("loss.value", one_of(*values), f"one of {_names(values)}", "'sigmoid' (KTO)"),
     )
@@ -206,13 +287,17 @@ def check_values(config) -> None:
 # Fields that may differ when a run resumes: they do not change what the saved weights are or how
 # the next steps train them. Anything else needs a new --workdir or --resume_with_changes.
 RESUMABLE = (
-    "checkpoint.*",                       # save cadence and retention
-    "train.steps",                        # extend a finished run (not below its checkpoint's step)
-    "train.log_every", "train.eval_every", "train.eval_batches",
-    "eval.*",                             # evaluation reads the weights, never writes them
-    "reference.cache_dir",                # where cached reference log-probs are looked up (checked by content)
-    "mesh.*", "target.*",                 # how the same arrays are laid out, the slice an AOT check targets
-    "data.data_dir", "data.manual_dir",   # where the same data lives
+    "checkpoint.*",  # save cadence and retention
+    "train.steps",  # extend a finished run (not below its checkpoint's step)
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "eval.*",  # evaluation reads the weights, never writes them
+    "reference.cache_dir",  # where cached reference log-probs are looked up (checked by content)
+    "mesh.*",
+    "target.*",  # how the same arrays are laid out, the slice an AOT check targets
+    "data.data_dir",
+    "data.manual_dir",  # where the same data lives
 )
 
 
@@ -233,7 +318,9 @@ ABSENT = "(absent)"
 def config_diff(saved: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """``[(field, saved value, new value)]`` for every leaf that differs (``ABSENT`` where one lacks it)."""
     a, b = flatten(saved), flatten(new)
-    return [(k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b)) if a.get(k, ABSENT) != b.get(k, ABSENT)]
+    return [
+        (k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b)) if a.get(k, ABSENT) != b.get(k, ABSENT)
+    ]
 
 
 def resumable(field: str) -> bool:

@@ -49,14 +49,21 @@ def load_model(plan: Plan, mesh) -> tuple[Decoder, dict]:
 def files_options(config) -> dict:
     """The options of every ``files:`` source (``kto_jax.data.builders.files.FilesOptions``) from config.data."""
     d = config.data
-    return {"test": d.eval_files, "holdout_fraction": float(d.holdout_fraction), "schema": d.file_schema, "columns": d.columns}
+    return {
+        "test": d.eval_files,
+        "holdout_fraction": float(d.holdout_fraction),
+        "schema": d.file_schema,
+        "columns": d.columns,
+    }
 
 
 @dataclasses.dataclass
 class Data:
     examples: list
     stats: dict
-    source: list = dataclasses.field(default_factory=list)  # the split's examples before the loss's view (the judged prompts)
+    source: list = dataclasses.field(
+        default_factory=list
+    )  # the split's examples before the loss's view (the judged prompts)
 
 
 def load_split(config, plan: Plan, split: str, sources: str = "") -> Data:
@@ -65,8 +72,15 @@ def load_split(config, plan: Plan, split: str, sources: str = "") -> Data:
     d, spec = config.data, plan.loss
     field = "config.data.eval_sources" if sources and sources != d.sources else "config.data.sources"
     sources = sources or d.sources
-    examples, mixture = load_mixture(sources, split, d.data_dir, d.manual_dir or None, skip_bad_records=d.skip_bad_records,
-                                     seed=config.seed, files=files_options(config))
+    examples, mixture = load_mixture(
+        sources,
+        split,
+        d.data_dir,
+        d.manual_dir or None,
+        skip_bad_records=d.skip_bad_records,
+        seed=config.seed,
+        files=files_options(config),
+    )
     if not examples:
         raise ValueError(f"{field}={sources!r} split {split!r} has no examples")
     paired, source = isinstance(examples[0], Paired), examples
@@ -82,9 +96,11 @@ def load_split(config, plan: Plan, split: str, sources: str = "") -> Data:
                     f"({pair_stats['unary_prompts_unpaired']} prompts with one kind only): use a unary loss (kto, "
                     "kto_zero, ...) or a paired source"
                 )
-            note(f"{split}: {pair_stats['unary_pairs']} (desirable, undesirable) pairs from {pair_stats['unary_prompts_paired']} "
-                 f"prompts for {spec.name}; {pair_stats['unary_completions_unpaired']} completions unpaired "
-                 f"({pair_stats['unary_prompts_unpaired']} prompts with one kind only)")
+            note(
+                f"{split}: {pair_stats['unary_pairs']} (desirable, undesirable) pairs from {pair_stats['unary_prompts_paired']} "
+                f"prompts for {spec.name}; {pair_stats['unary_completions_unpaired']} completions unpaired "
+                f"({pair_stats['unary_prompts_unpaired']} prompts with one kind only)"
+            )
         return Data(examples, stats, source)
     if spec.kind == "sft":
         stats["sft_targets"] = d.sft_targets
@@ -93,11 +109,16 @@ def load_split(config, plan: Plan, split: str, sources: str = "") -> Data:
         examples, target_stats = sft_targets_per_prompt(examples)
         stats.update(target_stats)
         if not examples:
-            raise ValueError(f"{field}={sources!r} split {split!r} has no prompt with an SFT target "
-                             "(config.data.sft_targets='per_prompt')")
+            raise ValueError(
+                f"{field}={sources!r} split {split!r} has no prompt with an SFT target "
+                "(config.data.sft_targets='per_prompt')"
+            )
     examples, feedback_stats = unary_view(
-        examples, seed=config.seed, one_y=d.one_y_per_x,
-        desirable_fraction=d.desirable_fraction, undesirable_fraction=d.undesirable_fraction,
+        examples,
+        seed=config.seed,
+        one_y=d.one_y_per_x,
+        desirable_fraction=d.desirable_fraction,
+        undesirable_fraction=d.undesirable_fraction,
     )
     stats.update(dataclasses.asdict(feedback_stats))
     if spec.kind == "sft" and d.sft_examples == "desirable":
@@ -128,7 +149,9 @@ def tokenizer_for(config, model: Decoder):
     """The run's tokenizer; its BOS is the one the chat template writes (``chat.bos_id_for``)."""
     name = config.data.tokenizer or (config.model.name if config.model.name not in PRESETS else "")
     if not name:
-        raise ValueError(f"config.data.tokenizer is empty and model {config.model.name!r} is a preset with no tokenizer: set config.data.tokenizer='bytes' or a model folder")
+        raise ValueError(
+            f"config.data.tokenizer is empty and model {config.model.name!r} is a preset with no tokenizer: set config.data.tokenizer='bytes' or a model folder"
+        )
     tokenizer = get_tokenizer(os.path.expanduser(name) if name != "bytes" else name)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
@@ -151,14 +174,20 @@ def add_control_tokens(plan: Plan, model: Decoder, params, tokenizer, mesh):
     if tokenizer.vocab_size <= model.config.vocab_size:
         return model, params
     config, params = grow_vocab(model.config, params, tokenizer.vocab_size, mesh)
-    note(f"added {', '.join(added)} to the tokenizer; vocabulary grown from {model.config.vocab_size} to {config.vocab_size}")
+    note(
+        f"added {', '.join(added)} to the tokenizer; vocabulary grown from {model.config.vocab_size} to {config.vocab_size}"
+    )
     return build_model(config), params
 
 
 def tokenize_config(config) -> TokenizeConfig:
     d = config.data
-    return TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length, chat_template=chat_template(config),
-                          truncation_mode=d.truncation_mode)
+    return TokenizeConfig(
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        chat_template=chat_template(config),
+        truncation_mode=d.truncation_mode,
+    )
 
 
 def make_loader(config, plan: Plan, data: Data, tokenizer, *, seed: int) -> FeedbackLoader:

@@ -47,8 +47,10 @@ def resolved_warmup_steps(cfg, total_steps: int = 0) -> int:
     if not ratio:
         return int(cfg.warmup_steps)
     if not (0 < ratio < 1 and total_steps > 0):
-        raise ValueError(f"config.train.optimizer.warmup_ratio={ratio} needs 0 < ratio < 1 and the run's total steps "
-                         f"(make_optimizer(..., total_steps=...); got {total_steps})")
+        raise ValueError(
+            f"config.train.optimizer.warmup_ratio={ratio} needs 0 < ratio < 1 and the run's total steps "
+            f"(make_optimizer(..., total_steps=...); got {total_steps})"
+        )
     return math.ceil(round(ratio * total_steps, 6))
 
 
@@ -78,8 +80,10 @@ def lr_schedule(cfg, total_steps: int = 0) -> optax.Schedule:
     else:
         decay = total_steps - warmup
         if decay <= 0:
-            raise ValueError(f"config.train.optimizer.schedule={name!r} decays over the run's total steps after "
-                             f"warmup: pass make_optimizer(..., total_steps=T) with T > {warmup} (got {total_steps})")
+            raise ValueError(
+                f"config.train.optimizer.schedule={name!r} decays over the run's total steps after "
+                f"warmup: pass make_optimizer(..., total_steps=T) with T > {warmup} (got {total_steps})"
+            )
         after = optax.cosine_decay_schedule(lr, decay) if name == "cosine" else optax.linear_schedule(lr, 0.0, decay)
     return optax.join_schedules([warm, after], [warmup])
 
@@ -116,8 +120,9 @@ def make_optimizer(cfg, total_steps: int = 0) -> optax.GradientTransformation:
     def clip(norm):
         return optax.clip_by_global_norm(norm) if norm else optax.identity()
 
-    clips = optax.multi_transform({"model": clip(cfg.grad_clip), "value_head": clip(cfg.get("value_head_grad_clip", 0.1))},
-                                  _param_groups)
+    clips = optax.multi_transform(
+        {"model": clip(cfg.grad_clip), "value_head": clip(cfg.get("value_head_grad_clip", 0.1))}, _param_groups
+    )
     return optax.chain(clips, rule)
 
 
@@ -125,8 +130,11 @@ def schedule_count(opt_state) -> jax.Array:
     """The optimizer's own update count, where its learning-rate schedule stands: the step for a
     fresh optimizer, ahead of it for one carried over from an earlier run (``config.init.optimizer``),
     behind it after skipped non-finite updates (``train.skip_nonfinite`` keeps the old state)."""
-    found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
-             if isinstance(x, optax.ScaleByScheduleState)]
+    found = [
+        x
+        for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+        if isinstance(x, optax.ScaleByScheduleState)
+    ]
     if len(found) != 1:
         raise ValueError(f"the optimizer state holds {len(found)} learning-rate schedules; make_optimizer builds one")
     return found[0].count
@@ -157,7 +165,9 @@ def init_state(spec, optimizer: optax.GradientTransformation, model_params, seed
         loss_state={arg: jnp.zeros((), jnp.float32) for arg, _ in spec.loss.state_metrics},
         nonfinite_skipped=jnp.zeros((), jnp.int32),
         # a copy: a buffer of its own, so donating the state never frees the policy's twice
-        reference=jax.tree_util.tree_map(lambda x: x + jnp.zeros((), x.dtype), model_params) if spec.reference_mode == "sync" else None,
+        reference=jax.tree_util.tree_map(lambda x: x + jnp.zeros((), x.dtype), model_params)
+        if spec.reference_mode == "sync"
+        else None,
     )
 
 
@@ -182,8 +192,9 @@ def abstract_state(spec, optimizer: optax.GradientTransformation, mesh) -> Train
     import flax.linen as nn
 
     shapes = nn.unbox(_boxed_state(spec, optimizer))
-    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                                  state_shardings(spec, optimizer, mesh))
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_shardings(spec, optimizer, mesh)
+    )
 
 
 def create_state(spec, optimizer: optax.GradientTransformation, model_params, seed: int, mesh) -> TrainState:

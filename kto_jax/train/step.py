@@ -79,6 +79,7 @@ def microbatch_loss(spec: StepSpec, params, reference_params, mb: dict, loss_sta
 
 def split_microbatches(batch: dict, num_microbatches: int) -> dict:
     """[G, ...] -> [M, G/M, ...] with microbatch m = rows m, m + M, m + 2M, ..."""
+
     def split(x):
         return x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:]).swapaxes(0, 1)
 
@@ -113,7 +114,9 @@ def sync_reference(spec: StepSpec, state: TrainState):
     return jax.tree_util.tree_map(mix, state.reference, state.params["model"])
 
 
-def train_step(spec: StepSpec, optimizer: optax.GradientTransformation, lr_fn, state: TrainState, batch, reference_params):
+def train_step(
+    spec: StepSpec, optimizer: optax.GradientTransformation, lr_fn, state: TrainState, batch, reference_params
+):
     """One optimizer step over the global batch with gradient accumulation over microbatches."""
     reference_params = step_reference(spec, state, reference_params)
     grad_fn = jax.value_and_grad(lambda p, mb, ls: microbatch_loss(spec, p, reference_params, mb, ls), has_aux=True)
@@ -132,20 +135,37 @@ def train_step(spec: StepSpec, optimizer: optax.GradientTransformation, lr_fn, s
     metrics = _aggregate(metrics)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(losses.mean()) & jnp.isfinite(grad_norm)
-    metrics.update(loss=losses.mean(), grad_norm=grad_norm, lr=lr_fn(schedule_count(state.opt_state)), tokens=spec.schema.training_tokens(batch), finite=finite)
+    metrics.update(
+        loss=losses.mean(),
+        grad_norm=grad_norm,
+        lr=lr_fn(schedule_count(state.opt_state)),
+        tokens=spec.schema.training_tokens(batch),
+        finite=finite,
+    )
     if spec.skip_nonfinite:  # the step still counts; the update is dropped
         keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        params, opt_state, loss_state = keep(params, state.params), keep(opt_state, state.opt_state), keep(loss_state, state.loss_state)
+        params, opt_state, loss_state = (
+            keep(params, state.params),
+            keep(opt_state, state.opt_state),
+            keep(loss_state, state.loss_state),
+        )
     skipped = state.nonfinite_skipped + (~finite).astype(jnp.int32) if spec.skip_nonfinite else state.nonfinite_skipped
     reference = sync_reference(spec, state) if spec.reference_mode == "sync" else state.reference
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_state=loss_state,
-                              nonfinite_skipped=skipped, reference=reference)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        loss_state=loss_state,
+        nonfinite_skipped=skipped,
+        reference=reference,
+    )
     return new_state, metrics
 
 
 def reference_logps(spec: StepSpec, reference_params, batch: dict) -> dict:
     """The reference log-probs a batch needs, for ``reference.mode = "cached"``: ``[G]`` arrays named
     as the loss's inputs (and the batch fields the step reads), computed microbatch by microbatch."""
+
     def body(_, mb):
         return None, spec.feed.reference_logps(spec, reference_params, mb)
 
@@ -156,6 +176,7 @@ def reference_logps(spec: StepSpec, reference_params, batch: dict) -> dict:
 
 def eval_step(spec: StepSpec, params, batch, reference_params, loss_state):
     """Loss and metrics of a batch without an update (microbatched like training)."""
+
     def body(_, mb):
         loss, (metrics, _) = microbatch_loss(spec, params, reference_params, mb, loss_state)
         return None, (loss, metrics)

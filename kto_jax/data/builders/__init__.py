@@ -41,7 +41,13 @@ from kto_jax.data.builders.synthetic import Synthetic
 from kto_jax.data.builders.ultrafeedback import Ultrafeedback
 from kto_jax.data.feedback import Paired, Unary, paired_from_records, unary_from_records
 
-BUILDERS: dict[str, type] = {"synthetic": Synthetic, "hh": HH, "shp": SHP, "oasst": Oasst, "ultrafeedback": Ultrafeedback}
+BUILDERS: dict[str, type] = {
+    "synthetic": Synthetic,
+    "hh": HH,
+    "shp": SHP,
+    "oasst": Oasst,
+    "ultrafeedback": Ultrafeedback,
+}
 FILES = "files"  # the ``files:PATTERN`` source
 
 
@@ -73,7 +79,9 @@ def _split_weight(entry: str) -> tuple[str, float | None]:
     except ValueError:
         return entry, None  # a colon of the name or pattern itself (files:PATTERN)
     if not np.isfinite(weight) or weight <= 0:
-        raise ValueError(f"config.data.sources: weight {tail!r} of {head!r} must be a positive number (e.g. {head}:0.5)")
+        raise ValueError(
+            f"config.data.sources: weight {tail!r} of {head!r} must be a positive number (e.g. {head}:0.5)"
+        )
     return head, weight
 
 
@@ -86,20 +94,24 @@ def parse_sources(spec: str) -> list[SourceSpec]:
     for entry in entries:
         body, weight = _split_weight(entry)
         if body.startswith(FILES + ":"):
-            pattern = body[len(FILES) + 1:].strip()
+            pattern = body[len(FILES) + 1 :].strip()
             if not pattern:
                 raise ValueError(f"config.data.sources: {entry!r} names no files; use files:PATH or files:GLOB")
             out.append(SourceSpec(FILES, pattern=pattern, weight=weight))
             continue
         name, _, config = body.partition("/")
         if name not in BUILDERS:
-            raise ValueError(f"config.data.sources: unknown dataset {name!r}; known: {', '.join(sorted(BUILDERS))}, "
-                             "or files:PATTERN for your own files")
+            raise ValueError(
+                f"config.data.sources: unknown dataset {name!r}; known: {', '.join(sorted(BUILDERS))}, "
+                "or files:PATTERN for your own files"
+            )
         out.append(SourceSpec(name, config=config, weight=weight))
     weighted = [s.weight is not None for s in out]
     if any(weighted) and not all(weighted):
-        raise ValueError(f"config.data.sources={spec!r}: give every source a weight or none "
-                         f"(unweighted: {', '.join(s.label for s in out if s.weight is None)})")
+        raise ValueError(
+            f"config.data.sources={spec!r}: give every source a weight or none "
+            f"(unweighted: {', '.join(s.label for s in out if s.weight is None)})"
+        )
     return out
 
 
@@ -112,12 +124,16 @@ def get_builder(name: str | SourceSpec, data_dir: str, *, skip_bad_records: bool
     if spec.name == FILES:
         from kto_jax.data.builders.files import FilesOptions, files_builder
 
-        return files_builder(FilesOptions(train=spec.pattern, **(files or {})), data_dir, skip_bad_records=skip_bad_records)
+        return files_builder(
+            FilesOptions(train=spec.pattern, **(files or {})), data_dir, skip_bad_records=skip_bad_records
+        )
     configs = [c.name for c in getattr(BUILDERS[spec.name], "BUILDER_CONFIGS", [])]
     if spec.config and spec.config not in configs:
         known = ", ".join(configs) if configs else "none (use the bare name)"
-        raise ValueError(f"dataset {spec.name!r} has no config {spec.config!r} (config.data.sources={spec.label!r}); "
-                         f"its configs: {known}")
+        raise ValueError(
+            f"dataset {spec.name!r} has no config {spec.config!r} (config.data.sources={spec.label!r}); "
+            f"its configs: {known}"
+        )
     kwargs = {"config": spec.config} if spec.config else {}
     return BUILDERS[spec.name](data_dir=data_dir, skip_bad_records=skip_bad_records, **kwargs)
 
@@ -131,8 +147,14 @@ def source_manual_dir(manual_dir: str | None, source: str) -> str | None:
     return own if os.path.isdir(own) else manual_dir
 
 
-def prepare(name: str | SourceSpec, data_dir: str, manual_dir: str | None = None, *, skip_bad_records: bool = False,
-            files: dict | None = None):
+def prepare(
+    name: str | SourceSpec,
+    data_dir: str,
+    manual_dir: str | None = None,
+    *,
+    skip_bad_records: bool = False,
+    files: dict | None = None,
+):
     """Prepare ``name`` once (a no-op when already prepared); returns the builder.
 
     With several processes, process 0 prepares while the others wait, then they read what it
@@ -182,12 +204,18 @@ def resolve_split(builder, split: str, label: str) -> str:
         return aliases[split]
     hint = ""
     if getattr(builder, "name", "") == FILES and split not in builder.info.splits:
-        hint = " (a files: source has a test split only with config.data.eval_files or config.data.holdout_fraction > 0)"
+        hint = (
+            " (a files: source has a test split only with config.data.eval_files or config.data.holdout_fraction > 0)"
+        )
     alias_text = f"; aliases: {aliases}" if aliases else ""
-    raise ValueError(f"dataset {label!r} has no split {split!r}; splits: {sorted(builder.info.splits)}{alias_text}{hint}")
+    raise ValueError(
+        f"dataset {label!r} has no split {split!r}; splits: {sorted(builder.info.splits)}{alias_text}{hint}"
+    )
 
 
-def load_records(name: str | SourceSpec, split: str, data_dir: str, manual_dir: str | None = None, **kwargs) -> list[dict]:
+def load_records(
+    name: str | SourceSpec, split: str, data_dir: str, manual_dir: str | None = None, **kwargs
+) -> list[dict]:
     """All records of one split as Python dicts (prepares the source first if needed)."""
     builder = prepare(name, data_dir, manual_dir, **kwargs)
     label = name.label if isinstance(name, SourceSpec) else name
@@ -209,7 +237,8 @@ def read_split(builder, split: str, label: str) -> list[dict]:
         raise CorruptedDataset(
             f"dataset {label!r} split {split!r}: {', '.join(bad) or builder.data_dir} cannot be read "
             f"({str(e).splitlines()[0][:200]}): the prepared dataset is damaged; delete {builder.data_dir} to prepare it "
-            "again (under config.data.data_dir)") from None
+            "again (under config.data.data_dir)"
+        ) from None
 
 
 def _unreadable_files(paths: list[str]) -> list[str]:
@@ -233,8 +262,16 @@ def mixture_counts(sizes: list[int], weights: list[float | None]) -> list[int]:
     return [min(size, round(n * w / total)) for size, w in zip(sizes, weights)]
 
 
-def load_mixture(spec: str, split: str, data_dir: str, manual_dir: str | None = None, *, skip_bad_records: bool = False,
-                 seed: int = 0, files: dict | None = None) -> tuple[list[Paired] | list[Unary], dict]:
+def load_mixture(
+    spec: str,
+    split: str,
+    data_dir: str,
+    manual_dir: str | None = None,
+    *,
+    skip_bad_records: bool = False,
+    seed: int = 0,
+    files: dict | None = None,
+) -> tuple[list[Paired] | list[Unary], dict]:
     """Examples of the mixture ``spec`` (all paired or all unary) and its stats: per source the
     examples available, kept (the weighting's share) and dropped by the weighting, its kind, and
     a files source's metadata (schema, files and digests, record counts)."""
@@ -258,8 +295,10 @@ def load_mixture(spec: str, split: str, data_dir: str, manual_dir: str | None = 
         raise ValueError(f"data sources {spec!r} mix paired and unary datasets ({named}); mix sources of one kind")
     empty = [label for label, e in stats["sources"].items() if e["available"] == 0]
     if empty and sources[0].weight is not None:
-        raise ValueError(f"config.data.sources={spec!r}: {', '.join(empty)} has no {split} examples, so a weighted "
-                         "mixture would be empty; drop that source or its weights")
+        raise ValueError(
+            f"config.data.sources={spec!r}: {', '.join(empty)} has no {split} examples, so a weighted "
+            "mixture would be empty; drop that source or its weights"
+        )
     counts = mixture_counts([len(x) for x in per_source], [s.weight for s in sources])
     out: list = []
     for i, (entry, examples, k) in enumerate(zip(stats["sources"].values(), per_source, counts)):
@@ -271,6 +310,8 @@ def load_mixture(spec: str, split: str, data_dir: str, manual_dir: str | None = 
     return out, stats
 
 
-def load_examples(spec: str, split: str, data_dir: str, manual_dir: str | None = None, **kwargs) -> list[Paired] | list[Unary]:
+def load_examples(
+    spec: str, split: str, data_dir: str, manual_dir: str | None = None, **kwargs
+) -> list[Paired] | list[Unary]:
     """Examples of a ``+``-separated mixture of sources, all paired or all unary (``load_mixture``)."""
     return load_mixture(spec, split, data_dir, manual_dir, **kwargs)[0]

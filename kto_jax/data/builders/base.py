@@ -38,15 +38,25 @@ def prompt_feature() -> tfds.features.Sequence:
 
 def paired_features(**extra) -> tfds.features.FeaturesDict:
     return tfds.features.FeaturesDict(
-        {"id": tfds.features.Text(), "prompt": prompt_feature(), "chosen": tfds.features.Text(),
-         "rejected": tfds.features.Text(), **extra}
+        {
+            "id": tfds.features.Text(),
+            "prompt": prompt_feature(),
+            "chosen": tfds.features.Text(),
+            "rejected": tfds.features.Text(),
+            **extra,
+        }
     )
 
 
 def unary_features(**extra) -> tfds.features.FeaturesDict:
     return tfds.features.FeaturesDict(
-        {"id": tfds.features.Text(), "prompt": prompt_feature(), "completion": tfds.features.Text(),
-         "desirable": np.bool_, **extra}
+        {
+            "id": tfds.features.Text(),
+            "prompt": prompt_feature(),
+            "completion": tfds.features.Text(),
+            "desirable": np.bool_,
+            **extra,
+        }
     )
 
 
@@ -104,8 +114,14 @@ class RecordCounts:
         self.filtered[reason] = self.filtered.get(reason, 0) + 1
 
     def log(self, name: str) -> None:
-        logging.info("%s: read %d source records, kept %d, filtered %s, bad (skipped) %d",
-                     name, self.read, self.kept, self.filtered or "none", self.bad)
+        logging.info(
+            "%s: read %d source records, kept %d, filtered %s, bad (skipped) %d",
+            name,
+            self.read,
+            self.kept,
+            self.filtered or "none",
+            self.bad,
+        )
 
 
 class FeedbackBuilder(tfds.core.GeneratorBasedBuilder):
@@ -164,7 +180,8 @@ class FeedbackBuilder(tfds.core.GeneratorBasedBuilder):
             raise SourceUnavailable(
                 f"{self.name}: {len(urls)} upstream file(s) are not in manual_dir and cannot be downloaded ({reason}). "
                 f"Fetch them on a machine with internet and put them at: {wanted} (with several sources, each "
-                f"reads manual_dir/{self.name}/ when that folder exists)")
+                f"reads manual_dir/{self.name}/ when that folder exists)"
+            )
         return {name: os.fspath(p) for name, p in dl_manager.download(urls).items()}
 
     def read_records(self, path: str, split: str, parse, rows=None) -> Iterator[tuple[str, dict]]:
@@ -187,7 +204,9 @@ class FeedbackBuilder(tfds.core.GeneratorBasedBuilder):
                 records = parse(_json_object(item) if rows is None else item, counts, index)
             except BadRecord as e:
                 if not self.skip_bad_records:
-                    raise BadRecord(f"{path}, {where}: {e} (set skip_bad_records=True to skip and count such records)") from None
+                    raise BadRecord(
+                        f"{path}, {where}: {e} (set skip_bad_records=True to skip and count such records)"
+                    ) from None
                 counts.bad += 1
                 continue
             counts.kept += len(records)
@@ -202,8 +221,10 @@ class FeedbackBuilder(tfds.core.GeneratorBasedBuilder):
         key = f"{self.name}/{split}"
         counts = self.counts.setdefault(key, RecordCounts())
         if counts.kept == 0:
-            raise BadRecord(f"{', '.join(paths)}: no {split} {kept} kept (read {counts.read}{' ' + read if read else ''}, "
-                            f"filtered {counts.filtered or 'none'}, bad {counts.bad})")
+            raise BadRecord(
+                f"{', '.join(paths)}: no {split} {kept} kept (read {counts.read}{' ' + read if read else ''}, "
+                f"filtered {counts.filtered or 'none'}, bad {counts.bad})"
+            )
         counts.log(key)
         return counts
 

@@ -62,6 +62,7 @@ from kto_jax.data.builders.base import (
     unary_features,
 )
 
+
 class _CustomConfigNotice(logging.Filter):
     """Drops tfds' "Using custom data configuration" warning: every Files config is custom (its
     name is the files' content key), so the warning would print on every run."""
@@ -77,9 +78,9 @@ KEY_VERSION = 1  # bump when a change to this builder or to formats changes what
 
 @dataclasses.dataclass(frozen=True)
 class FilesOptions:
-    train: str                    # pattern of the train files, or a save_to_disk folder
-    test: str = ""                # pattern of the eval files ("" = none)
-    holdout_fraction: float = 0.0 # prompts held out as "test" by a hash of the prompt, when test == ""
+    train: str  # pattern of the train files, or a save_to_disk folder
+    test: str = ""  # pattern of the eval files ("" = none)
+    holdout_fraction: float = 0.0  # prompts held out as "test" by a hash of the prompt, when test == ""
     schema: str = "auto"
     columns: str = ""
 
@@ -87,8 +88,8 @@ class FilesOptions:
 @dataclasses.dataclass(frozen=True)
 class SourceFile:
     path: str
-    split: str   # the split this file's rows are read for ("train" feeds both splits of a holdout)
-    name: str    # relative to the source's common folder; the ids' file name
+    split: str  # the split this file's rows are read for ("train" feeds both splits of a holdout)
+    name: str  # relative to the source's common folder; the ids' file name
     sha256: str
 
 
@@ -103,8 +104,8 @@ class FilesPlan:
     kind: str
     form: str
     columns: tuple[tuple[str, str], ...]
-    first: str      # "path, where" of the row the schema was read from
-    key: str        # the builder config name
+    first: str  # "path, where" of the row the schema was read from
+    key: str  # the builder config name
 
 
 def holdout_split(prompt: dict, fraction: float) -> str:
@@ -118,7 +119,9 @@ def _first_row(path: str, skip_bad_records: bool) -> tuple[str, dict]:
     skipped = []
     for where, row in formats.read_rows(path, on_bad=(lambda w, e: skipped.append(w)) if skip_bad_records else None):
         return where, row
-    raise formats.FileFormatError(f"{path}: no records (empty file{', or only bad rows: ' + ', '.join(skipped) if skipped else ''})")
+    raise formats.FileFormatError(
+        f"{path}: no records (empty file{', or only bad rows: ' + ', '.join(skipped) if skipped else ''})"
+    )
 
 
 def plan_files(options: FilesOptions, *, skip_bad_records: bool = False) -> FilesPlan:
@@ -126,15 +129,19 @@ def plan_files(options: FilesOptions, *, skip_bad_records: bool = False) -> File
     if not 0.0 <= options.holdout_fraction < 1.0:
         raise ValueError(f"config.data.holdout_fraction={options.holdout_fraction!r} should be in [0, 1)")
     if options.test and options.holdout_fraction > 0:
-        raise ValueError(f"config.data.holdout_fraction={options.holdout_fraction!r} and test files "
-                         f"({options.test!r}) both make a test split; set one of them")
+        raise ValueError(
+            f"config.data.holdout_fraction={options.holdout_fraction!r} and test files "
+            f"({options.test!r}) both make a test split; set one of them"
+        )
     columns = formats.parse_columns(options.columns)
     train = formats.expand_paths(options.train)
     dataset_dict = formats.datasets_splits(train[0]) if len(train) == 1 else None
     if dataset_dict is not None:
         if options.test or options.holdout_fraction > 0:
-            raise ValueError(f"{train[0]} is a DatasetDict folder with its own splits {sorted(dataset_dict)}; "
-                             "leave config.data.holdout_fraction and the test files unset")
+            raise ValueError(
+                f"{train[0]} is a DatasetDict folder with its own splits {sorted(dataset_dict)}; "
+                "leave config.data.holdout_fraction and the test files unset"
+            )
         listed = [(split, path) for split, path in dataset_dict.items()]
         splits = tuple(dataset_dict)
     else:
@@ -145,17 +152,31 @@ def plan_files(options: FilesOptions, *, skip_bad_records: bool = False) -> File
         listed = [("train", p) for p in train] + [("test", p) for p in test]
         splits = ("train", "test") if test or options.holdout_fraction > 0 else ("train",)
     root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for _, p in listed])
-    files = tuple(SourceFile(os.path.abspath(p), split, os.path.relpath(os.path.abspath(p), root),
-                             formats.file_digest(p)) for split, p in listed)
+    files = tuple(
+        SourceFile(os.path.abspath(p), split, os.path.relpath(os.path.abspath(p), root), formats.file_digest(p))
+        for split, p in listed
+    )
     where, row = _first_row(files[0].path, skip_bad_records)
     mapped = formats.apply_columns(row, columns)
     schema = formats.check_columns(mapped, options.schema, files[0].path, columns, list(row))
-    key_input = {"version": KEY_VERSION, "files": [[f.split, f.name, f.sha256] for f in files],
-                 "options": dataclasses.asdict(dataclasses.replace(options, train="", test="")),
-                 "skip_bad_records": skip_bad_records}
+    key_input = {
+        "version": KEY_VERSION,
+        "files": [[f.split, f.name, f.sha256] for f in files],
+        "options": dataclasses.asdict(dataclasses.replace(options, train="", test="")),
+        "skip_bad_records": skip_bad_records,
+    }
     key = hashlib.sha256(json.dumps(key_input, sort_keys=True).encode()).hexdigest()[:16]
-    return FilesPlan(options, files, splits, schema, formats.schema_kind(schema), formats.row_form(mapped, schema),
-                     tuple(columns.items()), f"{files[0].path}, {where}", key)
+    return FilesPlan(
+        options,
+        files,
+        splits,
+        schema,
+        formats.schema_kind(schema),
+        formats.row_form(mapped, schema),
+        tuple(columns.items()),
+        f"{files[0].path}, {where}",
+        key,
+    )
 
 
 def files_builder(options: FilesOptions, data_dir: str, *, skip_bad_records: bool = False) -> Files:
@@ -176,7 +197,9 @@ class Files(FeedbackBuilder):
 
     def __init__(self, *, plan: FilesPlan, **kwargs):
         self.plan = plan
-        config = tfds.core.BuilderConfig(name=plan.key, description=f"{plan.schema} feedback from {len(plan.files)} file(s)")
+        config = tfds.core.BuilderConfig(
+            name=plan.key, description=f"{plan.schema} feedback from {len(plan.files)} file(s)"
+        )
         super().__init__(config=config, **kwargs)
 
     def _features(self):
@@ -185,11 +208,19 @@ class Files(FeedbackBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         plan = self.plan
         metadata = tfds.core.MetadataDict(
-            schema=plan.schema, kind=plan.kind, form=plan.form, columns=dict(plan.columns),
-            holdout_fraction=plan.options.holdout_fraction, splits=list(plan.splits), config_name=plan.key,
-            files=[dataclasses.asdict(f) for f in plan.files], counts={},
+            schema=plan.schema,
+            kind=plan.kind,
+            form=plan.form,
+            columns=dict(plan.columns),
+            holdout_fraction=plan.options.holdout_fraction,
+            splits=list(plan.splits),
+            config_name=plan.key,
+            files=[dataclasses.asdict(f) for f in plan.files],
+            counts={},
         )
-        return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=self._features(), metadata=metadata)
+        return tfds.core.DatasetInfo(
+            builder=self, description=self.__doc__, features=self._features(), metadata=metadata
+        )
 
     def _split_generators(self, dl_manager):
         return {split: self._generate_examples(split) for split in self.plan.splits}
@@ -258,7 +289,8 @@ class Files(FeedbackBuilder):
             raise formats.FileFormatError(
                 f"{source.path}, {where}: mixed schemas: this row is {found} (columns {sorted(mapped)}), but the source's "
                 f"schema is {plan.schema} (read from {plan.first}); one source holds one schema: give these files as "
-                "separate sources, or map their columns (config.data.columns)")
+                "separate sources, or map their columns (config.data.columns)"
+            )
         record = formats.normalize(mapped, plan.schema, columns)
         row_split = mapped.get("split") if plan.schema in (formats.HALOS_BINARY, formats.HALOS_PAIRWISE) else None
         row_split = row_split if isinstance(row_split, str) and row_split else None

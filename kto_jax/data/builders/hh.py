@@ -87,7 +87,7 @@ def split_pair(chosen: str, rejected: str):
     if cut < 0:
         return None, "prompt_differs"
     prompt = shared[: cut + len(ASSISTANT)]
-    rest_chosen, rest_rejected = chosen[len(prompt):], rejected[len(prompt):]
+    rest_chosen, rest_rejected = chosen[len(prompt) :], rejected[len(prompt) :]
     if ASSISTANT in rest_chosen or ASSISTANT in rest_rejected:
         return None, "prompt_differs"
     rest_chosen, rest_rejected = rest_chosen.lstrip(), rest_rejected.lstrip()
@@ -148,7 +148,18 @@ class HH(FeedbackBuilder):
             record_id = f"hh/{subset}/{split}/{index}"
             prompt_turns = dialogue_turns(prompt)
             sft_target = targets.setdefault(prompt_key(prompt_turns), chosen_text)
-            return [(record_id, {"id": record_id, "prompt": prompt_turns, "chosen": chosen_text,
-                                 "rejected": rejected_text, "subset": subset, "sft_target": sft_target})]
+            return [
+                (
+                    record_id,
+                    {
+                        "id": record_id,
+                        "prompt": prompt_turns,
+                        "chosen": chosen_text,
+                        "rejected": rejected_text,
+                        "subset": subset,
+                        "sft_target": sft_target,
+                    },
+                )
+            ]
 
         return parse

@@ -50,7 +50,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from kto_jax.data.builders.base import (
-    BadRecord, FeedbackBuilder, RecordCounts, is_kind, paired_features, prompt_key, require,
+    BadRecord,
+    FeedbackBuilder,
+    RecordCounts,
+    is_kind,
+    paired_features,
+    prompt_key,
+    require,
 )
 
 FILE_NAME = "2023-04-12_oasst_ready.trees.jsonl.gz"
@@ -86,11 +92,14 @@ class Oasst(FeedbackBuilder):
     """OpenAssistant oasst1 ready trees, English only: adjacent-rank sibling replies as pairs."""
 
     HOMEPAGE = "https://huggingface.co/datasets/OpenAssistant/oasst1"
-    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Optional: place {FILE_NAME} (from {URL}) in manual_dir; it is downloaded otherwise."
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        f"Optional: place {FILE_NAME} (from {URL}) in manual_dir; it is downloaded otherwise."
+    )
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {"1.1.0": "sft_target: HALOs' generations[-1], the rejected reply of the prompt's last pair"}
-    FEATURES = paired_features(tree_id=tfds.features.Text(), rank_chosen=np.int32, rank_rejected=np.int32,
-                               sft_target=tfds.features.Text())
+    FEATURES = paired_features(
+        tree_id=tfds.features.Text(), rank_chosen=np.int32, rank_rejected=np.int32, sft_target=tfds.features.Text()
+    )
 
     def _split_generators(self, dl_manager):
         path = self.source_file(dl_manager, FILE_NAME, URL)
@@ -161,9 +170,19 @@ class Oasst(FeedbackBuilder):
             for chosen_id, chosen, rank_chosen in kept:
                 if rank_chosen == rank_rejected - 1:
                     key = f"oasst/{chosen_id}/{rejected_id}"
-                    records.append((key, {
-                        "id": key, "prompt": prompt, "chosen": chosen, "rejected": rejected, "tree_id": tree_id,
-                        "rank_chosen": np.int32(rank_chosen), "rank_rejected": np.int32(rank_rejected),
-                        "sft_target": sft_target,
-                    }))
+                    records.append(
+                        (
+                            key,
+                            {
+                                "id": key,
+                                "prompt": prompt,
+                                "chosen": chosen,
+                                "rejected": rejected,
+                                "tree_id": tree_id,
+                                "rank_chosen": np.int32(rank_chosen),
+                                "rank_rejected": np.int32(rank_rejected),
+                                "sft_target": sft_target,
+                            },
+                        )
+                    )
         return message_id, text, rank

@@ -42,13 +42,34 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from kto_jax.data.builders.base import (
-    BadRecord, FeedbackBuilder, manual_dir_or_none, paired_features, prompt_key, require, turns,
+    BadRecord,
+    FeedbackBuilder,
+    manual_dir_or_none,
+    paired_features,
+    prompt_key,
+    require,
+    turns,
 )
 
 DOMAINS = (
-    "askacademia", "askanthropology", "askbaking", "askcarguys", "askculinary", "askdocs", "askengineers",
-    "askhistorians", "askhr", "askphilosophy", "askphysics", "askscience", "asksciencefiction",
-    "asksocialscience", "askvet", "changemyview", "explainlikeimfive", "legaladvice",
+    "askacademia",
+    "askanthropology",
+    "askbaking",
+    "askcarguys",
+    "askculinary",
+    "askdocs",
+    "askengineers",
+    "askhistorians",
+    "askhr",
+    "askphilosophy",
+    "askphysics",
+    "askscience",
+    "asksciencefiction",
+    "asksocialscience",
+    "askvet",
+    "changemyview",
+    "explainlikeimfive",
+    "legaladvice",
 )
 SPLITS = ("train", "validation", "test")
 URL = "https://huggingface.co/datasets/stanfordnlp/SHP/resolve/main/{name}"
@@ -91,8 +112,12 @@ class SHP(FeedbackBuilder):
     RELEASE_NOTES = {"1.1.0": "sft_target: the first comment of the prompt's first kept pair (HALOs' sft_index 0)"}
 
     def _features(self):
-        return paired_features(domain=tfds.features.Text(), score_chosen=np.float32, score_rejected=np.float32,
-                               sft_target=tfds.features.Text())
+        return paired_features(
+            domain=tfds.features.Text(),
+            score_chosen=np.float32,
+            score_rejected=np.float32,
+            sft_target=tfds.features.Text(),
+        )
 
     def _split_generators(self, dl_manager):
         manual_dir = manual_dir_or_none(dl_manager)
@@ -101,7 +126,9 @@ class SHP(FeedbackBuilder):
             names = [file_name(d, s) for d in domains for s in SPLITS]
             paths = self.source_files(dl_manager, {n: URL.format(name=n) for n in names})
         else:
-            domains = tuple(d for d in DOMAINS if any(os.path.exists(os.path.join(manual_dir, file_name(d, s))) for s in SPLITS))
+            domains = tuple(
+                d for d in DOMAINS if any(os.path.exists(os.path.join(manual_dir, file_name(d, s))) for s in SPLITS)
+            )
             if not domains:
                 raise FileNotFoundError(
                     f"manual_dir {manual_dir} holds no SHP file: expected {{domain}}/{{split}}.json for a domain "
@@ -112,7 +139,9 @@ class SHP(FeedbackBuilder):
                 for s in SPLITS:
                     path = os.path.join(manual_dir, file_name(d, s))
                     if not os.path.exists(path):
-                        raise FileNotFoundError(f"{path} is missing: a domain in manual_dir needs all of {', '.join(SPLITS)}")
+                        raise FileNotFoundError(
+                            f"{path} is missing: a domain in manual_dir needs all of {', '.join(SPLITS)}"
+                        )
                     paths[file_name(d, s)] = path
             logging.info("shp: preparing from %s with domains %s", manual_dir, ", ".join(domains))
         return {

@@ -11,7 +11,7 @@ SIZES = {"train": 20000, "validation": 500, "test": 1000}
 
 
 class Synthetic(FeedbackBuilder):
-    """"Shout WORD!" -> " WORD": ``paired`` (chosen/rejected) or ``unary`` (one judged completion)."""
+    """ "Shout WORD!" -> " WORD": ``paired`` (chosen/rejected) or ``unary`` (one judged completion)."""
 
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(name="paired", description="one desirable and one undesirable completion per prompt"),

@@ -93,9 +93,16 @@ class Ultrafeedback(FeedbackBuilder):
         manual_dir = manual_dir_or_none(dl_manager)
         paths = {}
         for split in SPLITS:
-            found = sorted(glob.glob(os.path.join(glob.escape(manual_dir), "data", f"{split}-*.parquet"))) if manual_dir else []
-            paths[split] = found or [self.download(dl_manager, {f"data/{split}-00000-of-00001.parquet": URL.format(split=split)})[
-                f"data/{split}-00000-of-00001.parquet"]]
+            found = (
+                sorted(glob.glob(os.path.join(glob.escape(manual_dir), "data", f"{split}-*.parquet")))
+                if manual_dir
+                else []
+            )
+            paths[split] = found or [
+                self.download(dl_manager, {f"data/{split}-00000-of-00001.parquet": URL.format(split=split)})[
+                    f"data/{split}-00000-of-00001.parquet"
+                ]
+            ]
         return {split: self._generate_examples(paths[split], split) for split in SPLITS}
 
     def _generate_examples(self, paths, split):

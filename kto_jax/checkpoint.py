@@ -324,7 +324,9 @@ def load_opt_state(workdir_and_step: str, opt_state_like, optimizer: dict):
 
 
 def load_params(workdir_and_step: str, params_like):
-    """Policy params from a run's checkpoint: ``WORKDIR`` (latest) or ``WORKDIR@STEP``."""
+    """The model's trained params from a run's checkpoint (``WORKDIR`` latest, or ``WORKDIR@STEP``):
+    ``params_like``'s leaves, the trainable ones of that run (``kto_jax.train.setup.load_run`` puts
+    them over the frozen ones)."""
     checkpointer, step, meta = _open_step(workdir_and_step, f"config.init.source=orbax:{workdir_and_step}")
     saved = meta.get("param_shapes", {})
     current = {f"['model']{k}": v for k, v in param_shapes(params_like).items()}
@@ -335,4 +337,7 @@ def load_params(workdir_and_step: str, params_like):
             f"config.init.source=orbax:{workdir_and_step}: that run trained model {meta.get('model')!r}, whose shapes "
             "differ from config.model; set config.model.name to the same model"
         )
+    if not params_like:  # every model param frozen (nothing of the model saved)
+        checkpointer.close()
+        return {}, step
     return _restore_part(checkpointer, step, {"params": {"model": abstract_like(params_like)}})["params"]["model"], step

@@ -124,6 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
             eval_every=0,  # 0 = evaluate at the end only
             eval_batches=4,
             chunk_size=256,  # tokens per chunk of the chunked log-prob path
+            # comma-separated regexes over the '/'-joined policy param paths (re.fullmatch), e.g.
+            # "model/embed/.*": matched leaves are frozen (no gradient, optimizer state or checkpoint
+            # entry; kto_jax/train/trainable.py); "" trains every parameter
+            freeze="",
             optimizer=ml_collections.ConfigDict(
                 dict(
                     name="rmsprop",

@@ -161,42 +161,15 @@ def _template(name: str, folder: str | None, get_chat_template):
 
 
 def _load_orbax(workdir_and_step: str, dtype: str):
-    """``(model, params, tokenizer, template, tokenizer folder)`` of a kto_jax run, as scripts/export_hf.py reads it:
-    the run's config.json gives the model config, tokenizer (with CSFT's control tokens) and template."""
-    import flax.linen as nn
-    import jax
-    import ml_collections
+    """``(model, params, tokenizer, template, tokenizer folder)`` of a kto_jax run (``setup.load_run``),
+    its params on the first local device; ``dtype`` ("" = the run's own) for params and activations."""
+    from kto_jax.train import setup
 
-    from kto_jax import checkpoint
-    from kto_jax.data.tokenize import get_tokenizer
-    from kto_jax.losses import get_loss
-    from kto_jax.models import abstract_params, build_model
-    from kto_jax.train import plan, setup
-
-    workdir = os.path.abspath(os.path.expanduser(workdir_and_step.partition("@")[0]))
-    config_file = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_file):
-        raise FileNotFoundError(f"{config_file} not found: orbax:WORKDIR[@STEP] needs a kto_jax run directory")
-    with open(config_file, encoding="utf-8") as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    if "compute_dtype" not in config.model:  # a run from before config.model.dtype was named compute_dtype
-        config.model.compute_dtype = config.model.dtype
-    fields = plan.model_fields(config)
-    if dtype:
-        fields.update(param_dtype=dtype, compute_dtype=dtype)
-    model_config = plan.model_config(plan.model_source(config), fields)
-    folder = setup.tokenizer_folder(config)
-    tokenizer = get_tokenizer(folder or "bytes")
-    tokenizer.add_tokens(get_loss(config.loss.name).control_tokens)  # as the run did (kto_jax.train.setup)
-    model_config = model_config.replace(vocab_size=max(model_config.vocab_size, tokenizer.vocab_size))
-    step_source = workdir + (f"@{workdir_and_step.partition('@')[2]}" if "@" in workdir_and_step else "")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # the restore target, allocating nothing
-    like = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.unbox(abstract_params(model_config))
+    run = setup.load_run(
+        workdir_and_step, model_fields={"param_dtype": dtype, "compute_dtype": dtype} if dtype else None
     )
-    params, step = checkpoint.load_params(step_source, like)
-    logging.info("loaded step %d of %s", step, workdir)
-    return build_model(model_config), params, tokenizer, setup.chat_template(config), folder
+    logging.info("loaded step %d of %s", run.step, run.workdir)
+    return run.model, run.params, run.tokenizer, run.chat_template, run.tokenizer_folder
 
 
 def _default_name(source: str) -> str:

@@ -82,6 +82,18 @@ def logical_to_sharding(logical_axes, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     return nn.logical_to_mesh_sharding(logical_axes, mesh, rules)
 
 
+def abstract_on(boxed, mesh: Mesh | None):
+    """``jax.ShapeDtypeStruct`` leaves of logically boxed shapes (``abstract_params``), each with its
+    sharding on ``mesh`` by the rules table, or on the first local device when ``mesh`` is None."""
+    shapes = nn.unbox(boxed)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, shapes)
+    else:
+        shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding of a batch array: the leading (example) axis over the data axes."""
     spec = PartitionSpec("activation_batch", *([None] * (ndim - 1)))

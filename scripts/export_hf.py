@@ -12,22 +12,17 @@ the grown vocabulary), or, for the built-in byte tokenizer, an equivalent tokeni
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import tempfile
 
-import ml_collections
 from absl import app, flags
 
-from kto_jax import checkpoint, faults
-from kto_jax.data.tokenize import ByteTokenizer, get_tokenizer
+from kto_jax import faults
+from kto_jax.data.tokenize import ByteTokenizer
 from kto_jax.files import umask, write_json
-from kto_jax.losses import get_loss
-from kto_jax.models import build_model
-from kto_jax.models.hf import init_params, to_hf
-from kto_jax.models.presets import PRESETS
-from kto_jax.train import plan
+from kto_jax.models.hf import to_hf
+from kto_jax.train.setup import load_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A kto_jax run directory (with config.json and checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest, i.e. the final weights).")
@@ -102,22 +97,12 @@ def remove_unfinished(out: str) -> None:
 def main(argv):
     del argv
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
-    config_file = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_file):
-        raise app.UsageError(f"{config_file} not found: --workdir must be a kto_jax run directory")
-    with open(config_file, encoding="utf-8") as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    name = config.model.name
-    if "compute_dtype" not in config.model:  # a run from before config.model.dtype was named compute_dtype
-        config.model.compute_dtype = config.model.dtype
-    model_config = plan.model_config(plan.model_source(config), plan.model_fields(config))  # the run's own mapping
-    tokenizer_name = config.data.tokenizer or (name if name not in PRESETS else "")
-    tokenizer = get_tokenizer(tokenizer_name if tokenizer_name == "bytes" else os.path.expanduser(tokenizer_name))
-    # a CSFT run added its control tokens to the tokenizer and grew the vocabulary (kto_jax.train.setup)
-    added = tokenizer.add_tokens(get_loss(config.loss.name).control_tokens)
-    model_config = model_config.replace(vocab_size=max(model_config.vocab_size, tokenizer.vocab_size))
-    source = workdir if _STEP.value is None else f"{workdir}@{_STEP.value}"
-    params, step = checkpoint.load_params(source, init_params(model_config))
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+        raise app.UsageError(f"{workdir}/config.json not found: --workdir must be a kto_jax run directory")
+    # the run as it trained: its model, the tokenizer with what it added (CSFT's control tokens, the
+    # vocabulary grown for them), and its final (or --step) weights over any frozen ones
+    run = load_run(workdir if _STEP.value is None else f"{workdir}@{_STEP.value}")
+    folder, tokenizer, step = run.tokenizer_folder, run.tokenizer, run.step
     out = os.path.abspath(os.path.expanduser(_OUT.value))
     # written into a temporary folder beside --out and renamed when complete: a killed export
     # leaves no half-written model folder (an earlier export at --out stays until the new one is whole)
@@ -126,19 +111,19 @@ def main(argv):
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=os.path.dirname(out))
     os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes it private; the exported folder is for others to read
     try:
-        files = [os.path.join(out, os.path.basename(f)) for f in to_hf(build_model(model_config), params, staging)]
-        if tokenizer_name == "bytes":
+        files = [os.path.join(out, os.path.basename(f)) for f in to_hf(run.model, run.params, staging)]
+        if folder is None:  # the byte tokenizer
             byte_tokenizer_json().save(os.path.join(staging, "tokenizer.json"))
             write_json(
                 os.path.join(staging, "tokenizer_config.json"),
                 {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>"},
             )
-        elif tokenizer_name:
+        else:
             for file in TOKENIZER_FILES:
-                path = os.path.join(os.path.expanduser(tokenizer_name), file)
+                path = os.path.join(folder, file)
                 if os.path.exists(path):
                     shutil.copy(path, staging)
-            if added:  # the tokenizer the run trained with: the model folder's plus the added tokens
+            if run.added_tokens:  # the tokenizer the run trained with: the model folder's plus the added tokens
                 tokenizer.tokenizer.save(os.path.join(staging, "tokenizer.json"))
         faults.point("export.write")
         replace_folder(staging, out)

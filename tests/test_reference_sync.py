@@ -34,12 +34,23 @@ from tests.test_train_step import (
     jit,
     loader,
     step_spec,
+    synthetic_examples,
 )
+
+
+@pytest.fixture(scope="module")
+def examples(synthetic_data_dir):
+    return synthetic_examples(synthetic_data_dir)
 
 
 @pytest.fixture(scope="module")
 def policy():
     return init_params(MODEL_CONFIG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return init_params(MODEL_CONFIG, seed=1)
 
 
 P, R = -1.0, 1.5  # HALOs main's log_epsilon_P, log_epsilon_R defaults

@@ -50,10 +50,15 @@ def jit(fn):
     return jax.jit(fn, compiler_options=FAST_COMPILER_OPTIONS)
 
 
+def synthetic_examples(data_dir: str) -> dict:
+    """The synthetic validation split, paired and in the unary view."""
+    paired = load_examples("synthetic", "validation", data_dir)
+    return {"paired": paired, "unary": unary_view(paired, seed=0)[0]}
+
+
 @pytest.fixture(scope="module")
 def examples(synthetic_data_dir):
-    paired = load_examples("synthetic", "validation", synthetic_data_dir)
-    return {"paired": paired, "unary": unary_view(paired, seed=0)[0]}
+    return synthetic_examples(synthetic_data_dir)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 
     engine = build_engine(plan, config.train.optimizer, mesh)
     state = engine.create_state(model_params)           # the loop, the benchmark, the tests
+    frozen = engine.frozen_params(model_params)          # config.train.freeze's leaves ({} if none)
     abstract = engine.abstract_state()                   # the AOT check: shapes + shardings only
-    state, metrics = engine.train_fn(state, batch, reference_params)
+    state, metrics = engine.train_fn(state, batch, reference_params, frozen)
 
 The loop runs ``train_fn`` on real arrays and the AOT check lowers the same ``train_fn`` on
 abstract ones carrying the same shardings, so the fit report describes the program the loop
@@ -22,7 +23,17 @@ import optax
 from jax.sharding import Mesh
 
 from kto_jax import sharding
-from kto_jax.train.state import TrainState, abstract_state, create_state, learning_rate, make_optimizer, state_shardings
+from kto_jax.train.state import (
+    TrainState,
+    abstract_policy,
+    abstract_state,
+    create_state,
+    frozen_leaves,
+    learning_rate,
+    make_optimizer,
+    policy_params,
+    state_shardings,
+)
 from kto_jax.train.step import StepSpec, eval_step, jit_train_step, reference_logps
 
 
@@ -34,12 +45,19 @@ class Engine:
     mesh: Mesh
     seed: int
     state_shardings: Any
-    train_fn: Callable  # (state, batch, reference_params) -> (state, metrics); the state is donated
+    train_fn: Callable  # (state, batch, reference_params, frozen_params) -> (state, metrics); the state is donated
     eval_fn: Callable  # (params, batch, reference_params, loss_state) -> metrics
     reference_fn: Callable  # (reference_params, batch) -> cached reference log-probs
 
     def create_state(self, model_params) -> TrainState:
         return create_state(self.spec, self.optimizer, model_params, self.seed, self.mesh)
+
+    def frozen_params(self, model_params) -> dict:
+        """The step's ``frozen_params`` argument: the frozen leaves of the policy (their own buffers;
+        ``{}`` when ``config.train.freeze`` is empty)."""
+        if not self.spec.freeze:
+            return {}
+        return frozen_leaves(self.spec, policy_params(self.spec, model_params, self.seed))
 
     def abstract_state(self) -> TrainState:
         return abstract_state(self.spec, self.optimizer, self.mesh)
@@ -53,13 +71,13 @@ class Engine:
         }
 
     def lower(self, batch_size: int, length: int, rows: int | None = None):
-        """The train step lowered on abstract arguments (nothing is allocated): the state and, in
-        reference mode "model", the frozen reference params (sharded like the policy's)."""
-        state = self.abstract_state()
-        reference = state.params["model"] if self.spec.reference_mode == "model" else None
+        """The train step lowered on abstract arguments (nothing is allocated): the state, in reference
+        mode "model" the frozen reference params, and the frozen params (all sharded like the policy's)."""
+        state, policy = self.abstract_state(), abstract_policy(self.spec, self.mesh)
+        reference = policy["model"] if self.spec.reference_mode == "model" else None
         batch = self.abstract_batch(batch_size, length, rows)
         with sharding.activation_rules(self.mesh):
-            return self.train_fn.lower(state, batch, reference)
+            return self.train_fn.lower(state, batch, reference, frozen_leaves(self.spec, policy))
 
 
 def build_engine(spec: StepSpec, optimizer_config, mesh: Mesh, seed: int = 0, total_steps: int = 0) -> Engine:

@@ -39,7 +39,9 @@ def held_out(run, state) -> dict:
             batch = {**batch, **{k: setup.local_rows(v) for k, v in run.eval_cache[i].items()}}
         with sharding.activation_rules(run.mesh):
             reference = step_reference(run.engine.spec, state, run.reference_params)
-            metrics = run.engine.eval_fn(state.params, setup.to_global(batch, run.mesh), reference, state.loss_state)
+            metrics = run.engine.eval_fn(
+                run.policy_params(state), setup.to_global(batch, run.mesh), reference, state.loss_state
+            )
         rows.append(jax.device_get(metrics))
     return {"held_out": {f"eval/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}}
 
@@ -69,7 +71,7 @@ def samples(run, state) -> list[dict]:
     )  # the whole dialogue, as trained
     completions = generate(
         run.model,
-        state.params["model"],
+        run.policy_params(state)["model"],
         ids,
         max_new_tokens=int(config.eval.max_new_tokens),
         eos_id=tokenizer.eos_id,

@@ -1,7 +1,7 @@
 """The training loop: the only caller of ``train_step``; files, clocks and progress live in its hooks.
 
     for step in range(first, steps):
-        state, metrics = engine.train_fn(state, next_batch(), reference_params)
+        state, metrics = engine.train_fn(state, next_batch(), reference_params, frozen_params)
         for hook in hooks: hook(run, step + 1, state, batch, metrics)     # kto_jax.train.hooks
     results = {name: evaluator(run, state) for name in plan.evaluators}   # kto_jax.train.evaluators
 
@@ -24,13 +24,14 @@ from absl import logging
 
 from kto_jax import checkpoint, files, sharding
 from kto_jax.checkpoint import Checkpointer
-from kto_jax.train import record, setup
+from kto_jax.train import record, setup, trainable
 from kto_jax.train.engine import Engine, build_engine
 from kto_jax.train.evaluators import EVALUATORS
 from kto_jax.train.feeds import get_feed
 from kto_jax.train.hooks import MetricsWriter, Preemption, default_hooks, note
 from kto_jax.train.plan import Plan, make_plan
 from kto_jax.train.reference_cache import cached_reference
+from kto_jax.train.step import policy_params
 
 
 @dataclasses.dataclass
@@ -52,10 +53,15 @@ class Run:
     writer: MetricsWriter | None
     meta: dict
     reference_params: Any = None
+    frozen_params: Any = None  # config.train.freeze's leaves, the step's frozen_params (never donated)
     eval_cache: list | None = None
     stop: str | None = None  # set by a hook: the loop saves nothing more and returns
     sample_rows: list | None = None  # the evaluators' held-out samples, generated once (evaluators.samples)
     judge: Any = None  # config.eval.judge, built once
+
+    def policy_params(self, state) -> dict:
+        """The whole policy of ``state``: its trainable leaves over the frozen ones."""
+        return policy_params(self.engine.spec, state.params, self.reference_params, self.frozen_params)
 
 
 def _restore(checkpointer: Checkpointer, state, loader, reference_meta: dict):
@@ -64,7 +70,14 @@ def _restore(checkpointer: Checkpointer, state, loader, reference_meta: dict):
     if restored is None:
         return 0, state
     first, state, loader_state, saved_meta = restored
-    if saved_meta.get("reference", {}).get("fingerprint") != reference_meta["fingerprint"]:
+    saved_reference = saved_meta.get("reference", {})
+    if saved_reference.get("frozen_fingerprint") != reference_meta.get("frozen_fingerprint"):
+        raise checkpoint.IncompatibleCheckpoint(
+            f"the frozen parameters (config.train.freeze, from {reference_meta['source']}) differ from those "
+            f"{checkpointer.directory}/{first} was trained with (fingerprints differ): the init source changed. "
+            "Use a new --workdir."
+        )
+    if saved_reference.get("fingerprint") != reference_meta["fingerprint"]:
         raise checkpoint.IncompatibleCheckpoint(
             f"the reference model ({reference_meta['source']}) differs from the one {checkpointer.directory}/{first} "
             "was trained against (fingerprints differ): the init source changed. Use a new --workdir."
@@ -106,6 +119,7 @@ def prepare(config, workdir: str, *, resume_with_changes: bool = False) -> Prepa
         plan.step_spec(model), config.train.optimizer, mesh, seed=plan.seed, total_steps=max(steps, 1)
     )
     state = engine.create_state(model_params)  # new buffers: model_params stay as the frozen reference
+    frozen_params = engine.frozen_params(model_params)  # config.train.freeze's leaves: model_params' own buffers
     if plan.init_optimizer:  # an earlier run's moments and schedule position (resuming this run's checkpoint wins)
         opt_state, at = checkpoint.load_opt_state(
             plan.init_optimizer, state.opt_state, config.train.optimizer.to_dict()
@@ -113,11 +127,15 @@ def prepare(config, workdir: str, *, resume_with_changes: bool = False) -> Prepa
         state = state.replace(opt_state=opt_state)
         note(f"optimizer state from orbax:{plan.init_optimizer} (step {at})")
     reference_params = model_params if plan.needs_reference else None
-    del model_params
     reference_meta = {
         "source": config.init.source or config.model.name,
         "fingerprint": checkpoint.fingerprint(reference_params) if reference_params is not None else None,
     }
+    if plan.freeze:  # the frozen leaves are the init source's, not saved: a resume checks they are the same
+        reference_meta["frozen_fingerprint"] = checkpoint.fingerprint(
+            trainable.split({"model": model_params}, plan.freeze)[1]
+        )
+    del model_params
     if plan.reference_mode == "sync":
         reference_params = None  # the state holds the moving reference (these weights at step 0)
     meta = {
@@ -151,6 +169,7 @@ def prepare(config, workdir: str, *, resume_with_changes: bool = False) -> Prepa
         writer=None,
         meta=meta,
         reference_params=reference_params,
+        frozen_params=frozen_params,
     )
     return Prepared(run=r, state=state, first=first, train_data=train_data, resume=resume)
 
@@ -221,7 +240,9 @@ def execute(p: Prepared) -> dict:
             if train_cache is not None:
                 batch.update({k: setup.local_rows(v) for k, v in train_cache[step].items()})
             with sharding.activation_rules(r.mesh):
-                state, metrics = r.engine.train_fn(state, setup.to_global(batch, r.mesh), r.reference_params)
+                state, metrics = r.engine.train_fn(
+                    state, setup.to_global(batch, r.mesh), r.reference_params, r.frozen_params
+                )
             for hook in hooks:
                 hook(r, step + 1, state, batch, metrics)
             if r.stop:

@@ -18,14 +18,16 @@ import json
 import os
 from typing import Any
 
+import jax
 import numpy as np
 
 from kto_jax import sharding
 from kto_jax.data.batch import BatchSchema
 from kto_jax.losses import LossSpec, get_loss
-from kto_jax.models import ModelConfig, build_model
+from kto_jax.models import ModelConfig, abstract_params, build_model
 from kto_jax.models.hf_config import config_from_hf
 from kto_jax.models.presets import PRESETS, get_preset
+from kto_jax.train import trainable
 from kto_jax.train.feeds import get_feed
 from kto_jax.train.step import StepSpec
 
@@ -63,6 +65,7 @@ class Plan:
     sync_every: int = 1  # reference.mode "sync": mix the policy into the reference after every k-th step
     sync_alpha: float = 1.0  # ... with this weight (1.0: copy it)
     humanline: tuple[float, float] | None = None  # (log_epsilon_P, log_epsilon_R) token clamp, or None
+    freeze: tuple[str, ...] = ()  # config.train.freeze: regexes of the frozen param paths
 
     @property
     def mesh(self) -> dict[str, int]:
@@ -95,6 +98,7 @@ class Plan:
             sync_every=self.sync_every,
             sync_alpha=self.sync_alpha,
             humanline=self.humanline,
+            freeze=self.freeze,
         )
 
     @property
@@ -367,7 +371,19 @@ def make_plan(config, num_devices: int) -> Plan:
         sync_every=int(config.reference.get("sync_every", 1)),
         sync_alpha=float(config.reference.get("sync_alpha", 1.0)),
         humanline=_humanline(config, spec, hparams),
+        freeze=_freeze(config, spec, model),
     )
+
+
+def _freeze(config, spec: LossSpec, model: ModelConfig) -> tuple[str, ...]:
+    """``config.train.freeze`` as regexes, each freezing at least one leaf of the policy params (the
+    model's, and the feed's own such as offline PPO's ``value_head``) and leaving some leaf to train."""
+    freeze = trainable.parse_freeze(config.train.get("freeze", ""))
+    if freeze:
+        feed = get_feed(spec.feed)
+        policy = {"model": abstract_params(model), **jax.eval_shape(lambda: feed.init_params(model, 0))}
+        trainable.check_freeze(freeze, trainable.leaf_paths(policy))
+    return freeze
 
 
 def _splash_rows(config) -> None:

@@ -7,9 +7,13 @@ large for the model, an empty split), each naming the field or file and the fix.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from typing import Any
 
+import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -19,10 +23,13 @@ from kto_jax.data.chat import bos_id_for, get_chat_template
 from kto_jax.data.feedback import Paired, paired_from_unary, sft_targets_per_prompt, unary_view, weight_warning
 from kto_jax.data.loader import FeedbackLoader
 from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
-from kto_jax.models import Decoder, build_model
+from kto_jax.losses import get_loss
+from kto_jax.models import Decoder, abstract_params, build_model
 from kto_jax.models.hf import init_params, load_params
 from kto_jax.models.presets import PRESETS
 from kto_jax.models.vocab import grow_vocab
+from kto_jax.train import plan as plan_lib
+from kto_jax.train import trainable
 from kto_jax.train.hooks import note
 from kto_jax.train.plan import Plan
 
@@ -34,16 +41,92 @@ def make_mesh(plan: Plan):
 
 def load_model(plan: Plan, mesh) -> tuple[Decoder, dict]:
     """The model and its initial weights, sharded on ``mesh``: a preset's random init or an HF
-    folder's weights, then an earlier run's checkpoint when ``config.init.source=orbax:...``."""
-    config = plan.model_config
-    if plan.model_path in PRESETS:
-        params = init_params(config, plan.seed, mesh)
-    else:
-        params = load_params(config, plan.model_path, mesh)
-    if plan.init_checkpoint:
-        params, step = checkpoint.load_params(plan.init_checkpoint, params)
-        note(f"initialised from orbax:{plan.init_checkpoint} (step {step})")
-    return build_model(config), params
+    folder's weights, or an earlier run's final weights when ``config.init.source=orbax:...``."""
+    return _initial_model(plan.model_config, plan.model_path, plan.init_checkpoint, plan.seed, mesh)
+
+
+def _initial_model(config, path: str, init_checkpoint: str, seed: int, mesh) -> tuple[Decoder, dict]:
+    """:func:`load_model` from its parts (a run's own, or a saved run's for :func:`load_run`)."""
+    if init_checkpoint:
+        earlier = load_run(init_checkpoint, mesh=mesh, model_fields=_dtype_fields(config))
+        expected = checkpoint.param_shapes(nn.unbox(abstract_params(config)))
+        if checkpoint.param_shapes(earlier.params) != expected:
+            raise checkpoint.IncompatibleCheckpoint(
+                f"config.init.source=orbax:{init_checkpoint}: that run trained model {earlier.config.model.name!r}, "
+                "whose shapes differ from config.model; set config.model.name to the same model"
+            )
+        note(f"initialised from orbax:{init_checkpoint} (step {earlier.step})")
+        return build_model(config), earlier.params
+    if path in PRESETS:
+        return build_model(config), init_params(config, seed, mesh)
+    return build_model(config), load_params(config, path, mesh)
+
+
+def _dtype_fields(config) -> dict:
+    return {"param_dtype": config.param_dtype, "compute_dtype": config.compute_dtype}
+
+
+@dataclasses.dataclass
+class FinishedRun:
+    """A run opened from its workdir (:func:`load_run`): what serving, export, sampling and
+    ``init.source=orbax:`` need."""
+
+    workdir: str
+    step: int
+    config: Any  # the saved config.json, as a ConfigDict
+    model: Decoder
+    params: dict  # the model params at ``step``: the checkpoint's trained leaves over the frozen ones
+    tokenizer: Any
+    chat_template: Any
+    tokenizer_folder: str | None  # None for the byte tokenizer
+    added_tokens: list  # tokens the run added to its tokenizer (CSFT's control tokens)
+
+
+def read_config(workdir: str):
+    """A run's saved ``config.json`` as a ConfigDict (a run from before ``config.model.dtype`` was
+    named ``compute_dtype`` reads as one of today's)."""
+    file = os.path.join(workdir, "config.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} not found: a kto_jax run directory (orbax:WORKDIR[@STEP]) holds config.json")
+    with open(file, encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if "compute_dtype" not in config.model:
+        config.model.compute_dtype = config.model.dtype
+    return config
+
+
+def load_run(workdir_and_step: str, *, mesh=None, model_fields: dict | None = None) -> FinishedRun:
+    """The one way to open a finished run: ``WORKDIR`` (its latest checkpoint, the final weights) or
+    ``WORKDIR@STEP``. From the saved config: the model as the run built it (its init source, itself
+    possibly an earlier run, then the vocabulary grown as training grew it for CSFT's control
+    tokens), then the checkpoint's trained leaves over it (a frozen leaf, ``config.train.freeze``,
+    is not saved: it is the init source's). ``mesh``: the params' mesh (None: the first local device);
+    ``model_fields``: ModelConfig fields to override (e.g. the serving dtype)."""
+    workdir, at, step = workdir_and_step.partition("@")
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    config = read_config(workdir)
+    fields = {**plan_lib.model_fields(config), **(model_fields or {})}
+    path = plan_lib.model_source(config)
+    model_config = plan_lib.model_config(path, fields)
+    init = config.init.source
+    init_checkpoint = os.path.expanduser(init[len("orbax:") :]) if init.startswith("orbax:") else ""
+    folder = tokenizer_folder(config)
+    tokenizer = get_tokenizer(folder or "bytes")
+    added = tokenizer.add_tokens(get_loss(config.loss.name).control_tokens)  # as the run did (add_control_tokens)
+    freeze = trainable.parse_freeze(config.train.get("freeze", ""))
+    if freeze:  # the frozen leaves are the start's: build it as the run did
+        model, params = _initial_model(model_config, path, init_checkpoint, int(config.seed), mesh)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            grown, params = grow_vocab(model.config, params, tokenizer.vocab_size, mesh)
+            model = build_model(grown)
+    else:  # every leaf is in the checkpoint: restore onto abstract targets, reading nothing else
+        model = build_model(model_config.replace(vocab_size=max(model_config.vocab_size, tokenizer.vocab_size)))
+        params = sharding.abstract_on(abstract_params(model.config), mesh)
+    trained, frozen = trainable.split({"model": params}, freeze)
+    restored, saved_step = checkpoint.load_params(workdir + (f"@{step}" if at else ""), trained.get("model", {}))
+    params = trainable.merge({"model": restored}, frozen)["model"]
+    template = chat_template(config)
+    return FinishedRun(workdir, saved_step, config, model, params, tokenizer, template, folder, added)
 
 
 def files_options(config) -> dict:

@@ -1,7 +1,8 @@
 """The train state and the optimizer, both plain pytrees built from the config.
 
-``TrainState`` holds what changes during training: the policy params, the optimizer
-state, the step, the RNG, small loss state (BCO's running reward mean) and the count of
+``TrainState`` holds what changes during training: the policy's trainable params (all of
+them unless ``config.train.freeze`` names some, ``kto_jax.train.trainable``), the optimizer
+state over those, the step, the RNG, small loss state (BCO's running reward mean) and the count of
 skipped non-finite updates. The frozen
 reference params travel beside it as a separate argument of the step (never donated,
 never saved twice); with ``config.reference.mode = "cached"`` there are none at all; with
@@ -18,13 +19,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kto_jax.train import trainable
+
 OPTIMIZERS = ("rmsprop", "adamw", "adam", "sgd")
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: Any
+    params: Any  # the trainable leaves of the policy params (frozen ones travel beside the state)
     opt_state: Any
     rng: jax.Array
     loss_state: dict
@@ -145,10 +148,16 @@ def learning_rate(cfg, step, total_steps: int = 0) -> jax.Array:
     return lr_schedule(cfg, total_steps)(step)
 
 
+def policy_params(spec, model_params, seed: int) -> dict:
+    """The policy params at step 0: ``{"model": model_params}`` plus the feed's own (offline PPO's
+    ``value_head``, initialised from ``seed``)."""
+    return {"model": model_params, **spec.feed.init_params(spec.model.config, seed)}
+
+
 def init_state(spec, optimizer: optax.GradientTransformation, model_params, seed: int) -> TrainState:
-    """The state at step 0 (a pure function of the model params): the policy params (the
-    model's, plus any of the feed's own, e.g. offline PPO's value head), the optimizer's
-    initial state, RNG ``PRNGKey(seed)``, zero loss state and skip count.
+    """The state at step 0 (a pure function of the model params): the trainable leaves of the policy
+    params (:func:`policy_params` less what ``spec.freeze`` matches), the optimizer's initial state over
+    them, RNG ``PRNGKey(seed)``, zero loss state and skip count.
 
     Run under ``jax.eval_shape`` on the logically boxed param shapes it gives the abstract
     state and, through the boxes optax keeps on the moments, every leaf's logical axes
@@ -156,7 +165,7 @@ def init_state(spec, optimizer: optax.GradientTransformation, model_params, seed
     on the mesh (:func:`create_state`). The loop, the AOT check, the benchmark and the tests
     all build their state here.
     """
-    params = {"model": model_params, **spec.feed.init_params(spec.model.config, seed)}
+    params, _ = trainable.split(policy_params(spec, model_params, seed), spec.freeze)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -175,6 +184,21 @@ def _boxed_state(spec, optimizer):
     from kto_jax.models import abstract_params
 
     return jax.eval_shape(lambda p: init_state(spec, optimizer, p, 0), abstract_params(spec.model.config))
+
+
+def abstract_policy(spec, mesh) -> dict:
+    """The policy params (:func:`policy_params`) as ``jax.ShapeDtypeStruct`` leaves with their shardings
+    on ``mesh``: what the AOT check lowers the reference and the frozen params with."""
+    import flax.linen as nn
+
+    from kto_jax import sharding
+    from kto_jax.models import abstract_params
+
+    boxed = jax.eval_shape(lambda p: policy_params(spec, p, 0), abstract_params(spec.model.config))
+    shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings
+    )
 
 
 def state_shardings(spec, optimizer: optax.GradientTransformation, mesh) -> TrainState:
@@ -204,3 +228,15 @@ def create_state(spec, optimizer: optax.GradientTransformation, model_params, se
 
     init = functools.partial(init_state, spec, optimizer, seed=seed)
     return jax.jit(init, out_shardings=state_shardings(spec, optimizer, mesh))(model_params)
+
+
+def frozen_leaves(spec, policy: dict) -> dict:
+    """The frozen leaves of the policy params ``policy`` (``spec.freeze``; ``{}`` when nothing is frozen),
+    the step's ``frozen_params`` argument: ``policy``'s own buffers (no copy), less those the step reads
+    from the reference params in reference mode "model" (the same initial weights, passed once)."""
+    if not spec.freeze:
+        return {}
+    _, frozen = trainable.split(policy, spec.freeze)
+    if spec.reference_mode == "model":
+        frozen = {k: v for k, v in frozen.items() if k != "model"}
+    return frozen

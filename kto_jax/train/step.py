@@ -1,6 +1,6 @@
 """Pure train and eval steps for every data kind, jit-compiled once with shardings.
 
-    train_step(state, batch, reference_params) -> (state, metrics)
+    train_step(state, batch, reference_params, frozen_params) -> (state, metrics)
 
 The global batch [G, ...] is split into M strided microbatches (microbatch m = rows m,
 m + M, ...; see ``kto_jax.data.loader``) scanned with gradient accumulation; each
@@ -10,6 +10,10 @@ microbatch, as in HALOs and TRL. Reference log-probs come from frozen ``referenc
 (mode "model") or from the batch itself (mode "cached": arrays named like the inputs,
 ``reference_logps``, ``reference_chosen_logps``, ...); both give the same losses. Mode "sync"
 keeps a moving reference in the state (``state.reference``, :func:`sync_reference`).
+
+The state holds the policy's trainable leaves; the frozen ones (``config.train.freeze``) arrive
+in ``frozen_params``, never donated, and :func:`policy_params` puts the two together before the
+feed runs. Gradients, accumulators and updates cover the trainable leaves only.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import optax
 from kto_jax.data.batch import BatchSchema
 from kto_jax.losses import LossSpec
 from kto_jax.models import Decoder
+from kto_jax.train import trainable
 from kto_jax.train.feeds import FEED_METRICS, get_feed
 from kto_jax.train.state import TrainState, schedule_count
 
@@ -46,6 +51,7 @@ class StepSpec:
     sync_every: int = 1  # reference_mode "sync": the reference moves after every sync_every-th step
     sync_alpha: float = 1.0  # ... to sync_alpha * policy + (1 - sync_alpha) * reference
     humanline: tuple[float, float] | None = None  # (log_epsilon_P, log_epsilon_R): per-token log-ratio clamp
+    freeze: tuple[str, ...] = ()  # regexes of the frozen param paths (``kto_jax.train.trainable``)
 
     @property
     def kwargs(self) -> dict:
@@ -96,12 +102,25 @@ def step_reference(spec: StepSpec, state: TrainState, reference_params):
     return state.reference if spec.reference_mode == "sync" else reference_params
 
 
-def sync_reference(spec: StepSpec, state: TrainState):
+def policy_params(spec: StepSpec, params, reference_params, frozen_params):
+    """The whole policy: the trainable ``params`` over the frozen leaves. Those are ``frozen_params``
+    and, in reference mode "model", the reference's own leaves at the same paths (the frozen copy of
+    the initial weights is what a frozen leaf holds, so it is passed once). ``params`` itself when
+    nothing is frozen."""
+    if not spec.freeze:
+        return params
+    base = frozen_params or {}
+    if spec.reference_mode == "model":
+        base = trainable.merge({"model": reference_params}, base)
+    return trainable.merge(base, params)
+
+
+def sync_reference(spec: StepSpec, state: TrainState, policy_model):
     """The moving reference after optimizer step s = ``state.step`` (mode "sync"):
 
         ref_{s+1} = alpha * theta_s + (1 - alpha) * ref_s   if (s + 1) % sync_every == 0, else ref_s
 
-    with theta_s the policy that step s computed its loss with (before its update), as HALOs main
+    with theta_s = ``policy_model`` the policy that step s computed its loss with (before its update), as HALOs main
     syncs before ``optimizer.step()``; alpha = ``sync_alpha`` (TR-DPO's soft update, alpha < 1,
     and hard update, alpha = 1, every tau = ``sync_every`` steps). Mixed in float32."""
     sync = (state.step + 1) % spec.sync_every == 0
@@ -111,15 +130,25 @@ def sync_reference(spec: StepSpec, state: TrainState):
         new = policy if alpha == 1.0 else (alpha * policy.astype(jnp.float32) + (1 - alpha) * ref.astype(jnp.float32))
         return jnp.where(sync, new.astype(ref.dtype), ref)
 
-    return jax.tree_util.tree_map(mix, state.reference, state.params["model"])
+    return jax.tree_util.tree_map(mix, state.reference, policy_model)
 
 
 def train_step(
-    spec: StepSpec, optimizer: optax.GradientTransformation, lr_fn, state: TrainState, batch, reference_params
+    spec: StepSpec,
+    optimizer: optax.GradientTransformation,
+    lr_fn,
+    state: TrainState,
+    batch,
+    reference_params,
+    frozen_params=None,
 ):
-    """One optimizer step over the global batch with gradient accumulation over microbatches."""
+    """One optimizer step over the global batch with gradient accumulation over microbatches; the
+    gradient is taken with respect to the trainable leaves (``state.params``) only."""
+    whole = functools.partial(policy_params, spec, reference_params=reference_params, frozen_params=frozen_params)
     reference_params = step_reference(spec, state, reference_params)
-    grad_fn = jax.value_and_grad(lambda p, mb, ls: microbatch_loss(spec, p, reference_params, mb, ls), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda p, mb, ls: microbatch_loss(spec, whole(p), reference_params, mb, ls), has_aux=True
+    )
 
     def body(carry, mb):
         grads, loss_state = carry
@@ -150,7 +179,9 @@ def train_step(
             keep(loss_state, state.loss_state),
         )
     skipped = state.nonfinite_skipped + (~finite).astype(jnp.int32) if spec.skip_nonfinite else state.nonfinite_skipped
-    reference = sync_reference(spec, state) if spec.reference_mode == "sync" else state.reference
+    reference = (
+        sync_reference(spec, state, whole(state.params)["model"]) if spec.reference_mode == "sync" else state.reference
+    )
     new_state = state.replace(
         step=state.step + 1,
         params=params,
@@ -187,13 +218,30 @@ def eval_step(spec: StepSpec, params, batch, reference_params, loss_state):
     return metrics
 
 
-def jit_train_step(spec: StepSpec, optimizer: optax.GradientTransformation, lr_fn, state_shardings):
-    """The one compiled train step: the state in and out on ``state_shardings`` and donated; the batch
-    and the reference params keep the shardings they arrive with. The loop runs it and the AOT
-    check lowers it, so both see the same program."""
-    return jax.jit(
-        functools.partial(train_step, spec, optimizer, lr_fn),
-        in_shardings=(state_shardings, None, None),
-        out_shardings=(state_shardings, None),
-        donate_argnums=(0,),
+@dataclasses.dataclass(frozen=True)
+class TrainFn:
+    """The compiled train step, called (or lowered) as ``(state, batch, reference_params,
+    frozen_params=None)``: ``frozen_params`` may be left out when nothing is frozen."""
+
+    jitted: Any
+
+    def __call__(self, state, batch, reference_params, frozen_params=None):
+        return self.jitted(state, batch, reference_params, frozen_params)
+
+    def lower(self, state, batch, reference_params, frozen_params=None):
+        return self.jitted.lower(state, batch, reference_params, frozen_params)
+
+
+def jit_train_step(spec: StepSpec, optimizer: optax.GradientTransformation, lr_fn, state_shardings) -> TrainFn:
+    """The one compiled train step ``(state, batch, reference_params, frozen_params)``: the state in and
+    out on ``state_shardings`` and donated; the batch, the reference params and the frozen params keep
+    the shardings they arrive with and are not donated. The loop runs it and the AOT check lowers it,
+    so both see the same program."""
+    return TrainFn(
+        jax.jit(
+            functools.partial(train_step, spec, optimizer, lr_fn),
+            in_shardings=(state_shardings, None, None, None),
+            out_shardings=(state_shardings, None),
+            donate_argnums=(0,),
+        )
     )

@@ -73,3 +73,44 @@ def loaded(checkpoints):
         return cache[name]
 
     return get
+
+
+# The slow tier: modules that start CLIs or worker subprocesses (kill -9, multi-process, 8 simulated
+# devices), load the real SmolLM2 model, compile for TPU topologies or run Pallas in its interpreter.
+# `python -m pytest -m "not slow" tests` is the development loop; the README's test command runs all.
+SLOW_MODULES = {
+    "test_aot",
+    "test_bad_input",
+    "test_byo_data",
+    "test_checkpoint",
+    "test_csft_control_tokens",
+    "test_data_tokenize_real",
+    "test_eval_pairwise",
+    "test_faults",
+    "test_init_optimizer",
+    "test_judges_api",
+    "test_judges_reward_model",
+    "test_launch",
+    "test_online",
+    "test_packing_sharded",
+    "test_reference_cache",
+    "test_reference_sync",
+    "test_serve",
+    "test_smollm2",
+    "test_splash",
+    "test_train_cli",
+    "test_train_multiprocess",
+    "test_train_sharded",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: the slow tier (subprocesses, real models, TPU compiles); -m 'not slow' skips it"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -190,6 +190,41 @@ def losses(args) -> None:
                 f.write(traceback.format_exc())
 
 
+FROZEN = "model/embed/.*,model/layers/mlp/gate/.*"  # embeddings and one stacked projection
+
+
+def frozen(args) -> None:
+    """``loop.run`` with ``config.train.freeze=FROZEN`` on the mesh ``--mesh`` over all devices (kto in
+    reference mode "model", whose frozen leaves come from the reference; dpo with a cached reference,
+    whose frozen leaves travel on their own): its metric rows, and its final weights
+    (``setup.load_run``) and initial weights as npz."""
+    from kto_jax.models.hf import init_params
+    from kto_jax.train import loop, setup
+    from kto_jax.train.plan import make_plan
+
+    config = small_config(args.loss, args.data_dir, steps=args.steps)
+    config.train.optimizer.update(dict(name="sgd", lr=0.1, warmup_steps=0))
+    config.train.freeze = FROZEN
+    config.checkpoint.every_steps = 1
+    if args.loss == "dpo":
+        config.reference.mode = "cached"
+    initial = init_params(make_plan(config, 1).model_config, seed=config.seed)
+    np.savez(os.path.join(args.out, "initial.npz"), **_named(initial))
+    d, f, t = MESHES[args.mesh]
+    config.mesh.update(dict(data=d, fsdp=f, tensor=t))
+    workdir = os.path.join(args.out, "run")
+    loop.run(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as fh:
+        summary = {"metrics": [row for row in map(json.loads, fh) if "loss" in row], "devices": jax.device_count()}
+    np.savez(os.path.join(args.out, "final.npz"), **_named(setup.load_run(workdir).params))
+    with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=1)
+
+
+def _named(params) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,13 +243,20 @@ def main() -> None:
     p.add_argument("--data_dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=3)
+    p = sub.add_parser("frozen")
+    p.add_argument("--loss", required=True)
+    p.add_argument("--mesh", required=True, choices=sorted(MESHES))
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=3)
     p = sub.add_parser("losses")
     p.add_argument("--data_dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("names", nargs="+")
     args = parser.parse_args()
     register_test_preset()
-    {"sharded": sharded, "packed": packed, "sync": sync, "losses": losses}[args.command](args)
+    commands = {"sharded": sharded, "packed": packed, "sync": sync, "losses": losses, "frozen": frozen}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ _CARRY = flags.DEFINE_bool(
 _OUT = flags.DEFINE_string(
     "out",
     "",
-    "Also write the summary and the plot as OUT.json and OUT.png (the README's: "
+    "Also write the summary and the plot as OUT.json and OUT.png (docs/training.md's: "
     "experiments/results/online_vs_offline).",
 )
 

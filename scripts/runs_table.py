@@ -2,7 +2,7 @@
 
     python scripts/runs_table.py runs/smol-base runs/smol-kto runs/smol-dpo [--out table.md]
 
-(kto_jax/results.py:runs_table; the README's SmolLM2 before/after table is made with it.)
+(kto_jax/results.py:runs_table; the SmolLM2 before/after table in docs/paper.md is made with it.)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Bad input: each case must fail with a message naming the field or file and the fix, and a
 failed start on an existing run's workdir must leave every file of that run as it was.
 
-Failure modes (what you did -> what you get); README.md "Failure modes" lists the same:
+Failure modes (what you did -> what you get); docs/failure-modes.md lists the same:
 
 CLI and configs
 - unknown loss (experiments/tiny.py:loss=nope) -> unknown loss 'nope' (config.loss.name); known losses: apo_down, ...

@@ -255,7 +255,7 @@ def test_unknown_hyperparameter_names_the_valid_ones():
     assert get_loss("kto").hyperparameters({"beta": 0.2})["beta"] == 0.2
 
 
-# Every loss's hyperparameters and defaults as the README's loss table states them (ppo_offline's
+# Every loss's hyperparameters and defaults as docs/losses.md's loss table states them (ppo_offline's
 # critic_coef 0.01 and kl_coef 0.1 are the coefficients in its formula there), written out by hand.
 DOCUMENTED_DEFAULTS = {
     "kto": dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0),

@@ -1,7 +1,7 @@
 """The HALO family of alignment losses: pure functions of log-probs -> (loss, metrics).
 
 Look a loss up by name with :func:`get_loss` (``config.loss.name``); each function's
-docstring states its formula and paper. See the README's loss table.
+docstring states its formula and paper. See the loss table in docs/losses.md.
 """
 
 from kto_jax.losses.halo import VALUE_FUNCTIONS, halo, halo_unary

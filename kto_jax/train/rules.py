@@ -67,7 +67,7 @@ def _names(values) -> str:
 
 
 def _remat_policies() -> tuple[str, ...]:
-    from kto_jax.models.common import REMAT_POLICIES
+    from kto_jax.models.config import REMAT_POLICIES
 
     return tuple(REMAT_POLICIES)
 

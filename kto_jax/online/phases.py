@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 from kto_jax import faults, files
+from kto_jax.log import note
 from kto_jax.online.labels import binary_labels, preference_pairs, resolve_threshold
-from kto_jax.train.hooks import note
 
 
 def round_dir(workdir: str, r: int) -> str:

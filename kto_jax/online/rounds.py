@@ -45,9 +45,9 @@ import jax
 import numpy as np
 
 from kto_jax import files
+from kto_jax.log import note
 from kto_jax.online.labels import PAIR_MODES, resolve_threshold
 from kto_jax.online.phases import round_dir, sample, write_feedback
-from kto_jax.train.hooks import note
 from kto_jax.train.rules import InputError, config_diff, disallowed_on_resume
 
 FEEDBACK_TYPES = ("binary", "pairwise")

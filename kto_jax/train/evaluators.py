@@ -26,8 +26,7 @@ import jax
 import numpy as np
 
 from kto_jax import files, sharding
-from kto_jax.train import setup
-from kto_jax.train.hooks import note
+from kto_jax.log import note
 from kto_jax.train.step import step_reference
 
 
@@ -36,10 +35,10 @@ def held_out(run, state) -> dict:
     rows = []
     for i, batch in enumerate(run.eval_batches):
         if run.eval_cache is not None:
-            batch = {**batch, **{k: setup.local_rows(v) for k, v in run.eval_cache[i].items()}}
+            batch = {**batch, **{k: sharding.local_rows(v) for k, v in run.eval_cache[i].items()}}
         with sharding.activation_rules(run.mesh):
             reference = step_reference(run.engine.spec, state, run.reference_params)
-            metrics = run.engine.eval_fn(state.params, setup.to_global(batch, run.mesh), reference, state.loss_state)
+            metrics = run.engine.eval_fn(state.params, sharding.to_global(batch, run.mesh), reference, state.loss_state)
         rows.append(jax.device_get(metrics))
     return {"held_out": {f"eval/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}}
 

@@ -17,22 +17,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 
 import jax
 import numpy as np
-from absl import logging
 from tqdm import tqdm
 
 from kto_jax.flops import device_peak_flops, step_flops
-
-
-def note(message: str) -> None:
-    """A line for the person running the job (process 0's stderr, above the progress bar), also logged."""
-    logging.info("%s", message)
-    if jax.process_index() == 0:
-        tqdm.write(message, file=sys.stderr)
 
 
 class MetricsWriter:

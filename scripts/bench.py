@@ -50,7 +50,7 @@ from kto_jax.models import build_model
 from kto_jax.models.hf import init_params
 from kto_jax.models.presets import get_preset
 from kto_jax.train.engine import build_engine
-from kto_jax.train.step import StepSpec
+from kto_jax.train.feeds import StepSpec
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lengths  # noqa: E402  (scripts/lengths.py, shared with the TRL anchor)

@@ -26,8 +26,7 @@ from kto_jax.losses import LossSpec, get_loss
 from kto_jax.models import ModelConfig, build_model
 from kto_jax.models.hf_config import config_from_hf
 from kto_jax.models.presets import PRESETS, get_preset
-from kto_jax.train.feeds import get_feed
-from kto_jax.train.step import StepSpec
+from kto_jax.train.feeds import StepSpec, get_feed
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from kto_jax.evaluate import clopper_pearson_interval
-from kto_jax.judges import Turns
+from kto_jax.judges.base import Turns
 from kto_jax.judges.store import JudgmentStore, judgment_key
 
 CHUNK = 32  # verdicts asked for (and saved) together, unless the judge says (``judge.chunk``)

@@ -74,8 +74,8 @@ class ServedModel:
         return self.encode(self.template.prompt(turns), self.chat_bos_id)
 
     def generate(self, rows, *, max_new_tokens, sampling: Sampling, seed, batch_size, bucket) -> list[list[int]]:
-        """``kto_jax.evaluate.generate`` on this model (the ``Batcher``'s ``generate_fn``)."""
-        from kto_jax.evaluate import generate
+        """``kto_jax.generate.generate`` on this model (the ``Batcher``'s ``generate_fn``)."""
+        from kto_jax.generate import generate
 
         return generate(
             self.model,

@@ -103,7 +103,7 @@ def _chunked(parts: list[str], start, name: str) -> list[dict]:
 
 def sample(config, workdir: str, r: int, prompts: list, policy_config) -> list[dict]:
     """Round r's samples (``samples.json``), sampled chunk by chunk; chunks on disk are kept."""
-    from kto_jax.evaluate import generate, prompt_inputs
+    from kto_jax.generate import generate, prompt_inputs
 
     o, folder = config.online, round_dir(workdir, r)
     final = os.path.join(folder, "samples.json")
@@ -202,7 +202,7 @@ def label(config, workdir: str, r: int, rows: list[dict]) -> list[dict]:
 def feedback(config, r: int, rows: list[dict], judged: list[dict]) -> tuple[list[dict], dict]:
     """HALOs' feedback rows from the samples and their judgments (:func:`label`), with their
     counts (``labels.json``): a unary judge's flag is the label, a score is thresholded."""
-    from kto_jax.evaluate import judged_rate
+    from kto_jax.stats import judged_rate
 
     o = config.online
     unary = all("desirable" in j for j in judged)

@@ -143,7 +143,7 @@ def check_workdir(config, workdir: str) -> None:
 def round_prompts(prompts, rounds: int, per_round: int, seed: int) -> list[list]:
     """The prompts of each round: the distinct prompts in SHA-1 order (independent of file order),
     permuted by ``seed``, cut into ``rounds`` disjoint slices of ``per_round``."""
-    from kto_jax.evaluate import eval_prompts
+    from kto_jax.generate import eval_prompts
 
     distinct = eval_prompts(prompts, len(prompts))
     need = rounds * per_round

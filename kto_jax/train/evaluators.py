@@ -51,7 +51,7 @@ def samples(run, state) -> list[dict]:
     if run.sample_rows is not None:
         return run.sample_rows
     from kto_jax.data.feedback import sft_targets_per_prompt
-    from kto_jax.evaluate import eval_prompts, generate, prompt_inputs
+    from kto_jax.generate import eval_prompts, generate, prompt_inputs
 
     config, tokenizer = run.config, run.tokenizer
     # the split's prompts and SFT targets before the loss's view (pairing, subsampling), so every
@@ -109,7 +109,7 @@ def _judge(run):
 def judged(run, state) -> dict:
     """The unary view: the judged desirable rate of the samples and, with ``config.eval.baseline``, the
     per-prompt win rate against that run's samples (a tie counts half)."""
-    from kto_jax.evaluate import judged_rate, winrate
+    from kto_jax.stats import judged_rate, winrate
 
     config = run.config
     if not config.eval.judge:

@@ -30,7 +30,7 @@ import pytest
 from kto_jax.judges.api import ApiJudge, paper_messages, parse_choice
 from kto_jax.judges.protocol import candidate_first, pairwise_winrate
 from kto_jax.judges.store import JudgmentStore
-from kto_jax.serve_batching import Choice
+from kto_jax.serve.batching import Choice
 from tests.train_helpers import REPO, read, tail
 
 SERVE = os.path.join(REPO, "scripts", "serve.py")
@@ -324,7 +324,7 @@ def test_seeded_sampling_repeats(tiny):
 
 
 def test_finish_row_cuts_at_max_tokens_stop_ids_and_strings():
-    from kto_jax.serve_batching import finish_row
+    from kto_jax.serve.batching import finish_row
 
     def decode(ids):
         return "".join(chr(ord("a") + i) for i in ids)

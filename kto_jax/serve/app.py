@@ -7,7 +7,8 @@
 Endpoints: POST /v1/chat/completions (messages rendered by the chat template with the
 generation prompt), POST /v1/completions (raw text or token ids, no template), GET
 /v1/models, GET /health (unauthenticated; batching counters). Requests of all handler
-threads go to one ``kto_jax.serve_batching.Batcher``.
+threads go to one ``kto_jax.serve.batching.Batcher``; their bodies are read by
+``kto_jax.serve.requests``.
 
 Request fields: ``max_tokens`` (chat also ``max_completion_tokens``; default
 ``default_max_tokens``, lowered to what the context leaves), ``temperature`` (default 1),
@@ -30,16 +31,28 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import flax.linen as nn
+import jax
+import ml_collections
 from absl import logging
 
-from kto_jax.serve_batching import Batcher, Job, Sampling
-from kto_jax.serve_requests import (
+from kto_jax import checkpoint
+from kto_jax.data.chat import bos_id_for, get_chat_template
+from kto_jax.data.tokenize import get_tokenizer
+from kto_jax.generate import generate
+from kto_jax.losses import get_loss
+from kto_jax.models import abstract_params, build_model
+from kto_jax.models.hf import from_hf
+from kto_jax.models.presets import PRESETS
+from kto_jax.serve.batching import Batcher, Job, Sampling
+from kto_jax.serve.requests import (
     RequestError,
     chat_turns,
     completion_prompts,
     parse_options,
     resolve_max_tokens,
 )
+from kto_jax.train import plan, setup
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
@@ -75,8 +88,6 @@ class ServedModel:
 
     def generate(self, rows, *, max_new_tokens, sampling: Sampling, seed, batch_size, bucket) -> list[list[int]]:
         """``kto_jax.generate.generate`` on this model (the ``Batcher``'s ``generate_fn``)."""
-        from kto_jax.generate import generate
-
         return generate(
             self.model,
             self.params,
@@ -111,11 +122,6 @@ def load_served_model(
     dtype: params and activations ("float32", "bfloat16"); "" = float32 (an orbax run: its own).
     context_length: 0 = the model's max_position_embeddings.
     """
-    from kto_jax.data.chat import bos_id_for, get_chat_template
-    from kto_jax.data.tokenize import get_tokenizer
-    from kto_jax.models.hf import from_hf
-    from kto_jax.models.presets import PRESETS
-
     template = None
     if source.startswith("orbax:"):
         model, params, tok, template, folder = _load_orbax(source[len("orbax:") :], dtype)
@@ -127,7 +133,7 @@ def load_served_model(
         )
         tok = get_tokenizer(folder or "bytes")
     if chat_template != "auto" or template is None:
-        template = _template(chat_template, folder, get_chat_template)
+        template = _template(chat_template, folder)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer of {source!r} has {tok.vocab_size} tokens but the model embeds only "
@@ -148,7 +154,7 @@ def load_served_model(
     )
 
 
-def _template(name: str, folder: str | None, get_chat_template):
+def _template(name: str, folder: str | None):
     """``name``'s template; "auto": the folder's own when it has one, else halos."""
     if name != "auto":
         return get_chat_template(name, folder)
@@ -163,16 +169,6 @@ def _template(name: str, folder: str | None, get_chat_template):
 def _load_orbax(workdir_and_step: str, dtype: str):
     """``(model, params, tokenizer, template, tokenizer folder)`` of a kto_jax run, as scripts/export_hf.py reads it:
     the run's config.json gives the model config, tokenizer (with CSFT's control tokens) and template."""
-    import flax.linen as nn
-    import jax
-    import ml_collections
-
-    from kto_jax import checkpoint
-    from kto_jax.data.tokenize import get_tokenizer
-    from kto_jax.losses import get_loss
-    from kto_jax.models import abstract_params, build_model
-    from kto_jax.train import plan, setup
-
     workdir = os.path.abspath(os.path.expanduser(workdir_and_step.partition("@")[0]))
     config_file = os.path.join(workdir, "config.json")
     if not os.path.exists(config_file):

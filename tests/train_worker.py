@@ -88,7 +88,7 @@ def sharded(args) -> None:
         loop.run(config, workdir)
         with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
             summary["loop_2x2x2"] = {"metrics": [row for row in map(json.loads, f) if "loss" in row]}
-        from kto_jax.aot import lower_train_step
+        from kto_jax.train.aot import lower_train_step
 
         aot, _ = lower_train_step(make_plan(config, 8), config.train.optimizer, jax.devices())
         summary["loop_2x2x2"]["aot_equals_loop"] = aot.as_text() == lowered[0]

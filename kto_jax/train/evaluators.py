@@ -26,7 +26,13 @@ import jax
 import numpy as np
 
 from kto_jax import files, sharding
+from kto_jax.data.feedback import sft_targets_per_prompt
+from kto_jax.generate import eval_prompts, generate, prompt_inputs
+from kto_jax.judges import make_judge
+from kto_jax.judges.protocol import pairwise_winrate
+from kto_jax.judges.store import JudgmentStore
 from kto_jax.log import note
+from kto_jax.stats import judged_rate, winrate
 from kto_jax.train.step import step_reference
 
 
@@ -50,8 +56,6 @@ def samples(run, state) -> list[dict]:
     ``sft_target`` (HALOs' per-prompt target, the paper's judging baseline; null when none)."""
     if run.sample_rows is not None:
         return run.sample_rows
-    from kto_jax.data.feedback import sft_targets_per_prompt
-    from kto_jax.generate import eval_prompts, generate, prompt_inputs
 
     config, tokenizer = run.config, run.tokenizer
     # the split's prompts and SFT targets before the loss's view (pairing, subsampling), so every
@@ -99,8 +103,6 @@ def _write_samples(run) -> None:
 
 
 def _judge(run):
-    from kto_jax.judges import make_judge
-
     if run.judge is None:
         run.judge = make_judge(run.config)
     return run.judge
@@ -109,8 +111,6 @@ def _judge(run):
 def judged(run, state) -> dict:
     """The unary view: the judged desirable rate of the samples and, with ``config.eval.baseline``, the
     per-prompt win rate against that run's samples (a tie counts half)."""
-    from kto_jax.stats import judged_rate, winrate
-
     config = run.config
     if not config.eval.judge:
         return {}
@@ -158,10 +158,6 @@ def pairwise(run, state) -> dict:
 def pairwise_from_samples(config, rows: list[dict], workdir: str, judge=None, progress: bool = True) -> dict:
     """``{"pairwise": ...}`` for sample rows judged against ``config.eval.against``: "sft_target" (each
     row's target; rows without one are counted in ``no_baseline``) or a workdir's samples (same prompts)."""
-    from kto_jax.judges import make_judge
-    from kto_jax.judges.protocol import pairwise_winrate
-    from kto_jax.judges.store import JudgmentStore
-
     against = config.eval.against
     if against == "sft_target":
         baseline = {r["prompt"]: r.get("sft_target") for r in rows}

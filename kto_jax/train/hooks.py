@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kto_jax.flops import device_peak_flops, step_flops
+from kto_jax.train.evaluators import held_out
 
 
 class MetricsWriter:
@@ -164,8 +165,6 @@ class PeriodicEval:
         self.last = None  # the latest eval metrics, for the checkpoint's best-metric policy
 
     def __call__(self, run, step, state, batch, metrics) -> None:
-        from kto_jax.train.evaluators import held_out
-
         self.last = None
         if self.every and step % self.every == 0 and step != run.steps:
             self.last = held_out(run, state)["held_out"]

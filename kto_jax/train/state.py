@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kto_jax import sharding
+from kto_jax.models import abstract_params
+
 OPTIMIZERS = ("rmsprop", "adamw", "adam", "sgd")
 
 
@@ -172,8 +175,6 @@ def init_state(spec, optimizer: optax.GradientTransformation, model_params, seed
 
 
 def _boxed_state(spec, optimizer):
-    from kto_jax.models import abstract_params
-
     return jax.eval_shape(lambda p: init_state(spec, optimizer, p, 0), abstract_params(spec.model.config))
 
 
@@ -181,8 +182,6 @@ def state_shardings(spec, optimizer: optax.GradientTransformation, mesh) -> Trai
     """NamedShardings of every leaf of the state on ``mesh``, from the logical axes of the
     params (moments follow the params they track; scalars, RNG and the value head are replicated)."""
     import flax.linen as nn
-
-    from kto_jax import sharding
 
     return sharding.logical_to_sharding(nn.get_partition_spec(_boxed_state(spec, optimizer)), mesh)
 

@@ -20,7 +20,7 @@ setup(
         "array_record>=0.5",  # the storage format of prepared datasets (random access without TensorFlow)
         "ml_collections>=1.0",
         "numpy>=1.26",
-        "scipy>=1.9",  # exact (Clopper-Pearson) intervals in kto_jax.evaluate
+        "scipy>=1.9",  # exact (Clopper-Pearson) intervals in kto_jax.stats
         "tokenizers>=0.20",
         "safetensors>=0.4",
         "absl-py>=2.1",

@@ -71,7 +71,7 @@ def get_config(arg: str = ""):
             weight_decay=0.01,
         )
     )
-    # the example file's tasks have exact answers (kto_jax/data/example_feedback.py:judge); another
+    # the example file's tasks have exact answers (kto_jax/judges/exact.py:check_feedback); another
     # file needs another judge (config.eval.judge) or config.eval.evaluators="held_out"
     c.eval.update(
         dict(

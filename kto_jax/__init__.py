@@ -11,7 +11,7 @@ def _leave_out_absent_tpu() -> None:
     """With libtpu installed (the ``[tpu]`` extra, for AOT fit checks) on a host without TPU chips,
     JAX's TPU plugin prints a ``TPU_WORKER_HOSTNAMES`` error at start-up while looking for chips
     that are not there. Leave TPUs out of backend discovery then (GPUs and the CPU stay in);
-    compiling for a TPU topology (``kto_jax.aot``) does not need the TPU backend. An explicit
+    compiling for a TPU topology (``kto_jax.train.aot``) does not need the TPU backend. An explicit
     ``JAX_PLATFORMS`` is left as it is."""
     if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
         return

@@ -18,6 +18,7 @@ import functools
 
 from kto_jax.losses import LossSpec
 from kto_jax.models import ModelConfig, param_count
+from kto_jax.train.feeds import get_feed
 
 # Dense bf16 peak FLOP/s per chip (vendor figures).
 PEAK_FLOPS = {
@@ -67,8 +68,6 @@ def step_flops(
 ) -> float:
     """Model FLOPs of one train step: ``batch`` examples (pairs for paired losses) of ``length`` tokens,
     for ``loss`` with ``hparams`` (its defaults if None)."""
-    from kto_jax.train.feeds import get_feed
-
     per_sequence = forward_flops_per_token(config, length) * length
     mode = reference_mode if loss.needs_reference_with(hparams) else "none"
     return get_feed(loss.feed).forward_equivalents(loss.inputs(hparams), mode) * batch * per_sequence

@@ -15,9 +15,9 @@ import json
 import os
 from collections.abc import Iterable
 
-from kto_jax.evaluate import clopper_pearson_interval
 from kto_jax.models import param_count
 from kto_jax.models.presets import PRESETS
+from kto_jax.stats import clopper_pearson_interval
 
 # model names used in the authors' experiment names -> presets
 PAPER_MODELS = {

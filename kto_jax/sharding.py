@@ -6,6 +6,9 @@ mesh axes ``data``, ``fsdp`` and ``tensor``. No PartitionSpec is written anywher
     data    pure data parallelism (params replicated)
     fsdp    data parallelism with params, grads and optimizer state sharded (ZeRO-3)
     tensor  Megatron-style tensor parallelism over heads, MLP and vocab
+
+Host <-> global arrays: :func:`to_global` (this process's rows -> a global array sharded over the
+data axes) and :func:`local_rows` (this process's rows of a global host array).
 """
 
 from __future__ import annotations
@@ -102,6 +105,20 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def to_global(batch: dict, mesh: Mesh) -> dict:
+    """Host-local numpy batch slices -> global arrays sharded over the data axes."""
+    return {
+        key: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), value)
+        for key, value in batch.items()
+    }
+
+
+def local_rows(array: np.ndarray) -> np.ndarray:
+    """This process's rows of a global ``[G, ...]`` host array (process p holds rows p*G/P ... (p+1)*G/P)."""
+    per = array.shape[0] // jax.process_count()
+    return array[jax.process_index() * per : (jax.process_index() + 1) * per]
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@
     python scripts/aot_check.py --sweep experiments/sweeps/paper_fit.py --out fit   # fit.md + fit.json
 
 Prints per-chip memory (arguments, outputs, temporaries, total against the chip's HBM),
-whether it fits, and XLA's FLOPs (loops counted in full: kto_jax.aot.xla_step_flops) beside the
+whether it fits, and XLA's FLOPs (loops counted in full: kto_jax.train.aot.xla_step_flops) beside the
 analytic count of kto_jax/flops.py. Needs libtpu
 (``pip install -e '.[tpu]'``); nothing is allocated and no TPU is needed.
 """
@@ -19,8 +19,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from kto_jax.aot import compile_train_step, topology_devices  # noqa: E402
 from kto_jax.sweeps import expand, load_config, load_sweep  # noqa: E402
+from kto_jax.train.aot import compile_train_step, topology_devices  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/NAME.py[:ARGS]", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string(

@@ -44,13 +44,17 @@ from absl import app, flags
 
 from kto_jax import sharding
 from kto_jax.config import base_config
+from kto_jax.data.feedback import Paired, Unary
+from kto_jax.data.loader import FeedbackLoader
+from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
 from kto_jax.flops import device_peak_flops, step_flops
 from kto_jax.losses import get_loss
 from kto_jax.models import build_model
 from kto_jax.models.hf import init_params
+from kto_jax.models.positions import attention_mask_4d
 from kto_jax.models.presets import get_preset
 from kto_jax.train.engine import build_engine
-from kto_jax.train.step import StepSpec
+from kto_jax.train.feeds import StepSpec
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lengths  # noqa: E402  (scripts/lengths.py, shared with the TRL anchor)
@@ -163,8 +167,6 @@ def bench_one(name, mode, model, params, peak):
 
 def realistic_examples(name: str, n: int) -> list:
     """kto-jax examples of scripts/lengths.py's texts (the TRL anchor trains on the same ones)."""
-    from kto_jax.data.feedback import Paired, Unary
-
     kind = "paired" if get_loss(name).kind == "paired" else "unary"
     rows = lengths.example_texts(kind, _LENGTHS.value, n, seed=0)
     if kind == "paired":
@@ -174,9 +176,6 @@ def realistic_examples(name: str, n: int) -> list:
 
 def bench_realistic(name, model, params, peak):
     """Useful tokens/s of the padded and the packed layout of the same examples (see the docstring)."""
-    from kto_jax.data.loader import FeedbackLoader
-    from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
-
     loss = get_loss(name)
     examples = realistic_examples(name, _BATCH.value * _BATCHES.value)
     tokenize = TokenizeConfig(max_length=_MAX_LENGTH.value, max_prompt_length=_MAX_PROMPT.value, chat_template="plain")
@@ -278,8 +277,6 @@ def bench_realistic(name, model, params, peak):
 def bench_attention_vs_torch(config) -> None:
     """Seconds per call of one attention layer, JAX against torch, alternating (module docstring)."""
     import torch
-
-    from kto_jax.models.positions import attention_mask_4d
 
     torch.set_num_threads(os.cpu_count() or 1)
     B, T, H, D = _BATCH.value, _MAX_LENGTH.value, config.num_heads, config.head_dim

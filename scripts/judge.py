@@ -26,6 +26,8 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kto_jax import files  # noqa: E402
 from kto_jax.config import base_config  # noqa: E402
+from kto_jax.judges.api import JudgeUnavailable  # noqa: E402
+from kto_jax.train.evaluators import pairwise_from_samples, read_samples  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's directory (with samples.jsonl).", required=True)
 _CONFIG = config_flags.DEFINE_config_dict("config", base_config())
@@ -34,8 +36,6 @@ _CONFIG = config_flags.DEFINE_config_dict("config", base_config())
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from kto_jax.judges.api import JudgeUnavailable
-    from kto_jax.train.evaluators import pairwise_from_samples, read_samples
 
     config, workdir = _CONFIG.value, os.path.abspath(os.path.expanduser(_WORKDIR.value))
     if not config.eval.judge:

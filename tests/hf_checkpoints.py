@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, MistralConfig
 
 from kto_jax.models import build_model
-from kto_jax.models.common import ModelConfig
+from kto_jax.models.config import ModelConfig
 
 TOL = 1e-4
 VOCAB = 101

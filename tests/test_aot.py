@@ -67,10 +67,10 @@ def test_xla_flop_count_sees_every_layer_and_the_remat_recompute(remat, low, hig
     and the count over the analytic FLOPs stays at its measured value (the pins above)."""
     import jax
 
-    from kto_jax.aot import lower_train_step, xla_step_flops
     from kto_jax.flops import step_flops
     from kto_jax.models.presets import get_preset
     from kto_jax.sweeps import load_config
+    from kto_jax.train.aot import lower_train_step, xla_step_flops
     from kto_jax.train.plan import make_plan
 
     config = load_config("experiments/paper.py:model=pythia-1.4b,loss=kto")
@@ -106,8 +106,8 @@ def test_aot_lowers_exactly_the_program_the_loop_runs(loss, mode, packing, synth
     engine lowered at the loop's row count gives the loop's program, at the most rows the check's."""
     import jax
 
-    from kto_jax.aot import lower_train_step
     from kto_jax.train import loop
+    from kto_jax.train.aot import lower_train_step
     from kto_jax.train.plan import make_plan
     from tests.train_helpers import record_loop_lowering
 
@@ -137,8 +137,8 @@ def test_aot_of_an_hf_folder_needs_only_its_config_json(tmp_path, synthetic_data
 
     import jax
 
-    from kto_jax.aot import lower_train_step
     from kto_jax.models.hf_config import config_to_hf
+    from kto_jax.train.aot import lower_train_step
     from kto_jax.train.plan import make_plan
 
     config = _small_config(synthetic_data_dir)
@@ -154,7 +154,7 @@ def test_aot_of_an_hf_folder_needs_only_its_config_json(tmp_path, synthetic_data
 
 
 def test_unknown_topology_is_a_clear_error():
-    from kto_jax.aot import topology_devices
+    from kto_jax.train.aot import topology_devices
 
     with pytest.raises(ValueError, match="unknown TPU topology 'v9-8'.*v5p-8"):
         topology_devices("v9-8")

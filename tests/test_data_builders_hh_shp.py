@@ -14,10 +14,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from kto_jax.data.builders import base, load_examples, load_records, prepare
-from kto_jax.data.builders.base import BadRecord
 from kto_jax.data.builders.hh import SUBSETS, dialogue_turns, split_pair
 from kto_jax.data.builders.shp import DOMAINS, cap_per_post
 from kto_jax.data.feedback import Paired
+from kto_jax.data.schemas import BadRecord
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 HH_DIR = os.path.join(FIXTURES, "hh")

@@ -30,8 +30,8 @@ import tensorflow_datasets as tfds
 
 from kto_jax.data import builders
 from kto_jax.data.builders import base, oasst
-from kto_jax.data.builders.base import BadRecord
 from kto_jax.data.feedback import Paired
+from kto_jax.data.schemas import BadRecord
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 OASST_DIR = os.path.join(FIXTURES, "oasst")

@@ -6,30 +6,31 @@ import pytest
 from kto_jax.data import synthetic
 from kto_jax.data.builders import load_examples
 from kto_jax.data.feedback import Paired, Unary
+from kto_jax.judges.exact import check_synthetic
 
 
 def test_judge_is_exact():
-    assert synthetic.judge("Shout abc!", " ABC")
-    assert synthetic.judge("Shout abc!", "ABC\n")  # surrounding whitespace ignored
-    assert not synthetic.judge("Shout abc!", " abc")
-    assert not synthetic.judge("Shout abc!", " ABD")
-    assert not synthetic.judge("Shout abc!", " ABCD")
-    assert not synthetic.judge("Shout abc!", "")
+    assert check_synthetic("Shout abc!", " ABC")
+    assert check_synthetic("Shout abc!", "ABC\n")  # surrounding whitespace ignored
+    assert not check_synthetic("Shout abc!", " abc")
+    assert not check_synthetic("Shout abc!", " ABD")
+    assert not check_synthetic("Shout abc!", " ABCD")
+    assert not check_synthetic("Shout abc!", "")
     with pytest.raises(ValueError, match="not a synthetic-task prompt"):
-        synthetic.judge("Whisper abc!", " abc")
+        check_synthetic("Whisper abc!", " abc")
 
 
 def test_pairs_have_one_desirable_and_one_undesirable_completion():
     for i in range(200):
         ex = synthetic.paired_example("train", i)
-        assert synthetic.judge(ex["prompt"], ex["chosen"])
-        assert not synthetic.judge(ex["prompt"], ex["rejected"])
+        assert check_synthetic(ex["prompt"], ex["chosen"])
+        assert not check_synthetic(ex["prompt"], ex["rejected"])
 
 
 def test_unary_view_is_half_desirable_with_exact_labels():
     examples = [synthetic.unary_example("train", i) for i in range(2000)]
     labels = np.array([ex["desirable"] for ex in examples])
-    assert all(synthetic.judge(ex["prompt"], ex["completion"]) == ex["desirable"] for ex in examples)
+    assert all(check_synthetic(ex["prompt"], ex["completion"]) == ex["desirable"] for ex in examples)
     assert 0.45 < labels.mean() < 0.55
     mistakes = [ex["completion"] for ex in examples if not ex["desirable"]]
     lowercase = np.mean([m == m.lower() for m in mistakes])

@@ -1,4 +1,4 @@
-"""Evaluation (kto_jax/evaluate.py): KV-cache generation equals decoding by recomputing the whole
+"""Evaluation (kto_jax/generate.py, kto_jax/stats.py): KV-cache generation equals decoding by recomputing the whole
 sequence, sampling follows the softmax truncated by top-k and then top-p (Hugging Face's warper
 order, which HALOs samples with), the exact (Clopper-Pearson) interval matches scipy's and hand
 values, the judged rate and win rate use it, and every run of a split is judged on the same prompts."""
@@ -16,15 +16,9 @@ from scipy import stats
 from kto_jax.config import base_config
 from kto_jax.data import synthetic
 from kto_jax.data.feedback import Paired, paired_to_unary
-from kto_jax.evaluate import (
-    clopper_pearson_interval,
-    eval_prompts,
-    generate,
-    judged_rate,
-    sample_token,
-    winrate,
-)
+from kto_jax.generate import eval_prompts, generate, sample_token
 from kto_jax.models import build_model
+from kto_jax.stats import clopper_pearson_interval, judged_rate, winrate
 from tests.test_models_scan import LLAMA, NEOX, random_params
 
 MISTRAL = LLAMA.replace(hf_model_type="mistral", sliding_window=5)

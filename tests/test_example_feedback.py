@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from kto_jax.data.example_feedback import binary_feedback, judge, preferences, write_jsonl
+from kto_jax.data.example_feedback import binary_feedback, preferences, write_jsonl
 from kto_jax.judges import JUDGES
+from kto_jax.judges.exact import check_feedback as judge
 
 
 def _turns(record):

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from kto_jax.aot import TOPOLOGIES
 from kto_jax.sweeps import expand, load_config, load_sweep, product, run_name, zipped
+from kto_jax.train.aot import TOPOLOGIES
 from kto_jax.train.plan import make_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,6 +22,8 @@ import pytest
 from kto_jax.models import abstract_params
 from kto_jax.models.hf import init_params
 from kto_jax.train import trainable
+from kto_jax.train.aot import lower_train_step
+from kto_jax.train.plan import make_plan
 from kto_jax.train.setup import load_run
 from kto_jax.train.state import init_state, make_optimizer
 from kto_jax.train.step import train_step
@@ -72,8 +74,6 @@ def test_regexes_match_whole_paths_and_bad_ones_are_named():
 
 
 def test_an_unmatched_regex_fails_in_the_plan(synthetic_data_dir):
-    from kto_jax.train.plan import make_plan
-
     config = small_config("kto", synthetic_data_dir)
     config.train.freeze = "model/embeddings/.*"
     with pytest.raises(ValueError, match=r"config.train.freeze: 'model/embeddings/\.\*' matches no parameter"):
@@ -237,9 +237,6 @@ def test_aot_argument_bytes_drop_by_the_frozen_state(synthetic_data_dir):
     """Frozen embeddings leave the state (param and the optimizer's per-param moments) and are not
     passed again (in reference mode "model" they are the reference's): the compiled step's argument
     bytes drop by (1 + moments) x the embedding's bytes."""
-    from kto_jax.aot import lower_train_step
-    from kto_jax.train.plan import make_plan
-
     sizes = {}
     for freeze in ("", EMBED):
         config = small_config("kto", synthetic_data_dir)

@@ -9,7 +9,9 @@ import pytest
 from scipy import stats
 
 from kto_jax.config import base_config
-from kto_jax.judges import JUDGES, ExactJudge, Verdict, make_judge
+from kto_jax.judges import JUDGES, make_judge
+from kto_jax.judges.base import Verdict
+from kto_jax.judges.exact import ExactJudge
 from kto_jax.judges.protocol import candidate_first, pairwise_winrate
 from kto_jax.judges.store import JudgmentStore, judgment_key
 

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kto_jax.models import param_count
-from kto_jax.models.common import ModelConfig
+from kto_jax.models.config import ModelConfig
 from kto_jax.models.hf import config_from_hf, config_to_hf
 from kto_jax.models.presets import PRESETS, get_preset
 

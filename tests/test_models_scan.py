@@ -16,7 +16,7 @@ import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
 from kto_jax.models import abstract_params, build_model, param_count
-from kto_jax.models.common import REMAT_POLICIES, ModelConfig
+from kto_jax.models.config import REMAT_POLICIES, ModelConfig
 from kto_jax.models.presets import PRESETS
 
 LLAMA = ModelConfig(

@@ -28,7 +28,8 @@ from kto_jax.models import build_model
 from kto_jax.models.hf import init_params
 from kto_jax.models.positions import positions_from_segments, segment_attention_mask
 from kto_jax.models.presets import get_preset
-from kto_jax.train.step import StepSpec, microbatch_loss, split_microbatches
+from kto_jax.train.feeds import StepSpec
+from kto_jax.train.step import microbatch_loss, split_microbatches
 from tests.train_helpers import FAST_COMPILER_OPTIONS
 
 TOKENIZE = TokenizeConfig(max_length=32, max_prompt_length=16, chat_template="plain")

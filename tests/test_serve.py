@@ -1,7 +1,7 @@
 """scripts/serve.py end to end: a real server process on 127.0.0.1 (port 0), real HTTP (urllib).
 
 * tiny-1m (random init, byte tokenizer, plain template): OpenAI-shaped answers; greedy answers
-  equal ``kto_jax.evaluate.generate`` run here on the same params and prompt tokens (with the
+  equal ``kto_jax.generate.generate`` run here on the same params and prompt tokens (with the
   server's shapes: batch 1, prompt and new tokens padded to powers of two); 8 concurrent requests
   answer as they do one at a time; a seeded sampled request repeats; bad input is a 400 naming the
   field, a wrong key a 401; every prompt is at most 32 tokens, so few shapes are compiled;
@@ -30,7 +30,7 @@ import pytest
 from kto_jax.judges.api import ApiJudge, paper_messages, parse_choice
 from kto_jax.judges.protocol import candidate_first, pairwise_winrate
 from kto_jax.judges.store import JudgmentStore
-from kto_jax.serve_batching import Choice
+from kto_jax.serve.batching import Choice
 from tests.train_helpers import REPO, read, tail
 
 SERVE = os.path.join(REPO, "scripts", "serve.py")
@@ -196,9 +196,9 @@ def _pow2(n: int, floor: int = 16) -> int:
 
 
 def direct_greedy(model, params, ids: list[int], max_tokens: int) -> list[int]:
-    """kto_jax.evaluate.generate at temperature 0 with the server's shapes, cut at ``max_tokens``."""
+    """kto_jax.generate.generate at temperature 0 with the server's shapes, cut at ``max_tokens``."""
     from kto_jax.data.tokenize import ByteTokenizer
-    from kto_jax.evaluate import generate
+    from kto_jax.generate import generate
 
     tok = ByteTokenizer()
     out = generate(
@@ -324,7 +324,7 @@ def test_seeded_sampling_repeats(tiny):
 
 
 def test_finish_row_cuts_at_max_tokens_stop_ids_and_strings():
-    from kto_jax.serve_batching import finish_row
+    from kto_jax.serve.batching import finish_row
 
     def decode(ids):
         return "".join(chr(ord("a") + i) for i in ids)

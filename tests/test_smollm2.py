@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct through kto_jax.models.hf.from_hf: logits equal transformers' (float32)
 on chat-rendered prompts of its own template, one forward per prompt; greedy decoding with
-kto_jax.evaluate.generate (KV cache, left-padded batches) equals transformers' generate token
+kto_jax.generate.generate (KV cache, left-padded batches) equals transformers' generate token
 for token, one prompt at a time and the three in one batch."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from kto_jax.data.chat import JinjaChatTemplate, bos_id_for
 from kto_jax.data.tokenize import HFTokenizer, encode_prompt
-from kto_jax.evaluate import generate
+from kto_jax.generate import generate
 from kto_jax.models.hf import from_hf
 from tests.hf_checkpoints import forward, hf_logits, max_diff
 from tests.smollm2 import smollm2_dir

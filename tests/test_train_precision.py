@@ -16,8 +16,9 @@ from kto_jax.losses import get_loss
 from kto_jax.models import build_model
 from kto_jax.models.hf import init_params
 from kto_jax.models.presets import get_preset
+from kto_jax.train.feeds import StepSpec
 from kto_jax.train.state import init_state, learning_rate, make_optimizer
-from kto_jax.train.step import StepSpec, train_step
+from kto_jax.train.step import train_step
 
 PAPER_RMSPROP = ml_collections.ConfigDict(
     dict(name="rmsprop", lr=5e-7, warmup_steps=0, grad_clip=10.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)

@@ -81,7 +81,7 @@ def test_loop_run_on_a_2x2x2_mesh_matches_one_device(loss, summaries):
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_aot_lowers_the_program_the_loop_runs_on_a_2x2x2_mesh(loss, summaries):
-    """kto_jax.aot.lower_train_step for the 2x2x2 config gives the StableHLO of the loop's own
+    """kto_jax.train.aot.lower_train_step for the 2x2x2 config gives the StableHLO of the loop's own
     first step on that mesh (same shardings of state, batch and reference, same donation)."""
     _, summary = summaries[loss]
     run = summary["loop_2x2x2"]

@@ -25,8 +25,9 @@ from kto_jax.losses import get_loss
 from kto_jax.models import build_model
 from kto_jax.models.hf import init_params
 from kto_jax.models.presets import get_preset
+from kto_jax.train.feeds import StepSpec
 from kto_jax.train.state import TrainState, init_state, learning_rate, make_optimizer
-from kto_jax.train.step import StepSpec, microbatch_loss, reference_logps, train_step
+from kto_jax.train.step import microbatch_loss, reference_logps, train_step
 from tests.train_helpers import FAST_COMPILER_OPTIONS
 
 MODEL_CONFIG = get_preset("tiny-1m", num_layers=2)
@@ -319,7 +320,8 @@ def test_value_head_is_halos_three_layer_mlp():
     """HALOs' ValueHead (legacy models.py): Linear(H, H), ReLU, Linear(H, H), ReLU, Linear(H, 1) in
     float32, torch.nn.Linear's init U(-1/sqrt(H), 1/sqrt(H)) for kernels and biases; values of
     bfloat16 hidden states are float32 and equal the numpy MLP."""
-    from kto_jax.train.feeds import TokenFeed, ValueHead
+    from kto_jax.models.value_head import ValueHead
+    from kto_jax.train.feeds import TokenFeed
 
     H = MODEL_CONFIG.hidden_size
     head = TokenFeed().init_params(MODEL_CONFIG, seed=0)["value_head"]

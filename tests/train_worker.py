@@ -65,7 +65,7 @@ def sharded(args) -> None:
         rows = []
         with sharding.activation_rules(mesh):
             for batch in batches:
-                state, metrics = engine.train_fn(state, setup.to_global(batch, mesh), reference)
+                state, metrics = engine.train_fn(state, sharding.to_global(batch, mesh), reference)
                 rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
         leaves = jax.tree_util.tree_leaves_with_path(state.params["model"])
         np.savez(
@@ -88,7 +88,7 @@ def sharded(args) -> None:
         loop.run(config, workdir)
         with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
             summary["loop_2x2x2"] = {"metrics": [row for row in map(json.loads, f) if "loss" in row]}
-        from kto_jax.aot import lower_train_step
+        from kto_jax.train.aot import lower_train_step
 
         aot, _ = lower_train_step(make_plan(config, 8), config.train.optimizer, jax.devices())
         summary["loop_2x2x2"]["aot_equals_loop"] = aot.as_text() == lowered[0]
@@ -127,7 +127,7 @@ def _train(config, devices, steps: int):
         for _ in range(steps):
             batch = next(loader)
             shapes.append({k: list(v.shape) for k, v in batch.items()})
-            state, metrics = engine.train_fn(state, setup.to_global(batch, mesh), reference)
+            state, metrics = engine.train_fn(state, sharding.to_global(batch, mesh), reference)
             rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     leaves = jax.tree_util.tree_leaves_with_path({"params": state.params, "reference": state.reference})
     return rows, shapes, {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}

@@ -11,21 +11,20 @@ unpaired preference (binary feedback)
 
 and preference ``{"prompt": [...], "chosen": [...], "rejected": [...]}``. Prompts have a
 system message about half the time and an earlier exchange (two to four turns) about 40% of
-the time. Each task has an answer a program can check (``judge``, ``config.eval.judge="feedback"``),
-so a judge can score a model's
-samples: sums, spelling a word backwards, capital letters, and capitals of countries. Good
-replies are right; bad ones are wrong, lazy refusals, or off-topic. With binary feedback a
-prompt gets one or two rated replies, so some prompts have both kinds (``paired_from_unary``
-pairs them for DPO) and most have one. ``malformed`` lines (a cut-off JSON line, a record
-without its completion, a label that is neither true nor false) are what a real export holds
-and what ``config.data.skip_bad_records=True`` skips and counts.
+the time. Each task has an answer a program can check (``kto_jax.judges.exact.check_feedback``,
+``config.eval.judge="feedback"``), so a judge can score a model's samples: sums, spelling a word
+backwards, capital letters, and capitals of countries. Good replies are right; bad ones are
+wrong, lazy refusals, or off-topic. With binary feedback a prompt gets one or two rated replies,
+so some prompts have both kinds (``paired_from_unary`` pairs them for DPO) and most have one.
+``malformed`` lines (a cut-off JSON line, a record without its completion, a label that is
+neither true nor false) are what a real export holds and what
+``config.data.skip_bad_records=True`` skips and counts.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 
 import numpy as np
@@ -200,35 +199,3 @@ def write_jsonl(path: str, kind: str, n: int, *, seed: int = 0, malformed: int =
     if kind == "binary":
         counts["desirable"] = sum(r["label"] for r in records)
     return counts
-
-
-_QUESTIONS = (
-    (
-        re.compile(r"^What is (\d+) \+ (\d+)\?$"),
-        lambda m: {f"{m[1]} + {m[2]} = {int(m[1]) + int(m[2])}.", str(int(m[1]) + int(m[2]))},
-    ),
-    (
-        re.compile(r"^Spell the word '(\w+)' backwards\.$"),
-        lambda m: {f"'{m[1]}' spelled backwards is '{m[1][::-1]}'.", m[1][::-1]},
-    ),
-    (re.compile(r"^Write the word '(\w+)' in capital letters\.$"), lambda m: {m[1].upper()}),
-    (
-        re.compile(r"^What is the capital of (.+)\?$"),
-        lambda m: (
-            {f"The capital of {m[1]} is {c}." for country, c, _ in CAPITALS if country == m[1]}
-            | {c for country, c, _ in CAPITALS if country == m[1]}
-        ),
-    ),
-)
-
-
-def judge(turns, completion: str) -> bool:
-    """Whether ``completion`` answers the conversation's last user question right: exactly one of
-    the accepted answers (the reply these records call good, or the bare answer), surrounding
-    whitespace ignored. A conversation whose last user turn is not one of the tasks fails."""
-    question = next((content for role, content in reversed(tuple(turns)) if role == "user"), None)
-    for pattern, answers in _QUESTIONS:
-        match = pattern.match((question or "").strip())
-        if match:
-            return completion.strip() in answers(match)
-    raise ValueError(f"not a question of kto_jax/data/example_feedback.py's tasks: {question!r}")

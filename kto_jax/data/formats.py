@@ -25,7 +25,6 @@ import json
 import os
 from collections.abc import Callable, Iterator
 
-from kto_jax.data.builders.base import BadRecord
 from kto_jax.data.schemas import (  # noqa: F401  (re-exported: formats is the one entry point)
     CANONICAL,
     HALOS_BINARY,
@@ -34,6 +33,7 @@ from kto_jax.data.schemas import (  # noqa: F401  (re-exported: formats is the o
     PREFERENCE,
     SCHEMAS,
     UNPAIRED,
+    BadRecord,
     FileFormatError,
     apply_columns,
     check_columns,

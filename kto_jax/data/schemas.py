@@ -35,7 +35,12 @@ as they are (a standard-form completion keeps its leading space).
 
 from __future__ import annotations
 
-from kto_jax.data.builders.base import ROLES, BadRecord
+ROLES = ("system", "user", "assistant")  # the roles of a conversation's turns
+
+
+class BadRecord(ValueError):
+    """A source record that does not have the expected structure."""
+
 
 UNPAIRED, PREFERENCE, IMPLICIT = "unpaired_preference", "preference", "implicit_prompt_preference"
 HALOS_BINARY, HALOS_PAIRWISE = "halos_binary_feedback", "halos_pairwise_feedback"

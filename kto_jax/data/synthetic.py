@@ -2,8 +2,9 @@
 
 A prompt asks to shout a random lowercase word; the desirable completion is the word in
 capitals. Undesirable completions are the two mistakes a model can make: not shouting
-(the word unchanged, lowercase) or shouting with one wrong letter. ``judge`` decides
-desirability exactly, for the dataset's completions and for any text a model generates.
+(the word unchanged, lowercase) or shouting with one wrong letter. A program decides
+desirability exactly (``kto_jax.judges.exact.check_synthetic``), for the dataset's completions
+and for any text a model generates.
 
 The mixture is half desirable, half undesirable (a quarter each mistake), so a model
 trained by SFT on all of it writes both kinds about half the time; alignment only has to
@@ -13,14 +14,12 @@ Everything is a pure function of (split, index): no files, no downloads.
 
 from __future__ import annotations
 
-import re
 import string
 
 import numpy as np
 
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 MIN_LETTERS, MAX_LETTERS = 3, 6
-_PROMPT = re.compile(r"^Shout ([a-z]+)!$")
 
 
 def make_prompt(word: str) -> str:
@@ -29,14 +28,6 @@ def make_prompt(word: str) -> str:
 
 def desirable_completion(word: str) -> str:
     return " " + word.upper()
-
-
-def judge(prompt: str, completion: str) -> bool:
-    """True iff ``completion`` (leading/trailing whitespace ignored) is the prompt's word in capitals."""
-    match = _PROMPT.match(prompt.strip())
-    if match is None:
-        raise ValueError(f"not a synthetic-task prompt: {prompt!r} (expected 'Shout <lowercase word>!')")
-    return completion.strip() == match.group(1).upper()
 
 
 def _rng(split: str, index: int) -> np.random.Generator:

@@ -26,6 +26,8 @@ from typing import Protocol
 
 import numpy as np
 
+from kto_jax.models.hf import load_tokenizer
+
 # ---------------------------------------------------------------- tokenizers
 
 
@@ -97,8 +99,6 @@ class HFTokenizer:
     """
 
     def __init__(self, path: str):
-        from kto_jax.models.hf import load_tokenizer
-
         self.tokenizer = load_tokenizer(path)
         self.vocab_size = self.tokenizer.get_vocab_size()
         config = {}

@@ -13,72 +13,32 @@ names the judge and every setting that changes its verdicts; the judgments file
 (kto_jax/judges/store.py) keys each verdict by (prompt, both answers in order, judge.key).
 
 A new judge is a class with ``key``, ``unary``, ``compare`` (and ``desirable`` when unary) and one
-line in ``JUDGES``; its settings live in ``config.eval.<name>``.
+line in ``JUDGES``; its settings live in ``config.eval.<name>``. ``Turns`` and ``Verdict`` are in
+kto_jax/judges/base.py, the exact checkers in kto_jax/judges/exact.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-Turns = Sequence[tuple[str, str]]
-WINNERS = ("first", "second", "tie")
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    winner: str | None  # "first" | "second" | "tie" | None (unparseable)
-    raw: str = ""  # the judge's own answer (API text, reward scores)
-    p_first: float | None = None  # P(first preferred) where the judge has one (reward model: Bradley-Terry)
-
-    def __post_init__(self):
-        if self.winner is not None and self.winner not in WINNERS:
-            raise ValueError(f"Verdict.winner must be one of {WINNERS} or None; got {self.winner!r}")
-
-
-def verdict_from_flags(first_ok: bool, second_ok: bool) -> Verdict:
-    """A pairwise verdict from two unary ones: the desirable answer wins, equal flags tie."""
-    if first_ok == second_ok:
-        return Verdict("tie", f"first={first_ok} second={second_ok}")
-    return Verdict("first" if first_ok else "second", f"first={first_ok} second={second_ok}")
-
-
-class ExactJudge:
-    """A task's exact checker (``check(turns, completion) -> bool``) as a judge; pairwise from the two flags."""
-
-    unary = True
-
-    def __init__(self, name: str, check: Callable[[Turns, str], bool]):
-        self.key, self._check = f"exact:{name}", check
-
-    def desirable(self, items) -> list[bool]:
-        return [bool(self._check(turns, completion)) for turns, completion in items]
-
-    def compare(self, items) -> list[Verdict]:
-        return [verdict_from_flags(*self.desirable([(t, a), (t, b)])) for t, a, b in items]
+from kto_jax.judges.api import ApiJudge
+from kto_jax.judges.exact import ExactJudge, check_feedback, check_synthetic
+from kto_jax.judges.reward_model import RewardModelJudge
 
 
 def _synthetic(config):
-    from kto_jax.data import synthetic
-
-    return ExactJudge("synthetic", lambda turns, completion: synthetic.judge(turns[-1][1], completion))
+    return ExactJudge("synthetic", lambda turns, completion: check_synthetic(turns[-1][1], completion))
 
 
 def _feedback(config):
-    from kto_jax.data.example_feedback import judge
-
-    return ExactJudge("feedback", judge)
+    return ExactJudge("feedback", check_feedback)
 
 
 def _api(config):
-    from kto_jax.judges.api import ApiJudge
-
     return ApiJudge.from_config(config.eval.api)
 
 
 def _reward_model(config):
-    from kto_jax.judges.reward_model import RewardModelJudge
-
     return RewardModelJudge.from_config(config.eval.reward_model)
 
 

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from kto_jax.evaluate import clopper_pearson_interval
-from kto_jax.judges import Turns
+from kto_jax.judges.base import Turns
 from kto_jax.judges.store import JudgmentStore, judgment_key
+from kto_jax.stats import clopper_pearson_interval
 
 CHUNK = 32  # verdicts asked for (and saved) together, unless the judge says (``judge.chunk``)
 

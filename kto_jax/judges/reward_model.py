@@ -46,7 +46,7 @@ from kto_jax.data.chat import (
     get_chat_template,
 )
 from kto_jax.data.tokenize import HFTokenizer, encode_pair
-from kto_jax.judges import Turns, Verdict
+from kto_jax.judges.base import Turns, Verdict
 from kto_jax.models.reward import load_reward_model, read_hf_config, sequence_scores
 
 FIELD = "config.eval.reward_model"

@@ -19,7 +19,7 @@ import json
 import os
 
 from kto_jax import files
-from kto_jax.judges import Turns, Verdict
+from kto_jax.judges.base import Turns, Verdict
 
 
 def judgment_key(judge_key: str, turns: Turns, first: str, second: str) -> str:

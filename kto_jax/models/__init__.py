@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kto_jax.models.common import Decoder, ModelConfig, init_cache, lm_head_kernel
+from kto_jax.models.common import Decoder, init_cache, lm_head_kernel
+from kto_jax.models.config import ModelConfig
 from kto_jax.models.families import FAMILIES, Family, get_family
 
 ARCHITECTURES = {name: family.build for name, family in FAMILIES.items()}  # architecture -> build

@@ -10,7 +10,8 @@ import dataclasses
 from collections.abc import Callable
 
 from kto_jax.models import gpt_neox, llama
-from kto_jax.models.common import Decoder, ModelConfig
+from kto_jax.models.common import Decoder
+from kto_jax.models.config import FAMILY_RULES, ModelConfig
 from kto_jax.models.tensor_map import TensorMap
 
 
@@ -27,7 +28,8 @@ class Family:
     hf_model_types: config.json ``model_type`` -> its HF ``architectures`` class name; the
       first is the default ``ModelConfig.hf_model_type``.
     checks: ModelConfig -> [(ok, field, expected)], the constraints the family adds to
-      ``ModelConfig.__post_init__``.
+      ``ModelConfig.__post_init__`` (which reads them, with hf_model_types, from
+      ``kto_jax.models.config.FAMILY_RULES``).
     """
 
     name: str
@@ -57,6 +59,7 @@ FAMILIES: dict[str, Family] = {
     "llama": _family("llama", llama),  # Llama 1/2/3, Mistral
     "gpt_neox": _family("gpt_neox", gpt_neox),  # Pythia
 }
+FAMILY_RULES.update(FAMILIES)  # what ModelConfig checks of each family (kto_jax.models.config)
 
 
 def get_family(architecture: str) -> Family:

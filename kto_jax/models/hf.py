@@ -26,7 +26,8 @@ from safetensors.flax import save_file
 from kto_jax import sharding as sharding_lib
 from kto_jax.files import write_json
 from kto_jax.models import abstract_params, build_model
-from kto_jax.models.common import Decoder, ModelConfig
+from kto_jax.models.common import Decoder
+from kto_jax.models.config import ModelConfig
 from kto_jax.models.families import get_family
 from kto_jax.models.hf_config import config_from_hf, config_to_hf
 from kto_jax.models.presets import PRESETS, get_preset

@@ -6,7 +6,7 @@ here; each family (``kto_jax.models.families``) adds its own over them.
 
 from __future__ import annotations
 
-from kto_jax.models.common import ModelConfig
+from kto_jax.models.config import ModelConfig
 from kto_jax.models.families import FAMILIES, family_of_model_type, get_family
 
 # config.json model_type -> HF architectures class name, over all families

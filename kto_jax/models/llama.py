@@ -11,7 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kto_jax.models.common import ACTIVATIONS, Attention, Decoder, ModelConfig, constrain, dense, ones
+from kto_jax.models.common import Attention, Decoder, constrain, dense, ones
+from kto_jax.models.config import ACTIVATIONS, ModelConfig
 from kto_jax.models.tensor_map import TensorMap, linear, proj_in, proj_out, same
 
 HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 if TYPE_CHECKING:
-    from kto_jax.models.common import ModelConfig
+    from kto_jax.models.config import ModelConfig
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kto_jax.models.common import ModelConfig
+from kto_jax.models.config import ModelConfig
 
 
 def _llama(**kw) -> ModelConfig:

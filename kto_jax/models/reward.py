@@ -22,7 +22,8 @@ import numpy as np
 
 from kto_jax import sharding as sharding_lib
 from kto_jax.models import build_model
-from kto_jax.models.common import Decoder, ModelConfig
+from kto_jax.models.common import Decoder
+from kto_jax.models.config import ModelConfig
 from kto_jax.models.hf import (
     CONFIG_FILE,
     INDEX_FILE,

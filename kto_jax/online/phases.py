@@ -23,8 +23,13 @@ import jax
 import numpy as np
 
 from kto_jax import faults, files
+from kto_jax.generate import generate, prompt_inputs
+from kto_jax.judges import make_judge
+from kto_jax.log import note
 from kto_jax.online.labels import binary_labels, preference_pairs, resolve_threshold
-from kto_jax.train.hooks import note
+from kto_jax.stats import judged_rate
+from kto_jax.train import setup
+from kto_jax.train.plan import make_plan
 
 
 def round_dir(workdir: str, r: int) -> str:
@@ -60,9 +65,6 @@ class Policy:
 
 def load_policy(config) -> Policy:
     """The round's policy from its config's init source, on the run's mesh."""
-    from kto_jax.train import setup
-    from kto_jax.train.plan import make_plan
-
     plan = make_plan(config, jax.device_count())
     mesh = setup.make_mesh(plan)
     model, params = setup.load_model(plan, mesh)
@@ -103,8 +105,6 @@ def _chunked(parts: list[str], start, name: str) -> list[dict]:
 
 def sample(config, workdir: str, r: int, prompts: list, policy_config) -> list[dict]:
     """Round r's samples (``samples.json``), sampled chunk by chunk; chunks on disk are kept."""
-    from kto_jax.evaluate import generate, prompt_inputs
-
     o, folder = config.online, round_dir(workdir, r)
     final = os.path.join(folder, "samples.json")
     if os.path.exists(final):
@@ -171,8 +171,6 @@ def judge_samples(judge, items) -> list[dict]:
 def label(config, workdir: str, r: int, rows: list[dict]) -> list[dict]:
     """Round r's judgments, one per sample in order (``judge_samples``), judged chunk by chunk;
     chunks on disk are kept."""
-    from kto_jax.judges import make_judge
-
     o, folder = config.online, round_dir(workdir, r)
     chunks = _chunks(len(rows), int(o.chunk_prompts) * int(o.samples_per_prompt))
 
@@ -202,8 +200,6 @@ def label(config, workdir: str, r: int, rows: list[dict]) -> list[dict]:
 def feedback(config, r: int, rows: list[dict], judged: list[dict]) -> tuple[list[dict], dict]:
     """HALOs' feedback rows from the samples and their judgments (:func:`label`), with their
     counts (``labels.json``): a unary judge's flag is the label, a score is thresholded."""
-    from kto_jax.evaluate import judged_rate
-
     o = config.online
     unary = all("desirable" in j for j in judged)
     counts: dict = {"samples": len(rows), "reward_mean": float(np.mean([j["reward"] for j in judged]))}

@@ -45,10 +45,16 @@ import jax
 import numpy as np
 
 from kto_jax import files
+from kto_jax.data.builders import load_mixture
+from kto_jax.generate import eval_prompts
+from kto_jax.judges import JUDGES
+from kto_jax.log import note
 from kto_jax.online.labels import PAIR_MODES, resolve_threshold
 from kto_jax.online.phases import round_dir, sample, write_feedback
-from kto_jax.train.hooks import note
+from kto_jax.train import loop
+from kto_jax.train.plan import make_plan
 from kto_jax.train.rules import InputError, config_diff, disallowed_on_resume
+from kto_jax.train.setup import files_options
 
 FEEDBACK_TYPES = ("binary", "pairwise")
 PAIRWISE_ONLY_JUDGES = ("api",)  # verdicts between two answers only: no per-sample label
@@ -60,8 +66,6 @@ CONFIG_FILE, ROUNDS_FILE, EVAL_FILE = "config.json", "rounds.json", "eval.json"
 
 def check_config(config) -> None:
     """Every ``config.online`` field, before anything is loaded (each error names its field and the fix)."""
-    from kto_jax.judges import JUDGES
-
     o = config.online
     for field in ("rounds", "prompts_per_round", "samples_per_prompt", "chunk_prompts", "batch_size", "max_new_tokens"):
         if int(o[field]) < 1:
@@ -143,8 +147,6 @@ def check_workdir(config, workdir: str) -> None:
 def round_prompts(prompts, rounds: int, per_round: int, seed: int) -> list[list]:
     """The prompts of each round: the distinct prompts in SHA-1 order (independent of file order),
     permuted by ``seed``, cut into ``rounds`` disjoint slices of ``per_round``."""
-    from kto_jax.evaluate import eval_prompts
-
     distinct = eval_prompts(prompts, len(prompts))
     need = rounds * per_round
     if len(distinct) < need:
@@ -158,9 +160,6 @@ def round_prompts(prompts, rounds: int, per_round: int, seed: int) -> list[list]
 
 def load_prompts(config) -> list:
     """The prompts of ``config.online.prompt_split`` of ``config.data.sources``."""
-    from kto_jax.data.builders import load_mixture
-    from kto_jax.train.setup import files_options
-
     d = config.data
     examples, _ = load_mixture(
         d.sources,
@@ -184,9 +183,6 @@ def load_prompts(config) -> list:
 
 def run(config, workdir: str) -> dict:
     """All rounds of ``config`` in ``workdir`` (resuming where a run stopped); returns eval.json's contents."""
-    from kto_jax.train import loop
-    from kto_jax.train.plan import make_plan
-
     check_config(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     o = config.online

@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 from kto_jax import sharding
 from kto_jax.checkpoint import CheckpointNotSaved, UnreadableCheckpoint
+from kto_jax.sweeps import load_config
 from kto_jax.train.loop import execute, prepare
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/NAME.py[:ARGS]", lock_config=True)
@@ -51,8 +52,6 @@ def check_overrides(argv: list[str]) -> str | None:
     if not spec or not keys:
         return None
     try:
-        from kto_jax.sweeps import load_config
-
         config = load_config(spec)
     except Exception:  # a bad --config itself: config_flags reports it
         return None

@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh
 
 from kto_jax import sharding
+from kto_jax.train.feeds import StepSpec
 from kto_jax.train.state import (
     TrainState,
     abstract_policy,
@@ -34,7 +35,7 @@ from kto_jax.train.state import (
     policy_params,
     state_shardings,
 )
-from kto_jax.train.step import StepSpec, eval_step, jit_train_step, reference_logps
+from kto_jax.train.step import eval_step, jit_train_step, reference_logps
 
 
 @dataclasses.dataclass(frozen=True)

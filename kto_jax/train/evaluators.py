@@ -26,8 +26,13 @@ import jax
 import numpy as np
 
 from kto_jax import files, sharding
-from kto_jax.train import setup
-from kto_jax.train.hooks import note
+from kto_jax.data.feedback import sft_targets_per_prompt
+from kto_jax.generate import eval_prompts, generate, prompt_inputs
+from kto_jax.judges import make_judge
+from kto_jax.judges.protocol import pairwise_winrate
+from kto_jax.judges.store import JudgmentStore
+from kto_jax.log import note
+from kto_jax.stats import judged_rate, winrate
 from kto_jax.train.step import step_reference
 
 
@@ -36,11 +41,11 @@ def held_out(run, state) -> dict:
     rows = []
     for i, batch in enumerate(run.eval_batches):
         if run.eval_cache is not None:
-            batch = {**batch, **{k: setup.local_rows(v) for k, v in run.eval_cache[i].items()}}
+            batch = {**batch, **{k: sharding.local_rows(v) for k, v in run.eval_cache[i].items()}}
         with sharding.activation_rules(run.mesh):
             reference = step_reference(run.engine.spec, state, run.reference_params)
             metrics = run.engine.eval_fn(
-                run.policy_params(state), setup.to_global(batch, run.mesh), reference, state.loss_state
+                run.policy_params(state), sharding.to_global(batch, run.mesh), reference, state.loss_state
             )
         rows.append(jax.device_get(metrics))
     return {"held_out": {f"eval/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}}
@@ -53,8 +58,6 @@ def samples(run, state) -> list[dict]:
     ``sft_target`` (HALOs' per-prompt target, the paper's judging baseline; null when none)."""
     if run.sample_rows is not None:
         return run.sample_rows
-    from kto_jax.data.feedback import sft_targets_per_prompt
-    from kto_jax.evaluate import eval_prompts, generate, prompt_inputs
 
     config, tokenizer = run.config, run.tokenizer
     # the split's prompts and SFT targets before the loss's view (pairing, subsampling), so every
@@ -102,8 +105,6 @@ def _write_samples(run) -> None:
 
 
 def _judge(run):
-    from kto_jax.judges import make_judge
-
     if run.judge is None:
         run.judge = make_judge(run.config)
     return run.judge
@@ -112,8 +113,6 @@ def _judge(run):
 def judged(run, state) -> dict:
     """The unary view: the judged desirable rate of the samples and, with ``config.eval.baseline``, the
     per-prompt win rate against that run's samples (a tie counts half)."""
-    from kto_jax.evaluate import judged_rate, winrate
-
     config = run.config
     if not config.eval.judge:
         return {}
@@ -161,10 +160,6 @@ def pairwise(run, state) -> dict:
 def pairwise_from_samples(config, rows: list[dict], workdir: str, judge=None, progress: bool = True) -> dict:
     """``{"pairwise": ...}`` for sample rows judged against ``config.eval.against``: "sft_target" (each
     row's target; rows without one are counted in ``no_baseline``) or a workdir's samples (same prompts)."""
-    from kto_jax.judges import make_judge
-    from kto_jax.judges.protocol import pairwise_winrate
-    from kto_jax.judges.store import JudgmentStore
-
     against = config.eval.against
     if against == "sft_target":
         baseline = {r["prompt"]: r.get("sft_target") for r in rows}

@@ -11,13 +11,17 @@ policy_kl_logps, reference_kl_logps, desirable, ...)``, ``dpo(policy_chosen_logp
     input, the reference forward only when a ``reference_*`` input is;
   * the reference log-probs to cache for ``reference.mode = "cached"`` (``reference_logps``);
   * its forward-pass count (``forward_equivalents``, for FLOPs and MFU);
-  * params of its own beside the model's (``init_params``: offline PPO's value head).
+  * params of its own beside the model's (``init_params``: offline PPO's value head,
+    ``kto_jax.models.value_head``).
 
     sequence feeds ("sft", "unary", "paired"): per-sequence log-probs of sequence groups.
         Inputs with gradient are one policy forward over their groups concatenated; inputs
         without (KTO's KL sequences) a separate stop-gradient forward, so no backward pass is
         spent on them; reference inputs one forward over their groups, no gradient.
     "token": offline PPO's per-token log-probs and a value head on the final hidden states.
+
+The feeds take the step's static description, :class:`StepSpec` (model, loss, hyperparameters,
+microbatching, reference mode), defined here beside them; ``kto_jax.train.step`` runs it.
 
 A new loss that takes a quantity a feed already computes touches its loss file and the
 registry only; a new data kind is a new feed here (and the loader's layout in
@@ -27,9 +31,8 @@ registry only; a new data kind is a new feed here (and the loader's layout in
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -42,10 +45,45 @@ from kto_jax.logprobs import (
     sum_and_count,
     unpack_tokens,
 )
-from kto_jax.models import lm_head_kernel
+from kto_jax.losses import LossSpec
+from kto_jax.models import Decoder, lm_head_kernel
+from kto_jax.models.value_head import ValueHead
 
-if TYPE_CHECKING:
-    from kto_jax.train.step import StepSpec
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static about the step: model, loss, its hyperparameters, microbatching."""
+
+    model: Decoder
+    loss: LossSpec
+    hparams: tuple[tuple[str, Any], ...]
+    num_microbatches: int = 1
+    reference_mode: str = "model"  # "model", "cached", "sync" (a moving reference in the state) or "none"
+    chunk_size: int = 256
+    skip_nonfinite: bool = False  # keep the old params when the loss or gradient norm is not finite
+    packing: bool = False  # packed rows (``config.data.packing``; ``kto_jax.data.batch``)
+    sync_every: int = 1  # reference_mode "sync": the reference moves after every sync_every-th step
+    sync_alpha: float = 1.0  # ... to sync_alpha * policy + (1 - sync_alpha) * reference
+    humanline: tuple[float, float] | None = None  # (log_epsilon_P, log_epsilon_R): per-token log-ratio clamp
+    freeze: tuple[str, ...] = ()  # regexes of the frozen param paths (``kto_jax.train.trainable``)
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.hparams)
+
+    @property
+    def feed(self):
+        return get_feed(self.loss.feed)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The inputs the loss takes with these hyperparameters (``LossSpec.inputs``)."""
+        return self.loss.inputs(self.kwargs)
+
+    @property
+    def schema(self) -> BatchSchema:
+        """The arrays of a global batch of this step (the loader's, plus cached reference log-probs)."""
+        return self.feed.schema(self.inputs, self.reference_mode, self.packing)
 
 
 def hidden_states(spec: StepSpec, model_params, ids, presence):
@@ -232,33 +270,6 @@ class SequenceFeed:
 
     def init_params(self, model_config, seed: int) -> dict:
         return {}
-
-
-def _torch_linear_init(fan_in: int):
-    """torch.nn.Linear's default init (the HALOs value head's): kernel and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = fan_in**-0.5
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-class ValueHead(nn.Module):
-    """Offline PPO's critic: a scalar per token from the final hidden states h, HALOs' ``ValueHead``
-    (legacy models.py:218-253): in float32, on stop_gradient(h), so the critic loss does not train
-    the language model ("detach so that loss isn't backproped through LM", models.py:249),
-
-        V = W3 relu(W2 relu(W1 h + b1) + b2) + b3,   W1, W2: [H, H], W3: [H, 1]
-
-    with torch.nn.Linear's default init. HALOs also puts Dropout(0.1) after each hidden layer
-    (``summary_dropout_prob``, models.py:227, active in train mode); this head has none.
-    """
-
-    @nn.compact
-    def __call__(self, hidden):
-        h = jax.lax.stop_gradient(hidden).astype(jnp.float32)
-        size = h.shape[-1]
-        init = _torch_linear_init(size)  # every layer's fan-in is H
-        h = nn.relu(nn.Dense(size, kernel_init=init, bias_init=init, name="hidden_0")(h))
-        h = nn.relu(nn.Dense(size, kernel_init=init, bias_init=init, name="hidden_1")(h))
-        return nn.Dense(1, kernel_init=init, bias_init=init, name="value")(h)[..., 0]
 
 
 @dataclasses.dataclass(frozen=True)

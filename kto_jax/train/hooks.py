@@ -17,22 +17,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 
 import jax
 import numpy as np
-from absl import logging
 from tqdm import tqdm
 
 from kto_jax.flops import device_peak_flops, step_flops
-
-
-def note(message: str) -> None:
-    """A line for the person running the job (process 0's stderr, above the progress bar), also logged."""
-    logging.info("%s", message)
-    if jax.process_index() == 0:
-        tqdm.write(message, file=sys.stderr)
+from kto_jax.train.evaluators import held_out
 
 
 class MetricsWriter:
@@ -173,8 +165,6 @@ class PeriodicEval:
         self.last = None  # the latest eval metrics, for the checkpoint's best-metric policy
 
     def __call__(self, run, step, state, batch, metrics) -> None:
-        from kto_jax.train.evaluators import held_out
-
         self.last = None
         if self.every and step % self.every == 0 and step != run.steps:
             self.last = held_out(run, state)["held_out"]

@@ -24,11 +24,12 @@ from absl import logging
 
 from kto_jax import checkpoint, files, sharding
 from kto_jax.checkpoint import Checkpointer
+from kto_jax.log import note
 from kto_jax.train import record, setup, trainable
 from kto_jax.train.engine import Engine, build_engine
 from kto_jax.train.evaluators import EVALUATORS
 from kto_jax.train.feeds import get_feed
-from kto_jax.train.hooks import MetricsWriter, Preemption, default_hooks, note
+from kto_jax.train.hooks import MetricsWriter, Preemption, default_hooks
 from kto_jax.train.plan import Plan, make_plan
 from kto_jax.train.reference_cache import cached_reference
 from kto_jax.train.step import policy_params
@@ -238,10 +239,10 @@ def execute(p: Prepared) -> dict:
         for step in range(first, steps):
             batch = next(r.loader)
             if train_cache is not None:
-                batch.update({k: setup.local_rows(v) for k, v in train_cache[step].items()})
+                batch.update({k: sharding.local_rows(v) for k, v in train_cache[step].items()})
             with sharding.activation_rules(r.mesh):
                 state, metrics = r.engine.train_fn(
-                    state, setup.to_global(batch, r.mesh), r.reference_params, r.frozen_params
+                    state, sharding.to_global(batch, r.mesh), r.reference_params, r.frozen_params
                 )
             for hook in hooks:
                 hook(r, step + 1, state, batch, metrics)

@@ -23,13 +23,21 @@ import numpy as np
 
 from kto_jax import sharding
 from kto_jax.data.batch import BatchSchema
+from kto_jax.data.builders import FILES, parse_sources
+from kto_jax.data.chat import CHAT_TEMPLATE_NAMES, get_chat_template
+from kto_jax.data.schemas import SCHEMAS, parse_columns
+from kto_jax.data.tokenize import TokenizeConfig
+from kto_jax.judges import JUDGES
+from kto_jax.judges.api import ApiJudge
 from kto_jax.losses import LossSpec, get_loss
 from kto_jax.models import ModelConfig, abstract_params, build_model
 from kto_jax.models.hf_config import config_from_hf
 from kto_jax.models.presets import PRESETS, get_preset
+from kto_jax.models.splash import BLOCK_SIZES
 from kto_jax.train import trainable
-from kto_jax.train.feeds import get_feed
-from kto_jax.train.step import StepSpec
+from kto_jax.train.evaluators import EVALUATORS
+from kto_jax.train.feeds import StepSpec, get_feed
+from kto_jax.train.rules import check_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,11 +237,6 @@ def model_config(path: str, fields: dict) -> ModelConfig:
 
 
 def _data(config, spec: LossSpec) -> None:
-    from kto_jax.data.builders import FILES, parse_sources
-    from kto_jax.data.chat import CHAT_TEMPLATE_NAMES, get_chat_template
-    from kto_jax.data.schemas import SCHEMAS, parse_columns
-    from kto_jax.data.tokenize import TokenizeConfig
-
     d = config.data
     sources = parse_sources(d.sources) + (parse_sources(d.eval_sources) if d.get("eval_sources") else [])
     if any(s.name == FILES for s in sources):
@@ -256,8 +259,6 @@ def _data(config, spec: LossSpec) -> None:
             f"unknown chat template {d.chat_template!r} (config.data.chat_template); known: {', '.join(CHAT_TEMPLATE_NAMES)}"
         )
     if d.chat_template == "tokenizer":  # the folder's template loads and compiles now, not after the model has
-        from kto_jax.models.presets import PRESETS
-
         folder = d.tokenizer or (config.model.name if config.model.name not in PRESETS else "")
         if not folder or folder == "bytes":
             raise ValueError(
@@ -297,9 +298,6 @@ def _batch(config, spec: LossSpec, needs_kl: bool, mesh: dict) -> None:
 
 
 def _evaluators(config) -> tuple[str, ...]:
-    from kto_jax.judges import JUDGES
-    from kto_jax.train.evaluators import EVALUATORS
-
     names = tuple(n.strip() for n in config.eval.evaluators.split(",") if n.strip())
     for name in names:
         if name not in EVALUATORS:
@@ -309,8 +307,6 @@ def _evaluators(config) -> tuple[str, ...]:
     if config.eval.judge and config.eval.judge not in JUDGES:
         raise ValueError(f"unknown judge {config.eval.judge!r} (config.eval.judge); known: {sorted(JUDGES)}")
     if config.eval.judge == "api":  # its settings, before anything runs (the server is asked only at the end)
-        from kto_jax.judges.api import ApiJudge
-
         ApiJudge.from_config(config.eval.api)
     if config.eval.judge == "reward_model" and not os.path.isfile(
         os.path.join(os.path.expanduser(config.eval.reward_model.path), "config.json")
@@ -333,8 +329,6 @@ def _evaluators(config) -> tuple[str, ...]:
 
 def make_plan(config, num_devices: int) -> Plan:
     """Validate ``config`` for ``num_devices`` devices into a :class:`Plan`; fails naming the field."""
-    from kto_jax.train.rules import check_values
-
     spec, hparams = _loss(config)
     check_values(config)  # every value's range or choices (kto_jax/train/rules.py), then what needs several
     mode = _reference_mode(config, spec, hparams)
@@ -389,8 +383,6 @@ def _freeze(config, spec: LossSpec, model: ModelConfig) -> tuple[str, ...]:
 def _splash_rows(config) -> None:
     """``model.attention_impl='splash'``: every row length the loader can make is a multiple of the
     kernel's smallest block (the packed row, or the padded buckets and their cap max_length)."""
-    from kto_jax.models.splash import BLOCK_SIZES
-
     if config.model.attention_impl != "splash":
         return
     block, d = BLOCK_SIZES[-1], config.data

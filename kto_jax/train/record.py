@@ -21,6 +21,7 @@ import jax
 
 from kto_jax import files
 from kto_jax.checkpoint import CHECKPOINT_DIR, complete_steps
+from kto_jax.config import base_config
 from kto_jax.train.rules import (
     ABSENT,
     InputError,
@@ -69,7 +70,6 @@ def _without_new_defaults(diff: list[tuple]) -> list[tuple]:
     default: those are no change."""
     if not any(old == ABSENT for _, old, _ in diff):
         return diff
-    from kto_jax.config import base_config
 
     defaults = flatten(base_config().to_dict())
     return [(f, old, new) for f, old, new in diff if not (old == ABSENT and f in defaults and defaults[f] == new)]

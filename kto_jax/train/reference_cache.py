@@ -31,9 +31,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from kto_jax import faults, files
-from kto_jax.train import setup
-from kto_jax.train.hooks import note
+from kto_jax import faults, files, sharding
+from kto_jax.log import note
 
 PREFIX = "reference_cache-"
 # Bumped when the file layout changes: a cache written by older code is passed over, not misread.
@@ -59,7 +58,7 @@ def _compute(engine, reference_params, batches, mesh) -> tuple[list[dict], list[
     out, digests = [], []
     for batch in batches:
         digests.append(batch_digest(batch))
-        logps = engine.reference_fn(reference_params, setup.to_global(batch, mesh))
+        logps = engine.reference_fn(reference_params, sharding.to_global(batch, mesh))
         out.append({k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in logps.items()})
     return out, digests
 

@@ -18,6 +18,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from kto_jax.losses.halo import VALUE_FUNCTIONS
+from kto_jax.models.config import REMAT_POLICIES
+from kto_jax.train.state import OPTIMIZERS, SCHEDULES
+
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 REFERENCE_MODES = ("model", "cached", "sync")
 
@@ -67,20 +71,14 @@ def _names(values) -> str:
 
 
 def _remat_policies() -> tuple[str, ...]:
-    from kto_jax.models.common import REMAT_POLICIES
-
     return tuple(REMAT_POLICIES)
 
 
 def _value_functions() -> tuple[str, ...]:
-    from kto_jax.losses.halo import VALUE_FUNCTIONS
-
     return tuple(VALUE_FUNCTIONS)
 
 
 def _optimizers() -> tuple[str, ...]:
-    from kto_jax.train.state import OPTIMIZERS, SCHEDULES
-
     return OPTIMIZERS, SCHEDULES
 
 

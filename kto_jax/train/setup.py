@@ -23,6 +23,7 @@ from kto_jax.data.chat import bos_id_for, get_chat_template
 from kto_jax.data.feedback import Paired, paired_from_unary, sft_targets_per_prompt, unary_view, weight_warning
 from kto_jax.data.loader import FeedbackLoader
 from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
+from kto_jax.log import note
 from kto_jax.losses import get_loss
 from kto_jax.models import Decoder, abstract_params, build_model
 from kto_jax.models.hf import init_params, load_params
@@ -30,7 +31,6 @@ from kto_jax.models.presets import PRESETS
 from kto_jax.models.vocab import grow_vocab
 from kto_jax.train import plan as plan_lib
 from kto_jax.train import trainable
-from kto_jax.train.hooks import note
 from kto_jax.train.plan import Plan
 
 
@@ -291,17 +291,3 @@ def make_loader(config, plan: Plan, data: Data, tokenizer, *, seed: int) -> Feed
         pack_length=plan.pack_length,
         row_multiple=int(np.lcm(plan.data_parallel, jax.process_count())),
     )
-
-
-def to_global(batch: dict, mesh) -> dict:
-    """Host-local numpy batch slices -> global arrays sharded over the data axes."""
-    return {
-        key: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(value)), value)
-        for key, value in batch.items()
-    }
-
-
-def local_rows(array: np.ndarray) -> np.ndarray:
-    """This process's rows of a global ``[G, ...]`` host array (process p holds rows p*G/P ... (p+1)*G/P)."""
-    per = array.shape[0] // jax.process_count()
-    return array[jax.process_index() * per : (jax.process_index() + 1) * per]

@@ -11,14 +11,18 @@ never saved twice); with ``config.reference.mode = "cached"`` there are none at 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from kto_jax import sharding
+from kto_jax.models import abstract_params
 from kto_jax.train import trainable
 
 OPTIMIZERS = ("rmsprop", "adamw", "adam", "sgd")
@@ -181,19 +185,12 @@ def init_state(spec, optimizer: optax.GradientTransformation, model_params, seed
 
 
 def _boxed_state(spec, optimizer):
-    from kto_jax.models import abstract_params
-
     return jax.eval_shape(lambda p: init_state(spec, optimizer, p, 0), abstract_params(spec.model.config))
 
 
 def abstract_policy(spec, mesh) -> dict:
     """The policy params (:func:`policy_params`) as ``jax.ShapeDtypeStruct`` leaves with their shardings
     on ``mesh``: what the AOT check lowers the reference and the frozen params with."""
-    import flax.linen as nn
-
-    from kto_jax import sharding
-    from kto_jax.models import abstract_params
-
     boxed = jax.eval_shape(lambda p: policy_params(spec, p, 0), abstract_params(spec.model.config))
     shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
     return jax.tree_util.tree_map(
@@ -204,17 +201,11 @@ def abstract_policy(spec, mesh) -> dict:
 def state_shardings(spec, optimizer: optax.GradientTransformation, mesh) -> TrainState:
     """NamedShardings of every leaf of the state on ``mesh``, from the logical axes of the
     params (moments follow the params they track; scalars, RNG and the value head are replicated)."""
-    import flax.linen as nn
-
-    from kto_jax import sharding
-
     return sharding.logical_to_sharding(nn.get_partition_spec(_boxed_state(spec, optimizer)), mesh)
 
 
 def abstract_state(spec, optimizer: optax.GradientTransformation, mesh) -> TrainState:
     """The state as ``jax.ShapeDtypeStruct`` leaves carrying their shardings (nothing allocated)."""
-    import flax.linen as nn
-
     shapes = nn.unbox(_boxed_state(spec, optimizer))
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_shardings(spec, optimizer, mesh)
@@ -224,8 +215,6 @@ def abstract_state(spec, optimizer: optax.GradientTransformation, mesh) -> Train
 def create_state(spec, optimizer: optax.GradientTransformation, model_params, seed: int, mesh) -> TrainState:
     """:func:`init_state` on real params, each leaf created on its sharding. The state owns new
     buffers, so ``model_params`` stay valid (they serve as the frozen reference)."""
-    import functools
-
     init = functools.partial(init_state, spec, optimizer, seed=seed)
     return jax.jit(init, out_shardings=state_shardings(spec, optimizer, mesh))(model_params)
 

@@ -26,50 +26,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kto_jax.data.batch import BatchSchema
-from kto_jax.losses import LossSpec
-from kto_jax.models import Decoder
 from kto_jax.train import trainable
-from kto_jax.train.feeds import FEED_METRICS, get_feed
+from kto_jax.train.feeds import FEED_METRICS, StepSpec
 from kto_jax.train.state import TrainState, schedule_count
 
 SUMMED_METRICS = ("num_desirable", "num_undesirable", "tokens")
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSpec:
-    """Everything static about the step: model, loss, its hyperparameters, microbatching."""
-
-    model: Decoder
-    loss: LossSpec
-    hparams: tuple[tuple[str, Any], ...]
-    num_microbatches: int = 1
-    reference_mode: str = "model"  # "model", "cached", "sync" (a moving reference in the state) or "none"
-    chunk_size: int = 256
-    skip_nonfinite: bool = False  # keep the old params when the loss or gradient norm is not finite
-    packing: bool = False  # packed rows (``config.data.packing``; ``kto_jax.data.batch``)
-    sync_every: int = 1  # reference_mode "sync": the reference moves after every sync_every-th step
-    sync_alpha: float = 1.0  # ... to sync_alpha * policy + (1 - sync_alpha) * reference
-    humanline: tuple[float, float] | None = None  # (log_epsilon_P, log_epsilon_R): per-token log-ratio clamp
-    freeze: tuple[str, ...] = ()  # regexes of the frozen param paths (``kto_jax.train.trainable``)
-
-    @property
-    def kwargs(self) -> dict:
-        return dict(self.hparams)
-
-    @property
-    def feed(self):
-        return get_feed(self.loss.feed)
-
-    @property
-    def inputs(self) -> tuple[str, ...]:
-        """The inputs the loss takes with these hyperparameters (``LossSpec.inputs``)."""
-        return self.loss.inputs(self.kwargs)
-
-    @property
-    def schema(self) -> BatchSchema:
-        """The arrays of a global batch of this step (the loader's, plus cached reference log-probs)."""
-        return self.feed.schema(self.inputs, self.reference_mode, self.packing)
 
 
 def microbatch_loss(spec: StepSpec, params, reference_params, mb: dict, loss_state: dict):

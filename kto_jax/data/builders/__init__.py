@@ -34,6 +34,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kto_jax.data.builders.files import FilesOptions, files_builder, files_metadata
 from kto_jax.data.builders.hh import HH
 from kto_jax.data.builders.oasst import Oasst
 from kto_jax.data.builders.shp import SHP
@@ -122,8 +123,6 @@ def get_builder(name: str | SourceSpec, data_dir: str, *, skip_bad_records: bool
     spec = name if isinstance(name, SourceSpec) else parse_sources(name)[0]
     data_dir = os.path.expanduser(data_dir)
     if spec.name == FILES:
-        from kto_jax.data.builders.files import FilesOptions, files_builder
-
         return files_builder(
             FilesOptions(train=spec.pattern, **(files or {})), data_dir, skip_bad_records=skip_bad_records
         )
@@ -284,8 +283,6 @@ def load_mixture(
         examples = unary_from_records(records) if unary else paired_from_records(records)
         entry = {"kind": "unary" if unary else "paired", "available": len(examples), "weight": s.weight}
         if s.name == FILES:
-            from kto_jax.data.builders.files import files_metadata
-
             entry["files"] = files_metadata(builder)
         per_source.append(examples)
         stats["sources"][s.label if s.label not in stats["sources"] else f"{s.label}#{i}"] = entry

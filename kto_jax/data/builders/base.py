@@ -28,8 +28,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from kto_jax import faults
-
-ROLES = ("system", "user", "assistant")
+from kto_jax.data.schemas import ROLES, BadRecord
 
 
 def prompt_feature() -> tfds.features.Sequence:
@@ -71,10 +70,6 @@ def turns(*pairs: tuple[str, str]) -> dict:
         if role not in ROLES:
             raise ValueError(f"turn role {role!r} is not one of {ROLES}")
     return {"role": [r for r, _ in pairs], "content": [c for _, c in pairs]}
-
-
-class BadRecord(ValueError):
-    """A source record that does not have the expected structure."""
 
 
 class SourceUnavailable(FileNotFoundError):

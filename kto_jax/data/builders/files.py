@@ -54,13 +54,13 @@ import tensorflow_datasets as tfds
 from kto_jax import faults
 from kto_jax.data import formats
 from kto_jax.data.builders.base import (
-    BadRecord,
     FeedbackBuilder,
     RecordCounts,
     paired_features,
     prompt_key,
     unary_features,
 )
+from kto_jax.data.schemas import BadRecord
 
 
 class _CustomConfigNotice(logging.Filter):

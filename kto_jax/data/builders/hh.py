@@ -42,7 +42,8 @@ import re
 
 import tensorflow_datasets as tfds
 
-from kto_jax.data.builders.base import BadRecord, FeedbackBuilder, paired_features, prompt_key, require
+from kto_jax.data.builders.base import FeedbackBuilder, paired_features, prompt_key, require
+from kto_jax.data.schemas import BadRecord
 
 SUBSETS = ("helpful-base", "helpful-online", "helpful-rejection-sampled", "harmless-base")
 SPLITS = ("train", "test")

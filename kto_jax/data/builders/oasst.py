@@ -50,7 +50,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from kto_jax.data.builders.base import (
-    BadRecord,
     FeedbackBuilder,
     RecordCounts,
     is_kind,
@@ -58,6 +57,7 @@ from kto_jax.data.builders.base import (
     prompt_key,
     require,
 )
+from kto_jax.data.schemas import BadRecord
 
 FILE_NAME = "2023-04-12_oasst_ready.trees.jsonl.gz"
 URL = f"https://huggingface.co/datasets/OpenAssistant/oasst1/resolve/main/{FILE_NAME}"

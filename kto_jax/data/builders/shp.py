@@ -42,7 +42,6 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from kto_jax.data.builders.base import (
-    BadRecord,
     FeedbackBuilder,
     manual_dir_or_none,
     paired_features,
@@ -50,6 +49,7 @@ from kto_jax.data.builders.base import (
     require,
     turns,
 )
+from kto_jax.data.schemas import BadRecord
 
 DOMAINS = (
     "askacademia",

@@ -38,13 +38,13 @@ from typing import ClassVar
 import numpy as np
 
 from kto_jax.data.builders.base import (
-    BadRecord,
     FeedbackBuilder,
     RecordCounts,
     manual_dir_or_none,
     paired_features,
     require,
 )
+from kto_jax.data.schemas import BadRecord
 
 SPLITS = ("train_prefs", "test_prefs")
 URL = "https://huggingface.co/datasets/HuggingFaceH4/ultrafeedback_binarized/resolve/main/data/{split}-00000-of-00001.parquet"

@@ -7,7 +7,8 @@
 Endpoints: POST /v1/chat/completions (messages rendered by the chat template with the
 generation prompt), POST /v1/completions (raw text or token ids, no template), GET
 /v1/models, GET /health (unauthenticated; batching counters). Requests of all handler
-threads go to one ``kto_jax.serve_batching.Batcher``.
+threads go to one ``kto_jax.serve.batching.Batcher``; their bodies are read by
+``kto_jax.serve.requests``.
 
 Request fields: ``max_tokens`` (chat also ``max_completion_tokens``; default
 ``default_max_tokens``, lowered to what the context leaves), ``temperature`` (default 1),
@@ -32,14 +33,20 @@ from typing import Any
 
 from absl import logging
 
-from kto_jax.serve_batching import Batcher, Job, Sampling
-from kto_jax.serve_requests import (
+from kto_jax.data.chat import bos_id_for, get_chat_template
+from kto_jax.data.tokenize import get_tokenizer
+from kto_jax.generate import generate
+from kto_jax.models.hf import from_hf
+from kto_jax.models.presets import PRESETS
+from kto_jax.serve.batching import Batcher, Job, Sampling
+from kto_jax.serve.requests import (
     RequestError,
     chat_turns,
     completion_prompts,
     parse_options,
     resolve_max_tokens,
 )
+from kto_jax.train import setup
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
@@ -74,9 +81,7 @@ class ServedModel:
         return self.encode(self.template.prompt(turns), self.chat_bos_id)
 
     def generate(self, rows, *, max_new_tokens, sampling: Sampling, seed, batch_size, bucket) -> list[list[int]]:
-        """``kto_jax.evaluate.generate`` on this model (the ``Batcher``'s ``generate_fn``)."""
-        from kto_jax.evaluate import generate
-
+        """``kto_jax.generate.generate`` on this model (the ``Batcher``'s ``generate_fn``)."""
         return generate(
             self.model,
             self.params,
@@ -111,11 +116,6 @@ def load_served_model(
     dtype: params and activations ("float32", "bfloat16"); "" = float32 (an orbax run: its own).
     context_length: 0 = the model's max_position_embeddings.
     """
-    from kto_jax.data.chat import bos_id_for, get_chat_template
-    from kto_jax.data.tokenize import get_tokenizer
-    from kto_jax.models.hf import from_hf
-    from kto_jax.models.presets import PRESETS
-
     template = None
     if source.startswith("orbax:"):
         model, params, tok, template, folder = _load_orbax(source[len("orbax:") :], dtype)
@@ -127,7 +127,7 @@ def load_served_model(
         )
         tok = get_tokenizer(folder or "bytes")
     if chat_template != "auto" or template is None:
-        template = _template(chat_template, folder, get_chat_template)
+        template = _template(chat_template, folder)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer of {source!r} has {tok.vocab_size} tokens but the model embeds only "
@@ -148,7 +148,7 @@ def load_served_model(
     )
 
 
-def _template(name: str, folder: str | None, get_chat_template):
+def _template(name: str, folder: str | None):
     """``name``'s template; "auto": the folder's own when it has one, else halos."""
     if name != "auto":
         return get_chat_template(name, folder)
@@ -163,8 +163,6 @@ def _template(name: str, folder: str | None, get_chat_template):
 def _load_orbax(workdir_and_step: str, dtype: str):
     """``(model, params, tokenizer, template, tokenizer folder)`` of a kto_jax run (``setup.load_run``),
     its params on the first local device; ``dtype`` ("" = the run's own) for params and activations."""
-    from kto_jax.train import setup
-
     run = setup.load_run(
         workdir_and_step, model_fields={"param_dtype": dtype, "compute_dtype": dtype} if dtype else None
     )

@@ -38,7 +38,7 @@ MIN_BUCKET = 16
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """``kto_jax.evaluate.sample_token``'s settings; temperature 0 is greedy (top_p/top_k unused)."""
+    """``kto_jax.generate.sample_token``'s settings; temperature 0 is greedy (top_p/top_k unused)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -120,7 +120,7 @@ class Batcher:
     """A thread answering ``Job``s submitted from any thread, in batches (see the module docstring).
 
     ``generate_fn(rows, *, max_new_tokens, sampling, seed, batch_size, bucket)`` returns each row's
-    new tokens up to EOS (``kto_jax.evaluate.generate``); ``decode`` turns token ids into text.
+    new tokens up to EOS (``kto_jax.generate.generate``); ``decode`` turns token ids into text.
     ``stats`` counts jobs, batches and the largest batch (in rows), for /health.
     """
 

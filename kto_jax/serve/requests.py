@@ -1,12 +1,12 @@
-"""Request validation of the OpenAI-compatible server (``kto_jax.serve``): JSON bodies -> prompts
+"""Request validation of the OpenAI-compatible server (``kto_jax.serve.app``): JSON bodies -> prompts
 and sampling options, or a ``RequestError`` (an HTTP 400 naming the field, as OpenAI's errors).
 
-``served`` below is a ``kto_jax.serve.ServedModel`` (its tokenizer, template and context length).
+``served`` below is a ``kto_jax.serve.app.ServedModel`` (its tokenizer, template and context length).
 """
 
 from __future__ import annotations
 
-from kto_jax.serve_batching import Sampling
+from kto_jax.serve.batching import Sampling
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_N = 64

@@ -28,6 +28,7 @@ from kto_jax import files  # noqa: E402
 from kto_jax.config import base_config  # noqa: E402
 from kto_jax.judges.api import JudgeUnavailable  # noqa: E402
 from kto_jax.train.evaluators import pairwise_from_samples, read_samples  # noqa: E402
+from kto_jax.train.subplans import eval_plan  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's directory (with samples.jsonl).", required=True)
 _CONFIG = config_flags.DEFINE_config_dict("config", base_config())
@@ -42,7 +43,7 @@ def main(argv):
         raise app.UsageError("name a judge: --config.eval.judge=api (or reward_model, synthetic, feedback)")
     try:
         rows = read_samples(workdir)
-        results = pairwise_from_samples(config, rows, workdir)
+        results = pairwise_from_samples(eval_plan(config, evaluators=("pairwise",)), rows, workdir)
     except JudgeUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

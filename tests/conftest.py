@@ -95,11 +95,14 @@ SLOW_MODULES = {
     "test_packing_sharded",
     "test_reference_cache",
     "test_reference_sync",
+    "test_run_record",
     "test_serve",
+    "test_sharding",
     "test_smollm2",
     "test_splash",
     "test_train_cli",
     "test_train_multiprocess",
+    "test_train_precision",
     "test_train_sharded",
 }
 

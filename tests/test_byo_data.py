@@ -168,14 +168,16 @@ def test_the_loader_tokenizes_as_transformers_apply_chat_template(files):
 
     from kto_jax.data.feedback import Unary
     from kto_jax.data.loader import FeedbackLoader
-    from kto_jax.models.presets import get_preset
+    from kto_jax.models.presets import PRESETS, get_preset
     from kto_jax.sweeps import load_config
     from kto_jax.train import setup
+    from kto_jax.train.subplans import data_plan
 
     model_dir = smollm2_dir()
     config = load_config(f"{REPO}/experiments/smol.py:model={model_dir}")
     model = type("M", (), {"config": get_preset("tiny-1m", vocab_size=49152)})()
-    tokenizer = setup.tokenizer_for(config, model)
+    data = data_plan(config, PRESETS)
+    tokenizer = setup.tokenizer_for(data, model, config.model.name)
     records = [json.loads(line) for line in read(files["binary"]).splitlines()[:40]]
     records = [r for r in records if isinstance(r, dict) and isinstance(r.get("label"), bool) and "completion" in r][:8]
     examples = [
@@ -185,7 +187,7 @@ def test_the_loader_tokenizes_as_transformers_apply_chat_template(files):
     loader = FeedbackLoader(
         examples,
         tokenizer,
-        setup.tokenize_config(config),
+        setup.tokenize_config(data),
         global_batch_size=8,
         seed=0,
         process_index=0,

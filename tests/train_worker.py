@@ -50,8 +50,8 @@ def sharded(args) -> None:
     # small (adam's first steps, g / (|g| + eps), would blow them up for near-zero gradients)
     config.train.optimizer.update(dict(name="sgd", lr=0.1, warmup_steps=0))
     plan = make_plan(config, 1)
-    data = setup.load_split(config, plan, config.data.train_split)
-    loader = setup.make_loader(config, plan, data, get_tokenizer("bytes"), seed=config.seed)
+    data = setup.load_split(plan, plan.data.train_split)
+    loader = setup.make_loader(plan, data, get_tokenizer("bytes"), seed=config.seed)
     batches = [next(loader) for _ in range(args.steps)]
     summary = {}
     for name, (d, f, t) in MESHES.items():
@@ -115,8 +115,8 @@ def _train(config, devices, steps: int):
 
     plan = make_plan(config, len(devices))
     mesh = sharding.make_mesh(plan.mesh, devices=devices)
-    data = setup.load_split(config, plan, config.data.train_split)
-    loader = setup.make_loader(config, plan, data, get_tokenizer("bytes"), seed=config.seed)
+    data = setup.load_split(plan, plan.data.train_split)
+    loader = setup.make_loader(plan, data, get_tokenizer("bytes"), seed=config.seed)
     model, reference = setup.load_model(plan, mesh)
     engine = build_engine(plan.step_spec(model), config.train.optimizer, mesh, seed=plan.seed)
     state = engine.create_state(reference)

@@ -68,9 +68,9 @@ def load_policy(config) -> Policy:
     plan = make_plan(config, jax.device_count())
     mesh = setup.make_mesh(plan)
     model, params = setup.load_model(plan, mesh)
-    tokenizer = setup.tokenizer_for(config, model)
+    tokenizer = setup.tokenizer_for(plan.data, model, config.model.name)
     model, params = setup.add_control_tokens(plan, model, params, tokenizer, mesh)
-    return Policy(model, params, tokenizer, setup.chat_template(config), (plan.loss.control_tokens or [None])[0])
+    return Policy(model, params, tokenizer, setup.chat_template(plan.data), (plan.loss.control_tokens or [None])[0])
 
 
 def _sync(name: str) -> None:

@@ -34,6 +34,7 @@ from kto_jax.judges.store import JudgmentStore
 from kto_jax.log import note
 from kto_jax.stats import judged_rate, winrate
 from kto_jax.train.step import step_reference
+from kto_jax.train.subplans import EvalPlan
 
 
 def held_out(run, state) -> dict:
@@ -59,31 +60,31 @@ def samples(run, state) -> list[dict]:
     if run.sample_rows is not None:
         return run.sample_rows
 
-    config, tokenizer = run.config, run.tokenizer
+    e, tokenizer = run.plan.eval, run.tokenizer
     # the split's prompts and SFT targets before the loss's view (pairing, subsampling), so every
     # run of a split, whatever its loss, is judged on the same prompts against the same targets
     split = run.eval_data.source or run.eval_data.examples
-    prompts = eval_prompts([ex.prompt for ex in split], int(config.eval.num_prompts))
+    prompts = eval_prompts([ex.prompt for ex in split], e.num_prompts)
     targets = {ex.prompt: ex.completion for ex in sft_targets_per_prompt(split)[0]}
     shown, ids = prompt_inputs(
         prompts,
         run.loader.cfg.chat_template,
         tokenizer,
-        config.data.max_prompt_length,
+        run.plan.data.max_prompt_length,
         (run.plan.loss.control_tokens or [None])[0],
     )  # the whole dialogue, as trained
     completions = generate(
         run.model,
         run.policy_params(state)["model"],
         ids,
-        max_new_tokens=int(config.eval.max_new_tokens),
+        max_new_tokens=e.max_new_tokens,
         eos_id=tokenizer.eos_id,
         pad_id=tokenizer.pad_id,
-        temperature=float(config.eval.temperature),
-        top_p=float(config.eval.top_p),
-        top_k=int(config.eval.top_k),
-        batch_size=int(config.eval.batch_size),
-        seed=config.seed,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        top_k=e.top_k,
+        batch_size=e.batch_size,
+        seed=run.plan.seed,
     )
     run.sample_rows = [
         {"turns": [list(t) for t in p], "prompt": s, "completion": tokenizer.decode(c), "sft_target": targets.get(p)}
@@ -106,20 +107,20 @@ def _write_samples(run) -> None:
 
 def _judge(run):
     if run.judge is None:
-        run.judge = make_judge(run.config)
+        run.judge = make_judge(run.plan.eval.settings)
     return run.judge
 
 
 def judged(run, state) -> dict:
     """The unary view: the judged desirable rate of the samples and, with ``config.eval.baseline``, the
     per-prompt win rate against that run's samples (a tie counts half)."""
-    config = run.config
-    if not config.eval.judge:
+    e = run.plan.eval
+    if not e.judge:
         return {}
     rows, judge = samples(run, state), _judge(run)
     if not judge.unary:
         note(
-            f"judge {config.eval.judge!r} gives pairwise verdicts only: no unary judged rate (the pairwise evaluator reports its win rate)"
+            f"judge {e.judge!r} gives pairwise verdicts only: no unary judged rate (the pairwise evaluator reports its win rate)"
         )
         return {}
     flags = judge.desirable([(tuple(map(tuple, r["turns"])), r["completion"]) for r in rows])  # the whole conversation
@@ -127,8 +128,8 @@ def judged(run, state) -> dict:
         r["desirable"] = bool(ok)
     _write_samples(run)
     results = {"generation": judged_rate(flags)}
-    if config.eval.baseline:
-        base = {row["prompt"]: row["desirable"] for row in read_samples(config.eval.baseline)}
+    if e.baseline:
+        base = {row["prompt"]: row["desirable"] for row in read_samples(e.baseline)}
         common = [(r["desirable"], base[r["prompt"]]) for r in rows if r["prompt"] in base]
         results["winrate"] = winrate([a for a, _ in common], [b for _, b in common])
     note(f"judged desirable rate {results['generation']['desirable_rate']:.3f} on {len(flags)} held-out prompts")
@@ -146,9 +147,9 @@ def read_samples(workdir: str) -> list[dict]:
 
 def pairwise(run, state) -> dict:
     """The paper's protocol (kto_jax/judges/protocol.py) on the samples, verdicts in ``judgments.jsonl``."""
-    if not run.config.eval.judge:
+    if not run.plan.eval.judge:
         return {}
-    results = pairwise_from_samples(run.config, samples(run, state), run.workdir, judge=_judge(run))
+    results = pairwise_from_samples(run.plan.eval, samples(run, state), run.workdir, judge=_judge(run))
     p = results["pairwise"]
     note(
         f"pairwise win rate {p['winrate']:.3f} [{p['ci90'][0]:.3f}, {p['ci90'][1]:.3f}] against {p['against']} "
@@ -157,10 +158,10 @@ def pairwise(run, state) -> dict:
     return results
 
 
-def pairwise_from_samples(config, rows: list[dict], workdir: str, judge=None, progress: bool = True) -> dict:
+def pairwise_from_samples(e: EvalPlan, rows: list[dict], workdir: str, judge=None, progress: bool = True) -> dict:
     """``{"pairwise": ...}`` for sample rows judged against ``config.eval.against``: "sft_target" (each
     row's target; rows without one are counted in ``no_baseline``) or a workdir's samples (same prompts)."""
-    against = config.eval.against
+    against = e.against
     if against == "sft_target":
         baseline = {r["prompt"]: r.get("sft_target") for r in rows}
     else:
@@ -177,7 +178,7 @@ def pairwise_from_samples(config, rows: list[dict], workdir: str, judge=None, pr
         )
     store = JudgmentStore(os.path.join(workdir, "judgments.jsonl"))
     result = pairwise_winrate(
-        judge or make_judge(config), items, store, seed=int(config.eval.order_seed), against=against, progress=progress
+        judge or make_judge(e.settings), items, store, seed=e.order_seed, against=against, progress=progress
     )
     result["no_baseline"] = len(rows) - len(items)
     result["torn_lines_dropped"] = store.torn

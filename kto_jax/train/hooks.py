@@ -98,7 +98,7 @@ class LogMetrics:
     analytic FLOPs per step depend only on the padded length (one count per length)."""
 
     def __init__(self, run, first_step: int):
-        self.every = int(run.config.train.log_every)
+        self.every = run.plan.loop.log_every
         peak = device_peak_flops(jax.devices()[0].device_kind)
         self.peak = peak * jax.device_count() if peak else None
         self.flops: dict[int, float] = {}
@@ -161,7 +161,7 @@ class PeriodicEval:
     """The held-out evaluator every ``eval_every`` steps (not at the last step: the end evaluates)."""
 
     def __init__(self, run):
-        self.every = int(run.config.train.eval_every)
+        self.every = run.plan.eval.every
         self.last = None  # the latest eval metrics, for the checkpoint's best-metric policy
 
     def __call__(self, run, step, state, batch, metrics) -> None:

@@ -109,22 +109,18 @@ def prepare(config, workdir: str, *, resume_with_changes: bool = False) -> Prepa
         return Prepared(run=None, finished=resume.finished, resume=resume)
     mesh = setup.make_mesh(plan)
     model, model_params = setup.load_model(plan, mesh)
-    tokenizer = setup.tokenizer_for(config, model)
+    tokenizer = setup.tokenizer_for(plan.data, model, config.model.name)
     model, model_params = setup.add_control_tokens(plan, model, model_params, tokenizer, mesh)
-    train_data = setup.load_split(config, plan, config.data.train_split)
-    loader = setup.make_loader(config, plan, train_data, tokenizer, seed=config.seed)
-    eval_data = setup.load_split(config, plan, config.data.eval_split, config.data.get("eval_sources", ""))
-    steps = 0 if config.eval.only else plan.resolve_steps(loader.steps_per_epoch)  # eval.only: the "before" of a table
+    train_data = setup.load_split(plan, plan.data.train_split)
+    loader = setup.make_loader(plan, train_data, tokenizer, seed=plan.seed)
+    eval_data = setup.load_split(plan, plan.data.eval_split, plan.data.eval_sources)
+    steps = 0 if plan.eval.only else plan.resolve_steps(loader.steps_per_epoch)  # eval.only: the "before" of a table
 
-    engine = build_engine(
-        plan.step_spec(model), config.train.optimizer, mesh, seed=plan.seed, total_steps=max(steps, 1)
-    )
+    engine = build_engine(plan.step_spec(model), plan.optimizer, mesh, seed=plan.seed, total_steps=max(steps, 1))
     state = engine.create_state(model_params)  # new buffers: model_params stay as the frozen reference
     frozen_params = engine.frozen_params(model_params)  # config.train.freeze's leaves: model_params' own buffers
     if plan.init_optimizer:  # an earlier run's moments and schedule position (resuming this run's checkpoint wins)
-        opt_state, at = checkpoint.load_opt_state(
-            plan.init_optimizer, state.opt_state, config.train.optimizer.to_dict()
-        )
+        opt_state, at = checkpoint.load_opt_state(plan.init_optimizer, state.opt_state, plan.optimizer.to_dict())
         state = state.replace(opt_state=opt_state)
         note(f"optimizer state from orbax:{plan.init_optimizer} (step {at})")
     reference_params = model_params if plan.needs_reference else None
@@ -148,12 +144,12 @@ def prepare(config, workdir: str, *, resume_with_changes: bool = False) -> Prepa
     }
     first, checkpointer = 0, None
     if record.checkpoint_steps(workdir):  # a Checkpointer on a fresh workdir would create its folder
-        checkpointer = _checkpointer(config, workdir)
+        checkpointer = _checkpointer(plan, workdir)
         first, state = _restore(checkpointer, state, loader, reference_meta)
-        if not config.eval.only:
+        if not plan.eval.only:
             record.check_steps(first, steps)
-    eval_loader = setup.make_loader(config, plan, eval_data, tokenizer, seed=config.seed + 1)
-    eval_batches = [next(eval_loader) for _ in range(min(int(config.train.eval_batches), eval_loader.steps_per_epoch))]
+    eval_loader = setup.make_loader(plan, eval_data, tokenizer, seed=plan.seed + 1)
+    eval_batches = [next(eval_loader) for _ in range(min(plan.eval.batches, eval_loader.steps_per_epoch))]
     r = Run(
         config=config,
         plan=plan,
@@ -175,8 +171,8 @@ def prepare(config, workdir: str, *, resume_with_changes: bool = False) -> Prepa
     return Prepared(run=r, state=state, first=first, train_data=train_data, resume=resume)
 
 
-def _checkpointer(config, workdir: str) -> Checkpointer:
-    ckpt = config.checkpoint
+def _checkpointer(plan: Plan, workdir: str) -> Checkpointer:
+    ckpt = plan.loop
     return Checkpointer(
         workdir,
         every_steps=ckpt.every_steps,
@@ -209,7 +205,7 @@ def execute(p: Prepared) -> dict:
         first,
         steps,
     )
-    r.checkpointer = r.checkpointer or _checkpointer(config, workdir)
+    r.checkpointer = r.checkpointer or _checkpointer(plan, workdir)
     if first:
         note(f"resumed from {r.checkpointer.directory}/{first}")
     r.writer = MetricsWriter(workdir)
@@ -217,11 +213,11 @@ def execute(p: Prepared) -> dict:
     if plan.reference_mode == "cached":
 
         def cache_batches():
-            cache_loader = setup.make_loader(config, plan, train_data, r.tokenizer, seed=config.seed)
+            cache_loader = setup.make_loader(plan, train_data, r.tokenizer, seed=plan.seed)
             return (next(cache_loader) for _ in range(steps))
 
         train_cache, r.eval_cache = cached_reference(
-            config,
+            plan.loop.reference_cache_dir,
             r.engine,
             r.reference_params,
             cache_batches,

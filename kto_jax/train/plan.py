@@ -38,6 +38,16 @@ from kto_jax.train import trainable
 from kto_jax.train.evaluators import EVALUATORS
 from kto_jax.train.feeds import StepSpec, get_feed
 from kto_jax.train.rules import check_values
+from kto_jax.train.subplans import (
+    DataPlan,
+    EvalPlan,
+    LoopPlan,
+    OptimizerPlan,
+    data_plan,
+    eval_plan,
+    loop_plan,
+    optimizer_plan,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +84,11 @@ class Plan:
     sync_alpha: float = 1.0  # ... with this weight (1.0: copy it)
     humanline: tuple[float, float] | None = None  # (log_epsilon_P, log_epsilon_R) token clamp, or None
     freeze: tuple[str, ...] = ()  # config.train.freeze: regexes of the frozen param paths
+    # the typed parts downstream reads (kto_jax/train/subplans.py)
+    data: DataPlan | None = None
+    eval: EvalPlan | None = None
+    optimizer: OptimizerPlan | None = None
+    loop: LoopPlan | None = None
 
     @property
     def mesh(self) -> dict[str, int]:
@@ -343,6 +358,7 @@ def make_plan(config, num_devices: int) -> Plan:
         raise ValueError(f"config.mesh: {e}") from None
     needs_kl = spec.needs_kl_with(hparams)
     _batch(config, spec, needs_kl, mesh)
+    evaluators = _evaluators(config)
     return Plan(
         loss=spec,
         hparams=tuple(sorted(hparams.items())),
@@ -359,13 +375,17 @@ def make_plan(config, num_devices: int) -> Plan:
         skip_nonfinite=bool(config.train.skip_nonfinite),
         max_length=int(config.data.max_length),
         seed=int(config.seed),
-        evaluators=_evaluators(config),
+        evaluators=evaluators,
         packing=bool(config.data.packing),
         pack_length=_pack_length(config),
         sync_every=int(config.reference.get("sync_every", 1)),
         sync_alpha=float(config.reference.get("sync_alpha", 1.0)),
         humanline=_humanline(config, spec, hparams),
         freeze=_freeze(config, spec, model),
+        data=data_plan(config, PRESETS),
+        eval=eval_plan(config, evaluators),
+        optimizer=optimizer_plan(config),
+        loop=loop_plan(config),
     )
 
 

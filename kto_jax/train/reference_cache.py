@@ -136,7 +136,7 @@ def _write(path: str, meta: dict, train: list[dict], evals: list[dict]) -> None:
 
 
 def cached_reference(
-    config,
+    cache_dir: str,
     engine,
     reference_params,
     make_batches,
@@ -148,10 +148,10 @@ def cached_reference(
     outputs: tuple[str, ...],
 ) -> tuple[list[dict], list[dict]]:
     """``(train, eval)``: per-step and per-eval-batch dicts of ``[G]`` reference log-probs, from a
-    matching cache in ``config.reference.cache_dir`` (or the workdir) or computed and saved there.
+    matching cache in ``cache_dir`` (``config.reference.cache_dir``; "" = the workdir) or computed and saved there.
     ``make_batches()`` yields the run's ``steps`` training batches afresh; ``reference`` is the
     run's ``{"source", "fingerprint"}``, ``outputs`` the reference log-probs its loss takes."""
-    folder = os.path.abspath(os.path.expanduser(config.reference.cache_dir or workdir))
+    folder = os.path.abspath(os.path.expanduser(cache_dir or workdir))
     found = caches(folder)
     if found:  # digests first (one pass of the loader), to look for a cache before computing
         path, passed = find(

@@ -32,6 +32,8 @@ from kto_jax.models.vocab import grow_vocab
 from kto_jax.train import plan as plan_lib
 from kto_jax.train import trainable
 from kto_jax.train.plan import Plan
+from kto_jax.train.rules import InputError
+from kto_jax.train.subplans import DataPlan, data_plan
 
 
 def make_mesh(plan: Plan):
@@ -110,7 +112,8 @@ def load_run(workdir_and_step: str, *, mesh=None, model_fields: dict | None = No
     model_config = plan_lib.model_config(path, fields)
     init = config.init.source
     init_checkpoint = os.path.expanduser(init[len("orbax:") :]) if init.startswith("orbax:") else ""
-    folder = tokenizer_folder(config)
+    data = data_plan(config, PRESETS)
+    folder = data.tokenizer_folder
     tokenizer = get_tokenizer(folder or "bytes")
     added = tokenizer.add_tokens(get_loss(config.loss.name).control_tokens)  # as the run did (add_control_tokens)
     freeze = trainable.parse_freeze(config.train.get("freeze", ""))
@@ -125,19 +128,8 @@ def load_run(workdir_and_step: str, *, mesh=None, model_fields: dict | None = No
     trained, frozen = trainable.split({"model": params}, freeze)
     restored, saved_step = checkpoint.load_params(workdir + (f"@{step}" if at else ""), trained.get("model", {}))
     params = trainable.merge({"model": restored}, frozen)["model"]
-    template = chat_template(config)
+    template = chat_template(data)
     return FinishedRun(workdir, saved_step, config, model, params, tokenizer, template, folder, added)
-
-
-def files_options(config) -> dict:
-    """The options of every ``files:`` source (``kto_jax.data.builders.files.FilesOptions``) from config.data."""
-    d = config.data
-    return {
-        "test": d.eval_files,
-        "holdout_fraction": float(d.holdout_fraction),
-        "schema": d.file_schema,
-        "columns": d.columns,
-    }
 
 
 @dataclasses.dataclass
@@ -149,20 +141,20 @@ class Data:
     )  # the split's examples before the loss's view (the judged prompts)
 
 
-def load_split(config, plan: Plan, split: str, sources: str = "") -> Data:
+def load_split(plan: Plan, split: str, sources: str = "") -> Data:
     """Training examples of ``split`` of ``sources`` (default ``config.data.sources``) in the view the
     loss needs (paired, unary, SFT), with counts."""
-    d, spec = config.data, plan.loss
+    d, spec = plan.data, plan.loss
     field = "config.data.eval_sources" if sources and sources != d.sources else "config.data.sources"
     sources = sources or d.sources
     examples, mixture = load_mixture(
         sources,
         split,
         d.data_dir,
-        d.manual_dir or None,
+        d.manual_dir,
         skip_bad_records=d.skip_bad_records,
-        seed=config.seed,
-        files=files_options(config),
+        seed=d.seed,
+        files=dict(d.files),
     )
     if not examples:
         raise ValueError(f"{field}={sources!r} split {split!r} has no examples")
@@ -198,7 +190,7 @@ def load_split(config, plan: Plan, split: str, sources: str = "") -> Data:
             )
     examples, feedback_stats = unary_view(
         examples,
-        seed=config.seed,
+        seed=d.seed,
         one_y=d.one_y_per_x,
         desirable_fraction=d.desirable_fraction,
         undesirable_fraction=d.undesirable_fraction,
@@ -209,40 +201,36 @@ def load_split(config, plan: Plan, split: str, sources: str = "") -> Data:
         stats["sft_dropped_undesirable"] = len(examples) - len(kept)
         examples = kept
     n_d = sum(ex.desirable for ex in examples)
-    if "desirable_weight" in config.loss:
-        warning = weight_warning(n_d, len(examples) - n_d, config.loss.desirable_weight, config.loss.undesirable_weight)
+    hparams = dict(plan.hparams)
+    if "desirable_weight" in hparams:
+        warning = weight_warning(n_d, len(examples) - n_d, hparams["desirable_weight"], hparams["undesirable_weight"])
         if warning:
             logging.warning("%s", warning)
             stats["weight_warning"] = warning
     return Data(examples, stats, source)
 
 
-def tokenizer_folder(config) -> str | None:
-    """The folder the tokenizer (and a ``chat_template="tokenizer"`` template) comes from; None for ``bytes``."""
-    name = config.data.tokenizer or (config.model.name if config.model.name not in PRESETS else "")
-    return os.path.expanduser(name) if name and name != "bytes" else None
-
-
-def chat_template(config):
+def chat_template(data: DataPlan):
     """``config.data.chat_template`` as a ``kto_jax.data.chat.ChatTemplate`` (a built-in, or the tokenizer folder's own)."""
-    return get_chat_template(config.data.chat_template, tokenizer_folder(config))
+    return get_chat_template(data.chat_template, data.tokenizer_folder)
 
 
-def tokenizer_for(config, model: Decoder):
+def tokenizer_for(data: DataPlan, model: Decoder, model_name: str = "the model"):
     """The run's tokenizer; its BOS is the one the chat template writes (``chat.bos_id_for``)."""
-    name = config.data.tokenizer or (config.model.name if config.model.name not in PRESETS else "")
+    name = data.tokenizer
     if not name:
-        raise ValueError(
-            f"config.data.tokenizer is empty and model {config.model.name!r} is a preset with no tokenizer: set config.data.tokenizer='bytes' or a model folder"
+        raise InputError(
+            f"config.data.tokenizer is empty and model {model_name!r} is a preset with no tokenizer: set "
+            "config.data.tokenizer='bytes' or a model folder"
         )
-    tokenizer = get_tokenizer(os.path.expanduser(name) if name != "bytes" else name)
+    tokenizer = get_tokenizer(name)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(
-            f"config.data.tokenizer={name!r} has {tokenizer.vocab_size} tokens but model {config.model.name!r} embeds only "
+        raise InputError(
+            f"config.data.tokenizer={name!r} has {tokenizer.vocab_size} tokens but model {model_name!r} embeds only "
             f"{model.config.vocab_size}: use the model's own tokenizer (config.data.tokenizer='' for a model folder) or a "
             f"model with vocab_size >= {tokenizer.vocab_size} (config.model.name)"
         )
-    tokenizer.bos_id = bos_id_for(chat_template(config), tokenizer)
+    tokenizer.bos_id = bos_id_for(chat_template(data), tokenizer)
     return tokenizer
 
 
@@ -263,27 +251,26 @@ def add_control_tokens(plan: Plan, model: Decoder, params, tokenizer, mesh):
     return build_model(config), params
 
 
-def tokenize_config(config) -> TokenizeConfig:
-    d = config.data
+def tokenize_config(data: DataPlan) -> TokenizeConfig:
     return TokenizeConfig(
-        max_length=d.max_length,
-        max_prompt_length=d.max_prompt_length,
-        chat_template=chat_template(config),
-        truncation_mode=d.truncation_mode,
+        max_length=data.max_length,
+        max_prompt_length=data.max_prompt_length,
+        chat_template=chat_template(data),
+        truncation_mode=data.truncation_mode,
     )
 
 
-def make_loader(config, plan: Plan, data: Data, tokenizer, *, seed: int) -> FeedbackLoader:
+def make_loader(plan: Plan, data: Data, tokenizer, *, seed: int) -> FeedbackLoader:
     """This process's loader of ``data`` in the plan's batch layout."""
     return FeedbackLoader(
         data.examples,
         tokenizer,
-        tokenize_config(config),
+        tokenize_config(plan.data),
         global_batch_size=plan.global_batch_size,
         seed=seed,
         schema=plan.loader_schema,
         num_microbatches=plan.num_microbatches,
-        bucket=config.data.bucket,
+        bucket=plan.data.bucket,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         control_tokens=plan.loss.control_tokens or None,

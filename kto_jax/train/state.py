@@ -74,7 +74,7 @@ def lr_schedule(cfg, total_steps: int = 0) -> optax.Schedule:
       "linear"    lr (1 - min(k, D) / D)
     """
     name, lr = cfg.get("schedule", "constant"), float(cfg.lr)
-    if name not in SCHEDULES:
+    if name not in SCHEDULES:  # for callers without a plan (the plan's rule is kto_jax/train/rules.py's)
         raise ValueError(f"config.train.optimizer.schedule={name!r} is not known; use one of {SCHEDULES}")
     warmup = resolved_warmup_steps(cfg, total_steps)
     start = float(cfg.get("warmup_start_factor", 0.0))
@@ -91,7 +91,9 @@ def lr_schedule(cfg, total_steps: int = 0) -> optax.Schedule:
                 f"config.train.optimizer.schedule={name!r} decays over the run's total steps after "
                 f"warmup: pass make_optimizer(..., total_steps=T) with T > {warmup} (got {total_steps})"
             )
-        after = optax.cosine_decay_schedule(lr, decay) if name == "cosine" else optax.linear_schedule(lr, 0.0, decay)
+        after = {"cosine": optax.cosine_decay_schedule(lr, decay), "linear": optax.linear_schedule(lr, 0.0, decay)}[
+            name
+        ]
     return optax.join_schedules([warm, after], [warmup])
 
 
@@ -111,18 +113,15 @@ def make_optimizer(cfg, total_steps: int = 0) -> optax.GradientTransformation:
     rmsprop matches torch.optim.RMSprop (the paper's: decay 0.99, eps 1e-8 outside the
     square root); adamw uses (b1, b2, eps, weight_decay) from the config.
     """
-    name = cfg.name
-    if name not in OPTIMIZERS:
-        raise ValueError(f"config.train.optimizer.name={name!r} is not known; use one of {OPTIMIZERS}")
     schedule = lr_schedule(cfg, total_steps)
-    if name == "rmsprop":
-        rule = optax.rmsprop(schedule, decay=0.99, eps=1e-8, eps_in_sqrt=False)
-    elif name == "adamw":
-        rule = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    elif name == "adam":
-        rule = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-    else:
-        rule = optax.sgd(schedule)
+    rules = {  # cfg.name is one of OPTIMIZERS (kto_jax/train/rules.py checks)
+        "rmsprop": lambda: optax.rmsprop(schedule, decay=0.99, eps=1e-8, eps_in_sqrt=False),
+        "adamw": lambda: optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+        "adam": lambda: optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+        "sgd": lambda: optax.sgd(schedule),
+    }
+    assert set(rules) == set(OPTIMIZERS)
+    rule = rules[cfg.name]()
 
     def clip(norm):
         return optax.clip_by_global_norm(norm) if norm else optax.identity()

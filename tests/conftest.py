@@ -75,6 +75,32 @@ def loaded(checkpoints):
     return get
 
 
+# The train-step fixtures of tests/test_train_step.py and tests/test_reference_sync.py (a module that
+# defines its own fixture of the same name uses that one): the synthetic validation split, and the
+# tiny-1m policy and reference params (seeds 0 and 1).
+@pytest.fixture(scope="module")
+def examples(synthetic_data_dir):
+    from tests.test_train_step import synthetic_examples
+
+    return synthetic_examples(synthetic_data_dir)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    from kto_jax.models.hf import init_params
+    from tests.test_train_step import MODEL_CONFIG
+
+    return init_params(MODEL_CONFIG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from kto_jax.models.hf import init_params
+    from tests.test_train_step import MODEL_CONFIG
+
+    return init_params(MODEL_CONFIG, seed=1)
+
+
 # The slow tier: modules that start CLIs or worker subprocesses (kill -9, multi-process, 8 simulated
 # devices), load the real SmolLM2 model, compile for TPU topologies or run Pallas in its interpreter.
 # `python -m pytest -m "not slow" tests` is the development loop; the README's test command runs all.

@@ -23,35 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kto_jax.models.hf import init_params
 from kto_jax.train.state import init_state, learning_rate, make_optimizer
 from kto_jax.train.step import microbatch_loss, train_step
 from tests import numpy_reference as ref
 from tests.test_train_step import (
-    MODEL_CONFIG,
     OPTIMIZERS,
     assert_trees_close,
     jit,
     loader,
     step_spec,
-    synthetic_examples,
 )
-
-
-@pytest.fixture(scope="module")
-def examples(synthetic_data_dir):
-    return synthetic_examples(synthetic_data_dir)
-
-
-@pytest.fixture(scope="module")
-def policy():
-    return init_params(MODEL_CONFIG, seed=0)
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return init_params(MODEL_CONFIG, seed=1)
-
 
 P, R = -1.0, 1.5  # HALOs main's log_epsilon_P, log_epsilon_R defaults
 

@@ -23,7 +23,6 @@ from kto_jax.data.loader import FeedbackLoader
 from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
 from kto_jax.losses import get_loss
 from kto_jax.models import build_model
-from kto_jax.models.hf import init_params
 from kto_jax.models.presets import get_preset
 from kto_jax.train.feeds import StepSpec
 from kto_jax.train.state import TrainState, init_state, learning_rate, make_optimizer
@@ -55,21 +54,6 @@ def synthetic_examples(data_dir: str) -> dict:
     """The synthetic validation split, paired and in the unary view."""
     paired = load_examples("synthetic", "validation", data_dir)
     return {"paired": paired, "unary": unary_view(paired, seed=0)[0]}
-
-
-@pytest.fixture(scope="module")
-def examples(synthetic_data_dir):
-    return synthetic_examples(synthetic_data_dir)
-
-
-@pytest.fixture(scope="module")
-def policy():
-    return init_params(MODEL_CONFIG, seed=0)
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return init_params(MODEL_CONFIG, seed=1)
 
 
 def loader(examples, loss: str, *, num_microbatches: int = 1, seed: int = 0) -> FeedbackLoader:

@@ -19,6 +19,12 @@ from kto_jax import sharding
 from kto_jax.models import ModelConfig, abstract_params
 
 
+def grown_config(config: ModelConfig, tokenizer_size: int) -> ModelConfig:
+    """The model's config with room for a tokenizer of ``tokenizer_size`` tokens: its vocabulary
+    grown to that size when it is smaller (a padded vocabulary such as Pythia's already has room)."""
+    return config.replace(vocab_size=tokenizer_size) if tokenizer_size > config.vocab_size else config
+
+
 def grow_vocab(config: ModelConfig, params, vocab_size: int, mesh=None):
     """``(config with vocab_size, params)`` with the new embedding rows and LM-head columns set
     to the mean of the existing ones; a smaller ``vocab_size`` than the model's is an error."""
@@ -26,7 +32,7 @@ def grow_vocab(config: ModelConfig, params, vocab_size: int, mesh=None):
         raise ValueError(f"grow_vocab: vocab_size {vocab_size} is below the model's {config.vocab_size}")
     if vocab_size == config.vocab_size:
         return config, params
-    new_config = config.replace(vocab_size=vocab_size)
+    new_config = grown_config(config, vocab_size)
     extra = vocab_size - config.vocab_size
 
     def grow(params):

@@ -28,7 +28,7 @@ from kto_jax.losses import get_loss
 from kto_jax.models import Decoder, abstract_params, build_model
 from kto_jax.models.hf import init_params, load_params
 from kto_jax.models.presets import PRESETS
-from kto_jax.models.vocab import grow_vocab
+from kto_jax.models.vocab import grow_vocab, grown_config
 from kto_jax.train import plan as plan_lib
 from kto_jax.train import trainable
 from kto_jax.train.plan import Plan
@@ -123,7 +123,7 @@ def load_run(workdir_and_step: str, *, mesh=None, model_fields: dict | None = No
             grown, params = grow_vocab(model.config, params, tokenizer.vocab_size, mesh)
             model = build_model(grown)
     else:  # every leaf is in the checkpoint: restore onto abstract targets, reading nothing else
-        model = build_model(model_config.replace(vocab_size=max(model_config.vocab_size, tokenizer.vocab_size)))
+        model = build_model(grown_config(model_config, tokenizer.vocab_size))
         params = sharding.abstract_on(abstract_params(model.config), mesh)
     trained, frozen = trainable.split({"model": params}, freeze)
     restored, saved_step = checkpoint.load_params(workdir + (f"@{step}" if at else ""), trained.get("model", {}))

@@ -49,12 +49,13 @@ from kto_jax.data.builders import load_mixture
 from kto_jax.generate import eval_prompts
 from kto_jax.judges import JUDGES
 from kto_jax.log import note
+from kto_jax.models.presets import PRESETS
 from kto_jax.online.labels import PAIR_MODES, resolve_threshold
 from kto_jax.online.phases import round_dir, sample, write_feedback
 from kto_jax.train import loop
 from kto_jax.train.plan import make_plan
 from kto_jax.train.rules import InputError, config_diff, disallowed_on_resume
-from kto_jax.train.setup import files_options
+from kto_jax.train.subplans import DataPlan, data_plan
 
 FEEDBACK_TYPES = ("binary", "pairwise")
 PAIRWISE_ONLY_JUDGES = ("api",)  # verdicts between two answers only: no per-sample label
@@ -158,21 +159,20 @@ def round_prompts(prompts, rounds: int, per_round: int, seed: int) -> list[list]
     return [[distinct[i] for i in order[r * per_round : (r + 1) * per_round]] for r in range(rounds)]
 
 
-def load_prompts(config) -> list:
-    """The prompts of ``config.online.prompt_split`` of ``config.data.sources``."""
-    d = config.data
+def load_prompts(d: DataPlan, split: str) -> list:
+    """The prompts of split ``split`` (``config.online.prompt_split``) of ``config.data.sources``."""
     examples, _ = load_mixture(
         d.sources,
-        config.online.prompt_split,
+        split,
         d.data_dir,
-        d.manual_dir or None,
+        d.manual_dir,
         skip_bad_records=d.skip_bad_records,
-        seed=config.seed,
-        files=files_options(config),
+        seed=d.seed,
+        files=dict(d.files),
     )
     if not examples:
         raise ValueError(
-            f"config.data.sources={d.sources!r} split {config.online.prompt_split!r} (config.online.prompt_split) "
+            f"config.data.sources={d.sources!r} split {split!r} (config.online.prompt_split) "
             "has no examples to take prompts from"
         )
     return [ex.prompt for ex in examples]
@@ -195,7 +195,9 @@ def run(config, workdir: str) -> dict:
         with open(done, encoding="utf-8") as f:
             return json.load(f)
     initial = loop.run(initial_config(config), os.path.join(workdir, "initial"))
-    prompts = round_prompts(load_prompts(config), int(o.rounds), int(o.prompts_per_round), config.seed)
+    prompts = round_prompts(
+        load_prompts(data_plan(config, PRESETS), o.prompt_split), int(o.rounds), int(o.prompts_per_round), config.seed
+    )
     rows_out: list[dict] = []
     for r in range(int(o.rounds)):
         train_config = round_config(config, workdir, r)  # its init source is the policy the round samples from

@@ -323,18 +323,19 @@ def load_opt_state(workdir_and_step: str, opt_state_like, optimizer: dict):
     return restored["opt_state"], step
 
 
-def load_params(workdir_and_step: str, params_like):
+def load_params(workdir_and_step: str, params_like, where: str = ""):
     """The model's trained params from a run's checkpoint (``WORKDIR`` latest, or ``WORKDIR@STEP``):
     ``params_like``'s leaves, the trainable ones of that run (``kto_jax.train.setup.load_run`` puts
     them over the frozen ones)."""
-    checkpointer, step, meta = _open_step(workdir_and_step, f"config.init.source=orbax:{workdir_and_step}")
+    where = where or f"config.init.source=orbax:{workdir_and_step}"
+    checkpointer, step, meta = _open_step(workdir_and_step, where)
     saved = meta.get("param_shapes", {})
     current = {f"['model']{k}": v for k, v in param_shapes(params_like).items()}
     model_only = {k: v for k, v in saved.items() if k.startswith("['model']")}
     if model_only and model_only != current:
         checkpointer.close()
         raise IncompatibleCheckpoint(
-            f"config.init.source=orbax:{workdir_and_step}: that run trained model {meta.get('model')!r}, whose shapes "
+            f"{where}: that run trained model {meta.get('model')!r}, whose shapes "
             "differ from config.model; set config.model.name to the same model"
         )
     if not params_like:  # every model param frozen (nothing of the model saved)

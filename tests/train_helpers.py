@@ -57,10 +57,10 @@ def record_loop_lowering(loop, set_attribute=setattr) -> list:
     def recording_build(*args, **kwargs):
         engine = real_build(*args, **kwargs)
 
-        def train_fn(state, batch, reference):
+        def train_fn(state, batch, reference, frozen=None):
             if not seen:
-                seen.append(engine.train_fn.lower(state, batch, reference).as_text())
-            return engine.train_fn(state, batch, reference)
+                seen.append(engine.train_fn.lower(state, batch, reference, frozen).as_text())
+            return engine.train_fn(state, batch, reference, frozen)
 
         return dataclasses.replace(engine, train_fn=train_fn)
 

@@ -50,7 +50,12 @@ def load_model(plan: Plan, mesh) -> tuple[Decoder, dict]:
 def _initial_model(config, path: str, init_checkpoint: str, seed: int, mesh) -> tuple[Decoder, dict]:
     """:func:`load_model` from its parts (a run's own, or a saved run's for :func:`load_run`)."""
     if init_checkpoint:
-        earlier = load_run(init_checkpoint, mesh=mesh, model_fields=_dtype_fields(config))
+        earlier = load_run(
+            init_checkpoint,
+            mesh=mesh,
+            model_fields=_dtype_fields(config),
+            where=f"config.init.source=orbax:{init_checkpoint}",
+        )
         expected = checkpoint.param_shapes(nn.unbox(abstract_params(config)))
         if checkpoint.param_shapes(earlier.params) != expected:
             raise checkpoint.IncompatibleCheckpoint(
@@ -97,15 +102,23 @@ def read_config(workdir: str):
     return config
 
 
-def load_run(workdir_and_step: str, *, mesh=None, model_fields: dict | None = None) -> FinishedRun:
+def load_run(
+    workdir_and_step: str, *, mesh=None, model_fields: dict | None = None, where: str = "orbax:WORKDIR[@STEP]"
+) -> FinishedRun:
     """The one way to open a finished run: ``WORKDIR`` (its latest checkpoint, the final weights) or
     ``WORKDIR@STEP``. From the saved config: the model as the run built it (its init source, itself
     possibly an earlier run, then the vocabulary grown as training grew it for CSFT's control
     tokens), then the checkpoint's trained leaves over it (a frozen leaf, ``config.train.freeze``,
     is not saved: it is the init source's). ``mesh``: the params' mesh (None: the first local device);
-    ``model_fields``: ModelConfig fields to override (e.g. the serving dtype)."""
+    ``model_fields``: ModelConfig fields to override (e.g. the serving dtype); ``where``: the field or
+    flag that named the run, for the errors."""
     workdir, at, step = workdir_and_step.partition("@")
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"no checkpoint in {directory!r} ({where}): is it the workdir of a finished kto_jax run?"
+        )
     config = read_config(workdir)
     fields = {**plan_lib.model_fields(config), **(model_fields or {})}
     path = plan_lib.model_source(config)
@@ -126,7 +139,9 @@ def load_run(workdir_and_step: str, *, mesh=None, model_fields: dict | None = No
         model = build_model(grown_config(model_config, tokenizer.vocab_size))
         params = sharding.abstract_on(abstract_params(model.config), mesh)
     trained, frozen = trainable.split({"model": params}, freeze)
-    restored, saved_step = checkpoint.load_params(workdir + (f"@{step}" if at else ""), trained.get("model", {}))
+    restored, saved_step = checkpoint.load_params(
+        workdir + (f"@{step}" if at else ""), trained.get("model", {}), where=where
+    )
     params = trainable.merge({"model": restored}, frozen)["model"]
     template = chat_template(data)
     return FinishedRun(workdir, saved_step, config, model, params, tokenizer, template, folder, added)

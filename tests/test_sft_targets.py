@@ -25,8 +25,10 @@ from kto_jax.config import tiny_config
 from kto_jax.data.builders import load_examples, load_records
 from kto_jax.data.feedback import Paired, Unary, sft_targets_per_prompt, unary_view
 from kto_jax.losses import get_loss
+from kto_jax.models.presets import PRESETS
 from kto_jax.train.plan import make_plan
 from kto_jax.train.setup import load_split
+from kto_jax.train.subplans import data_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -150,7 +152,10 @@ def _config(sources, data_dir, manual_dir, targets, loss="sft"):
             sft_examples="desirable",
         )
     )
-    return config, types.SimpleNamespace(loss=get_loss(loss))
+    spec = get_loss(loss)
+    hparams = spec.hyperparameters({k: v for k, v in config.loss.items() if k != "name"})
+    plan = types.SimpleNamespace(loss=spec, hparams=tuple(sorted(hparams.items())), data=data_plan(config, PRESETS))
+    return config, plan
 
 
 def _targets(data):
@@ -159,7 +164,7 @@ def _targets(data):
 
 def test_hh_fixture_per_prompt(tmp_path):
     config, plan = _config("hh", tmp_path, os.path.join(FIXTURES, "hh"), "per_prompt")
-    data = load_split(config, plan, "train")
+    data = load_split(plan, "train")
     # every kept HH fixture prompt is unique, so each prompt's target is its only pair's chosen
     pairs = load_examples("hh", "train", str(tmp_path))
     assert len({p.prompt for p in pairs}) == len(pairs) == 7
@@ -175,7 +180,7 @@ def test_hh_fixture_per_prompt(tmp_path):
 
 def test_shp_fixture_per_prompt(tmp_path):
     config, plan = _config("shp", tmp_path, os.path.join(FIXTURES, "shp"), "per_prompt")
-    train = _targets(load_split(config, plan, "train"))
+    train = _targets(load_split(plan, "train"))
     caramel = load_records("shp", "train", str(tmp_path))
     by_post = {r["id"].split("/")[1]: r["prompt"]["content"][0] for r in caramel}
     # the first comment (human_ref_A) of each post's first pair with score ratio >= 2
@@ -185,7 +190,7 @@ def test_shp_fixture_per_prompt(tmp_path):
         (("user", by_post["r3law"]),): "Send a demand letter citing your state's deposit law, then small claims.",
     }
     # test t1cul's only pair prefers B: the target is still A, the rejected comment
-    test = _targets(load_split(config, plan, "test"))
+    test = _targets(load_split(plan, "test"))
     assert test[(("user", "How long do eggs keep in the fridge?"),)] == "3-5 weeks."
     assert len(test) == 2 and test[(("user", "Can my employer make me move to another city?"),)] == (
         "Check your contract for a mobility clause."
@@ -197,9 +202,9 @@ def test_an_aligned_run_is_judged_against_the_targets_sft_trains_on(tmp_path, lo
     """The pairwise evaluator's baseline (kto_jax/train/evaluators.py:samples) is the SFT run's target per
     prompt, whatever the loss's view of the split (SHP: the first comment, not the chosen one)."""
     config, plan = _config("shp", tmp_path, os.path.join(FIXTURES, "shp"), "per_prompt")
-    sft = _targets(load_split(config, plan, "test"))
+    sft = _targets(load_split(plan, "test"))
     config, plan = _config("shp", tmp_path, os.path.join(FIXTURES, "shp"), "all", loss=loss)
-    data = load_split(config, plan, "test")
+    data = load_split(plan, "test")
     assert {ex.prompt: ex.completion for ex in sft_targets_per_prompt(data.source)[0]} == sft
     assert len(data.source) == data.stats["source_examples"]
 
@@ -209,17 +214,17 @@ def test_oasst_fixture_per_prompt(tmp_path):
     france = (("user", "What is the capital of France?"),)
     italy = france + (("assistant", "Paris."), ("user", "And of Italy? 🇮🇹"))
     # HALOs' generations[-1]: the lower-ranked reply of each prompt's last pair
-    data = load_split(config, plan, "train")
+    data = load_split(plan, "train")
     assert _targets(data) == {france: "Lyon.", italy: "Naples"}
     assert (data.stats["sft_target_prompts"], data.stats["sft_target_dropped"]) == (2, 4)
-    assert _targets(load_split(config, plan, "test")) == {(("user", "Tell me a joke 😀"),): "No."}
+    assert _targets(load_split(plan, "test")) == {(("user", "Tell me a joke 😀"),): "No."}
 
 
 def test_all_is_unchanged(tmp_path):
     for source in ("hh", "shp", "oasst"):
         data_dir = tmp_path / source
         config, plan = _config(source, data_dir, os.path.join(FIXTURES, source), "all")
-        data = load_split(config, plan, "train")
+        data = load_split(plan, "train")
         view, _ = unary_view(load_examples(source, "train", str(data_dir)), seed=config.seed)
         assert data.examples == [ex for ex in view if ex.desirable]
         assert data.stats["sft_targets"] == "all" and "sft_target_prompts" not in data.stats
@@ -229,7 +234,7 @@ def test_mixture_per_prompt_one_per_prompt(tmp_path):
     config, plan = _config("shp+hh+oasst", tmp_path, "", "per_prompt")
     for source in ("shp", "hh", "oasst"):  # prepare each from its fixture folder
         load_records(source, "train", str(tmp_path), os.path.join(FIXTURES, source))
-    data = load_split(config, plan, "train")
+    data = load_split(plan, "train")
     assert len(data.examples) == len({ex.prompt for ex in data.examples}) == 3 + 7 + 2
     assert all(ex.desirable for ex in data.examples)
 
@@ -270,7 +275,7 @@ def test_hh_first_pair_in_hub_file_order(tmp_path):
                 ),
             )
     config, plan = _config("hh", tmp_path / "data", os.fspath(manual), "per_prompt")
-    targets = _targets(load_split(config, plan, "train"))
+    targets = _targets(load_split(plan, "train"))
     assert targets[(("user", "Hi there"),)] == "harmless first"
     records = [
         r for r in load_records("hh", "train", os.fspath(tmp_path / "data")) if r["prompt"]["content"] == ["Hi there"]
@@ -313,9 +318,9 @@ def test_shp_first_comment_before_the_cap(tmp_path):
     for split in ("train", "validation", "test"):
         (manual / f"{split}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config, plan = _config("shp", tmp_path / "data", os.fspath(tmp_path / "manual"), "per_prompt")
-    data = load_split(config, plan, "train")
+    data = load_split(plan, "train")
     assert [ex.completion for ex in data.examples] == ["A1"]
     kept = load_records("shp", "train", os.fspath(tmp_path / "data"))
     assert len(kept) == 5 and {r["sft_target"] for r in kept} == {"A1"}
     # unfiltered test split: the ratio < 2 pair is first
-    assert [ex.completion for ex in load_split(config, plan, "test").examples] == ["tie"]
+    assert [ex.completion for ex in load_split(plan, "test").examples] == ["tie"]

@@ -14,7 +14,6 @@ again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -31,12 +30,12 @@ from kto_jax.judges import JUDGES
 from kto_jax.judges.api import ApiJudge
 from kto_jax.losses import LossSpec, get_loss
 from kto_jax.models import ModelConfig, abstract_params, build_model
-from kto_jax.models.hf_config import config_from_hf
-from kto_jax.models.presets import PRESETS, get_preset
+from kto_jax.models.presets import PRESETS
 from kto_jax.models.splash import BLOCK_SIZES
 from kto_jax.train import trainable
 from kto_jax.train.evaluators import EVALUATORS
 from kto_jax.train.feeds import StepSpec, get_feed
+from kto_jax.train.model_source import model_config, model_fields, model_source
 from kto_jax.train.rules import check_values
 from kto_jax.train.subplans import (
     DataPlan,
@@ -195,17 +194,6 @@ def _humanline(config, spec: LossSpec, hparams: dict) -> tuple[float, float] | N
     return float(r.log_epsilon_P), float(r.log_epsilon_R)
 
 
-def model_fields(config) -> dict:
-    """The ModelConfig fields a run's config sets (``config.model``)."""
-    m = config.model
-    return dict(
-        compute_dtype=m.compute_dtype,
-        param_dtype=m.param_dtype,
-        remat_policy=m.remat_policy,
-        attention_impl=m.attention_impl or None,
-    )
-
-
 def _init_optimizer(config) -> str:
     """``config.init.optimizer``: "" or ``orbax:WORKDIR[@STEP]`` (the path returned)."""
     source = config.init.get("optimizer", "")
@@ -215,40 +203,6 @@ def _init_optimizer(config) -> str:
             "(an earlier run's optimizer state)"
         )
     return os.path.expanduser(source[6:]) if source else ""
-
-
-def model_source(config) -> str:
-    """Where the weights come from: ``init.source=hf:PATH``, else ``config.model.name`` (preset or folder)."""
-    source = config.init.source
-    if source and not source.startswith(("hf:", "orbax:")):
-        raise ValueError(f"config.init.source={source!r}: use '', 'hf:PATH' or 'orbax:WORKDIR[@STEP]'")
-    if source.startswith("hf:"):
-        path = os.path.expanduser(source[3:])
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"config.init.source={source}: {source[3:]!r} is not a folder (a Hugging Face model folder with config.json and safetensors)"
-            )
-        return path
-    name = config.model.name
-    if name in PRESETS:
-        return name
-    if not os.path.isdir(os.path.expanduser(name)):
-        raise ValueError(f"config.model.name={name!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
-    return os.path.expanduser(name)
-
-
-def model_config(path: str, fields: dict) -> ModelConfig:
-    """The ModelConfig of a preset or of a Hugging Face folder's config.json (no weights read)."""
-    try:
-        if path in PRESETS:
-            return get_preset(path, **fields)
-        file = os.path.join(path, "config.json")
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file!r} not found: a Hugging Face model folder needs config.json")
-        with open(file, encoding="utf-8") as f:
-            return config_from_hf(json.load(f), **fields)
-    except ValueError as e:
-        raise ValueError(f"config.model: {e}") from None
 
 
 def _data(config, spec: LossSpec) -> None:

@@ -29,7 +29,7 @@ from kto_jax.models import Decoder, abstract_params, build_model
 from kto_jax.models.hf import init_params, load_params
 from kto_jax.models.presets import PRESETS
 from kto_jax.models.vocab import grow_vocab, grown_config
-from kto_jax.train import plan as plan_lib
+from kto_jax.train import model_source as model_lookup
 from kto_jax.train import trainable
 from kto_jax.train.plan import Plan
 from kto_jax.train.rules import InputError
@@ -120,9 +120,9 @@ def load_run(
             f"no checkpoint in {directory!r} ({where}): is it the workdir of a finished kto_jax run?"
         )
     config = read_config(workdir)
-    fields = {**plan_lib.model_fields(config), **(model_fields or {})}
-    path = plan_lib.model_source(config)
-    model_config = plan_lib.model_config(path, fields)
+    fields = {**model_lookup.model_fields(config), **(model_fields or {})}
+    path = model_lookup.model_source(config)
+    model_config = model_lookup.model_config(path, fields)
     init = config.init.source
     init_checkpoint = os.path.expanduser(init[len("orbax:") :]) if init.startswith("orbax:") else ""
     data = data_plan(config, PRESETS)

@@ -1,0 +1,62 @@
+"""Which model a run's config names, and its ModelConfig, read without touching any weights.
+
+    path = model_source(config)                            # a preset name or a Hugging Face folder
+    model = model_config(path, model_fields(config))       # from the preset or the folder's config.json
+
+``kto_jax.train.plan.make_plan`` checks a run's model with these, and ``kto_jax.train.setup.load_run``
+rebuilds a finished run's model from its saved config with them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from kto_jax.models import ModelConfig
+from kto_jax.models.hf_config import config_from_hf
+from kto_jax.models.presets import PRESETS, get_preset
+
+
+def model_fields(config) -> dict:
+    """The ModelConfig fields a run's config sets (``config.model``)."""
+    m = config.model
+    return dict(
+        compute_dtype=m.compute_dtype,
+        param_dtype=m.param_dtype,
+        remat_policy=m.remat_policy,
+        attention_impl=m.attention_impl or None,
+    )
+
+
+def model_source(config) -> str:
+    """Where the weights come from: ``init.source=hf:PATH``, else ``config.model.name`` (preset or folder)."""
+    source = config.init.source
+    if source and not source.startswith(("hf:", "orbax:")):
+        raise ValueError(f"config.init.source={source!r}: use '', 'hf:PATH' or 'orbax:WORKDIR[@STEP]'")
+    if source.startswith("hf:"):
+        path = os.path.expanduser(source[3:])
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"config.init.source={source}: {source[3:]!r} is not a folder (a Hugging Face model folder with config.json and safetensors)"
+            )
+        return path
+    name = config.model.name
+    if name in PRESETS:
+        return name
+    if not os.path.isdir(os.path.expanduser(name)):
+        raise ValueError(f"config.model.name={name!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
+    return os.path.expanduser(name)
+
+
+def model_config(path: str, fields: dict) -> ModelConfig:
+    """The ModelConfig of a preset or of a Hugging Face folder's config.json (no weights read)."""
+    try:
+        if path in PRESETS:
+            return get_preset(path, **fields)
+        file = os.path.join(path, "config.json")
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file!r} not found: a Hugging Face model folder needs config.json")
+        with open(file, encoding="utf-8") as f:
+            return config_from_hf(json.load(f), **fields)
+    except ValueError as e:
+        raise ValueError(f"config.model: {e}") from None

@@ -107,6 +107,7 @@ def reference():
 SLOW_MODULES = {
     "test_aot",
     "test_bad_input",
+    "test_bench_attention",
     "test_byo_data",
     "test_checkpoint",
     "test_csft_control_tokens",
@@ -121,6 +122,7 @@ SLOW_MODULES = {
     "test_packing_sharded",
     "test_reference_cache",
     "test_reference_sync",
+    "test_results",
     "test_run_record",
     "test_serve",
     "test_sharding",

@@ -149,20 +149,23 @@ def last_step(workdir: str) -> int:
     return max((r["step"] for r in rows(workdir) if "loss" in r), default=0)
 
 
-def wait_for_step(proc: Proc, workdir: str, target: int, timeout: float = TIMEOUT) -> int:
-    """Poll metrics.jsonl until a training row of step >= ``target``; returns that step."""
+def wait_for(proc: Proc, found, what: str, timeout: float = TIMEOUT):
+    """Poll ``found()`` while ``proc`` runs until it returns something truthy, and return that."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        step = last_step(workdir)
-        if step >= target:
-            return step
+        value = found()
+        if value:
+            return value
         if proc.popen.poll() is not None:
-            raise AssertionError(
-                f"{proc.name} exited ({proc.popen.returncode}) before step {target}:\n{tail(proc.stderr)}"
-            )
+            raise AssertionError(f"{proc.name} exited ({proc.popen.returncode}) before {what}:\n{tail(proc.stderr)}")
         time.sleep(0.05)
     proc.kill_group(signal.SIGKILL)
-    raise AssertionError(f"{proc.name} did not reach step {target} in {timeout}s")
+    raise AssertionError(f"{proc.name}: no {what} in {timeout}s")
+
+
+def wait_for_step(proc: Proc, workdir: str, target: int, timeout: float = TIMEOUT) -> int:
+    """Poll metrics.jsonl until a training row of step >= ``target``; returns that step."""
+    return wait_for(proc, lambda: (s := last_step(workdir)) >= target and s, f"step {target}", timeout)
 
 
 def comparable(rows_: list[dict]) -> list[dict]:

@@ -41,6 +41,9 @@ def scenario_kill(root: str, data: str) -> dict:
             target = rng.randint(low, H.STEPS - 3)
         proc = H.Proc(H.train_args(workdir, data), out, name)
         reached = H.wait_for_step(proc, workdir, target)
+        # a save is asynchronous: at the target step the latest one may still be a temporary folder,
+        # and a rerun with no finalised checkpoint starts over instead of resuming; wait for one
+        H.wait_for(proc, lambda: ckpt_steps(workdir), f"a finalised checkpoint in {ckpt_dir(workdir)}")
         proc.kill_group(signal.SIGKILL)
         rc = proc.wait()
         segments.append(

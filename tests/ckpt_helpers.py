@@ -145,6 +145,16 @@ def rows(workdir: str) -> list[dict]:
     return out
 
 
+def ckpt_dir(workdir: str) -> str:
+    return os.path.join(workdir, "checkpoints")
+
+
+def ckpt_steps(workdir: str) -> list[int]:
+    """Finalised step folders (orbax renames a step's temporary folder to ``<step>`` when complete)."""
+    path = ckpt_dir(workdir)
+    return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
 def last_step(workdir: str) -> int:
     return max((r["step"] for r in rows(workdir) if "loss" in r), default=0)
 

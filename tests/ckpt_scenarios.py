@@ -9,18 +9,9 @@ import shutil
 import signal
 
 from tests import ckpt_helpers as H
+from tests.ckpt_helpers import ckpt_dir, ckpt_steps
 
 SEED = int(os.environ.get("KTO_TEST_SEED", random.randrange(2**31)))
-
-
-def ckpt_dir(workdir: str) -> str:
-    return os.path.join(workdir, "checkpoints")
-
-
-def ckpt_steps(workdir: str) -> list[int]:
-    """Finalised step folders (orbax renames a step's temporary folder to ``<step>`` when complete)."""
-    path = ckpt_dir(workdir)
-    return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
 
 
 # ---------------------------------------------------------------- scenarios (each in a thread)

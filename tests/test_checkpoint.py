@@ -23,11 +23,10 @@ import numpy as np
 import pytest
 
 from tests import ckpt_helpers as H
+from tests.ckpt_helpers import ckpt_dir, ckpt_steps
 from tests.ckpt_scenarios import (  # noqa: E402
     SEED,
     Scenarios,
-    ckpt_dir,
-    ckpt_steps,
     scenario_corrupt,
     scenario_export,
     scenario_init,

@@ -142,6 +142,7 @@ def test_cli_frozen_run_resumes_bitwise_after_kill_9_and_keeps_the_embeddings(tm
     killed = str(tmp_path / "killed")
     proc = H.Proc(H.train_args(killed, synthetic_data_dir, arg, FREEZE_FLAGS), str(tmp_path), "first")
     H.wait_for_step(proc, killed, 6)
+    H.wait_for(proc, lambda: H.ckpt_steps(killed), "a finalised checkpoint")  # a save is asynchronous
     proc.kill_group(signal.SIGKILL)
     proc.wait()
     assert H.last_step(killed) < STEPS

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from kto_jax.errors import InputError
 from kto_jax.judges.api import ApiJudge
 from kto_jax.judges.exact import ExactJudge, check_feedback, check_synthetic
 from kto_jax.judges.reward_model import RewardModelJudge
@@ -56,5 +57,5 @@ def make_judge(config, name: str = "", field: str = "config.eval.judge"):
     settings; ``field`` is the config field an unknown name is reported under."""
     name = name or config.eval.judge
     if name not in JUDGES:
-        raise ValueError(f"unknown judge {name!r} ({field}); known: {sorted(JUDGES)}")
+        raise InputError(f"unknown judge {name!r} ({field}); known: {sorted(JUDGES)}")
     return JUDGES[name](config)

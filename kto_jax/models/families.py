@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from kto_jax.errors import InputError
 from kto_jax.models import gpt_neox, llama
 from kto_jax.models.common import Decoder
 from kto_jax.models.config import FAMILY_RULES, ModelConfig
@@ -65,7 +66,7 @@ FAMILY_RULES.update(FAMILIES)  # what ModelConfig checks of each family (kto_jax
 def get_family(architecture: str) -> Family:
     """The family named ``architecture``; an unknown name lists the known ones."""
     if architecture not in FAMILIES:
-        raise ValueError(f"unknown architecture {architecture!r}; known architectures: {', '.join(FAMILIES)}")
+        raise InputError(f"unknown architecture {architecture!r}; known architectures: {', '.join(FAMILIES)}")
     return FAMILIES[architecture]
 
 
@@ -75,4 +76,4 @@ def family_of_model_type(model_type: str) -> Family:
         if model_type in family.hf_model_types:
             return family
     supported = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
-    raise ValueError(f"config.json model_type={model_type!r} is not supported; supported: {supported}")
+    raise InputError(f"config.json model_type={model_type!r} is not supported; supported: {supported}")

@@ -18,16 +18,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from kto_jax.errors import InputError
 from kto_jax.losses.halo import VALUE_FUNCTIONS
 from kto_jax.models.config import REMAT_POLICIES
 from kto_jax.train.state import OPTIMIZERS, SCHEDULES
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 REFERENCE_MODES = ("model", "cached", "sync")
-
-
-class InputError(ValueError):
-    """Bad input (config, data, checkpoint, workdir): the CLI prints it as one line and exits 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,9 +232,9 @@ def _table() -> tuple[Rule, ...]:
         Rule("loss.desirable_weight", positive, "> 0", "1.0, or the KTO paper's rule (the run warns with the range)"),
         Rule("loss.undesirable_weight", positive, "> 0", "1.0, or the KTO paper's rule (the run warns with the range)"),
         Rule("loss.label_smoothing", fraction(False, True, high=0.5), "in [0, 0.5)", "0 (DPO) or 0.2 (cDPO)"),
-        Rule("loss.tau", positive, "> 0", "the loss's default"),
+        Rule("loss.tau", fraction(True, False), "in (0, 1]", "0.05 (discopop's default)"),
         Rule("loss.lambda_coef", non_negative, ">= 0", "the loss's default"),
-        Rule("loss.cliprange", positive, "> 0", "0.5 (HALOs' offline PPO)"),
+        Rule("loss.cliprange", fraction(True, True), "in (0, 1)", "0.5 (HALOs' offline PPO)"),
         Rule("loss.critic_coef", non_negative, ">= 0", "0.01"),
         Rule("loss.kl_coef", non_negative, ">= 0", "0.1"),
         Rule("loss.gamma", fraction(False, False), "in [0, 1]", "the loss's default"),

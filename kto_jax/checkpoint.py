@@ -26,6 +26,7 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from kto_jax import faults
+from kto_jax.errors import InputError, MissingInput
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -82,8 +83,6 @@ class Checkpointer:
         best_mode: str = "min",
         read_only: bool = False,
     ):
-        if best_mode not in ("min", "max"):
-            raise ValueError(f"config.checkpoint.best_mode={best_mode!r}: use 'min' or 'max'")
         save = [policies.PreemptionCheckpointingPolicy()]
         if every_steps:
             save.append(policies.FixedIntervalPolicy(int(every_steps)))
@@ -94,7 +93,7 @@ class Checkpointer:
             keep.append(
                 policies.BestN(
                     get_metric_fn=lambda m: m[best_metric],
-                    reverse=best_mode == "min",
+                    reverse={"min": True, "max": False}[best_mode],  # the value's rule: rules.py
                     n=1,
                     keep_checkpoints_without_metrics=False,
                 )
@@ -231,11 +230,11 @@ class Checkpointer:
         return restored["state"], restored["loader"]
 
 
-class IncompatibleCheckpoint(ValueError):
+class IncompatibleCheckpoint(InputError):
     """A checkpoint of another model or run setup than the current config."""
 
 
-class UnreadableCheckpoint(RuntimeError):
+class UnreadableCheckpoint(InputError, RuntimeError):
     """Checkpoints exist but none can be restored."""
 
 
@@ -271,16 +270,14 @@ def _open_step(workdir_and_step: str, where: str) -> tuple[Checkpointer, int, di
     workdir, _, step = workdir_and_step.partition("@")
     directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_DIR)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"no checkpoint in {directory!r} ({where}): is it the workdir of a finished kto_jax run?"
-        )
+        raise MissingInput(f"no checkpoint in {directory!r} ({where}): is it the workdir of a finished kto_jax run?")
     checkpointer = Checkpointer(workdir, read_only=True)
     steps = checkpointer.steps()
     if not steps:
-        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory!r} ({where})")
+        raise MissingInput(f"no checkpoint in {checkpointer.directory!r} ({where})")
     step = int(step) if step else steps[-1]
     if step not in steps:
-        raise FileNotFoundError(f"{checkpointer.directory!r} has no step {step}; it has {steps} ({where})")
+        raise MissingInput(f"{checkpointer.directory!r} has no step {step}; it has {steps} ({where})")
     return checkpointer, step, checkpointer.restore_meta(step)
 
 

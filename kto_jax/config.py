@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from kto_jax.errors import InputError
 from kto_jax.losses import get_loss
 
 
@@ -19,11 +20,11 @@ def parse_arg(arg: str, allowed: tuple[str, ...], where: str) -> dict:
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"config argument {item!r} is not key=value (e.g. {where}:loss=kto)")
+            raise InputError(f"config argument {item!r} is not key=value (e.g. {where}:loss=kto)")
         out[key.strip()] = value.strip()
     unknown = set(out) - set(allowed)
     if unknown:
-        raise ValueError(f"{where}: unknown arguments {sorted(unknown)}; use {', '.join(allowed)}")
+        raise InputError(f"{where}: unknown arguments {sorted(unknown)}; use {', '.join(allowed)}")
     return out
 
 

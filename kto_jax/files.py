@@ -18,6 +18,8 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 
+from kto_jax.errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
@@ -95,7 +97,7 @@ def read_jsonl(path: str) -> tuple[list[dict], int]:
             if i == len(lines):  # the last line, without its newline
                 torn = 1
                 continue
-            raise ValueError(
+            raise InputError(
                 f"{path}, line {i}: not JSON ({e}); the file was edited or damaged: fix or remove that line"
             ) from None
     return rows, torn

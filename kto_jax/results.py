@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Iterable
 
+from kto_jax.errors import InputError
 from kto_jax.models import param_count
 from kto_jax.models.presets import PRESETS
 from kto_jax.stats import clopper_pearson_interval
@@ -123,7 +124,7 @@ def run_winrate(results: dict, workdir: str = "") -> tuple[float, int, str]:
     if "winrate" in results:
         wr = results["winrate"]
         return wr["wins"] + 0.5 * wr["ties"], int(wr["n"]), "unary-run"
-    raise ValueError(
+    raise InputError(
         f"{workdir}/eval.json has no win rate: judge the run pairwise (config.eval.evaluators with "
         "'pairwise', or scripts/judge.py) or set config.eval.baseline"
     )

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from kto_jax.errors import InputError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, object], ...] = (
@@ -54,18 +56,18 @@ def mesh_shape(shape: Mapping[str, int] | None, num_devices: int) -> dict[str, i
     sizes = {axis: 1 for axis in MESH_AXES}
     unknown = set(shape or {}) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"mesh axes {sorted(unknown)} are not known; use {MESH_AXES}")
+        raise InputError(f"mesh axes {sorted(unknown)} are not known; use {MESH_AXES}")
     sizes.update(shape or {"data": -1})
     fill = [a for a, s in sizes.items() if s == -1]
     if len(fill) > 1:
-        raise ValueError(f"at most one mesh axis may be -1; got {sizes}")
+        raise InputError(f"at most one mesh axis may be -1; got {sizes}")
     known = int(np.prod([s for s in sizes.values() if s != -1]))
     if fill:
         if num_devices % known:
-            raise ValueError(f"mesh {sizes}: {num_devices} devices are not divisible by {known}")
+            raise InputError(f"mesh {sizes}: {num_devices} devices are not divisible by {known}")
         sizes[fill[0]] = num_devices // known
     if int(np.prod(list(sizes.values()))) != num_devices:
-        raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices; there are {num_devices}")
+        raise InputError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices; there are {num_devices}")
     return sizes
 
 

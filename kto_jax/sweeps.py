@@ -13,6 +13,8 @@ import itertools
 import os
 import re
 
+from kto_jax.errors import InputError, MissingInput
+
 
 def config_args(spec: str) -> dict:
     """``experiments/x.py:a=1,b=2`` -> {"a": "1", "b": "2"}."""
@@ -22,7 +24,7 @@ def config_args(spec: str) -> dict:
 
 def _module(path: str, name: str):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path!r} not found")
+        raise MissingInput(f"{path!r} not found")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -50,7 +52,7 @@ def zipped(config: str, overrides: dict | None = None, module: str = "kto_jax.tr
     """The axes' values taken together, position by position (all axes the same length)."""
     lengths = {len(v) for v in axes.values()}
     if len(lengths) != 1:
-        raise ValueError(f"zipped sweep axes have different lengths: { {k: len(v) for k, v in axes.items()} }")
+        raise InputError(f"zipped sweep axes have different lengths: { {k: len(v) for k, v in axes.items()} }")
     keys = list(axes)
     return [_run(config, dict(zip(keys, values)), overrides, module) for values in zip(*axes.values())]
 
@@ -74,7 +76,7 @@ def expand(runs: list[dict], root: str = "runs") -> list[dict]:
     for run in runs:
         name = run.get("name") or run_name(run)
         if name in seen:
-            raise ValueError(f"two runs of the sweep are both named {name!r}; give them distinct arguments or names")
+            raise InputError(f"two runs of the sweep are both named {name!r}; give them distinct arguments or names")
         seen.add(name)
         out.append({**run, "name": name, "workdir": os.path.join(root, name)})
     return out

@@ -5,7 +5,7 @@
 
 Prints per-chip memory (arguments, outputs, temporaries, total against the chip's HBM),
 whether it fits, and XLA's FLOPs (loops counted in full: kto_jax.train.aot.xla_step_flops) beside the
-analytic count of kto_jax/flops.py. Needs libtpu
+analytic count of kto_jax/train/flops.py. Needs libtpu
 (``pip install -e '.[tpu]'``); nothing is allocated and no TPU is needed.
 """
 

@@ -47,7 +47,6 @@ from kto_jax.config import base_config
 from kto_jax.data.feedback import Paired, Unary
 from kto_jax.data.loader import FeedbackLoader
 from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
-from kto_jax.flops import device_peak_flops, step_flops
 from kto_jax.losses import get_loss
 from kto_jax.models import build_model
 from kto_jax.models.hf import init_params
@@ -55,6 +54,7 @@ from kto_jax.models.positions import attention_mask_4d
 from kto_jax.models.presets import get_preset
 from kto_jax.train.engine import build_engine
 from kto_jax.train.feeds import StepSpec
+from kto_jax.train.flops import device_peak_flops, step_flops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lengths  # noqa: E402  (scripts/lengths.py, shared with the TRL anchor)

@@ -26,6 +26,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kto_jax import files  # noqa: E402
 from kto_jax.config import base_config  # noqa: E402
+from kto_jax.errors import InputError  # noqa: E402
 from kto_jax.judges.api import JudgeUnavailable  # noqa: E402
 from kto_jax.train.evaluators import pairwise_from_samples, read_samples  # noqa: E402
 from kto_jax.train.subplans import eval_plan  # noqa: E402
@@ -47,7 +48,7 @@ def main(argv):
     except JudgeUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except ValueError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     path = os.path.join(workdir, "eval.json")

@@ -67,10 +67,10 @@ def test_xla_flop_count_sees_every_layer_and_the_remat_recompute(remat, low, hig
     and the count over the analytic FLOPs stays at its measured value (the pins above)."""
     import jax
 
-    from kto_jax.flops import step_flops
     from kto_jax.models.presets import get_preset
     from kto_jax.sweeps import load_config
     from kto_jax.train.aot import lower_train_step, xla_step_flops
+    from kto_jax.train.flops import step_flops
     from kto_jax.train.plan import make_plan
 
     config = load_config("experiments/paper.py:model=pythia-1.4b,loss=kto")

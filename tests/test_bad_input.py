@@ -73,10 +73,15 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import jax
 import pytest
 
+from kto_jax.config import base_config
+from kto_jax.errors import InputError
+from kto_jax.train import __main__ as train_cli
+from kto_jax.train import loop
 from tests import ckpt_helpers as H
 from tests.train_helpers import tail
 
@@ -435,3 +440,32 @@ def test_init_from_a_nonexistent_orbax_dir_creates_nothing(tmp_path, reference):
     with pytest.raises(FileNotFoundError):
         checkpoint.load_params(str(missing), H.random_init("tiny-1m")[1])
     assert not missing.exists(), sorted(str(p) for p in missing.rglob("*"))
+
+
+@pytest.mark.parametrize("input_error", [False, True], ids=["bug", "input_error"])
+def test_only_input_errors_are_one_line(input_error, tmp_path, monkeypatch, capsys):
+    """The CLI's main, in-process, with a check inside prepare raising: an InputError is one
+    ``error:`` line and exit status 2; a ValueError that is not one (a bug) escapes main, so the
+    interpreter prints its traceback and exits 1, and no ``error:`` line is printed."""
+    error = InputError("config.train.steps=3: must be 4; set 4") if input_error else ValueError("boom")
+
+    def check(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(loop, "make_plan", check)  # the first check of kto_jax.train.loop.prepare
+    monkeypatch.setattr(train_cli, "_CONFIG", SimpleNamespace(value=base_config()))
+    monkeypatch.setattr(train_cli, "_WORKDIR", SimpleNamespace(value=str(tmp_path / "run")))
+    monkeypatch.setattr(train_cli, "_RESUME_WITH_CHANGES", SimpleNamespace(value=False))
+    monkeypatch.setattr(train_cli, "quiet_by_default", lambda: None)  # leaves this process's logging alone
+    assert train_cli.flags.FLAGS["verbosity"].value < 1  # with --verbosity=1 an InputError keeps its traceback
+    if input_error:
+        with pytest.raises(SystemExit) as exit_:
+            train_cli.main(["kto_jax.train"])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.splitlines() == ["error: config.train.steps=3: must be 4; set 4"]
+    else:
+        with pytest.raises(ValueError, match="boom") as raised:
+            train_cli.main(["kto_jax.train"])
+        assert not isinstance(raised.value, InputError)
+        assert "error:" not in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")

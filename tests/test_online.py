@@ -19,11 +19,11 @@ import pytest
 
 from kto_jax import checkpoint, faults, files
 from kto_jax.data.builders import load_mixture
+from kto_jax.errors import InputError
 from kto_jax.launch import train_command
 from kto_jax.online import phases, rounds
 from kto_jax.stats import judged_rate
 from kto_jax.sweeps import expand, load_config, load_sweep
-from kto_jax.train.rules import InputError
 from tests import ckpt_helpers as H
 from tests.train_helpers import REPO, tail
 

@@ -55,6 +55,8 @@ def test_every_rule_rejects_some_value_and_accepts_the_default():
     loss_defaults = {f"loss.{k}": v for spec in LOSSES.values() for k, v in spec.defaults.items()}
     for rule in rules._table():
         default = defaults.get(rule.field, loss_defaults.get(rule.field))
+        if rule.losses and not rule.other_losses:  # a rule of some losses only: their default
+            default = LOSSES[rule.losses[0]].defaults[rule.field.removeprefix("loss.")]
         assert rule.ok(default), f"{rule.field}: its default {default!r} breaks its own rule"
         assert not all(rule.ok(v) for v in CANDIDATES), f"{rule.field}: accepts every value, so it checks nothing"
 
@@ -80,6 +82,18 @@ def test_rule_boundaries(field, bad, good):
     rule = next(r for r in rules._table() if r.field == field)
     assert [v for v in bad if rule.ok(v)] == [], f"{field} accepts bad values"
     assert [v for v in good if not rule.ok(v)] == [], f"{field} rejects good values"
+
+
+def test_a_rule_of_one_loss_holds_for_that_loss_only():
+    """label_smoothing is in [0, 0.5) for DPO's label noise, in (0, 1) for EXO's log(eps)."""
+    for loss, bad, good in (("exo_pair", [0.0, 1.0], [1e-3, 0.6]), ("dpo", [0.5, 0.6], [0.0, 0.2])):
+        config = base_config()
+        config.loss = ml_collections.ConfigDict({"name": loss, "beta": 0.1, "label_smoothing": 0.0})
+        for value, ok in [(v, False) for v in bad] + [(v, True) for v in good]:
+            config.loss.label_smoothing = value
+            lines = rules.problems(config)
+            assert (lines == []) == ok, (loss, value, lines)
+            assert ok or lines[0].startswith(f"config.loss.label_smoothing={value!r}: must be in "), lines
 
 
 def test_every_shipped_experiment_satisfies_the_rules():

@@ -361,7 +361,7 @@ def test_halo_around_zero_skips_the_kl_forward_and_equals_kto_zero(examples, pol
     """halo with reference_point="zero" takes no KL log-probs, so its feed asks the loader for no
     KL sequences and runs one policy forward fewer (4 forward-equivalents per example, not 6);
     on the same batch its loss and gradient are kto_zero's."""
-    from kto_jax.flops import step_flops
+    from kto_jax.train.flops import step_flops
 
     spec_kl = get_loss("halo")
     hparams = {**spec_kl.defaults, "reference_point": "zero"}

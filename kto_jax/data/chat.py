@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import ClassVar, Protocol
 
+from kto_jax.errors import InputError
+
 Turns = Sequence[tuple[str, str]]
 
 # ---------------------------------------------------------------- interface
@@ -204,7 +206,7 @@ class JinjaChatTemplate:
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateError as e:
-            raise ValueError(f"chat template {name!r} does not compile: {e}") from e
+            raise InputError(f"chat template {name!r} does not compile: {e}") from e
         self._renders_bos = None
 
     @classmethod
@@ -226,7 +228,7 @@ class JinjaChatTemplate:
             if isinstance(source, list):
                 source = {t.get("name"): t.get("template") for t in source}.get("default")
         if not source:
-            raise ValueError(
+            raise InputError(
                 f"{path!r} has no chat template: looked for {jinja_file!r} and a 'chat_template' (or a 'default' "
                 f"one) in {config_file!r}. Set config.data.chat_template='halos' (or another built-in: "
                 f"{', '.join(BUILTIN_TEMPLATES)}), or point to a model folder whose tokenizer has a template."
@@ -256,9 +258,9 @@ class JinjaChatTemplate:
                 **self.special_tokens,
             )
         except _TemplateError as e:
-            raise ValueError(f"chat template {self.name!r} raised an exception: {e}") from e
+            raise InputError(f"chat template {self.name!r} raised an exception: {e}") from e
         except jinja2.TemplateError as e:
-            raise ValueError(f"chat template {self.name!r} failed to render: {e}") from e
+            raise InputError(f"chat template {self.name!r} failed to render: {e}") from e
 
     def _strip_bos(self, text: str) -> str:
         if self.bos_token and text.startswith(self.bos_token):
@@ -285,7 +287,7 @@ class JinjaChatTemplate:
             self.render(_messages(turns) + [{"role": "assistant", "content": completion}], add_generation_prompt=False)
         )
         if not full.startswith(prompt):
-            raise ValueError(
+            raise InputError(
                 f"chat template {self.name!r} does not render the prompt as a prefix of prompt + completion, so the "
                 f"text cannot be split into prompt and completion ({_divergence(prompt, full)}); set "
                 f"config.data.chat_template to a built-in ({', '.join(BUILTIN_TEMPLATES)}) or fix the template"
@@ -313,12 +315,12 @@ def get_chat_template(name: str, folder: str | None = None) -> ChatTemplate:
         return BUILTIN_TEMPLATES[name]
     if name == "tokenizer":
         if folder is None:
-            raise ValueError(
+            raise InputError(
                 "config.data.chat_template='tokenizer' needs a model/tokenizer folder with a chat template: "
                 "set config.data.tokenizer, or config.model.name to a Hugging Face model folder"
             )
         return JinjaChatTemplate.from_folder(folder)
-    raise ValueError(
+    raise InputError(
         f"unknown chat template {name!r} (config.data.chat_template); known: {', '.join(CHAT_TEMPLATE_NAMES)}"
     )
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from absl import logging
 
+from kto_jax.errors import InputError
+
 Turns = tuple[tuple[str, str], ...]
 
 
@@ -184,7 +186,7 @@ def subsample(examples: Sequence[Unary], *, desirable_fraction: float, undesirab
     """Keep round(fraction * n) of each class, chosen at random; returns (kept, counts by class)."""
     for name, frac in (("desirable_fraction", desirable_fraction), ("undesirable_fraction", undesirable_fraction)):
         if not 0 < frac <= 1:
-            raise ValueError(f"config.data.{name}={frac} must be in (0, 1]")
+            raise InputError(f"config.data.{name}={frac} must be in (0, 1]")
     rng = np.random.default_rng(seed)
     keep = np.zeros(len(examples), bool)
     counts = {}

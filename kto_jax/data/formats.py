@@ -45,6 +45,7 @@ from kto_jax.data.schemas import (  # noqa: F401  (re-exported: formats is the o
     schema_kind,
     split_implicit,
 )
+from kto_jax.errors import MissingInput
 
 FORMATS = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv", "a datasets save_to_disk folder")
 
@@ -54,16 +55,16 @@ FORMATS = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv", "a datasets save_
 
 def expand_paths(pattern: str) -> list[str]:
     """The files of ``pattern``: one path, a glob, or a comma-separated list of them; ``~``
-    expanded; sorted, without repeats. A part that matches nothing is a FileNotFoundError."""
+    expanded; sorted, without repeats. A part that matches nothing is a MissingInput (a FileNotFoundError)."""
     parts = [p.strip() for p in pattern.split(",") if p.strip()]
     if not parts:
-        raise FileNotFoundError(f"no files: the file pattern {pattern!r} is empty")
+        raise MissingInput(f"no files: the file pattern {pattern!r} is empty")
     found = set()
     for part in parts:
         path = os.path.expanduser(part)
         matches = glob.glob(path) if glob.has_magic(path) else ([path] if os.path.exists(path) else [])
         if not matches:
-            raise FileNotFoundError(f"no file matches {part!r} (file pattern {pattern!r})")
+            raise MissingInput(f"no file matches {part!r} (file pattern {pattern!r})")
         found.update(os.path.normpath(m) for m in matches)
     return sorted(found)
 

@@ -46,6 +46,7 @@ from kto_jax.data.batch import BatchSchema, feedback_schema, prefix
 from kto_jax.data.chat import get_chat_template
 from kto_jax.data.feedback import Paired, Unary
 from kto_jax.data.tokenize import TokenizeConfig, Tokenizer, encode_pair, truncate
+from kto_jax.errors import InputError
 
 PACKED_ROW_BUCKETS = 8  # packed batches come in at most this many row counts (one compiled step each)
 
@@ -98,17 +99,17 @@ class FeedbackLoader:
             )
         kl_pairing = "kl" in self.schema.sequences
         if global_batch_size % process_count:
-            raise ValueError(
+            raise InputError(
                 f"global batch size {global_batch_size} (config.train.global_batch_size) is not divisible by "
                 f"the {process_count} processes"
             )
         if global_batch_size % num_microbatches:
-            raise ValueError(
+            raise InputError(
                 f"global batch size {global_batch_size} is not divisible by num_microbatches={num_microbatches} "
                 "(config.train.num_microbatches)"
             )
         if kl_pairing and global_batch_size // num_microbatches < 2:
-            raise ValueError(
+            raise InputError(
                 f"KL pairing needs at least 2 examples per microbatch, got {global_batch_size // num_microbatches} "
                 f"(global batch {global_batch_size} / {num_microbatches} microbatches): with 1 the KL sequence is the "
                 "example itself and z0 equals its reward. Raise config.train.global_batch_size or lower num_microbatches."
@@ -120,7 +121,7 @@ class FeedbackLoader:
         self.control_ids = tuple(tokenizer.token_id(t) for t in control_tokens) if control_tokens else None
         self._tokenize_all(examples)
         if len(self.examples) < global_batch_size:
-            raise ValueError(
+            raise InputError(
                 f"{len(self.examples)} examples after tokenization is fewer than one global batch of {global_batch_size}"
             )
         self.epoch, self.batch = 0, 0
@@ -170,7 +171,7 @@ class FeedbackLoader:
 
     def restore(self, state: dict) -> None:
         if state["seed"] != self.seed or state["num_examples"] != len(self.examples):
-            raise ValueError(
+            raise InputError(
                 f"loader state is for seed {state['seed']} with {state['num_examples']} examples, but this loader has "
                 f"seed {self.seed} with {len(self.examples)}: the data or config.data changed since the checkpoint"
             )
@@ -321,7 +322,7 @@ def pack_lengths(lengths: Sequence[int], capacity: int) -> tuple[int, list[tuple
     for i in order:
         n = lengths[i]
         if n > capacity:
-            raise ValueError(
+            raise InputError(
                 f"a sequence of {n} tokens does not fit a packed row of {capacity} (config.data.pack_length)"
             )
         row = next((r for r, f in enumerate(free) if f >= n), None)

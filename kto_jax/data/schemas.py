@@ -35,10 +35,12 @@ as they are (a standard-form completion keeps its leading space).
 
 from __future__ import annotations
 
+from kto_jax.errors import InputError
+
 ROLES = ("system", "user", "assistant")  # the roles of a conversation's turns
 
 
-class BadRecord(ValueError):
+class BadRecord(InputError):
     """A source record that does not have the expected structure."""
 
 
@@ -57,7 +59,7 @@ HALOS_TYPES = {"binary_feedback": HALOS_BINARY, "pairwise_feedback": HALOS_PAIRW
 HALOS_OTHER_TYPES = ("sample", "scalar_feedback")  # HALOs' other file types: not feedback this source reads
 
 
-class FileFormatError(ValueError):
+class FileFormatError(InputError):
     """A source file (not one record) that cannot be used: never skipped by skip_bad_records."""
 
 
@@ -69,13 +71,13 @@ def parse_columns(spec: str) -> dict[str, str]:
             continue
         canonical, eq, column = (s.strip() for s in part.partition("="))
         if not eq or not canonical or not column:
-            raise ValueError(f"config.data.columns={spec!r}: {part!r} should be canonical=file_column")
+            raise InputError(f"config.data.columns={spec!r}: {part!r} should be canonical=file_column")
         if canonical not in CANONICAL:
-            raise ValueError(
+            raise InputError(
                 f"config.data.columns={spec!r}: {canonical!r} is no canonical column; known: {', '.join(CANONICAL)}"
             )
         if canonical in columns:
-            raise ValueError(f"config.data.columns={spec!r}: {canonical!r} is mapped twice")
+            raise InputError(f"config.data.columns={spec!r}: {canonical!r} is mapped twice")
         columns[canonical] = column
     return columns
 
@@ -107,7 +109,7 @@ def check_columns(row: dict, schema: str, path: str, columns: dict[str, str], ra
     """The schema of a file's first row (``schema`` or, for "auto", detected); a missing
     column is a FileFormatError naming the file, the column, the columns present and the fix."""
     if schema != "auto" and schema not in SCHEMAS:
-        raise ValueError(f"unknown schema {schema!r} (config.data.schema); known: auto, {', '.join(SCHEMAS)}")
+        raise InputError(f"unknown schema {schema!r} (config.data.schema); known: auto, {', '.join(SCHEMAS)}")
     closest = ""
     if schema == "auto":
         try:

@@ -26,6 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
+from kto_jax.errors import InputError
 from kto_jax.models.hf import load_tokenizer
 
 # ---------------------------------------------------------------- tokenizers
@@ -110,7 +111,7 @@ class HFTokenizer:
             (t for t in EOS_CANDIDATES if self.tokenizer.token_to_id(t) is not None), None
         )
         if eos is None or self.tokenizer.token_to_id(eos) is None:
-            raise ValueError(
+            raise InputError(
                 f"{path!r}: no EOS token found (set eos_token in tokenizer_config.json; tried {EOS_CANDIDATES})"
             )
         self.eos_id = self.tokenizer.token_to_id(eos)
@@ -140,7 +141,7 @@ class HFTokenizer:
         bos = _token_str(config.get("bos_token"))
         bos_id = self.tokenizer.token_to_id(bos) if bos else prepended
         if bos_id is None:
-            raise ValueError(
+            raise InputError(
                 f"{path!r}: tokenizer_config.json has add_bos_token=true but its bos_token {bos!r} is not in the vocabulary"
             )
         return bos_id
@@ -192,12 +193,12 @@ class TokenizeConfig:
 
     def __post_init__(self):
         if not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError(
+            raise InputError(
                 f"need 0 < max_prompt_length < max_length; got max_prompt_length={self.max_prompt_length}, "
                 f"max_length={self.max_length} (config.data)"
             )
         if self.truncation_mode not in ("keep_end", "keep_start"):
-            raise ValueError(f"truncation_mode must be 'keep_end' or 'keep_start'; got {self.truncation_mode!r}")
+            raise InputError(f"truncation_mode must be 'keep_end' or 'keep_start'; got {self.truncation_mode!r}")
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:

@@ -12,8 +12,10 @@ the judge's answer could not be read (counted as unparseable, never as a win). `
 names the judge and every setting that changes its verdicts; the judgments file
 (kto_jax/judges/store.py) keys each verdict by (prompt, both answers in order, judge.key).
 
-A new judge is a class with ``key``, ``unary``, ``compare`` (and ``desirable`` when unary) and one
-line in ``JUDGES``; its settings live in ``config.eval.<name>``. ``Turns`` and ``Verdict`` are in
+A new judge is a class with ``key``, ``unary``, ``compare`` (and ``desirable`` when unary), a
+factory and its line in ``JUDGES``; its settings are ``config.eval.<name>`` (a default in
+kto_jax/config.py, rules in train/rules.py, plan-time checks in train/plan.py where they can fail),
+and the online rounds list a pairwise-only judge in ``PAIRWISE_ONLY_JUDGES``. ``Turns`` and ``Verdict`` are in
 kto_jax/judges/base.py, the exact checkers in kto_jax/judges/exact.py.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from kto_jax.errors import InputError
 from kto_jax.judges.api import ApiJudge
 from kto_jax.judges.exact import ExactJudge, check_feedback, check_synthetic
 from kto_jax.judges.reward_model import RewardModelJudge
@@ -56,5 +59,5 @@ def make_judge(config, name: str = "", field: str = "config.eval.judge"):
     settings; ``field`` is the config field an unknown name is reported under."""
     name = name or config.eval.judge
     if name not in JUDGES:
-        raise ValueError(f"unknown judge {name!r} ({field}); known: {sorted(JUDGES)}")
+        raise InputError(f"unknown judge {name!r} ({field}); known: {sorted(JUDGES)}")
     return JUDGES[name](config)

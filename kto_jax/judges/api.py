@@ -29,6 +29,7 @@ import time
 
 import requests
 
+from kto_jax.errors import InputError, MissingInput
 from kto_jax.judges.base import Turns, Verdict
 
 USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"  # compare.py's (Tulu) prefixes
@@ -98,11 +99,11 @@ class ApiJudge:
         seed: int = 0,
     ):
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"config.eval.api.base_url={base_url!r}: use http(s)://HOST:PORT/v1")
+            raise InputError(f"config.eval.api.base_url={base_url!r}: use http(s)://HOST:PORT/v1")
         if not model:
-            raise ValueError("config.eval.api.model is empty: name the judge model the server serves (e.g. gpt-4-0613)")
+            raise InputError("config.eval.api.model is empty: name the judge model the server serves (e.g. gpt-4-0613)")
         if int(concurrency) < 1 or int(retries) < 0 or float(timeout_s) <= 0 or int(max_tokens) < 1:
-            raise ValueError(
+            raise InputError(
                 f"config.eval.api: need concurrency >= 1, retries >= 0, timeout_s > 0, max_tokens >= 1; got "
                 f"{concurrency}, {retries}, {timeout_s}, {max_tokens}"
             )
@@ -121,12 +122,12 @@ class ApiJudge:
         else:
             path = os.path.expanduser(template)
             if not os.path.isfile(path):
-                raise ValueError(f"config.eval.api.template={template!r}: not 'paper' and not a file")
+                raise MissingInput(f"config.eval.api.template={template!r}: not 'paper' and not a file")
             with open(path, encoding="utf-8") as f:
                 self.template = f.read()
             missing = [k for k in ("{history}", "{first}", "{second}") if k not in self.template]
             if missing:
-                raise ValueError(f"config.eval.api.template={template!r} lacks {', '.join(missing)}")
+                raise InputError(f"config.eval.api.template={template!r} lacks {', '.join(missing)}")
             template_id = "sha256:" + hashlib.sha256(self.template.encode("utf-8")).hexdigest()[:16]
         s = self.sampling
         # the verdicts' identity: the model, prompt and sampling, not where it is served (a restarted

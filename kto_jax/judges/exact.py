@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 
 from kto_jax.data.example_feedback import CAPITALS
+from kto_jax.errors import InputError
 from kto_jax.judges.base import Turns, Verdict, verdict_from_flags
 
 _PROMPT = re.compile(r"^Shout ([a-z]+)!$")  # the synthetic task's prompt (kto_jax.data.synthetic.make_prompt)
@@ -36,7 +37,10 @@ def check_synthetic(prompt: str, completion: str) -> bool:
     (leading/trailing whitespace ignored) is the prompt's word in capitals."""
     match = _PROMPT.match(prompt.strip())
     if match is None:
-        raise ValueError(f"not a synthetic-task prompt: {prompt!r} (expected 'Shout <lowercase word>!')")
+        raise InputError(
+            f"not a synthetic-task prompt: {prompt!r} (expected 'Shout <lowercase word>!'): the 'synthetic' judge "
+            "checks only that task; choose the judge for these prompts (config.eval.judge or config.online.judge)"
+        )
     return completion.strip() == match.group(1).upper()
 
 
@@ -70,4 +74,7 @@ def check_feedback(turns, completion: str) -> bool:
         match = pattern.match((question or "").strip())
         if match:
             return completion.strip() in answers(match)
-    raise ValueError(f"not a question of kto_jax/data/example_feedback.py's tasks: {question!r}")
+    raise InputError(
+        f"not a question of kto_jax/data/example_feedback.py's tasks: {question!r}: the 'feedback' judge checks "
+        "only those tasks; choose the judge for these prompts (config.eval.judge or config.online.judge)"
+    )

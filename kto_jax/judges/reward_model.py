@@ -46,6 +46,7 @@ from kto_jax.data.chat import (
     get_chat_template,
 )
 from kto_jax.data.tokenize import HFTokenizer, encode_pair
+from kto_jax.errors import InputError, MissingInput
 from kto_jax.judges.base import Turns, Verdict
 from kto_jax.models.reward import load_reward_model, read_hf_config, sequence_scores
 
@@ -120,27 +121,27 @@ class RewardModelJudge:
         devices=None,
     ):
         if not path:
-            raise ValueError(
+            raise InputError(
                 f"{FIELD}.path is empty: set it to a Hugging Face *ForSequenceClassification folder "
                 f"(Llama or GPT-NeoX) with its tokenizer.json"
             )
         path = os.path.abspath(os.path.expanduser(path))
         if not os.path.isdir(path):
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{FIELD}.path={path!r} is not a folder: it must be a Hugging Face "
                 f"*ForSequenceClassification folder saved with save_pretrained"
             )
         if batch_size < 1:
-            raise ValueError(f"{FIELD}.batch_size={batch_size} must be >= 1")
+            raise InputError(f"{FIELD}.batch_size={batch_size} must be >= 1")
         if max_length < 2:
-            raise ValueError(f"{FIELD}.max_length={max_length} must be >= 2 (room for a prompt and an answer token)")
+            raise InputError(f"{FIELD}.max_length={max_length} must be >= 2 (room for a prompt and an answer token)")
         if chat_template not in CHAT_TEMPLATE_NAMES:
-            raise ValueError(f"{FIELD}.chat_template={chat_template!r} is not known; use one of {CHAT_TEMPLATE_NAMES}")
+            raise InputError(f"{FIELD}.chat_template={chat_template!r} is not known; use one of {CHAT_TEMPLATE_NAMES}")
         self.path, self.max_length, self.chat_template = path, int(max_length), chat_template
         hf = read_hf_config(path, f"{FIELD}.path")
         self.template = get_chat_template(chat_template, path)
         if not os.path.exists(os.path.join(path, "tokenizer.json")):
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{os.path.join(path, 'tokenizer.json')!r} not found: {FIELD}.path must hold the "
                 f"reward model's tokenizer (save it into the folder with the model)"
             )
@@ -152,12 +153,12 @@ class RewardModelJudge:
         self.model, self.params, self.score_kernel = load_reward_model(path, dtype, mesh=self.mesh)
         self._scorer = jax.jit(functools.partial(sequence_scores, self.model))  # one compile per (batch, length)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
-            raise ValueError(
+            raise InputError(
                 f"{path!r}: the tokenizer has {self.tokenizer.vocab_size} tokens but the model embeds "
                 f"only {self.model.config.vocab_size}: {FIELD}.path holds a mismatched tokenizer.json"
             )
         if self.score_kernel.shape[1] != 1:
-            raise ValueError(
+            raise InputError(
                 f"{path!r} has num_labels={self.score_kernel.shape[1]} (score.weight rows); a reward model "
                 f"judge needs one score per answer (num_labels=1): set {FIELD}.path to a reward model"
             )
@@ -185,7 +186,7 @@ class RewardModelJudge:
         if template.renders_bos and full.startswith(template.bos_token):
             full = full[len(template.bos_token) :]
         if not full.startswith(prompt):
-            raise ValueError(
+            raise InputError(
                 f"chat template {template.name!r} does not render the prompt as a prefix of the "
                 f"conversation with the answer; set {FIELD}.chat_template to a built-in "
                 f"({', '.join(BUILTIN_TEMPLATES)})"

@@ -19,6 +19,7 @@ import json
 import os
 
 from kto_jax import files
+from kto_jax.errors import InputError
 from kto_jax.judges.base import Turns, Verdict
 
 
@@ -50,7 +51,7 @@ class JudgmentStore:
             elif number == len(lines):  # the last line, cut by a kill mid-write
                 self.torn += 1
             else:
-                raise ValueError(
+                raise InputError(
                     f"{path}:{number}: not a judgment line ({line[:80]!r}); move the file away to judge afresh"
                 )
         if self.torn:

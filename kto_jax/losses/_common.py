@@ -9,7 +9,8 @@ Metrics = dict[str, jax.Array]
 
 
 def check(condition: bool, message: str) -> None:
-    """Raise ValueError(message) unless condition (hyperparameter checks, at trace time)."""
+    """Raise ValueError(message) unless condition (hyperparameter checks, at trace time). A misuse of the
+    loss functions from Python: a config's values are checked first by kto_jax.train.rules (InputError)."""
     if not condition:
         raise ValueError(message)
 

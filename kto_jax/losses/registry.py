@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from kto_jax.errors import InputError
 from kto_jax.losses import paired, reference_free
 from kto_jax.losses.halo import halo_unary
 from kto_jax.losses.ppo import ppo_offline
@@ -104,7 +105,7 @@ class LossSpec:
         hparams = self.defaults
         for key, val in (overrides or {}).items():
             if key not in hparams:
-                raise ValueError(
+                raise InputError(
                     f"loss {self.name!r} has no hyperparameter {key!r}; "
                     f"its hyperparameters are {sorted(hparams)} (set them as config.loss.<name>)"
                 )
@@ -166,6 +167,6 @@ def get_loss(name: str) -> LossSpec:
     try:
         return LOSSES[name]
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"unknown loss {name!r} (config.loss.name); known losses: {', '.join(sorted(LOSSES))}"
         ) from None

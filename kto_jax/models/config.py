@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kto_jax.errors import InputError
+
 # architecture -> its family's rules for a ModelConfig: an object with ``hf_model_types``
 # (config.json model_type -> HF architectures class name; the first is the default
 # ``hf_model_type``) and ``checks`` (ModelConfig -> [(ok, field, expected)]), the
@@ -130,7 +132,7 @@ def _validate(config: ModelConfig, checks) -> None:
     """Raise for the first ``(ok, field, expected)`` that is not ok, naming the field and its value."""
     for ok, field, expected in checks:
         if not ok:
-            raise ValueError(f"ModelConfig.{field}={getattr(config, field)!r} is invalid: expected {expected}")
+            raise InputError(f"ModelConfig.{field}={getattr(config, field)!r} is invalid: expected {expected}")
 
 
 def _dtype_name(value) -> str | None:

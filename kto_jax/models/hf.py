@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from kto_jax import sharding as sharding_lib
+from kto_jax.errors import InputError, MissingInput
 from kto_jax.files import write_json
 from kto_jax.models import abstract_params, build_model
 from kto_jax.models.common import Decoder
@@ -66,7 +67,7 @@ def _tree_set(tree: dict, path, value):
 # ---------------------------------------------------------------- safetensors reading
 
 
-class CorruptedWeights(ValueError):
+class CorruptedWeights(InputError):
     """A safetensors file that cannot be read (truncated, corrupted)."""
 
 
@@ -98,7 +99,7 @@ class SafetensorsReader:
             with _open(single) as f:
                 self.files = {name: single for name in f.keys()}
         else:
-            raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path!r}: is it a Hugging Face model folder?")
+            raise MissingInput(f"no {SINGLE_FILE} or {INDEX_FILE} in {path!r}: is it a Hugging Face model folder?")
         self.path = path
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -122,7 +123,7 @@ class SafetensorsReader:
             raise KeyError(f"tensor {name!r} is missing from the checkpoint in {self.path!r}")
         file = self.files[name]
         if not os.path.exists(file):
-            raise FileNotFoundError(f"{file!r} (holding tensor {name!r}) is listed in {INDEX_FILE} but missing")
+            raise MissingInput(f"{file!r} (holding tensor {name!r}) is listed in {INDEX_FILE} but missing")
         return file
 
 
@@ -153,7 +154,7 @@ def load_params(config: ModelConfig, path: str, mesh=None):
         for name in _hf_names(tmap, config.num_layers):
             got = reader.shape(name)
             if got != expected:
-                raise ValueError(
+                raise InputError(
                     f"tensor {name!r} in {reader.files[name]!r} has shape {got}; the config "
                     f"({config.hf_model_type}, hidden {config.hidden_size}) expects {expected}"
                 )
@@ -213,7 +214,7 @@ def from_hf(path: str, param_dtype="float32", compute_dtype=None, mesh=None, see
     config_file = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(config_file):
         hint = f"; or a preset name: {', '.join(PRESETS)}" if not os.path.isdir(path) else ""
-        raise FileNotFoundError(f"{config_file!r} not found: from_hf needs a Hugging Face model folder{hint}")
+        raise MissingInput(f"{config_file!r} not found: from_hf needs a Hugging Face model folder{hint}")
     with open(config_file, encoding="utf-8") as f:
         config = config_from_hf(json.load(f), **overrides)
     return build_model(config), load_params(config, path, mesh)
@@ -272,5 +273,5 @@ def load_tokenizer(path: str):
 
     file = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{file!r} not found: load_tokenizer needs a tokenizer.json (the fast-tokenizer file)")
+        raise MissingInput(f"{file!r} not found: load_tokenizer needs a tokenizer.json (the fast-tokenizer file)")
     return Tokenizer.from_file(file)

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kto_jax.errors import InputError
 from kto_jax.models.common import Attention, Decoder, constrain, dense, ones
 from kto_jax.models.config import ACTIVATIONS, ModelConfig
 from kto_jax.models.tensor_map import TensorMap, linear, proj_in, proj_out, same
@@ -102,7 +103,7 @@ def from_hf_config(hf: dict, rope: dict) -> dict:
     head_dim, rms_norm_eps -> norm_eps, attention_bias and (Mistral only) sliding_window.
     The rope fields (``rope``) are all shared ones, read in ``hf_config``."""
     if hf.get("mlp_bias"):
-        raise ValueError("config.json mlp_bias=true is not supported (no Llama/Mistral release uses it)")
+        raise InputError("config.json mlp_bias=true is not supported (no Llama/Mistral release uses it)")
     return dict(
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kto_jax.errors import InputError
 from kto_jax.models.config import ModelConfig
 
 
@@ -100,5 +101,5 @@ PRESETS: dict[str, ModelConfig] = {
 def get_preset(name: str, **overrides) -> ModelConfig:
     """The preset ``name`` with field overrides (e.g. ``compute_dtype="bfloat16"``); unknown names list the known ones."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+        raise InputError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides)

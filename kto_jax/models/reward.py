@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kto_jax import sharding as sharding_lib
+from kto_jax.errors import InputError, MissingInput
 from kto_jax.models import build_model
 from kto_jax.models.common import Decoder
 from kto_jax.models.config import ModelConfig
@@ -48,7 +49,7 @@ def read_hf_config(path: str, field: str = "config.eval.reward_model.path") -> d
     """``path``'s config.json as a dict; a missing file names ``field`` and the fix."""
     config_file = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(config_file):
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{config_file!r} not found: {field}={path!r} must be a Hugging Face *ForSequenceClassification "
             f"folder ({', '.join(sorted(set(CLASSIFIERS.values())))}) saved with save_pretrained"
         )
@@ -74,7 +75,7 @@ def check_checkpoint(reader: SafetensorsReader, config: ModelConfig, hf: dict) -
     arch = (hf.get("architectures") or ["?"])[0]
     wanted = CLASSIFIERS.get(config.hf_model_type, "a *ForSequenceClassification model")
     if SCORE_HEAD not in reader.files:
-        raise ValueError(
+        raise InputError(
             f"{file!r} has no tensor {SCORE_HEAD!r} (the reward model's score head, [num_labels, hidden], no bias); "
             f"its config.json says architectures={hf.get('architectures')}. A reward model is a {wanted} "
             f"checkpoint: point config.eval.reward_model.path at one (a {arch} folder has no score head)"
@@ -85,13 +86,13 @@ def check_checkpoint(reader: SafetensorsReader, config: ModelConfig, hf: dict) -
     ]
     missing = [n for n in names if n not in reader.files]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{file!r} lacks {len(missing)} of the {len(names)} backbone tensors, e.g. {missing[:3]}: a {wanted} "
             f"checkpoint keeps its backbone under {prefix!r} (config.eval.reward_model.path={reader.path!r})"
         )
     shape = reader.shape(SCORE_HEAD)
     if len(shape) != 2 or shape[1] != config.hidden_size:
-        raise ValueError(
+        raise InputError(
             f"tensor {SCORE_HEAD!r} in {file!r} has shape {shape}; expected [num_labels, hidden_size={config.hidden_size}]"
         )
     return shape[0]

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kto_jax.errors import InputError
+
 BLOCK_SIZES = (512, 256, 128)  # the largest that divides the row length (MaxText's sa_block_* default 512)
 
 
@@ -32,7 +34,7 @@ def block_size(length: int) -> int:
     for block in BLOCK_SIZES:
         if length % block == 0:
             return block
-    raise ValueError(
+    raise InputError(
         f"attention_impl='splash' needs rows whose length is a multiple of {BLOCK_SIZES[-1]} tokens; this row has "
         f"{length}: set data.pack_length (packed rows) or data.bucket (padded rows) to a multiple of {BLOCK_SIZES[-1]}, "
         "or use model.attention_impl='' (XLA)"
@@ -97,7 +99,7 @@ def splash_attention(
     mesh = jax.sharding.get_abstract_mesh()
     platform = _platform(mesh)
     if platform in ("gpu", "cuda"):
-        raise ValueError(
+        raise InputError(
             "model.attention_impl='splash' is the TPU Pallas kernel; on GPU use "
             "--config.model.attention_impl=cudnn (or '' for XLA)"
         )

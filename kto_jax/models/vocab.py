@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from kto_jax import sharding
+from kto_jax.errors import InputError
 from kto_jax.models import ModelConfig, abstract_params
 
 
@@ -50,7 +51,7 @@ def grow_vocab(config: ModelConfig, params, vocab_size: int, mesh=None):
         return new_config, jax.jit(grow)(params)
     tensor = mesh.shape["tensor"]
     if vocab_size % tensor:
-        raise ValueError(
+        raise InputError(
             f"the grown vocabulary ({vocab_size} tokens) does not split over config.mesh.tensor={tensor}: "
             f"use a tensor size that divides {vocab_size}"
         )

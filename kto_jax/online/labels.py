@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from kto_jax.errors import InputError
+
 PAIR_MODES = ("random", "max", "min")
 
 
@@ -41,9 +43,9 @@ def resolve_threshold(rewards: Sequence[float], threshold) -> float:
     try:
         value = float(threshold)
     except (TypeError, ValueError):
-        raise ValueError(f"binary threshold {threshold!r}: use a number, 'mean' or 'median'") from None
+        raise InputError(f"binary threshold {threshold!r}: use a number, 'mean' or 'median'") from None
     if not math.isfinite(value):
-        raise ValueError(f"binary threshold {threshold!r}: use a finite number, 'mean' or 'median'")
+        raise InputError(f"binary threshold {threshold!r}: use a finite number, 'mean' or 'median'")
     return value
 
 
@@ -59,7 +61,7 @@ def preference_pairs(
     """``(chosen, rejected)`` sample indices from each prompt's ``[(index, reward), ...]``, in the
     groups' order (module docstring for the modes); groups of fewer than two samples give none."""
     if mode not in PAIR_MODES:
-        raise ValueError(f"pair mode {mode!r}: use one of {PAIR_MODES}")
+        raise InputError(f"pair mode {mode!r}: use one of {PAIR_MODES}")
     gap = float(gap)
     rng = random.Random(seed)
     out: list[tuple[int, int]] = []

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from kto_jax import faults, files
+from kto_jax.errors import InputError
 from kto_jax.generate import generate, prompt_inputs
 from kto_jax.judges import make_judge
 from kto_jax.log import note
@@ -190,7 +191,7 @@ def label(config, workdir: str, r: int, rows: list[dict]) -> list[dict]:
     parts = [os.path.join(folder, "labelling", f"part-{c:05d}.jsonl") for c in range(len(chunks))]
     labelled = _chunked(parts, start, "online.label")
     if [(x["prompt_id"], x["sample_id"]) for x in labelled] != [(x["prompt_id"], x["sample_id"]) for x in rows]:
-        raise ValueError(
+        raise InputError(
             f"{folder}/labelling does not match {folder}/samples.json (another round's files?): "
             f"remove {folder}/labelling to judge the samples again"
         )
@@ -213,7 +214,7 @@ def feedback(config, r: int, rows: list[dict], judged: list[dict]) -> tuple[list
     rows, judged = [row for row, _ in kept], [j for _, j in kept]
     rewards = [j["reward"] for j in judged]
     if not rows:
-        raise ValueError(
+        raise InputError(
             f"round {r + 1}: all {counts['samples']} samples are empty: nothing to train on (is the EOS "
             "token the model's first choice? check config.online.max_new_tokens and the chat template)"
         )
@@ -238,7 +239,7 @@ def feedback(config, r: int, rows: list[dict], judged: list[dict]) -> tuple[list
         groups.setdefault(row["prompt_id"], []).append((i, rw))
     pairs = preference_pairs(groups, o.pair_mode, float(o.pair_gap), seed=int(config.seed) + r)
     if not pairs:
-        raise ValueError(
+        raise InputError(
             f"round {r + 1}: no two samples of one prompt differ in reward by more than config.online.pair_gap="
             f"{o.pair_gap} ({len(groups)} prompts): raise config.online.samples_per_prompt or temperature, "
             "or use feedback='binary'"

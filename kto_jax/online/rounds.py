@@ -46,6 +46,7 @@ import numpy as np
 
 from kto_jax import files
 from kto_jax.data.builders import load_mixture
+from kto_jax.errors import InputError
 from kto_jax.generate import eval_prompts
 from kto_jax.judges import JUDGES
 from kto_jax.log import note
@@ -54,7 +55,7 @@ from kto_jax.online.labels import PAIR_MODES, resolve_threshold
 from kto_jax.online.phases import round_dir, sample, write_feedback
 from kto_jax.train import loop
 from kto_jax.train.plan import make_plan
-from kto_jax.train.rules import InputError, config_diff, disallowed_on_resume
+from kto_jax.train.rules import config_diff, disallowed_on_resume
 from kto_jax.train.subplans import DataPlan, data_plan
 
 FEEDBACK_TYPES = ("binary", "pairwise")
@@ -70,29 +71,29 @@ def check_config(config) -> None:
     o = config.online
     for field in ("rounds", "prompts_per_round", "samples_per_prompt", "chunk_prompts", "batch_size", "max_new_tokens"):
         if int(o[field]) < 1:
-            raise ValueError(f"config.online.{field}={o[field]}: must be >= 1")
+            raise InputError(f"config.online.{field}={o[field]}: must be >= 1")
     if o.feedback not in FEEDBACK_TYPES:
-        raise ValueError(f"config.online.feedback={o.feedback!r}: use one of {FEEDBACK_TYPES}")
+        raise InputError(f"config.online.feedback={o.feedback!r}: use one of {FEEDBACK_TYPES}")
     if o.feedback == "pairwise" and int(o.samples_per_prompt) < 2:
-        raise ValueError(
+        raise InputError(
             f"config.online.samples_per_prompt={o.samples_per_prompt}: pairwise feedback pairs samples of "
             "one prompt, so it needs >= 2"
         )
     if o.pair_mode not in PAIR_MODES:
-        raise ValueError(f"config.online.pair_mode={o.pair_mode!r}: use one of {PAIR_MODES}")
+        raise InputError(f"config.online.pair_mode={o.pair_mode!r}: use one of {PAIR_MODES}")
     try:
         resolve_threshold([0.0], o.threshold)
-    except ValueError as e:
-        raise ValueError(f"config.online.threshold: {e}") from None
+    except InputError as e:
+        raise InputError(f"config.online.threshold: {e}") from None
     if o.judge not in JUDGES:
-        raise ValueError(f"unknown judge {o.judge!r} (config.online.judge); known: {sorted(JUDGES)}")
+        raise InputError(f"unknown judge {o.judge!r} (config.online.judge); known: {sorted(JUDGES)}")
     if o.judge in PAIRWISE_ONLY_JUDGES:
-        raise ValueError(
+        raise InputError(
             f"config.online.judge={o.judge!r} only compares two answers, so it cannot label one sample: "
             "use a unary judge (an exact checker) or judge='reward_model'"
         )
     if config.data.columns or config.data.file_schema != "auto":
-        raise ValueError(
+        raise InputError(
             "config.data.columns / config.data.file_schema apply to every files: source, the rounds' "
             "feedback files too: give your own files canonical columns and leave these at their defaults"
         )
@@ -151,7 +152,7 @@ def round_prompts(prompts, rounds: int, per_round: int, seed: int) -> list[list]
     distinct = eval_prompts(prompts, len(prompts))
     need = rounds * per_round
     if len(distinct) < need:
-        raise ValueError(
+        raise InputError(
             f"config.online: {rounds} rounds x {per_round} prompts_per_round = {need} prompts, but the split "
             f"has {len(distinct)} distinct prompts: lower config.online.rounds or prompts_per_round"
         )
@@ -171,7 +172,7 @@ def load_prompts(d: DataPlan, split: str) -> list:
         files=dict(d.files),
     )
     if not examples:
-        raise ValueError(
+        raise InputError(
             f"config.data.sources={d.sources!r} split {split!r} (config.online.prompt_split) "
             "has no examples to take prompts from"
         )

@@ -35,6 +35,7 @@ from absl import logging
 
 from kto_jax.data.chat import bos_id_for, get_chat_template
 from kto_jax.data.tokenize import get_tokenizer
+from kto_jax.errors import InputError
 from kto_jax.generate import generate
 from kto_jax.models.hf import from_hf
 from kto_jax.models.presets import PRESETS
@@ -129,7 +130,7 @@ def load_served_model(
     if chat_template != "auto" or template is None:
         template = _template(chat_template, folder)
     if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(
+        raise InputError(
             f"the tokenizer of {source!r} has {tok.vocab_size} tokens but the model embeds only "
             f"{model.config.vocab_size}: pass the model's own tokenizer"
         )
@@ -155,7 +156,7 @@ def _template(name: str, folder: str | None):
     if folder:
         try:
             return get_chat_template("tokenizer", folder)
-        except ValueError:
+        except InputError:
             logging.warning("%s has no chat template; chat requests use the halos template", folder)
     return get_chat_template("halos")
 
@@ -224,7 +225,7 @@ class App:
         if chat:
             try:
                 prompts = [self.served.chat_ids(chat_turns(body))]
-            except ValueError as e:  # the template refused the conversation (e.g. roles that do not alternate)
+            except InputError as e:  # the template refused the conversation (e.g. roles that do not alternate)
                 raise RequestError(str(e), "messages") from None
         else:
             prompts = completion_prompts(body, self.served)

@@ -5,9 +5,10 @@ warnings; ``--verbosity=0`` (absl's flag) brings back every library's INFO log (
 per-checkpoint lines among them).
 
 Bad input (config values, data, tokenizer, checkpoints, a workdir holding a run with another
-config) is one line on stderr, ``error: <field or file>: <problem>; <fix>``, exit status 2,
-and nothing in the workdir is touched; ``--verbosity=1`` adds the traceback. Anything else
-(a bug, a device failure) shows its traceback.
+config) is a :class:`kto_jax.errors.InputError`: one line on stderr, ``error: <field or file>: <problem>;
+<fix>``, exit status 2, and nothing in the workdir is touched; ``--verbosity=1`` adds the traceback.
+Anything else (a bug, a ValueError that is not an InputError among them, a device failure) shows
+its traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from kto_jax import sharding
-from kto_jax.checkpoint import CheckpointNotSaved, UnreadableCheckpoint
+from kto_jax.checkpoint import CheckpointNotSaved
+from kto_jax.errors import InputError
 from kto_jax.sweeps import load_config
 from kto_jax.train.loop import execute, prepare
 
@@ -33,9 +35,10 @@ _RESUME_WITH_CHANGES = flags.DEFINE_bool(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
-# what a run's checks raise on bad input (kto_jax.train.loop.prepare: nothing is written yet);
-# InputError (kto_jax/train/rules.py) is a ValueError
-INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, UnreadableCheckpoint)
+# what a run's checks raise on bad input (kto_jax.train.loop.prepare: nothing is written yet): every
+# input exception is a kto_jax.errors.InputError (MissingInput, UnreadableCheckpoint, BadRecord, ...);
+# any other exception, a ValueError of a bug among them, keeps its traceback
+INPUT_ERRORS = (InputError,)
 
 
 def check_overrides(argv: list[str]) -> str | None:

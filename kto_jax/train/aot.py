@@ -17,8 +17,9 @@ import jax
 import numpy as np
 
 from kto_jax import sharding
-from kto_jax.flops import step_flops
+from kto_jax.errors import InputError
 from kto_jax.train.engine import build_engine
+from kto_jax.train.flops import step_flops
 from kto_jax.train.plan import Plan, make_plan
 
 GiB = 1024**3
@@ -56,7 +57,7 @@ HBM_PER_CHIP = {"TPU v4": 32 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5": 95 * GiB,
 def topology_devices(name: str):
     """The devices of a Cloud TPU slice (e.g. ``v5p-128``) as seen by a compiler on this host."""
     if name not in TOPOLOGIES:
-        raise ValueError(f"unknown TPU topology {name!r}; known: {', '.join(TOPOLOGIES)}")
+        raise InputError(f"unknown TPU topology {name!r}; known: {', '.join(TOPOLOGIES)}")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only use: no chips to guard
     from jax.experimental import topologies
 

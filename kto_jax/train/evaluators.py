@@ -27,6 +27,7 @@ import numpy as np
 
 from kto_jax import files, sharding
 from kto_jax.data.feedback import sft_targets_per_prompt
+from kto_jax.errors import InputError, MissingInput
 from kto_jax.generate import eval_prompts, generate, prompt_inputs
 from kto_jax.judges import make_judge
 from kto_jax.judges.protocol import pairwise_winrate
@@ -140,7 +141,9 @@ def read_samples(workdir: str) -> list[dict]:
     """A run's ``samples.jsonl``."""
     path = os.path.join(os.path.expanduser(workdir), "samples.jsonl")
     if not os.path.exists(path):
-        raise ValueError(f"{path} not found: the baseline must be a finished run judged with the same held-out prompts")
+        raise MissingInput(
+            f"{path} not found: the baseline must be a finished run judged with the same held-out prompts"
+        )
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -172,7 +175,7 @@ def pairwise_from_samples(e: EvalPlan, rows: list[dict], workdir: str, judge=Non
         if baseline.get(r["prompt"]) is not None
     ]
     if not items:
-        raise ValueError(
+        raise InputError(
             f"config.eval.against={against!r}: none of the {len(rows)} samples has a baseline answer "
             "(no SFT target in the data, or a run judged on other prompts)"
         )

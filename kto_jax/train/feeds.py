@@ -24,8 +24,10 @@ The feeds take the step's static description, :class:`StepSpec` (model, loss, hy
 microbatching, reference mode), defined here beside them; ``kto_jax.train.step`` runs it.
 
 A new loss that takes a quantity a feed already computes touches its loss file and the
-registry only; a new data kind is a new feed here (and the loader's layout in
-``kto_jax.data``).
+registry only; one that needs a new per-example field also adds it to a feed's entry here, to the
+layout (``kto_jax.data.batch``), the loader and the records (7 files in all, measured); a new data
+kind is a new feed here and its layout, loader, records and builder in ``kto_jax.data``
+(docs/layout.md, "How far a change reaches").
 """
 
 from __future__ import annotations

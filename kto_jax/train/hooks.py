@@ -23,8 +23,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from kto_jax.flops import device_peak_flops, step_flops
 from kto_jax.train.evaluators import held_out
+from kto_jax.train.flops import device_peak_flops, step_flops
 
 
 class MetricsWriter:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 
+from kto_jax.errors import InputError, MissingInput
 from kto_jax.models import ModelConfig
 from kto_jax.models.hf_config import config_from_hf
 from kto_jax.models.presets import PRESETS, get_preset
@@ -32,11 +33,11 @@ def model_source(config) -> str:
     """Where the weights come from: ``init.source=hf:PATH``, else ``config.model.name`` (preset or folder)."""
     source = config.init.source
     if source and not source.startswith(("hf:", "orbax:")):
-        raise ValueError(f"config.init.source={source!r}: use '', 'hf:PATH' or 'orbax:WORKDIR[@STEP]'")
+        raise InputError(f"config.init.source={source!r}: use '', 'hf:PATH' or 'orbax:WORKDIR[@STEP]'")
     if source.startswith("hf:"):
         path = os.path.expanduser(source[3:])
         if not os.path.isdir(path):
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"config.init.source={source}: {source[3:]!r} is not a folder (a Hugging Face model folder with config.json and safetensors)"
             )
         return path
@@ -44,19 +45,19 @@ def model_source(config) -> str:
     if name in PRESETS:
         return name
     if not os.path.isdir(os.path.expanduser(name)):
-        raise ValueError(f"config.model.name={name!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
+        raise InputError(f"config.model.name={name!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
     return os.path.expanduser(name)
 
 
 def model_config(path: str, fields: dict) -> ModelConfig:
     """The ModelConfig of a preset or of a Hugging Face folder's config.json (no weights read)."""
+    file = os.path.join(path, "config.json")
+    if path not in PRESETS and not os.path.exists(file):
+        raise MissingInput(f"config.model: {file!r} not found: a Hugging Face model folder needs config.json")
     try:
         if path in PRESETS:
             return get_preset(path, **fields)
-        file = os.path.join(path, "config.json")
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file!r} not found: a Hugging Face model folder needs config.json")
         with open(file, encoding="utf-8") as f:
             return config_from_hf(json.load(f), **fields)
-    except ValueError as e:
-        raise ValueError(f"config.model: {e}") from None
+    except (InputError, json.JSONDecodeError) as e:
+        raise InputError(f"config.model: {e}") from None

@@ -26,6 +26,7 @@ from kto_jax.data.builders import FILES, parse_sources
 from kto_jax.data.chat import CHAT_TEMPLATE_NAMES, get_chat_template
 from kto_jax.data.schemas import SCHEMAS, parse_columns
 from kto_jax.data.tokenize import TokenizeConfig
+from kto_jax.errors import InputError
 from kto_jax.judges import JUDGES
 from kto_jax.judges.api import ApiJudge
 from kto_jax.losses import LossSpec, get_loss
@@ -158,7 +159,7 @@ def _loss(config) -> tuple[LossSpec, dict]:
     given = {k: v for k, v in config.loss.items() if k != "name"}
     extra = set(given) - set(spec.defaults)
     if extra:
-        raise ValueError(
+        raise InputError(
             f"config.loss has {sorted(extra)}, which loss {spec.name!r} does not take (its hyperparameters: "
             f"{sorted(spec.defaults)}). Choose the loss in the experiment argument (e.g. experiments/tiny.py:loss="
             f"{spec.name}) so config.loss holds its hyperparameters."
@@ -171,9 +172,9 @@ def _reference_mode(config, spec: LossSpec, hparams: dict) -> str:
     if not spec.needs_reference_with(hparams):
         return "none"
     if mode == "cached" and not get_feed(spec.feed).supports_cached:
-        raise ValueError(f"loss {spec.name!r} needs per-token reference log-probs: set config.reference.mode='model'")
+        raise InputError(f"loss {spec.name!r} needs per-token reference log-probs: set config.reference.mode='model'")
     if config.reference.get("humanline", False) and mode == "cached":
-        raise ValueError(
+        raise InputError(
             "config.reference.humanline=True clamps per-token log-ratios, which cached (per-sequence) reference "
             "log-probs cannot give: set config.reference.mode='sync' (humanline's) or 'model'"
         )
@@ -187,7 +188,7 @@ def _humanline(config, spec: LossSpec, hparams: dict) -> tuple[float, float] | N
     if not r.get("humanline", False):
         return None
     if not spec.needs_reference_with(hparams) or spec.feed not in ("unary", "paired"):
-        raise ValueError(
+        raise InputError(
             f"config.reference.humanline=True: loss {spec.name!r} has no per-sequence policy/reference "
             "log-ratio to clamp; use it with kto, dpo or another loss of unary or paired feedback with a reference"
         )
@@ -198,7 +199,7 @@ def _init_optimizer(config) -> str:
     """``config.init.optimizer``: "" or ``orbax:WORKDIR[@STEP]`` (the path returned)."""
     source = config.init.get("optimizer", "")
     if source and not source.startswith("orbax:"):
-        raise ValueError(
+        raise InputError(
             f"config.init.optimizer={source!r}: use '' (a fresh optimizer) or 'orbax:WORKDIR[@STEP]' "
             "(an earlier run's optimizer state)"
         )
@@ -210,12 +211,12 @@ def _data(config, spec: LossSpec) -> None:
     sources = parse_sources(d.sources) + (parse_sources(d.eval_sources) if d.get("eval_sources") else [])
     if any(s.name == FILES for s in sources):
         if d.eval_files and float(d.holdout_fraction) > 0:
-            raise ValueError(
+            raise InputError(
                 "config.data.eval_files and config.data.holdout_fraction both set: the eval split comes "
                 "from one of them; clear the other"
             )
         if d.file_schema not in ("auto", *SCHEMAS):
-            raise ValueError(f"config.data.file_schema={d.file_schema!r}: use 'auto' or one of {', '.join(SCHEMAS)}")
+            raise InputError(f"config.data.file_schema={d.file_schema!r}: use 'auto' or one of {', '.join(SCHEMAS)}")
         parse_columns(d.columns)
     TokenizeConfig(
         max_length=d.max_length,
@@ -224,27 +225,27 @@ def _data(config, spec: LossSpec) -> None:
         truncation_mode=d.truncation_mode,
     )
     if d.chat_template not in CHAT_TEMPLATE_NAMES:
-        raise ValueError(
+        raise InputError(
             f"unknown chat template {d.chat_template!r} (config.data.chat_template); known: {', '.join(CHAT_TEMPLATE_NAMES)}"
         )
     if d.chat_template == "tokenizer":  # the folder's template loads and compiles now, not after the model has
         folder = d.tokenizer or (config.model.name if config.model.name not in PRESETS else "")
         if not folder or folder == "bytes":
-            raise ValueError(
+            raise InputError(
                 f"config.data.chat_template='tokenizer' renders the tokenizer folder's own template, but the "
                 f"tokenizer is {folder or 'a preset'!r}: set config.data.tokenizer (or config.model.name) to a "
                 "Hugging Face folder with a chat template, or use a built-in template ('halos', 'hh', 'plain')"
             )
         get_chat_template("tokenizer", os.path.expanduser(folder))
     if spec.control_tokens and spec.kind == "sft" and d.sft_examples != "all":
-        raise ValueError(
+        raise InputError(
             f"loss {spec.name!r} conditions on {'/'.join(spec.control_tokens)} and needs both kinds: "
             "set config.data.sft_examples='all'"
         )
     if spec.control_tokens and spec.kind == "sft" and d.sft_targets != "all":
         # HALOs' CSFT (config/loss/csft.yaml: dataloader ConditionalSFTDataLoader, dataloader.py:615-648)
         # trains every pair's chosen and rejected reply with its control token, not one target per prompt
-        raise ValueError(
+        raise InputError(
             f"loss {spec.name!r} trains every desirable and undesirable completion (HALOs' "
             "ConditionalSFTDataLoader), not one target per prompt: set config.data.sft_targets='all'"
         )
@@ -254,13 +255,13 @@ def _batch(config, spec: LossSpec, needs_kl: bool, mesh: dict) -> None:
     data_ways = mesh["data"] * mesh["fsdp"]
     batch, micro = int(config.train.global_batch_size), int(config.train.num_microbatches)
     if batch % micro or (batch // micro) % data_ways:
-        raise ValueError(
+        raise InputError(
             f"config.train.global_batch_size={batch} with num_microbatches={micro} must split evenly over the "
             f"{data_ways} data-parallel devices (mesh data x fsdp = {mesh['data']} x {mesh['fsdp']}): use a "
             f"multiple of {data_ways * micro}"
         )
     if needs_kl and batch // micro < 2:
-        raise ValueError(
+        raise InputError(
             f"loss {spec.name!r} estimates KL within each microbatch and needs at least 2 examples per "
             f"microbatch; got {batch // micro}. Raise config.train.global_batch_size or lower num_microbatches."
         )
@@ -270,17 +271,17 @@ def _evaluators(config) -> tuple[str, ...]:
     names = tuple(n.strip() for n in config.eval.evaluators.split(",") if n.strip())
     for name in names:
         if name not in EVALUATORS:
-            raise ValueError(
+            raise InputError(
                 f"config.eval.evaluators: unknown evaluator {name!r}; known: {', '.join(sorted(EVALUATORS))}"
             )
     if config.eval.judge and config.eval.judge not in JUDGES:
-        raise ValueError(f"unknown judge {config.eval.judge!r} (config.eval.judge); known: {sorted(JUDGES)}")
+        raise InputError(f"unknown judge {config.eval.judge!r} (config.eval.judge); known: {sorted(JUDGES)}")
     if config.eval.judge == "api":  # its settings, before anything runs (the server is asked only at the end)
         ApiJudge.from_config(config.eval.api)
     if config.eval.judge == "reward_model" and not os.path.isfile(
         os.path.join(os.path.expanduser(config.eval.reward_model.path), "config.json")
     ):
-        raise ValueError(
+        raise InputError(
             f"config.eval.reward_model.path={config.eval.reward_model.path!r} is not an HF model folder "
             "(no config.json): give a *ForSequenceClassification folder"
         )
@@ -290,7 +291,7 @@ def _evaluators(config) -> tuple[str, ...]:
         and against != "sft_target"
         and not os.path.isfile(os.path.join(os.path.expanduser(against), "samples.jsonl"))
     ):
-        raise ValueError(
+        raise InputError(
             f"config.eval.against={against!r}: use 'sft_target' (the paper) or a finished run's workdir with samples.jsonl"
         )
     return names
@@ -308,8 +309,8 @@ def make_plan(config, num_devices: int) -> Plan:
     _splash_rows(config)
     try:
         mesh = sharding.mesh_shape({k: int(v) for k, v in config.mesh.items()}, num_devices)
-    except ValueError as e:
-        raise ValueError(f"config.mesh: {e}") from None
+    except InputError as e:
+        raise InputError(f"config.mesh: {e}") from None
     needs_kl = spec.needs_kl_with(hparams)
     _batch(config, spec, needs_kl, mesh)
     evaluators = _evaluators(config)
@@ -367,7 +368,7 @@ def _splash_rows(config) -> None:
     )
     for field, value in lengths.items():
         if value % block:
-            raise ValueError(
+            raise InputError(
                 f"config.data.{field}={value}: model.attention_impl='splash' needs rows of a multiple of "
                 f"{block} tokens; set config.data.{field} to a multiple of {block} or model.attention_impl=''"
             )
@@ -378,7 +379,7 @@ def _pack_length(config) -> int:
     d = config.data
     length = int(d.pack_length) or int(d.max_length)
     if length < int(d.max_length):
-        raise ValueError(
+        raise InputError(
             f"config.data.pack_length={d.pack_length} is shorter than config.data.max_length={d.max_length}: "
             "a packed row must hold the longest example; set pack_length=0 (max_length) or >= max_length"
         )

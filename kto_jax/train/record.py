@@ -22,9 +22,9 @@ import jax
 from kto_jax import files
 from kto_jax.checkpoint import CHECKPOINT_DIR, complete_steps
 from kto_jax.config import base_config
+from kto_jax.errors import InputError
 from kto_jax.train.rules import (
     ABSENT,
-    InputError,
     config_diff,
     disallowed_on_resume,
     flatten,

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from kto_jax.errors import InputError
 from kto_jax.losses.halo import VALUE_FUNCTIONS
 from kto_jax.models.config import REMAT_POLICIES
 from kto_jax.train.state import OPTIMIZERS, SCHEDULES
@@ -26,16 +27,14 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 REFERENCE_MODES = ("model", "cached", "sync")
 
 
-class InputError(ValueError):
-    """Bad input (config, data, checkpoint, workdir): the CLI prints it as one line and exits 2."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Rule:
     field: str  # dotted path under config
     ok: Callable[[Any], bool]
     want: str  # "must be <want>"
     fix: str  # what to set instead
+    losses: tuple[str, ...] = ()  # the rule holds for these losses only (config.loss.name); () = every loss
+    other_losses: bool = False  # True: for every loss except ``losses``
 
 
 def _number(v) -> bool:
@@ -234,10 +233,24 @@ def _table() -> tuple[Rule, ...]:
         Rule("loss.beta", positive, "> 0", "the loss's default (0.1 for kto and dpo)"),
         Rule("loss.desirable_weight", positive, "> 0", "1.0, or the KTO paper's rule (the run warns with the range)"),
         Rule("loss.undesirable_weight", positive, "> 0", "1.0, or the KTO paper's rule (the run warns with the range)"),
-        Rule("loss.label_smoothing", fraction(False, True, high=0.5), "in [0, 0.5)", "0 (DPO) or 0.2 (cDPO)"),
-        Rule("loss.tau", positive, "> 0", "the loss's default"),
+        Rule(
+            "loss.label_smoothing",
+            fraction(False, True, high=0.5),
+            "in [0, 0.5)",
+            "0 (DPO) or 0.2 (cDPO)",
+            ("exo_pair",),
+            other_losses=True,
+        ),
+        Rule(
+            "loss.label_smoothing",
+            fraction(True, True),
+            "in (0, 1) for exo_pair (its log(1 - eps) and log(eps))",
+            "1e-3 (EXO's default)",
+            ("exo_pair",),
+        ),
+        Rule("loss.tau", fraction(True, False), "in (0, 1]", "0.05 (discopop's default)"),
         Rule("loss.lambda_coef", non_negative, ">= 0", "the loss's default"),
-        Rule("loss.cliprange", positive, "> 0", "0.5 (HALOs' offline PPO)"),
+        Rule("loss.cliprange", fraction(True, True), "in (0, 1)", "0.5 (HALOs' offline PPO)"),
         Rule("loss.critic_coef", non_negative, ">= 0", "0.01"),
         Rule("loss.kl_coef", non_negative, ">= 0", "0.1"),
         Rule("loss.gamma", fraction(False, False), "in [0, 1]", "the loss's default"),
@@ -268,7 +281,10 @@ _MISSING = object()
 def problems(config) -> list[str]:
     """One ``config.<field>=<value>: must be <want>; <fix>`` line per value that breaks its rule."""
     out = []
+    loss = _get(config, "loss.name")
     for rule in _table():
+        if rule.losses and (loss in rule.losses) == rule.other_losses:
+            continue
         value = _get(config, rule.field)
         if value is not _MISSING and not rule.ok(value):
             out.append(f"config.{rule.field}={value!r}: must be {rule.want}; set {rule.fix}")

@@ -23,6 +23,7 @@ from kto_jax.data.chat import bos_id_for, get_chat_template
 from kto_jax.data.feedback import Paired, paired_from_unary, sft_targets_per_prompt, unary_view, weight_warning
 from kto_jax.data.loader import FeedbackLoader
 from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
+from kto_jax.errors import InputError, MissingInput
 from kto_jax.log import note
 from kto_jax.losses import get_loss
 from kto_jax.models import Decoder, abstract_params, build_model
@@ -32,7 +33,6 @@ from kto_jax.models.vocab import grow_vocab, grown_config
 from kto_jax.train import model_source as model_lookup
 from kto_jax.train import trainable
 from kto_jax.train.plan import Plan
-from kto_jax.train.rules import InputError
 from kto_jax.train.subplans import DataPlan, data_plan
 
 
@@ -94,7 +94,7 @@ def read_config(workdir: str):
     named ``compute_dtype`` reads as one of today's)."""
     file = os.path.join(workdir, "config.json")
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{file} not found: a kto_jax run directory (orbax:WORKDIR[@STEP]) holds config.json")
+        raise MissingInput(f"{file} not found: a kto_jax run directory (orbax:WORKDIR[@STEP]) holds config.json")
     with open(file, encoding="utf-8") as f:
         config = ml_collections.ConfigDict(json.load(f))
     if "compute_dtype" not in config.model:
@@ -116,9 +116,7 @@ def load_run(
     workdir = os.path.abspath(os.path.expanduser(workdir))
     directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"no checkpoint in {directory!r} ({where}): is it the workdir of a finished kto_jax run?"
-        )
+        raise MissingInput(f"no checkpoint in {directory!r} ({where}): is it the workdir of a finished kto_jax run?")
     config = read_config(workdir)
     fields = {**model_lookup.model_fields(config), **(model_fields or {})}
     path = model_lookup.model_source(config)
@@ -172,7 +170,7 @@ def load_split(plan: Plan, split: str, sources: str = "") -> Data:
         files=dict(d.files),
     )
     if not examples:
-        raise ValueError(f"{field}={sources!r} split {split!r} has no examples")
+        raise InputError(f"{field}={sources!r} split {split!r} has no examples")
     paired, source = isinstance(examples[0], Paired), examples
     stats: dict = {"source_examples": len(examples), **mixture}
     if spec.kind == "paired":
@@ -180,7 +178,7 @@ def load_split(plan: Plan, split: str, sources: str = "") -> Data:
             examples, pair_stats = paired_from_unary(examples)
             stats.update(pair_stats)
             if not examples:
-                raise ValueError(
+                raise InputError(
                     f"loss {spec.name!r} needs paired data, but {field}={sources!r} is unary and no prompt "
                     f"of split {split!r} has both a desirable and an undesirable completion to pair "
                     f"({pair_stats['unary_prompts_unpaired']} prompts with one kind only): use a unary loss (kto, "
@@ -199,7 +197,7 @@ def load_split(plan: Plan, split: str, sources: str = "") -> Data:
         examples, target_stats = sft_targets_per_prompt(examples)
         stats.update(target_stats)
         if not examples:
-            raise ValueError(
+            raise InputError(
                 f"{field}={sources!r} split {split!r} has no prompt with an SFT target "
                 "(config.data.sft_targets='per_prompt')"
             )

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from kto_jax import sharding
+from kto_jax.errors import InputError
 from kto_jax.models import abstract_params
 from kto_jax.train import trainable
 
@@ -54,7 +55,7 @@ def resolved_warmup_steps(cfg, total_steps: int = 0) -> int:
     if not ratio:
         return int(cfg.warmup_steps)
     if not (0 < ratio < 1 and total_steps > 0):
-        raise ValueError(
+        raise InputError(
             f"config.train.optimizer.warmup_ratio={ratio} needs 0 < ratio < 1 and the run's total steps "
             f"(make_optimizer(..., total_steps=...); got {total_steps})"
         )
@@ -75,7 +76,7 @@ def lr_schedule(cfg, total_steps: int = 0) -> optax.Schedule:
     """
     name, lr = cfg.get("schedule", "constant"), float(cfg.lr)
     if name not in SCHEDULES:  # for callers without a plan (the plan's rule is kto_jax/train/rules.py's)
-        raise ValueError(f"config.train.optimizer.schedule={name!r} is not known; use one of {SCHEDULES}")
+        raise InputError(f"config.train.optimizer.schedule={name!r} is not known; use one of {SCHEDULES}")
     warmup = resolved_warmup_steps(cfg, total_steps)
     start = float(cfg.get("warmup_start_factor", 0.0))
     if start and warmup:
@@ -87,7 +88,7 @@ def lr_schedule(cfg, total_steps: int = 0) -> optax.Schedule:
     else:
         decay = total_steps - warmup
         if decay <= 0:
-            raise ValueError(
+            raise InputError(
                 f"config.train.optimizer.schedule={name!r} decays over the run's total steps after "
                 f"warmup: pass make_optimizer(..., total_steps=T) with T > {warmup} (got {total_steps})"
             )

@@ -20,6 +20,8 @@ import re
 
 from flax import traverse_util
 
+from kto_jax.errors import InputError
+
 SEP = "/"
 
 
@@ -66,12 +68,12 @@ def check_freeze(freeze: tuple[str, ...], paths: list[str], field: str = "config
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ValueError(f"{field}: {pattern!r} is not a regular expression ({e})") from None
+            raise InputError(f"{field}: {pattern!r} is not a regular expression ({e})") from None
         if not any(re.fullmatch(pattern, path) for path in paths):
             shown = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
-            raise ValueError(
+            raise InputError(
                 f"{field}: {pattern!r} matches no parameter (a regex matched in full against the '/'-joined "
                 f"param paths: {shown}); e.g. 'model/embed/.*' freezes the embeddings"
             )
     if paths and all(is_frozen(path, freeze) for path in paths):
-        raise ValueError(f"{field}={','.join(freeze)!r} freezes every parameter: nothing would train")
+        raise InputError(f"{field}={','.join(freeze)!r} freezes every parameter: nothing would train")

@@ -41,6 +41,7 @@ from kto_jax.data.builders.shp import SHP
 from kto_jax.data.builders.synthetic import Synthetic
 from kto_jax.data.builders.ultrafeedback import Ultrafeedback
 from kto_jax.data.feedback import Paired, Unary, paired_from_records, unary_from_records
+from kto_jax.errors import InputError
 
 BUILDERS: dict[str, type] = {
     "synthetic": Synthetic,
@@ -80,7 +81,7 @@ def _split_weight(entry: str) -> tuple[str, float | None]:
     except ValueError:
         return entry, None  # a colon of the name or pattern itself (files:PATTERN)
     if not np.isfinite(weight) or weight <= 0:
-        raise ValueError(
+        raise InputError(
             f"config.data.sources: weight {tail!r} of {head!r} must be a positive number (e.g. {head}:0.5)"
         )
     return head, weight
@@ -90,26 +91,26 @@ def parse_sources(spec: str) -> list[SourceSpec]:
     """``"hh:0.5+files:x.jsonl:0.5"`` -> [SourceSpec("hh", weight=0.5), SourceSpec("files", pattern="x.jsonl", weight=0.5)]."""
     entries = [e.strip() for e in (spec or "").split("+")]
     if not spec or not all(entries):
-        raise ValueError(f"config.data.sources={spec!r} has an empty entry; use names joined by '+' (e.g. 'hh+shp')")
+        raise InputError(f"config.data.sources={spec!r} has an empty entry; use names joined by '+' (e.g. 'hh+shp')")
     out = []
     for entry in entries:
         body, weight = _split_weight(entry)
         if body.startswith(FILES + ":"):
             pattern = body[len(FILES) + 1 :].strip()
             if not pattern:
-                raise ValueError(f"config.data.sources: {entry!r} names no files; use files:PATH or files:GLOB")
+                raise InputError(f"config.data.sources: {entry!r} names no files; use files:PATH or files:GLOB")
             out.append(SourceSpec(FILES, pattern=pattern, weight=weight))
             continue
         name, _, config = body.partition("/")
         if name not in BUILDERS:
-            raise ValueError(
+            raise InputError(
                 f"config.data.sources: unknown dataset {name!r}; known: {', '.join(sorted(BUILDERS))}, "
                 "or files:PATTERN for your own files"
             )
         out.append(SourceSpec(name, config=config, weight=weight))
     weighted = [s.weight is not None for s in out]
     if any(weighted) and not all(weighted):
-        raise ValueError(
+        raise InputError(
             f"config.data.sources={spec!r}: give every source a weight or none "
             f"(unweighted: {', '.join(s.label for s in out if s.weight is None)})"
         )
@@ -129,7 +130,7 @@ def get_builder(name: str | SourceSpec, data_dir: str, *, skip_bad_records: bool
     configs = [c.name for c in getattr(BUILDERS[spec.name], "BUILDER_CONFIGS", [])]
     if spec.config and spec.config not in configs:
         known = ", ".join(configs) if configs else "none (use the bare name)"
-        raise ValueError(
+        raise InputError(
             f"dataset {spec.name!r} has no config {spec.config!r} (config.data.sources={spec.label!r}); "
             f"its configs: {known}"
         )
@@ -207,7 +208,7 @@ def resolve_split(builder, split: str, label: str) -> str:
             " (a files: source has a test split only with config.data.eval_files or config.data.holdout_fraction > 0)"
         )
     alias_text = f"; aliases: {aliases}" if aliases else ""
-    raise ValueError(
+    raise InputError(
         f"dataset {label!r} has no split {split!r}; splits: {sorted(builder.info.splits)}{alias_text}{hint}"
     )
 
@@ -221,7 +222,7 @@ def load_records(
     return read_split(builder, resolve_split(builder, split, label), label)
 
 
-class CorruptedDataset(ValueError):
+class CorruptedDataset(InputError):
     """A prepared dataset file that cannot be read (corrupted or truncated on disk)."""
 
 
@@ -289,10 +290,10 @@ def load_mixture(
     kinds = {e["kind"] for e in stats["sources"].values()}
     if len(kinds) > 1:
         named = ", ".join(f"{label} is {e['kind']}" for label, e in stats["sources"].items())
-        raise ValueError(f"data sources {spec!r} mix paired and unary datasets ({named}); mix sources of one kind")
+        raise InputError(f"data sources {spec!r} mix paired and unary datasets ({named}); mix sources of one kind")
     empty = [label for label, e in stats["sources"].items() if e["available"] == 0]
     if empty and sources[0].weight is not None:
-        raise ValueError(
+        raise InputError(
             f"config.data.sources={spec!r}: {', '.join(empty)} has no {split} examples, so a weighted "
             "mixture would be empty; drop that source or its weights"
         )

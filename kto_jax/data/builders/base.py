@@ -29,6 +29,7 @@ from absl import logging
 
 from kto_jax import faults
 from kto_jax.data.schemas import ROLES, BadRecord
+from kto_jax.errors import MissingInput
 
 
 def prompt_feature() -> tfds.features.Sequence:
@@ -72,7 +73,7 @@ def turns(*pairs: tuple[str, str]) -> dict:
     return {"role": [r for r, _ in pairs], "content": [c for _, c in pairs]}
 
 
-class SourceUnavailable(FileNotFoundError):
+class SourceUnavailable(MissingInput):
     """An upstream file that is neither in manual_dir nor downloadable (no network)."""
 
 

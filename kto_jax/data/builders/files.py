@@ -61,6 +61,7 @@ from kto_jax.data.builders.base import (
     unary_features,
 )
 from kto_jax.data.schemas import BadRecord
+from kto_jax.errors import InputError
 
 
 class _CustomConfigNotice(logging.Filter):
@@ -127,9 +128,9 @@ def _first_row(path: str, skip_bad_records: bool) -> tuple[str, dict]:
 def plan_files(options: FilesOptions, *, skip_bad_records: bool = False) -> FilesPlan:
     """Resolve the files, read the schema from the first row, compute the content key."""
     if not 0.0 <= options.holdout_fraction < 1.0:
-        raise ValueError(f"config.data.holdout_fraction={options.holdout_fraction!r} should be in [0, 1)")
+        raise InputError(f"config.data.holdout_fraction={options.holdout_fraction!r} should be in [0, 1)")
     if options.test and options.holdout_fraction > 0:
-        raise ValueError(
+        raise InputError(
             f"config.data.holdout_fraction={options.holdout_fraction!r} and test files "
             f"({options.test!r}) both make a test split; set one of them"
         )
@@ -138,7 +139,7 @@ def plan_files(options: FilesOptions, *, skip_bad_records: bool = False) -> File
     dataset_dict = formats.datasets_splits(train[0]) if len(train) == 1 else None
     if dataset_dict is not None:
         if options.test or options.holdout_fraction > 0:
-            raise ValueError(
+            raise InputError(
                 f"{train[0]} is a DatasetDict folder with its own splits {sorted(dataset_dict)}; "
                 "leave config.data.holdout_fraction and the test files unset"
             )
@@ -148,7 +149,7 @@ def plan_files(options: FilesOptions, *, skip_bad_records: bool = False) -> File
         test = formats.expand_paths(options.test) if options.test else []
         for path in train + test:
             if formats.datasets_splits(path) is not None:
-                raise ValueError(f"{path} is a DatasetDict folder: give it alone as the train files")
+                raise InputError(f"{path} is a DatasetDict folder: give it alone as the train files")
         listed = [("train", p) for p in train] + [("test", p) for p in test]
         splits = ("train", "test") if test or options.holdout_fraction > 0 else ("train",)
     root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for _, p in listed])

@@ -50,6 +50,7 @@ from kto_jax.data.builders.base import (
     turns,
 )
 from kto_jax.data.schemas import BadRecord
+from kto_jax.errors import MissingInput
 
 DOMAINS = (
     "askacademia",
@@ -130,7 +131,7 @@ class SHP(FeedbackBuilder):
                 d for d in DOMAINS if any(os.path.exists(os.path.join(manual_dir, file_name(d, s))) for s in SPLITS)
             )
             if not domains:
-                raise FileNotFoundError(
+                raise MissingInput(
                     f"manual_dir {manual_dir} holds no SHP file: expected {{domain}}/{{split}}.json for a domain "
                     f"among {', '.join(DOMAINS)} (or an empty/absent manual_dir to download all of them)"
                 )
@@ -139,7 +140,7 @@ class SHP(FeedbackBuilder):
                 for s in SPLITS:
                     path = os.path.join(manual_dir, file_name(d, s))
                     if not os.path.exists(path):
-                        raise FileNotFoundError(
+                        raise MissingInput(
                             f"{path} is missing: a domain in manual_dir needs all of {', '.join(SPLITS)}"
                         )
                     paths[file_name(d, s)] = path

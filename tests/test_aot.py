@@ -81,7 +81,7 @@ def test_xla_flop_count_sees_every_layer_and_the_remat_recompute(remat, low, hig
     config.mesh.update(data=1, fsdp=-1, tensor=1)
     plan = make_plan(config, 1)
     unrolled = plan.replace(model_config=plan.model_config.replace(scan_unroll=5), num_microbatches=1, chunk_size=128)
-    lowered, _ = lower_train_step(unrolled, config.train.optimizer, jax.devices("cpu")[:1])
+    lowered, _ = lower_train_step(unrolled, jax.devices("cpu")[:1])
     assert xla_step_flops(config) == pytest.approx(lowered.cost_analysis()["flops"], rel=1e-5)
     analytic = step_flops(get_preset("tiny-5m"), plan.loss, batch=32, length=128, reference_mode=plan.reference_mode)
     assert low < xla_step_flops(config) / analytic < high
@@ -117,7 +117,7 @@ def test_aot_lowers_exactly_the_program_the_loop_runs(loss, mode, packing, synth
     seen = record_loop_lowering(loop, monkeypatch.setattr)
     loop.run(config, str(tmp_path / "run"))
     plan = make_plan(config, 1)
-    lowered, engine = lower_train_step(plan, config.train.optimizer, jax.devices()[:1])
+    lowered, engine = lower_train_step(plan, jax.devices()[:1])
     assert len(seen) == 1
     assert "tf.aliasing_output" in seen[0]  # the state is donated
     if not packing:
@@ -149,7 +149,7 @@ def test_aot_of_an_hf_folder_needs_only_its_config_json(tmp_path, synthetic_data
     config.model.name = str(folder)
     from_folder = make_plan(config, 1)
     assert from_folder.model_config == preset.model_config and from_folder.model_path == str(folder)
-    texts = [lower_train_step(p, config.train.optimizer, jax.devices()[:1])[0].as_text() for p in (preset, from_folder)]
+    texts = [lower_train_step(p, jax.devices()[:1])[0].as_text() for p in (preset, from_folder)]
     assert texts[0] == texts[1]
 
 

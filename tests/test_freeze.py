@@ -243,7 +243,7 @@ def test_aot_argument_bytes_drop_by_the_frozen_state(synthetic_data_dir):
         config = small_config("kto", synthetic_data_dir)
         config.train.freeze = freeze
         plan = make_plan(config, 1)
-        lowered, _ = lower_train_step(plan, config.train.optimizer, jax.devices()[:1])
+        lowered, _ = lower_train_step(plan, jax.devices()[:1])
         sizes[freeze] = lowered.compile().memory_analysis().argument_size_in_bytes
     moments = {"adamw": 2, "adam": 2, "rmsprop": 1, "sgd": 0}[config.train.optimizer.name]
     embed = np.prod(plan.model_config.vocab_size * plan.model_config.hidden_size) * 4  # float32

@@ -90,7 +90,7 @@ def sharded(args) -> None:
             summary["loop_2x2x2"] = {"metrics": [row for row in map(json.loads, f) if "loss" in row]}
         from kto_jax.train.aot import lower_train_step
 
-        aot, _ = lower_train_step(make_plan(config, 8), config.train.optimizer, jax.devices())
+        aot, _ = lower_train_step(make_plan(config, 8), jax.devices())
         summary["loop_2x2x2"]["aot_equals_loop"] = aot.as_text() == lowered[0]
         summary["loop_2x2x2"]["loop_program_is_sharded"] = all(
             f'"{axis}"' in lowered[0] for axis in ("data", "fsdp", "tensor")

@@ -76,14 +76,14 @@ def hbm_bytes(device) -> int | None:
     return None
 
 
-def lower_train_step(plan: Plan, optimizer_config, devices):
+def lower_train_step(plan: Plan, devices):
     """The plan's train step for ``devices``, lowered with abstract, sharded inputs (nothing is
     allocated): the engine the loop builds (``kto_jax.train.engine``), the same jitted function,
     shardings and donation. Returns ``(lowered, engine)``."""
     mesh = sharding.make_mesh(plan.mesh, devices=np.asarray(devices))
     # a run of one epoch (steps=0) learns its step count from the data; the count only sets
     # constants of the schedule, not the program's shape, so a nominal one serves here
-    engine = build_engine(plan.step_spec(), optimizer_config, mesh, seed=plan.seed, total_steps=plan.steps or 1000)
+    engine = build_engine(plan.step_spec(), plan.optimizer, mesh, seed=plan.seed, total_steps=plan.steps or 1000)
     return engine.lower(plan.global_batch_size, plan.row_length, plan.packed_rows), engine
 
 
@@ -112,9 +112,7 @@ def xla_step_flops(config, plan: Plan | None = None) -> float:
         model_config = plan.model_config.replace(
             num_layers=layers, scan_unroll=layers, attention_impl=None if attention == "splash" else attention
         )
-        lowered, _ = lower_train_step(
-            base.replace(model_config=model_config), config.train.optimizer, jax.devices("cpu")[:1]
-        )
+        lowered, _ = lower_train_step(base.replace(model_config=model_config), jax.devices("cpu")[:1])
         cost = lowered.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         if not cost or "flops" not in cost:
@@ -126,7 +124,7 @@ def xla_step_flops(config, plan: Plan | None = None) -> float:
 def compile_train_step(config, devices) -> dict:
     """Compile ``config``'s train step for ``devices``; returns the per-chip memory/FLOPs report."""
     plan = make_plan(config, len(devices))
-    lowered, engine = lower_train_step(plan, config.train.optimizer, devices)
+    lowered, engine = lower_train_step(plan, devices)
     compiled = lowered.compile()
     memory = compiled.memory_analysis()
     total = (

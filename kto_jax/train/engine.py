@@ -1,6 +1,6 @@
 """The engine of a run: its step spec, optimizer, state shardings and the compiled steps, built once.
 
-    engine = build_engine(plan, config.train.optimizer, mesh)
+    engine = build_engine(plan.step_spec(model), plan.optimizer, mesh)
     state = engine.create_state(model_params)           # the loop, the benchmark, the tests
     frozen = engine.frozen_params(model_params)          # config.train.freeze's leaves ({} if none)
     abstract = engine.abstract_state()                   # the AOT check: shapes + shardings only

@@ -105,6 +105,7 @@ def token_loss(model, params, ids, mask):
     return (nll * weight).sum() / weight.sum()
 
 
+@pytest.mark.slow
 def test_remat_policies_give_the_same_gradient():
     """Every policy in REMAT_POLICIES: the same loss and gradient as "none", and a remat in the jaxpr."""
     config = LLAMA

@@ -235,7 +235,12 @@ def batches(examples, name: str) -> tuple[dict, dict]:
     return tuple(out)
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+FAST_LOSSES = ("sft", "kto", "dpo", "ppo_offline")  # one per feed in the fast tier; the others run in the full one
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in FAST_LOSSES else pytest.param(n, marks=pytest.mark.slow) for n in sorted(LOSSES)]
+)
 def test_every_loss_and_gradient_equal_the_padded_path(name, examples):
     padded, packed = batches(examples, name)
     loss, metrics, grads = loss_and_grad(name, padded, packing=False)

@@ -63,7 +63,7 @@ def merge(trainable, frozen) -> dict:
 
 def check_freeze(freeze: tuple[str, ...], paths: list[str], field: str = "config.train.freeze") -> None:
     """Every regex must be valid and freeze at least one leaf, and some leaf must still train;
-    raises ValueError naming the regex (and a few of the paths it could have matched)."""
+    raises InputError naming the regex (and a few of the paths it could have matched)."""
     for pattern in freeze:
         try:
             re.compile(pattern)

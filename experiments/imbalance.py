@@ -16,6 +16,7 @@ import importlib.util
 import os
 
 from kto_jax.config import parse_arg
+from kto_jax.errors import InputError
 
 ARGS = ("desirable_fraction", "undesirable_fraction", "model", "data", "runs")
 # (class, fraction kept) -> its weight in the published fracdata_kto_llama7b runs
@@ -53,7 +54,7 @@ def get_config(arg: str = ""):
     args = parse_arg(arg, ARGS, "experiments/imbalance.py")
     fd, fu = float(args.get("desirable_fraction", 1.0)), float(args.get("undesirable_fraction", 1.0))
     if fd < 1.0 and fu < 1.0:
-        raise ValueError(
+        raise InputError(
             "experiments/imbalance.py: drop one class at a time (desirable_fraction or undesirable_fraction)"
         )
     paper_arg = f"model={args.get('model', 'llama-7b')},loss=kto,sft=false,data={args.get('data', 'shp+hh+oasst')}"

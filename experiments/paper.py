@@ -25,6 +25,7 @@ their KL estimate spans 16 examples; its SFT and PPO runs used one batch of 32).
 """
 
 from kto_jax.config import base_config, loss_config, parse_arg
+from kto_jax.errors import InputError
 
 METHODS = ("sft", "csft", "slic", "dpo", "ppo_offline", "kto")
 MODELS = ("pythia-1.4b", "pythia-2.8b", "pythia-6.9b", "pythia-12b", "llama-7b", "llama-13b", "llama-30b")
@@ -53,20 +54,20 @@ def get_config(arg: str = ""):
     args = parse_arg(arg, ARGS, "experiments/paper.py")
     model = args.get("model", "llama-7b")
     if model not in TARGETS:
-        raise ValueError(f"experiments/paper.py: model={model!r} is not in the paper's suite {MODELS}")
+        raise InputError(f"experiments/paper.py: model={model!r} is not in the paper's suite {MODELS}")
     loss = ALIASES.get(args.get("loss", "kto"), args.get("loss", "kto"))
     sft = args.get("sft", "false").lower()
     if sft not in ("true", "false"):
-        raise ValueError(f"experiments/paper.py: sft={sft!r}: use true or false")
+        raise InputError(f"experiments/paper.py: sft={sft!r}: use true or false")
     runs = args.get("runs", "runs/paper")
     target = TARGETS[model]
 
     packing = args.get("packing", "true").lower()
     if packing not in ("true", "false"):
-        raise ValueError(f"experiments/paper.py: packing={packing!r}: use true or false")
+        raise InputError(f"experiments/paper.py: packing={packing!r}: use true or false")
     params = args.get("params", "fp32")
     if params not in PARAM_DTYPES:
-        raise ValueError(
+        raise InputError(
             f"experiments/paper.py: params={params!r}: use fp32 (float32 master weights) or bf16 (HALOs' pure bf16)"
         )
 

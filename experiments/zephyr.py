@@ -22,6 +22,7 @@ changes none of them) and the optimizer/scheduler of launch.py:
 """
 
 from kto_jax.config import base_config, loss_config, parse_arg
+from kto_jax.errors import InputError
 
 ARGS = ("loss", "one_y", "weights", "runs")
 
@@ -30,10 +31,10 @@ def get_config(arg: str = ""):
     args = parse_arg(arg, ARGS, "experiments/zephyr.py")
     loss = args.get("loss", "kto")
     if loss not in ("sft", "dpo", "kto"):
-        raise ValueError(f"experiments/zephyr.py: loss={loss!r}; use sft, dpo or kto")
+        raise InputError(f"experiments/zephyr.py: loss={loss!r}; use sft, dpo or kto")
     one_y = args.get("one_y", "false") == "true"
     if one_y and loss != "kto":
-        raise ValueError("experiments/zephyr.py: one_y=true is a KTO variant (one completion per prompt)")
+        raise InputError("experiments/zephyr.py: one_y=true is a KTO variant (one completion per prompt)")
     runs, weights = args.get("runs", "runs/zephyr"), args.get("weights", "")
     c = base_config()
     c.model.name = weights or "mistral-7b"

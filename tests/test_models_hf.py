@@ -22,6 +22,7 @@ import torch
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
+from kto_jax.generate import generate
 from kto_jax.models import abstract_params, lm_head_kernel
 from kto_jax.models.hf import config_to_hf, from_hf, to_hf
 from kto_jax.models.presets import get_preset
@@ -184,6 +185,45 @@ def test_padding_gives_unpadded_logits(loaded, name, side):
         assert max_diff(out[b, real], unpadded[b, :n]) < 1e-5, f"row {b} (length {n}) differs from running it unpadded"
         assert max_diff(out[b, real], hf_logits(hf_model, ids[b : b + 1, :n])[0]) < TOL
         assert max_diff(out[b, real], hf_padded[b, real]) < TOL
+
+
+# ---------------------------------------------------------------- greedy generation vs transformers
+
+
+@pytest.mark.parametrize("name", ["qwen2_gqa", "qwen3_head_dim"])
+def test_greedy_generation_matches_transformers(loaded, name):
+    """kto_jax.generate.generate (KV cache; the three prompts in one left-padded batch) gives
+    transformers' greedy ``generate`` tokens for each prompt alone (EOS: a token id that
+    transformers' greedy path reaches for one prompt, so the EOS path is exercised)."""
+    _, hf_model, model, params = loaded(name)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(1, VOCAB, size=n).tolist() for n in (3, 9, 6)]
+    new_tokens = 8
+
+    def hf_greedy(prompt, eos):
+        with torch.no_grad():
+            out = hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                eos_token_id=eos,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        new = out.sequences[0, len(prompt) :].tolist()
+        gaps = [float(np.diff(np.sort(s[0].numpy())[-2:])[0]) for s in out.scores]
+        return (new[: new.index(eos)] if eos in new else new), gaps
+
+    eos = hf_greedy(prompts[0], None)[0][new_tokens // 2]  # the first prompt stops there
+    want = [hf_greedy(p, eos) for p in prompts]
+    assert min(g for _, gaps in want for g in gaps) > 1e-3, "near-tie in transformers' greedy path"
+    assert any(len(w) < new_tokens for w, _ in want)
+    got = generate(
+        model, params, prompts, max_new_tokens=new_tokens, eos_id=eos, pad_id=0, temperature=0.0, batch_size=3, bucket=8
+    )
+    assert got == [w for w, _ in want]
 
 
 # ---------------------------------------------------------------- hidden states @ LM head

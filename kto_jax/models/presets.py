@@ -66,6 +66,19 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-25m": _llama(
         vocab_size=2048, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, norm_eps=1e-6
     ),
+    "tiny-qwen2-1m": _qwen2(
+        vocab_size=384, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, num_kv_heads=2
+    ),
+    "tiny-qwen3-1m": _qwen3(
+        vocab_size=384,
+        hidden_size=128,
+        intermediate_size=344,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
     "tiny-pythia-1m": _pythia(vocab_size=384, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4),
     # Pythia (EleutherAI/pythia-* config.json): the paper's non-deduped checkpoints (HALOs legacy
     # config/model/pythia*.yaml name_or_path EleutherAI/pythia-1.4b, -2.8b, -6.9b, -12b); the -deduped

@@ -8,7 +8,7 @@ import functools
 import jax
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, MistralConfig
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from kto_jax.models import build_model
 from kto_jax.models.config import ModelConfig
@@ -67,6 +67,20 @@ HF_CONFIGS = {
     ),
     "pythia_unbiased": lambda: GPTNeoXConfig(
         **{**SMALL, "hidden_size": 64}, num_attention_heads=4, rotary_pct=0.25, attention_bias=False
+    ),
+    # Qwen2: q/k/v biases (no o bias); rope_theta 1e6 as the releases
+    "qwen2_gqa": lambda: Qwen2Config(**SMALL, num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6),
+    "qwen2_tied": lambda: Qwen2Config(**SMALL, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2_mqa": lambda: Qwen2Config(**SMALL, num_attention_heads=4, num_key_value_heads=1),
+    # Qwen3: per-head q/k RMSNorm; head_dim 16 != hidden 32 / 4 heads
+    "qwen3_head_dim": lambda: Qwen3Config(
+        **SMALL, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e6
+    ),
+    "qwen3_tied": lambda: Qwen3Config(
+        **SMALL, num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True
+    ),
+    "qwen3_bias": lambda: Qwen3Config(
+        **SMALL, num_attention_heads=4, num_key_value_heads=1, head_dim=8, attention_bias=True
     ),
 }
 

@@ -22,6 +22,9 @@ from kto_jax.stats import clopper_pearson_interval, judged_rate, winrate
 from tests.test_models_scan import LLAMA, NEOX, random_params
 
 MISTRAL = LLAMA.replace(hf_model_type="mistral", sliding_window=5)
+QWEN3 = LLAMA.replace(
+    architecture="qwen3", hf_model_type="qwen3", qk_norm=True, head_dim=16
+)  # q/k norms in the cache path
 EOS = 3
 
 
@@ -43,7 +46,9 @@ def greedy_by_recompute(model, params, prompt, max_new_tokens, width=24):
     return new
 
 
-@pytest.mark.parametrize("config", [LLAMA, NEOX, MISTRAL], ids=["llama", "gpt_neox", "mistral_window5"])
+@pytest.mark.parametrize(
+    "config", [LLAMA, NEOX, MISTRAL, QWEN3], ids=["llama", "gpt_neox", "mistral_window5", "qwen3_head_dim16"]
+)
 def test_greedy_kv_cache_generation_equals_recomputing_the_sequence(config):
     model, params = build_model(config), random_params(config, seed=11)
     rng = np.random.default_rng(0)

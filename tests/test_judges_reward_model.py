@@ -1,6 +1,6 @@
-"""The reward-model judge: tiny random HF *ForSequenceClassification checkpoints (Llama with GQA, GPT-NeoX)
-scored in JAX as transformers scores them; verdicts from the scores; 8 simulated devices = 1 device;
-a folder without a score head is refused by name."""
+"""The reward-model judge: tiny random HF *ForSequenceClassification checkpoints (Llama with GQA, GPT-NeoX,
+Qwen2, Qwen3) scored in JAX as transformers scores them; verdicts from the scores; 8 simulated devices =
+1 device; a folder without a score head is refused by name."""
 
 import json
 import math
@@ -21,6 +21,10 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    Qwen2Config,
+    Qwen2ForSequenceClassification,
+    Qwen3Config,
+    Qwen3ForSequenceClassification,
 )
 
 from kto_jax.judges.reward_model import (
@@ -93,6 +97,11 @@ FAMILIES = {
     "llama": lambda: LlamaForSequenceClassification(LlamaConfig(**SMALL, num_key_value_heads=2, num_labels=1)),
     # two labels: sequence_scores keeps [B, num_labels]
     "gpt_neox": lambda: GPTNeoXForSequenceClassification(GPTNeoXConfig(**SMALL, rotary_pct=0.25, num_labels=2)),
+    "qwen2": lambda: Qwen2ForSequenceClassification(Qwen2Config(**SMALL, num_key_value_heads=2, num_labels=1)),
+    # head_dim 32 != hidden 64 / 4 heads; per-head q/k norms
+    "qwen3": lambda: Qwen3ForSequenceClassification(
+        Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32, num_labels=1)
+    ),
 }
 ITEMS = [  # (turns, first, second)
     ((("user", "what is two plus one"),), "three", "two"),

@@ -22,6 +22,7 @@ import torch
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
+from kto_jax.generate import generate
 from kto_jax.models import abstract_params, lm_head_kernel
 from kto_jax.models.hf import config_to_hf, from_hf, to_hf
 from kto_jax.models.presets import get_preset
@@ -68,6 +69,40 @@ def test_loaded_config_fields(loaded):
     assert neox == ("gpt_neox", 4, False, True)
     assert loaded("llama_tied")[2].config.tie_word_embeddings
     assert "lm_head" not in loaded("llama_tied")[3]
+    cfg = loaded("qwen2_mqa")[2].config
+    qwen2 = (cfg.architecture, cfg.num_kv_heads, cfg.qkv_bias, cfg.attention_bias, cfg.qk_norm, cfg.sliding_window)
+    assert qwen2 == ("qwen2", 1, True, False, False, None)
+    assert loaded("qwen2_gqa")[2].config.rope_theta == 1e6
+    attention = loaded("qwen2_gqa")[3]["layers"]["attention"]
+    assert "bias" in attention["q"] and "bias" not in attention["o"]
+    cfg = loaded("qwen3_head_dim")[2].config
+    qwen3 = (cfg.architecture, cfg.head_dim, cfg.hidden_size, cfg.qk_norm, cfg.qkv_bias, cfg.attention_bias)
+    assert qwen3 == ("qwen3", 16, 32, True, False, False)
+    attention = loaded("qwen3_head_dim")[3]["layers"]["attention"]
+    assert attention["q_norm"]["scale"].shape == attention["k_norm"]["scale"].shape == (2, 16)  # [layers, head_dim]
+    assert "bias" in loaded("qwen3_bias")[3]["layers"]["attention"]["o"]
+    assert "lm_head" not in loaded("qwen3_tied")[3] and "lm_head" not in loaded("qwen2_tied")[3]
+
+
+@pytest.mark.parametrize(
+    "name, leaves",
+    [
+        ("qwen2_gqa", [("q", "bias"), ("k", "bias"), ("v", "bias")]),
+        ("qwen3_head_dim", [("q_norm", "scale")]),
+        ("qwen3_head_dim", [("k_norm", "scale")]),
+    ],
+)
+def test_qwen_layers_change_the_logits(loaded, name, leaves):
+    """The q/k/v biases (Qwen2) and each per-head norm (Qwen3) move the logits: resetting them to
+    transformers' init (zeros, ones) gives logits > 1e-2 away, so matching transformers checks them."""
+    _, hf_model, model, params = loaded(name)
+    attention = dict(params["layers"]["attention"])
+    for layer, leaf in leaves:
+        reset = jnp.zeros_like if leaf == "bias" else jnp.ones_like
+        attention[layer] = {**attention[layer], leaf: reset(attention[layer][leaf])}
+    changed = {**params, "layers": {**params["layers"], "attention": attention}}
+    ids = random_ids(seed=1)
+    assert max_diff(forward(model, changed, ids), hf_logits(hf_model, ids)) > 1e-2
 
 
 @pytest.mark.parametrize(
@@ -127,7 +162,7 @@ def pad_rows(ids, lengths, side, pad_id=0):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("name", ["llama_gqa", "mistral_window", "pythia_parallel"])
+@pytest.mark.parametrize("name", ["llama_gqa", "mistral_window", "pythia_parallel", "qwen2_gqa", "qwen3_head_dim"])
 def test_padding_gives_unpadded_logits(loaded, name, side):
     """Row b holds its first lengths[b] tokens, padded on ``side``. Unpadded, a causal model
     gives the prefix's logits as the first positions of the full row (causality is checked
@@ -152,10 +187,49 @@ def test_padding_gives_unpadded_logits(loaded, name, side):
         assert max_diff(out[b, real], hf_padded[b, real]) < TOL
 
 
+# ---------------------------------------------------------------- greedy generation vs transformers
+
+
+@pytest.mark.parametrize("name", ["qwen2_gqa", "qwen3_head_dim"])
+def test_greedy_generation_matches_transformers(loaded, name):
+    """kto_jax.generate.generate (KV cache; the three prompts in one left-padded batch) gives
+    transformers' greedy ``generate`` tokens for each prompt alone (EOS: a token id that
+    transformers' greedy path reaches for one prompt, so the EOS path is exercised)."""
+    _, hf_model, model, params = loaded(name)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(1, VOCAB, size=n).tolist() for n in (3, 9, 6)]
+    new_tokens = 8
+
+    def hf_greedy(prompt, eos):
+        with torch.no_grad():
+            out = hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                eos_token_id=eos,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        new = out.sequences[0, len(prompt) :].tolist()
+        gaps = [float(np.diff(np.sort(s[0].numpy())[-2:])[0]) for s in out.scores]
+        return (new[: new.index(eos)] if eos in new else new), gaps
+
+    eos = hf_greedy(prompts[0], None)[0][new_tokens // 2]  # the first prompt stops there
+    want = [hf_greedy(p, eos) for p in prompts]
+    assert min(g for _, gaps in want for g in gaps) > 1e-3, "near-tie in transformers' greedy path"
+    assert any(len(w) < new_tokens for w, _ in want)
+    got = generate(
+        model, params, prompts, max_new_tokens=new_tokens, eos_id=eos, pad_id=0, temperature=0.0, batch_size=3, bucket=8
+    )
+    assert got == [w for w, _ in want]
+
+
 # ---------------------------------------------------------------- hidden states @ LM head
 
 
-@pytest.mark.parametrize("name", ["llama_tied", "pythia_sequential"])
+@pytest.mark.parametrize("name", ["llama_tied", "pythia_sequential", "qwen3_tied"])
 def test_return_hidden_times_lm_head_is_logits(loaded, name):
     _, _, model, params = loaded(name)
     ids = random_ids(seed=4)
@@ -191,6 +265,12 @@ def assert_same_tree(a, b):
         "pythia_parallel",
         "pythia_sequential",
         "pythia_unbiased",
+        "qwen2_gqa",
+        "qwen2_tied",
+        "qwen2_mqa",
+        "qwen3_head_dim",
+        "qwen3_tied",
+        "qwen3_bias",
     ],
 )
 def test_to_hf_round_trip(loaded, tmp_path, name):

@@ -12,6 +12,7 @@ import pytest
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from kto_jax.errors import InputError
 from kto_jax.models import ARCHITECTURES, FAMILIES, get_family
 from kto_jax.models.hf import config_from_hf, config_to_hf, from_hf, load_tokenizer, to_hf
 from kto_jax.models.hf_config import HF_ARCHITECTURES
@@ -19,6 +20,10 @@ from kto_jax.models.presets import get_preset
 from tests.hf_checkpoints import HF_CONFIGS
 
 # ---------------------------------------------------------------- config.json reading
+
+SMALL_QWEN = dict(
+    vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=8
+)
 
 
 LLAMA3_V4 = {
@@ -77,6 +82,45 @@ LINEAR_V4 = {
     "rope_theta": 20000.0,
     "rope_scaling": {"type": "linear", "factor": 2.0},
 }
+# Qwen/Qwen2.5-7B and Qwen/Qwen3-8B config.json (the fields that are not defaults or ignored)
+QWEN25_7B = {
+    "model_type": "qwen2",
+    "architectures": ["Qwen2ForCausalLM"],
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "use_sliding_window": False,
+    "sliding_window": 131072,
+    "max_window_layers": 28,
+}
+QWEN3_8B = {
+    "model_type": "qwen3",
+    "architectures": ["Qwen3ForCausalLM"],
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "use_sliding_window": False,
+    "sliding_window": None,
+    "max_window_layers": 36,
+}
 LINEAR_V5 = {
     **{k: v for k, v in LINEAR_V4.items() if k not in ("rope_theta", "rope_scaling")},
     "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 20000.0},
@@ -96,6 +140,24 @@ def test_config_from_hf_known_configs():
     linear = config_from_hf(LINEAR_V4)
     assert (linear.rope_type, linear.rope_factor, linear.rope_theta) == ("linear", 2.0, 20000.0)
     assert config_from_hf(LINEAR_V4, compute_dtype="bfloat16", remat_policy="dots").compute_dtype == "bfloat16"
+    assert config_from_hf(QWEN25_7B) == get_preset("qwen2.5-7b")
+    assert config_from_hf(QWEN3_8B) == get_preset("qwen3-8b")
+    # Qwen3Config's head_dim default is 128, not hidden_size / num_attention_heads
+    assert config_from_hf({k: v for k, v in QWEN3_8B.items() if k != "head_dim"}).head_dim == 128
+
+
+@pytest.mark.parametrize("hf", [QWEN25_7B, QWEN3_8B], ids=["qwen2", "qwen3"])
+def test_qwen_sliding_window_is_refused_by_name(hf):
+    """use_sliding_window: true (a window from layer max_window_layers on) is not implemented."""
+    pattern = r"config\.json use_sliding_window=True \(sliding_window=4096, max_window_layers=2\) is not supported"
+    with pytest.raises(InputError, match=pattern):
+        config_from_hf({**hf, "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 2})
+    # written by transformers itself (5.x to_dict: layer_types with sliding layers)
+    hf_config = transformers.AutoConfig.for_model(
+        hf["model_type"], **{**SMALL_QWEN, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+    )
+    with pytest.raises(InputError, match=r"use_sliding_window=True"):
+        config_from_hf(hf_config.to_dict())
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
@@ -173,19 +235,25 @@ def test_unknown_architecture(llama_copy):
 
 def test_family_registry():
     """Every family is registered once; config.json model_types and architecture names resolve through it."""
-    assert list(FAMILIES) == ["llama", "gpt_neox"]
+    assert list(FAMILIES) == ["llama", "gpt_neox", "qwen2", "qwen3"]
     assert all(get_family(name).name == name for name in FAMILIES)
     assert ARCHITECTURES == {name: family.build for name, family in FAMILIES.items()}
     assert HF_ARCHITECTURES == {
         "llama": "LlamaForCausalLM",
         "mistral": "MistralForCausalLM",
         "gpt_neox": "GPTNeoXForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
     }
     assert all(hasattr(transformers, cls) for cls in HF_ARCHITECTURES.values())
-    with pytest.raises(ValueError, match=r"model_type='qwen2' is not supported.*gpt_neox.*llama.*mistral"):
-        config_from_hf({**LINEAR_V4, "model_type": "qwen2"})
-    with pytest.raises(ValueError, match=r"unknown architecture 'qwen2'.*llama, gpt_neox"):
-        get_family("qwen2")
+    classifiers = {t: c for family in FAMILIES.values() for t, c in family.hf_classifiers.items()}
+    assert classifiers.keys() == HF_ARCHITECTURES.keys()
+    assert all(hasattr(transformers, cls) for cls in classifiers.values())
+    pattern = r"model_type='gemma3' is not supported.*gpt_neox.*llama.*mistral.*qwen2.*qwen3"
+    with pytest.raises(InputError, match=pattern):
+        config_from_hf({**LINEAR_V4, "model_type": "gemma3"})
+    with pytest.raises(InputError, match=r"unknown architecture 'gemma3'.*llama, gpt_neox, qwen2, qwen3"):
+        get_family("gemma3")
 
 
 def test_unsupported_rope_type_names_field():

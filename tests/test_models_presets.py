@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from kto_jax.errors import InputError
 from kto_jax.models import param_count
 from kto_jax.models.config import ModelConfig
 from kto_jax.models.hf import config_from_hf, config_to_hf
@@ -55,6 +56,10 @@ def test_preset_survives_transformers_config(name):
         ("pythia-1.4b", 1_414_647_808),
         ("pythia-6.9b", 6_857_302_016),
         ("pythia-12b", 11_846_072_320),
+        ("qwen2.5-0.5b", 494_032_768),
+        ("qwen2.5-7b", 7_615_616_512),
+        ("qwen3-0.6b", 596_049_920),
+        ("qwen3-8b", 8_190_735_360),
     ],
 )
 def test_published_totals(name, total):
@@ -86,10 +91,19 @@ def test_get_preset_overrides():
 def test_preset_shapes():
     for name, cfg in PRESETS.items():
         assert cfg.num_heads % cfg.num_kv_heads == 0, name
-        assert cfg.head_dim * cfg.num_heads == cfg.hidden_size, name
+        assert cfg.head_dim * cfg.num_heads == cfg.hidden_size or cfg.architecture == "qwen3", name
     assert get_preset("llama3-8b").num_kv_heads == 8 and get_preset("llama3-8b").rope_theta == 500000.0
     assert get_preset("mistral-7b").sliding_window == 4096 and get_preset("mistral-7b").hf_model_type == "mistral"
     assert get_preset("pythia-1.4b").rotary_dim == 32  # head_dim 128 * rotary_pct 0.25
+    qwen2 = get_preset("qwen2.5-7b")
+    assert (qwen2.qkv_bias, qwen2.attention_bias, qwen2.qk_norm, qwen2.head_dim) == (True, False, False, 128)
+    qwen3 = get_preset("qwen3-0.6b")
+    assert (qwen3.qk_norm, qwen3.qkv_bias, qwen3.head_dim, qwen3.hidden_size // qwen3.num_heads) == (
+        True,
+        False,
+        128,
+        64,
+    )
 
 
 BASE = dict(architecture="llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
@@ -126,6 +140,32 @@ def test_gpt_neox_rejects_what_its_config_json_cannot_hold():
     for field, value in [("num_kv_heads", 2), ("head_dim", 16), ("sliding_window", 4), ("hf_model_type", "llama")]:
         with pytest.raises(ValueError, match=rf"ModelConfig\.{field}={value!r} is invalid: expected"):
             ModelConfig(**{**neox, field: value})
+
+
+def test_qwen_layers_belong_to_their_families():
+    """qkv_bias (Qwen2) and qk_norm (Qwen3) are refused where the family's config.json cannot hold them,
+    and required where it always has them."""
+    qwen2 = {**BASE, "architecture": "qwen2", "qkv_bias": True}
+    qwen3 = {**BASE, "architecture": "qwen3", "qk_norm": True}
+    cases = [
+        ({**BASE, "qkv_bias": True}, "qkv_bias", True),
+        ({**BASE, "qk_norm": True}, "qk_norm", True),
+        ({**BASE, "architecture": "gpt_neox", "qkv_bias": True}, "qkv_bias", True),
+        ({**BASE, "architecture": "gpt_neox", "qk_norm": True}, "qk_norm", True),
+        ({**qwen2, "qkv_bias": False}, "qkv_bias", False),
+        ({**qwen2, "attention_bias": True}, "attention_bias", True),
+        ({**qwen2, "qk_norm": True}, "qk_norm", True),
+        ({**qwen2, "sliding_window": 4}, "sliding_window", 4),
+        ({**qwen3, "qk_norm": False}, "qk_norm", False),
+        ({**qwen3, "qkv_bias": True}, "qkv_bias", True),
+        ({**qwen3, "sliding_window": 4}, "sliding_window", 4),
+        ({**qwen3, "hf_model_type": "qwen2"}, "hf_model_type", "qwen2"),
+    ]
+    for fields, field, value in cases:
+        with pytest.raises(InputError, match=rf"ModelConfig\.{field}={value!r} is invalid: expected"):
+            ModelConfig(**fields)
+    assert ModelConfig(**qwen2).hf_model_type == "qwen2"
+    assert ModelConfig(**qwen3, head_dim=16, attention_bias=True).hf_model_type == "qwen3"
 
 
 def test_dtype_fields_hold_canonical_names():

@@ -169,7 +169,7 @@ def test_bfloat16_compute_tracks_float32(arch):
     assert diff.mean() < 2e-2
 
 
-@pytest.mark.parametrize("name", ["tiny-1m", "tiny-pythia-1m", "mistral-7b"])
+@pytest.mark.parametrize("name", ["tiny-1m", "tiny-pythia-1m", "mistral-7b", "qwen2.5-7b", "qwen3-8b"])
 def test_logical_axis_names(name):
     config = PRESETS[name]
     boxed = abstract_params(config)
@@ -188,3 +188,7 @@ def test_logical_axis_names(name):
     spec = nn.get_partition_spec(boxed)
     q_spec = spec["layers"]["attention"]["q"]["kernel"]
     assert q_spec == jax.sharding.PartitionSpec("layers", "embed", "heads", "head_dim")
+    if config.qk_norm:  # each head's norm scale [head_dim], replicated as every norm
+        assert spec["layers"]["attention"]["q_norm"]["scale"] == jax.sharding.PartitionSpec("layers", "norm")
+    if config.qkv_bias:
+        assert spec["layers"]["attention"]["k"]["bias"] == jax.sharding.PartitionSpec("layers", "kv_heads", "head_dim")

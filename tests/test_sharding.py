@@ -4,7 +4,7 @@ jax fixes its device count when it initialises, and this pytest process already 
 device, so the checks run in one child ``python -c`` started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; it prints a JSON report that the tests
 below assert on. Per mesh ({data:2, fsdp:2, tensor:2}, {fsdp:8}, {tensor:4, data:2}) and
-model (GQA Llama, GPT-NeoX): params loaded with ``from_hf(folder, mesh=mesh)`` equal the
+model (GQA Llama, GPT-NeoX, Qwen3): params loaded with ``from_hf(folder, mesh=mesh)`` equal the
 single-device ones and are split as the logical rules say; the jitted forward inside
 ``activation_rules(mesh)`` equals the single-device forward. ``init_params(config, mesh=mesh)``
 is checked once (each init is a compile), and ``make_mesh``'s shapes and errors on 8
@@ -22,7 +22,7 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen3Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {
@@ -42,7 +42,11 @@ TINY = dict(
 HF_CONFIGS = {
     "llama_gqa": lambda: LlamaConfig(**TINY, num_key_value_heads=4),
     "gpt_neox": lambda: GPTNeoXConfig(**TINY, rotary_pct=0.25, use_parallel_residual=True),
+    # per-head q/k norms (logical axis "norm": replicated), head_dim 16 != hidden 64 / 8 heads
+    "qwen3": lambda: Qwen3Config(**TINY, num_key_value_heads=4, head_dim=16),
 }
+HEAD_DIM = {"qwen3": 16}
+KV_HEADS = {"llama_gqa": 4, "qwen3": 4}
 
 CHILD = textwrap.dedent(
     """
@@ -173,11 +177,14 @@ def test_sharded_forward_equals_single_device(report, arch, mesh):
 def check_layout(layout, arch, m):
     split = {k for k, v in layout.items() if v["shard_shape"] != v["shape"]}
     assert split, "every param is replicated"
+    head_dim, heads_k = HEAD_DIM.get(arch, 8), KV_HEADS.get(arch, 8)
     q = layout["['layers']['attention']['q']['kernel']"]  # [layers, embed, heads, head_dim]
-    assert q["shard_shape"] == [2, 64 // m["fsdp"], 8 // m["tensor"], 8]
+    assert q["shard_shape"] == [2, 64 // m["fsdp"], 8 // m["tensor"], head_dim]
     k = layout["['layers']['attention']['k']['kernel']"]
-    heads_k = 4 if arch == "llama_gqa" else 8
-    assert k["shard_shape"] == [2, 64 // m["fsdp"], heads_k // m["tensor"], 8]
+    assert k["shard_shape"] == [2, 64 // m["fsdp"], heads_k // m["tensor"], head_dim]
+    if arch == "qwen3":  # [layers, head_dim], replicated as every norm
+        assert layout["['layers']['attention']['q_norm']['scale']"]["shard_shape"] == [2, head_dim]
+        assert layout["['layers']['attention']['k_norm']['scale']"]["shard_shape"] == [2, head_dim]
     emb = layout["['embed']['embedding']"]  # [vocab, embed]
     assert emb["shard_shape"] == [128 // m["tensor"], 64 // m["fsdp"]]
     up = layout["['layers']['mlp']['up']['kernel']"]  # [layers, embed, mlp]

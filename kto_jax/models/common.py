@@ -49,8 +49,27 @@ def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 # ---------------------------------------------------------------- layers
 
 
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * scale over the last axis, computed in float32 (as transformers
+    does); scale ``[x.shape[-1]]`` with logical axis ``norm`` (replicated). The final and per-layer
+    norms of Llama-style blocks, and the per-head q/k norms (``ModelConfig.qk_norm``)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        scale = self.param("scale", ones(("norm",)), (x.shape[-1],), cfg.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+        return scale.astype(cfg.compute_dtype) * normed.astype(cfg.compute_dtype)
+
+
 class Attention(nn.Module):
-    """Multi-head / grouped-query self-attention with RoPE (biases when config.attention_bias)."""
+    """Multi-head / grouped-query self-attention with RoPE: biases on q/k/v/o when
+    config.attention_bias, on q/k/v only when config.qkv_bias (Qwen2); with config.qk_norm
+    (Qwen3) each head's q and k vectors pass an RMSNorm (``q_norm``/``k_norm``, scale
+    ``[head_dim]``, eps norm_eps) before RoPE."""
 
     config: ModelConfig
 
@@ -68,6 +87,8 @@ class Attention(nn.Module):
         q = proj(cfg.num_heads, "heads", "q")
         k = proj(cfg.num_kv_heads, "kv_heads", "k")
         v = proj(cfg.num_kv_heads, "kv_heads", "v")
+        if cfg.qk_norm:  # over each head's head_dim vector, before RoPE (transformers' Qwen3Attention)
+            q, k = RMSNorm(cfg, name="q_norm")(q), RMSNorm(cfg, name="k_norm")(k)
         inv_freq = rope_inv_freq(cfg)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
@@ -88,7 +109,8 @@ class Attention(nn.Module):
 
 
 class HeadProjection(nn.Module):
-    """x ``[B, T, D]`` -> ``[B, T, heads, head_dim]``: kernel ``[D, heads, head_dim]`` (+ bias).
+    """x ``[B, T, D]`` -> ``[B, T, heads, head_dim]``: kernel ``[D, heads, head_dim]`` (+ bias when
+    config.attention_bias or config.qkv_bias).
 
     Written out (not ``nn.DenseGeneral``) so the kernel is created in its final 3-d shape and
     its logical axes apply directly, also under active sharding rules.
@@ -104,7 +126,7 @@ class HeadProjection(nn.Module):
         shape = (x.shape[-1], self.heads, cfg.head_dim)
         kernel = self.param("kernel", init(cfg, ("embed", self.axis_name, "head_dim")), shape, cfg.param_dtype)
         y = jnp.einsum("btd,dhk->bthk", x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
-        if cfg.attention_bias:
+        if cfg.attention_bias or cfg.qkv_bias:
             bias = self.param("bias", zeros((self.axis_name, "head_dim")), shape[1:], cfg.param_dtype)
             y = y + bias.astype(cfg.compute_dtype)
         return y

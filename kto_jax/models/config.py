@@ -34,9 +34,14 @@ class ModelConfig:
     """One decoder-only transformer; every field maps to a Hugging Face config.json field.
 
     architecture: a family in ``kto_jax.models.families.FAMILIES`` (its rules: :data:`FAMILY_RULES`):
-      "llama" (Llama 1/2/3, Mistral) or "gpt_neox" (Pythia).
+      "llama" (Llama 1/2/3, Mistral), "gpt_neox" (Pythia), "qwen2" (Qwen2, Qwen2.5) or "qwen3"
+      (Qwen3 dense).
     rope_type: "default", "linear" or "llama3" (with the rope_* scaling fields).
     rotary_pct: fraction of each head's dims that get RoPE (Pythia 0.25, Llama 1.0).
+    attention_bias: biases on the q, k, v and o projections (Pythia; Llama/Qwen3 config.json
+      ``attention_bias``); qkv_bias: biases on q, k and v only (Qwen2, whose o_proj has none).
+    qk_norm: an RMSNorm over each head's q and k vectors before RoPE (Qwen3; scale ``[head_dim]``,
+      eps ``norm_eps``), in ``kto_jax.models.common.Attention``.
     sliding_window: Mistral's attention window (None = full causal attention).
     param_dtype / compute_dtype: storage dtype of the params and dtype of the activations,
       each held as its canonical name ("float32", "bfloat16"); any spelling ``jnp.dtype``
@@ -69,6 +74,8 @@ class ModelConfig:
     rotary_pct: float = 1.0
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
     use_parallel_residual: bool = False
     sliding_window: int | None = None
     hidden_act: str = "silu"

@@ -1,10 +1,10 @@
 """The registry of model families: ``ModelConfig.architecture`` -> its :class:`Family`.
 
-Adding a family is one module (its Flax blocks plus the functions of :class:`Family`, see
-``llama.py``) and one line in :data:`FAMILIES`, its presets in ``presets.py``; a layer the shared
-blocks lack is a ``ModelConfig`` field (``config.py``) and a change in ``common.py``, and its reward
-models an entry in ``reward.py`` (Qwen2 measured on a scratch branch: 4 files for the causal LM, 6
-with presets and its reward head; docs/layout.md, "How far a change reaches").
+Adding a family is one module (its Flax blocks plus the functions and constants of :class:`Family`,
+see ``llama.py``; its reward models come with its ``HF_CLASSIFIERS`` and ``BACKBONE_PREFIX``) and one
+line in :data:`FAMILIES`, its presets in ``presets.py``; a layer the shared blocks lack is a
+``ModelConfig`` field (``config.py``) and a change in ``common.py`` (Qwen2's ``qkv_bias``, Qwen3's
+``qk_norm``; docs/layout.md, "How far a change reaches").
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 
 from kto_jax.errors import InputError
-from kto_jax.models import gpt_neox, llama
+from kto_jax.models import gpt_neox, llama, qwen2, qwen3
 from kto_jax.models.common import Decoder
 from kto_jax.models.config import FAMILY_RULES, ModelConfig
 from kto_jax.models.tensor_map import TensorMap
@@ -31,6 +31,9 @@ class Family:
     to_hf_config: ModelConfig -> this family's config.json fields, over the shared ones.
     hf_model_types: config.json ``model_type`` -> its HF ``architectures`` class name; the
       first is the default ``ModelConfig.hf_model_type``.
+    hf_classifiers: config.json ``model_type`` -> its ``*ForSequenceClassification`` class (the
+      reward models of ``kto_jax.models.reward``).
+    backbone_prefix: where the decoder's tensors live in both checkpoints ("model.", "gpt_neox.").
     checks: ModelConfig -> [(ok, field, expected)], the constraints the family adds to
       ``ModelConfig.__post_init__`` (which reads them, with hf_model_types, from
       ``kto_jax.models.config.FAMILY_RULES``).
@@ -42,12 +45,14 @@ class Family:
     from_hf_config: Callable[[dict, dict], dict]
     to_hf_config: Callable[[ModelConfig], dict]
     hf_model_types: dict[str, str]
+    hf_classifiers: dict[str, str]
+    backbone_prefix: str
     checks: Callable[[ModelConfig], list[tuple[bool, str, str]]]
 
 
 def _family(name: str, module) -> Family:
     """The Family defined by a module's build, tensor_maps, from_hf_config, to_hf_config,
-    HF_MODEL_TYPES and checks."""
+    HF_MODEL_TYPES, HF_CLASSIFIERS, BACKBONE_PREFIX and checks."""
     return Family(
         name,
         module.build,
@@ -55,6 +60,8 @@ def _family(name: str, module) -> Family:
         module.from_hf_config,
         module.to_hf_config,
         module.HF_MODEL_TYPES,
+        module.HF_CLASSIFIERS,
+        module.BACKBONE_PREFIX,
         module.checks,
     )
 
@@ -62,6 +69,8 @@ def _family(name: str, module) -> Family:
 FAMILIES: dict[str, Family] = {
     "llama": _family("llama", llama),  # Llama 1/2/3, Mistral
     "gpt_neox": _family("gpt_neox", gpt_neox),  # Pythia
+    "qwen2": _family("qwen2", qwen2),  # Qwen2, Qwen2.5 (Llama with q/k/v-only biases)
+    "qwen3": _family("qwen3", qwen3),  # Qwen3 dense (Llama with per-head q/k norms)
 }
 FAMILY_RULES.update(FAMILIES)  # what ModelConfig checks of each family (kto_jax.models.config)
 

@@ -16,6 +16,8 @@ from kto_jax.models.config import ACTIVATIONS, ModelConfig
 from kto_jax.models.tensor_map import TensorMap, linear, proj_out, same
 
 HF_MODEL_TYPES = {"gpt_neox": "GPTNeoXForCausalLM"}
+HF_CLASSIFIERS = {"gpt_neox": "GPTNeoXForSequenceClassification"}
+BACKBONE_PREFIX = "gpt_neox."  # the decoder's tensors, in *ForCausalLM and *ForSequenceClassification alike
 
 
 class LayerNorm(nn.Module):
@@ -144,7 +146,7 @@ def to_hf_config(config: ModelConfig) -> dict:
 
 def checks(config: ModelConfig) -> list[tuple[bool, str, str]]:
     """(ok, field, expected) for what a GPT-NeoX config.json cannot express: grouped-query
-    heads, a head_dim other than hidden_size / num_heads, or a window."""
+    heads, a head_dim other than hidden_size / num_heads, a window, q/k/v-only biases or q/k norms."""
     return [
         (
             config.num_kv_heads == config.num_heads,
@@ -157,4 +159,6 @@ def checks(config: ModelConfig) -> list[tuple[bool, str, str]]:
             f"hidden_size / num_heads = {config.hidden_size}/{config.num_heads} (GPT-NeoX has no head_dim field)",
         ),
         (config.sliding_window is None, "sliding_window", "None (GPT-NeoX has no attention window)"),
+        (not config.qkv_bias, "qkv_bias", "False (GPT-NeoX has no q/k/v-only biases: attention_bias biases o too)"),
+        (not config.qk_norm, "qk_norm", "False (GPT-NeoX has no q/k norms)"),
     ]

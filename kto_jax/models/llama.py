@@ -8,29 +8,15 @@ tensors), :func:`from_hf_config` / :func:`to_hf_config` (its config.json fields)
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
 from kto_jax.errors import InputError
-from kto_jax.models.common import Attention, Decoder, constrain, dense, ones
+from kto_jax.models.common import Attention, Decoder, RMSNorm, constrain, dense
 from kto_jax.models.config import ACTIVATIONS, ModelConfig
 from kto_jax.models.tensor_map import TensorMap, linear, proj_in, proj_out, same
 
 HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-
-
-class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 (as transformers does)."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.config
-        scale = self.param("scale", ones(("norm",)), (x.shape[-1],), cfg.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
-        return scale.astype(cfg.compute_dtype) * normed.astype(cfg.compute_dtype)
+HF_CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification"}
+BACKBONE_PREFIX = "model."  # the decoder's tensors, in *ForCausalLM and *ForSequenceClassification alike
 
 
 class MLP(nn.Module):
@@ -131,6 +117,12 @@ def to_hf_config(config: ModelConfig) -> dict:
 def checks(config: ModelConfig) -> list[tuple[bool, str, str]]:
     """(ok, field, expected) for the fields a Llama/Mistral config.json constrains."""
     return [
+        (
+            not config.qkv_bias,
+            "qkv_bias",
+            "False (Llama/Mistral has no q/k/v-only biases: attention_bias biases o too)",
+        ),
+        (not config.qk_norm, "qk_norm", "False (Llama/Mistral has no q/k norms)"),
         (
             config.sliding_window is None or config.hf_model_type == "mistral",
             "sliding_window",

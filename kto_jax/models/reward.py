@@ -1,11 +1,12 @@
-"""Reward models: Hugging Face ``LlamaForSequenceClassification`` / ``GPTNeoXForSequenceClassification``
-folders as our Decoder (its final normed hidden states) plus the score head.
+"""Reward models: Hugging Face ``*ForSequenceClassification`` folders of every family (Llama, Mistral,
+GPT-NeoX, Qwen2, Qwen3: each family's ``hf_classifiers``, ``kto_jax.models.families``) as our Decoder (its final normed hidden states) plus the score head.
 
     model, params, score_kernel = load_reward_model("path/to/rm_folder", mesh=mesh)
     scores = sequence_scores(model, params, score_kernel, ids, mask)      # [B, num_labels], float32
 
-A classification checkpoint holds the causal LM's backbone under the same names (``model.*``
-for Llama/Mistral, ``gpt_neox.*`` for GPT-NeoX: the families' tensor maps read it as is) and,
+A classification checkpoint holds the causal LM's backbone under the same names (the family's
+``backbone_prefix``: ``model.*`` for Llama/Mistral/Qwen, ``gpt_neox.*`` for GPT-NeoX: the families'
+tensor maps read it as is) and,
 instead of an LM head, ``score.weight`` ``[num_labels, hidden]`` (a Linear without bias). The
 backbone is built with ``tie_word_embeddings=True``: that Decoder, and so its tensor map, holds
 no ``lm_head`` leaf; its logits are never computed here (scoring runs ``return_hidden=True``).
@@ -25,6 +26,7 @@ from kto_jax.errors import InputError, MissingInput
 from kto_jax.models import build_model
 from kto_jax.models.common import Decoder
 from kto_jax.models.config import ModelConfig
+from kto_jax.models.families import FAMILIES
 from kto_jax.models.hf import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -37,12 +39,9 @@ from kto_jax.models.hf_config import config_from_hf
 
 SCORE_HEAD = "score.weight"
 # where each family's backbone lives in a *ForSequenceClassification checkpoint (as in *ForCausalLM)
-BACKBONE_PREFIX = {"llama": "model.", "gpt_neox": "gpt_neox."}
-CLASSIFIERS = {
-    "llama": "LlamaForSequenceClassification",
-    "mistral": "MistralForSequenceClassification",
-    "gpt_neox": "GPTNeoXForSequenceClassification",
-}
+BACKBONE_PREFIX = {name: family.backbone_prefix for name, family in FAMILIES.items()}
+# config.json model_type -> its *ForSequenceClassification class, over all families
+CLASSIFIERS = {t: c for family in FAMILIES.values() for t, c in family.hf_classifiers.items()}
 
 
 def read_hf_config(path: str, field: str = "config.eval.reward_model.path") -> dict:

@@ -7,21 +7,12 @@ or KTO with one completion per prompt.
 Data: HuggingFaceH4/ultrafeedback_binarized (train_prefs / test_prefs); the aligned runs start
 from this sweep's SFT run (``{runs}/zephyr_sft``); bf16 compute.
 
-Optimizer, schedule and lengths mirror ContextualAI/HALOs branch ``main`` at commit 4831988
-(2025-09-30): config/config.yaml with config/model/base_model.yaml (config/model/mistral.yaml
-changes none of them) and the optimizer/scheduler of launch.py:
-
-    AdamW lr 5e-6, betas (0.9, 0.999), weight decay 0.01  config.yaml:50,71-80; launch.py:264
-    eps 1e-8: config.yaml:83 says eps 1e-5, but launch.py:264 never passes it, so torch.optim.AdamW's
-              default 1e-8 is what HALOs main runs
-    warmup 10% of the steps, linear from 0.1 lr to lr     config.yaml:86; launch.py:272-273 (LinearLR start_factor 0.1)
-    then cosine to 0 for SFT, constant for DPO/KTO        launch.py:275-278 (cosine only for the SFTDataLoader)
-    grad clip 1.0 (global norm)                           base_model.yaml:25
-    max_length 1250, max_prompt_length 625                base_model.yaml:31,34
-    batch 32, one epoch                                   base_model.yaml:40; config.yaml:53
+Optimizer, schedule and lengths are HALOs main's (``kto_jax.config.halos_main_optimizer`` cites
+each value): AdamW lr 5e-6, 10% warmup from 0.1 lr, cosine for SFT and constant for DPO/KTO, grad
+clip 1.0, max_length 1250, max_prompt_length 625, batch 32, one epoch.
 """
 
-from kto_jax.config import base_config, loss_config, parse_arg
+from kto_jax.config import base_config, halos_main_optimizer, loss_config, parse_arg
 from kto_jax.errors import InputError
 
 ARGS = ("loss", "one_y", "weights", "runs")
@@ -54,20 +45,7 @@ def get_config(arg: str = ""):
         )
     )
     c.train.update(dict(global_batch_size=32, steps=0))
-    c.train.optimizer.update(
-        dict(  # HALOs main (module docstring)
-            name="adamw",
-            lr=5e-6,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.01,
-            grad_clip=1.0,
-            schedule="cosine" if loss == "sft" else "constant",
-            warmup_ratio=0.1,
-            warmup_start_factor=0.1,
-        )
-    )
+    c.train.optimizer.update(halos_main_optimizer(loss))
     c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     c.target.topology = "v5p-16"
     return c

@@ -34,6 +34,33 @@ def loss_config(name: str, **overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"name": name, **spec.hyperparameters(overrides)})
 
 
+def halos_main_optimizer(loss: str) -> dict:
+    """``config.train.optimizer`` of ContextualAI/HALOs branch ``main`` at commit 4831988 (2025-09-30):
+    config/config.yaml with config/model/base_model.yaml and the optimizer/scheduler of launch.py.
+
+        AdamW lr 5e-6, betas (0.9, 0.999), weight decay 0.01  config.yaml:50,71-80; launch.py:264
+        eps 1e-8: config.yaml:83 says eps 1e-5, but launch.py:264 never passes it, so torch.optim.AdamW's
+                  default 1e-8 is what HALOs main runs
+        warmup 10% of the steps, linear from 0.1 lr to lr     config.yaml:86; launch.py:272-273 (LinearLR start_factor 0.1)
+        then cosine to 0 for SFT, constant for the others     launch.py:275-278 (cosine only for the SFTDataLoader)
+        grad clip 1.0 (global norm)                           base_model.yaml:25
+
+    (its lengths, max_length 1250 and max_prompt_length 625, are base_model.yaml:31,34; batch 32, one
+    epoch: base_model.yaml:40, config.yaml:53)."""
+    return dict(
+        name="adamw",
+        lr=5e-6,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.01,
+        grad_clip=1.0,
+        schedule="cosine" if loss == "sft" else "constant",
+        warmup_ratio=0.1,
+        warmup_start_factor=0.1,
+    )
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 from kto_jax.errors import InputError
 from kto_jax.models import param_count
+from kto_jax.models.hf_config import config_from_hf
 from kto_jax.models.presets import PRESETS
 from kto_jax.stats import clopper_pearson_interval
 
@@ -145,9 +146,24 @@ def read_runs(workdirs: Iterable[str]) -> list[Result]:
         init = config.get("init", {}).get("source", "")
         if init.startswith("orbax:") and method not in ("sft", "csft") and _is_sft_run(init[6:].split("@")[0]):
             method = "sft+" + method
-        model = config["model"]["name"]
-        out.append(Result(method, model, _params(model), wins, total, "run:" + workdir, protocol=protocol))
+        model, params = run_model(config["model"]["name"])
+        out.append(Result(method, model, params, wins, total, "run:" + workdir, protocol=protocol))
     return out
+
+
+def run_model(name: str) -> tuple[str, int]:
+    """(model, parameter count) of a run's ``config.model.name``: a preset as itself; a Hugging Face
+    folder (``weights=/models/Qwen3-8B-Base``) by its folder name, lower-cased, and the count of its
+    config.json (0 when the folder is not on this machine: the row then has no size to plot at)."""
+    if name in PRESETS:
+        return name, _params(name)
+    folder = os.path.expanduser(name.rstrip("/"))
+    label = os.path.basename(folder).lower() or name
+    file = os.path.join(folder, "config.json")
+    if not os.path.isfile(file):
+        return label, 0
+    with open(file, encoding="utf-8") as f:
+        return label, param_count(config_from_hf(json.load(f)))
 
 
 def _is_sft_run(workdir: str) -> bool:

@@ -2,10 +2,13 @@
 
     python scripts/aot_check.py --config experiments/paper.py:model=llama-30b,loss=kto --topology v5p-64
     python scripts/aot_check.py --sweep experiments/sweeps/paper_fit.py --out fit   # fit.md + fit.json
+    python scripts/aot_check.py --sweep experiments/sweeps/qwen3_fit.py --smallest --out qwen3_fit
 
 Prints per-chip memory (arguments, outputs, temporaries, total against the chip's HBM),
 whether it fits, and XLA's FLOPs (loops counted in full: kto_jax.train.aot.xla_step_flops) beside the
-analytic count of kto_jax/train/flops.py. Needs libtpu
+analytic count of kto_jax/train/flops.py. ``--smallest``: instead of the config's target, the
+smallest slice of the target's TPU generation the step fits on (compiled for each size upward from
+the smallest until one fits; the row says which, and the JSON lists every size tried). Needs libtpu
 (``pip install -e '.[tpu]'``); nothing is allocated and no TPU is needed.
 """
 
@@ -19,8 +22,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from kto_jax.errors import InputError  # noqa: E402
 from kto_jax.sweeps import expand, load_config, load_sweep  # noqa: E402
-from kto_jax.train.aot import compile_train_step, topology_devices  # noqa: E402
+from kto_jax.train.aot import TOPOLOGIES, compile_train_step, topology_devices  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/NAME.py[:ARGS]", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string(
@@ -28,6 +32,9 @@ _TOPOLOGY = flags.DEFINE_string(
 )
 _SWEEP = flags.DEFINE_string("sweep", "", "A sweep file: compile every config of it.")
 _OUT = flags.DEFINE_string("out", "", "With --sweep: write OUT.md and OUT.json.")
+_SMALLEST = flags.DEFINE_bool(
+    "smallest", False, "The smallest slice of the target's generation that fits, instead of the target."
+)
 
 COLUMNS = (
     "model",
@@ -57,6 +64,31 @@ def check(config, topology: str) -> dict:
     return report
 
 
+def slices_upward(topology: str) -> list[str]:
+    """The slices of ``topology``'s generation, smallest first (``v5p-64`` -> v5p-8, v5p-16, ...)."""
+    family = TOPOLOGIES[topology][0]
+    return sorted((t for t, (f, _) in TOPOLOGIES.items() if f == family), key=lambda t: int(t.rsplit("-", 1)[1]))
+
+
+def smallest_fit(config, topology: str) -> dict:
+    """The report of the smallest slice of ``topology``'s generation whose per-chip memory fits;
+    ``tried`` lists (slice, total GiB per chip or the plan's error) of every size compiled."""
+    tried = []
+    for candidate in slices_upward(topology):
+        try:
+            report = check(config, candidate)
+        except InputError as e:  # e.g. more batch shards than examples: no larger slice will do
+            tried.append((candidate, str(e).splitlines()[0]))
+            break
+        tried.append((candidate, round(report["total_gib"], 2)))
+        print(
+            f"  {config.model.name} {report['loss']} on {candidate}: {report['total_gib']:.1f} GiB per chip", flush=True
+        )
+        if report["fits"]:
+            return {**report, "tried": tried}
+    raise InputError(f"{config.model.name}: fits on no slice of {topology}'s generation; tried {tried}")
+
+
 def row(report: dict) -> str:
     cells = []
     for c in COLUMNS:
@@ -77,7 +109,8 @@ def main(argv):
     if _SWEEP.value:
         for entry in expand(load_sweep(_SWEEP.value)):
             config = load_config(entry["config"])
-            reports.append(check(config, config.target.topology or _TOPOLOGY.value))
+            topology = config.target.topology or _TOPOLOGY.value
+            reports.append(smallest_fit(config, topology) if _SMALLEST.value else check(config, topology))
             print(json.dumps(reports[-1]), flush=True)
     else:
         if _CONFIG.value is None:
@@ -85,7 +118,7 @@ def main(argv):
         topology = _TOPOLOGY.value or _CONFIG.value.target.topology
         if not topology:
             raise app.UsageError("the config names no target topology (config.target.topology): pass --topology")
-        reports.append(check(_CONFIG.value, topology))
+        reports.append(smallest_fit(_CONFIG.value, topology) if _SMALLEST.value else check(_CONFIG.value, topology))
         print(json.dumps(reports[-1], indent=2))
     table = "\n".join(["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)] + [row(r) for r in reports])
     print(table)

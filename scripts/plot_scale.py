@@ -36,7 +36,8 @@ _TABLE = flags.DEFINE_string("table", "", "Also write the markdown table here.")
 
 def family(model: str) -> str:
     """Model family for line grouping: pythia1-4b -> pythia, llama-7b -> llama, tiny-5m -> tiny."""
-    return re.match(r"[a-z]+", model).group(0)
+    match = re.match(r"[a-z]+", model)
+    return match.group(0) if match else model
 
 
 def plot(rows, out: str, title: str = "") -> None:

@@ -127,7 +127,7 @@ def test_zephyr_configs():
         config = zephyr.get_config(arg)
         make_plan(config, chips(config.target.topology))
         assert config.data.sources == "ultrafeedback" and config.model.name == "mistral-7b"
-        # HALOs main (experiments/zephyr.py cites the lines): AdamW, 10% warmup from 0.1 lr, cosine for SFT only
+        # HALOs main (kto_jax.config.halos_main_optimizer cites the lines): AdamW, 10% warmup from 0.1 lr, cosine for SFT only
         opt = config.train.optimizer
         assert (opt.name, opt.lr, opt.b1, opt.b2, opt.eps, opt.weight_decay, opt.grad_clip) == (
             "adamw",

@@ -175,3 +175,29 @@ def test_a_run_judged_pairwise_against_the_sft_target_is_on_the_paper_s_scale(pa
     assert runs["paper"].winrate == ref.winrate and runs["paper"].ci90 == ref.ci90 and round(ref.winrate, 3) == 0.664
     table = markdown_table([runs["paper"], runs["vs_run"]])
     assert "| kto | 0.664 [" in table and "| kto [pairwise-run] | 0.664 [" in table
+
+
+def test_a_run_from_a_weights_folder_is_named_and_sized_by_the_folder(tmp_path):
+    """A run whose config.model.name is a Hugging Face folder (experiments/qwen3_scale.py's weights=):
+    the folder's name, lower-cased, and the parameter count of its config.json, as transformers counts."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from kto_jax.results import run_model
+
+    hf = Qwen3Config(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    folder = tmp_path / "Qwen3-Tiny-Base"
+    folder.mkdir()
+    (folder / "config.json").write_text(hf.to_json_string())
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in AutoModelForCausalLM.from_config(hf).parameters())
+    assert run_model(str(folder) + "/") == ("qwen3-tiny-base", expected)
+    assert run_model("qwen3-8b")[1] > 8e9
+    assert run_model(str(tmp_path / "gone")) == ("gone", 0)  # not on this machine: no size

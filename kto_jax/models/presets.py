@@ -136,7 +136,7 @@ PRESETS: dict[str, ModelConfig] = {
         rope_theta=500000.0,
     ),
     # Qwen2.5 (Qwen/Qwen2.5-*, the base models' config.json; the -Instruct ones differ only in
-    # max_position_embeddings 32768): q/k/v biases, rope_theta 1e6, rms_norm_eps 1e-6.
+    # max_position_embeddings 32768): q/k/v biases, rope_theta 1e6, rms_norm_eps 1e-6 (1e-5 for 14B and 32B).
     "qwen2.5-0.5b": _qwen2(
         hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2, tie_word_embeddings=True
     ),
@@ -169,6 +169,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=40,
         num_kv_heads=8,
         max_position_embeddings=131072,
+        norm_eps=1e-5,
     ),
     "qwen2.5-32b": _qwen2(
         vocab_size=152064,
@@ -178,6 +179,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=40,
         num_kv_heads=8,
         max_position_embeddings=131072,
+        norm_eps=1e-5,
     ),
     # Qwen3 dense (Qwen/Qwen3-* config.json): per-head q/k norms, head_dim 128 whatever hidden_size /
     # num_heads is, rope_theta 1e6, rms_norm_eps 1e-6, max_position_embeddings 40960.

@@ -158,10 +158,11 @@ def test_unpack_tokens_gathers_rows_back_per_example():
     np.testing.assert_array_equal(unpack_tokens(values, index), [[0, 1, 2, 0], [7, 8, 9, 10]])
 
 
-@pytest.mark.parametrize("preset", ["tiny-1m", "tiny-pythia-1m"])
+@pytest.mark.parametrize("preset", ["tiny-1m", "tiny-pythia-1m", pytest.param("tiny-qwen3-1m", marks=pytest.mark.slow)])
 def test_packed_rows_give_each_sequence_its_padded_log_probs(preset, examples):
     """The model on packed rows: per-token log-probs of every sequence equal the padded rows' (Llama
-    and GPT-NeoX: full and partial rotary, so the positions restarting per segment matter)."""
+    and GPT-NeoX: full and partial rotary, so the positions restarting per segment matter; Qwen3: per-head
+    q/k norms, GQA, head_dim apart from hidden/heads)."""
     config = get_preset(preset, num_layers=2)
     model, params = build_model(config), init_params(config, seed=0)
     padded = next(make_loader(examples, "unary", packing=False))

@@ -97,6 +97,12 @@ def test_splash_equals_xla_on_pythia_partial_rotary():
     assert_same(get_preset("tiny-pythia-1m", num_layers=2), packed=True)
 
 
+@pytest.mark.parametrize("preset", ["tiny-qwen2-1m", "tiny-qwen3-1m"])
+def test_splash_equals_xla_on_qwen_biases_and_qk_norms(preset):
+    """Qwen2's q/k/v biases; Qwen3's per-head q/k RMSNorms before RoPE, head_dim 64 != 128 / 4."""
+    assert_same(get_preset(preset, num_layers=2), packed=True)
+
+
 def test_decoding_with_the_kv_cache_stays_on_xla():
     """A splash model generates: the cache path's ``[B, 1, T, S]`` mask goes to XLA's attention."""
     from kto_jax.models.common import init_cache

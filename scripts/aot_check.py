@@ -80,6 +80,12 @@ def smallest_fit(config, topology: str) -> dict:
         except InputError as e:  # e.g. more batch shards than examples: no larger slice will do
             tried.append((candidate, str(e).splitlines()[0]))
             break
+        except Exception as e:  # the TPU compiler refuses a program that cannot fit (CompileTimeHbmOom)
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            tried.append((candidate, "out of memory at compile time"))
+            print(f"  {config.model.name} on {candidate}: out of memory at compile time", flush=True)
+            continue
         tried.append((candidate, round(report["total_gib"], 2)))
         print(
             f"  {config.model.name} {report['loss']} on {candidate}: {report['total_gib']:.1f} GiB per chip", flush=True

@@ -24,7 +24,7 @@ end 512 held-out prompts are sampled (``samples.jsonl``) for the judge (scripts/
 scripts/plot_scale.py draws win rate against size as for the paper's suites.
 """
 
-from kto_jax.config import base_config, halos_main_optimizer, loss_config, parse_arg
+from kto_jax.config import base_config, halos_main_optimizer, halos_main_ultrafeedback, loss_config, parse_arg
 from kto_jax.errors import InputError
 
 MODELS = ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b")
@@ -68,13 +68,7 @@ def get_config(arg: str = ""):
     c.loss = loss_config(loss)
     c.data.update(
         dict(
-            sources="ultrafeedback",
-            train_split="train_prefs",
-            eval_split="test_prefs",
-            tokenizer=weights,
-            chat_template="tokenizer" if weights else "halos",
-            max_length=1250,
-            max_prompt_length=625,
+            **halos_main_ultrafeedback(weights, "tokenizer" if weights else "halos"),
             packing=True,
             pack_length=PACK_LENGTH,
         )

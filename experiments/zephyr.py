@@ -12,7 +12,7 @@ each value): AdamW lr 5e-6, 10% warmup from 0.1 lr, cosine for SFT and constant 
 clip 1.0, max_length 1250, max_prompt_length 625, batch 32, one epoch.
 """
 
-from kto_jax.config import base_config, halos_main_optimizer, loss_config, parse_arg
+from kto_jax.config import base_config, halos_main_optimizer, halos_main_ultrafeedback, loss_config, parse_arg
 from kto_jax.errors import InputError
 
 ARGS = ("loss", "one_y", "weights", "runs")
@@ -34,13 +34,7 @@ def get_config(arg: str = ""):
     c.loss = loss_config(loss)
     c.data.update(
         dict(
-            sources="ultrafeedback",
-            train_split="train_prefs",
-            eval_split="test_prefs",
-            tokenizer=weights,
-            chat_template="halos",
-            max_length=1250,
-            max_prompt_length=625,
+            **halos_main_ultrafeedback(weights, "halos"),
             one_y_per_x=one_y,
         )
     )

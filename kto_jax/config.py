@@ -61,6 +61,20 @@ def halos_main_optimizer(loss: str) -> dict:
     )
 
 
+def halos_main_ultrafeedback(tokenizer: str, chat_template: str) -> dict:
+    """``config.data`` of HALOs main's UltraFeedback runs: HuggingFaceH4/ultrafeedback_binarized
+    (train_prefs / test_prefs), max_length 1250 and max_prompt_length 625 (base_model.yaml:31,34)."""
+    return dict(
+        sources="ultrafeedback",
+        train_split="train_prefs",
+        eval_split="test_prefs",
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        max_length=1250,
+        max_prompt_length=625,
+    )
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0

@@ -72,13 +72,16 @@ def mean_logps(sum_logps: jax.Array, token_counts: jax.Array) -> jax.Array:
     return sum_logps / jnp.maximum(token_counts, 1).astype(jnp.float32)
 
 
-def _chunk_label_logps(hidden: jax.Array, kernel: jax.Array, labels: jax.Array) -> jax.Array:
-    """Label log-probs of one length chunk: hidden ``[B, C, D]`` @ kernel ``[D, V]``."""
+def _chunk_label_logps(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, softcap: float | None) -> jax.Array:
+    """Label log-probs of one length chunk: logits = hidden ``[B, C, D]`` @ kernel ``[D, V]``, then
+    cap * tanh(logits / cap) when the model soft-caps its logits (Gemma 2's final_logit_softcap)."""
     logits = jnp.einsum("bcd,dv->bcv", hidden, kernel, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
     return _label_logps(logits, labels)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size",))
+@functools.partial(jax.jit, static_argnames=("chunk_size", "softcap"))
 def chunked_token_logps(
     hidden: jax.Array,
     kernel: jax.Array,
@@ -86,8 +89,9 @@ def chunked_token_logps(
     loss_mask: jax.Array,
     *,
     chunk_size: int = 256,
+    softcap: float | None = None,
 ) -> jax.Array:
-    """:func:`token_logps` of ``logits = hidden @ kernel`` without the full logits.
+    """:func:`token_logps` of ``logits = softcap(hidden @ kernel)`` without the full logits.
 
     Args:
       hidden: final hidden states ``[B, T, D]`` (after the final norm).
@@ -95,6 +99,8 @@ def chunked_token_logps(
       labels, loss_mask: as in :func:`sequence_logps`.
       chunk_size: tokens per chunk along the length axis; temporary memory is
         ``B * chunk_size * V`` float32 in the forward and the backward pass.
+      softcap: the model's final logit soft-cap (``ModelConfig.final_logit_softcap``; None: off),
+        logits -> softcap * tanh(logits / softcap), as the model's own LM head applies it.
 
     Returns:
       ``[B, T-1]`` float32 per-token log-probs, 0 where masked.
@@ -112,7 +118,7 @@ def chunked_token_logps(
     padded_labels = padded_labels.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
 
     step = jax.checkpoint(
-        lambda _, xs: (None, _chunk_label_logps(xs[0], kernel, xs[1])),
+        lambda _, xs: (None, _chunk_label_logps(xs[0], kernel, xs[1], softcap)),
         policy=jax.checkpoint_policies.nothing_saveable,
     )
     _, per_chunk = jax.lax.scan(step, None, (hidden, padded_labels))
@@ -127,14 +133,15 @@ def chunked_sequence_logps(
     loss_mask: jax.Array,
     *,
     chunk_size: int = 256,
+    softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """:func:`sequence_logps` of ``logits = hidden @ kernel``, chunked over length.
+    """:func:`sequence_logps` of ``logits = softcap(hidden @ kernel)``, chunked over length.
 
     Same value and gradient (with respect to ``hidden`` and ``kernel``) as
     ``sequence_logps(hidden @ kernel, labels, loss_mask)``; see
     :func:`chunked_token_logps` for the memory it saves.
     """
-    per_token = chunked_token_logps(hidden, kernel, labels, loss_mask, chunk_size=chunk_size)
+    per_token = chunked_token_logps(hidden, kernel, labels, loss_mask, chunk_size=chunk_size, softcap=softcap)
     return sum_and_count(per_token, loss_mask)
 
 

@@ -52,33 +52,67 @@ def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * scale over the last axis, computed in float32 (as transformers
     does); scale ``[x.shape[-1]]`` with logical axis ``norm`` (replicated). The final and per-layer
-    norms of Llama-style blocks, and the per-head q/k norms (``ModelConfig.qk_norm``)."""
+    norms of Llama-style blocks, and the per-head q/k norms (``ModelConfig.qk_norm``).
+
+    With ``config.norm_unit_offset`` (Gemma): y = (normed * (1 + w)) in float32, then cast, w
+    initialised to 0; otherwise (Llama) y = w * normed, each cast to the compute dtype first."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        scale = self.param("scale", ones(("norm",)), (x.shape[-1],), cfg.param_dtype)
+        init_fn = zeros if cfg.norm_unit_offset else ones
+        scale = self.param("scale", init_fn(("norm",)), (x.shape[-1],), cfg.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+        if cfg.norm_unit_offset:
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(cfg.compute_dtype)
         return scale.astype(cfg.compute_dtype) * normed.astype(cfg.compute_dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma 2's attention and final logit soft-capping); x when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def attention_scale(config: ModelConfig) -> float:
+    """The attention logits' scale: query_pre_attn_scalar^-1/2 (Gemma), else head_dim^-1/2."""
+    return float(config.query_pre_attn_scalar or config.head_dim) ** -0.5
+
+
+def xla_attention(q, k, v, mask, scale: float, cap: float | None) -> jax.Array:
+    """softmax(softcap(q k^T * scale, cap) where mask, else -inf) v, the softmax in float32, for
+    q ``[B, T, H, Dh]``, k/v ``[B, S, KV, Dh]`` and the ``[B, 1, T, S]`` mask: transformers' eager
+    attention, which soft-capped attention needs (``jax.nn.dot_product_attention`` has no cap)."""
+    batch, length, heads, head_dim = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(batch, length, kv, heads // kv, head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, :, None], softcap(logits, cap), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, heads, head_dim)
 
 
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with RoPE: biases on q/k/v/o when
     config.attention_bias, on q/k/v only when config.qkv_bias (Qwen2); with config.qk_norm
-    (Qwen3) each head's q and k vectors pass an RMSNorm (``q_norm``/``k_norm``, scale
-    ``[head_dim]``, eps norm_eps) before RoPE."""
+    (Qwen3, Gemma 3) each head's q and k vectors pass an RMSNorm (``q_norm``/``k_norm``, scale
+    ``[head_dim]``, eps norm_eps) before RoPE. Logits are scaled by :func:`attention_scale` and
+    soft-capped by config.attn_logit_softcap (Gemma 2).
+
+    Per-layer kinds (config.layer_types): ``local`` is this layer's scanned flag (True on a
+    "sliding_attention" layer), ``mask`` the pair ``(full, windowed)`` of masks (or the segment ids,
+    for splash); the layer takes the windowed mask and config.rope_local_theta's RoPE when local."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None):
-        """x [B, T, D] -> [B, T, D]. ``mask``: the ``[B, 1, T, S]`` bool mask, or (splash) the
-        ``[B, T]`` segment ids. With ``cache = {"k", "v", "index"}`` (k/v ``[B, S, KV, Dh]``),
-        this step's keys/values are written at slot ``index`` and attention runs over the
-        cache; returns (out, new_cache)."""
+    def __call__(self, x, positions, mask, cache=None, local=None):
+        """x [B, T, D] -> [B, T, D]. ``mask``: the ``[B, 1, T, S]`` bool mask (a pair of them with
+        ``local``), or (splash) the ``[B, T]`` segment ids. With ``cache = {"k", "v", "index"}`` (k/v
+        ``[B, S, KV, Dh]``), this step's keys/values are written at slot ``index`` and attention
+        runs over the cache; returns (out, new_cache)."""
         cfg = self.config
 
         def proj(heads, axes, name):
@@ -90,6 +124,9 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # over each head's head_dim vector, before RoPE (transformers' Qwen3Attention)
             q, k = RMSNorm(cfg, name="q_norm")(q), RMSNorm(cfg, name="k_norm")(k)
         inv_freq = rope_inv_freq(cfg)
+        if local is not None and cfg.rope_local_theta is not None:
+            local_freq = rope_inv_freq(cfg.replace(rope_theta=cfg.rope_local_theta, rope_type="default"))
+            inv_freq = jnp.where(local, local_freq, inv_freq)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
@@ -99,11 +136,24 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             new_cache = {"k": k, "v": v, "index": cache["index"]}
-        if mask.ndim == 2:
-            out = splash_attention(q, k, v, mask, cfg.sliding_window)
+        scale, cap = attention_scale(cfg), cfg.attn_logit_softcap
+        if not isinstance(mask, tuple) and mask.ndim == 2:  # splash: segment ids; the window is the kernel's
+
+            def kernel(window):
+                return lambda: splash_attention(q, k, v, mask, window, scale=scale, softcap=cap)
+
+            if local is None:
+                out = kernel(cfg.sliding_window)()
+            else:
+                out = jax.lax.cond(local, kernel(cfg.sliding_window), kernel(None))
         else:
-            impl = None if cfg.attention_impl == "splash" else cfg.attention_impl
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+            if local is not None:
+                mask = jnp.where(local, mask[1], mask[0])
+            if cap is not None:
+                out = xla_attention(q, k, v, mask, scale, cap)
+            else:
+                impl = None if cfg.attention_impl == "splash" else cfg.attention_impl
+                out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
         return OutputProjection(cfg, name="o")(out), new_cache
 
@@ -201,14 +251,32 @@ class Decoder(nn.Module):
         splash = cfg.attention_impl == "splash" and input_ids.shape[1] % SPLASH_BLOCKS[-1] == 0
         if segment_ids is not None:
             positions = positions_from_segments(segment_ids)
-            mask = segment_ids if splash else segment_attention_mask(segment_ids, cfg.sliding_window)
+            splash_ids = segment_ids
+
+            def make_mask(window):
+                return segment_attention_mask(segment_ids, window)
         elif cache is None:
             if attention_mask is None:
                 attention_mask = jnp.ones(input_ids.shape, jnp.int32)
             positions = positions_from_mask(attention_mask)
-            mask = attention_mask if splash else attention_mask_4d(attention_mask, cfg.sliding_window)
+            splash_ids = attention_mask
+
+            def make_mask(window):
+                return attention_mask_4d(attention_mask, window)
         else:
-            mask = cache_attention_mask(attention_mask, cache["index"], input_ids.shape[1], cfg.sliding_window)
+            splash, splash_ids = False, None
+
+            def make_mask(window):
+                return cache_attention_mask(attention_mask, cache["index"], input_ids.shape[1], window)
+
+        # per-layer kinds: each layer's flag is scanned data and picks one of the two masks
+        local = None if cfg.layer_types is None else jnp.asarray([t == "sliding_attention" for t in cfg.layer_types])
+        if splash:
+            mask = splash_ids
+        elif local is None:
+            mask = make_mask(cfg.sliding_window)
+        else:
+            mask = (make_mask(None), make_mask(cfg.sliding_window))
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -217,7 +285,10 @@ class Decoder(nn.Module):
             embedding_init=init(cfg, ("vocab", "embed")),
             name="embed",
         )
-        x = constrain(embed(input_ids), ("activation_batch", "activation_length", "activation_embed"))
+        x = embed(input_ids)
+        if cfg.scale_embeddings:  # Gemma: sqrt(hidden) rounded to the compute dtype, as transformers'
+            x = x * jnp.asarray(cfg.hidden_size**0.5, cfg.compute_dtype)
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
         block = self.block_cls
         policy = REMAT_POLICIES[cfg.remat_policy]
@@ -227,7 +298,7 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, 0, 0),
             length=cfg.num_layers,
             unroll=cfg.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -236,7 +307,7 @@ class Decoder(nn.Module):
         if cache is not None:
             index = jnp.broadcast_to(cache["index"], (cfg.num_layers,))
             layer_cache = {"k": cache["k"], "v": cache["v"], "index": index}
-        x, new_cache = layers(cfg, name="layers")(x, positions, mask, layer_cache)
+        x, new_cache = layers(cfg, name="layers")(x, positions, mask, layer_cache, local)
         x = self.norm_cls(cfg, name="final_norm")(x)
         if return_hidden:
             out = x
@@ -245,6 +316,7 @@ class Decoder(nn.Module):
         else:
             out = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
         if not return_hidden:
+            out = softcap(out, cfg.final_logit_softcap)
             out = constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
         if cache is None:
             return out

@@ -34,15 +34,30 @@ class ModelConfig:
     """One decoder-only transformer; every field maps to a Hugging Face config.json field.
 
     architecture: a family in ``kto_jax.models.families.FAMILIES`` (its rules: :data:`FAMILY_RULES`):
-      "llama" (Llama 1/2/3, Mistral), "gpt_neox" (Pythia), "qwen2" (Qwen2, Qwen2.5) or "qwen3"
-      (Qwen3 dense).
+      "llama" (Llama 1/2/3, Mistral), "gpt_neox" (Pythia), "qwen2" (Qwen2, Qwen2.5), "qwen3"
+      (Qwen3 dense), "gemma2" (Gemma 2) or "gemma3" (Gemma 3 text).
     rope_type: "default", "linear" or "llama3" (with the rope_* scaling fields).
     rotary_pct: fraction of each head's dims that get RoPE (Pythia 0.25, Llama 1.0).
     attention_bias: biases on the q, k, v and o projections (Pythia; Llama/Qwen3 config.json
       ``attention_bias``); qkv_bias: biases on q, k and v only (Qwen2, whose o_proj has none).
     qk_norm: an RMSNorm over each head's q and k vectors before RoPE (Qwen3; scale ``[head_dim]``,
       eps ``norm_eps``), in ``kto_jax.models.common.Attention``.
-    sliding_window: Mistral's attention window (None = full causal attention).
+    sliding_window: the attention window, i - j < sliding_window (None = full causal attention):
+      on every layer (Mistral), or on the "sliding_attention" layers of ``layer_types``.
+    layer_types: None (every layer alike) or one of "sliding_attention" / "full_attention" per
+      layer (Gemma 2 alternates them; Gemma 3 has five sliding layers to one full). The layers stay
+      one scanned stack: each layer's kind is scanned data, which picks its mask, its RoPE and (on
+      splash) its kernel (``kto_jax.models.common.Attention``).
+    rope_local_theta: the RoPE base of the "sliding_attention" layers, unscaled (Gemma 3's
+      ``rope_local_base_freq``; None = the same RoPE on every layer).
+    norm_unit_offset: RMSNorm scales by (1 + w), w initialised to 0, the product taken in float32
+      before the cast (Gemma); False: by w, cast first (Llama).
+    scale_embeddings: the embeddings are multiplied by sqrt(hidden_size), rounded to the compute
+      dtype (Gemma).
+    query_pre_attn_scalar: attention logits are q.k / sqrt(query_pre_attn_scalar) (Gemma; None:
+      sqrt(head_dim)).
+    attn_logit_softcap / final_logit_softcap: logits -> cap * tanh(logits / cap) on the attention
+      logits (after the scaling, before the mask) / on the LM head's output (Gemma 2; None: off).
     param_dtype / compute_dtype: storage dtype of the params and dtype of the activations,
       each held as its canonical name ("float32", "bfloat16"); any spelling ``jnp.dtype``
       reads (``jnp.bfloat16``, ``np.float32``, ``jnp.dtype("float16")``) is accepted.
@@ -78,6 +93,13 @@ class ModelConfig:
     qk_norm: bool = False
     use_parallel_residual: bool = False
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
+    norm_unit_offset: bool = False
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: int | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
     hidden_act: str = "silu"
     initializer_range: float = 0.02
     param_dtype: str = "float32"
@@ -94,6 +116,8 @@ class ModelConfig:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.hf_model_type is None:
             object.__setattr__(self, "hf_model_type", next(iter(family.hf_model_types)))
         dtypes = {field: _dtype_name(getattr(self, field)) for field in ("param_dtype", "compute_dtype")}
@@ -121,6 +145,7 @@ class ModelConfig:
                     "hf_model_type",
                     f"one of {sorted(family.hf_model_types)}",
                 ),
+                *_layer_checks(self),
                 *family.checks(self),
             ],
         )
@@ -133,6 +158,60 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _layer_checks(config: ModelConfig) -> list[tuple[bool, str, str]]:
+    """(ok, field, expected) for the per-layer kinds, their windows and RoPE, and the soft-caps."""
+    kinds = config.layer_types
+    return [
+        (
+            kinds is None or (len(kinds) == config.num_layers and set(kinds) <= set(LAYER_TYPES)),
+            "layer_types",
+            f"None or {config.num_layers} (num_layers) entries, each one of {LAYER_TYPES}",
+        ),
+        (
+            kinds is None or "sliding_attention" not in kinds or config.sliding_window is not None,
+            "sliding_window",
+            "a window size: layer_types has 'sliding_attention' layers",
+        ),
+        (
+            config.rope_local_theta is None or kinds is not None,
+            "rope_local_theta",
+            "None unless layer_types sets which layers are local",
+        ),
+        (config.sliding_window is None or config.sliding_window > 0, "sliding_window", "None or positive"),
+        *(
+            (getattr(config, f) is None or getattr(config, f) > 0, f, "None (off) or a positive cap")
+            for f in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar")
+        ),
+        (
+            config.attn_logit_softcap is None or config.attention_impl != "cudnn",
+            "attention_impl",
+            "None, 'xla' or 'splash': cuDNN's fused attention has no attention logit soft-capping "
+            f"(attn_logit_softcap={config.attn_logit_softcap})",
+        ),
+    ]
+
+
+def unset(config: ModelConfig, family: str, *fields: str) -> list[tuple[bool, str, str]]:
+    """(ok, field, expected) that each of ``fields`` keeps its default: the ``family`` has no such
+    layer (and its config.json could not carry it)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    return [(getattr(config, f) == defaults[f], f, f"{defaults[f]!r} ({family} has no such layer)") for f in fields]
+
+
+GEMMA_FIELDS = (
+    "layer_types",
+    "rope_local_theta",
+    "norm_unit_offset",
+    "scale_embeddings",
+    "query_pre_attn_scalar",
+    "attn_logit_softcap",
+    "final_logit_softcap",
+)  # what only the Gemma families set: the other families' checks keep them at their defaults
 
 
 def _validate(config: ModelConfig, checks) -> None:
@@ -156,4 +235,5 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # Gemma's GeGLU: the tanh form
 }

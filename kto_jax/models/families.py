@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 
 from kto_jax.errors import InputError
-from kto_jax.models import gpt_neox, llama, qwen2, qwen3
+from kto_jax.models import gemma2, gemma3, gpt_neox, llama, qwen2, qwen3
 from kto_jax.models.common import Decoder
 from kto_jax.models.config import FAMILY_RULES, ModelConfig
 from kto_jax.models.tensor_map import TensorMap
@@ -37,6 +37,9 @@ class Family:
     checks: ModelConfig -> [(ok, field, expected)], the constraints the family adds to
       ``ModelConfig.__post_init__`` (which reads them, with hf_model_types, from
       ``kto_jax.models.config.FAMILY_RULES``).
+    hf_multimodal: config.json ``model_type`` of the family's vision-language folders -> the
+      ``model_type`` of their language model (Gemma 3's ``gemma3`` -> ``gemma3_text``), which
+      ``text_config`` (config.json -> its language model's config.json) reads.
     """
 
     name: str
@@ -48,11 +51,17 @@ class Family:
     hf_classifiers: dict[str, str]
     backbone_prefix: str
     checks: Callable[[ModelConfig], list[tuple[bool, str, str]]]
+    hf_multimodal: dict[str, str] = dataclasses.field(default_factory=dict)
+    text_config: Callable[[dict], dict] = lambda hf: hf
 
 
 def _family(name: str, module) -> Family:
     """The Family defined by a module's build, tensor_maps, from_hf_config, to_hf_config,
-    HF_MODEL_TYPES, HF_CLASSIFIERS, BACKBONE_PREFIX and checks."""
+    HF_MODEL_TYPES, HF_CLASSIFIERS, BACKBONE_PREFIX and checks (and, for vision-language folders,
+    HF_MULTIMODAL and text_config)."""
+    extra = {}
+    if hasattr(module, "HF_MULTIMODAL"):
+        extra = dict(hf_multimodal=module.HF_MULTIMODAL, text_config=module.text_config)
     return Family(
         name,
         module.build,
@@ -63,6 +72,7 @@ def _family(name: str, module) -> Family:
         module.HF_CLASSIFIERS,
         module.BACKBONE_PREFIX,
         module.checks,
+        **extra,
     )
 
 
@@ -71,6 +81,8 @@ FAMILIES: dict[str, Family] = {
     "gpt_neox": _family("gpt_neox", gpt_neox),  # Pythia
     "qwen2": _family("qwen2", qwen2),  # Qwen2, Qwen2.5 (Llama with q/k/v-only biases)
     "qwen3": _family("qwen3", qwen3),  # Qwen3 dense (Llama with per-head q/k norms)
+    "gemma2": _family("gemma2", gemma2),  # Gemma 2 (sandwich norms, soft-caps, alternating windows)
+    "gemma3": _family("gemma3", gemma3),  # Gemma 3 text (Gemma 2's blocks, q/k norms, 5:1 windows)
 }
 FAMILY_RULES.update(FAMILIES)  # what ModelConfig checks of each family (kto_jax.models.config)
 
@@ -85,7 +97,7 @@ def get_family(architecture: str) -> Family:
 def family_of_model_type(model_type: str) -> Family:
     """The family whose checkpoints carry config.json ``model_type``; an unknown one lists the supported ones."""
     for family in FAMILIES.values():
-        if model_type in family.hf_model_types:
+        if model_type in family.hf_model_types or model_type in family.hf_multimodal:
             return family
-    supported = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
+    supported = sorted(t for f in FAMILIES.values() for t in (*f.hf_model_types, *f.hf_multimodal))
     raise InputError(f"config.json model_type={model_type!r} is not supported; supported: {supported}")

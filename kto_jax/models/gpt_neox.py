@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kto_jax.models.common import Attention, Decoder, constrain, dense, ones, zeros
-from kto_jax.models.config import ACTIVATIONS, ModelConfig
+from kto_jax.models.config import ACTIVATIONS, GEMMA_FIELDS, ModelConfig, unset
 from kto_jax.models.tensor_map import TensorMap, linear, proj_out, same
 
 HF_MODEL_TYPES = {"gpt_neox": "GPTNeoXForCausalLM"}
@@ -57,9 +57,11 @@ class GPTNeoXBlock(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None):
+    def __call__(self, x, positions, mask, cache=None, local=None):
         cfg = self.config
-        attn, cache = Attention(cfg, name="attention")(LayerNorm(cfg, name="attention_norm")(x), positions, mask, cache)
+        attn, cache = Attention(cfg, name="attention")(
+            LayerNorm(cfg, name="attention_norm")(x), positions, mask, cache, local
+        )
         mlp_norm, mlp = LayerNorm(cfg, name="mlp_norm"), MLP(cfg, name="mlp")
         if cfg.use_parallel_residual:
             out = x + attn + mlp(mlp_norm(x))
@@ -148,6 +150,7 @@ def checks(config: ModelConfig) -> list[tuple[bool, str, str]]:
     """(ok, field, expected) for what a GPT-NeoX config.json cannot express: grouped-query
     heads, a head_dim other than hidden_size / num_heads, a window, q/k/v-only biases or q/k norms."""
     return [
+        *unset(config, "GPT-NeoX", *GEMMA_FIELDS),
         (
             config.num_kv_heads == config.num_heads,
             "num_kv_heads",

@@ -26,6 +26,7 @@ from safetensors.flax import save_file
 from kto_jax import sharding as sharding_lib
 from kto_jax.errors import InputError, MissingInput
 from kto_jax.files import write_json
+from kto_jax.log import note
 from kto_jax.models import abstract_params, build_model
 from kto_jax.models.common import Decoder
 from kto_jax.models.config import ModelConfig
@@ -85,8 +86,17 @@ def _open(file: str):
         yield f
 
 
+LANGUAGE_MODEL_PREFIXES = ("model.language_model.", "language_model.model.")  # transformers 5.x, 4.x
+LANGUAGE_MODEL_HEAD = "language_model.lm_head.weight"  # 4.x vision-language folders' LM head
+
+
 class SafetensorsReader:
-    """Lazy reader over a single-file or sharded (index.json) safetensors checkpoint."""
+    """Lazy reader over a single-file or sharded (index.json) safetensors checkpoint.
+
+    A vision-language folder (Gemma 3's ``Gemma3ForConditionalGeneration``) keeps its language
+    model's ``model.*`` tensors under ``model.language_model.*`` (transformers 5.x) or
+    ``language_model.model.*`` (4.x): a name missing as asked is looked up there.
+    """
 
     def __init__(self, path: str):
         index = os.path.join(path, INDEX_FILE)
@@ -102,16 +112,31 @@ class SafetensorsReader:
             raise MissingInput(f"no {SINGLE_FILE} or {INDEX_FILE} in {path!r}: is it a Hugging Face model folder?")
         self.path = path
 
+    def stored_name(self, name: str) -> str:
+        """``name`` as the checkpoint stores it (itself, or under a vision-language folder's prefix)."""
+        if name in self.files:
+            return name
+        if name.startswith("model."):
+            for prefix in LANGUAGE_MODEL_PREFIXES:
+                if prefix + name[len("model.") :] in self.files:
+                    return prefix + name[len("model.") :]
+        if name == "lm_head.weight" and LANGUAGE_MODEL_HEAD in self.files:
+            return LANGUAGE_MODEL_HEAD
+        return name
+
+    def file_of(self, name: str) -> str:
+        return self.files[self.stored_name(name)]
+
     def shape(self, name: str) -> tuple[int, ...]:
         with _open(self._file(name)) as f:
-            return tuple(f.get_slice(name).get_shape())
+            return tuple(f.get_slice(self.stored_name(name)).get_shape())
 
     def read(self, name: str) -> np.ndarray:
         """One tensor as a host numpy array (bf16 via ml_dtypes), never on an accelerator."""
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
             with _open(self._file(name)) as f:
                 try:
-                    return np.asarray(f.get_tensor(name))
+                    return np.asarray(f.get_tensor(self.stored_name(name)))
                 except SafetensorError as e:
                     raise CorruptedWeights(
                         f"{self._file(name)}: tensor {name!r} cannot be read ({e}): the file is damaged "
@@ -119,9 +144,9 @@ class SafetensorsReader:
                     ) from None
 
     def _file(self, name: str) -> str:
-        if name not in self.files:
+        if self.stored_name(name) not in self.files:
             raise KeyError(f"tensor {name!r} is missing from the checkpoint in {self.path!r}")
-        file = self.files[name]
+        file = self.file_of(name)
         if not os.path.exists(file):
             raise MissingInput(f"{file!r} (holding tensor {name!r}) is listed in {INDEX_FILE} but missing")
         return file
@@ -155,7 +180,7 @@ def load_params(config: ModelConfig, path: str, mesh=None):
             got = reader.shape(name)
             if got != expected:
                 raise InputError(
-                    f"tensor {name!r} in {reader.files[name]!r} has shape {got}; the config "
+                    f"tensor {name!r} in {reader.file_of(name)!r} has shape {got}; the config "
                     f"({config.hf_model_type}, hidden {config.hidden_size}) expects {expected}"
                 )
     params: dict = {}
@@ -216,7 +241,13 @@ def from_hf(path: str, param_dtype="float32", compute_dtype=None, mesh=None, see
         hint = f"; or a preset name: {', '.join(PRESETS)}" if not os.path.isdir(path) else ""
         raise MissingInput(f"{config_file!r} not found: from_hf needs a Hugging Face model folder{hint}")
     with open(config_file, encoding="utf-8") as f:
-        config = config_from_hf(json.load(f), **overrides)
+        hf = json.load(f)
+    config = config_from_hf(hf, **overrides)
+    if hf.get("model_type") in get_family(config.architecture).hf_multimodal:
+        note(
+            f"{path}: a vision-language folder (model_type={hf['model_type']!r}): loading its language model "
+            f"({config.hf_model_type}); the vision tower and projector are left out"
+        )
     return build_model(config), load_params(config, path, mesh)
 
 

@@ -19,10 +19,12 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     Shared fields: vocab_size, hidden_size, intermediate_size, num_hidden_layers -> num_layers,
     num_attention_heads -> num_heads, max_position_embeddings, hidden_act, initializer_range,
     tie_word_embeddings, and RoPE from rope_parameters (5.x) or rope_theta + rope_scaling (4.x);
-    then the family of ``model_type`` adds its own; ``overrides`` set any field last.
+    then the family of ``model_type`` adds its own; ``overrides`` set any field last. A
+    vision-language config.json (Gemma 3's ``gemma3``) gives its language model's config.
     """
+    family = family_of_model_type(hf.get("model_type"))
+    hf = family.text_config(hf)
     model_type = hf.get("model_type")
-    family = family_of_model_type(model_type)
     rope = dict(hf.get("rope_parameters") or {})
     rope.update(hf.get("rope_scaling") or {})
     shared = dict(

@@ -11,7 +11,7 @@ import flax.linen as nn
 
 from kto_jax.errors import InputError
 from kto_jax.models.common import Attention, Decoder, RMSNorm, constrain, dense
-from kto_jax.models.config import ACTIVATIONS, ModelConfig
+from kto_jax.models.config import ACTIVATIONS, GEMMA_FIELDS, ModelConfig, unset
 from kto_jax.models.tensor_map import TensorMap, linear, proj_in, proj_out, same
 
 HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -41,9 +41,11 @@ class LlamaBlock(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None):
+    def __call__(self, x, positions, mask, cache=None, local=None):
         cfg = self.config
-        attn, cache = Attention(cfg, name="attention")(RMSNorm(cfg, name="attention_norm")(x), positions, mask, cache)
+        attn, cache = Attention(cfg, name="attention")(
+            RMSNorm(cfg, name="attention_norm")(x), positions, mask, cache, local
+        )
         h = x + attn
         out = h + MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(h))
         return constrain(out, ("activation_batch", "activation_length", "activation_embed")), cache
@@ -117,6 +119,7 @@ def to_hf_config(config: ModelConfig) -> dict:
 def checks(config: ModelConfig) -> list[tuple[bool, str, str]]:
     """(ok, field, expected) for the fields a Llama/Mistral config.json constrains."""
     return [
+        *unset(config, "Llama/Mistral", *GEMMA_FIELDS),
         (
             not config.qkv_bias,
             "qkv_bias",

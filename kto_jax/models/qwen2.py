@@ -12,7 +12,7 @@ from __future__ import annotations
 from kto_jax.errors import InputError
 from kto_jax.models import llama
 from kto_jax.models.common import Decoder
-from kto_jax.models.config import ModelConfig
+from kto_jax.models.config import GEMMA_FIELDS, ModelConfig, unset
 from kto_jax.models.tensor_map import TensorMap, same
 
 HF_MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM"}
@@ -76,6 +76,7 @@ def to_hf_config(config: ModelConfig) -> dict:
 def checks(config: ModelConfig) -> list[tuple[bool, str, str]]:
     """(ok, field, expected) for what a Qwen2 config.json fixes or cannot express."""
     return [
+        *unset(config, "Qwen2", *GEMMA_FIELDS),
         (config.qkv_bias, "qkv_bias", "True (Qwen2's q/k/v projections always have biases)"),
         (not config.attention_bias, "attention_bias", "False (Qwen2's o_proj has no bias: qkv_bias=True)"),
         (not config.qk_norm, "qk_norm", "False (Qwen2 has no q/k norms: that is Qwen3)"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from kto_jax.models import llama
 from kto_jax.models.common import Decoder
-from kto_jax.models.config import ModelConfig
+from kto_jax.models.config import GEMMA_FIELDS, ModelConfig, unset
 from kto_jax.models.qwen2 import refuse_sliding_window
 from kto_jax.models.tensor_map import TensorMap, same
 
@@ -68,6 +68,7 @@ def to_hf_config(config: ModelConfig) -> dict:
 def checks(config: ModelConfig) -> list[tuple[bool, str, str]]:
     """(ok, field, expected) for what a Qwen3 config.json fixes or cannot express."""
     return [
+        *unset(config, "Qwen3", *GEMMA_FIELDS),
         (config.qk_norm, "qk_norm", "True (Qwen3 always norms each head's q and k)"),
         (not config.qkv_bias, "qkv_bias", "False (Qwen3's biases are attention_bias, on q/k/v/o alike)"),
         (config.sliding_window is None, "sliding_window", "None (Qwen3's sliding window is not implemented)"),

@@ -1,6 +1,7 @@
 """TPU attention through the Pallas splash attention kernel, with segment ids (``attention_impl="splash"``).
 
-softmax(q k^T / sqrt(Dh) + mask) v with the mask never materialised: query i sees key j iff
+softmax(softcap(q k^T * scale) + mask) v (scale 1/sqrt(Dh) unless the model sets
+``query_pre_attn_scalar``; the kernel's own logit soft-cap, Gemma 2's ``attn_logit_softcap``) with the mask never materialised: query i sees key j iff
 j <= i (and i - j < sliding_window) and ``segment_ids[i] == segment_ids[j]``. Packed rows pass
 their segment ids (1, 2, ... per sequence, 0 on padding); padded rows pass the attention mask
 (1 on real tokens, 0 on padding), so a real token sees exactly the real tokens before it, as
@@ -48,7 +49,7 @@ def _platform(mesh) -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def _kernel(heads: int, length: int, sliding_window: int | None, interpret: bool):
+def _kernel(heads: int, length: int, sliding_window: int | None, softcap: float | None, interpret: bool):
     """The splash kernel for ``heads`` query heads on rows of ``length`` tokens (built in each trace:
     its block tables become constants of that program)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -71,17 +72,23 @@ def _kernel(heads: int, length: int, sliding_window: int | None, interpret: bool
         block_kv_dq=b,
     )
     return sk.make_splash_mha(
-        sm.MultiHeadMask([mask] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+        sm.MultiHeadMask([mask] * heads),
+        block_sizes=blocks,
+        attn_logits_soft_cap=softcap,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
     )
 
 
-def _local_attention(q, k, v, segment_ids, sliding_window, interpret):
+def _local_attention(q, k, v, segment_ids, sliding_window, scale, softcap, interpret):
     """One shard: q ``[B, T, H, Dh]``, k/v ``[B, T, KV, Dh]`` (H a multiple of KV), segment ids ``[B, T]``."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     _, length, heads, head_dim = q.shape
-    kernel = _kernel(heads, length, sliding_window, interpret)
-    q = q * jnp.asarray(1.0 / np.sqrt(head_dim), q.dtype)  # the kernel takes q pre-scaled
+    kernel = _kernel(heads, length, sliding_window, softcap, interpret)
+    scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
+    q = q * jnp.asarray(scale, q.dtype)  # the kernel takes q pre-scaled (the cap applies after)
     qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     segment_ids = segment_ids.astype(jnp.int32)
     out = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=sk.SegmentIds(q=s, kv=s)))(qh, kh, vh, segment_ids)
@@ -89,9 +96,17 @@ def _local_attention(q, k, v, segment_ids, sliding_window, interpret):
 
 
 def splash_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, sliding_window: int | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    sliding_window: int | None = None,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
-    """Causal attention within segments: q ``[B, T, H, Dh]``, k/v ``[B, T, KV, Dh]`` -> ``[B, T, H, Dh]``.
+    """Causal attention within segments: q ``[B, T, H, Dh]``, k/v ``[B, T, KV, Dh]`` -> ``[B, T, H, Dh]``;
+    logits ``softcap(q.k * scale)`` (scale default 1/sqrt(Dh); softcap None: off).
 
     Under a mesh (``kto_jax.sharding.activation_rules``) each shard of the batch and the heads
     runs the kernel on its own rows; the output keeps q's sharding.
@@ -104,7 +119,9 @@ def splash_attention(
             "--config.model.attention_impl=cudnn (or '' for XLA)"
         )
     block_size(q.shape[1])  # a clear error before the kernel's own
-    local = functools.partial(_local_attention, sliding_window=sliding_window, interpret=platform != "tpu")
+    local = functools.partial(
+        _local_attention, sliding_window=sliding_window, scale=scale, softcap=softcap, interpret=platform != "tpu"
+    )
     if mesh.empty:
         return local(q, k, v, segment_ids)
     q_spec = nn.logical_to_mesh_axes(("activation_batch", "activation_length", "activation_heads", None))

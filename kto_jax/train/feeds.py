@@ -40,7 +40,6 @@ import jax.numpy as jnp
 
 from kto_jax.data.batch import BatchSchema, prefix
 from kto_jax.logprobs import (
-    chunked_sequence_logps,
     chunked_token_logps,
     mean_logps,
     segment_sums,
@@ -96,11 +95,20 @@ def hidden_states(spec: StepSpec, model_params, ids, presence):
     return spec.model.apply({"params": model_params}, ids, presence, return_hidden=True)
 
 
+def head_token_logps(spec: StepSpec, model_params, hidden, ids, loss_mask):
+    """Per-token log-probs ``[B, T-1]`` of hidden states through the model's LM head (its kernel and
+    final logit soft-cap), chunked over length (``kto_jax.logprobs.chunked_token_logps``)."""
+    config = spec.model.config
+    kernel = lm_head_kernel(config, model_params)
+    return chunked_token_logps(
+        hidden, kernel, ids, loss_mask, chunk_size=spec.chunk_size, softcap=config.final_logit_softcap
+    )
+
+
 def sequence_logps(spec: StepSpec, model_params, ids, attention_mask, loss_mask):
     """Per-sequence completion log-probs (length-normalised if the loss wants it) and token counts."""
     hidden = hidden_states(spec, model_params, ids, attention_mask)
-    kernel = lm_head_kernel(spec.model.config, model_params)
-    sums, counts = chunked_sequence_logps(hidden, kernel, ids, loss_mask, chunk_size=spec.chunk_size)
+    sums, counts = sum_and_count(head_token_logps(spec, model_params, hidden, ids, loss_mask), loss_mask)
     return _normalized(spec, sums, counts), counts
 
 
@@ -133,9 +141,7 @@ def _token_forward(spec, model_params, mb, groups) -> dict:
     parts = [_arrays(mb, g, spec.packing) for g in groups]
     ids, presence, loss_mask = (jnp.concatenate(xs) for xs in zip(*parts))
     hidden = hidden_states(spec, model_params, ids, presence)
-    per_token = chunked_token_logps(
-        hidden, lm_head_kernel(spec.model.config, model_params), ids, loss_mask, chunk_size=spec.chunk_size
-    )
+    per_token = head_token_logps(spec, model_params, hidden, ids, loss_mask)
     return dict(zip(groups, jnp.split(per_token, len(groups))))
 
 
@@ -290,17 +296,12 @@ class TokenFeed:
         """Packed rows run the forwards packed and give the loss its per-example ``[K, L-1]`` layout
         back (``unpack_tokens``): GAE and the advantage statistics see what the padded path gives."""
         ids, presence, loss_mask = _arrays(mb, "", spec.packing)
-        config = spec.model.config
         hidden = hidden_states(spec, params["model"], ids, presence)
-        policy = chunked_token_logps(
-            hidden, lm_head_kernel(config, params["model"]), ids, loss_mask, chunk_size=spec.chunk_size
-        )
+        policy = head_token_logps(spec, params["model"], hidden, ids, loss_mask)
         values = ValueHead().apply({"params": params["value_head"]}, hidden)
         ref_params = jax.lax.stop_gradient(reference_params)
         ref_hidden = hidden_states(spec, ref_params, ids, presence)
-        reference = chunked_token_logps(
-            ref_hidden, lm_head_kernel(config, ref_params), ids, loss_mask, chunk_size=spec.chunk_size
-        )
+        reference = head_token_logps(spec, ref_params, ref_hidden, ids, loss_mask)
         mask = loss_mask
         if spec.packing:  # per-token [R, L] -> [K, L]; the shifted [R, L-1] padded by a column first
             index = mb["unpack_index"]

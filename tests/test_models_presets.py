@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
 
 from kto_jax.errors import InputError
 from kto_jax.models import param_count
@@ -60,6 +60,8 @@ def test_preset_survives_transformers_config(name):
         ("qwen2.5-7b", 7_615_616_512),
         ("qwen3-0.6b", 596_049_920),
         ("qwen3-8b", 8_190_735_360),
+        ("gemma2-2b", 2_614_341_888),
+        ("gemma3-1b", 999_885_952),
     ],
 )
 def test_published_totals(name, total):
@@ -91,7 +93,9 @@ def test_get_preset_overrides():
 def test_preset_shapes():
     for name, cfg in PRESETS.items():
         assert cfg.num_heads % cfg.num_kv_heads == 0, name
-        assert cfg.head_dim * cfg.num_heads == cfg.hidden_size or cfg.architecture == "qwen3", name
+        assert cfg.head_dim * cfg.num_heads == cfg.hidden_size or cfg.architecture in ("qwen3", "gemma2", "gemma3"), (
+            name
+        )
     assert get_preset("llama3-8b").num_kv_heads == 8 and get_preset("llama3-8b").rope_theta == 500000.0
     assert get_preset("mistral-7b").sliding_window == 4096 and get_preset("mistral-7b").hf_model_type == "mistral"
     assert get_preset("pythia-1.4b").rotary_dim == 32  # head_dim 128 * rotary_pct 0.25
@@ -104,6 +108,40 @@ def test_preset_shapes():
         128,
         64,
     )
+
+    gemma2 = get_preset("gemma2-27b")
+    assert (gemma2.head_dim, gemma2.query_pre_attn_scalar, gemma2.hidden_size // gemma2.num_heads) == (128, 144, 144)
+    assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap, gemma2.sliding_window) == (50.0, 30.0, 4096)
+    gemma3 = get_preset("gemma3-27b")
+    assert (gemma3.head_dim, gemma3.query_pre_attn_scalar, gemma3.qk_norm) == (128, 168, True)
+    assert (gemma3.attn_logit_softcap, gemma3.final_logit_softcap) == (None, None)
+    assert (gemma3.rope_type, gemma3.rope_factor, gemma3.rope_theta, gemma3.rope_local_theta) == (
+        "linear",
+        8.0,
+        1e6,
+        1e4,
+    )
+    gemma3_1b = get_preset("gemma3-1b")
+    assert (gemma3_1b.rope_type, gemma3_1b.sliding_window, gemma3_1b.vocab_size) == ("default", 512, 262144)
+    for name, cfg in PRESETS.items():
+        if cfg.architecture in ("gemma2", "gemma3"):
+            assert (cfg.norm_unit_offset, cfg.scale_embeddings, cfg.tie_word_embeddings) == (True, True, True), name
+            assert cfg.hidden_act == "gelu_pytorch_tanh", name
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in PRESETS.items() if c.architecture in ("gemma2", "gemma3")))
+def test_gemma_layer_types_are_transformers_defaults(name):
+    """A Gemma preset's layer_types are what transformers' config class gives for its depth: Gemma 2
+    alternates sliding and full from layer 0; Gemma 3 has a full layer every sliding_window_pattern
+    (6; 2 for tiny-gemma3-1m, so that its 4 layers have both kinds)."""
+    cfg = get_preset(name)
+    if cfg.architecture == "gemma2":
+        expected = Gemma2Config(num_hidden_layers=cfg.num_layers).layer_types
+    else:
+        pattern = 2 if name == "tiny-gemma3-1m" else 6
+        expected = Gemma3TextConfig(num_hidden_layers=cfg.num_layers, sliding_window_pattern=pattern).layer_types
+    assert cfg.layer_types == tuple(expected)
+    assert {"sliding_attention", "full_attention"} <= set(cfg.layer_types)
 
 
 BASE = dict(architecture="llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)

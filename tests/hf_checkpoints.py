@@ -8,7 +8,16 @@ import functools
 import jax
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from kto_jax.models import build_model
 from kto_jax.models.config import ModelConfig
@@ -81,6 +90,50 @@ HF_CONFIGS = {
     ),
     "qwen3_bias": lambda: Qwen3Config(
         **SMALL, num_attention_heads=4, num_key_value_heads=1, head_dim=8, attention_bias=True
+    ),
+    # Gemma 2: windows shorter than the rows on the sliding layers, soft-caps small enough to bend
+    # the logits (the releases' 50 / 30 barely would at this scale), head_dim 16 != 32 / 4 heads,
+    # query_pre_attn_scalar != head_dim
+    "gemma2_softcap": lambda: Gemma2Config(
+        **SMALL,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=12,
+        sliding_window=4,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
+    ),
+    "gemma2_mqa_untied": lambda: Gemma2Config(
+        **{**SMALL, "num_hidden_layers": 3},
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        sliding_window=5,
+        tie_word_embeddings=False,
+        attn_logit_softcapping=1.0,
+        final_logit_softcapping=5.0,
+    ),
+    # Gemma 3: q/k norms; sliding layers with their own RoPE base, the global one linearly scaled
+    "gemma3_rope": lambda: Gemma3TextConfig(
+        **{**SMALL, "num_hidden_layers": 3},
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        rope_local_base_freq=100.0,
+    ),
+    # the releases' 5:1 pattern (transformers' default layer_types for 7 layers), MQA, untied
+    "gemma3_mqa_untied": lambda: Gemma3TextConfig(
+        **{**SMALL, "num_hidden_layers": 7},
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        sliding_window=3,
+        tie_word_embeddings=False,
     ),
 }
 

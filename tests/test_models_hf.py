@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from kto_jax.generate import generate
 from kto_jax.models import abstract_params, lm_head_kernel
+from kto_jax.models.common import softcap
 from kto_jax.models.hf import config_to_hf, from_hf, to_hf
 from kto_jax.models.presets import get_preset
 from tests.hf_checkpoints import (
@@ -82,6 +83,36 @@ def test_loaded_config_fields(loaded):
     assert attention["q_norm"]["scale"].shape == attention["k_norm"]["scale"].shape == (2, 16)  # [layers, head_dim]
     assert "bias" in loaded("qwen3_bias")[3]["layers"]["attention"]["o"]
     assert "lm_head" not in loaded("qwen3_tied")[3] and "lm_head" not in loaded("qwen2_tied")[3]
+    cfg = loaded("gemma2_softcap")[2].config
+    gemma2 = (
+        cfg.architecture,
+        cfg.head_dim,
+        cfg.query_pre_attn_scalar,
+        cfg.attn_logit_softcap,
+        cfg.final_logit_softcap,
+    )
+    assert gemma2 == ("gemma2", 16, 12, 2.0, 3.0)
+    assert (cfg.layer_types, cfg.sliding_window, cfg.hidden_act) == (
+        ("sliding_attention", "full_attention"),
+        4,
+        "gelu_pytorch_tanh",
+    )
+    assert (cfg.norm_unit_offset, cfg.scale_embeddings, cfg.tie_word_embeddings) == (True, True, True)
+    assert set(loaded("gemma2_softcap")[3]["layers"]) == {
+        "attention",
+        "attention_norm",
+        "post_attention_norm",
+        "mlp",
+        "mlp_norm",
+        "post_mlp_norm",
+    }
+    cfg = loaded("gemma3_rope")[2].config
+    gemma3 = (cfg.architecture, cfg.qk_norm, cfg.rope_type, cfg.rope_factor, cfg.rope_theta, cfg.rope_local_theta)
+    assert gemma3 == ("gemma3", True, "linear", 2.0, 1e6, 100.0)
+    assert cfg.attn_logit_softcap is None and cfg.final_logit_softcap is None
+    cfg = loaded("gemma3_mqa_untied")[2].config
+    assert cfg.layer_types == ("sliding_attention",) * 5 + ("full_attention", "sliding_attention")
+    assert "lm_head" in loaded("gemma3_mqa_untied")[3] and cfg.num_kv_heads == 1
 
 
 @pytest.mark.parametrize(
@@ -112,6 +143,14 @@ def test_qwen_layers_change_the_logits(loaded, name, leaves):
         ("llama_linear_rope", {"rope_type": "default"}),
         ("mistral_window", {"sliding_window": 5}),
         ("pythia_parallel", {"rotary_pct": 1.0}),
+        ("gemma2_softcap", {"attn_logit_softcap": None}),
+        ("gemma2_softcap", {"final_logit_softcap": None}),
+        ("gemma2_softcap", {"query_pre_attn_scalar": 16}),
+        ("gemma2_softcap", {"layer_types": ("full_attention", "full_attention")}),
+        ("gemma2_mqa_untied", {"layer_types": ("sliding_attention",) * 3}),
+        ("gemma3_rope", {"rope_local_theta": 1e6}),
+        ("gemma3_rope", {"rope_type": "default"}),
+        ("gemma3_mqa_untied", {"sliding_window": 12}),
     ],
 )
 def test_comparison_is_sensitive_to_the_feature(loaded, name, override):
@@ -162,7 +201,10 @@ def pad_rows(ids, lengths, side, pad_id=0):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("name", ["llama_gqa", "mistral_window", "pythia_parallel", "qwen2_gqa", "qwen3_head_dim"])
+@pytest.mark.parametrize(
+    "name",
+    ["llama_gqa", "mistral_window", "pythia_parallel", "qwen2_gqa", "qwen3_head_dim", "gemma2_softcap", "gemma3_rope"],
+)
 def test_padding_gives_unpadded_logits(loaded, name, side):
     """Row b holds its first lengths[b] tokens, padded on ``side``. Unpadded, a causal model
     gives the prefix's logits as the first positions of the full row (causality is checked
@@ -190,7 +232,7 @@ def test_padding_gives_unpadded_logits(loaded, name, side):
 # ---------------------------------------------------------------- greedy generation vs transformers
 
 
-@pytest.mark.parametrize("name", ["qwen2_gqa", "qwen3_head_dim"])
+@pytest.mark.parametrize("name", ["qwen2_gqa", "qwen3_head_dim", "gemma2_mqa_untied", "gemma3_mqa_untied"])
 def test_greedy_generation_matches_transformers(loaded, name):
     """kto_jax.generate.generate (KV cache; the three prompts in one left-padded batch) gives
     transformers' greedy ``generate`` tokens for each prompt alone (EOS: a token id that
@@ -229,8 +271,9 @@ def test_greedy_generation_matches_transformers(loaded, name):
 # ---------------------------------------------------------------- hidden states @ LM head
 
 
-@pytest.mark.parametrize("name", ["llama_tied", "pythia_sequential", "qwen3_tied"])
+@pytest.mark.parametrize("name", ["llama_tied", "pythia_sequential", "qwen3_tied", "gemma2_softcap"])
 def test_return_hidden_times_lm_head_is_logits(loaded, name):
+    """logits = softcap(hidden @ kernel) (the cap: Gemma 2's final_logit_softcap, None elsewhere)."""
     _, _, model, params = loaded(name)
     ids = random_ids(seed=4)
     mask = np.ones_like(ids)
@@ -240,7 +283,7 @@ def test_return_hidden_times_lm_head_is_logits(loaded, name):
     kernel = lm_head_kernel(model.config, params)
     assert kernel.shape == (model.config.hidden_size, VOCAB)
     logits = forward(model, params, ids, mask)
-    assert max_diff(hidden @ kernel, logits) < 1e-5
+    assert max_diff(softcap(hidden @ kernel, model.config.final_logit_softcap), logits) < 1e-5
 
 
 # ---------------------------------------------------------------- to_hf round trip
@@ -271,6 +314,10 @@ def assert_same_tree(a, b):
         "qwen3_head_dim",
         "qwen3_tied",
         "qwen3_bias",
+        "gemma2_softcap",
+        "gemma2_mqa_untied",
+        "gemma3_rope",
+        "gemma3_mqa_untied",
     ],
 )
 def test_to_hf_round_trip(loaded, tmp_path, name):

@@ -235,7 +235,7 @@ def test_unknown_architecture(llama_copy):
 
 def test_family_registry():
     """Every family is registered once; config.json model_types and architecture names resolve through it."""
-    assert list(FAMILIES) == ["llama", "gpt_neox", "qwen2", "qwen3"]
+    assert list(FAMILIES) == ["llama", "gpt_neox", "qwen2", "qwen3", "gemma2", "gemma3"]
     assert all(get_family(name).name == name for name in FAMILIES)
     assert ARCHITECTURES == {name: family.build for name, family in FAMILIES.items()}
     assert HF_ARCHITECTURES == {
@@ -244,16 +244,19 @@ def test_family_registry():
         "gpt_neox": "GPTNeoXForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
         "qwen3": "Qwen3ForCausalLM",
+        "gemma2": "Gemma2ForCausalLM",
+        "gemma3_text": "Gemma3ForCausalLM",
     }
     assert all(hasattr(transformers, cls) for cls in HF_ARCHITECTURES.values())
     classifiers = {t: c for family in FAMILIES.values() for t, c in family.hf_classifiers.items()}
     assert classifiers.keys() == HF_ARCHITECTURES.keys()
     assert all(hasattr(transformers, cls) for cls in classifiers.values())
-    pattern = r"model_type='gemma3' is not supported.*gpt_neox.*llama.*mistral.*qwen2.*qwen3"
+    assert FAMILIES["gemma3"].hf_multimodal == {"gemma3": "gemma3_text"}  # Gemma3ForConditionalGeneration folders
+    pattern = r"model_type='phi3' is not supported.*gemma2.*gemma3.*gemma3_text.*gpt_neox.*llama.*mistral.*qwen2.*qwen3"
     with pytest.raises(InputError, match=pattern):
-        config_from_hf({**LINEAR_V4, "model_type": "gemma3"})
-    with pytest.raises(InputError, match=r"unknown architecture 'gemma3'.*llama, gpt_neox, qwen2, qwen3"):
-        get_family("gemma3")
+        config_from_hf({**LINEAR_V4, "model_type": "phi3"})
+    with pytest.raises(InputError, match=r"unknown architecture 'phi3'.*llama, gpt_neox, qwen2, qwen3, gemma2, gemma3"):
+        get_family("phi3")
 
 
 def test_unsupported_rope_type_names_field():

@@ -115,7 +115,7 @@ def shared_from_hf(hf: dict, defaults: dict) -> dict:
         head_dim=hf.get("head_dim") or defaults["head_dim"],
         norm_eps=hf.get("rms_norm_eps", defaults["rms_norm_eps"]),
         hidden_act=hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
-        query_pre_attn_scalar=int(hf.get("query_pre_attn_scalar", defaults["query_pre_attn_scalar"])),
+        query_pre_attn_scalar=_int(hf.get("query_pre_attn_scalar", defaults["query_pre_attn_scalar"])),
         sliding_window=hf.get("sliding_window", defaults["sliding_window"]),
         attention_bias=bool(hf.get("attention_bias", False)),
         final_logit_softcap=_cap(hf.get("final_logit_softcapping", defaults.get("final_logit_softcapping"))),
@@ -124,6 +124,10 @@ def shared_from_hf(hf: dict, defaults: dict) -> dict:
         norm_unit_offset=True,
         scale_embeddings=True,
     )
+
+
+def _int(value) -> int | None:
+    return None if value is None else int(value)
 
 
 def _cap(value) -> float | None:
@@ -151,7 +155,7 @@ def shared_to_hf(config: ModelConfig) -> dict:
         head_dim=config.head_dim,
         rms_norm_eps=config.norm_eps,
         hidden_activation=config.hidden_act,
-        query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
+        query_pre_attn_scalar=config.query_pre_attn_scalar,
         sliding_window=config.sliding_window,
         layer_types=list(config.layer_types or ["full_attention"] * config.num_layers),
         attention_bias=config.attention_bias,
@@ -172,6 +176,17 @@ def shared_checks(config: ModelConfig, family: str) -> list[tuple[bool, str, str
         (not config.qkv_bias, "qkv_bias", f"False ({family}'s biases are attention_bias, on q/k/v/o alike)"),
         (not config.use_parallel_residual, "use_parallel_residual", f"False ({family}'s blocks are sequential)"),
         (config.rotary_pct == 1.0, "rotary_pct", f"1.0 ({family} rotates every head dim)"),
+        (
+            config.sliding_window is None or config.layer_types is not None,
+            "layer_types",
+            f"one kind per layer: {family}'s window applies to its 'sliding_attention' layers only, and its "
+            "config.json always lists them",
+        ),
+        (
+            config.query_pre_attn_scalar is not None,
+            "query_pre_attn_scalar",
+            f"an integer ({family}'s config.json always sets it; head_dim in most releases)",
+        ),
     ]
 
 

@@ -16,6 +16,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoTokenizer,
+    Gemma2Config,
+    Gemma2ForSequenceClassification,
+    Gemma3TextConfig,
+    Gemma3TextForSequenceClassification,
     GPTNeoXConfig,
     GPTNeoXForSequenceClassification,
     LlamaConfig,
@@ -101,6 +105,30 @@ FAMILIES = {
     # head_dim 32 != hidden 64 / 4 heads; per-head q/k norms
     "qwen3": lambda: Qwen3ForSequenceClassification(
         Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32, num_labels=1)
+    ),
+    # soft-caps, a 4-token window on the first layer (rows are longer), (1 + w) sandwich norms
+    "gemma2": lambda: Gemma2ForSequenceClassification(
+        Gemma2Config(
+            **SMALL,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+            num_labels=1,
+        )
+    ),
+    # q/k norms, the local RoPE base on the sliding layer
+    "gemma3": lambda: Gemma3TextForSequenceClassification(
+        Gemma3TextConfig(
+            **SMALL,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_local_base_freq=100.0,
+            num_labels=1,
+        )
     ),
 }
 ITEMS = [  # (turns, first, second)

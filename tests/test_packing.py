@@ -158,12 +158,25 @@ def test_unpack_tokens_gathers_rows_back_per_example():
     np.testing.assert_array_equal(unpack_tokens(values, index), [[0, 1, 2, 0], [7, 8, 9, 10]])
 
 
-@pytest.mark.parametrize("preset", ["tiny-1m", "tiny-pythia-1m", pytest.param("tiny-qwen3-1m", marks=pytest.mark.slow)])
-def test_packed_rows_give_each_sequence_its_padded_log_probs(preset, examples):
+GEMMA_KINDS = dict(num_layers=2, layer_types=("sliding_attention", "full_attention"), sliding_window=8)
+
+
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("tiny-1m", {}),
+        ("tiny-pythia-1m", {}),
+        pytest.param("tiny-qwen3-1m", {}, marks=pytest.mark.slow),
+        ("tiny-gemma2-1m", GEMMA_KINDS),
+        pytest.param("tiny-gemma3-1m", GEMMA_KINDS, marks=pytest.mark.slow),
+    ],
+)
+def test_packed_rows_give_each_sequence_its_padded_log_probs(preset, overrides, examples):
     """The model on packed rows: per-token log-probs of every sequence equal the padded rows' (Llama
     and GPT-NeoX: full and partial rotary, so the positions restarting per segment matter; Qwen3: per-head
-    q/k norms, GQA, head_dim apart from hidden/heads)."""
-    config = get_preset(preset, num_layers=2)
+    q/k norms, GQA, head_dim apart from hidden/heads; Gemma: an 8-token window inside each segment on
+    the sliding layer, soft-caps, Gemma 3's local RoPE base)."""
+    config = get_preset(preset, **{"num_layers": 2, **overrides})
     model, params = build_model(config), init_params(config, seed=0)
     padded = next(make_loader(examples, "unary", packing=False))
     packed = next(make_loader(examples, "unary", packing=True))

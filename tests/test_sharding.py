@@ -4,7 +4,7 @@ jax fixes its device count when it initialises, and this pytest process already 
 device, so the checks run in one child ``python -c`` started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; it prints a JSON report that the tests
 below assert on. Per mesh ({data:2, fsdp:2, tensor:2}, {fsdp:8}, {tensor:4, data:2}) and
-model (GQA Llama, GPT-NeoX, Qwen3): params loaded with ``from_hf(folder, mesh=mesh)`` equal the
+model (GQA Llama, GPT-NeoX, Qwen3, Gemma 2, Gemma 3): params loaded with ``from_hf(folder, mesh=mesh)`` equal the
 single-device ones and are split as the logical rules say; the jitted forward inside
 ``activation_rules(mesh)`` equals the single-device forward. ``init_params(config, mesh=mesh)``
 is checked once (each init is a compile), and ``make_mesh``'s shapes and errors on 8
@@ -22,7 +22,7 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, LlamaConfig, Qwen3Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {
@@ -44,9 +44,27 @@ HF_CONFIGS = {
     "gpt_neox": lambda: GPTNeoXConfig(**TINY, rotary_pct=0.25, use_parallel_residual=True),
     # per-head q/k norms (logical axis "norm": replicated), head_dim 16 != hidden 64 / 8 heads
     "qwen3": lambda: Qwen3Config(**TINY, num_key_value_heads=4, head_dim=16),
+    # soft-caps, a window shorter than the rows on the sliding layer, sandwich norms
+    "gemma2": lambda: Gemma2Config(
+        **TINY,
+        num_key_value_heads=4,
+        head_dim=16,
+        sliding_window=4,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=10.0,
+    ),
+    # q/k norms, the sliding layer's own RoPE base
+    "gemma3": lambda: Gemma3TextConfig(
+        **TINY,
+        num_key_value_heads=4,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_local_base_freq=100.0,
+    ),
 }
-HEAD_DIM = {"qwen3": 16}
-KV_HEADS = {"llama_gqa": 4, "qwen3": 4}
+HEAD_DIM = {"qwen3": 16, "gemma2": 16, "gemma3": 16}
+KV_HEADS = {"llama_gqa": 4, "qwen3": 4, "gemma2": 4, "gemma3": 4}
 
 CHILD = textwrap.dedent(
     """
@@ -182,7 +200,7 @@ def check_layout(layout, arch, m):
     assert q["shard_shape"] == [2, 64 // m["fsdp"], 8 // m["tensor"], head_dim]
     k = layout["['layers']['attention']['k']['kernel']"]
     assert k["shard_shape"] == [2, 64 // m["fsdp"], heads_k // m["tensor"], head_dim]
-    if arch == "qwen3":  # [layers, head_dim], replicated as every norm
+    if arch in ("qwen3", "gemma3"):  # [layers, head_dim], replicated as every norm
         assert layout["['layers']['attention']['q_norm']['scale']"]["shard_shape"] == [2, head_dim]
         assert layout["['layers']['attention']['k_norm']['scale']"]["shard_shape"] == [2, head_dim]
     emb = layout["['embed']['embedding']"]  # [vocab, embed]

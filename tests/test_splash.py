@@ -103,6 +103,31 @@ def test_splash_equals_xla_on_qwen_biases_and_qk_norms(preset):
     assert_same(get_preset(preset, num_layers=2), packed=True)
 
 
+GEMMA_KINDS = dict(num_layers=2, layer_types=("sliding_attention", "full_attention"), sliding_window=40)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_splash_equals_xla_on_gemma2_soft_caps_and_alternating_windows(packed):
+    """Gemma 2: a 40-token window on the first layer, full attention on the second (each layer's kind
+    picks its kernel under the scan), attention logits soft-capped inside the kernel (caps small enough
+    to bend them at this init), query_pre_attn_scalar != head_dim, (1 + w) sandwich norms."""
+    config = get_preset(
+        "tiny-gemma2-1m",
+        **GEMMA_KINDS,
+        initializer_range=0.1,
+        attn_logit_softcap=1.0,
+        final_logit_softcap=2.0,
+        query_pre_attn_scalar=24,
+    )
+    assert_same(config, packed)
+
+
+def test_splash_equals_xla_on_gemma3_local_rope_and_qk_norms():
+    """Gemma 3: q/k (1 + w) norms, the sliding layer's own RoPE base, linear scaling on the global one."""
+    config = get_preset("tiny-gemma3-1m", **GEMMA_KINDS, rope_local_theta=100.0, rope_type="linear", rope_factor=4.0)
+    assert_same(config, packed=True)
+
+
 def test_decoding_with_the_kv_cache_stays_on_xla():
     """A splash model generates: the cache path's ``[B, 1, T, S]`` mask goes to XLA's attention."""
     from kto_jax.models.common import init_cache

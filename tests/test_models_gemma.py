@@ -28,6 +28,41 @@ from kto_jax.models.hf_config import config_from_hf
 from kto_jax.train.feeds import StepSpec, head_token_logps, hidden_states
 from tests.hf_checkpoints import HF_CONFIGS, TOL, forward, hf_logits, max_diff, perturb_vectors, random_ids
 
+
+def test_loaded_config_fields(loaded):
+    """The config.json fields that select Gemma's code paths arrive in the ModelConfig."""
+    cfg = loaded("gemma2_softcap")[2].config
+    gemma2 = (
+        cfg.architecture,
+        cfg.head_dim,
+        cfg.query_pre_attn_scalar,
+        cfg.attn_logit_softcap,
+        cfg.final_logit_softcap,
+    )
+    assert gemma2 == ("gemma2", 16, 12, 2.0, 3.0)
+    assert (cfg.layer_types, cfg.sliding_window, cfg.hidden_act) == (
+        ("sliding_attention", "full_attention"),
+        4,
+        "gelu_pytorch_tanh",
+    )
+    assert (cfg.norm_unit_offset, cfg.scale_embeddings, cfg.tie_word_embeddings) == (True, True, True)
+    assert set(loaded("gemma2_softcap")[3]["layers"]) == {
+        "attention",
+        "attention_norm",
+        "post_attention_norm",
+        "mlp",
+        "mlp_norm",
+        "post_mlp_norm",
+    }
+    cfg = loaded("gemma3_rope")[2].config
+    gemma3 = (cfg.architecture, cfg.qk_norm, cfg.rope_type, cfg.rope_factor, cfg.rope_theta, cfg.rope_local_theta)
+    assert gemma3 == ("gemma3", True, "linear", 2.0, 1e6, 100.0)
+    assert cfg.attn_logit_softcap is None and cfg.final_logit_softcap is None
+    cfg = loaded("gemma3_mqa_untied")[2].config
+    assert cfg.layer_types == ("sliding_attention",) * 5 + ("full_attention", "sliding_attention")
+    assert "lm_head" in loaded("gemma3_mqa_untied")[3] and cfg.num_kv_heads == 1
+
+
 # ---------------------------------------------------------------- Gemma3ForConditionalGeneration
 
 

@@ -18,10 +18,11 @@ from __future__ import annotations
 import flax.linen as nn
 
 from kto_jax.errors import InputError
+from kto_jax.models import llama
 from kto_jax.models.common import Attention, Decoder, RMSNorm, constrain
 from kto_jax.models.config import ModelConfig
-from kto_jax.models.llama import MLP
-from kto_jax.models.tensor_map import TensorMap, linear, proj_in, proj_out, same
+from kto_jax.models.qwen3 import qk_norm_maps
+from kto_jax.models.tensor_map import TensorMap, same
 
 HF_MODEL_TYPES = {"gemma2": "Gemma2ForCausalLM"}
 HF_CLASSIFIERS = {"gemma2": "Gemma2ForSequenceClassification"}
@@ -42,7 +43,7 @@ class GemmaBlock(nn.Module):
             RMSNorm(cfg, name="attention_norm")(x), positions, mask, cache, local
         )
         h = x + RMSNorm(cfg, name="post_attention_norm")(attn)
-        out = h + RMSNorm(cfg, name="post_mlp_norm")(MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(h)))
+        out = h + RMSNorm(cfg, name="post_mlp_norm")(llama.MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(h)))
         return constrain(out, ("activation_batch", "activation_length", "activation_embed")), cache
 
 
@@ -51,42 +52,20 @@ def build(config: ModelConfig) -> Decoder:
     return Decoder(config, block_cls=GemmaBlock, norm_cls=RMSNorm)
 
 
-def tensor_maps(config: ModelConfig, prefix: str = "model.") -> list[TensorMap]:
-    """Every ``Gemma2ForCausalLM`` tensor (and Gemma 3's, with its q/k norms when config.qk_norm)
-    and where it lives in our params; ``prefix`` is where the decoder's tensors live."""
-    c = config
-    d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    att, p = ("layers", "attention"), prefix + "layers.{i}."
-    maps = [
-        same(("embed", "embedding"), prefix + "embed_tokens.weight", per_layer=False),
-        same(("final_norm", "scale"), prefix + "norm.weight", per_layer=False),
-        same(("layers", "attention_norm", "scale"), p + "input_layernorm.weight"),
+def tensor_maps(config: ModelConfig) -> list[TensorMap]:
+    """Every ``Gemma2ForCausalLM`` tensor (and Gemma 3's) and where it lives in our params: Llama's
+    names (embedding, projections with attention_bias's biases, MLP, final norm, untied LM head), except
+    that ``post_attention_layernorm`` is the norm after the attention here, not before the MLP; plus
+    ``pre_feedforward_layernorm``, ``post_feedforward_layernorm`` and, with config.qk_norm (Gemma 3),
+    Qwen3's ``self_attn.{q,k}_norm.weight``."""
+    p = "model.layers.{i}."
+    maps = [m for m in llama.tensor_maps(config) if m.hf_name != p + "post_attention_layernorm.weight"]
+    maps += [
         same(("layers", "post_attention_norm", "scale"), p + "post_attention_layernorm.weight"),
         same(("layers", "mlp_norm", "scale"), p + "pre_feedforward_layernorm.weight"),
         same(("layers", "post_mlp_norm", "scale"), p + "post_feedforward_layernorm.weight"),
-        proj_in(att + ("q", "kernel"), p + "self_attn.q_proj.weight", d, h, hd),
-        proj_in(att + ("k", "kernel"), p + "self_attn.k_proj.weight", d, kv, hd),
-        proj_in(att + ("v", "kernel"), p + "self_attn.v_proj.weight", d, kv, hd),
-        proj_out(att + ("o", "kernel"), p + "self_attn.o_proj.weight", d, h, hd),
-        linear(("layers", "mlp", "gate", "kernel"), p + "mlp.gate_proj.weight"),
-        linear(("layers", "mlp", "up", "kernel"), p + "mlp.up_proj.weight"),
-        linear(("layers", "mlp", "down", "kernel"), p + "mlp.down_proj.weight"),
     ]
-    if c.qk_norm:
-        maps += [
-            same(att + ("q_norm", "scale"), p + "self_attn.q_norm.weight"),
-            same(att + ("k_norm", "scale"), p + "self_attn.k_norm.weight"),
-        ]
-    if c.attention_bias:
-        maps += [
-            same(att + ("q", "bias"), p + "self_attn.q_proj.bias", shape=(h, hd)),
-            same(att + ("k", "bias"), p + "self_attn.k_proj.bias", shape=(kv, hd)),
-            same(att + ("v", "bias"), p + "self_attn.v_proj.bias", shape=(kv, hd)),
-            same(att + ("o", "bias"), p + "self_attn.o_proj.bias"),
-        ]
-    if not c.tie_word_embeddings:
-        maps.append(linear(("lm_head", "kernel"), "lm_head.weight", per_layer=False))
-    return maps
+    return maps + (qk_norm_maps() if config.qk_norm else [])
 
 
 def layer_types(hf: dict, pattern: int) -> tuple[str, ...]:

@@ -31,8 +31,13 @@ def build(config: ModelConfig) -> Decoder:
 def tensor_maps(config: ModelConfig) -> list[TensorMap]:
     """Every ``Qwen3ForCausalLM`` tensor: Llama's names (with all four biases when attention_bias)
     plus ``self_attn.{q,k}_norm.weight`` ``[head_dim]``."""
+    return llama.tensor_maps(config) + qk_norm_maps()
+
+
+def qk_norm_maps() -> list[TensorMap]:
+    """The per-head q/k norms' tensors, ``self_attn.{q,k}_norm.weight`` ``[head_dim]`` (Qwen3, Gemma 3)."""
     att, p = ("layers", "attention"), "model.layers.{i}."
-    return llama.tensor_maps(config) + [
+    return [
         same(att + ("q_norm", "scale"), p + "self_attn.q_norm.weight"),
         same(att + ("k_norm", "scale"), p + "self_attn.k_norm.weight"),
     ]

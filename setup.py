@@ -44,6 +44,7 @@ setup(
             "transformers>=4.45",
             "gguf>=0.10",
             "accelerate>=1.0",
+            "peft>=0.13",  # the LoRA adapters' format: tests load ours with peft and import peft's
         ],
         "tpu": ["libtpu"],
     },

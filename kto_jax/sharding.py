@@ -44,6 +44,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, object], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("lora_rank", None),  # LoRA's A [in, rank] / B [rank, out]: sharded as the projection's in / out axes
 )
 
 

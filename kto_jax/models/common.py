@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kto_jax.models.config import REMAT_POLICIES, ModelConfig
 from kto_jax.models.positions import (
@@ -39,6 +40,36 @@ def zeros(axes: tuple[str, ...]):
 
 def ones(axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def lora_delta(module: nn.Module, x, in_dims: tuple, in_axes: tuple, out_dims: tuple, out_axes: tuple):
+    """LoRA's update of one projection, ``scale * (x A) B`` (None when the module has no adapter).
+
+    A ``[*in_dims, rank]`` ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PEFT's kaiming-uniform default),
+    B ``[rank, *out_dims]`` = 0, scale = lora_alpha / rank (rsLoRA: / sqrt(rank)); x's last
+    ``len(in_dims)`` axes are contracted. A module gets its adapter when its name is in
+    config.lora_targets and either the params are being created or they hold its ``lora_a``:
+    applied to the params less the adapters, the same model is the base model.
+    """
+    cfg = module.config
+    if not cfg.lora_rank or module.name not in cfg.lora_targets:
+        return None
+    if not (module.is_initializing() or module.has_variable("params", "lora_a")):
+        return None
+    rank, fan_in = cfg.lora_rank, int(np.prod(in_dims))
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def uniform(key, shape, dtype):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    a = module.param(
+        "lora_a", nn.with_logical_partitioning(uniform, (*in_axes, "lora_rank")), (*in_dims, rank), cfg.param_dtype
+    )
+    b = module.param("lora_b", zeros(("lora_rank", *out_axes)), (rank, *out_dims), cfg.param_dtype)
+    scale = cfg.lora_alpha / (np.sqrt(rank) if cfg.lora_rslora else rank)
+    cd = cfg.compute_dtype
+    xa = jnp.tensordot(x.astype(cd), a.astype(cd), axes=len(in_dims))
+    return jnp.tensordot(xa, b.astype(cd), axes=1) * jnp.asarray(scale, cd)
 
 
 def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
@@ -176,6 +207,9 @@ class HeadProjection(nn.Module):
         shape = (x.shape[-1], self.heads, cfg.head_dim)
         kernel = self.param("kernel", init(cfg, ("embed", self.axis_name, "head_dim")), shape, cfg.param_dtype)
         y = jnp.einsum("btd,dhk->bthk", x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
+        delta = lora_delta(self, x, shape[:1], ("embed",), shape[1:], (self.axis_name, "head_dim"))
+        if delta is not None:
+            y = y + delta
         if cfg.attention_bias or cfg.qkv_bias:
             bias = self.param("bias", zeros((self.axis_name, "head_dim")), shape[1:], cfg.param_dtype)
             y = y + bias.astype(cfg.compute_dtype)
@@ -193,22 +227,42 @@ class OutputProjection(nn.Module):
         shape = (x.shape[-2], x.shape[-1], cfg.hidden_size)
         kernel = self.param("kernel", init(cfg, ("heads", "head_dim", "embed")), shape, cfg.param_dtype)
         y = jnp.einsum("bthk,hkd->btd", x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
+        delta = lora_delta(self, x, shape[:2], ("heads", "head_dim"), shape[2:], ("embed",))
+        if delta is not None:
+            y = y + delta
         if cfg.attention_bias:
             y = y + self.param("bias", zeros(("embed",)), (cfg.hidden_size,), cfg.param_dtype).astype(cfg.compute_dtype)
         return y
 
 
-def dense(config: ModelConfig, features: int, axes: tuple[str, str], name: str, use_bias: bool = False):
-    """A Dense layer with logical axes on kernel and bias."""
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=config.compute_dtype,
-        param_dtype=config.param_dtype,
-        kernel_init=init(config, axes),
-        bias_init=zeros(axes[1:]),
-        name=name,
-    )
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias) (+ its LoRA update, :func:`lora_delta`), in the compute dtype:
+    ``nn.Dense``'s params and arithmetic, with logical axes on kernel and bias."""
+
+    config: ModelConfig
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        shape = (x.shape[-1], self.features)
+        kernel = self.param("kernel", init(cfg, self.axes), shape, cfg.param_dtype)
+        y = jax.lax.dot_general(
+            x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), (((x.ndim - 1,), (0,)), ((), ()))
+        )
+        if self.use_bias:
+            y = y + self.param("bias", zeros(self.axes[1:]), (self.features,), cfg.param_dtype).astype(
+                cfg.compute_dtype
+            )
+        delta = lora_delta(self, x, shape[:1], self.axes[:1], shape[1:], self.axes[1:])
+        return y if delta is None else y + delta
+
+
+def dense(config: ModelConfig, features: int, axes: tuple[str, str], name: str, use_bias: bool = False) -> Dense:
+    """A :class:`Dense` layer with logical axes on kernel and bias."""
+    return Dense(config, features, axes, use_bias, name=name)
 
 
 class Decoder(nn.Module):

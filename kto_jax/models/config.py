@@ -68,6 +68,11 @@ class ModelConfig:
       when decoding with the KV cache.
     scan_unroll: layers per iteration of the scanned layer loop (1: a loop over layers;
       ``num_layers``: straight-line code, as the AOT FLOP count needs).
+    lora_rank / lora_alpha / lora_targets / lora_rslora: LoRA adapters (``kto_jax.models.lora``;
+      rank 0 = none) on the projections named in lora_targets (of :data:`LORA_MODULES`): y = x W +
+      scale * (x A) B with A ``[in, rank]``, B ``[rank, out]`` (zeros at init), scale = alpha / rank
+      (rsLoRA: alpha / sqrt(rank)). A projection whose params hold no ``lora_a`` runs without its
+      adapter: the base model is the same params less the adapters.
     """
 
     architecture: str
@@ -108,6 +113,10 @@ class ModelConfig:
     attention_impl: str | None = None
     scan_unroll: int = 1
     hf_model_type: str | None = None  # config.json model_type (default: the family's first)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
+    lora_rslora: bool = False
 
     def __post_init__(self):
         _validate(self, [(self.architecture in FAMILY_RULES, "architecture", f"one of {sorted(FAMILY_RULES)}")])
@@ -118,6 +127,7 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.hf_model_type is None:
             object.__setattr__(self, "hf_model_type", next(iter(family.hf_model_types)))
         dtypes = {field: _dtype_name(getattr(self, field)) for field in ("param_dtype", "compute_dtype")}
@@ -146,6 +156,7 @@ class ModelConfig:
                     f"one of {sorted(family.hf_model_types)}",
                 ),
                 *_layer_checks(self),
+                *_lora_checks(self),
                 *family.checks(self),
             ],
         )
@@ -161,6 +172,21 @@ class ModelConfig:
 
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
+LORA_MODULES = ("q", "k", "v", "o", "gate", "up", "down")  # the projections LoRA can adapt, by module name
+
+
+def _lora_checks(config: ModelConfig) -> list[tuple[bool, str, str]]:
+    """(ok, field, expected) for the LoRA fields."""
+    return [
+        (isinstance(config.lora_rank, int) and config.lora_rank >= 0, "lora_rank", "an integer >= 0 (0: no LoRA)"),
+        (config.lora_alpha > 0, "lora_alpha", "positive"),
+        (set(config.lora_targets) <= set(LORA_MODULES), "lora_targets", f"names among {LORA_MODULES}"),
+        (
+            not config.lora_rank or bool(config.lora_targets),
+            "lora_targets",
+            "at least one projection when lora_rank > 0",
+        ),
+    ]
 
 
 def _layer_checks(config: ModelConfig) -> list[tuple[bool, str, str]]:

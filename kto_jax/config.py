@@ -85,6 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
             param_dtype="float32",  # params and optimizer state
             remat_policy="none",
             attention_impl="",  # "" (XLA's choice), "xla", "cudnn" (GPU) or "splash" (TPU kernel; rows of a multiple of 128)
+            # LoRA (kto_jax/models/lora.py): rank 0 = full fine-tuning. With rank > 0 only the adapters
+            # train, the base is frozen and is the reference (no second copy); targets: "attention"
+            # (q,k,v,o), "mlp" (gate,up,down), "all_linear", or comma-separated regexes over q,k,v,o,gate,up,down;
+            # scale alpha / rank (rslora: alpha / sqrt(rank)); dropout must stay 0 (not implemented)
+            lora=ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="all_linear", rslora=False, dropout=0.0)),
         )
     )
     # Where the policy's weights start (the reference model starts there too):
@@ -94,7 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
     # source: the starting weights ("" = config.model.name's, "hf:PATH", "orbax:WORKDIR[@STEP]");
     # optimizer: "orbax:WORKDIR[@STEP]" starts from that run's optimizer state (moments and schedule
     # position; HALOs main's model.from_checkpoint) instead of a fresh one; "" = fresh
-    c.init = ml_collections.ConfigDict(dict(source="", optimizer=""))
+    # adapter: a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) loaded onto the
+    # starting weights as the run's initial adapters (config.model.lora must match its r, alpha, targets)
+    c.init = ml_collections.ConfigDict(dict(source="", optimizer="", adapter=""))
     c.loss = loss_config("kto")
     # "model": a frozen copy of the initial weights in the step; "cached": its log-probs computed
     # once before training and read from the batch (kto_jax/train/reference_cache.py), from a

@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh
 
 from kto_jax import sharding
+from kto_jax.models import lora
 from kto_jax.train.feeds import StepSpec
 from kto_jax.train.state import (
     TrainState,
@@ -75,7 +76,8 @@ class Engine:
         """The train step lowered on abstract arguments (nothing is allocated): the state, in reference
         mode "model" the frozen reference params, and the frozen params (all sharded like the policy's)."""
         state, policy = self.abstract_state(), abstract_policy(self.spec, self.mesh)
-        reference = policy["model"] if self.spec.reference_mode == "model" else None
+        # the reference is the initial model; a LoRA run's is its base (the same leaves less the adapters)
+        reference = lora.split_adapters(policy["model"])[0] if self.spec.reference_mode == "model" else None
         batch = self.abstract_batch(batch_size, length, rows)
         with sharding.activation_rules(self.mesh):
             return self.train_fn.lower(state, batch, reference, frozen_leaves(self.spec, policy))

@@ -25,6 +25,7 @@ from absl import logging
 from kto_jax import checkpoint, files, sharding
 from kto_jax.checkpoint import Checkpointer
 from kto_jax.log import note
+from kto_jax.models import lora
 from kto_jax.train import record, setup, trainable
 from kto_jax.train.engine import Engine, build_engine
 from kto_jax.train.evaluators import EVALUATORS
@@ -123,7 +124,8 @@ def prepare(config, workdir: str, *, resume_with_changes: bool = False) -> Prepa
         opt_state, at = checkpoint.load_opt_state(plan.init_optimizer, state.opt_state, plan.optimizer.to_dict())
         state = state.replace(opt_state=opt_state)
         note(f"optimizer state from orbax:{plan.init_optimizer} (step {at})")
-    reference_params = model_params if plan.needs_reference else None
+    # the reference: the initial weights; a LoRA run's is its base, the same buffers less the adapters
+    reference_params = lora.split_adapters(model_params)[0] if plan.needs_reference else None
     reference_meta = {
         "source": config.init.source or config.model.name,
         "fingerprint": checkpoint.fingerprint(reference_params) if reference_params is not None else None,

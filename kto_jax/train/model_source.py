@@ -13,9 +13,10 @@ import json
 import os
 
 from kto_jax.errors import InputError, MissingInput
-from kto_jax.models import ModelConfig
+from kto_jax.models import ModelConfig, lora
 from kto_jax.models.hf_config import config_from_hf
 from kto_jax.models.presets import PRESETS, get_preset
+from kto_jax.train import trainable
 
 
 def model_fields(config) -> dict:
@@ -50,7 +51,8 @@ def model_source(config) -> str:
 
 
 def model_config(path: str, fields: dict) -> ModelConfig:
-    """The ModelConfig of a preset or of a Hugging Face folder's config.json (no weights read)."""
+    """The ModelConfig of a preset or of a Hugging Face folder's config.json (no weights read); a
+    run's is :func:`run_model_config` (with its LoRA)."""
     file = os.path.join(path, "config.json")
     if path not in PRESETS and not os.path.exists(file):
         raise MissingInput(f"config.model: {file!r} not found: a Hugging Face model folder needs config.json")
@@ -61,3 +63,41 @@ def model_config(path: str, fields: dict) -> ModelConfig:
             return config_from_hf(json.load(f), **fields)
     except (InputError, json.JSONDecodeError) as e:
         raise InputError(f"config.model: {e}") from None
+
+
+def with_lora(config, model: ModelConfig) -> ModelConfig:
+    """``model`` with ``config.model.lora``'s adapters (rank, alpha, rsLoRA, the targets resolved for its
+    family, ``kto_jax.models.lora.resolve_targets``); ``model`` itself when rank is 0."""
+    spec = config.model.get("lora")
+    if spec is None or int(spec.rank) == 0:
+        return model
+    if int(spec.rank) < 0:
+        raise InputError(f"config.model.lora.rank={spec.rank}: expected 0 (no LoRA) or a positive rank")
+    if float(spec.get("dropout", 0.0)) != 0.0:
+        raise InputError(
+            f"config.model.lora.dropout={spec.dropout}: LoRA dropout is not implemented (the step has no dropout RNG); set it to 0"
+        )
+    try:
+        return model.replace(
+            lora_rank=int(spec.rank),
+            lora_alpha=float(spec.alpha),
+            lora_rslora=bool(spec.rslora),
+            lora_targets=lora.resolve_targets(spec.targets, model),
+        )
+    except InputError as e:
+        raise InputError(f"config.model.lora: {e}") from None
+
+
+def run_model_config(config, path: str, fields: dict) -> ModelConfig:
+    """The ModelConfig a run trains: :func:`model_config` with :func:`with_lora`."""
+    return with_lora(config, model_config(path, fields))
+
+
+def run_freeze(config) -> tuple[str, ...]:
+    """The regexes of the leaves a run freezes: ``config.train.freeze`` and, with LoRA, every model leaf
+    but the adapters (``kto_jax.models.lora.FREEZE_BASE``)."""
+    freeze = trainable.parse_freeze(config.train.get("freeze", ""))
+    spec = config.model.get("lora")
+    if spec is not None and int(spec.rank) > 0:
+        freeze = (*freeze, lora.FREEZE_BASE)
+    return freeze

@@ -36,7 +36,7 @@ from kto_jax.models.splash import BLOCK_SIZES
 from kto_jax.train import trainable
 from kto_jax.train.evaluators import EVALUATORS
 from kto_jax.train.feeds import StepSpec, get_feed
-from kto_jax.train.model_source import model_config, model_fields, model_source
+from kto_jax.train.model_source import model_fields, model_source, run_freeze, run_model_config
 from kto_jax.train.rules import check_values
 from kto_jax.train.subplans import (
     DataPlan,
@@ -79,6 +79,7 @@ class Plan:
     evaluators: tuple[str, ...]
     packing: bool = False
     init_optimizer: str = ""
+    init_adapter: str = ""  # config.init.adapter: a PEFT folder, the run's initial LoRA adapters
     pack_length: int = 0  # tokens per packed row (resolved: max_length when the config says 0)
     sync_every: int = 1  # reference.mode "sync": mix the policy into the reference after every k-th step
     sync_alpha: float = 1.0  # ... with this weight (1.0: copy it)
@@ -303,7 +304,8 @@ def make_plan(config, num_devices: int) -> Plan:
     check_values(config)  # every value's range or choices (kto_jax/train/rules.py), then what needs several
     mode = _reference_mode(config, spec, hparams)
     path = model_source(config)
-    model = model_config(path, model_fields(config))
+    model = run_model_config(config, path, model_fields(config))
+    _lora_reference(config, model, mode)
     init = config.init.source
     _data(config, spec)
     _splash_rows(config)
@@ -322,6 +324,7 @@ def make_plan(config, num_devices: int) -> Plan:
         model_path=path,
         init_checkpoint=os.path.expanduser(init[6:]) if init.startswith("orbax:") else "",
         init_optimizer=_init_optimizer(config),
+        init_adapter=os.path.expanduser(config.init.get("adapter", "")),
         mesh_shape=tuple(mesh.items()),
         global_batch_size=int(config.train.global_batch_size),
         num_microbatches=int(config.train.num_microbatches),
@@ -347,12 +350,30 @@ def make_plan(config, num_devices: int) -> Plan:
 def _freeze(config, spec: LossSpec, model: ModelConfig) -> tuple[str, ...]:
     """``config.train.freeze`` as regexes, each freezing at least one leaf of the policy params (the
     model's, and the feed's own such as offline PPO's ``value_head``) and leaving some leaf to train."""
-    freeze = trainable.parse_freeze(config.train.get("freeze", ""))
+    freeze = run_freeze(config)
     if freeze:
         feed = get_feed(spec.feed)
         policy = {"model": abstract_params(model), **jax.eval_shape(lambda: feed.init_params(model, 0))}
         trainable.check_freeze(freeze, trainable.leaf_paths(policy))
     return freeze
+
+
+def _lora_reference(config, model: ModelConfig, mode: str) -> None:
+    """A LoRA run's reference is its frozen base (the params less the adapters). A moving reference
+    (mode "sync") would need a second copy of the merged weights: refused, naming the field; and
+    ``config.init.adapter`` needs LoRA on."""
+    if model.lora_rank and mode == "sync":
+        raise InputError(
+            "config.reference.mode='sync' with config.model.lora.rank > 0: a LoRA run's reference is its frozen base "
+            "(the model without adapters); a moving reference would need a second copy of the weights. Use "
+            "reference.mode='model' or 'cached', or full fine-tuning (config.model.lora.rank=0)"
+        )
+    adapter = config.init.get("adapter", "")
+    if adapter and not model.lora_rank:
+        raise InputError(
+            f"config.init.adapter={adapter!r} is a LoRA adapter, but config.model.lora.rank=0: set config.model.lora "
+            "to the adapter's rank, alpha and targets"
+        )
 
 
 def _splash_rows(config) -> None:

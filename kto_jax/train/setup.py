@@ -26,8 +26,9 @@ from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
 from kto_jax.errors import InputError, MissingInput
 from kto_jax.log import note
 from kto_jax.losses import get_loss
-from kto_jax.models import Decoder, abstract_params, build_model
+from kto_jax.models import Decoder, abstract_params, build_model, lora
 from kto_jax.models.hf import init_params, load_params
+from kto_jax.models.peft import load_peft
 from kto_jax.models.presets import PRESETS
 from kto_jax.models.vocab import grow_vocab, grown_config
 from kto_jax.train import model_source as model_lookup
@@ -44,11 +45,43 @@ def make_mesh(plan: Plan):
 def load_model(plan: Plan, mesh) -> tuple[Decoder, dict]:
     """The model and its initial weights, sharded on ``mesh``: a preset's random init or an HF
     folder's weights, or an earlier run's final weights when ``config.init.source=orbax:...``."""
-    return _initial_model(plan.model_config, plan.model_path, plan.init_checkpoint, plan.seed, mesh)
+    return _initial_model(plan.model_config, plan.model_path, plan.init_checkpoint, plan.seed, mesh, plan.init_adapter)
 
 
-def _initial_model(config, path: str, init_checkpoint: str, seed: int, mesh) -> tuple[Decoder, dict]:
-    """:func:`load_model` from its parts (a run's own, or a saved run's for :func:`load_run`)."""
+def _initial_model(config, path: str, init_checkpoint: str, seed: int, mesh, adapter: str = "") -> tuple[Decoder, dict]:
+    """:func:`load_model` from its parts (a run's own, or a saved run's for :func:`load_run`). With LoRA
+    (``config.lora_rank``) the base weights get their adapters: ``adapter``'s (a PEFT folder,
+    ``config.init.adapter``) or fresh ones (B = 0, from ``seed``)."""
+    model, params = _initial_base(config, path, init_checkpoint, seed, mesh)
+    if not config.lora_rank:
+        return model, params
+    base, _ = lora.split_adapters(params)
+    if adapter:
+        loaded, params = load_peft(adapter, config.replace(lora_rank=0, lora_targets=()), base)
+        mismatched = [
+            f"{name}: {getattr(loaded, field)!r} (config: {getattr(config, field)!r})"
+            for name, field in (
+                ("rank", "lora_rank"),
+                ("alpha", "lora_alpha"),
+                ("targets", "lora_targets"),
+                ("rslora", "lora_rslora"),
+            )
+            if getattr(loaded, field) != getattr(config, field)
+        ]
+        if mismatched:
+            raise InputError(
+                f"config.init.adapter={adapter!r} differs from config.model.lora in {'; '.join(mismatched)}: set "
+                "config.model.lora to the adapter's"
+            )
+        note(f"LoRA adapters from {adapter} (rank {config.lora_rank}, {', '.join(config.lora_targets)})")
+        targets = sharding.abstract_on(abstract_params(config), mesh)
+        return model, jax.tree_util.tree_map(lambda x, t: jax.device_put(x, t.sharding), params, targets)
+    return model, lora.init_adapters(config, base, seed, mesh)
+
+
+def _initial_base(config, path: str, init_checkpoint: str, seed: int, mesh) -> tuple[Decoder, dict]:
+    """The starting weights: an earlier run's, a preset's random init or an HF folder's. An earlier
+    LoRA run's adapters are merged into its weights unless this run continues the same adapters."""
     if init_checkpoint:
         earlier = load_run(
             init_checkpoint,
@@ -56,17 +89,27 @@ def _initial_model(config, path: str, init_checkpoint: str, seed: int, mesh) -> 
             model_fields=_dtype_fields(config),
             where=f"config.init.source=orbax:{init_checkpoint}",
         )
-        expected = checkpoint.param_shapes(nn.unbox(abstract_params(config)))
-        if checkpoint.param_shapes(earlier.params) != expected:
+        params, earlier_config = earlier.params, earlier.model.config
+        same_lora = all(
+            getattr(earlier_config, f) == getattr(config, f)
+            for f in ("lora_rank", "lora_alpha", "lora_targets", "lora_rslora")
+        )
+        if earlier_config.lora_rank and not same_lora:  # its adapters become part of this run's base
+            earlier_config, params = lora.merge_weights(earlier_config, params)
+            note(f"orbax:{init_checkpoint}: its LoRA adapters merged into the weights")
+        base = config.replace(lora_rank=0, lora_targets=())
+        expected = checkpoint.param_shapes(nn.unbox(abstract_params(base)))
+        if checkpoint.param_shapes(lora.split_adapters(params)[0]) != expected:
             raise checkpoint.IncompatibleCheckpoint(
                 f"config.init.source=orbax:{init_checkpoint}: that run trained model {earlier.config.model.name!r}, "
                 "whose shapes differ from config.model; set config.model.name to the same model"
             )
         note(f"initialised from orbax:{init_checkpoint} (step {earlier.step})")
-        return build_model(config), earlier.params
+        return build_model(config), params
+    base = config.replace(lora_rank=0, lora_targets=())  # the base's own init, whatever LoRA adds
     if path in PRESETS:
-        return build_model(config), init_params(config, seed, mesh)
-    return build_model(config), load_params(config, path, mesh)
+        return build_model(config), init_params(base, seed, mesh)
+    return build_model(config), load_params(base, path, mesh)
 
 
 def _dtype_fields(config) -> dict:
@@ -120,16 +163,17 @@ def load_run(
     config = read_config(workdir)
     fields = {**model_lookup.model_fields(config), **(model_fields or {})}
     path = model_lookup.model_source(config)
-    model_config = model_lookup.model_config(path, fields)
+    model_config = model_lookup.run_model_config(config, path, fields)
     init = config.init.source
     init_checkpoint = os.path.expanduser(init[len("orbax:") :]) if init.startswith("orbax:") else ""
     data = data_plan(config, PRESETS)
     folder = data.tokenizer_folder
     tokenizer = get_tokenizer(folder or "bytes")
     added = tokenizer.add_tokens(get_loss(config.loss.name).control_tokens)  # as the run did (add_control_tokens)
-    freeze = trainable.parse_freeze(config.train.get("freeze", ""))
+    freeze = model_lookup.run_freeze(config)
     if freeze:  # the frozen leaves are the start's: build it as the run did
-        model, params = _initial_model(model_config, path, init_checkpoint, int(config.seed), mesh)
+        adapter = os.path.expanduser(config.init.get("adapter", ""))
+        model, params = _initial_model(model_config, path, init_checkpoint, int(config.seed), mesh, adapter)
         if tokenizer.vocab_size > model.config.vocab_size:
             grown, params = grow_vocab(model.config, params, tokenizer.vocab_size, mesh)
             model = build_model(grown)

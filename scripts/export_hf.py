@@ -7,6 +7,10 @@ Writes config.json, sharded model-*.safetensors with their index, and the tokeni
 run used one (for a CSFT run, its tokenizer.json with the control tokens the run added, beside
 the grown vocabulary), or, for the built-in byte tokenizer, an equivalent tokenizer.json
 (byte-level, same ids, same special tokens).
+
+A LoRA run (config.model.lora.rank > 0) exports its merged weights (W + scale * A B) there, and its
+adapters in PEFT's format in ``OUT/adapter`` (adapter_config.json + adapter_model.safetensors, for
+``peft.PeftModel.from_pretrained`` on the base model the run started from).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from absl import app, flags
 from kto_jax import faults
 from kto_jax.data.tokenize import ByteTokenizer
 from kto_jax.files import umask, write_json
+from kto_jax.models import build_model, lora
 from kto_jax.models.hf import to_hf
+from kto_jax.models.peft import save_peft
+from kto_jax.train.model_source import model_source
 from kto_jax.train.setup import load_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A kto_jax run directory (with config.json and checkpoints/).")
@@ -111,7 +118,10 @@ def main(argv):
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=os.path.dirname(out))
     os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes it private; the exported folder is for others to read
     try:
-        files = [os.path.join(out, os.path.basename(f)) for f in to_hf(run.model, run.params, staging)]
+        merged_config, merged = lora.merge_weights(run.model.config, run.params)
+        files = [os.path.join(out, os.path.basename(f)) for f in to_hf(build_model(merged_config), merged, staging)]
+        if run.model.config.lora_rank:  # the adapters as PEFT writes them, for the run's base model
+            save_peft(run.model.config, run.params, os.path.join(staging, "adapter"), base=model_source(run.config))
         if folder is None:  # the byte tokenizer
             byte_tokenizer_json().save(os.path.join(staging, "tokenizer.json"))
             write_json(

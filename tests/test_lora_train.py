@@ -170,3 +170,45 @@ def test_cli_resume_with_another_lora_is_refused(lora_run, synthetic_data_dir):
         ).result()
         assert result["rc"] == 2, tail(result["stderr"])
         assert "config.model.lora" in result["stderr"] and "Traceback" not in result["stderr"], tail(result["stderr"])
+
+
+@pytest.mark.slow
+def test_cli_lora_export_merged_and_peft_give_the_runs_logits(lora_run):
+    """scripts/export_hf.py on the LoRA run: the merged folder (transformers) and the PEFT adapter
+    (peft onto the run's base, exported as a folder) give our logits with the adapters."""
+    import subprocess
+    import sys
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kto_jax.models.hf import to_hf
+    from tests.hf_checkpoints import hf_logits, max_diff
+    from tests.train_helpers import subprocess_env
+
+    workdir, tmp = lora_run
+    out = str(tmp / "export")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "scripts/export_hf.py", f"--workdir={workdir}", f"--out={out}"],
+        cwd=root,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = load_run(workdir)
+    ids = np.random.default_rng(0).integers(0, 384, size=(2, 16)).astype(np.int32)
+    ours = np.asarray(run.model.apply({"params": run.params}, ids))
+    merged = AutoModelForCausalLM.from_pretrained(out).float().eval()
+    assert max_diff(hf_logits(merged, ids), ours) < 1e-4
+    base_config = run.model.config.replace(lora_rank=0, lora_targets=())
+    to_hf(build_model(base_config), lora.split_adapters(run.params)[0], str(tmp / "base"))
+    with torch.no_grad():
+        peft_model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(str(tmp / "base")).float(), os.path.join(out, "adapter")
+        ).eval()
+    assert max_diff(hf_logits(peft_model, ids), ours) < 1e-4
+    assert max_diff(ours, build_model(base_config).apply({"params": lora.split_adapters(run.params)[0]}, ids)) > 1e-4

@@ -212,3 +212,61 @@ def test_cli_lora_export_merged_and_peft_give_the_runs_logits(lora_run):
         ).eval()
     assert max_diff(hf_logits(peft_model, ids), ours) < 1e-4
     assert max_diff(ours, build_model(base_config).apply({"params": lora.split_adapters(run.params)[0]}, ids)) > 1e-4
+
+
+# ---------------------------------------------------------------- continuing an adapter trained with peft
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(tmp_path_factory):
+    """A Hugging Face base (tiny-1m's random init as transformers saves it) and an adapter peft made on it
+    (random A and B, rank 4, alpha 12, q/v/down): (base folder, adapter folder, peft model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from kto_jax.models.hf import to_hf
+
+    tmp = tmp_path_factory.mktemp("peft_adapter")
+    base_dir, adapter_dir = str(tmp / "base"), str(tmp / "adapter")
+    to_hf(build_model(MODEL_CONFIG), init_params(MODEL_CONFIG, seed=3), base_dir)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir).float(),
+        LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    ).eval()
+    peft_model.save_pretrained(adapter_dir)
+    return base_dir, adapter_dir, peft_model
+
+
+def adapter_config(synthetic_data_dir, base_dir, adapter_dir, **lora_fields):
+    config = small_config("kto", synthetic_data_dir, model=base_dir)
+    config.data.tokenizer = "bytes"
+    config.init.adapter = adapter_dir
+    config.model.lora.update({"rank": 4, "alpha": 12.0, "targets": "q,v,down", **lora_fields})
+    return config
+
+
+def test_init_adapter_starts_the_run_from_peft_adapters(synthetic_data_dir, peft_adapter):
+    from kto_jax.train import setup
+    from tests.hf_checkpoints import hf_logits, max_diff
+
+    base_dir, adapter_dir, peft_model = peft_adapter
+    plan = make_plan(adapter_config(synthetic_data_dir, base_dir, adapter_dir), 1)
+    model, params = setup.load_model(plan, None)
+    ids = np.random.default_rng(1).integers(0, 384, size=(2, 12)).astype(np.int32)
+    assert max_diff(model.apply({"params": params}, ids), hf_logits(peft_model, ids)) < 1e-4
+    base, _ = lora.split_adapters(params)
+    with peft_model.disable_adapter():  # the base: peft's adapters switched off, ours left out
+        assert max_diff(model.apply({"params": base}, ids), hf_logits(peft_model, ids)) < 1e-4
+
+
+def test_init_adapter_that_differs_from_the_config_is_named(synthetic_data_dir, peft_adapter):
+    from kto_jax.train import setup
+
+    base_dir, adapter_dir, _ = peft_adapter
+    plan = make_plan(adapter_config(synthetic_data_dir, base_dir, adapter_dir, rank=8), 1)
+    with pytest.raises(
+        InputError, match=r"config\.init\.adapter=.* differs from config\.model\.lora in rank: 4 \(config: 8\)"
+    ):
+        setup.load_model(plan, None)

@@ -35,6 +35,7 @@ from tests.train_helpers import FAST_COMPILER_OPTIONS
 TOKENIZE = TokenizeConfig(max_length=32, max_prompt_length=16, chat_template="plain")
 CONFIG = get_preset("tiny-1m", num_layers=2)
 MODEL = build_model(CONFIG)
+LORA_CONFIG = CONFIG.replace(lora_rank=4, lora_targets=("q", "v", "o", "down"))
 
 
 @pytest.fixture(scope="module")
@@ -193,10 +194,10 @@ def test_packed_rows_give_each_sequence_its_padded_log_probs(preset, overrides, 
 # ---------------------------------------------------------------- every loss
 
 
-def step_spec(name: str, packing: bool, num_microbatches: int = 1) -> StepSpec:
+def step_spec(name: str, packing: bool, num_microbatches: int = 1, lora: bool = False) -> StepSpec:
     loss = get_loss(name)
     return StepSpec(
-        MODEL,
+        build_model(LORA_CONFIG) if lora else MODEL,
         loss,
         tuple(sorted(loss.defaults.items())),
         num_microbatches,
@@ -215,9 +216,24 @@ def params():
     return policy, reference, extra
 
 
-def loss_and_grad(name: str, batch: dict, packing: bool):
-    spec = step_spec(name, packing)
+@functools.cache
+def lora_policy():
+    """The policy of the LoRA variant: the reference's base with adapters whose A and B are random."""
+    from kto_jax.models import lora
+
+    _, reference, _ = params()
+    adapters = lora.split_adapters(lora.init_adapters(LORA_CONFIG, reference, seed=2))[1]
+    leaves, tree = jax.tree_util.tree_flatten(adapters)
+    keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
+    noisy = [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    return lora.merge_trees(reference, jax.tree_util.tree_unflatten(tree, noisy))
+
+
+def loss_and_grad(name: str, batch: dict, packing: bool, lora: bool = False):
+    spec = step_spec(name, packing, lora=lora)
     policy, reference, extra = params()
+    if lora:  # the reference is the policy's base: the same model less the adapters
+        policy = lora_policy()
     full = {"model": policy, **(extra["token"] if spec.loss.feed == "token" else {})}
     fn = jax.jit(
         jax.value_and_grad(lambda p: microbatch_loss(spec, p, reference, batch, {}), has_aux=True),
@@ -256,9 +272,21 @@ FAST_LOSSES = ("sft", "kto", "dpo", "ppo_offline")  # one per feed in the fast t
     "name", [n if n in FAST_LOSSES else pytest.param(n, marks=pytest.mark.slow) for n in sorted(LOSSES)]
 )
 def test_every_loss_and_gradient_equal_the_padded_path(name, examples):
+    assert_packed_equals_padded(name, examples, lora=False)
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in ("kto", "dpo") else pytest.param(n, marks=pytest.mark.slow) for n in sorted(LOSSES)]
+)
+def test_every_loss_with_lora_adapters_equals_the_padded_path(name, examples):
+    """The same with LoRA adapters on q, v, o and down (random A and B) and the base as the reference."""
+    assert_packed_equals_padded(name, examples, lora=True)
+
+
+def assert_packed_equals_padded(name, examples, lora: bool):
     padded, packed = batches(examples, name)
-    loss, metrics, grads = loss_and_grad(name, padded, packing=False)
-    packed_loss, packed_metrics, packed_grads = loss_and_grad(name, packed, packing=True)
+    loss, metrics, grads = loss_and_grad(name, padded, packing=False, lora=lora)
+    packed_loss, packed_metrics, packed_grads = loss_and_grad(name, packed, packing=True, lora=lora)
     assert np.isfinite(loss)
     np.testing.assert_allclose(packed_loss, loss, rtol=0, atol=1e-5)
     assert sorted(packed_metrics) == sorted(metrics)

@@ -205,10 +205,14 @@ def frozen(args) -> None:
     config = small_config(args.loss, args.data_dir, steps=args.steps)
     config.train.optimizer.update(dict(name="sgd", lr=0.1, warmup_steps=0))
     config.train.freeze = FROZEN
+    if args.lora:  # LoRA instead: every base leaf frozen, the adapters train
+        config.train.freeze = ""
+        config.model.lora.update(dict(rank=4, targets="all_linear"))
     config.checkpoint.every_steps = 1
     if args.loss == "dpo":
         config.reference.mode = "cached"
-    initial = init_params(make_plan(config, 1).model_config, seed=config.seed)
+    plan = make_plan(config, 1)
+    initial = setup.load_model(plan, None)[1] if args.lora else init_params(plan.model_config, seed=config.seed)
     np.savez(os.path.join(args.out, "initial.npz"), **_named(initial))
     d, f, t = MESHES[args.mesh]
     config.mesh.update(dict(data=d, fsdp=f, tensor=t))
@@ -245,6 +249,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p = sub.add_parser("frozen")
     p.add_argument("--loss", required=True)
+    p.add_argument("--lora", action="store_true")
     p.add_argument("--mesh", required=True, choices=sorted(MESHES))
     p.add_argument("--data_dir", required=True)
     p.add_argument("--out", required=True)

@@ -270,3 +270,19 @@ def test_init_adapter_that_differs_from_the_config_is_named(synthetic_data_dir, 
         InputError, match=r"config\.init\.adapter=.* differs from config\.model\.lora in rank: 4 \(config: 8\)"
     ):
         setup.load_model(plan, None)
+
+
+@pytest.mark.slow
+def test_a_lora_run_samples_as_its_merged_weights(lora_run):
+    """What the server and the online rounds run on a LoRA run (``load_run``'s model and params, the
+    adapters applied in each projection, KV cache): the greedy tokens of the merged weights."""
+    from kto_jax.generate import generate
+
+    workdir, _ = lora_run
+    run = load_run(workdir)
+    merged_config, merged = lora.merge_weights(run.model.config, run.params)
+    prompts = [[1, 40, 41, 42], [1, 50, 51, 52, 53, 54, 55]]
+    kw = dict(max_new_tokens=6, eos_id=2, pad_id=0, temperature=0.0, batch_size=2, bucket=8)
+    ours = generate(run.model, run.params, prompts, **kw)
+    assert ours == generate(build_model(merged_config), merged, prompts, **kw)
+    assert all(len(t) > 0 for t in ours)

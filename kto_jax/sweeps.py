@@ -70,6 +70,20 @@ def run_name(run: dict) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", "_".join(parts)).strip("-")
 
 
+def apply_overrides(config, overrides: dict):
+    """``config`` with a run's ``overrides`` ({"model.lora.rank": 16, ...}) set, as the CLI's
+    ``--config.KEY=VALUE`` flags set them (the scripts that build configs in-process: aot_check)."""
+    for key, value in overrides.items():
+        node = config
+        *parents, field = key.split(".")
+        for part in parents:
+            node = node[part]
+        if field not in node:
+            raise InputError(f"sweep override {key}={value!r}: the config has no {key}")
+        node[field] = type(node[field])(value) if node[field] is not None else value
+    return config
+
+
 def expand(runs: list[dict], root: str = "runs") -> list[dict]:
     """Runs with their workdir (``root/name``) filled in; names must be unique."""
     out, seen = [], set()

@@ -23,7 +23,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from kto_jax.errors import InputError  # noqa: E402
-from kto_jax.sweeps import expand, load_config, load_sweep  # noqa: E402
+from kto_jax.sweeps import apply_overrides, expand, load_config, load_sweep  # noqa: E402
 from kto_jax.train.aot import TOPOLOGIES, compile_train_step, topology_devices  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/NAME.py[:ARGS]", lock_config=True)
@@ -39,6 +39,7 @@ _SMALLEST = flags.DEFINE_bool(
 COLUMNS = (
     "model",
     "loss",
+    "lora_rank",
     "topology",
     "mesh",
     "remat",
@@ -114,7 +115,7 @@ def main(argv):
     reports = []
     if _SWEEP.value:
         for entry in expand(load_sweep(_SWEEP.value)):
-            config = load_config(entry["config"])
+            config = apply_overrides(load_config(entry["config"]), entry.get("overrides", {}))
             topology = config.target.topology or _TOPOLOGY.value
             reports.append(smallest_fit(config, topology) if _SMALLEST.value else check(config, topology))
             print(json.dumps(reports[-1]), flush=True)

@@ -145,6 +145,7 @@ def compile_train_step(config, devices) -> dict:
     return {
         "model": config.model.name,
         "loss": plan.loss.name,
+        "lora_rank": plan.model_config.lora_rank,  # 0: full fine-tuning
         "reference_mode": plan.reference_mode,
         "devices": len(devices),
         "device_kind": devices[0].device_kind,

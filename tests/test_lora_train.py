@@ -286,3 +286,17 @@ def test_a_lora_run_samples_as_its_merged_weights(lora_run):
     ours = generate(run.model, run.params, prompts, **kw)
     assert ours == generate(build_model(merged_config), merged, prompts, **kw)
     assert all(len(t) > 0 for t in ours)
+
+
+@pytest.mark.slow
+def test_the_server_loads_a_lora_run_with_its_adapters(lora_run):
+    """scripts/serve.py's loader (``orbax:WORKDIR``) serves the run as it trained: the LoRA model and the
+    trained adapters over the base."""
+    from kto_jax.serve import load_served_model
+
+    workdir, _ = lora_run
+    served, run = load_served_model(f"orbax:{workdir}"), load_run(workdir)
+    assert served.model.config == run.model.config and served.model.config.lora_rank == 4
+    for x, y in zip(jax.tree_util.tree_leaves(served.params), jax.tree_util.tree_leaves(run.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert lora.split_adapters(served.params)[1]

@@ -48,7 +48,7 @@ from kto_jax.data.feedback import Paired, Unary
 from kto_jax.data.loader import FeedbackLoader
 from kto_jax.data.tokenize import TokenizeConfig, get_tokenizer
 from kto_jax.losses import get_loss
-from kto_jax.models import build_model
+from kto_jax.models import build_model, lora
 from kto_jax.models.hf import init_params
 from kto_jax.models.positions import attention_mask_4d
 from kto_jax.models.presets import get_preset
@@ -71,6 +71,11 @@ _LISTED_PEAK = flags.DEFINE_bool(
     "listed_peak", False, "Use the device's listed bf16 peak instead of a measured matmul peak."
 )
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy.")
+_LORA_RANK = flags.DEFINE_integer(
+    "lora_rank", 0, "LoRA rank (0: full fine-tuning); the base is frozen and is the reference."
+)
+_LORA_ALPHA = flags.DEFINE_float("lora_alpha", 16.0, "With --lora_rank: LoRA alpha.")
+_LORA_TARGETS = flags.DEFINE_string("lora_targets", "all_linear", "With --lora_rank: the adapted projections.")
 _ATTENTION = flags.DEFINE_string("attention_impl", "", "'' (XLA's choice), 'xla', 'cudnn' (GPU) or 'splash' (TPU).")
 _LENGTHS = flags.DEFINE_string(
     "lengths", "fixed", "'fixed' (64 + 64 tokens) or a source of scripts/length_histograms.json."
@@ -127,7 +132,16 @@ def bench_one(name, mode, model, params, peak):
     loss = get_loss(name)
     optimizer_cfg = base_config().train.optimizer
     optimizer_cfg.update(dict(name="adamw", lr=1e-5, warmup_steps=0))
-    spec = StepSpec(model, loss, tuple(sorted(loss.defaults.items())), 1, mode if loss.needs_reference else "none", 256)
+    freeze = (lora.FREEZE_BASE,) if model.config.lora_rank else ()
+    spec = StepSpec(
+        model,
+        loss,
+        tuple(sorted(loss.defaults.items())),
+        1,
+        mode if loss.needs_reference else "none",
+        256,
+        freeze=freeze,
+    )
     engine = build_engine(spec, optimizer_cfg, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
     rng = np.random.default_rng(0)
     schema = spec.feed.schema(spec.inputs, "none")  # what the loader fills
@@ -137,15 +151,16 @@ def bench_one(name, mode, model, params, peak):
             schema, rng, _BATCH.value, _PROMPT.value, _COMPLETION.value, model.config.vocab_size
         ).items()
     }
-    reference = params
+    reference = lora.split_adapters(params)[0]  # the initial model; with LoRA its base, the same buffers
     if spec.reference_mode == "cached":
         batch.update(engine.reference_fn(reference, batch))
         reference = None
     state = engine.create_state(params)  # the state the loop builds (params copied; donated by the step)
+    frozen = engine.frozen_params(params)  # with LoRA: the base, when the reference does not carry it
     times = []
     for i in range(_STEPS.value + 2):
         start = time.perf_counter()
-        state, metrics = engine.train_fn(state, batch, reference)
+        state, metrics = engine.train_fn(state, batch, reference, frozen)
         jax.block_until_ready(metrics["loss"])
         if i >= 2:
             times.append(time.perf_counter() - start)
@@ -162,6 +177,7 @@ def bench_one(name, mode, model, params, peak):
         "device": jax.devices()[0].device_kind,
         "preset": _PRESET.value,
         "dtype": _DTYPE.value,
+        "lora_rank": model.config.lora_rank,  # (mfu counts full fine-tuning's FLOPs, LoRA's or not)
     }
 
 
@@ -342,8 +358,15 @@ def main(argv):
     )
     if _VS_TORCH.value:
         return bench_attention_vs_torch(config)
-    model = build_model(config)
     params = init_params(config, seed=0)
+    if _LORA_RANK.value:
+        config = config.replace(
+            lora_rank=_LORA_RANK.value,
+            lora_alpha=_LORA_ALPHA.value,
+            lora_targets=lora.resolve_targets(_LORA_TARGETS.value, config, field="--lora_targets"),
+        )
+        params = lora.init_adapters(config, params, seed=0)
+    model = build_model(config)
     listed = device_peak_flops(jax.devices()[0].device_kind)
     peak = listed if (_LISTED_PEAK.value and listed) else measured_matmul_peak(jnp.dtype(_DTYPE.value))
     print(
@@ -355,6 +378,8 @@ def main(argv):
         ),
         flush=True,
     )
+    if _LORA_RANK.value and _LENGTHS.value != "fixed":
+        raise app.UsageError("--lora_rank is benched on the fixed shape only (--lengths=fixed)")
     for name in _LOSSES.value:
         if _LENGTHS.value != "fixed":
             bench_realistic(name, model, params, peak)

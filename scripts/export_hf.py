@@ -25,7 +25,6 @@ from absl import app, flags
 from kto_jax import faults
 from kto_jax.data.tokenize import ByteTokenizer
 from kto_jax.files import umask, write_json
-from kto_jax.models import build_model, lora
 from kto_jax.models.hf import to_hf
 from kto_jax.models.peft import save_peft
 from kto_jax.train.model_source import model_source
@@ -118,8 +117,7 @@ def main(argv):
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=os.path.dirname(out))
     os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes it private; the exported folder is for others to read
     try:
-        merged_config, merged = lora.merge_weights(run.model.config, run.params)
-        files = [os.path.join(out, os.path.basename(f)) for f in to_hf(build_model(merged_config), merged, staging)]
+        files = [os.path.join(out, os.path.basename(f)) for f in to_hf(run.model, run.params, staging)]  # merged
         if run.model.config.lora_rank:  # the adapters as PEFT writes them, for the run's base model
             save_peft(run.model.config, run.params, os.path.join(staging, "adapter"), base=model_source(run.config))
         if folder is None:  # the byte tokenizer

@@ -67,7 +67,7 @@ def test_merged_export_and_peft_folder_give_our_logits(loaded, tmp_path, name):
 
     merged_config, merged = lora.merge_weights(config, params)
     assert not lora.split_adapters(merged)[1] and merged_config.lora_rank == 0
-    to_hf(build_model(merged_config), merged, str(tmp_path / "merged"))
+    to_hf(build_model(config), params, str(tmp_path / "merged"))  # to_hf writes a LoRA model merged
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).float().eval()
     assert max_diff(hf_logits(reloaded, ids, mask)[real], ours[real]) < TOL
 

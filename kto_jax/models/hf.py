@@ -27,7 +27,7 @@ from kto_jax import sharding as sharding_lib
 from kto_jax.errors import InputError, MissingInput
 from kto_jax.files import write_json
 from kto_jax.log import note
-from kto_jax.models import abstract_params, build_model
+from kto_jax.models import abstract_params, build_model, lora
 from kto_jax.models.common import Decoder
 from kto_jax.models.config import ModelConfig
 from kto_jax.models.families import get_family
@@ -256,9 +256,10 @@ def to_hf(model: Decoder, params, out_dir: str, max_shard_bytes: int = 2 * 1024*
 
     Tensors are gathered one at a time; a shard is written as soon as it is full. Returns
     the written weight files. ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)``
-    loads the result.
+    loads the result. A LoRA model (``config.lora_rank``) is written merged, W + scale * A B
+    (``kto_jax.models.lora.merge_weights``; its adapters in PEFT's format: ``kto_jax.models.peft``).
     """
-    config = model.config
+    config, params = lora.merge_weights(model.config, params)
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, CONFIG_FILE), config_to_hf(config))
 

@@ -52,7 +52,7 @@ def test_pythia_1_4b_kto_compiles_and_fits_on_v5p_8():
     # XLA's count (every loop iteration, remat recompute included) agrees with the analytic
     # model FLOPs to within what dots_no_batch recomputes and the softmax/norm/optimizer extras.
     assert 1.0 < report["xla_flops_per_chip"] / report["analytic_flops_per_chip"] < 1.1
-    assert "| pythia-1.4b | kto | v5p-8 |" in proc.stdout
+    assert "| pythia-1.4b | kto | 0 | v5p-8 |" in proc.stdout  # lora_rank 0: full fine-tuning
 
 
 # Regression pins, not derived bands: XLA's count over the analytic model FLOPs measured at

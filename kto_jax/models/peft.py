@@ -25,6 +25,7 @@ from kto_jax.files import write_json
 from kto_jax.models import lora
 from kto_jax.models.config import ModelConfig
 from kto_jax.models.families import get_family
+from kto_jax.models.hf import _tree_get
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -49,12 +50,6 @@ def _module(hf_name: str) -> str:
 def _names(hf_name: str, i: int) -> tuple[str, str]:
     stem = PREFIX + hf_name.format(i=i)[: -len(".weight")]
     return stem + ".lora_A.weight", stem + ".lora_B.weight"
-
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def adapter_config(config: ModelConfig, base: str = "") -> dict:
@@ -86,7 +81,9 @@ def save_peft(config: ModelConfig, params, out_dir: str, base: str = "") -> str:
         raise InputError("save_peft: the model has no LoRA adapters (ModelConfig.lora_rank=0)")
     tensors = {}
     for hf_name, path in _targets(config).values():
-        a_all, b_all = (np.asarray(jax.device_get(_get(params, path[:-1] + (leaf,)))) for leaf in lora.ADAPTER_LEAVES)
+        a_all, b_all = (
+            np.asarray(jax.device_get(_tree_get(params, path[:-1] + (leaf,)))) for leaf in lora.ADAPTER_LEAVES
+        )
         for i in range(config.num_layers):
             a, b = a_all[i], b_all[i]
             a_name, b_name = _names(hf_name, i)
@@ -153,7 +150,7 @@ def load_peft(folder: str, config: ModelConfig, base_params, field: str = "confi
     with safe_open(file, framework="numpy") as f:
         names = set(f.keys())
         for _, (hf_name, path) in _targets(lora_config).items():
-            kernel = _get(base_params, path)
+            kernel = _tree_get(base_params, path)
             in_dims, out_dims = _split_dims(path[-2], kernel.shape[1:])
             rows_a, rows_b = [], []
             for i in range(config.num_layers):

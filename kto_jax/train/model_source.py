@@ -101,3 +101,21 @@ def run_freeze(config) -> tuple[str, ...]:
     if spec is not None and int(spec.rank) > 0:
         freeze = (*freeze, lora.FREEZE_BASE)
     return freeze
+
+
+def check_lora(config, model: ModelConfig, mode: str) -> None:
+    """A LoRA run's reference is its frozen base (the params less the adapters). A moving reference
+    (mode "sync") would need a second copy of the merged weights: refused, naming the field; and
+    ``config.init.adapter`` needs LoRA on."""
+    if model.lora_rank and mode == "sync":
+        raise InputError(
+            "config.reference.mode='sync' with config.model.lora.rank > 0: a LoRA run's reference is its frozen base "
+            "(the model without adapters); a moving reference would need a second copy of the weights. Use "
+            "reference.mode='model' or 'cached', or full fine-tuning (config.model.lora.rank=0)"
+        )
+    adapter = config.init.get("adapter", "")
+    if adapter and not model.lora_rank:
+        raise InputError(
+            f"config.init.adapter={adapter!r} is a LoRA adapter, but config.model.lora.rank=0: set config.model.lora "
+            "to the adapter's rank, alpha and targets"
+        )

@@ -36,7 +36,7 @@ from kto_jax.models.splash import BLOCK_SIZES
 from kto_jax.train import trainable
 from kto_jax.train.evaluators import EVALUATORS
 from kto_jax.train.feeds import StepSpec, get_feed
-from kto_jax.train.model_source import model_fields, model_source, run_freeze, run_model_config
+from kto_jax.train.model_source import check_lora, model_fields, model_source, run_freeze, run_model_config
 from kto_jax.train.rules import check_values
 from kto_jax.train.subplans import (
     DataPlan,
@@ -305,7 +305,7 @@ def make_plan(config, num_devices: int) -> Plan:
     mode = _reference_mode(config, spec, hparams)
     path = model_source(config)
     model = run_model_config(config, path, model_fields(config))
-    _lora_reference(config, model, mode)
+    check_lora(config, model, mode)
     init = config.init.source
     _data(config, spec)
     _splash_rows(config)
@@ -356,24 +356,6 @@ def _freeze(config, spec: LossSpec, model: ModelConfig) -> tuple[str, ...]:
         policy = {"model": abstract_params(model), **jax.eval_shape(lambda: feed.init_params(model, 0))}
         trainable.check_freeze(freeze, trainable.leaf_paths(policy))
     return freeze
-
-
-def _lora_reference(config, model: ModelConfig, mode: str) -> None:
-    """A LoRA run's reference is its frozen base (the params less the adapters). A moving reference
-    (mode "sync") would need a second copy of the merged weights: refused, naming the field; and
-    ``config.init.adapter`` needs LoRA on."""
-    if model.lora_rank and mode == "sync":
-        raise InputError(
-            "config.reference.mode='sync' with config.model.lora.rank > 0: a LoRA run's reference is its frozen base "
-            "(the model without adapters); a moving reference would need a second copy of the weights. Use "
-            "reference.mode='model' or 'cached', or full fine-tuning (config.model.lora.rank=0)"
-        )
-    adapter = config.init.get("adapter", "")
-    if adapter and not model.lora_rank:
-        raise InputError(
-            f"config.init.adapter={adapter!r} is a LoRA adapter, but config.model.lora.rank=0: set config.model.lora "
-            "to the adapter's rank, alpha and targets"
-        )
 
 
 def _splash_rows(config) -> None:

@@ -54,6 +54,12 @@ REFERENCES = {
             "apo_zero",
             "apo_down",
             "discopop",
+            "bco",
+            "aot",
+            "aot_pair",
+            "aot_unpaired",
+            "fdpo",
+            "sigmoid_norm",
             "slic",
             "simpo",
             "orpo",
@@ -210,4 +216,14 @@ PAIRED = {
     "apo_zero": dict(beta=st.floats(0.01, 1.0)),
     "apo_down": dict(beta=st.floats(0.01, 1.0)),
     "discopop": dict(beta=st.floats(0.01, 0.5), tau=st.floats(0.05, 1.0)),
+    "aot": dict(beta=st.floats(0.01, 1.0), label_smoothing=st.floats(0.0, 0.49)),
+    "aot_pair": dict(beta=st.floats(0.01, 1.0), label_smoothing=st.floats(0.0, 0.49)),
+    "sigmoid_norm": dict(beta=st.floats(0.01, 1.0)),
+    # fdpo's forward_kl and alpha divergences exponentiate log-ratios: tests/test_losses_more.py draws
+    # them on small log-ratios; on these wide ones (|r| <= 60) only the log-domain divergences
+    "fdpo": dict(
+        beta=st.floats(0.01, 1.0),
+        label_smoothing=st.floats(0.0, 0.49),
+        divergence=st.sampled_from(["reverse_kl", "js"]),
+    ),
 }

@@ -32,6 +32,7 @@ from tests.numpy_base import (  # noqa: F401 (re-exported: tests/numpy_reference
     sigmoid,
 )
 from tests.numpy_reference_free import orpo, sft, simpo, slic  # noqa: F401 (part of this module's set)
+from tests.numpy_reference_more import aot, aot_pair, aot_unpaired, bco, fdpo, sigmoid_norm  # noqa: F401 (likewise)
 
 # ----------------------------------------------------------------------------------------------------
 # unary (KTO family)

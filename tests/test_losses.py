@@ -275,6 +275,12 @@ DOCUMENTED_DEFAULTS = {
     "apo_zero": dict(beta=0.1),
     "apo_down": dict(beta=0.1),
     "discopop": dict(beta=0.1, tau=0.05),
+    "bco": dict(beta=0.1),  # running_mean / running_count are run state
+    "aot_unpaired": dict(beta=0.1, label_smoothing=0.0),
+    "aot": dict(beta=0.1, label_smoothing=0.0),
+    "aot_pair": dict(beta=0.1, label_smoothing=0.0),
+    "fdpo": dict(beta=0.1, label_smoothing=0.0, divergence="reverse_kl", alpha=0.5),
+    "sigmoid_norm": dict(beta=0.1),
     "slic": dict(beta=1.0, lambda_coef=0.1),
     "simpo": dict(beta=2.0, gamma=0.5, label_smoothing=0.0),
     "orpo": dict(beta=0.1),  # chosen_token_counts is data the feed computes
@@ -296,7 +302,9 @@ def test_hyperparameter_overrides_replace_one_value_and_reach_the_loss():
 
     def another(value):  # a different valid value of the same kind
         return (
-            {"sigmoid": "linear", "kl": "zero", "token": "sequence"}[value] if isinstance(value, str) else value + 0.25
+            {"sigmoid": "linear", "kl": "zero", "token": "sequence", "reverse_kl": "js"}[value]
+            if isinstance(value, str)
+            else value + 0.25
         )
 
     for name, spec in LOSSES.items():
@@ -315,6 +323,8 @@ def test_registry_entries_are_consistent():
         assert spec.name == name and spec.kind in ("unary", "paired", "sft")
         assert spec.citation
     assert get_loss("ipo").length_normalized and get_loss("simpo").length_normalized
+    assert get_loss("sigmoid_norm").length_normalized and not get_loss("fdpo").length_normalized
+    assert get_loss("bco").state_metrics == get_loss("bco_pair").state_metrics
     assert not get_loss("slic").needs_reference and get_loss("dpo").needs_reference
     assert get_loss("kto").needs_kl and not get_loss("kto_zero").needs_kl
 
@@ -328,6 +338,11 @@ def test_registry_entries_are_consistent():
         ("discopop", {"tau": 2.0}, "tau"),
         ("halo", {"reference_point": "mean"}, "reference_point"),
         ("halo", {"value": "relu"}, "value function"),
+        ("fdpo", {"divergence": "total_variation"}, "divergence"),
+        ("fdpo", {"divergence": "alpha", "alpha": 1.0}, "alpha"),
+        ("fdpo", {"alpha": 0.0}, "alpha"),
+        ("aot", {"label_smoothing": 0.5}, "label_smoothing"),
+        ("aot_unpaired", {"label_smoothing": -0.1}, "label_smoothing"),
     ],
 )
 def test_bad_hyperparameter_values_fail_naming_the_field(name, overrides, field):

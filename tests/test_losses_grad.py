@@ -11,7 +11,7 @@ for each log-prob input x (and PPO's values), with the library's stop-gradients 
 
 * KTO, HALO: z0 = sg(max(0, mean(policy_kl - reference_kl))), so d/d policy_kl_logps and
   d/d reference_kl_logps are exactly 0 (while the reference's own derivative there is not).
-* bco_pair: delta is a running mean of sg(batch-mean reward) (TRL detaches it): the expected gradient
+* bco_pair, bco: delta is a running mean of sg(rewards) (TRL detaches them): the expected gradient
   is the reference's with delta held at its value.
 * ppo_offline: A = GAE(sg(V)) normalised under sg, and the critic target G (discounted future reward)
   does not depend on V, so
@@ -76,6 +76,15 @@ CASES = [
     ("bco_pair-fresh", "bco_pair", dict(beta=0.3), dict(running_mean=0.0, running_count=0.0)),
     ("bco_pair-running", "bco_pair", dict(beta=0.3), dict(running_mean=1.0, running_count=1.0)),
     ("sppo_hard", "sppo_hard", dict(beta=0.4), {}),
+    ("bco-fresh", "bco", dict(beta=0.3), dict(running_mean=0.0, running_count=0.0)),
+    ("bco-running", "bco", dict(beta=0.3), dict(running_mean=1.0, running_count=2.0)),
+    ("aot", "aot", dict(beta=0.3), {}),
+    ("aot-smoothed", "aot", dict(beta=0.3, label_smoothing=0.2), {}),
+    ("aot_pair", "aot_pair", dict(beta=0.3, label_smoothing=0.1), {}),
+    ("aot_unpaired", "aot_unpaired", dict(beta=0.3, label_smoothing=0.1), {}),
+    *[(f"fdpo-{d}", "fdpo", dict(beta=0.3, divergence=d, alpha=0.3), {}) for d in ("reverse_kl", "forward_kl", "js")],
+    ("fdpo-alpha", "fdpo", dict(beta=0.3, label_smoothing=0.1, divergence="alpha", alpha=0.3), {}),
+    ("sigmoid_norm", "sigmoid_norm", dict(beta=0.3), {}),
     ("nca_pair", "nca_pair", dict(beta=0.3), {}),
     ("apo_zero", "apo_zero", dict(beta=0.3), {}),
     ("apo_down", "apo_down", dict(beta=0.3), {}),
@@ -245,7 +254,7 @@ def expected_gradients(spec, hp, extra, x, mask, names):
     args, optional = split(spec, x)
     hparams = {**hp, **extra}
     expected, without_stop = {}, {}
-    if spec.name == "bco_pair":
+    if spec.name in ("bco_pair", "bco"):
         # delta at this batch, then a running count so large the batch no longer moves it: delta fixed
         delta = reference(*args, **hparams, example_mask=mask)[1]["bco/running_mean"]
         frozen = {**hp, "running_mean": delta, "running_count": 1e300}
@@ -254,7 +263,7 @@ def expected_gradients(spec, hp, extra, x, mask, names):
         cd = reference_gradient(reference, args, optional, hparams, i, mask)
         if n in KL_INPUTS:
             expected[n], without_stop[n] = np.zeros(cd.shape), cd
-        elif spec.name == "bco_pair":
+        elif spec.name in ("bco_pair", "bco"):
             expected[n], without_stop[n] = reference_gradient(reference, args, optional, frozen, i, mask), cd
         elif spec.name == "ppo_offline" and n == "values":
             g = ppo_critic_targets(x, hp, mask)
@@ -300,7 +309,8 @@ def test_value_and_gradient_match_the_numpy_reference(case_id, padded):
             assert np.all(grads[n][~mask] == 0.0), f"{case_id}: padding rows of {n} get gradient"
         if n in KL_INPUTS:
             assert np.all(grads[n] == 0.0), f"{case_id}: z0 is a stop-gradient, yet {n} gets gradient"
-    if case_id != "bco_pair-fresh":  # a fresh delta is the batch mean, where d loss / d delta ~ 0 (to first order)
+    # a fresh delta is the batch mean, where d loss / d delta ~ 0 (to first order)
+    if case_id not in ("bco_pair-fresh", "bco-fresh"):
         for n, g in without_stop.items():  # without the stop-gradient this check would fail by 10x its tolerance
             assert np.abs(g - expected[n]).max() > 10 * gradient_tolerance(expected[n]), (
                 f"{case_id}: {n} cannot tell the stop-gradient apart"

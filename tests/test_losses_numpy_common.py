@@ -184,6 +184,8 @@ def _loss_cases():
         "kto": (unary_kl, dict(beta=0.3, desirable_weight=1.5, undesirable_weight=0.7)),
         "kto_zero": (unary, dict(beta=0.3, desirable_weight=1.5, undesirable_weight=0.7)),
         "apo_zero_unpaired": (unary, dict(beta=0.3, desirable_weight=1.5, undesirable_weight=0.7)),
+        "bco": (unary, dict(beta=0.3, running_mean=0.5, running_count=10.0)),
+        "aot_unpaired": (unary, dict(beta=0.3, label_smoothing=0.1)),
         "slic": (ref_free, dict(beta=1.0, lambda_coef=0.1)),
         "simpo": (ref_free, dict(beta=2.0, gamma=0.5, label_smoothing=0.1)),
         "orpo": (orpo_args, dict(beta=0.1)),
@@ -202,6 +204,10 @@ def _loss_cases():
         apo_zero=dict(beta=0.1),
         apo_down=dict(beta=0.1),
         discopop=dict(beta=0.1, tau=0.05),
+        aot=dict(beta=0.1, label_smoothing=0.1),
+        aot_pair=dict(beta=0.1, label_smoothing=0.1),
+        fdpo=dict(beta=0.1, label_smoothing=0.1, divergence="js", alpha=0.5),
+        sigmoid_norm=dict(beta=0.1),
     )
     for name, hp in paired_hp.items():
         cases[name] = (paired, hp)
@@ -246,7 +252,7 @@ def _tolerance(name, ref):
     return ppo_tolerance(ref[1]) if name == "ppo_offline" else dict(rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("name", ["kto", "kto_zero", "apo_zero_unpaired", "ppo_offline"])
+@pytest.mark.parametrize("name", ["kto", "kto_zero", "apo_zero_unpaired", "bco", "aot_unpaired", "ppo_offline"])
 @pytest.mark.parametrize("all_desirable", [True, False])
 @pytest.mark.parametrize("batch", [1, 6])
 def test_one_class_empty(name, all_desirable, batch):

@@ -4,6 +4,8 @@ Look a loss up by name with :func:`get_loss` (``config.loss.name``); each functi
 docstring states its formula and paper. See the loss table in docs/losses.md.
 """
 
+from kto_jax.losses.aot import aot, aot_pair, aot_unpaired
+from kto_jax.losses.fdpo import fdpo, sigmoid_norm
 from kto_jax.losses.halo import VALUE_FUNCTIONS, halo, halo_unary
 from kto_jax.losses.paired import (
     apo_down,
@@ -22,7 +24,7 @@ from kto_jax.losses.paired import (
 from kto_jax.losses.ppo import gae, ppo_offline
 from kto_jax.losses.reference_free import orpo, sft, simpo, slic
 from kto_jax.losses.registry import LOSSES, LossSpec, get_loss
-from kto_jax.losses.unary import kto, kto_reference_point, kto_zero
+from kto_jax.losses.unary import bco, kto, kto_reference_point, kto_zero
 
 apo_zero_unpaired = kto_zero
 
@@ -37,6 +39,8 @@ __all__ = [
     "kto_zero",
     "apo_zero_unpaired",
     "kto_reference_point",
+    "bco",
+    "aot_unpaired",
     "ppo_offline",
     "gae",
     "dpo",
@@ -51,6 +55,10 @@ __all__ = [
     "apo_zero",
     "apo_down",
     "discopop",
+    "aot",
+    "aot_pair",
+    "fdpo",
+    "sigmoid_norm",
     "slic",
     "simpo",
     "orpo",

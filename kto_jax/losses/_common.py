@@ -50,3 +50,19 @@ def paired_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logp
         "logps/chosen": masked_mean(jax.lax.stop_gradient(chosen_logps), mask),
         "logps/rejected": masked_mean(jax.lax.stop_gradient(rejected_logps), mask),
     }
+
+
+def unary_metrics(beta, r, policy_logps, d_mask, u_mask) -> Metrics:
+    """KTO's metrics of a unary loss (no gradient): class reward/log-prob means and counts."""
+    rewards = jax.lax.stop_gradient(beta * r)
+    chosen, rejected = masked_mean(rewards, d_mask), masked_mean(rewards, u_mask)
+    policy_logps = jax.lax.stop_gradient(policy_logps)
+    return {
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": chosen - rejected,
+        "logps/chosen": masked_mean(policy_logps, d_mask),
+        "logps/rejected": masked_mean(policy_logps, u_mask),
+        "num_desirable": d_mask.sum(),
+        "num_undesirable": u_mask.sum(),
+    }

@@ -15,9 +15,11 @@ from typing import Any
 
 from kto_jax.errors import InputError
 from kto_jax.losses import paired, reference_free
+from kto_jax.losses.aot import aot, aot_pair, aot_unpaired
+from kto_jax.losses.fdpo import fdpo, sigmoid_norm
 from kto_jax.losses.halo import halo_unary
 from kto_jax.losses.ppo import ppo_offline
-from kto_jax.losses.unary import kto, kto_zero
+from kto_jax.losses.unary import bco, kto, kto_zero
 
 # Keyword-only arguments that are data a feed computes when the loss asks for them
 # (``kto_jax.train.feeds``), not hyperparameters.
@@ -124,6 +126,14 @@ _ENTRIES = [
     LossSpec("kto_zero", kto_zero, "unary", "HALOs kto-zero ablation (KTO with z0 = 0)"),
     LossSpec("apo_zero_unpaired", kto_zero, "unary", "D'Oosterlinck et al. 2024, arXiv 2408.06266 (TRL KTO loss_type)"),
     LossSpec("halo", halo_unary, "unary", "Ethayarajh et al. 2024, def. 3.4", unused_inputs=_halo_unused),
+    LossSpec(
+        "bco",
+        bco,
+        "unary",
+        "Jung et al. 2024, arXiv 2404.04656 (TRL BCOTrainer; no UDM weights)",
+        state_metrics=(("running_mean", "bco/running_mean"), ("running_count", "bco/running_count")),
+    ),
+    LossSpec("aot_unpaired", aot_unpaired, "unary", "Melnyk et al. 2024, arXiv 2406.05882 (quantile grid)"),
     LossSpec("ppo_offline", ppo_offline, "unary", "Schulman et al. 2017; KTO paper's offline PPO", feed="token"),
     # Paired, with a reference model.
     LossSpec("dpo", paired.dpo, "paired", "Rafailov et al. 2023, arXiv 2305.18290; cDPO with label_smoothing"),
@@ -144,6 +154,16 @@ _ENTRIES = [
     LossSpec("apo_zero", paired.apo_zero, "paired", "D'Oosterlinck et al. 2024, arXiv 2408.06266"),
     LossSpec("apo_down", paired.apo_down, "paired", "D'Oosterlinck et al. 2024, arXiv 2408.06266"),
     LossSpec("discopop", paired.discopop, "paired", "Lu et al. 2024, arXiv 2406.08414"),
+    LossSpec("aot", aot, "paired", "Melnyk et al. 2024, arXiv 2406.05882 (TRL loss_type)"),
+    LossSpec("aot_pair", aot_pair, "paired", "Melnyk et al. 2024, arXiv 2406.05882 (TRL loss_type aot_pair)"),
+    LossSpec("fdpo", fdpo, "paired", "Wang et al. 2023, arXiv 2309.16240 (TRL f_divergence_type)"),
+    LossSpec(
+        "sigmoid_norm",
+        sigmoid_norm,
+        "paired",
+        "TRL loss_type sigmoid_norm (DPO on length-normalised log-ratios)",
+        length_normalized=True,
+    ),
     # Paired, reference-free.
     LossSpec("slic", reference_free.slic, "paired", "Zhao et al. 2023, arXiv 2305.10425 (HALOs)"),
     LossSpec("simpo", reference_free.simpo, "paired", "Meng et al. 2024, arXiv 2405.14734", length_normalized=True),

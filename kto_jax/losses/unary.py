@@ -1,4 +1,4 @@
-"""Unary (binary-feedback) losses: KTO and its reference-point variants.
+"""Unary (binary-feedback) losses: KTO and its reference-point variants, and BCO.
 
 Inputs are per-example summed completion log-probs (float arrays ``[B]``) and a bool
 ``desirable [B]``. ``example_mask [B]`` marks valid rows (padding rows are ignored in
@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kto_jax.losses._common import Metrics, f32, masked_mean, valid_mask
+from kto_jax.losses._common import Metrics, f32, masked_mean, unary_metrics, valid_mask
 
 
 def kto_reference_point(policy_kl_logps, reference_kl_logps, example_mask=None) -> jax.Array:
@@ -139,3 +139,54 @@ def kto_zero(
         undesirable_weight=undesirable_weight,
         example_mask=example_mask,
     )
+
+
+def bco(
+    policy_logps,
+    reference_logps,
+    desirable,
+    *,
+    beta: float = 0.1,
+    running_mean=0.0,
+    running_count=0.0,
+    example_mask=None,
+) -> tuple[jax.Array, Metrics]:
+    """Binary Classifier Optimization on binary feedback (Jung et al. 2024, arXiv 2404.04656;
+    TRL ``BCOTrainer.bco_loss``, v0.28 trl/experimental/bco/bco_trainer.py, formerly KTOTrainer
+    ``loss_type="bco"``), without the underlying-distribution-matching weights.
+
+    rewards = beta * r_i, r_i = policy_logps_i - reference_logps_i
+    delta   = running mean of every valid reward seen so far, this batch's included (updated before the
+              loss, no gradient): delta = m + (sum_batch(rewards) - n m) / (count + n), n = valid rows
+              (TRL v0.28 feeds RunningMoments.update the detached rewards torch.cat((chosen, rejected)),
+              so the count grows by n a step; before TRL PR #2867 it was fed the batch mean, + 1 a
+              step, as ``bco_pair`` still is)
+    l_i = -log sigmoid(beta r_i - delta)      if desirable_i
+          -log sigmoid(-(beta r_i - delta))   otherwise
+    loss = mean_valid(l_i)
+
+    The running statistics are run state: pass the previous ``bco/running_mean`` and
+    ``bco/running_count`` metrics back in at the next step (count 0 starts afresh; TRL's 1e-24 is the
+    same). A batch with no valid row leaves them unchanged.
+
+    Not implemented: BCO's underlying distribution matching (UDM, ``match_underlying_distribution``),
+    which weighs undesirable examples by a density ratio from a classifier trained separately on
+    prompt embeddings; this is BCO with all weights 1.
+
+    Metrics as KTO's (``rewards/*``, ``logps/*``, ``num_desirable``, ``num_undesirable``) plus
+    ``bco/running_mean`` (delta) and ``bco/running_count``.
+    """
+    policy_logps, reference_logps = f32(policy_logps, reference_logps)
+    desirable = jnp.asarray(desirable, bool)
+    mask = valid_mask(example_mask, policy_logps)
+    r = policy_logps - reference_logps
+    rewards = beta * r
+    running_mean, running_count = f32(running_mean, running_count)
+    n = mask.sum()
+    batch_sum = jax.lax.stop_gradient(jnp.where(mask > 0, rewards, 0.0).sum())
+    total = running_count + n
+    delta = running_mean + (batch_sum - n * running_mean) / jnp.maximum(total, 1e-24)
+    losses = jnp.where(desirable, -jax.nn.log_sigmoid(rewards - delta), -jax.nn.log_sigmoid(-(rewards - delta)))
+    metrics = unary_metrics(beta, r, policy_logps, mask * desirable, mask * (~desirable))
+    metrics.update({"bco/running_mean": delta, "bco/running_count": total})
+    return masked_mean(losses, mask), metrics

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kto_jax.errors import InputError
+from kto_jax.losses.fdpo import DIVERGENCES
 from kto_jax.losses.halo import VALUE_FUNCTIONS
 from kto_jax.models.config import REMAT_POLICIES
 from kto_jax.train.state import OPTIMIZERS, SCHEDULES
@@ -263,6 +264,8 @@ def _table() -> tuple[Rule, ...]:
         ),
         Rule("loss.reference_point", one_of("kl", "zero"), "one of 'kl', 'zero'", "'kl' (KTO's z0)"),
         Rule("loss.value", one_of(*values), f"one of {_names(values)}", "'sigmoid' (KTO)"),
+        Rule("loss.divergence", one_of(*DIVERGENCES), f"one of {_names(DIVERGENCES)}", "'reverse_kl' (fdpo = DPO)"),
+        Rule("loss.alpha", fraction(True, True), "in (0, 1) (the alpha-divergence)", "0.5 (fdpo's default)"),
     )
 
 

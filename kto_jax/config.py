@@ -29,9 +29,10 @@ def parse_arg(arg: str, allowed: tuple[str, ...], where: str) -> dict:
 
 
 def loss_config(name: str, **overrides) -> ml_collections.ConfigDict:
-    """``{"name": name, **defaults of that loss}`` with overrides checked against the registry."""
+    """``{"name": name, **defaults of that loss}`` with overrides checked against the registry; a
+    mixture's (``"dpo+sft"``) are ``weights`` and one dict per term (``LossSpec.config_values``)."""
     spec = get_loss(name)
-    return ml_collections.ConfigDict({"name": name, **spec.hyperparameters(overrides)})
+    return ml_collections.ConfigDict({"name": name, **spec.config_values(overrides)})
 
 
 def halos_main_optimizer(loss: str) -> dict:

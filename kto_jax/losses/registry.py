@@ -9,6 +9,7 @@ and are read from it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -102,6 +103,10 @@ class LossSpec:
         """Inputs are per-token ``[B, T]`` arrays (offline PPO), not per-sequence."""
         return self.feed == "token"
 
+    def config_values(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What ``config.loss`` holds besides the name: the hyperparameters (a mixture nests them per term)."""
+        return self.hyperparameters(overrides)
+
     def hyperparameters(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Defaults updated with ``overrides``; an unknown name is an error naming the valid ones."""
         hparams = self.defaults
@@ -183,10 +188,23 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _ENTRIES}
 
 
 def get_loss(name: str) -> LossSpec:
-    """The registered loss ``name``; an unknown name fails listing the known ones."""
+    """The registered loss ``name``, or the mixture of registered losses ``"dpo+sft"`` / a preset
+    (``rpo``, ``mpo``: ``kto_jax.losses.mixture``); an unknown name fails listing the known ones."""
+    from kto_jax.losses import mixture  # it builds on this module's LossSpec
+
+    if mixture.is_mixture(name):
+        return _mixture(name)
     try:
         return LOSSES[name]
     except KeyError:
         raise InputError(
             f"unknown loss {name!r} (config.loss.name); known losses: {', '.join(sorted(LOSSES))}"
         ) from None
+
+
+@functools.cache
+def _mixture(name: str) -> LossSpec:
+    """One spec per mixture name, so steps compiled for it are shared."""
+    from kto_jax.losses import mixture
+
+    return mixture.get_mixture(name, get_loss)

@@ -158,11 +158,12 @@ class Plan:
 def _loss(config) -> tuple[LossSpec, dict]:
     spec = get_loss(config.loss.name)
     given = {k: v for k, v in config.loss.items() if k != "name"}
-    extra = set(given) - set(spec.defaults)
+    keys = spec.config_values()
+    extra = set(given) - set(keys)
     if extra:
         raise InputError(
             f"config.loss has {sorted(extra)}, which loss {spec.name!r} does not take (its hyperparameters: "
-            f"{sorted(spec.defaults)}). Choose the loss in the experiment argument (e.g. experiments/tiny.py:loss="
+            f"{sorted(keys)}). Choose the loss in the experiment argument (e.g. experiments/tiny.py:loss="
             f"{spec.name}) so config.loss holds its hyperparameters."
         )
     return spec, spec.hyperparameters(given)

@@ -21,6 +21,7 @@ from typing import Any
 from kto_jax.errors import InputError
 from kto_jax.losses.fdpo import DIVERGENCES
 from kto_jax.losses.halo import VALUE_FUNCTIONS
+from kto_jax.losses.mixture import is_mixture, term_names
 from kto_jax.models.config import REMAT_POLICIES
 from kto_jax.train.state import OPTIMIZERS, SCHEDULES
 
@@ -282,7 +283,8 @@ _MISSING = object()
 
 
 def problems(config) -> list[str]:
-    """One ``config.<field>=<value>: must be <want>; <fix>`` line per value that breaks its rule."""
+    """One ``config.<field>=<value>: must be <want>; <fix>`` line per value that breaks its rule; a
+    mixture's terms (``config.loss.dpo.beta``) each by the rules of the loss they name."""
     out = []
     loss = _get(config, "loss.name")
     for rule in _table():
@@ -291,6 +293,12 @@ def problems(config) -> list[str]:
         value = _get(config, rule.field)
         if value is not _MISSING and not rule.ok(value):
             out.append(f"config.{rule.field}={value!r}: must be {rule.want}; set {rule.fix}")
+    if isinstance(loss, str) and is_mixture(loss):
+        for term in term_names(loss):
+            values = _get(config, f"loss.{term}")
+            if values is not _MISSING and hasattr(values, "items"):
+                view = {"loss": {"name": term, **dict(values.items())}}
+                out += [line.replace("config.loss.", f"config.loss.{term}.", 1) for line in problems(view)]
     return out
 
 

@@ -259,8 +259,11 @@ def load_split(plan: Plan, split: str, sources: str = "") -> Data:
         examples = kept
     n_d = sum(ex.desirable for ex in examples)
     hparams = dict(plan.hparams)
-    if "desirable_weight" in hparams:
-        warning = weight_warning(n_d, len(examples) - n_d, hparams["desirable_weight"], hparams["undesirable_weight"])
+    for key in [
+        k for k in hparams if k.rsplit(".", 1)[-1] == "desirable_weight"
+    ]:  # "kto.desirable_weight" in a mixture
+        term = key[: -len("desirable_weight")]
+        warning = weight_warning(n_d, len(examples) - n_d, hparams[key], hparams[term + "undesirable_weight"])
         if warning:
             logging.warning("%s", warning)
             stats["weight_warning"] = warning

@@ -54,8 +54,9 @@ def split_microbatches(batch: dict, num_microbatches: int) -> dict:
 
 
 def _aggregate(metrics: dict) -> dict:
-    """Per-microbatch metrics [M] -> one value: sums for counts, means otherwise."""
-    return {k: (v.sum() if k in SUMMED_METRICS else v.mean()) for k, v in metrics.items()}
+    """Per-microbatch metrics [M] -> one value: sums for counts (a mixture's ``kto/num_desirable`` too),
+    means otherwise."""
+    return {k: (v.sum() if k.rsplit("/", 1)[-1] in SUMMED_METRICS else v.mean()) for k, v in metrics.items()}
 
 
 def step_reference(spec: StepSpec, state: TrainState, reference_params):

@@ -18,6 +18,12 @@ Before and after (the README's table; 12.6 minutes on 2 CPU cores, one run after
         --workdir runs/smol-dpo --config.data.skip_bad_records=True
     python scripts/runs_table.py runs/smol-base runs/smol-kto runs/smol-dpo
 
+LoRA KTO on the same budget (experiments/results/smol_lora.md: judged rate, peak memory, time):
+
+    python -m kto_jax.train --config experiments/smol.py:loss=kto,data=data/feedback.jsonl,before=runs/smol-base,steps=15,lr=1e-3,temperature=0 \
+        --workdir runs/smol-lora-kto --config.data.skip_bad_records=True --config.model.lora.rank=16 \
+        --config.model.lora.alpha=32 --config.model.lora.targets=all_linear
+
 Arguments (comma-separated key=value): loss (any registered name), data (a ``files:`` pattern:
 JSONL, JSON, Parquet, CSV or a save_to_disk folder, in any of the formats of the README's Data
 section), model (the HF folder; default the converted SmolLM2), steps (0 = one epoch), lr

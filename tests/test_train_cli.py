@@ -17,11 +17,12 @@ import sys
 
 import pytest
 
-from kto_jax.losses import LOSSES
+from kto_jax.losses import LOSSES, get_loss
 from tests.train_helpers import CLI_SMALL_FLAGS, REPO, finish, read, start, subprocess_env, tail, train_rows
 
 CLI_LOSSES = ("kto", "dpo")
-WORKER_LOSSES = tuple(name for name in sorted(LOSSES) if name not in CLI_LOSSES)
+MIXTURES = ("rpo", "kto+sft", "mpo")  # loss mixtures (kto_jax/losses/mixture.py): paired, unary, with run state
+WORKER_LOSSES = tuple(name for name in sorted(LOSSES) if name not in CLI_LOSSES) + MIXTURES
 TIMEOUT = 600
 ALWAYS = ("step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "step_time_s")
 PAIRED_REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -143,6 +144,8 @@ def test_bad_input_exits_with_a_message_naming_the_field(experiment, overrides, 
 
 
 def expected_keys(name: str) -> tuple[str, ...]:
+    if name in MIXTURES:  # each term's metrics under its name, the total as "loss"
+        return ALWAYS + tuple(f"{t}/loss" for t in get_loss(name).config_values() if t != "weights")
     spec = LOSSES[name]
     if spec.kind == "paired":
         return ALWAYS + PAIRED_REWARDS
@@ -151,7 +154,7 @@ def expected_keys(name: str) -> tuple[str, ...]:
     return ALWAYS
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(LOSSES) + list(MIXTURES))
 def test_every_loss_trains_one_step(name, runs):
     workdir, rc, log = runs[name]()
     error = os.path.join(workdir, "error.txt")

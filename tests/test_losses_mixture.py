@@ -160,7 +160,7 @@ def test_config_holds_weights_and_one_dict_per_term():
     c = loss_config("dpo+sft", dpo={"beta": 0.2})
     assert c.to_dict() == {
         "name": "dpo+sft",
-        "weights": [1.0, 1.0],
+        "weights": (1.0, 1.0),
         "dpo": {"beta": 0.2, "label_smoothing": 0.0},
         "sft": {"reduction": "token"},
     }

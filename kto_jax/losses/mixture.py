@@ -133,7 +133,7 @@ class MixtureSpec(LossSpec):
     def config_values(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What ``config.loss`` holds besides the name: ``weights`` and one dict per term."""
         flat = self.hyperparameters(overrides)
-        out: dict[str, Any] = {"weights": list(flat["weights"])}
+        out: dict[str, Any] = {"weights": tuple(flat["weights"])}
         for t in self.terms:
             out[t.name] = {k: flat[f"{t.name}.{k}"] for k in t.defaults}
         return out

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from kto_jax.errors import InputError
 from kto_jax.losses._common import Metrics
-from kto_jax.losses.registry import LossSpec
+from kto_jax.losses.spec import LossSpec
 
 SEPARATOR = "+"
 STATE_SEPARATOR = "__"  # a term's run-state argument in the mixture: "<term>__<argument>"

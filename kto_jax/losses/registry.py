@@ -8,116 +8,18 @@ and are read from it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import inspect
-from collections.abc import Callable, Mapping
-from typing import Any
 
 from kto_jax.errors import InputError
-from kto_jax.losses import paired, reference_free
+from kto_jax.losses import mixture, paired, reference_free
 from kto_jax.losses.aot import aot, aot_pair, aot_unpaired
 from kto_jax.losses.fdpo import fdpo, sigmoid_norm
 from kto_jax.losses.halo import halo_unary
 from kto_jax.losses.ppo import ppo_offline
+from kto_jax.losses.spec import KINDS, NOT_HYPERPARAMETERS, OPTIONAL_INPUTS, LossSpec
 from kto_jax.losses.unary import bco, kto, kto_zero
 
-# Keyword-only arguments that are data a feed computes when the loss asks for them
-# (``kto_jax.train.feeds``), not hyperparameters.
-OPTIONAL_INPUTS = frozenset({"chosen_token_counts"})
-# Keyword arguments that are data or run state, not hyperparameters set in a config.
-NOT_HYPERPARAMETERS = frozenset({"example_mask", "running_mean", "running_count"}) | OPTIONAL_INPUTS
-KINDS = ("unary", "paired", "sft")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossSpec:
-    """How the engine feeds one loss.
-
-    kind: the data it trains on: "unary" (one completion + desirable flag per example; KTO
-      family, offline PPO), "paired" (chosen and rejected per prompt; DPO family) or "sft".
-    feed: the feed that computes its inputs (``kto_jax.train.feeds.FEEDS``); ``kind`` unless
-      set ("token" for offline PPO's per-token inputs and value head).
-    length_normalized: log-probs are divided by the completion token count first.
-    unused_inputs: hyperparameters -> inputs the loss ignores with them (passed as None, not
-      computed): ``halo`` with ``reference_point="zero"`` needs no KL forward.
-    control_tokens: tokens the data is conditioned on (CSFT's ``<|good|>``/``<|bad|>``).
-    state_metrics: keyword arguments that are run state, each fed the named metric of the
-      previous step (BCO's running reward mean).
-
-    A loss receives its inputs by name: its positional parameters (``policy_logps``,
-    ``reference_chosen_logps``, ...) and the keyword-only ones in ``OPTIONAL_INPUTS``. So
-    whether it needs a reference model or KL sequences is read from its signature.
-    """
-
-    name: str
-    fn: Callable
-    kind: str
-    citation: str
-    feed: str = ""
-    length_normalized: bool = False
-    unused_inputs: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
-    control_tokens: tuple[str, ...] = ()
-    # run state carried between steps: (keyword argument, metric holding its next value)
-    state_metrics: tuple[tuple[str, str], ...] = ()
-
-    def __post_init__(self):
-        if not self.feed:
-            object.__setattr__(self, "feed", self.kind)
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        """Hyperparameter defaults, read from the function's keyword-only arguments."""
-        params = inspect.signature(self.fn).parameters.values()
-        return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in NOT_HYPERPARAMETERS}
-
-    def inputs(self, hparams: Mapping[str, Any] | None = None) -> tuple[str, ...]:
-        """The data the loss takes with ``hparams`` (defaults if None), by name, in signature order."""
-        params = inspect.signature(self.fn).parameters.values()
-        names = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD or p.name in OPTIONAL_INPUTS]
-        unused = self.unused(hparams)
-        return tuple(n for n in names if n not in unused)
-
-    def unused(self, hparams: Mapping[str, Any] | None = None) -> tuple[str, ...]:
-        """Inputs of the signature the loss ignores with ``hparams`` (passed as None)."""
-        return tuple(self.unused_inputs(self.hyperparameters(hparams))) if self.unused_inputs else ()
-
-    def needs_reference_with(self, hparams=None) -> bool:
-        """Reference log-probs are among the inputs (a reference model or cached log-probs)."""
-        return any(n.startswith("reference_") for n in self.inputs(hparams))
-
-    def needs_kl_with(self, hparams=None) -> bool:
-        """KTO's mismatched KL sequences are among the inputs."""
-        return "policy_kl_logps" in self.inputs(hparams)
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.needs_reference_with()
-
-    @property
-    def needs_kl(self) -> bool:
-        return self.needs_kl_with()
-
-    @property
-    def token_level(self) -> bool:
-        """Inputs are per-token ``[B, T]`` arrays (offline PPO), not per-sequence."""
-        return self.feed == "token"
-
-    def config_values(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """What ``config.loss`` holds besides the name: the hyperparameters (a mixture nests them per term)."""
-        return self.hyperparameters(overrides)
-
-    def hyperparameters(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Defaults updated with ``overrides``; an unknown name is an error naming the valid ones."""
-        hparams = self.defaults
-        for key, val in (overrides or {}).items():
-            if key not in hparams:
-                raise InputError(
-                    f"loss {self.name!r} has no hyperparameter {key!r}; "
-                    f"its hyperparameters are {sorted(hparams)} (set them as config.loss.<name>)"
-                )
-            hparams[key] = val
-        return hparams
+__all__ = ["KINDS", "LOSSES", "NOT_HYPERPARAMETERS", "OPTIONAL_INPUTS", "LossSpec", "get_loss"]
 
 
 def _halo_unused(hparams) -> tuple[str, ...]:
@@ -190,8 +92,6 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _ENTRIES}
 def get_loss(name: str) -> LossSpec:
     """The registered loss ``name``, or the mixture of registered losses ``"dpo+sft"`` / a preset
     (``rpo``, ``mpo``: ``kto_jax.losses.mixture``); an unknown name fails listing the known ones."""
-    from kto_jax.losses import mixture  # it builds on this module's LossSpec
-
     if mixture.is_mixture(name):
         return _mixture(name)
     try:
@@ -205,6 +105,4 @@ def get_loss(name: str) -> LossSpec:
 @functools.cache
 def _mixture(name: str) -> LossSpec:
     """One spec per mixture name, so steps compiled for it are shared."""
-    from kto_jax.losses import mixture
-
     return mixture.get_mixture(name, get_loss)

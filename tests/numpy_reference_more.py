@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from tests.numpy_base import _f64, _paired_metrics, _select, log_sigmoid, mean_or_zero
+from tests.numpy_reference import _unary_metrics
 
 EXP_CAP = 50.0  # the library's documented exponent cap (TRL's cap_exp(value, cap=50))
 
@@ -29,20 +30,6 @@ def cap_exp(x):
 
 def softplus(x):
     return np.logaddexp(0.0, np.asarray(x, np.float64))
-
-
-def _unary_metrics(beta, policy, reference, desirable):
-    rewards = beta * (policy - reference)
-    chosen, rejected = mean_or_zero(rewards[desirable]), mean_or_zero(rewards[~desirable])
-    return {
-        "rewards/chosen": chosen,
-        "rewards/rejected": rejected,
-        "rewards/margins": chosen - rejected,
-        "logps/chosen": mean_or_zero(policy[desirable]),
-        "logps/rejected": mean_or_zero(policy[~desirable]),
-        "num_desirable": float(np.sum(desirable)),
-        "num_undesirable": float(np.sum(~desirable)),
-    }
 
 
 def running_moments_mean(mean, count, xs):

@@ -60,3 +60,18 @@ def _paired_metrics(chosen_rewards, rejected_rewards, pc, pr):
         "logps/chosen": mean_or_zero(pc),
         "logps/rejected": mean_or_zero(pr),
     }
+
+
+def _unary_metrics(beta, policy, reference, desirable):
+    rewards = beta * (policy - reference)
+    chosen = mean_or_zero(rewards[desirable])
+    rejected = mean_or_zero(rewards[~desirable])
+    return {
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": chosen - rejected,
+        "logps/chosen": mean_or_zero(policy[desirable]),
+        "logps/rejected": mean_or_zero(policy[~desirable]),
+        "num_desirable": float(np.sum(desirable)),
+        "num_undesirable": float(np.sum(~desirable)),
+    }

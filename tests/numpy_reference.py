@@ -25,6 +25,7 @@ from tests.numpy_base import (  # noqa: F401 (re-exported: tests/numpy_reference
     _f64,
     _paired_metrics,
     _select,
+    _unary_metrics,
     _valid,
     log1mexp,
     log_sigmoid,
@@ -37,21 +38,6 @@ from tests.numpy_reference_more import aot, aot_pair, aot_unpaired, bco, fdpo, s
 # ----------------------------------------------------------------------------------------------------
 # unary (KTO family)
 # ----------------------------------------------------------------------------------------------------
-
-
-def _unary_metrics(beta, policy, reference, desirable):
-    rewards = beta * (policy - reference)
-    chosen = mean_or_zero(rewards[desirable])
-    rejected = mean_or_zero(rewards[~desirable])
-    return {
-        "rewards/chosen": chosen,
-        "rewards/rejected": rejected,
-        "rewards/margins": chosen - rejected,
-        "logps/chosen": mean_or_zero(policy[desirable]),
-        "logps/rejected": mean_or_zero(policy[~desirable]),
-        "num_desirable": float(np.sum(desirable)),
-        "num_undesirable": float(np.sum(~desirable)),
-    }
 
 
 def kto(

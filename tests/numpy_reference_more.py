@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests.numpy_base import _f64, _paired_metrics, _select, log_sigmoid, mean_or_zero
-from tests.numpy_reference import _unary_metrics
+from tests.numpy_base import _f64, _paired_metrics, _select, _unary_metrics, log_sigmoid, mean_or_zero
 
 EXP_CAP = 50.0  # the library's documented exponent cap (TRL's cap_exp(value, cap=50))
 

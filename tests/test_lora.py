@@ -172,3 +172,17 @@ def test_an_adapter_of_another_base_is_refused(loaded, tmp_path):
     os.remove(tmp_path / "adapter_config.json")
     with pytest.raises(FileNotFoundError, match=r"no adapter_config\.json"):
         load_peft(str(tmp_path), config, params)
+
+
+def test_model_flops_of_a_lora_step_count_no_weight_gradients():
+    """A frozen base's backward is activation gradients only: KTO's policy group costs 2 forwards, not 3,
+    so the step is 5 forward-equivalents (2 + KL 1 + reference 2) against full training's 6; DPO 6 of 8."""
+    from kto_jax.losses import get_loss
+    from kto_jax.models.presets import get_preset
+    from kto_jax.train.flops import step_flops
+
+    full = get_preset("tiny-25m")
+    adapted = full.replace(lora_rank=16, lora_targets=("q", "k", "v", "o", "gate", "up", "down"))
+    for name, ratio in (("kto", 5 / 6), ("dpo", 6 / 8)):
+        lora_flops, full_flops = (step_flops(c, get_loss(name), batch=8, length=128) for c in (adapted, full))
+        assert lora_flops / full_flops == pytest.approx(ratio, rel=1e-3), name

@@ -270,11 +270,12 @@ class SequenceFeed:
         logps = _forward(spec, jax.lax.stop_gradient(reference_params), mb, [g for _, g in wanted])
         return {n: jax.lax.stop_gradient(logps[g][0]) for n, g in wanted}
 
-    def forward_equivalents(self, inputs, reference_mode: str) -> int:
-        """Forward passes per example, a backward counting two: 3 per policy group (forward +
-        backward), 1 per stop-gradient group, 1 per reference group unless cached."""
+    def forward_equivalents(self, inputs, reference_mode: str, backward: int = 2) -> int:
+        """Forward passes per example, a backward counting ``backward`` (2; 1 with a frozen base, which
+        computes activation gradients only): 1 + backward per policy group, 1 per stop-gradient
+        group, 1 per reference group unless cached."""
         reference = len(self._wanted(self.reference, inputs)) if reference_mode in ("model", "sync") else 0
-        return 3 * len(self.policy) + len(self._wanted(self.policy_no_grad, inputs)) + reference
+        return (1 + backward) * len(self.policy) + len(self._wanted(self.policy_no_grad, inputs)) + reference
 
     def init_params(self, model_config, seed: int) -> dict:
         return {}
@@ -316,8 +317,8 @@ class TokenFeed:
             "mask": mask[:, 1:],
         }
 
-    def forward_equivalents(self, inputs, reference_mode: str) -> int:
-        return 3 + 1  # policy forward + backward, reference forward (the value head, ~2H^2 params, is left out)
+    def forward_equivalents(self, inputs, reference_mode: str, backward: int = 2) -> int:
+        return 1 + backward + 1  # policy forward + backward, reference forward (the value head, ~2H^2, left out)
 
     def init_params(self, model_config, seed: int) -> dict:
         head = ValueHead().init(jax.random.PRNGKey(seed), jnp.zeros((1, 1, model_config.hidden_size)))["params"]

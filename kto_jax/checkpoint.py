@@ -20,7 +20,6 @@ import os
 import shutil
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
@@ -61,11 +60,37 @@ def abstract_like(tree):
     )
 
 
+_UINT = {1: jax.numpy.uint8, 2: jax.numpy.uint16, 4: jax.numpy.uint32}
+
+
+@jax.jit
+def _leaf_digest(x):
+    """Two order-free integer sums of a leaf's bit patterns ``b_i`` (as uint32, modulo 2**32):
+    ``sum_i b_i`` and ``sum_i b_i * (2654435761 * i + 1)``, the second telling a permutation (a
+    transposed square matrix) from the original. Integer addition is associative, so unlike a
+    float sum neither depends on XLA's reduction order: the same weights give the same digest on
+    any processor, compiler flags, mesh or number of processes."""
+    if x.dtype == jax.numpy.bool_:
+        x = x.astype(jax.numpy.uint8)
+    u32 = jax.numpy.uint32
+    bits = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(u32)
+    index, stride = (
+        jax.numpy.zeros(x.shape, u32),
+        1,
+    )  # the row-major index, built elementwise (no reshape of a sharded leaf)
+    for axis in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(u32, x.shape, axis) * u32(stride % 2**32)
+        stride *= x.shape[axis]
+    position = index * u32(2654435761) + u32(1)
+    return jax.numpy.stack([jax.numpy.sum(bits, dtype=u32), jax.numpy.sum(bits * position, dtype=u32)])
+
+
 def fingerprint(params) -> str:
-    """A short hash of a param tree's structure, shapes and values (per-leaf float64 sums)."""
+    """A short hash of a param tree's structure, shapes, dtypes and values (the exact bits: see
+    ``_leaf_digest``), equal wherever the same weights are loaded."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    sums = jax.device_get([jax.numpy.sum(x.astype(jax.numpy.float32)) for x in leaves])
-    text = repr(treedef) + repr([(x.shape, str(x.dtype)) for x in leaves]) + repr([float(np.float64(s)) for s in sums])
+    digests = jax.device_get([_leaf_digest(x) for x in leaves])
+    text = repr(treedef) + repr([(x.shape, str(x.dtype)) for x in leaves]) + repr([d.tolist() for d in digests])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

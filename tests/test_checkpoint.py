@@ -168,11 +168,6 @@ def test_init_from_orbax_workdir_and_step(scenarios, monkeypatch):
     assert len({*loaded.values(), checkpoint.fingerprint(random_init)}) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known regression (fails at e0be5ff too, passed in stop 35's CI): the run's recorded reference "
-    "fingerprint differs from the fingerprint of load_params(WORKDIR@STEP); to fix first next session",
-)
 def test_cli_init_from_orbax_step_trains_from_those_weights(scenarios):
     """The CLI run with init=orbax:WORKDIR@STEP started from (and trained against) that step's weights."""
     from kto_jax import checkpoint

@@ -207,6 +207,17 @@ def base_config() -> ml_collections.ConfigDict:
             best_mode="min",
         )
     )
+    # Where metrics go besides metrics.jsonl and TensorBoard (kto_jax/train/tracking.py). wandb: Weights &
+    # Biases (pip install -e '.[wandb]'): the same rows, the config and eval.json's numbers; a resumed run
+    # continues the same wandb run (its id in WORKDIR/wandb_run_id). name "" = the workdir's folder name;
+    # tags comma-separated; mode "" = wandb's own (WANDB_MODE, else online), "online" or "offline"
+    c.logging = ml_collections.ConfigDict(
+        dict(
+            wandb=ml_collections.ConfigDict(
+                dict(enabled=False, project="kto-jax", entity="", name="", tags="", mode="")
+            )
+        )
+    )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.target = ml_collections.ConfigDict(dict(topology=""))  # the slice this config is sized for (aot_check)
     c.eval = ml_collections.ConfigDict(

@@ -231,6 +231,20 @@ def _table() -> tuple[Rule, ...]:
         Rule("eval.api.temperature", non_negative, ">= 0", "0 (compare.py)"),
         Rule("eval.reward_model.batch_size", count(1), "an integer >= 1", "16"),
         Rule("eval.reward_model.max_length", count(2), "an integer >= 2", "512"),
+        # logging (kto_jax/train/tracking.py)
+        Rule("logging.wandb.enabled", lambda v: isinstance(v, bool), "true or false", "false (the default) or true"),
+        Rule(
+            "logging.wandb.mode",
+            one_of("", "online", "offline"),
+            "one of '', 'online', 'offline'",
+            "'' (wandb's own: WANDB_MODE, else online) or 'offline'",
+        ),
+        Rule(
+            "logging.wandb.project",
+            lambda v: isinstance(v, str) and v.strip() != "",
+            "a non-empty project name",
+            "a wandb project such as 'kto-jax'",
+        ),
         # loss hyperparameters (when the chosen loss has them)
         Rule("loss.beta", positive, "> 0", "the loss's default (0.1 for kto and dpo)"),
         Rule("loss.desirable_weight", positive, "> 0", "1.0, or the KTO paper's rule (the run warns with the range)"),
@@ -313,6 +327,7 @@ def check_values(config) -> None:
 # the next steps train them. Anything else needs a new --workdir or --resume_with_changes.
 RESUMABLE = (
     "checkpoint.*",  # save cadence and retention
+    "logging.*",  # where the same metrics are also sent (a resumed run continues its wandb run)
     "train.steps",  # extend a finished run (not below its checkpoint's step)
     "train.log_every",
     "train.eval_every",

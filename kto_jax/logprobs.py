@@ -72,16 +72,28 @@ def mean_logps(sum_logps: jax.Array, token_counts: jax.Array) -> jax.Array:
     return sum_logps / jnp.maximum(token_counts, 1).astype(jnp.float32)
 
 
-def _chunk_label_logps(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, softcap: float | None) -> jax.Array:
+def _chunk_label_logps(
+    hidden: jax.Array, kernel: jax.Array, labels: jax.Array, softcap: float | None, collision: bool = False
+):
     """Label log-probs of one length chunk: logits = hidden ``[B, C, D]`` @ kernel ``[D, V]``, then
-    cap * tanh(logits / cap) when the model soft-caps its logits (Gemma 2's final_logit_softcap)."""
+    cap * tanh(logits / cap) when the model soft-caps its logits (Gemma 2's final_logit_softcap).
+    With ``collision``, also :func:`log_collision` of each position's distribution, no gradient."""
     logits = jnp.einsum("bcd,dv->bcv", hidden, kernel, preferred_element_type=jnp.float32)
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
-    return _label_logps(logits, labels)
+    picked = _label_logps(logits, labels)
+    return (picked, log_collision(jax.lax.stop_gradient(logits))) if collision else picked
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "softcap"))
+def log_collision(logits: jax.Array) -> jax.Array:
+    """log sum_v p_v^2 of p = softmax(logits) over the last axis, in float32:
+    logsumexp(2 z) - 2 logsumexp(z) (the log of the distribution's collision probability; WPO's
+    per-token normaliser, Zhou et al. 2024, arXiv 2406.11827 eq. 2)."""
+    logits = logits.astype(jnp.float32)
+    return jax.nn.logsumexp(2.0 * logits, axis=-1) - 2.0 * jax.nn.logsumexp(logits, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "softcap", "collision"))
 def chunked_token_logps(
     hidden: jax.Array,
     kernel: jax.Array,
@@ -90,7 +102,8 @@ def chunked_token_logps(
     *,
     chunk_size: int = 256,
     softcap: float | None = None,
-) -> jax.Array:
+    collision: bool = False,
+):
     """:func:`token_logps` of ``logits = softcap(hidden @ kernel)`` without the full logits.
 
     Args:
@@ -101,9 +114,12 @@ def chunked_token_logps(
         ``B * chunk_size * V`` float32 in the forward and the backward pass.
       softcap: the model's final logit soft-cap (``ModelConfig.final_logit_softcap``; None: off),
         logits -> softcap * tanh(logits / softcap), as the model's own LM head applies it.
+      collision: also return :func:`log_collision` of each scored position (WPO's weights), from
+        the same chunked logits, with no gradient.
 
     Returns:
-      ``[B, T-1]`` float32 per-token log-probs, 0 where masked.
+      ``[B, T-1]`` float32 per-token log-probs, 0 where masked; with ``collision``, the pair
+      ``(log-probs, log collision)``, both ``[B, T-1]`` and 0 where masked.
     """
     labels, mask = _shift(labels, loss_mask)
     hidden = hidden[:, :-1]
@@ -118,12 +134,15 @@ def chunked_token_logps(
     padded_labels = padded_labels.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
 
     step = jax.checkpoint(
-        lambda _, xs: (None, _chunk_label_logps(xs[0], kernel, xs[1], softcap)),
+        lambda _, xs: (None, _chunk_label_logps(xs[0], kernel, xs[1], softcap, collision)),
         policy=jax.checkpoint_policies.nothing_saveable,
     )
     _, per_chunk = jax.lax.scan(step, None, (hidden, padded_labels))
-    per_token = per_chunk.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
-    return jnp.where(mask, per_token, 0.0)
+
+    def unchunk(x):
+        return jnp.where(mask, x.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length], 0.0)
+
+    return tuple(unchunk(x) for x in per_chunk) if collision else unchunk(per_chunk)
 
 
 def chunked_sequence_logps(

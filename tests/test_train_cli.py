@@ -145,7 +145,7 @@ def test_bad_input_exits_with_a_message_naming_the_field(experiment, overrides, 
 
 def expected_keys(name: str) -> tuple[str, ...]:
     if name in MIXTURES:  # each term's metrics under its name, the total as "loss"
-        return ALWAYS + tuple(f"{t}/loss" for t in get_loss(name).config_values() if t != "weights")
+        return ALWAYS + tuple(f"{t.name}/loss" for t in get_loss(name).terms)
     spec = LOSSES[name]
     if spec.kind == "paired":
         return ALWAYS + PAIRED_REWARDS

@@ -107,7 +107,7 @@ class MixtureSpec(LossSpec):
 
     Its hyperparameters, flat (what the step passes): ``weights`` (a tuple, one per term) and
     ``<term>.<hyperparameter>``; in the config they are nested, ``config.loss.<term>.<name>``
-    (:meth:`config_values`)."""
+    (:meth:`config_hyperparameters`)."""
 
     terms: tuple[LossSpec, ...] = ()
     default_weights: tuple[float, ...] = ()
@@ -130,8 +130,8 @@ class MixtureSpec(LossSpec):
             out.update({f"{t.name}.{k}": v for k, v in t.defaults.items()})
         return out
 
-    def config_values(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """What ``config.loss`` holds besides the name: ``weights`` and one dict per term."""
+    def config_hyperparameters(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The hyperparameters as ``config.loss`` holds them: ``weights`` and one dict per term."""
         flat = self.hyperparameters(overrides)
         out: dict[str, Any] = {"weights": tuple(flat["weights"])}
         for t in self.terms:

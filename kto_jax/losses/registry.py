@@ -55,14 +55,21 @@ _ENTRIES = [
         "paired",
         "Jung et al. 2024, arXiv 2404.04656",
         state_metrics=(("running_mean", "bco/running_mean"), ("running_count", "bco/running_count")),
+        batch_coupled=True,
     ),
     LossSpec("sppo_hard", paired.sppo_hard, "paired", "Wu et al. 2024, arXiv 2405.00675"),
     LossSpec("nca_pair", paired.nca_pair, "paired", "Chen et al. 2024, arXiv 2402.05369"),
     LossSpec("apo_zero", paired.apo_zero, "paired", "D'Oosterlinck et al. 2024, arXiv 2408.06266"),
     LossSpec("apo_down", paired.apo_down, "paired", "D'Oosterlinck et al. 2024, arXiv 2408.06266"),
     LossSpec("discopop", paired.discopop, "paired", "Lu et al. 2024, arXiv 2406.08414"),
-    LossSpec("aot", aot, "paired", "Melnyk et al. 2024, arXiv 2406.05882 (TRL loss_type)"),
-    LossSpec("aot_pair", aot_pair, "paired", "Melnyk et al. 2024, arXiv 2406.05882 (TRL loss_type aot_pair)"),
+    LossSpec("aot", aot, "paired", "Melnyk et al. 2024, arXiv 2406.05882 (TRL loss_type)", batch_coupled=True),
+    LossSpec(
+        "aot_pair",
+        aot_pair,
+        "paired",
+        "Melnyk et al. 2024, arXiv 2406.05882 (TRL loss_type aot_pair)",
+        batch_coupled=True,
+    ),
     LossSpec("fdpo", fdpo, "paired", "Wang et al. 2023, arXiv 2309.16240 (TRL f_divergence_type)"),
     LossSpec(
         "sigmoid_norm",
@@ -74,7 +81,14 @@ _ENTRIES = [
     # Paired, reference-free.
     LossSpec("slic", reference_free.slic, "paired", "Zhao et al. 2023, arXiv 2305.10425 (HALOs)"),
     LossSpec("simpo", reference_free.simpo, "paired", "Meng et al. 2024, arXiv 2405.14734", length_normalized=True),
-    LossSpec("orpo", reference_free.orpo, "paired", "Hong et al. 2024, arXiv 2403.07691", length_normalized=True),
+    LossSpec(
+        "orpo",
+        reference_free.orpo,
+        "paired",
+        "Hong et al. 2024, arXiv 2403.07691",
+        length_normalized=True,
+        batch_coupled=True,  # its NLL averages over the batch's chosen tokens
+    ),
     # Supervised.
     LossSpec("sft", reference_free.sft, "sft", "token-averaged NLL"),
     LossSpec(

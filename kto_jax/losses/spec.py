@@ -17,6 +17,10 @@ OPTIONAL_INPUTS = frozenset({"chosen_token_counts"})
 # Keyword arguments that are data or run state, not hyperparameters set in a config.
 NOT_HYPERPARAMETERS = frozenset({"example_mask", "running_mean", "running_count"}) | OPTIONAL_INPUTS
 KINDS = ("unary", "paired", "sft")
+# Options of a feed, set in config.loss beside the loss's hyperparameters but read by the feed and the step
+# (TRL's DPOConfig names): LD-DPO's ``ld_alpha`` (1.0 = off) and WPO's ``use_weighting``
+# (``kto_jax.train.feeds.paired_options``).
+FEED_OPTIONS: dict[str, dict[str, Any]] = {"paired": {"ld_alpha": 1.0, "use_weighting": False}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +37,8 @@ class LossSpec:
     control_tokens: tokens the data is conditioned on (CSFT's ``<|good|>``/``<|bad|>``).
     state_metrics: keyword arguments that are run state, each fed the named metric of the
       previous step (BCO's running reward mean).
+    batch_coupled: one pair's loss depends on the other pairs of the batch (AOT's sorting, BCO's
+      batch mean, ORPO's NLL over the batch's tokens), so the loss is not a mean of per-pair terms and takes no per-pair weights (WPO).
 
     A loss receives its inputs by name: its positional parameters (``policy_logps``,
     ``reference_chosen_logps``, ...) and the keyword-only ones in ``OPTIONAL_INPUTS``. So
@@ -49,6 +55,7 @@ class LossSpec:
     control_tokens: tuple[str, ...] = ()
     # run state carried between steps: (keyword argument, metric holding its next value)
     state_metrics: tuple[tuple[str, str], ...] = ()
+    batch_coupled: bool = False
 
     def __post_init__(self):
         if not self.feed:
@@ -93,8 +100,24 @@ class LossSpec:
         return self.feed == "token"
 
     def config_values(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """What ``config.loss`` holds besides the name: the hyperparameters (a mixture nests them per term)."""
+        """What ``config.loss`` holds besides the name: the hyperparameters (a mixture nests them per
+        term), then the feed's options (``FEED_OPTIONS``)."""
+        hparams, options = self.split_options(overrides)
+        return {**self.config_hyperparameters(hparams), **self.options(options)}
+
+    def config_hyperparameters(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The hyperparameters as ``config.loss`` holds them (flat; a mixture nests them)."""
         return self.hyperparameters(overrides)
+
+    def split_options(self, values: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``config.loss``'s values (less the name) -> (hyperparameters, the feed's options)."""
+        names = FEED_OPTIONS.get(self.feed, {})
+        values = dict(values or {})
+        return {k: v for k, v in values.items() if k not in names}, {k: v for k, v in values.items() if k in names}
+
+    def options(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The feed's options (``FEED_OPTIONS``: defaults updated with ``overrides``)."""
+        return {**FEED_OPTIONS.get(self.feed, {}), **dict(overrides or {})}
 
     def hyperparameters(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Defaults updated with ``overrides``; an unknown name is an error naming the valid ones."""

@@ -67,6 +67,8 @@ class StepSpec:
     sync_alpha: float = 1.0  # ... to sync_alpha * policy + (1 - sync_alpha) * reference
     humanline: tuple[float, float] | None = None  # (log_epsilon_P, log_epsilon_R): per-token log-ratio clamp
     freeze: tuple[str, ...] = ()  # regexes of the frozen param paths (``kto_jax.train.trainable``)
+    ld_alpha: float = 1.0  # LD-DPO: a paired completion's tokens past the pair's shared length count alpha (1: off)
+    pair_weighting: bool = False  # WPO: each pair's loss weighted by the policy's probability of the pair
 
     @property
     def kwargs(self) -> dict:
@@ -95,13 +97,20 @@ def hidden_states(spec: StepSpec, model_params, ids, presence):
     return spec.model.apply({"params": model_params}, ids, presence, return_hidden=True)
 
 
-def head_token_logps(spec: StepSpec, model_params, hidden, ids, loss_mask):
+def head_token_logps(spec: StepSpec, model_params, hidden, ids, loss_mask, collision: bool = False):
     """Per-token log-probs ``[B, T-1]`` of hidden states through the model's LM head (its kernel and
-    final logit soft-cap), chunked over length (``kto_jax.logprobs.chunked_token_logps``)."""
+    final logit soft-cap), chunked over length (``kto_jax.logprobs.chunked_token_logps``); with
+    ``collision``, also each position's log sum_v p_v^2 (no gradient)."""
     config = spec.model.config
     kernel = lm_head_kernel(config, model_params)
     return chunked_token_logps(
-        hidden, kernel, ids, loss_mask, chunk_size=spec.chunk_size, softcap=config.final_logit_softcap
+        hidden,
+        kernel,
+        ids,
+        loss_mask,
+        chunk_size=spec.chunk_size,
+        softcap=config.final_logit_softcap,
+        collision=collision,
     )
 
 
@@ -135,29 +144,91 @@ def _forward(spec, model_params, mb, groups):
     return {g: _group_sums(spec, mb, g, rows) for g, rows in _token_forward(spec, model_params, mb, groups).items()}
 
 
-def _token_forward(spec, model_params, mb, groups) -> dict:
+def _token_forward(spec, model_params, mb, groups, collision: bool = False) -> dict:
     """Per-token log-probs of several sequence groups in one forward: {group: ``[rows, T-1]``} (0
-    where not scored), padded or packed rows."""
+    where not scored), padded or packed rows; with ``collision``, {group: (log-probs, log sum_v p_v^2)}."""
     parts = [_arrays(mb, g, spec.packing) for g in groups]
     ids, presence, loss_mask = (jnp.concatenate(xs) for xs in zip(*parts))
     hidden = hidden_states(spec, model_params, ids, presence)
-    per_token = head_token_logps(spec, model_params, hidden, ids, loss_mask)
+    per_token = head_token_logps(spec, model_params, hidden, ids, loss_mask, collision)
+    if collision:
+        return dict(zip(groups, zip(*(jnp.split(x, len(groups)) for x in per_token))))
     return dict(zip(groups, jnp.split(per_token, len(groups))))
 
 
-def _group_sums(spec, mb, group: str, per_token):
-    """A group's per-token values summed per sequence: (sums, length-normalised if the loss wants it;
-    token counts), over each padded row or each packed segment (``segment_sums``)."""
+def _raw_sums(spec, mb, group: str, per_token):
+    """A group's per-token values summed per sequence, and its token counts: over each padded row
+    or each packed segment (``segment_sums``)."""
     _, presence, mask = _arrays(mb, group, spec.packing)
     if spec.packing:
-        sums, counts = segment_sums(per_token, presence, mask, mb["example_index"].shape[0])
-    else:
-        sums, counts = sum_and_count(per_token, mask)
+        return segment_sums(per_token, presence, mask, mb["example_index"].shape[0])
+    return sum_and_count(per_token, mask)
+
+
+def _group_sums(spec, mb, group: str, per_token):
+    """:func:`_raw_sums`, the sums length-normalised if the loss wants it: (sums, token counts)."""
+    sums, counts = _raw_sums(spec, mb, group, per_token)
     return _normalized(spec, sums, counts), counts
 
 
 HUMANLINE_UNCLAMPED = "humanline/unclamped"  # a metric the feed adds (HALOs' rewards/*_unclamped)
+PAIR_WEIGHTS = "wpo/weights"  # WPO's per-pair weights [B]: the step weights the loss with them, logs their mean
 FEED_METRICS = (HUMANLINE_UNCLAMPED,)  # entries of loss_inputs' dict that are metrics, not loss inputs
+
+
+def completion_positions(spec: StepSpec, mb, group: str):
+    """``[rows, T-1]``: each scored token's 1-based position within its completion (0 elsewhere), the
+    shifted layout of the per-token log-probs; counted per padded row or per packed segment."""
+    _, presence, loss_mask = _arrays(mb, group, spec.packing)
+    mask = loss_mask[:, 1:].astype(jnp.int32)
+    upto = jnp.cumsum(mask, axis=1)
+    if spec.packing:  # less the scored tokens of the earlier segments of the row
+        segment = presence[:, 1:].reshape(-1) - 1
+        before = (upto - mask).reshape(-1)
+        num = mb["example_index"].shape[0]
+        start = jax.ops.segment_min(jnp.where(segment >= 0, before, 0), jnp.where(segment >= 0, segment, num), num)
+        upto = upto - start[jnp.clip(segment, 0, num - 1)].reshape(upto.shape)
+    return upto * mask
+
+
+def _per_token_of_examples(spec: StepSpec, mb, group: str, values):
+    """``[K]`` per-example values -> ``[rows, T-1]``: each token gets its sequence's value (padded row
+    b is example b; a packed token, its segment's)."""
+    if not spec.packing:
+        return jnp.broadcast_to(values[:, None], (values.shape[0], _arrays(mb, group)[0].shape[1] - 1))
+    segment = _arrays(mb, group, True)[1][:, 1:] - 1
+    return values[jnp.clip(segment, 0, values.shape[0] - 1)]
+
+
+def desensitized_tokens(spec: StepSpec, mb, tokens: dict, alpha: float) -> dict:
+    """LD-DPO's per-token log-probs (Liu et al. 2024, arXiv 2409.06411; TRL ``ld_alpha``): with
+    l_p = min(|y_w|, |y_l|) the pair's shared length, token t of either completion counts 1 if its
+    position within the completion is <= l_p, else alpha:
+
+        log pi_ld(y) = sum_{t <= l_p} log pi(y_t | x, y_<t) + alpha * sum_{t > l_p} log pi(y_t | x, y_<t)
+
+    ``tokens`` {"chosen": [rows, T-1], "rejected": ...} (policy's or reference's: both are weighted, as
+    TRL main does)."""
+    shared = jnp.minimum(*(_raw_sums(spec, mb, g, tokens[g])[1] for g in ("chosen", "rejected")))
+    out = {}
+    for group, per_token in tokens.items():
+        tail = completion_positions(spec, mb, group) > _per_token_of_examples(spec, mb, group, shared)
+        out[group] = jnp.where(tail, alpha * per_token, per_token)
+    return out
+
+
+def wpo_weights(spec: StepSpec, mb, tokens: dict, collisions: dict):
+    """WPO's pair weights (Zhou et al. 2024, arXiv 2406.11827 eq. 2; TRL ``use_weighting``), no gradient:
+
+        w(y) = exp( 1/|y| sum_t [log pi(y_t | x, y_<t) - log sum_v pi(v | x, y_<t)^2] )
+        weight = w(y_w) * w(y_l)
+
+    from the policy's own per-token log-probs (not LD-weighted) and collision log-probabilities."""
+    logs = []
+    for group in ("chosen", "rejected"):
+        sums, counts = _raw_sums(spec, mb, group, tokens[group] - collisions[group])
+        logs.append(sums / jnp.maximum(counts, 1).astype(jnp.float32))
+    return jax.lax.stop_gradient(jnp.exp(logs[0] + logs[1]))
 
 
 def humanline_clamp(policy_tokens, reference_tokens, log_epsilon_P: float, log_epsilon_R: float):
@@ -217,6 +288,8 @@ class SequenceFeed:
         """{input name: [B] array} for every input the loss takes (``spec.inputs``)."""
         if spec.humanline is not None:
             return self._humanline_inputs(spec, params, reference_params, mb)
+        if spec.ld_alpha != 1.0 or spec.pair_weighting:
+            return self._paired_option_inputs(spec, params, reference_params, mb)
         inputs = spec.inputs
         model_params = params["model"]
         out = {}
@@ -259,6 +332,32 @@ class SequenceFeed:
             out.update({c: counts for c, cg in self.counts if cg == g and c in inputs})
         out.update({n: mb[n] for n, _ in self.per_example if n in inputs})
         return {n: out[n] for n in (*inputs, HUMANLINE_UNCLAMPED)}
+
+    def _paired_option_inputs(self, spec: StepSpec, params, reference_params, mb: dict) -> dict:
+        """:meth:`loss_inputs` of the paired feed with LD-DPO (``spec.ld_alpha``: the sequence log-probs,
+        policy's and reference's, from :func:`desensitized_tokens`) and/or WPO (``spec.pair_weighting``:
+        the pair weights of :func:`wpo_weights` under ``PAIR_WEIGHTS``, from the same policy forward)."""
+        inputs, groups = spec.inputs, ("chosen", "rejected")
+        policy = _token_forward(spec, params["model"], mb, list(groups), collision=spec.pair_weighting)
+        out = {}
+        if spec.pair_weighting:
+            collisions = {g: policy[g][1] for g in groups}
+            policy = {g: policy[g][0] for g in groups}
+            out[PAIR_WEIGHTS] = wpo_weights(spec, mb, policy, collisions)
+        tables = [(self.policy, policy)]
+        reference = self._wanted(self.reference, inputs)
+        if reference and spec.reference_mode == "cached":  # WPO alone: the plan refuses ld_alpha with a cache
+            out.update({n: mb[n] for n, _ in reference})
+        elif reference:
+            ref = jax.lax.stop_gradient(_token_forward(spec, jax.lax.stop_gradient(reference_params), mb, list(groups)))
+            tables.append((reference, ref))
+        for table, tokens in tables:
+            if spec.ld_alpha != 1.0:
+                tokens = desensitized_tokens(spec, mb, tokens, spec.ld_alpha)
+            for name, group in table:
+                out[name], counts = _group_sums(spec, mb, group, tokens[group])
+                out.update({c: counts for c, cg in self.counts if cg == group and c in inputs})
+        return {n: out[n] for n in (*inputs, *([PAIR_WEIGHTS] if spec.pair_weighting else []))}
 
     def reference_inputs(self, inputs) -> tuple[str, ...]:
         """The loss inputs the frozen reference gives (what ``reference.mode = "cached"`` stores)."""

@@ -30,6 +30,7 @@ from kto_jax.errors import InputError
 from kto_jax.judges import JUDGES
 from kto_jax.judges.api import ApiJudge
 from kto_jax.losses import LossSpec, get_loss
+from kto_jax.losses.mixture import MixtureSpec
 from kto_jax.models import ModelConfig, abstract_params, build_model
 from kto_jax.models.presets import PRESETS
 from kto_jax.models.splash import BLOCK_SIZES
@@ -85,6 +86,8 @@ class Plan:
     sync_alpha: float = 1.0  # ... with this weight (1.0: copy it)
     humanline: tuple[float, float] | None = None  # (log_epsilon_P, log_epsilon_R) token clamp, or None
     freeze: tuple[str, ...] = ()  # config.train.freeze: regexes of the frozen param paths
+    ld_alpha: float = 1.0  # config.loss.ld_alpha (LD-DPO; 1.0 off)
+    pair_weighting: bool = False  # config.loss.use_weighting (WPO)
     # the typed parts downstream reads (kto_jax/train/subplans.py)
     data: DataPlan | None = None
     eval: EvalPlan | None = None
@@ -123,6 +126,8 @@ class Plan:
             sync_alpha=self.sync_alpha,
             humanline=self.humanline,
             freeze=self.freeze,
+            ld_alpha=self.ld_alpha,
+            pair_weighting=self.pair_weighting,
         )
 
     @property
@@ -157,8 +162,8 @@ class Plan:
 
 def _loss(config) -> tuple[LossSpec, dict]:
     spec = get_loss(config.loss.name)
-    given = {k: v for k, v in config.loss.items() if k != "name"}
-    keys = spec.config_values()
+    given, _ = spec.split_options({k: v for k, v in config.loss.items() if k != "name"})
+    keys = spec.config_hyperparameters()
     extra = set(given) - set(keys)
     if extra:
         raise InputError(
@@ -195,6 +200,37 @@ def _humanline(config, spec: LossSpec, hparams: dict) -> tuple[float, float] | N
             "log-ratio to clamp; use it with kto, dpo or another loss of unary or paired feedback with a reference"
         )
     return float(r.log_epsilon_P), float(r.log_epsilon_R)
+
+
+def _paired_options(config, spec: LossSpec, mode: str) -> dict:
+    """The paired feed's options (``config.loss.ld_alpha``, ``config.loss.use_weighting``; their values
+    checked by rules.py) as Plan fields, refused where they cannot apply."""
+    if spec.feed != "paired":
+        return {}
+    options = spec.options(spec.split_options({k: v for k, v in config.loss.items() if k != "name"})[1])
+    ld_alpha, weighting = float(options["ld_alpha"]), bool(options["use_weighting"])
+    humanline = config.reference.get("humanline", False)
+    if ld_alpha != 1.0 and mode == "cached":
+        raise InputError(
+            f"config.loss.ld_alpha={ld_alpha}: LD-DPO weights the reference's tokens past the pair's shared length, "
+            "which cached (per-sequence) reference log-probs do not hold: set config.reference.mode='model'"
+        )
+    if (ld_alpha != 1.0 or weighting) and humanline:
+        raise InputError(
+            "config.reference.humanline=True with config.loss.ld_alpha or config.loss.use_weighting: the clamp and "
+            "these reweightings are not defined together; use one of them"
+        )
+    if weighting and (spec.batch_coupled or isinstance(spec, MixtureSpec)):
+        what = (
+            "a mixture (its terms are not all per-pair means)"
+            if isinstance(spec, MixtureSpec)
+            else ("batch-coupled (one pair's loss depends on the others: sorting or a batch mean)")
+        )
+        raise InputError(
+            f"config.loss.use_weighting=True: loss {spec.name!r} is {what}, so it takes no per-pair weights; "
+            "use WPO with dpo, ipo, hinge or another per-pair loss"
+        )
+    return {"ld_alpha": ld_alpha, "pair_weighting": weighting}
 
 
 def _init_optimizer(config) -> str:
@@ -341,6 +377,7 @@ def make_plan(config, num_devices: int) -> Plan:
         sync_alpha=float(config.reference.get("sync_alpha", 1.0)),
         humanline=_humanline(config, spec, hparams),
         freeze=_freeze(config, spec, model),
+        **_paired_options(config, spec, mode),
         data=data_plan(config, PRESETS),
         eval=eval_plan(config, evaluators),
         optimizer=optimizer_plan(config),

@@ -281,6 +281,13 @@ def _table() -> tuple[Rule, ...]:
         Rule("loss.value", one_of(*values), f"one of {_names(values)}", "'sigmoid' (KTO)"),
         Rule("loss.divergence", one_of(*DIVERGENCES), f"one of {_names(DIVERGENCES)}", "'reverse_kl' (fdpo = DPO)"),
         Rule("loss.alpha", fraction(True, True), "in (0, 1) (the alpha-divergence)", "0.5 (fdpo's default)"),
+        Rule(
+            "loss.ld_alpha",
+            fraction(False, False),
+            "in [0, 1] (LD-DPO)",
+            "1.0 (off), or below 1 to discount the longer reply's extra tokens",
+        ),
+        Rule("loss.use_weighting", lambda v: isinstance(v, bool), "true or false (WPO)", "false (the default) or true"),
     )
 
 

@@ -27,18 +27,36 @@ import jax.numpy as jnp
 import optax
 
 from kto_jax.train import trainable
-from kto_jax.train.feeds import FEED_METRICS, StepSpec
+from kto_jax.train.feeds import FEED_METRICS, PAIR_WEIGHTS, StepSpec
 from kto_jax.train.state import TrainState, schedule_count
 
 SUMMED_METRICS = ("num_desirable", "num_undesirable", "tokens")
 
 
+def weighted_pair_loss(fn, inputs: dict, weights, kwargs: dict):
+    """WPO's loss mean_i(w_i * l_i) over the microbatch's B pairs, for a loss that is a masked mean of
+    per-pair terms l_i (``LossSpec.batch_coupled`` False): the loss with weights w as its example mask
+    is sum_i w_i l_i / sum_i w_i, so
+
+        mean_i(w_i l_i) = fn(example_mask=w) * sum_i w_i / B.
+
+    The metrics are the unweighted call's (TRL logs unweighted rewards), plus the weights' mean."""
+    loss, _ = fn(**inputs, **kwargs, example_mask=weights)
+    _, metrics = fn(**inputs, **kwargs)
+    return loss * weights.sum() / weights.shape[0], {**metrics, PAIR_WEIGHTS: weights.mean()}
+
+
 def microbatch_loss(spec: StepSpec, params, reference_params, mb: dict, loss_state: dict):
-    """(loss, (metrics, loss_state)) of one microbatch: the loss called with its inputs by name."""
+    """(loss, (metrics, loss_state)) of one microbatch: the loss called with its inputs by name (with
+    WPO's pair weights, :func:`weighted_pair_loss`)."""
     inputs = spec.feed.loss_inputs(spec, params, reference_params, mb)
     feed_metrics = {k: inputs.pop(k) for k in FEED_METRICS if k in inputs}  # the feed's own (humanline/unclamped)
+    weights = inputs.pop(PAIR_WEIGHTS, None)
     inputs.update({n: None for n in spec.loss.unused(spec.kwargs)})  # e.g. halo's KL inputs around z = 0
-    loss, metrics = spec.loss.fn(**inputs, **spec.kwargs, **loss_state)
+    if weights is None:
+        loss, metrics = spec.loss.fn(**inputs, **spec.kwargs, **loss_state)
+    else:  # never with run state: the plan refuses WPO for batch-coupled losses
+        loss, metrics = weighted_pair_loss(spec.loss.fn, inputs, weights, spec.kwargs)
     metrics = {**metrics, **feed_metrics}
     new_state = {arg: metrics[name] for arg, name in spec.loss.state_metrics}
     return loss, (metrics, new_state)

@@ -163,8 +163,12 @@ def test_config_holds_weights_and_one_dict_per_term():
         "weights": (1.0, 1.0),
         "dpo": {"beta": 0.2, "label_smoothing": 0.0},
         "sft": {"reduction": "token"},
+        "ld_alpha": 1.0,  # the paired feed's options, at the top (docs/losses.md)
+        "use_weighting": False,
     }
-    flat = get_loss("dpo+sft").hyperparameters({k: v for k, v in c.items() if k != "name"})
+    flat = get_loss("dpo+sft").hyperparameters(
+        get_loss("dpo+sft").split_options({k: v for k, v in c.items() if k != "name"})[0]
+    )
     assert flat == {"weights": (1.0, 1.0), "dpo.beta": 0.2, "dpo.label_smoothing": 0.0, "sft.reduction": "token"}
     assert get_loss("dpo+sft") is get_loss("dpo+sft")  # one spec per name: the compiled steps are shared
     assert isinstance(get_loss("rpo"), MixtureSpec) and not isinstance(get_loss("dpo"), MixtureSpec)

@@ -246,3 +246,20 @@ def test_a_unary_loss_has_no_paired_options():
         config.loss.unlock()
         config.loss.ld_alpha = 0.5
         make_plan(config, 1)
+
+
+def test_a_run_trains_with_both_options_and_logs_the_weights(synthetic_data_dir, tmp_path):
+    import json
+
+    from kto_jax.train import loop
+
+    config = small_config("dpo", synthetic_data_dir, steps=2)
+    config.loss.update(dict(ld_alpha=0.5, use_weighting=True))
+    loop.run(config, str(tmp_path))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and 0 < r[PAIR_WEIGHTS] for r in train)
+    assert any(f"eval/{PAIR_WEIGHTS}" in r for r in rows)
+    saved = json.load(open(tmp_path / "config.json"))
+    assert (saved["loss"]["ld_alpha"], saved["loss"]["use_weighting"]) == (0.5, True)

@@ -45,7 +45,9 @@ setup(
             "gguf>=0.10",
             "accelerate>=1.0",
             "peft>=0.13",  # the LoRA adapters' format: tests load ours with peft and import peft's
+            "wandb>=0.17",  # tests/test_wandb.py reads offline runs back
         ],
         "tpu": ["libtpu"],
+        "wandb": ["wandb>=0.17"],  # config.logging.wandb (kto_jax/train/tracking.py)
     },
 )

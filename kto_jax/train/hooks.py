@@ -3,7 +3,8 @@
     hook(run, step, state, batch, metrics)      # step = steps done, state after the update
 
   FiniteCheck   stops the run at a non-finite loss or gradient norm (unless skip_nonfinite)
-  LogMetrics    every log_every steps: metrics.jsonl, TensorBoard, progress bar, tokens/s, MFU
+  LogMetrics    every log_every steps: metrics.jsonl, TensorBoard (and wandb, config.logging.wandb),
+                progress bar, tokens/s, MFU
   PeriodicEval  every eval_every steps: the held-out evaluator
   Checkpoint    saves by the checkpoint policy; on SIGTERM/SIGINT or a preemption notice saves
                 and asks the loop to stop (``run.stop``)
@@ -25,18 +26,23 @@ from tqdm import tqdm
 
 from kto_jax.train.evaluators import held_out
 from kto_jax.train.flops import device_peak_flops, step_flops
+from kto_jax.train.tracking import WandbTracker
 
 
 class MetricsWriter:
-    """metrics.jsonl plus TensorBoard events (tensorboardX, no TensorFlow); process 0 only."""
+    """metrics.jsonl plus TensorBoard events (tensorboardX, no TensorFlow) and, when ``config``
+    asks for it, the same rows in a wandb run (kto_jax/train/tracking.py); process 0 only."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, config=None):
         self.enabled = jax.process_index() == 0
+        self.wandb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
 
             self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
             self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            if config is not None:
+                self.wandb = WandbTracker.open(config, workdir)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -48,11 +54,16 @@ class MetricsWriter:
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, step)
         self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(step, row)
 
-    def close(self) -> None:
+    def close(self, results: dict | None = None) -> None:
+        """Close the files; ``results`` (eval.json's, at the end of training) go to wandb's summary."""
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+            if self.wandb is not None:
+                self.wandb.close(results)
 
 
 def _py(value):

@@ -7,7 +7,8 @@
 
 Writes to the workdir: ``config.json``, ``data_stats.json``, ``metrics.jsonl`` (one JSON
 object per logged step), TensorBoard event files under ``tb/``, ``eval.json``,
-``samples.jsonl`` and orbax checkpoints (``checkpoints/<step>``; the last is the final weights).
+``samples.jsonl``, orbax checkpoints (``checkpoints/<step>``; the last is the final weights) and,
+with ``config.logging.wandb``, ``wandb_run_id`` and ``wandb/`` (kto_jax/train/tracking.py).
 Rerunning the same command on the same workdir resumes from the latest complete checkpoint;
 SIGTERM/SIGINT finish the current step, save and exit 0.
 """
@@ -34,6 +35,7 @@ from kto_jax.train.hooks import MetricsWriter, Preemption, default_hooks
 from kto_jax.train.plan import Plan, make_plan
 from kto_jax.train.reference_cache import cached_reference
 from kto_jax.train.step import policy_params
+from kto_jax.train.tracking import check_available
 
 
 @dataclasses.dataclass
@@ -105,6 +107,7 @@ def prepare(config, workdir: str, *, resume_with_changes: bool = False) -> Prepa
     tokenizer, data and the checkpoint to resume. Raises on bad input having written nothing."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     plan = make_plan(config, jax.device_count())  # bad config fails here, before any loading or compiling
+    check_available(config)  # config.logging.wandb without the wandb package
     resume = record.check_resume(config, workdir, resume_with_changes)
     if resume.finished is not None:
         return Prepared(run=None, finished=resume.finished, resume=resume)
@@ -210,7 +213,7 @@ def execute(p: Prepared) -> dict:
     r.checkpointer = r.checkpointer or _checkpointer(plan, workdir)
     if first:
         note(f"resumed from {r.checkpointer.directory}/{first}")
-    r.writer = MetricsWriter(workdir)
+    r.writer = MetricsWriter(workdir, config)
     train_cache = None
     if plan.reference_mode == "cached":
 
@@ -256,7 +259,7 @@ def execute(p: Prepared) -> dict:
         results.update(EVALUATORS[name](r, state))
         if name == "held_out":
             r.writer.write(steps, results["held_out"])
-    r.writer.close()
+    r.writer.close(results)
     if jax.process_index() == 0:
         files.write_json(os.path.join(workdir, record.EVAL_FILE), results)
     return results

@@ -10,6 +10,14 @@ generation prompt), POST /v1/completions (raw text or token ids, no template), G
 threads go to one ``kto_jax.serve.batching.Batcher``; their bodies are read by
 ``kto_jax.serve.requests``.
 
+Streaming (``stream``, ``stream_options.include_usage``): server-sent events of OpenAI's chunks
+(``kto_jax.serve.streaming``), the text sent as it is generated, a chunk every
+``kto_jax.serve.engine.CHUNK`` tokens; streamed and unstreamed answers are the same text.
+Log-probs (``kto_jax.serve.scoring``: training's forward and log-probs, float32): completions'
+``logprobs`` (top-k count) and ``echo`` (the prompt's tokens too; ``max_tokens`` 0 allowed),
+chat's ``logprobs`` and ``top_logprobs``. Other methods than GET and POST are a 405; every
+error is an OpenAI-style JSON body.
+
 Request fields: ``max_tokens`` (chat also ``max_completion_tokens``; default
 ``default_max_tokens``, lowered to what the context leaves), ``temperature`` (default 1),
 ``top_p``, ``top_k`` (an extension, as vLLM's; 0 or -1 = off), ``n``, ``seed``, ``stop``.
@@ -26,9 +34,10 @@ import dataclasses
 import hmac
 import json
 import os
+import queue
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from absl import logging
@@ -36,10 +45,11 @@ from absl import logging
 from kto_jax.data.chat import bos_id_for, get_chat_template
 from kto_jax.data.tokenize import get_tokenizer
 from kto_jax.errors import InputError
-from kto_jax.generate import generate
 from kto_jax.models.hf import from_hf
 from kto_jax.models.presets import PRESETS
 from kto_jax.serve.batching import Batcher, Job, Sampling
+from kto_jax.serve.engine import generate_chunked
+from kto_jax.serve.handler import Server
 from kto_jax.serve.requests import (
     RequestError,
     chat_turns,
@@ -47,9 +57,10 @@ from kto_jax.serve.requests import (
     parse_options,
     resolve_max_tokens,
 )
+from kto_jax.serve.responses import chat_logprobs, choice_body, completion_logprobs, usage
+from kto_jax.serve.scoring import score_rows
+from kto_jax.serve.streaming import EventStream
 from kto_jax.train import setup
-
-MAX_BODY_BYTES = 32 * 1024 * 1024
 
 # ---------------------------------------------------------------- the served model
 
@@ -81,9 +92,11 @@ class ServedModel:
         """The token ids of ``turns`` rendered with the generation prompt."""
         return self.encode(self.template.prompt(turns), self.chat_bos_id)
 
-    def generate(self, rows, *, max_new_tokens, sampling: Sampling, seed, batch_size, bucket) -> list[list[int]]:
-        """``kto_jax.generate.generate`` on this model (the ``Batcher``'s ``generate_fn``)."""
-        return generate(
+    def generate(
+        self, rows, *, max_new_tokens, sampling: Sampling, seed, batch_size, bucket, on_chunk=None
+    ) -> list[list[int]]:
+        """``kto_jax.generate.generate``'s tokens on this model, by chunks (the ``Batcher``'s ``generate_fn``)."""
+        return generate_chunked(
             self.model,
             self.params,
             rows,
@@ -96,6 +109,19 @@ class ServedModel:
             batch_size=batch_size,
             seed=seed,
             bucket=bucket,
+            on_chunk=on_chunk,
+        )
+
+    def score(self, rows, *, top_k: int, batch_size: int, bucket: int):
+        """Each row's ``kto_jax.serve.scoring.Scores`` (the ``Batcher``'s ``score_fn``)."""
+        return score_rows(
+            self.model,
+            self.params,
+            rows,
+            top_k=top_k,
+            batch_size=batch_size,
+            bucket=bucket,
+            pad_id=self.tokenizer.pad_id,
         )
 
 
@@ -215,13 +241,14 @@ class App:
             }
         raise RequestError(f"no endpoint GET {path}", None, 404, kind="not_found_error")
 
-    def post(self, path: str, body: Any) -> dict:
+    def post(self, path: str, body: Any) -> dict | EventStream:
+        """The answer of POST ``path``: a JSON body, or an ``EventStream`` for ``stream=true``."""
         if path not in ("/v1/chat/completions", "/v1/completions"):
             raise RequestError(f"no endpoint POST {path}", None, 404, kind="not_found_error")
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object", None)
-        options = parse_options(body)
         chat = path == "/v1/chat/completions"
+        options = parse_options(body, chat=chat)
         if chat:
             try:
                 prompts = [self.served.chat_ids(chat_turns(body))]
@@ -233,103 +260,43 @@ class App:
             options, prompts, self.served, self.default_max_tokens, "messages" if chat else "prompt"
         )
         rows = [p for p in prompts for _ in range(options["n"])]
-        job = Job(rows, max_tokens, options["sampling"], options["seed"], options["stop"])
-        choices = self.batcher.submit(job).result()
-        return self._response(chat, choices, sum(len(p) for p in prompts))
-
-    def _response(self, chat: bool, choices, prompt_tokens: int) -> dict:
-        completion_tokens = sum(len(c.tokens) for c in choices)
-        if chat:
-            out = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": None,
-                    "finish_reason": c.finish_reason,
-                }
-                for i, c in enumerate(choices)
-            ]
-        else:
-            out = [
-                {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-                for i, c in enumerate(choices)
-            ]
-        return {
+        job = Job(
+            rows,
+            max_tokens,
+            options["sampling"],
+            options["seed"],
+            options["stop"],
+            logprobs=options["logprobs"],
+            echo=options["echo"],
+            events=queue.Queue() if options["stream"] else None,
+        )
+        head = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion" if chat else "text_completion",
+            "object": ("chat.completion" if chat else "text_completion") + (".chunk" if chat and job.events else ""),
             "created": int(time.time()),
             "model": self.served.name,
-            "choices": out,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
         }
-
-
-class Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1 (keep-alive) JSON handler; ``self.server.app`` answers."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        self._answer(lambda app: app.get(self._route()))
-
-    def do_POST(self):
-        self._answer(lambda app: app.post(self._route(), self._body()))
-
-    def _route(self) -> str:
-        """The path without query, repeated or trailing slashes (``/v1//chat/completions/`` works too)."""
-        return "/" + "/".join(part for part in self.path.split("?")[0].split("/") if part)
-
-    def _body(self):
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self.close_connection = True
-            raise RequestError(f"bad Content-Length header {self.headers.get('Content-Length')!r}", None) from None
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True  # the body is not read
-            raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", None, 413)
-        raw = self.rfile.read(length)
-        try:
-            return json.loads(raw)
-        except ValueError as e:
-            raise RequestError(f"the request body is not valid JSON: {e}", None) from None
-
-    def _answer(self, endpoint):
-        app: App = self.server.app  # type: ignore[attr-defined]
-        try:
-            if self._route() not in ("/health", "/v1/health"):
-                app.authorize(self.headers.get("Authorization"))
-            status, body = 200, endpoint(app)
-        except RequestError as e:
-            status, body = e.status, e.body()
-            if e.status == 401 or e.status == 413:  # the unread body would be parsed as the next request
-                self.close_connection = True
-        except Exception as e:  # noqa: BLE001 -- a generation failure: a 500 with its message
-            logging.exception("request failed")
-            status, body = (
-                500,
-                {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}},
+        self.batcher.submit(job)
+        prompt_tokens = sum(len(p) for p in prompts)
+        if job.events is not None:
+            return EventStream(
+                job, chat=chat, head=head, prompt_tokens=prompt_tokens, include_usage=options["include_usage"]
             )
-        data = json.dumps(body).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        choices = job.future.result()
+        out = [self._choice(chat, i, c, job) for i, c in enumerate(choices)]
+        return {**head, "choices": out, "usage": usage(prompt_tokens, sum(len(c.tokens) for c in choices))}
 
-    def log_message(self, format, *args):
-        logging.info("%s %s", self.address_string(), format % args)
-
-
-class _Server(ThreadingHTTPServer):
-    """A thread per connection (daemons), and a listen backlog for many concurrent clients."""
-
-    daemon_threads = True
-    request_queue_size = 256
+    def _choice(self, chat: bool, index: int, choice, job: Job) -> dict:
+        """One answer choice with its log-probs (when asked for) and, with ``echo``, the prompt's text first."""
+        decode, prompt = self.served.tokenizer.decode, job.rows[index]
+        if chat:
+            logprobs = None if job.logprobs is None else chat_logprobs(decode, len(prompt), choice, job.logprobs)
+            return choice_body(True, index, choice, logprobs)
+        shown = decode(prompt) if job.echo else ""
+        logprobs = None
+        if job.logprobs is not None:
+            logprobs = completion_logprobs(decode, prompt, choice, job.echo, 0 if job.echo else len(decode(prompt)))
+        return choice_body(False, index, dataclasses.replace(choice, text=shown + choice.text), logprobs)
 
 
 def make_server(
@@ -347,12 +314,13 @@ def make_server(
     batcher = Batcher(
         served.generate,
         served.tokenizer.decode,
+        score_fn=served.score,
         max_batch=max_batch,
         wait_s=wait_ms / 1000,
         stop_token_ids=served.stop_token_ids,
         context_length=served.context_length,
     )
-    server = _Server((host, port), Handler)
+    server = Server((host, port))
     server.app = App(served, batcher, api_key=api_key, default_max_tokens=default_max_tokens)  # type: ignore[attr-defined]
     return server
 

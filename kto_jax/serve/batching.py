@@ -14,6 +14,13 @@ power of two (at least ``MIN_BUCKET``). Each row is then cut at its own job's
 ``max_tokens``, at extra stop token ids (e.g. a second EOS of the model), and at its stop
 strings (``finish_row``).
 
+Rows are generated ``kto_jax.serve.engine.CHUNK`` tokens per device call: after each chunk a
+batch ends once every row is done (EOS, its job's ``max_tokens``, a stop token or string, or
+its client gone: ``Job.cancel``), and a streamed job (``Job.events``) gets each row's text so
+far that no stop string can still take back (``partial_text``). A job that asks for log-probs
+(``logprobs``, ``echo``) has its rows (prompt + completion) scored after the generation
+(``kto_jax.serve.scoring``); a job with ``max_tokens`` 0 is scored only.
+
 Greedy jobs (temperature 0) batch together whatever their top_p/top_k/seed, and give the
 same tokens in any batch. A sampled job with a ``seed`` runs in a batch of its own with
 that seed, so the same request gives the same answer; sampled jobs without one share
@@ -32,6 +39,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from absl import logging
+
+from kto_jax.serve.scoring import Scores
 
 MIN_BUCKET = 16
 
@@ -56,6 +65,7 @@ class Choice:
     text: str
     tokens: list[int]
     finish_reason: str
+    scores: Scores | None = None  # log-probs of the prompt + completion row (jobs that ask for them)
 
 
 @dataclasses.dataclass(eq=False)
@@ -67,7 +77,19 @@ class Job:
     sampling: Sampling = Sampling()
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # top-k log-probs per token (0: the tokens' own only); None: none
+    echo: bool = False  # score the prompt tokens too
+    events: queue.Queue | None = None  # streamed: (row, text so far) after each chunk, then None
     future: Future = dataclasses.field(default_factory=Future)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """The client is gone: its rows count as done, and a queued job is not run."""
+        self.cancelled.set()
+
+    @property
+    def scored(self) -> bool:
+        return self.logprobs is not None or self.echo
 
     def group_key(self):
         """Jobs of one key share a ``generate`` call: same sampling; a seeded sampled job is alone."""
@@ -116,12 +138,45 @@ def finish_row(
     return Choice(text, tokens, "stop" if ended else "length")
 
 
+def partial_text(
+    tokens: Sequence[int],
+    max_tokens: int,
+    decode: Callable[[Sequence[int]], str],
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+) -> str:
+    """The text of a row still being generated that its final ``finish_row`` text starts with: cut
+    as ``finish_row`` cuts, less a tail that could begin a stop string and less a trailing U+FFFD
+    (an incomplete UTF-8 character a later token may complete)."""
+    tokens = list(tokens)[:max_tokens]
+    cut = next((i for i, t in enumerate(tokens) if t in stop_token_ids), None)
+    text = decode(tokens if cut is None else tokens[:cut])
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    if hits:
+        return text[: min(hits)]
+    hold = max((j for s in stop for j in range(1, len(s)) if text.endswith(s[:j])), default=0)
+    return text[: len(text) - hold].rstrip("\ufffd")
+
+
+def row_done(tokens: Sequence[int], generated: int, job: Job, decode, stop_token_ids: Sequence[int]) -> bool:
+    """Whether a row needs no more tokens: EOS came (fewer tokens than ``generated``), it has
+    ``job.max_tokens``, a stop token or stop string ended it, or its client is gone."""
+    if job.cancelled.is_set() or len(tokens) < generated or len(tokens) >= job.max_tokens:
+        return True
+    if any(t in stop_token_ids for t in tokens):
+        return True
+    return bool(job.stop) and any(s in decode(tokens) for s in job.stop)
+
+
 class Batcher:
     """A thread answering ``Job``s submitted from any thread, in batches (see the module docstring).
 
-    ``generate_fn(rows, *, max_new_tokens, sampling, seed, batch_size, bucket)`` returns each row's
-    new tokens up to EOS (``kto_jax.generate.generate``); ``decode`` turns token ids into text.
-    ``stats`` counts jobs, batches and the largest batch (in rows), for /health.
+    ``generate_fn(rows, *, max_new_tokens, sampling, seed, batch_size, bucket, on_chunk)`` returns
+    each row's new tokens up to EOS (``kto_jax.serve.engine.generate_chunked``), calling
+    ``on_chunk(start, rows so far, tokens generated)`` after each chunk (False ends the batch); ``decode`` turns token
+    ids into text; ``score_fn(rows, *, top_k, batch_size, bucket)`` gives each row's ``Scores``.
+    ``stats`` counts jobs, batches, the largest batch (in rows) and the jobs whose client left
+    (``cancelled``), for /health.
     """
 
     def __init__(
@@ -129,6 +184,7 @@ class Batcher:
         generate_fn,
         decode,
         *,
+        score_fn=None,
         max_batch: int = 8,
         wait_s: float = 0.005,
         stop_token_ids: Sequence[int] = (),
@@ -136,10 +192,10 @@ class Batcher:
     ):
         if max_batch < 1 or max_batch & (max_batch - 1):
             raise ValueError(f"max_batch must be a power of two >= 1 (batch shapes are powers of two); got {max_batch}")
-        self.generate_fn, self.decode = generate_fn, decode
+        self.generate_fn, self.decode, self.score_fn = generate_fn, decode, score_fn
         self.max_batch, self.wait_s = int(max_batch), float(wait_s)
         self.stop_token_ids, self.context_length = tuple(stop_token_ids), context_length
-        self.stats = {"jobs": 0, "batches": 0, "generate_calls": 0, "largest_batch": 0}
+        self.stats = {"jobs": 0, "batches": 0, "generate_calls": 0, "largest_batch": 0, "cancelled": 0}
         self._queue: queue.Queue = queue.Queue()
         self._seeds = random.Random()
         self._thread = threading.Thread(target=self._loop, name="kto_jax-batcher", daemon=True)
@@ -177,17 +233,56 @@ class Batcher:
             if first is None:
                 return
             jobs, stop = self._collect(first)
-            self.stats["batches"] += 1
-            self.stats["jobs"] += len(jobs)
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], sum(len(j.rows) for j in jobs))
-            for _, group in itertools.groupby(sorted(jobs, key=_order), key=lambda j: j.group_key()):
-                self._run(list(group))
+            gone = [j for j in jobs if j.cancelled.is_set()]
+            for job in gone:  # the client left while the job waited: nothing to run
+                self.stats["cancelled"] += 1
+                _finish(job, error=CancelledJob("the client disconnected"))
+            jobs = [j for j in jobs if not j.cancelled.is_set()]
+            if jobs:
+                self.stats["batches"] += 1
+                self.stats["jobs"] += len(jobs)
+                self.stats["largest_batch"] = max(self.stats["largest_batch"], sum(len(j.rows) for j in jobs))
+                for _, group in itertools.groupby(sorted(jobs, key=_order), key=lambda j: j.group_key()):
+                    self._run(list(group))
             if stop:
                 return
 
     def _run(self, jobs: list[Job]) -> None:
-        """One ``generate_fn`` call for jobs of one group key; each job's future answered."""
+        """One ``generate_fn`` call for jobs of one group key (none when all have ``max_tokens`` 0),
+        then the scoring of the jobs that ask for log-probs; each job's future answered."""
+        generating = [job for job in jobs if job.max_tokens > 0]
+        out: list[list[int]] = []
+        max_new = 0
+        try:
+            if generating:
+                max_new, out = self._generate(generating)
+        except Exception as e:  # noqa: BLE001 -- the handlers answer 500 with the message
+            logging.exception("generation failed for %d rows", sum(len(j.rows) for j in generating))
+            for job in jobs:
+                _finish(job, error=e)
+            return
+        start = 0
+        for job in jobs:
+            self.stats["cancelled"] += int(job.cancelled.is_set())
+            if job.max_tokens > 0:
+                mine, start = out[start : start + len(job.rows)], start + len(job.rows)
+            else:
+                mine = [[] for _ in job.rows]
+            try:
+                choices = [
+                    finish_row(t, max_new, job.max_tokens, self.decode, job.stop, self.stop_token_ids) for t in mine
+                ]
+                if job.scored:
+                    self._score(job, choices)
+                _finish(job, choices)
+            except Exception as e:  # noqa: BLE001 -- a decoding or scoring failure answers this job only
+                logging.exception("finishing a job failed")
+                _finish(job, error=e)
+
+    def _generate(self, jobs: list[Job]) -> tuple[int, list[list[int]]]:
+        """``(max_new_tokens, rows)`` of one ``generate_fn`` call over ``jobs``' rows."""
         rows = [row for job in jobs for row in job.rows]
+        owners = [(job, i) for job in jobs for i in range(len(job.rows))]
         sampling, first = jobs[0].sampling.normalized(), jobs[0]
         max_new = pow2_at_least(max(job.max_tokens for job in jobs), MIN_BUCKET)
         if self.context_length:
@@ -196,30 +291,57 @@ class Batcher:
             seed = 0
         else:
             seed = first.seed if first.seed is not None and len(jobs) == 1 else self._seeds.randrange(2**31)
-        try:
-            self.stats["generate_calls"] += 1
-            out = self.generate_fn(
-                rows,
-                max_new_tokens=max_new,
-                sampling=sampling,
-                seed=seed,
-                batch_size=min(self.max_batch, pow2_at_least(len(rows))),
-                bucket=pow2_at_least(max(len(r) for r in rows), MIN_BUCKET),
-            )
-        except Exception as e:  # noqa: BLE001 -- the handlers answer 500 with the message
-            logging.exception("generation failed for %d rows", len(rows))
-            for job in jobs:
-                job.future.set_exception(e)
-            return
-        start = 0
-        for job in jobs:
-            mine, start = out[start : start + len(job.rows)], start + len(job.rows)
-            try:
-                job.future.set_result(
-                    [finish_row(t, max_new, job.max_tokens, self.decode, job.stop, self.stop_token_ids) for t in mine]
-                )
-            except Exception as e:  # noqa: BLE001 -- a decoding failure answers this job only
-                job.future.set_exception(e)
+
+        def on_chunk(start: int, sofar: list[list[int]], generated: int) -> bool:
+            done = True
+            for k, tokens in enumerate(sofar):
+                job, i = owners[start + k]
+                if job.events is not None and not job.cancelled.is_set():
+                    job.events.put(
+                        (i, partial_text(tokens, job.max_tokens, self.decode, job.stop, self.stop_token_ids))
+                    )
+                done = done and row_done(tokens, generated, job, self.decode, self.stop_token_ids)
+            return not done
+
+        self.stats["generate_calls"] += 1
+        out = self.generate_fn(
+            rows,
+            max_new_tokens=max_new,
+            sampling=sampling,
+            seed=seed,
+            batch_size=min(self.max_batch, pow2_at_least(len(rows))),
+            bucket=pow2_at_least(max(len(r) for r in rows), MIN_BUCKET),
+            on_chunk=on_chunk,
+        )
+        return max_new, out
+
+    def _score(self, job: Job, choices: list[Choice]) -> None:
+        """Attach each choice's ``Scores`` (of its prompt + completion row) to it."""
+        if self.score_fn is None:
+            raise RuntimeError("this batcher has no score_fn: log-probs cannot be computed")
+        rows = [list(prompt) + list(c.tokens) for prompt, c in zip(job.rows, choices)]
+        scores = self.score_fn(
+            rows,
+            top_k=job.logprobs or 0,
+            batch_size=min(self.max_batch, pow2_at_least(len(rows))),
+            bucket=pow2_at_least(max(len(r) for r in rows), MIN_BUCKET),
+        )
+        for c, s in zip(choices, scores):
+            c.scores = s
+
+
+class CancelledJob(Exception):
+    """A job whose client disconnected before it ran."""
+
+
+def _finish(job: Job, choices: list[Choice] | None = None, *, error: BaseException | None = None) -> None:
+    """Answer ``job``'s future (``choices`` or ``error``) and end its event stream."""
+    if error is not None:
+        job.future.set_exception(error)
+    else:
+        job.future.set_result(choices)
+    if job.events is not None:
+        job.events.put(None)
 
 
 def _order(job: Job):

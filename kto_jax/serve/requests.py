@@ -10,6 +10,7 @@ from kto_jax.serve.batching import Sampling
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_N = 64
+MAX_LOGPROBS = 20
 
 
 class RequestError(Exception):
@@ -42,16 +43,57 @@ def _number(body: dict, field: str, default, lo: float, hi: float, integer: bool
     return value
 
 
-def parse_options(body: dict) -> dict:
-    """The sampling options of a request: ``sampling``, ``n``, ``seed``, ``stop``, ``max_tokens`` (None: default)."""
-    if body.get("stream"):
-        raise RequestError("stream=true is not supported by this server", "stream")
+def _flag(body: dict, field: str) -> bool:
+    """``body[field]`` as a boolean (absent or null: False)."""
+    value = body.get(field)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestError(f"{field} must be true or false; got {value!r}", field)
+    return value
+
+
+def stream_options(body: dict) -> tuple[bool, bool]:
+    """``(stream, include_usage)``: ``stream`` and ``stream_options.include_usage``."""
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise RequestError(f"stream_options must be an object; got {options!r}", "stream_options")
+    if not stream:
+        raise RequestError("stream_options is only allowed with stream=true", "stream_options")
+    return stream, _flag(options, "include_usage")
+
+
+def logprob_options(body: dict, chat: bool) -> tuple[int | None, bool]:
+    """``(top-k count or None for no log-probs, echo)``: completions' ``logprobs`` (an integer) and
+    ``echo``; chat's ``logprobs`` (a boolean) and ``top_logprobs``."""
+    if chat:
+        top = _number(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True)
+        wanted = _flag(body, "logprobs")
+        if top is not None and not wanted:
+            raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
+        return (top or 0) if wanted else None, False
+    if isinstance(body.get("logprobs"), bool):
+        raise RequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] for completions", "logprobs")
+    return _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True), _flag(body, "echo")
+
+
+def parse_options(body: dict, chat: bool = False) -> dict:
+    """The options of a request: ``sampling``, ``n``, ``seed``, ``stop``, ``max_tokens`` (None: default),
+    ``stream``, ``include_usage``, ``logprobs`` (top-k count; None: none) and ``echo``."""
+    stream, include_usage = stream_options(body)
+    logprobs, echo = logprob_options(body, chat)
+    if stream and (logprobs is not None or echo):
+        field = "logprobs" if logprobs is not None else "echo"
+        raise RequestError(f"{field} is not supported with stream=true here: send the request unstreamed", field)
     field = (
         "max_completion_tokens"
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None
         else "max_tokens"
     )
-    max_tokens = _number(body, field, None, 1, 2**31, integer=True)
+    max_tokens = _number(body, field, None, 0 if echo else 1, 2**31, integer=True)
     temperature = float(_number(body, "temperature", 1.0, 0.0, 100.0))
     top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0))
     if top_p == 0:
@@ -70,6 +112,10 @@ def parse_options(body: dict) -> dict:
         "stop": tuple(stop),
         "max_tokens": max_tokens,
         "max_tokens_field": field,
+        "stream": stream,
+        "include_usage": include_usage,
+        "logprobs": logprobs,
+        "echo": echo,
     }
 
 
@@ -127,7 +173,7 @@ def resolve_max_tokens(options: dict, prompts: list[list[int]], served, default:
     """The request's max_tokens, within the context: a prompt + max_tokens over it is a 400."""
     longest = max(len(p) for p in prompts)
     room = served.context_length - longest
-    if room < 1:
+    if room < (0 if options["max_tokens"] == 0 else 1):
         raise RequestError(
             f"this model's maximum context length is {served.context_length} tokens; the prompt has {longest}",
             prompt_field,

@@ -85,7 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
             compute_dtype="float32",  # activations (bfloat16 on accelerators)
             param_dtype="float32",  # params and optimizer state
             remat_policy="none",
-            attention_impl="",  # "" (XLA's choice), "xla", "cudnn" (GPU) or "splash" (TPU kernel; rows of a multiple of 128)
+            # "" (blocked on CPU, else XLA's choice), "xla", "cudnn" (GPU), "splash" (TPU kernel; rows of a
+            # multiple of 128) or "blocked" (block-causal, kto_jax/models/blocked.py)
+            attention_impl="",
             # LoRA (kto_jax/models/lora.py): rank 0 = full fine-tuning. With rank > 0 only the adapters
             # train, the base is frozen and is the reference (no second copy); targets: "attention"
             # (q,k,v,o), "mlp" (gate,up,down), "all_linear", or comma-separated regexes over q,k,v,o,gate,up,down;

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kto_jax.models.blocked import blocked_attention
 from kto_jax.models.config import REMAT_POLICIES, ModelConfig
 from kto_jax.models.positions import (
     apply_rope,
@@ -112,6 +113,13 @@ def attention_scale(config: ModelConfig) -> float:
     return float(config.query_pre_attn_scalar or config.head_dim) ** -0.5
 
 
+def blocked_impl(config: ModelConfig) -> bool:
+    """Whether the model's self-attention runs :func:`kto_jax.models.blocked.blocked_attention`:
+    ``attention_impl="blocked"``, or None (the default) on a CPU backend, where XLA's own attention
+    computes the causally masked half of the scores (about 2x torch's SDPA at 512 tokens)."""
+    return config.attention_impl == "blocked" or (config.attention_impl is None and jax.default_backend() == "cpu")
+
+
 def xla_attention(q, k, v, mask, scale: float, cap: float | None) -> jax.Array:
     """softmax(softcap(q k^T * scale, cap) where mask, else -inf) v, the softmax in float32, for
     q ``[B, T, H, Dh]``, k/v ``[B, S, KV, Dh]`` and the ``[B, 1, T, S]`` mask: transformers' eager
@@ -177,13 +185,22 @@ class Attention(nn.Module):
                 out = kernel(cfg.sliding_window)()
             else:
                 out = jax.lax.cond(local, kernel(cfg.sliding_window), kernel(None))
+        elif blocked_impl(cfg) and cache is None:  # self-attention: skip the key blocks the causal band rules out
+
+            def kernel(window, layer_mask):
+                return lambda: blocked_attention(q, k, v, layer_mask, scale=scale, softcap=cap, window=window)
+
+            if local is None:
+                out = kernel(cfg.sliding_window, mask)()
+            else:
+                out = jax.lax.cond(local, kernel(cfg.sliding_window, mask[1]), kernel(None, mask[0]))
         else:
             if local is not None:
                 mask = jnp.where(local, mask[1], mask[0])
             if cap is not None:
                 out = xla_attention(q, k, v, mask, scale, cap)
             else:
-                impl = None if cfg.attention_impl == "splash" else cfg.attention_impl
+                impl = cfg.attention_impl if cfg.attention_impl in ("xla", "cudnn") else None
                 out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
         return OutputProjection(cfg, name="o")(out), new_cache

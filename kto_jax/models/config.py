@@ -20,7 +20,7 @@ from kto_jax.errors import InputError
 # ``kto_jax.models.families.Family``. The families register here when kto_jax.models.families is
 # imported, which importing any module of kto_jax.models does first (the package imports it).
 FAMILY_RULES: dict[str, Any] = {}
-ATTENTION_IMPLS = (None, "xla", "cudnn", "splash")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "splash", "blocked")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -62,10 +62,12 @@ class ModelConfig:
       each held as its canonical name ("float32", "bfloat16"); any spelling ``jnp.dtype``
       reads (``jnp.bfloat16``, ``np.float32``, ``jnp.dtype("float16")``) is accepted.
     remat_policy: a name in REMAT_POLICIES, applied to each layer.
-    attention_impl: ``jax.nn.dot_product_attention`` implementation: None (XLA's choice),
-      "xla" or "cudnn" (GPU, bf16/fp16); or "splash", the TPU Pallas kernel with segment ids
-      (``kto_jax.models.splash``) on rows of a multiple of 128 tokens, XLA's on other rows and
-      when decoding with the KV cache.
+    attention_impl: None (the default: "blocked" on a CPU backend, else XLA's choice of
+      ``jax.nn.dot_product_attention``), "xla" or "cudnn" (GPU, bf16/fp16); "splash", the TPU
+      Pallas kernel with segment ids (``kto_jax.models.splash``) on rows of a multiple of 128
+      tokens, XLA's on other rows and when decoding with the KV cache; or "blocked", the
+      block-causal attention of ``kto_jax.models.blocked`` (skips the key blocks the causal band
+      rules out; self-attention, XLA's when decoding with the KV cache).
     scan_unroll: layers per iteration of the scanned layer loop (1: a loop over layers;
       ``num_layers``: straight-line code, as the AOT FLOP count needs).
     lora_rank / lora_alpha / lora_targets / lora_rslora: LoRA adapters (``kto_jax.models.lora``;
@@ -147,7 +149,11 @@ class ModelConfig:
                 (self.rope_type in ("default", "linear", "llama3"), "rope_type", "'default', 'linear' or 'llama3'"),
                 (0 < self.rotary_pct <= 1, "rotary_pct", "in (0, 1]"),
                 (self.remat_policy in REMAT_POLICIES, "remat_policy", f"one of {sorted(REMAT_POLICIES)}"),
-                (self.attention_impl in ATTENTION_IMPLS, "attention_impl", "None, 'xla', 'cudnn' or 'splash'"),
+                (
+                    self.attention_impl in ATTENTION_IMPLS,
+                    "attention_impl",
+                    "None, 'xla', 'cudnn', 'splash' or 'blocked'",
+                ),
                 (1 <= self.scan_unroll <= self.num_layers, "scan_unroll", f"in [1, num_layers={self.num_layers}]"),
                 (self.hidden_act in ACTIVATIONS, "hidden_act", f"one of {sorted(ACTIVATIONS)}"),
                 (

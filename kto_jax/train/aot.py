@@ -97,8 +97,9 @@ def xla_step_flops(config, plan: Plan | None = None) -> float:
     with no loop left: one microbatch, one log-prob chunk, and 1 or 2 layers (the 2-layer
     scan unrolled). With f1, f2 their counts, the L-layer step costs ``f1 + (L - 1) (f2 - f1)``.
     The count includes what the remat policy recomputes (hardware FLOPs, not model FLOPs).
-    Splash attention is counted as XLA's dense attention (a Pallas kernel is opaque to the cost
-    analysis; the kernel itself skips the key blocks the causal mask rules out).
+    Splash and the default attention are counted as XLA's dense attention (a Pallas kernel is
+    opaque to the cost analysis; the kernel itself skips the key blocks the causal mask rules out;
+    on this CPU host the default would be the blocked attention, which the target does not run).
     """
     config = config.copy_and_resolve_references()
     config.mesh.update(data=1, fsdp=-1, tensor=1)
@@ -110,7 +111,7 @@ def xla_step_flops(config, plan: Plan | None = None) -> float:
     counts = []
     for layers in (1, 2):
         model_config = plan.model_config.replace(
-            num_layers=layers, scan_unroll=layers, attention_impl=None if attention == "splash" else attention
+            num_layers=layers, scan_unroll=layers, attention_impl="xla" if attention in (None, "splash") else attention
         )
         lowered, _ = lower_train_step(base.replace(model_config=model_config), jax.devices("cpu")[:1])
         cost = lowered.cost_analysis()

@@ -110,9 +110,9 @@ def _table() -> tuple[Rule, ...]:
         ),
         Rule(
             "model.attention_impl",
-            one_of("", "xla", "cudnn", "splash"),
-            "one of '', 'xla', 'cudnn', 'splash'",
-            "'' (the default), 'cudnn' on GPU, 'splash' on TPU",
+            one_of("", "xla", "cudnn", "splash", "blocked"),
+            "one of '', 'xla', 'cudnn', 'splash', 'blocked'",
+            "'' (the default: 'blocked' on CPU), 'cudnn' on GPU, 'splash' on TPU",
         ),
         Rule(
             "reference.mode",

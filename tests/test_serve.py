@@ -333,7 +333,10 @@ def test_finish_row_cuts_at_max_tokens_stop_ids_and_strings():
     assert finish_row([0, 1, 2, 3], 4, 4, decode).finish_reason == "length"  # no EOS in max_tokens
     assert finish_row(list(range(16)), 16, 5, decode) == Choice("abcde", [0, 1, 2, 3, 4], "length")
     assert finish_row([0, 1, 2, 3], 16, 3, decode) == Choice("abc", [0, 1, 2], "length")  # EOS came after max_tokens
-    assert finish_row([0, 1, 9, 3], 16, 8, decode, stop_token_ids=(9,)) == Choice("ab", [0, 1], "stop")
+    assert finish_row([0, 1, 9, 3], 16, 8, decode, stop_token_ids=(9,)) == Choice("ab", [0, 1], "stop", end_token=9)
+    # the token that ended a row (EOS, a stop token; not a stop string nor max_tokens) is reported with log-probs
+    assert finish_row([0, 1, 2], 16, 8, decode, eos_id=7).scored_tokens == [0, 1, 2, 7]
+    assert finish_row([0, 1, 2, 3], 16, 3, decode, eos_id=7).scored_tokens == [0, 1, 2]
     assert finish_row([0, 1, 2, 3, 4], 16, 8, decode, stop=("cd", "zz")) == Choice("ab", [0, 1, 2, 3], "stop")
     assert finish_row(list(range(8)), 8, 8, decode, stop=("zz",)) == Choice("abcdefgh", list(range(8)), "length")
 

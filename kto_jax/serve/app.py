@@ -319,6 +319,7 @@ def make_server(
         wait_s=wait_ms / 1000,
         stop_token_ids=served.stop_token_ids,
         context_length=served.context_length,
+        eos_id=served.tokenizer.eos_id,
     )
     server = Server((host, port))
     server.app = App(served, batcher, api_key=api_key, default_max_tokens=default_max_tokens)  # type: ignore[attr-defined]

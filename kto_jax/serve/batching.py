@@ -66,6 +66,12 @@ class Choice:
     tokens: list[int]
     finish_reason: str
     scores: Scores | None = None  # log-probs of the prompt + completion row (jobs that ask for them)
+    end_token: int | None = None  # the EOS or stop token that ended it (not in ``tokens`` nor the text)
+
+    @property
+    def scored_tokens(self) -> list[int]:
+        """The completion's tokens as log-probs report them: ``tokens``, then the token that ended it."""
+        return self.tokens + ([] if self.end_token is None else [self.end_token])
 
 
 @dataclasses.dataclass(eq=False)
@@ -111,6 +117,7 @@ def finish_row(
     decode: Callable[[Sequence[int]], str],
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
+    eos_id: int | None = None,
 ) -> Choice:
     """A ``generate`` row (tokens up to, not including, EOS; ``max_new_tokens`` long when no EOS came)
     as a ``Choice`` cut at ``max_tokens``, at the first of ``stop_token_ids`` and at the first stop string.
@@ -121,21 +128,22 @@ def finish_row(
     """
     tokens = list(tokens)
     ended = len(tokens) < max_new_tokens  # generate stopped at EOS
+    end_token = eos_id if ended else None
     if len(tokens) >= max_tokens:
-        tokens, ended = tokens[:max_tokens], False
+        tokens, ended, end_token = tokens[:max_tokens], False, None
     cut = next((i for i, t in enumerate(tokens) if t in stop_token_ids), None)
     if cut is not None:
-        tokens, ended = tokens[:cut], True
+        tokens, ended, end_token = tokens[:cut], True, tokens[cut]
     text = decode(tokens)
     hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     if hits:
         end = min(hits)
-        text, ended = text[:end], True
+        text, ended, end_token = text[:end], True, None
         needed = next(
             (k for k in range(1, len(tokens) + 1) if any(s and s in decode(tokens[:k]) for s in stop)), len(tokens)
         )
         tokens = tokens[:needed]
-    return Choice(text, tokens, "stop" if ended else "length")
+    return Choice(text, tokens, "stop" if ended else "length", end_token=end_token)
 
 
 def partial_text(
@@ -189,12 +197,13 @@ class Batcher:
         wait_s: float = 0.005,
         stop_token_ids: Sequence[int] = (),
         context_length: int | None = None,
+        eos_id: int | None = None,
     ):
         if max_batch < 1 or max_batch & (max_batch - 1):
             raise ValueError(f"max_batch must be a power of two >= 1 (batch shapes are powers of two); got {max_batch}")
         self.generate_fn, self.decode, self.score_fn = generate_fn, decode, score_fn
         self.max_batch, self.wait_s = int(max_batch), float(wait_s)
-        self.stop_token_ids, self.context_length = tuple(stop_token_ids), context_length
+        self.stop_token_ids, self.context_length, self.eos_id = tuple(stop_token_ids), context_length, eos_id
         self.stats = {"jobs": 0, "batches": 0, "generate_calls": 0, "largest_batch": 0, "cancelled": 0}
         self._queue: queue.Queue = queue.Queue()
         self._seeds = random.Random()
@@ -270,7 +279,8 @@ class Batcher:
                 mine = [[] for _ in job.rows]
             try:
                 choices = [
-                    finish_row(t, max_new, job.max_tokens, self.decode, job.stop, self.stop_token_ids) for t in mine
+                    finish_row(t, max_new, job.max_tokens, self.decode, job.stop, self.stop_token_ids, self.eos_id)
+                    for t in mine
                 ]
                 if job.scored:
                     self._score(job, choices)
@@ -319,7 +329,7 @@ class Batcher:
         """Attach each choice's ``Scores`` (of its prompt + completion row) to it."""
         if self.score_fn is None:
             raise RuntimeError("this batcher has no score_fn: log-probs cannot be computed")
-        rows = [list(prompt) + list(c.tokens) for prompt, c in zip(job.rows, choices)]
+        rows = [list(prompt) + c.scored_tokens for prompt, c in zip(job.rows, choices)]
         scores = self.score_fn(
             rows,
             top_k=job.logprobs or 0,

@@ -1,7 +1,8 @@
 """The server's answer bodies in OpenAI's shapes: completions and chat completions, their streamed
 chunks, and their log-probs (the legacy completions format and the chat format).
 
-Token strings are each token decoded alone (a byte of a multi-byte character decodes to U+FFFD;
+The log-probs of a completion that EOS or a stop token ended report that token last (as vLLM),
+though neither its text nor the usage counts it. Token strings are each token decoded alone (a byte of a multi-byte character decodes to U+FFFD;
 a special token the tokenizer skips when decoding to ""); ``text_offset`` counts their lengths.
 """
 
@@ -24,7 +25,7 @@ def completion_logprobs(decode, prompt: list[int], choice: Choice, echo: bool, s
     ``top_logprobs`` (dicts token -> log-prob) and ``text_offset`` (characters into the answer's
     text, from ``start_offset``); with ``echo`` the prompt's tokens first, the first one's
     log-prob and top log-probs null (no token predicts it)."""
-    ids = (list(prompt) if echo else []) + list(choice.tokens)
+    ids = (list(prompt) if echo else []) + choice.scored_tokens
     part: Scores = choice.scores if echo else choice.scores.tail(len(prompt))
     logps: list = list(part.token_logprobs)
     tops: list = [
@@ -54,7 +55,7 @@ def chat_logprobs(decode, prompt_len: int, choice: Choice, top_k: int) -> dict:
     """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}, ...]}``."""
     scores = choice.scores.tail(prompt_len)
     content = []
-    for j, t in enumerate(choice.tokens):
+    for j, t in enumerate(choice.scored_tokens):
         s = decode([t])
         tops = []
         if top_k:

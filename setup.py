@@ -46,6 +46,9 @@ setup(
             "accelerate>=1.0",
             "peft>=0.13",  # the LoRA adapters' format: tests load ours with peft and import peft's
             "wandb>=0.17",  # tests/test_wandb.py reads offline runs back
+            "openai>=1.0",  # the server tests talk to scripts/serve.py with the official client
+            "lm-eval[api]>=0.4.5,<0.5",  # tests/test_lm_eval.py: lm-evaluation-harness against the server
+            "psutil>=5.9",  # the server load test reads the server's RSS
         ],
         "tpu": ["libtpu"],
         "wandb": ["wandb>=0.17"],  # config.logging.wandb (kto_jax/train/tracking.py)

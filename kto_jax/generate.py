@@ -94,7 +94,7 @@ def generate_batch(
     slots = jnp.concatenate([mask, jnp.ones((batch, max_new_tokens), mask.dtype)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
     cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
-    logits, cache = model.apply({"params": params}, ids, slots, cache=cache, positions=positions)
+    logits, cache = model.apply({"params": params}, ids, slots, cache=cache, positions=positions, prefill=True)
     next_position = mask.sum(-1, keepdims=True)
 
     def step(carry, key):

@@ -176,6 +176,9 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             new_cache = {"k": k, "v": v, "index": cache["index"]}
         scale, cap = attention_scale(cfg), cfg.attn_logit_softcap
+        keys = (mask[0] if isinstance(mask, tuple) else mask).shape[-1]
+        if cache is not None and keys < k.shape[1]:  # a prefill's mask covers its own slots: attend over those
+            k, v = k[:, :keys], v[:, :keys]
         if not isinstance(mask, tuple) and mask.ndim == 2:  # splash: segment ids; the window is the kernel's
 
             def kernel(window):
@@ -185,7 +188,7 @@ class Attention(nn.Module):
                 out = kernel(cfg.sliding_window)()
             else:
                 out = jax.lax.cond(local, kernel(cfg.sliding_window), kernel(None))
-        elif blocked_impl(cfg) and cache is None:  # self-attention: skip the key blocks the causal band rules out
+        elif blocked_impl(cfg) and k.shape[1] == q.shape[1]:  # self-attention (training, a prefill): the causal band
 
             def kernel(window, layer_mask):
                 return lambda: blocked_attention(q, k, v, layer_mask, scale=scale, softcap=cap, window=window)
@@ -304,6 +307,7 @@ class Decoder(nn.Module):
         cache=None,
         positions=None,
         segment_ids=None,
+        prefill: bool = False,
     ):
         """Training/scoring: ``(input_ids, attention_mask)`` -> logits (or hidden states).
 
@@ -314,7 +318,9 @@ class Decoder(nn.Module):
         Decoding: with ``cache`` (from :func:`init_cache`) the call writes this chunk's keys and
         values at slot ``cache["index"]``; ``attention_mask`` is then the ``[B, S]`` mask of
         valid cache slots and ``positions`` the chunk's RoPE positions. Returns
-        ``(logits, new_cache)``.
+        ``(logits, new_cache)``. ``prefill=True`` says the cache is empty (index 0): the chunk's
+        queries attend over its own T slots only, with the self-attention of training (blocked
+        on CPU) instead of over the whole cache.
         """
         cfg = self.config
         # the splash kernel takes segment ids, not a [B, 1, T, T] mask; it runs on rows of a multiple
@@ -338,7 +344,8 @@ class Decoder(nn.Module):
             splash, splash_ids = False, None
 
             def make_mask(window):
-                return cache_attention_mask(attention_mask, cache["index"], input_ids.shape[1], window)
+                mask = cache_attention_mask(attention_mask, cache["index"], input_ids.shape[1], window)
+                return mask[..., : input_ids.shape[1]] if prefill else mask  # the first T slots: this chunk
 
         # per-layer kinds: each layer's flag is scanned data and picks one of the two masks
         local = None if cfg.layer_types is None else jnp.asarray([t == "sliding_attention" for t in cfg.layer_types])

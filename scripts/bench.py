@@ -5,8 +5,9 @@
     python scripts/bench.py --attention_vs_torch [--max_length 512]
 
 ``--attention_vs_torch``: one attention layer of the preset's shape (``--batch`` rows of
-``--max_length`` tokens, a fifth of each row left padding), forward and forward + backward,
-``jax.nn.dot_product_attention`` with the model's mask against torch's
+``--max_length`` tokens, a fifth of each row left padding), forward and forward + backward, the
+model's attention on this backend (``--attention_impl``; by default the blocked attention on CPU,
+``kto_jax.models.blocked``) and XLA's dense ``jax.nn.dot_product_attention``, with the model's mask, against torch's
 ``scaled_dot_product_attention`` with the same mask (what transformers' Llama runs on CPU, as TRL
 does), alternating, three rounds; seconds per call and the torch/jax ratio.
 
@@ -76,7 +77,9 @@ _LORA_RANK = flags.DEFINE_integer(
 )
 _LORA_ALPHA = flags.DEFINE_float("lora_alpha", 16.0, "With --lora_rank: LoRA alpha.")
 _LORA_TARGETS = flags.DEFINE_string("lora_targets", "all_linear", "With --lora_rank: the adapted projections.")
-_ATTENTION = flags.DEFINE_string("attention_impl", "", "'' (XLA's choice), 'xla', 'cudnn' (GPU) or 'splash' (TPU).")
+_ATTENTION = flags.DEFINE_string(
+    "attention_impl", "", "'' (blocked on CPU, else XLA's choice), 'xla', 'cudnn' (GPU), 'splash' (TPU) or 'blocked'."
+)
 _LENGTHS = flags.DEFINE_string(
     "lengths", "fixed", "'fixed' (64 + 64 tokens) or a source of scripts/length_histograms.json."
 )
@@ -294,6 +297,9 @@ def bench_attention_vs_torch(config) -> None:
     """Seconds per call of one attention layer, JAX against torch, alternating (module docstring)."""
     import torch
 
+    from kto_jax.models.blocked import blocked_attention
+    from kto_jax.models.common import blocked_impl
+
     torch.set_num_threads(os.cpu_count() or 1)
     B, T, H, D = _BATCH.value, _MAX_LENGTH.value, config.num_heads, config.head_dim
     r = np.random.default_rng(0)
@@ -302,13 +308,20 @@ def bench_attention_vs_torch(config) -> None:
     present[:, : T // 5] = 0
     mask = attention_mask_4d(jnp.asarray(present))
     impl = config.attention_impl
+    blocked = blocked_impl(config)  # the model's attention here: blocked (on CPU by default) or XLA's
+
+    def dense(q, k, v):
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, implementation=impl if impl in ("xla", "cudnn") else None
+        )
 
     def attend(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        return blocked_attention(q, k, v, mask, scale=D**-0.5) if blocked else dense(q, k, v)
 
     jq, jk, jv, jw = map(jnp.asarray, (q, k, v, w))
     jax_fwd = jax.jit(attend)
     jax_grad = jax.jit(jax.grad(lambda q, k, v: (attend(q, k, v) * jw).sum(), argnums=(0, 1, 2)))
+    xla_grad = jax.jit(jax.grad(lambda q, k, v: (dense(q, k, v) * jw).sum(), argnums=(0, 1, 2)))
     tq, tk, tv = (torch.tensor(x).transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
     tw, tmask = torch.tensor(w).transpose(1, 2), torch.tensor(np.asarray(mask))
 
@@ -324,6 +337,7 @@ def bench_attention_vs_torch(config) -> None:
         "jax_forward_backward": lambda: jax.block_until_ready(jax_grad(jq, jk, jv)),
         "torch_forward": torch_fwd,
         "torch_forward_backward": torch_grad,
+        "xla_dense_forward_backward": lambda: jax.block_until_ready(xla_grad(jq, jk, jv)),
     }
     times = {name: [] for name in calls}
     for fn in calls.values():
@@ -339,11 +353,14 @@ def bench_attention_vs_torch(config) -> None:
         json.dumps(
             {
                 "shape": {"batch": B, "length": T, "heads": H, "head_dim": D},
-                "jax_impl": impl or "xla (default)",
+                "jax_impl": "blocked" if blocked else (impl or "xla (default)"),
                 **{f"{n}_s": round(x, 4) for n, x in s.items()},
                 "jax_over_torch_seconds_forward": round(s["jax_forward"] / s["torch_forward"], 2),
                 "jax_over_torch_seconds_forward_backward": round(
                     s["jax_forward_backward"] / s["torch_forward_backward"], 2
+                ),
+                "xla_dense_over_torch_seconds_forward_backward": round(
+                    s["xla_dense_forward_backward"] / s["torch_forward_backward"], 2
                 ),
             }
         ),

@@ -3,6 +3,13 @@
     python scripts/bench.py [--preset tiny-25m] [--steps 10] [--dtype float32]
     python scripts/bench.py --lengths=mix [--max_length 512] [--batches 8]
     python scripts/bench.py --attention_vs_torch [--max_length 512]
+    python scripts/bench.py --generation=~/.cache/kto_jax/smollm2-135m-instruct [--batch 32]
+
+``--generation=FOLDER``: batched generation from a Hugging Face folder (scripts/convert_smollm2.py
+writes SmolLM2-135M-Instruct's), ``--batch`` chat prompts x ``--completion_tokens`` new tokens each
+(EOS never ends a row, so both count the same tokens), greedy and at temperature 1, with
+``kto_jax.generate.generate`` (KV cache, one ``lax.scan`` decode loop) against transformers'
+``generate`` on the same prompt tokens, alternating, two rounds; new tokens per second and the ratio.
 
 ``--attention_vs_torch``: one attention layer of the preset's shape (``--batch`` rows of
 ``--max_length`` tokens, a fifth of each row left padding), forward and forward + backward, the
@@ -95,6 +102,7 @@ _PROFILE = flags.DEFINE_string(
     "profile_dir", "", "With --lengths=SOURCE: write a jax.profiler trace of the timed passes here."
 )
 _VS_TORCH = flags.DEFINE_bool("attention_vs_torch", False, "Time one attention layer against torch's SDPA (see above).")
+_GENERATION = flags.DEFINE_string("generation", "", "A Hugging Face folder: time generation against transformers'.")
 _ROUNDS = flags.DEFINE_integer(
     "rounds", 2, "With --lengths=SOURCE: timed passes over the batches (after one warm-up pass)."
 )
@@ -368,8 +376,69 @@ def bench_attention_vs_torch(config) -> None:
     )
 
 
+GENERATION_TOPICS = ("the sea", "a city at night", "autumn", "a robot", "coffee", "mountains", "rain", "friendship")
+
+
+def bench_generation(folder: str) -> None:
+    """New tokens per second of batched generation, kto-jax against transformers (module docstring)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kto_jax.generate import generate
+    from kto_jax.models.hf import from_hf
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    folder = os.path.expanduser(folder)
+    batch, new = _BATCH.value, _COMPLETION.value
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    texts = [f"Write {n + 2} short lines about {GENERATION_TOPICS[n % len(GENERATION_TOPICS)]}." for n in range(batch)]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)
+        for t in texts
+    ]
+    prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
+    model, params = from_hf(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    never = model.config.vocab_size  # an id no row samples: every row writes `new` tokens
+    enc = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+
+    def ours(temperature):
+        out = generate(
+            model, params, prompts, max_new_tokens=new, eos_id=never, pad_id=0, temperature=temperature,
+            batch_size=batch, seed=0,
+        )  # fmt: skip
+        return sum(len(r) for r in out)
+
+    def theirs(temperature):
+        with torch.no_grad():
+            out = hf.generate(
+                **enc, max_new_tokens=new, min_new_tokens=new, do_sample=temperature > 0,
+                temperature=temperature or None, top_p=1.0, top_k=0, pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+        return int(out.shape[0] * (out.shape[1] - enc["input_ids"].shape[1]))
+
+    rows = {}
+    for temperature in (0.0, 1.0):
+        ours(temperature)  # compile
+        times = {"kto_jax": [], "transformers": []}
+        for _ in range(2):
+            for name, fn in (("kto_jax", ours), ("transformers", theirs)):
+                start = time.perf_counter()
+                tokens = fn(temperature)
+                times[name].append(tokens / (time.perf_counter() - start))
+        tps = {n: statistics.median(t) for n, t in times.items()}
+        rows["greedy" if temperature == 0 else "t1"] = {
+            **{f"{n}_tokens_per_s": round(x, 1) for n, x in tps.items()},
+            "ratio": round(tps["kto_jax"] / tps["transformers"], 2),
+        }
+    print(json.dumps({"prompts": batch, "new_tokens": new, **rows}), flush=True)
+
+
 def main(argv):
     del argv
+    if _GENERATION.value:
+        return bench_generation(_GENERATION.value)
     config = get_preset(
         _PRESET.value, compute_dtype=_DTYPE.value, remat_policy=_REMAT.value, attention_impl=_ATTENTION.value or None
     )

@@ -6,8 +6,9 @@
 
 --model: a preset name, a Hugging Face folder, or orbax:WORKDIR[@STEP]. Prints one line,
 "serving NAME on http://HOST:PORT/v1", once the first shape is compiled; quiet otherwise
-(pass --verbosity=0 for the library's logs and one line per request). See kto_jax/serve/app.py
-for the request fields, the errors, and kto_jax/serve/batching.py for the batching.
+(pass --verbosity=0 for the library's logs and one line per request). See docs/serving.md for the
+request fields (streaming, log-probs, echo), the errors, and evaluating a run with lm-eval;
+kto_jax/serve/batching.py for the batching.
 """
 
 from __future__ import annotations

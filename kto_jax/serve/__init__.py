@@ -1,5 +1,7 @@
-"""The OpenAI-compatible server (``scripts/serve.py``): the app and its model (``app``), request
-validation (``requests``) and the batcher (``batching``).
+"""The OpenAI-compatible server (``scripts/serve.py``; docs/serving.md): the app and its model (``app``),
+the HTTP handler (``handler``), request validation (``requests``), the batcher (``batching``), the
+chunked generation (``engine``), log-probs (``scoring``), answer bodies (``responses``) and
+server-sent events (``streaming``).
 
     served = load_served_model("~/.cache/kto_jax/smollm2-135m-instruct")   # or "tiny-1m", "orbax:RUN@STEP"
     server = make_server(served, host="127.0.0.1", port=8000)

@@ -48,7 +48,7 @@ from kto_jax.errors import InputError
 from kto_jax.models.hf import from_hf
 from kto_jax.models.presets import PRESETS
 from kto_jax.serve.batching import Batcher, Job, Sampling
-from kto_jax.serve.engine import generate_chunked
+from kto_jax.serve.engine import CHUNK, generate_chunked
 from kto_jax.serve.handler import Server
 from kto_jax.serve.requests import (
     RequestError,
@@ -93,7 +93,7 @@ class ServedModel:
         return self.encode(self.template.prompt(turns), self.chat_bos_id)
 
     def generate(
-        self, rows, *, max_new_tokens, sampling: Sampling, seed, batch_size, bucket, on_chunk=None
+        self, rows, *, max_new_tokens, sampling: Sampling, seed, batch_size, bucket, on_chunk=None, chunk=CHUNK
     ) -> list[list[int]]:
         """``kto_jax.generate.generate``'s tokens on this model, by chunks (the ``Batcher``'s ``generate_fn``)."""
         return generate_chunked(
@@ -110,6 +110,7 @@ class ServedModel:
             seed=seed,
             bucket=bucket,
             on_chunk=on_chunk,
+            chunk=chunk,
         )
 
     def score(self, rows, *, top_k: int, batch_size: int, bucket: int):

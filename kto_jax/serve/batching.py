@@ -40,6 +40,7 @@ from concurrent.futures import Future
 
 from absl import logging
 
+from kto_jax.serve.engine import CHUNK
 from kto_jax.serve.scoring import Scores
 
 MIN_BUCKET = 16
@@ -179,7 +180,7 @@ def row_done(tokens: Sequence[int], generated: int, job: Job, decode, stop_token
 class Batcher:
     """A thread answering ``Job``s submitted from any thread, in batches (see the module docstring).
 
-    ``generate_fn(rows, *, max_new_tokens, sampling, seed, batch_size, bucket, on_chunk)`` returns
+    ``generate_fn(rows, *, max_new_tokens, sampling, seed, batch_size, bucket, on_chunk, chunk)`` returns
     each row's new tokens up to EOS (``kto_jax.serve.engine.generate_chunked``), calling
     ``on_chunk(start, rows so far, tokens generated)`` after each chunk (False ends the batch); ``decode`` turns token
     ids into text; ``score_fn(rows, *, top_k, batch_size, bucket)`` gives each row's ``Scores``.
@@ -322,6 +323,7 @@ class Batcher:
             batch_size=min(self.max_batch, pow2_at_least(len(rows))),
             bucket=pow2_at_least(max(len(r) for r in rows), MIN_BUCKET),
             on_chunk=on_chunk,
+            chunk=min(CHUNK, pow2_at_least(max(job.max_tokens for job in jobs))),  # max_tokens 1: one step
         )
         return max_new, out
 

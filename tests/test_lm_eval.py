@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 lm_eval = pytest.importorskip("lm_eval")
 TASKS = os.path.join(REPO, "tests", "lm_eval_tasks")
+TASK_NAMES = ["kto_mc", "kto_gen"]
 
 
 def evaluate(model: str, model_args: str, tasks: list[str]) -> dict:
@@ -54,16 +55,11 @@ def smol(tmp_path_factory):
     on both tasks (computed in a thread while the server starts)."""
     from tests.smollm2 import smollm2_dir
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = smollm2_dir()
-    server = ServerProcess(
-        ["--model", path, "--served_name=smol"], str(tmp_path_factory.mktemp("lm_eval") / "server.log")
-    )
-    hf = Background(
-        lambda: evaluate("hf", f"pretrained={path},dtype=float32,device=cpu,batch_size=8", ["kto_mc", "kto_gen"])
-    )
+    server = ServerProcess(["--model", path, "--served_name=smol"], str(tmp_path_factory.mktemp("lm") / "server.log"))
+    hf = Background(lambda: evaluate("hf", f"pretrained={path},dtype=float32,device=cpu,batch_size=8", TASK_NAMES))
     yield server, path, hf
+    hf.join(600)
     server.stop()
 
 
@@ -80,7 +76,7 @@ def responses(results: dict, task: str) -> list:
 
 def test_lm_eval_multiple_choice_and_generation_equal_hf(smol):
     server, path, hf = smol
-    ours = evaluate("local-completions", served(server, path), ["kto_mc", "kto_gen"])
+    ours = evaluate("local-completions", served(server, path), TASK_NAMES)
     theirs = hf.result()
     acc, hf_acc = ours["results"]["kto_mc"]["acc,none"], theirs["results"]["kto_mc"]["acc,none"]
     print(f"kto_mc acc: served {acc}, hf {hf_acc}")

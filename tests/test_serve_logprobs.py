@@ -64,6 +64,10 @@ def test_echo_loglikelihood_equals_training_sequence_logp(tiny):
     lp = scored.choices[0].logprobs
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(ids)
     served = np.asarray(lp.token_logprobs[start:])
+    print(
+        f"tiny-1m echo: max per-token |served - training| {np.abs(served - expected).max():.1e}, "
+        f"sum {abs(served.sum() - expected.sum()):.1e}"
+    )
     np.testing.assert_allclose(served, expected, atol=1e-4)
     assert abs(served.sum() - expected.sum()) < 1e-4
     assert "".join(lp.tokens) == context + continuation and scored.choices[0].text == context + continuation

@@ -334,9 +334,6 @@ def test_finish_row_cuts_at_max_tokens_stop_ids_and_strings():
     assert finish_row(list(range(16)), 16, 5, decode) == Choice("abcde", [0, 1, 2, 3, 4], "length")
     assert finish_row([0, 1, 2, 3], 16, 3, decode) == Choice("abc", [0, 1, 2], "length")  # EOS came after max_tokens
     assert finish_row([0, 1, 9, 3], 16, 8, decode, stop_token_ids=(9,)) == Choice("ab", [0, 1], "stop", end_token=9)
-    # the token that ended a row (EOS, a stop token; not a stop string nor max_tokens) is reported with log-probs
-    assert finish_row([0, 1, 2], 16, 8, decode, eos_id=7).scored_tokens == [0, 1, 2, 7]
-    assert finish_row([0, 1, 2, 3], 16, 3, decode, eos_id=7).scored_tokens == [0, 1, 2]
     assert finish_row([0, 1, 2, 3, 4], 16, 8, decode, stop=("cd", "zz")) == Choice("ab", [0, 1, 2, 3], "stop")
     assert finish_row(list(range(8)), 8, 8, decode, stop=("zz",)) == Choice("abcdefgh", list(range(8)), "length")
 
@@ -355,11 +352,6 @@ BAD = [  # (path, body, param named)
     ("/chat/completions", {"messages": [{"role": "user", "content": "x" * 3000}]}, "messages"),
     ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
     ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
-    ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
-    ("/completions", {"prompt": "hi", "stream": True, "logprobs": 1}, "logprobs"),
-    ("/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
-    ("/completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
-    ("/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ("/completions", {"prompt": "hi", "n": 0}, "n"),
     ("/completions", {"prompt": "hi", "stop": [""]}, "stop"),
     ("/completions", {"prompt": ""}, "prompt"),

@@ -6,6 +6,8 @@ client), against kto_jax's training log-probs computed here on the same params a
   of that continuation (within 1e-4); ``tokens`` and ``text_offset`` spell the prompt;
 * ``logprobs=k`` on generated tokens (legacy format) and chat's ``logprobs``/``top_logprobs``:
   the greedy tokens' log-probs are the training log-probs of prompt + completion, each the top one.
+* bad log-prob and stream options are a 400 naming the field; ``finish_row`` reports the token
+  that ended a row (EOS, a stop token) for the log-probs.
 The SmolLM2 check against transformers is in tests/test_lm_eval.py (its server is shared there).
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_serve import KEY, ServerProcess, direct_greedy
+from tests.test_serve import KEY, ServerProcess, direct_greedy, request
 
 pytestmark = pytest.mark.slow
 
@@ -112,3 +114,36 @@ def test_generated_tokens_logprobs_legacy_and_chat(tiny):
         assert c.bytes == list(c.token.encode("utf-8"))
     plain = client.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == chat.choices[0].message.content
+
+
+BAD = [  # (path, body, param named): log-prob and streaming options refused with a 400
+    ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
+    ("/completions", {"prompt": "hi", "stream": True, "logprobs": 1}, "logprobs"),
+    ("/completions", {"prompt": "hi", "stream": True, "echo": True}, "echo"),
+    ("/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ("/completions", {"prompt": "hi", "logprobs": True}, "logprobs"),
+    ("/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),  # 0 only with echo
+]
+
+
+def test_bad_logprob_and_stream_options_are_400(tiny):
+    client = tiny[0]
+    for path, body, param in BAD:
+        status, out = request(str(client.base_url).rstrip("/"), path, body)
+        assert status == 400 and out["error"]["param"] == param, (body, out)
+
+
+def test_finish_row_reports_the_token_that_ended_it():
+    """EOS or a stop token ends a row and is reported after its tokens with log-probs (not a stop
+    string, nor a cut at max_tokens)."""
+    from kto_jax.serve.batching import finish_row
+
+    def decode(ids):
+        return "".join(chr(ord("a") + i) for i in ids)
+
+    assert finish_row([0, 1, 2], 16, 8, decode, eos_id=7).scored_tokens == [0, 1, 2, 7]
+    assert finish_row([0, 1, 5, 3], 16, 8, decode, stop_token_ids=(5,), eos_id=7).scored_tokens == [0, 1, 5]
+    assert finish_row([0, 1, 2, 3], 16, 3, decode, eos_id=7).scored_tokens == [0, 1, 2]
+    assert finish_row([0, 1, 2, 3], 16, 8, decode, stop=("bc",), eos_id=7).scored_tokens == [0, 1, 2]

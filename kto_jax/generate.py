@@ -72,9 +72,38 @@ def sample_token(
     return jax.random.categorical(rng, logits, axis=-1)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_p", "top_k", "eos_id", "pad_id")
-)
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+def prefill(model: Decoder, params, ids, mask, *, max_new_tokens: int):
+    """Left-padded prompts ``[B, P]`` -> the decoding carry ``(KV cache, last logits, next position,
+    done)`` and the cache-slot mask ``[B, P + max_new_tokens]``: one forward over the prompts
+    (``prefill=True``: their own slots, with the training self-attention)."""
+    batch, prompt_len = ids.shape
+    slots = jnp.concatenate([mask, jnp.ones((batch, max_new_tokens), mask.dtype)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
+    logits, cache = model.apply({"params": params}, ids, slots, cache=cache, positions=positions, prefill=True)
+    carry = (cache, logits[:, -1], mask.sum(-1, keepdims=True), jnp.zeros((batch,), bool))
+    return carry, slots
+
+
+@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_p", "top_k", "eos_id", "pad_id"))
+def decode_steps(model: Decoder, params, carry, slots, keys, *, temperature, top_p, top_k, eos_id, pad_id):
+    """``len(keys)`` decoding steps from ``carry`` in one ``lax.scan`` (no host round trip per token):
+    each samples a token per row (:func:`sample_token`; pad after the row's EOS) and runs it through
+    the model with the KV cache. Returns ``(carry, tokens [B, len(keys)])``."""
+
+    def step(carry, key):
+        cache, logits, position, done = carry
+        token = sample_token(logits, key, temperature, top_p, top_k)
+        token = jnp.where(done, pad_id, token)
+        done = done | (token == eos_id)
+        logits, cache = model.apply({"params": params}, token[:, None], slots, cache=cache, positions=position)
+        return (cache, logits[:, -1], position + 1, done), token
+
+    carry, tokens = jax.lax.scan(step, carry, keys)
+    return carry, tokens.T
+
+
 def generate_batch(
     model: Decoder,
     params,
@@ -89,26 +118,13 @@ def generate_batch(
     pad_id: int,
     top_k: int = 0,
 ):
-    """Left-padded prompts ``[B, P]`` -> new tokens ``[B, max_new_tokens]`` (pad after EOS)."""
-    batch, prompt_len = ids.shape
-    slots = jnp.concatenate([mask, jnp.ones((batch, max_new_tokens), mask.dtype)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
-    logits, cache = model.apply({"params": params}, ids, slots, cache=cache, positions=positions, prefill=True)
-    next_position = mask.sum(-1, keepdims=True)
-
-    def step(carry, key):
-        cache, logits, position, done = carry
-        token = sample_token(logits, key, temperature, top_p, top_k)
-        token = jnp.where(done, pad_id, token)
-        done = done | (token == eos_id)
-        logits, cache = model.apply({"params": params}, token[:, None], slots, cache=cache, positions=position)
-        return (cache, logits[:, -1], position + 1, done), token
-
+    """Left-padded prompts ``[B, P]`` -> new tokens ``[B, max_new_tokens]`` (pad after EOS): :func:`prefill`,
+    then :func:`decode_steps` with the keys ``split(rng, max_new_tokens)`` (the server runs the same
+    two in chunks of these keys, ``kto_jax.serve.engine``, and so writes the same tokens)."""
+    carry, slots = prefill(model, params, ids, mask, max_new_tokens=max_new_tokens)
     keys = jax.random.split(rng, max_new_tokens)
-    init = (cache, logits[:, -1], next_position, jnp.zeros((batch,), bool))
-    _, tokens = jax.lax.scan(step, init, keys)
-    return tokens.T
+    statics = dict(temperature=temperature, top_p=top_p, top_k=top_k, eos_id=eos_id, pad_id=pad_id)
+    return decode_steps(model, params, carry, slots, keys, **statics)[1]
 
 
 def generate(

@@ -2,7 +2,7 @@
 
 ``generate_batch`` (kto_jax/generate.py) samples a whole row in one ``lax.scan``: nothing can be
 streamed until the row ends, and a batch runs its full ``max_new_tokens`` even when every row
-has ended. Here the same prefill and the same step run as a prefill call, then scans of
+has ended. Here the same two parts (``kto_jax.generate.prefill`` and ``decode_steps``) run as a prefill call, then scans of
 ``chunk`` steps whose carry (KV cache, logits, positions, done flags) stays on the device; after
 each, only the ``[B, chunk]`` new tokens come to the host, where ``on_chunk`` may stream them
 and say whether to go on. The keys are ``generate``'s (``split(key, max_new_tokens)``, sliced
@@ -11,46 +11,16 @@ per chunk), so the tokens equal ``generate``'s for the same seed, shapes and sam
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kto_jax.generate import sample_token
-from kto_jax.models import Decoder, init_cache
+from kto_jax.generate import decode_steps, prefill
+from kto_jax.models import Decoder
 
 CHUNK = 16
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
-def prefill(model: Decoder, params, ids, mask, *, max_new_tokens: int):
-    """Left-padded prompts ``[B, P]`` -> the decoding carry ``(cache, last logits, next position,
-    done)`` and the cache-slot mask ``[B, P + max_new_tokens]`` (``generate_batch``'s first call)."""
-    batch, prompt_len = ids.shape
-    slots = jnp.concatenate([mask, jnp.ones((batch, max_new_tokens), mask.dtype)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
-    logits, cache = model.apply({"params": params}, ids, slots, cache=cache, positions=positions)
-    carry = (cache, logits[:, -1], mask.sum(-1, keepdims=True), jnp.zeros((batch,), bool))
-    return carry, slots
-
-
-@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_p", "top_k", "eos_id", "pad_id"))
-def decode_chunk(model: Decoder, params, carry, slots, keys, *, temperature, top_p, top_k, eos_id, pad_id):
-    """``len(keys)`` decoding steps of ``generate_batch`` from ``carry``: ``(carry, tokens [B, len(keys)])``."""
-
-    def step(carry, key):
-        cache, logits, position, done = carry
-        token = sample_token(logits, key, temperature, top_p, top_k)
-        token = jnp.where(done, pad_id, token)
-        done = done | (token == eos_id)
-        logits, cache = model.apply({"params": params}, token[:, None], slots, cache=cache, positions=position)
-        return (cache, logits[:, -1], position + 1, done), token
-
-    carry, tokens = jax.lax.scan(step, carry, keys)
-    return carry, tokens.T
 
 
 def _left_pad(chunk: list[list[int]], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +74,7 @@ def generate_chunked(
         carry, slots = prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=max_new_tokens)
         made: list[np.ndarray] = []
         for at in range(0, max_new_tokens, chunk):
-            carry, tokens = decode_chunk(model, params, carry, slots, keys[at : at + chunk], **statics)
+            carry, tokens = decode_steps(model, params, carry, slots, keys[at : at + chunk], **statics)
             made.append(np.asarray(tokens)[:real])
             generated = sum(m.shape[1] for m in made)
             sofar = _cut_at_eos(np.concatenate(made, axis=1), eos_id)

@@ -15,7 +15,7 @@ one block row of scores ``[B, H, b, <= T]`` exists at a time. Output per row:
     s = scale * q k^T  (cap * tanh(s / cap) when soft-capped),   p = softmax(where(mask, s, -inf)),   o = p v
 
 The backward (``jax.custom_vjp``) keeps q, k, v, o and each row's max and sum of exponentials, and
-recomputes each block row: p = exp(s - max) / sum, dv += p^T do, dp = do v^T, ds = p (dp - rowsum(do * o)) (times
+recomputes each block row: e = exp(s - max), p = e / sum, dv += p^T do = e^T (do / sum), dp = do v^T, ds = p (dp - rowsum(do * o)) (times
 1 - tanh^2 under a soft-cap), dq = scale ds k, dk += scale ds^T q. So the saved activations are
 ``O(T)`` per head, not ``O(T^2)``.
 
@@ -57,12 +57,6 @@ def _rows(q, k, mask, i, block, window, scale, softcap):
     return (a, b, lo, hi), raw, jnp.where(allowed, s, -jnp.inf), allowed
 
 
-def _softmax(s, row_max, row_sum):
-    """exp(s - max) / sum (as a product with 1 / sum): the softmax from its row statistics (a single
-    log-sum-exp instead would lose |lse| ulps at soft-capped logits near the cap)."""
-    return jnp.exp(s - row_max[..., None]) * (1.0 / row_sum)[..., None]
-
-
 def _forward(q, k, v, mask, block, window, scale, softcap):
     """(out, (row max, row sum)) heads-major: q ``[B, KV, G, T, D]``, k/v ``[B, KV, T, D]``."""
     outs, maxes, sums = [], [], []
@@ -71,8 +65,8 @@ def _forward(q, k, v, mask, block, window, scale, softcap):
         row_max = jnp.max(s, axis=-1)
         e = jnp.exp(s - row_max[..., None])
         row_sum = jnp.sum(e, axis=-1)
-        p = e * (1.0 / row_sum)[..., None]
-        outs.append(jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v[:, :, lo:hi]))
+        o = jnp.einsum("bkgqs,bksd->bkgqd", e.astype(v.dtype), v[:, :, lo:hi], preferred_element_type=jnp.float32)
+        outs.append((o * (1.0 / row_sum)[..., None]).astype(v.dtype))  # p v = (e v) / sum: [b, D], not [b, L]
         maxes.append(row_max)
         sums.append(row_sum)
     return jnp.concatenate(outs, axis=3), (jnp.concatenate(maxes, axis=3), jnp.concatenate(sums, axis=3))
@@ -97,11 +91,12 @@ def _attention_bwd(block, window, scale, softcap, residuals, d_out):
     delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # rowsum(do * o): [B, KV, G, T]
     for i in range(-(-q.shape[3] // block)):
         (a, b, lo, hi), raw, s, allowed = _rows(q, k, mask, i, block, window, scale, softcap)
-        p = _softmax(s, row_max[:, :, :, a:b], row_sum[:, :, :, a:b])  # 0 where masked
+        e = jnp.exp(s - row_max[:, :, :, a:b, None])  # p = e / sum, 0 where masked
+        inv = (1.0 / row_sum[:, :, :, a:b])[..., None]
         do = d_out[:, :, :, a:b]
-        dv = dv.at[:, :, lo:hi].add(jnp.einsum("bkgqs,bkgqd->bksd", p, do))
+        dv = dv.at[:, :, lo:hi].add(jnp.einsum("bkgqs,bkgqd->bksd", e, do * inv))  # p^T do = e^T (do / sum)
         dp = jnp.einsum("bkgqd,bksd->bkgqs", do, v[:, :, lo:hi].astype(jnp.float32))
-        ds = p * (dp - delta[:, :, :, a:b, None])
+        ds = e * ((dp - delta[:, :, :, a:b, None]) * inv)
         if softcap is not None:
             ds = ds * (1.0 - jnp.tanh(raw / softcap) ** 2)
         ds = jnp.where(allowed, ds, 0.0) * scale

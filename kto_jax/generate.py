@@ -127,6 +127,18 @@ def generate_batch(
     return decode_steps(model, params, carry, slots, keys, **statics)[1]
 
 
+def left_pad(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, mask)`` ``[B, L]`` of prompts left-padded to L, the longest rounded up to a multiple of
+    ``bucket`` (few shapes to compile)."""
+    length = -(-max(len(p) for p in prompts) // bucket) * bucket
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p) :] = p
+        mask[i, length - len(p) :] = 1
+    return ids, mask
+
+
 def generate(
     model: Decoder,
     params,
@@ -156,12 +168,7 @@ def generate(
         chunk = list(prompts[start : start + batch_size])
         real = len(chunk)
         chunk += [chunk[0]] * (batch_size - real)
-        length = -(-max(len(p) for p in chunk) // bucket) * bucket
-        ids = np.full((batch_size, length), pad_id, np.int32)
-        mask = np.zeros((batch_size, length), np.int32)
-        for i, p in enumerate(chunk):
-            ids[i, length - len(p) :] = p
-            mask[i, length - len(p) :] = 1
+        ids, mask = left_pad(chunk, bucket, pad_id)
         rng, key = jax.random.split(rng)
         tokens = generate_batch(
             model,

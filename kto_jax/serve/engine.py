@@ -17,21 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kto_jax.generate import decode_steps, prefill
+from kto_jax.generate import decode_steps, left_pad, prefill
 from kto_jax.models import Decoder
 
 CHUNK = 16
-
-
-def _left_pad(chunk: list[list[int]], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids, mask)`` of prompts left-padded to a multiple of ``bucket`` (``generate``'s layout)."""
-    length = -(-max(len(p) for p in chunk) // bucket) * bucket
-    ids = np.full((len(chunk), length), pad_id, np.int32)
-    mask = np.zeros((len(chunk), length), np.int32)
-    for i, p in enumerate(chunk):
-        ids[i, length - len(p) :] = p
-        mask[i, length - len(p) :] = 1
-    return ids, mask
 
 
 def generate_chunked(
@@ -68,7 +57,7 @@ def generate_chunked(
     for start in range(0, len(prompts), batch_size):
         rows = list(prompts[start : start + batch_size])
         real = len(rows)
-        ids, mask = _left_pad(rows + [rows[0]] * (batch_size - real), bucket, pad_id)
+        ids, mask = left_pad(rows + [rows[0]] * (batch_size - real), bucket, pad_id)
         rng, key = jax.random.split(rng)
         keys = jax.random.split(key, max_new_tokens)
         carry, slots = prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=max_new_tokens)

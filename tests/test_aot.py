@@ -76,7 +76,7 @@ def test_xla_flop_count_sees_every_layer_and_the_remat_recompute(remat, low, hig
     config = load_config("experiments/paper.py:model=pythia-1.4b,loss=kto")
     # XLA's dense attention (the paper configs' splash kernel is opaque to the cost analysis, which
     # is why xla_step_flops counts it as dense attention)
-    config.model.update(name="tiny-5m", remat_policy=remat, attention_impl="")
+    config.model.update(name="tiny-5m", remat_policy=remat, attention_impl="xla")
     config.data.update(max_length=128, max_prompt_length=64)
     config.mesh.update(data=1, fsdp=-1, tensor=1)
     plan = make_plan(config, 1)

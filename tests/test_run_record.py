@@ -45,14 +45,14 @@ def _experiment_configs():
 
 def test_every_rule_names_a_real_field():
     fields = set(rules.flatten(base_config().to_dict()))
-    loss_fields = {f"loss.{k}" for spec in LOSSES.values() for k in spec.defaults}
+    loss_fields = {f"loss.{k}" for spec in LOSSES.values() for k in {**spec.defaults, **spec.options()}}
     unknown = [r.field for r in rules._table() if r.field not in fields | loss_fields]
     assert not unknown, f"rules for fields no config has: {unknown}"
 
 
 def test_every_rule_rejects_some_value_and_accepts_the_default():
     defaults = rules.flatten(base_config().to_dict())
-    loss_defaults = {f"loss.{k}": v for spec in LOSSES.values() for k, v in spec.defaults.items()}
+    loss_defaults = {f"loss.{k}": v for spec in LOSSES.values() for k, v in {**spec.defaults, **spec.options()}.items()}
     for rule in rules._table():
         default = defaults.get(rule.field, loss_defaults.get(rule.field))
         if rule.losses and not rule.other_losses:  # a rule of some losses only: their default

@@ -153,7 +153,7 @@ def _config(sources, data_dir, manual_dir, targets, loss="sft"):
         )
     )
     spec = get_loss(loss)
-    hparams = spec.hyperparameters({k: v for k, v in config.loss.items() if k != "name"})
+    hparams = spec.hyperparameters(spec.split_options({k: v for k, v in config.loss.items() if k != "name"})[0])
     plan = types.SimpleNamespace(loss=spec, hparams=tuple(sorted(hparams.items())), data=data_plan(config, PRESETS))
     return config, plan
 

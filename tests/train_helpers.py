@@ -165,3 +165,15 @@ def run_workers(
             with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
                 results[loss] = (out, json.load(f))
     return results
+
+
+def rounding_noise(step: int, key: str, row: dict, expected: dict) -> bool:
+    """Whether metric ``key`` of ``step`` is a sign of rounding noise, not compared across layouts or
+    meshes: at step 1 the policy is the reference, every reward is 0 up to rounding (asserted here),
+    and ``rewards/accuracies`` (the share of pairs whose chosen reward is the larger) is that noise's
+    sign. The two forwards round differently since the blocked attention's backward-ready forward
+    (``jax.custom_vjp``) and its plain one compile apart."""
+    if step != 1 or key != "rewards/accuracies":
+        return False
+    assert abs(expected["rewards/chosen"]) < 1e-5 and abs(row["rewards/chosen"]) < 1e-5, (row, expected)
+    return True

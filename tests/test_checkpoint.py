@@ -2,12 +2,11 @@
 
 The runs are the CLI, ``python -m kto_jax.train --config experiments/tiny.py:loss=kto,steps=30``
 (tiny-1m from random init, batches of 8, a checkpoint every 4 steps, a metrics row every step;
-tests/ckpt_helpers.py), in subprocesses started together from one module fixture so that
-they overlap. Every interrupted run is compared with one uninterrupted run of the same
-command: all values of every metrics.jsonl row (training and held-out rows; timing aside) must
-be bitwise equal on CPU fp32, with the same number of rows (no duplicates after a resume).
-
-The kill steps are random; the seed is in every failure message (set KTO_TEST_SEED to replay).
+tests/ckpt_helpers.py), in subprocesses started together from one module fixture so that they
+overlap. Every interrupted run is compared with one uninterrupted run of the same command: every
+metrics.jsonl value (training and held-out rows; timing aside) bitwise equal on CPU fp32, with the
+same number of rows (no duplicates after a resume). The kill steps are random; the seed is in every
+failure message (set KTO_TEST_SEED to replay).
 """
 
 from __future__ import annotations
